@@ -33,7 +33,9 @@ class ManifestError(NbiaError):
 class ApiError(NbiaError):
     """The NBIA server answered something we cannot use (status, body or shape)."""
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None):
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ):
         self.status = status
         self.retry_after = retry_after
         super().__init__(message)

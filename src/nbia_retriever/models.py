@@ -66,7 +66,7 @@ def _to_int(value: object) -> int | None:
         return None
     if math.isnan(number) or math.isinf(number) or number < 0:
         return None
-    return int(round(number))
+    return round(number)
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,26 @@ def normalise_series_metadata(record: Mapping[str, object], *, series_uid: str =
             values[canon] = "" if value is None else str(value).strip()
     uid = str(values.pop("series_uid", "") or "") or series_uid
     return SeriesInfo(series_uid=uid, extra=extra, **values)  # type: ignore[arg-type]
+
+
+class SeriesState:
+    """The statuses of the downloads table (the Java retriever's, plus Queued).
+
+    Plain string constants rather than an Enum so that they serialise as themselves in
+    the journal, JSON events and CSV reports.
+    """
+
+    NOT_STARTED = "Not Started"
+    QUEUED = "Queued"
+    DOWNLOADING = "Downloading"
+    PAUSED = "Paused"
+    COMPLETE = "Complete"
+    ERROR = "Error"
+    NO_DATA = "No Data"
+    NOT_AUTHORIZED = "Not Authorized"
+    CANCELLED = "Cancelled"
+
+    FAILED = frozenset({ERROR, NO_DATA, NOT_AUTHORIZED})
+    FINAL = frozenset({COMPLETE, ERROR, NO_DATA, NOT_AUTHORIZED, CANCELLED})
+    ALL = (NOT_STARTED, QUEUED, DOWNLOADING, PAUSED, COMPLETE, ERROR, NO_DATA,
+           NOT_AUTHORIZED, CANCELLED)

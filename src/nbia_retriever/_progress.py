@@ -1,0 +1,79 @@
+"""The rich progress display of ``download`` in a terminal.
+
+One overall bar (bytes, speed, ETA, series done/failed) plus one line per active series,
+capped so that 32 workers still fit on a laptop screen. The engine is polled from the
+main thread five times a second rather than driven by events: the display cost stays
+constant however fast the workers go.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+from .models import SeriesState
+
+MAX_LINES = 8
+
+
+def run_with_progress(engine: Any) -> Any:
+    overall = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[counts]}"),
+        transient=False,
+    )
+    task = overall.add_task("Preparing", total=None, counts="")
+
+    def active_lines() -> Text:
+        lines = Text()
+        active = [r for r in list(engine.results.values())
+                  if r.state in (SeriesState.DOWNLOADING, SeriesState.PAUSED)]
+        for r in active[:MAX_LINES]:
+            total = (r.info.file_size if r.info else None) or 0
+            pct = f"{100 * r.bytes_done / total:5.1f}%" if total else "     "
+            label = r.info.collection if r.info else ""
+            lines.append(f"  {pct} {r.state:<11} {label:<18.18} {r.uid}\n",
+                         style="dim" if r.state == SeriesState.PAUSED else "")
+        if len(active) > MAX_LINES:
+            lines.append(f"  ... and {len(active) - MAX_LINES} more\n", style="dim")
+        return lines
+
+    def refresh() -> None:
+        s = engine.stats()
+        counts = f"{int(s['complete'])}/{int(s['series_total'])} done"
+        if s["failed"]:
+            counts += f", [red]{int(s['failed'])} failed[/red]"
+        description = "Paused" if engine.paused else (
+            "Downloading" if s["bytes_total"] else "Preparing")
+        overall.update(task, completed=s["bytes_done"], total=s["bytes_total"] or None,
+                       description=description, counts=counts)
+
+    with Live(Group(overall, Text()), refresh_per_second=5, transient=False) as live:
+        engine.start()
+        try:
+            while not engine.finished:
+                engine.wait(0.2)
+                refresh()
+                live.update(Group(overall, active_lines()))
+        except KeyboardInterrupt:
+            live.console.print("interrupted: stopping (re-run the same command to resume)")
+            engine.cancel()
+            engine.wait()
+        refresh()
+        live.update(Group(overall))
+    return engine.report

@@ -1,0 +1,172 @@
+"""What a run leaves behind for people: metadata.csv, the error report, the summary.
+
+``metadata.csv`` uses the Java retriever's header (reference section 4) so existing
+scripts that read it keep working. Rows are appended as series complete (a crash loses
+nothing already reported) and never duplicated across runs: the writer loads the Series
+UIDs already present once, then appends only new ones, under a lock shared by workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .models import SeriesInfo, SeriesState
+
+METADATA_HEADER = (
+    "Series UID", "Collection", "3rd Party Analysis", "Data Description URI", "Subject ID",
+    "Study UID", "Study Description", "Study Date", "Series Description", "Manufacturer",
+    "Modality", "SOP Class Name", "SOP Class UID", "Number of Images", "File Size",
+    "File Location", "Download Timestamp",
+)
+ERROR_REPORT_HEADER = (
+    "Collection", "Patient ID", "Study Instance UID", "Series Instance UID", "Size",
+    "Number Of Images", "Status", "Attempts", "Error",
+)
+
+
+def _num(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def metadata_row(info: SeriesInfo, location: str, timestamp: float, *, images: int,
+                 size: int) -> list[str]:
+    """One metadata.csv row; counts are what we actually wrote, not what was promised."""
+    from .layout import normalise_date
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(timestamp))
+    return [
+        info.series_uid, info.collection, info.third_party, info.data_description_uri,
+        info.patient_id, info.study_uid, info.study_description,
+        normalise_date(info.study_date), info.series_description, info.manufacturer,
+        info.modality, info.sop_class_name, info.sop_class_uid, str(images), str(size),
+        location, stamp,
+    ]
+
+
+class MetadataCsv:
+    """Appends one row per completed series to ``<root>/metadata.csv``, at most once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        if self.path.exists():
+            with self.path.open(newline="", encoding="utf-8-sig") as handle:
+                reader = csv.reader(handle)
+                next(reader, None)
+                self._seen = {row[0] for row in reader if row}
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self._seen
+
+    def append(self, row: Sequence[str]) -> bool:
+        """Append ``row`` unless its Series UID is already present; fsync'd line by line."""
+        with self._lock:
+            if row[0] in self._seen:
+                return False
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            if new:
+                writer.writerow(METADATA_HEADER)
+            writer.writerow(row)
+            with self.path.open("a", encoding="utf-8", newline="") as handle:
+                handle.write(buf.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._seen.add(row[0])
+            return True
+
+
+@dataclass
+class SeriesResult:
+    """The outcome for one series of a run (also the row model of the downloads table)."""
+
+    uid: str
+    info: SeriesInfo | None = None
+    state: str = SeriesState.NOT_STARTED
+    error: str = ""
+    attempts: int = 0
+    bytes_done: int = 0
+    files: int = 0
+    relpath: str = ""
+
+    @property
+    def expected_bytes(self) -> int | None:
+        return self.info.file_size if self.info else None
+
+
+@dataclass
+class Report:
+    """The summary of a run, returned by :func:`nbia_retriever.download`."""
+
+    root: Path
+    results: dict[str, SeriesResult] = field(default_factory=dict)
+    elapsed: float = 0.0
+    bytes_downloaded: int = 0
+    skipped: int = 0
+    cancelled: bool = False
+    fatal: str = ""
+    auth_failed: bool = False
+
+    def count(self, state: str) -> int:
+        return sum(1 for r in self.results.values() if r.state == state)
+
+    @property
+    def completed(self) -> list[SeriesResult]:
+        return [r for r in self.results.values() if r.state == SeriesState.COMPLETE]
+
+    @property
+    def failed(self) -> list[SeriesResult]:
+        return [r for r in self.results.values() if r.state in SeriesState.FAILED]
+
+    @property
+    def ok(self) -> bool:
+        return not self.fatal and not self.cancelled and all(
+            r.state == SeriesState.COMPLETE for r in self.results.values()
+        )
+
+    def summary(self) -> str:
+        """A few lines for humans at the end of a run."""
+        total = len(self.results)
+        done = self.count(SeriesState.COMPLETE)
+        mb = self.bytes_downloaded / 1e6
+        rate = mb / self.elapsed if self.elapsed > 0 else 0.0
+        lines = [
+            f"{done} of {total} series complete"
+            + (f" ({self.skipped} already done)" if self.skipped else "")
+            + f"; {mb:,.1f} MB downloaded in {self.elapsed:,.1f} s ({rate:,.1f} MB/s)",
+        ]
+        for state in (SeriesState.ERROR, SeriesState.NOT_AUTHORIZED, SeriesState.NO_DATA,
+                      SeriesState.CANCELLED, SeriesState.NOT_STARTED):
+            n = self.count(state)
+            if n:
+                lines.append(f"{n} series {state}")
+        if self.fatal:
+            lines.append(f"stopped: {self.fatal}")
+        lines.append(f"files in {self.root}")
+        return "\n".join(lines)
+
+
+def write_error_report(path: Path, results: Iterable[SeriesResult]) -> int:
+    """The GUI's "Save error report": the failed rows with the table's columns + error."""
+    rows = [r for r in results if r.state in SeriesState.FAILED | {SeriesState.CANCELLED}]
+    tmp = Path(str(path) + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(ERROR_REPORT_HEADER)
+        for r in rows:
+            info = r.info or SeriesInfo(series_uid=r.uid)
+            writer.writerow([
+                info.collection, info.patient_id, info.study_uid, r.uid, _num(info.file_size),
+                _num(info.image_count), r.state, r.attempts, r.error,
+            ])
+    os.replace(tmp, path)
+    return len(rows)
