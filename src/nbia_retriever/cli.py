@@ -27,6 +27,10 @@ LAZY_COMMANDS = {
     "serve": ("nbia_retriever.server", "serve_command"),
     "synth": ("nbia_retriever.synth", "synth_command"),
     "open": ("nbia_retriever.tui", "open_command"),
+    "collections": ("nbia_retriever.cli_tools", "collections_command"),
+    "search": ("nbia_retriever.cli_tools", "search_command"),
+    "manifest": ("nbia_retriever.cli_tools", "manifest_group"),
+    "merge-reports": ("nbia_retriever.cli_tools", "merge_reports_command"),
 }
 
 
