@@ -416,8 +416,10 @@ class Engine:
                 self._journal.close()
             if self._own_client and self._client is not None:
                 self._client.close()
-            self._done.set()
+            # Subscribers hear "finished" before waiters wake, so a front end that prints
+            # its own summary after wait() never interleaves with the event stream.
             self._emit(Event("finished", message=self.report.summary()))
+            self._done.set()
 
     def _next(self) -> str | None:
         while True:
