@@ -52,7 +52,13 @@ from .errors import (
     UnsafeArchiveError,
 )
 from .journal import FileRecord, Journal
-from .layout import Layout, root_folder_name, sanitize_component, series_relpath
+from .layout import (
+    Layout,
+    root_folder_name,
+    sanitize_component,
+    series_relpath_variants,
+    series_relpaths,
+)
 from .manifest import Manifest, api_base_from_download_url
 from .models import SeriesInfo, SeriesState
 from .naming import LICENSE_ENTRY, MD5_ENTRY, ImageKey, assign_names, safe_entry_name
@@ -205,7 +211,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._queue: list[str] = []
         self._pos = 0
-        self._owners: dict[str, str] | None = None
+        self._relpaths: dict[str, PurePosixPath] = {}
         self._journal: Journal | None = None
         self._csv: MetadataCsv | None = None
         self._t0 = 0.0
@@ -357,6 +363,10 @@ class Engine:
                 else:
                     result.state = SeriesState.NOT_STARTED
                     self._queue.append(uid)
+        # Folders are decided for the whole set at once, so clashes (equal number,
+        # description and last five UID characters) resolve the same way on every run.
+        known = [r.info for r in self.results.values() if r.info is not None]
+        self._relpaths = series_relpaths(known, self.layout)
         self.total_bytes = sum(
             (r.info.file_size or 0) for uid in self._queue if (r := self.results[uid]).info
         )
@@ -671,12 +681,12 @@ class Engine:
             os.rename(s.path, staging / name)
             records.append(FileRecord(name, s.size, s.md5))
         (staging / ".parts").rmdir()
-        relpath = self._claim(uid, series_relpath(info, self.layout))
+        relpath = self._folder_for(uid, info)
         target = self.root / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
-            # A folder of ours from an interrupted run (published, not yet journaled) or a
-            # damaged one: replace it, via the staging area, never by deleting in place.
+            # Ours, from an interrupted run (published, not yet journaled) or damaged:
+            # replace it via the staging area, never by deleting in place.
             trash = self.state_dir / "staging" / (sanitize_component(uid) + ".old")
             shutil.rmtree(trash, ignore_errors=True)
             os.rename(target, trash)
@@ -701,22 +711,20 @@ class Engine:
             self.report.bytes_downloaded += nbytes
         self._set_state(uid, SeriesState.COMPLETE)
 
-    def _claim(self, uid: str, relpath: PurePosixPath) -> PurePosixPath:
-        """Make sure no other series already owns this folder (two series whose UIDs end in
-        the same five characters and share number and description would otherwise merge)."""
-        assert self._journal is not None
-        with self._lock:
-            owners = self._owners
-            if owners is None:
-                owners = {v: k for k, v in self._journal.completed().items()}
-                self._owners = owners
-            candidate = relpath
-            n = 1
-            while owners.get(str(candidate), uid) != uid:
-                n += 1
-                candidate = relpath.with_name(f"{relpath.name}-{n}")
-            owners[str(candidate)] = uid
-            return candidate
+    def _folder_for(self, uid: str, info: SeriesInfo) -> PurePosixPath:
+        """The planned folder, unless it exists on disk and holds another series.
+
+        Never publish into, or replace, a folder that belongs to someone else: another
+        shard of the same manifest may have put a clashing series there.
+        """
+        planned = self._relpaths.get(uid)
+        variants = series_relpath_variants(info, self.layout)
+        candidates = [planned, *variants] if planned else list(variants)
+        for relpath in dict.fromkeys(candidates):
+            target = self.root / relpath
+            if not target.exists() or _folder_owner(target) in (uid, None):
+                return relpath
+        raise IntegrityError(f"series {uid}: every folder name for it is taken on disk")
 
     def _write_license(self, collection_dir: str, text: bytes) -> None:
         path = self.root / collection_dir / "LICENSE"
@@ -754,6 +762,25 @@ class Engine:
         for callback in list(self._subscribers):
             with contextlib.suppress(Exception):
                 callback(event)
+
+
+def _folder_owner(folder: Path) -> str | None:
+    """The series a published folder holds (from one image header); None if unknown.
+
+    An empty folder or one without readable DICOM (e.g. left by a crash mid-replace)
+    belongs to nobody, so it may be reused.
+    """
+    import pydicom
+
+    for path in folder.glob("*.dcm"):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                 specific_tags=["SeriesInstanceUID"])
+            uid = ds.get("SeriesInstanceUID")
+            return str(uid) if uid else None
+        except Exception:
+            continue
+    return None
 
 
 def _parse_md5_list(data: bytes, uid: str) -> dict[str, str]:

@@ -1,0 +1,449 @@
+"""Where a series lands below the download root (reference section 4).
+
+Every folder name is built from metadata the server sends, which nobody sanitised: study
+descriptions with ``/`` or ``:``, patient IDs such as ``..`` or ``CON``, descriptions
+longer than Windows paths allow. The Java tool maps ``/`` to ``-`` and nothing else, and
+breaks on the rest. Here every component is made safe on Linux, macOS and Windows at
+once (a download made on a Linux cluster gets copied to laptops), and the whole series
+path stays within :data:`MAX_SERIES_PATH` characters. Everything is a pure function of
+the metadata, so a re-run (resume) computes the very same folders.
+
+Component rules (:func:`sanitize_component`):
+
+* Unicode NFC (macOS and Linux would otherwise hold two visually equal names);
+* ``/`` and ``\\`` become ``-`` (the Java tool's choice for ``/``); ``< > : " | ? *``,
+  control characters (C0, DEL, C1), U+2028/U+2029 and bidirectional-override controls
+  (which can disguise a name) become ``_``; lone surrogates too;
+* no leading whitespace, no trailing whitespace or dot (Windows strips them silently,
+  merging names), so never ``.`` or ``..``; a leading ``.`` becomes ``_`` so nothing is
+  hidden and no component can be ``.nbia``, the journal's folder;
+* Windows device names (CON, PRN, AUX, NUL, COM0-9, LPT0-9, their superscript-digit
+  variants, CONIN$, CONOUT$), alone or before an extension, any case: ``_`` is added
+  right after the device name (``CON`` -> ``CON_``, ``nul.txt`` -> ``nul_.txt``);
+* at most 255 bytes of UTF-8 (the limit of ext4, APFS and NTFS alike);
+* never empty: an empty result is replaced by the fallback (``"NA"``, as the Java tool
+  prints empty parts).
+
+Besides: a collection folder never reads ``metadata.csv`` and a patient folder never
+reads ``LICENSE`` (any case), since the engine writes those files exactly there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Sequence
+from datetime import date
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from pathlib import PurePosixPath
+
+from .errors import NbiaError
+from .models import SeriesInfo
+
+__all__ = [
+    "DESCRIPTION_LENGTH",
+    "FALLBACK",
+    "MAX_COMPONENT_BYTES",
+    "MAX_SERIES_PATH",
+    "UID_SUFFIX_LENGTH",
+    "Layout",
+    "format_series_number",
+    "normalise_date",
+    "root_folder_name",
+    "sanitize_component",
+    "series_relpath",
+    "series_relpaths",
+]
+
+#: Longest series path (``Collection/Patient/Study/Series``) in characters: leaves the
+#: root, the file name and a destination folder some room under Windows' 260.
+MAX_SERIES_PATH = 240
+#: Per-component limit of ext4, APFS and NTFS (bytes of UTF-8).
+MAX_COMPONENT_BYTES = 255
+#: The Java tool keeps this many characters of a description.
+DESCRIPTION_LENGTH = 53
+#: "last 5 of the UID", dots included.
+UID_SUFFIX_LENGTH = 5
+#: Replaces a component that would be empty (no collection, no patient ID...).
+FALLBACK = "NA"
+#: Longest root folder name: real ones look like ``manifest-1724796815128``.
+MAX_ROOT_NAME = 64
+#: A UID kept whole (classic layout, disambiguation) is capped here; longer means hostile.
+_MAX_UID_PART = 64
+
+
+class Layout(StrEnum):
+    """Folder layouts below ``Collection/PatientID``."""
+
+    DESCRIPTIVE = "descriptive"
+    CLASSIC = "classic"
+
+
+# ----------------------------------------------------------------------------- components
+
+_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_TABLE: dict[int, str] = {code: "_" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_TABLE.update({ord(ch): "_" for ch in '<>:"|?*\u2028\u2029' + _BIDI})
+_TABLE.update({ord("/"): "-", ord("\\"): "-"})
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_DEVICES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{port}{n}" for port in ("COM", "LPT") for n in (*"0123456789", "¹", "²", "³")]
+)
+#: Names the engine itself writes at a given depth (0 = below the root, 1 = in a
+#: collection folder): a series folder must never take them.
+_TAKEN_AT_DEPTH: dict[int, frozenset[str]] = {
+    0: frozenset({"metadata.csv"}),
+    1: frozenset({"license"}),
+}
+
+
+def _clean(text: str) -> str:
+    """Character-level mapping only (NFC, separators, forbidden and control characters)."""
+    text = unicodedata.normalize("NFC", text).translate(_TABLE)
+    if not text.isascii():
+        text = _SURROGATES.sub("_", text)
+    return text
+
+
+def _trim(text: str) -> str:
+    """No leading whitespace; no trailing whitespace or dots (Windows drops them)."""
+    text = text.lstrip()
+    end = len(text)
+    while end and (text[end - 1] == "." or text[end - 1].isspace()):
+        end -= 1
+    return text[:end]
+
+
+def _cut_bytes(text: str, limit: int) -> str:
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", errors="ignore")
+
+
+def _unreserve(text: str) -> str:
+    """``CON`` -> ``CON_``, ``con.tar.gz`` -> ``con_.tar.gz``: Windows opens the device."""
+    stem, dot, rest = text.partition(".")
+    core = stem.rstrip(" ")
+    if core.upper() in _DEVICES:
+        return f"{core}_{stem[len(core):]}{dot}{rest}"
+    return text
+
+
+def _finish(text: str) -> str:
+    """Component-level rules on an already :func:`_clean`-ed string; may return ""."""
+    text = _trim(text)
+    if len(text.encode("utf-8")) > MAX_COMPONENT_BYTES:
+        text = _trim(_cut_bytes(text, MAX_COMPONENT_BYTES))
+    if text.startswith("."):
+        text = "_" + text[1:]
+    text = _unreserve(text)
+    if len(text.encode("utf-8")) > MAX_COMPONENT_BYTES:  # the device "_" tipped it over
+        text = _trim(_cut_bytes(text, MAX_COMPONENT_BYTES))
+    if not unicodedata.is_normalized("NFC", text):  # a cut can split a composable pair
+        text = _trim(unicodedata.normalize("NFC", text))
+    return text
+
+
+def sanitize_component(text: str, *, fallback: str = FALLBACK, max_len: int | None = None) -> str:
+    """One path component, safe on Linux, macOS and Windows (rules: module docstring).
+
+    ``max_len`` caps the length in characters before the trailing trim. The result is
+    never empty unless ``fallback`` is ``""``; the fallback itself is sanitised too.
+    The function is idempotent.
+    """
+    cleaned = _clean(text)
+    if max_len is not None:
+        cleaned = cleaned[: max(max_len, 0)]
+    result = _finish(cleaned)
+    if result or not fallback:
+        return result
+    return _finish(_clean(fallback)) or FALLBACK
+
+
+def root_folder_name(manifest_root_name: str) -> str:
+    """The download root's folder name (``databasketId`` minus ``.tcia``, sanitised).
+
+    Capped at :data:`MAX_ROOT_NAME` characters so that the root never eats the path
+    budget the series folders need; ``"manifest"`` when nothing usable is left.
+    """
+    name = manifest_root_name.strip()
+    if name.lower().endswith(".tcia"):
+        name = name[: -len(".tcia")]
+    return sanitize_component(name, fallback="manifest", max_len=MAX_ROOT_NAME)
+
+
+# ----------------------------------------------------------------------------- values
+
+_DATE_FORMS = [
+    re.compile(pattern, re.ASCII)
+    for pattern in (
+        # DICOM DA, and the date of a DICOM DT (YYYYMMDDHHMMSS.FFFFFF&ZZXX)
+        r"(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})(?:\d{2,6}(?:\.\d{1,6})?)?(?:[+-]\d{4})?",
+        r"(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})",
+        r"(?P<y>\d{4})/(?P<m>\d{1,2})/(?P<d>\d{1,2})",
+        r"(?P<y>\d{4})\.(?P<m>\d{2})\.(?P<d>\d{2})",  # ACR-NEMA style DA
+        r"(?P<m>\d{1,2})-(?P<d>\d{1,2})-(?P<y>\d{4})",  # NBIA v1/v2 JSON
+        r"(?P<m>\d{1,2})/(?P<d>\d{1,2})/(?P<y>\d{4})",  # US spreadsheets
+    )
+]
+_TIME_SPLIT = re.compile(r"[\sT]", re.ASCII)
+
+
+def normalise_date(text: str) -> str:
+    """Any date form NBIA serves -> ``MM-DD-YYYY`` (the Java folder format); invalid -> "".
+
+    Accepted: ``YYYYMMDD``, ``YYYY-MM-DD``, ``YYYY/MM/DD``, ``YYYY.MM.DD``, ``MM-DD-YYYY``,
+    ``MM/DD/YYYY``, each optionally followed by a time (``2001-05-03 00:00:00.0``,
+    ``2001-05-03T00:00:00``), and DICOM DT (``20010503120000``). The calendar is checked:
+    ``02-30-2001`` gives "", so no folder ever carries an impossible date.
+    """
+    head = _TIME_SPLIT.split(text.strip(), maxsplit=1)[0]
+    for form in _DATE_FORMS:
+        match = form.fullmatch(head)
+        if match is None:
+            continue
+        try:
+            day = date(int(match["y"]), int(match["m"]), int(match["d"]))
+        except ValueError:
+            return ""
+        return f"{day.month:02d}-{day.day:02d}-{day.year:04d}"
+    return ""
+
+
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
+def format_series_number(text: str) -> str:
+    """``"1.000000"`` -> ``"1"``, ``"2.500000"`` -> ``"2.5"``, ``""`` -> ``""``.
+
+    The server prints SeriesNumber as a float; folder names read better as written in the
+    DICOM header. Anything that is not a plain number is returned stripped but otherwise
+    unchanged (sanitising is the layout's job), and so are absurd magnitudes (``1e999``)
+    rather than expanded into a thousand digits.
+    """
+    text = text.strip()
+    if not text or _NUMBER.fullmatch(text) is None:
+        return text
+    try:
+        number = Decimal(text)
+    except InvalidOperation:  # an exponent too large even for Decimal
+        return text
+    if number and not -30 <= number.adjusted() <= 30:
+        return text
+    if number == number.to_integral_value():
+        return str(int(number))
+    return format(number.normalize(), "f")
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def _piece(text: str, limit: int | None = None) -> str:
+    """A part of a component: cleaned and trimmed; component rules come after joining."""
+    cleaned = _clean(text).strip()
+    if limit is not None:
+        cleaned = cleaned[:limit]
+    return _trim(cleaned)
+
+
+def _uid_part(uid: str) -> str:
+    """A UID kept whole; a hostile one (too long, non-ASCII) is cut and hashed instead."""
+    piece = _piece(uid)
+    if len(piece) <= _MAX_UID_PART and piece.isascii():
+        return piece
+    digest = hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head = _trim(piece.encode("ascii", "ignore").decode("ascii")[: _MAX_UID_PART - 17])
+    return f"{head}-{digest}" if head else digest
+
+
+def _suffix(uid: str, mode: int) -> str:
+    """Mode 0: last 5 characters (Java); 1: the whole UID; 2: the whole UID plus a hash."""
+    uid = uid.strip()
+    if mode == 0:
+        return _piece(uid[-UID_SUFFIX_LENGTH:])
+    if mode == 1:
+        return _uid_part(uid)
+    digest = hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{_uid_part(uid)}-{digest}"
+
+
+def _join(parts: Iterable[str]) -> str:
+    return "-".join(part for part in parts if part)
+
+
+def _component(text: str, depth: int) -> str:
+    result = sanitize_component(text)
+    if result.casefold() in _TAKEN_AT_DEPTH.get(depth, ()):
+        result += "_"
+    return result
+
+
+_Fields = dict[str, str]
+_Builder = Callable[[_Fields], tuple[str, str, str, str]]
+
+#: Floors: collection and patient keep at least one character of their own.
+_FLOOR = {"collection": 1, "patient": 1}
+#: What gives way, in order, when the whole path is too long.
+_SHRINK_TOTAL = ("series_desc", "study_desc", "patient", "collection", "study_id", "number")
+#: What gives way when one component exceeds MAX_COMPONENT_BYTES.
+_SHRINK_COMPONENT = (("collection",), ("patient",), ("study_desc", "study_id"),
+                     ("series_desc", "number"))
+
+
+def _build_descriptive(f: _Fields) -> tuple[str, str, str, str]:
+    return (
+        _component(f["collection"], 0),
+        _component(f["patient"], 1),
+        _component(_join((f["date"], f["study_id"], f["study_desc"], f["study_sfx"])), 2),
+        _component(_join((f["number"], f["series_desc"], f["series_sfx"])), 3),
+    )
+
+
+def _build_classic(f: _Fields) -> tuple[str, str, str, str]:
+    return (
+        _component(f["collection"], 0),
+        _component(f["patient"], 1),
+        _component(f["study_sfx"], 2),
+        _component(f["series_sfx"], 3),
+    )
+
+
+def _drop(value: str, excess: int, floor: int, *, in_bytes: bool) -> str:
+    """``value`` shortened from its end by at least ``excess`` characters (or bytes)."""
+    if in_bytes:
+        keep, dropped = len(value), 0
+        while keep > floor and dropped < excess:
+            keep -= 1
+            dropped += len(value[keep].encode("utf-8"))
+    else:
+        keep = max(floor, len(value) - excess)
+    return _trim(value[:keep])
+
+
+def _fit(fields: _Fields, build: _Builder) -> tuple[str, str, str, str]:
+    """Shorten fields, in the documented order, until every limit holds.
+
+    Deterministic (no dependence on anything but ``fields``) and terminating: each round
+    strictly shortens one field, and the parts that never shrink (dates, UID suffixes)
+    are bounded far below the limits.
+    """
+    while True:
+        parts = build(fields)
+        names: Sequence[str] = ()
+        excess, in_bytes = 0, False
+        for index, part in enumerate(parts):
+            over = len(part.encode("utf-8")) - MAX_COMPONENT_BYTES
+            if over > 0:
+                names, excess, in_bytes = _SHRINK_COMPONENT[index], over, True
+                break
+        else:
+            total = sum(map(len, parts)) + len(parts) - 1
+            if total <= MAX_SERIES_PATH:
+                return parts
+            names, excess = _SHRINK_TOTAL, total - MAX_SERIES_PATH
+        for name in names:
+            floor = _FLOOR.get(name, 0)
+            if len(fields[name]) > floor:
+                fields[name] = _drop(fields[name], excess, floor, in_bytes=in_bytes)
+                break
+        else:  # pragma: no cover - unreachable: the fixed parts are bounded
+            raise NbiaError(f"series {fields['uid']}: no folder name fits the path limits")
+
+
+def _relpath(info: SeriesInfo, layout: Layout, mode: int) -> PurePosixPath:
+    fields: _Fields = {
+        "uid": info.series_uid,
+        "collection": _piece(info.collection),
+        "patient": _piece(info.patient_id),
+        "date": "",
+        "study_id": "",
+        "study_desc": "",
+        "number": "",
+        "series_desc": "",
+    }
+    if layout is Layout.CLASSIC:
+        fields["study_sfx"] = _uid_part(info.study_uid.strip())
+        fields["series_sfx"] = _suffix(info.series_uid, max(mode, 1))
+        build: _Builder = _build_classic
+    else:
+        fields.update(
+            date=normalise_date(info.study_date),
+            study_id=_piece(info.study_id),
+            study_desc=_piece(info.study_description, DESCRIPTION_LENGTH),
+            study_sfx=_suffix(info.study_uid, 0),
+            number=_piece(format_series_number(info.series_number)),
+            series_desc=_piece(info.series_description, DESCRIPTION_LENGTH),
+            series_sfx=_suffix(info.series_uid, mode),
+        )
+        build = _build_descriptive
+    return PurePosixPath(*_fit(fields, build))
+
+
+def series_relpath(info: SeriesInfo, layout: Layout | str = Layout.DESCRIPTIVE) -> PurePosixPath:
+    """``Collection/PatientID/<study>/<series>`` relative to the download root.
+
+    Descriptive (default, reference section 4): study
+    ``<MM-DD-YYYY>-<StudyID>-<StudyDescription[:53]>-<last 5 of StudyUID>``, series
+    ``<SeriesNumber>-<SeriesDescription[:53]>-<last 5 of SeriesUID>``, empty parts left
+    out. Classic: ``StudyInstanceUID/SeriesInstanceUID``. Every component is sanitised;
+    over :data:`MAX_SERIES_PATH` characters, the series description gives way first, then
+    the study description, the patient ID, the collection (the UID suffixes never do).
+
+    Like the Java tool, two series of one study with equal number, description and last
+    five UID characters get the same folder: use :func:`series_relpaths` when the whole
+    list is known, which resolves such clashes.
+    """
+    return _relpath(info, Layout(layout), 0)
+
+
+def series_relpath_variants(
+    info: SeriesInfo, layout: Layout | str = Layout.DESCRIPTIVE
+) -> tuple[PurePosixPath, ...]:
+    """The folder of a series and its clash-proof fallbacks, most readable first.
+
+    The engine uses the later ones when a folder it is about to publish into already
+    belongs to another series (a clash only visible on disk, e.g. between cluster shards
+    that each saw part of the manifest): whole UID, then whole UID plus a hash.
+    """
+    chosen = Layout(layout)
+    return tuple(dict.fromkeys(_relpath(info, chosen, mode) for mode in (0, 1, 2)))
+
+
+def _collision_key(path: PurePosixPath) -> str:
+    """Windows and macOS compare names case-insensitively: so do we."""
+    return unicodedata.normalize("NFC", str(path)).casefold()
+
+
+def series_relpaths(
+    infos: Iterable[SeriesInfo], layout: Layout | str = Layout.DESCRIPTIVE
+) -> dict[str, PurePosixPath]:
+    """Folders for a whole download: series UID -> relpath, no two alike (case-insensitive).
+
+    Each series gets :func:`series_relpath` unless that clashes with another series'
+    folder; every series of a clash then carries its whole UID instead of the last five
+    characters (and, should even that clash with hostile metadata, a hash of it too).
+    The result depends only on the set of series, not on their order. Later duplicates
+    of a UID are ignored.
+    """
+    chosen = Layout(layout)
+    by_uid: dict[str, SeriesInfo] = {}
+    for info in infos:
+        by_uid.setdefault(info.series_uid, info)
+    mode = dict.fromkeys(by_uid, 0)
+    paths = {uid: _relpath(info, chosen, 0) for uid, info in by_uid.items()}
+    for _round in range(4):
+        groups: dict[str, list[str]] = {}
+        for uid, path in paths.items():
+            groups.setdefault(_collision_key(path), []).append(uid)
+        clashing = [uid for members in groups.values() if len(members) > 1 for uid in members]
+        if not clashing:
+            return paths
+        for uid in clashing:
+            mode[uid] = min(mode[uid] + 1, 2)
+            paths[uid] = _relpath(by_uid[uid], chosen, mode[uid])
+    # Only equal UIDs could still clash, and by_uid holds each UID once.
+    raise NbiaError("series folders still clash after disambiguation")  # pragma: no cover

@@ -1,0 +1,764 @@
+"""Reading and writing the lists of series to download.
+
+Three inputs are accepted, told apart by content, not by file name:
+
+* ``.tcia`` manifests as the TCIA portal writes them (reference section 1): Java-properties
+  style ``key=value`` header lines, a ``ListOfSeriesToDownload=`` marker, one UID a line;
+* spreadsheets (CSV/TSV/semicolon, or ``.xlsx`` when openpyxl is installed) with a
+  ``SeriesInstanceUID`` / ``Series Instance UID`` / ``Series UID`` column;
+* plain lists, one UID a line.
+
+Every line that should hold a UID is checked, because a manifest that is silently read
+wrong (an HTML error page saved as ``.tcia``, a spreadsheet column of row numbers) turns
+into a download of nothing, or of the wrong thing, hours later. Errors name the file and
+the 1-based line.
+
+UID rule (DICOM PS3.5 section 9.1): digits and dots, at least two components, no empty
+component, at most 64 characters. The standard also forbids leading zeros in a component
+("0" itself excepted). We *accept* leading zeros when reading: such UIDs exist in the wild
+(non-conforming devices), the server matches UIDs as plain strings, and refusing one would
+block a series the archive does serve. They are still unambiguous DICOM-shaped strings, so
+the check keeps its real purpose: rejecting lines that are not UIDs at all.
+:func:`is_valid_uid` with ``strict=True`` applies the full rule.
+
+Pure functions apart from :func:`read_manifest` / :func:`write_manifest`.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from urllib.parse import urlsplit
+
+from .errors import ManifestError, NbiaError
+
+__all__ = [
+    "DEFAULT_DOWNLOAD_URL",
+    "DEFAULT_RETRIES",
+    "MARKER",
+    "UID_COLUMNS",
+    "Manifest",
+    "api_base_from_download_url",
+    "format_manifest",
+    "is_valid_uid",
+    "parse_manifest",
+    "read_manifest",
+    "write_manifest",
+]
+
+#: The public TCIA DownloadServlet, as current portal manifests carry it.
+DEFAULT_DOWNLOAD_URL = "https://nbia.cancerimagingarchive.net/nbia-download/servlet/DownloadServlet"
+#: ``noOfrRetry`` when the manifest does not say (the Java tool's default).
+DEFAULT_RETRIES = 4
+#: The line after which the UIDs start (matched case-insensitively when reading).
+MARKER = "ListOfSeriesToDownload="
+#: Spreadsheet column headers that hold the series UID (compared after lower-casing and
+#: dropping spaces, ``_`` and ``-``).
+UID_COLUMNS = ("SeriesInstanceUID", "Series Instance UID", "Series UID")
+
+_MARKER_KEY = "listofseriestodownload"
+_MAX_UID = 64
+_SERVLET_PATH = "/nbia-download/servlet/downloadservlet"
+_API_PATH = "/nbia-api/services"
+#: Deleting every character a UID may contain: a UID is valid only if nothing is left.
+_UID_BYTES = b"0123456789.\n"
+_TRUE = frozenset({"true", "yes", "1", "on"})
+_FALSE = frozenset({"false", "no", "0", "off"})
+_STANDARD_KEYS = ("downloadServerUrl", "includeAnnotation", "noOfrRetry", "databasketId",
+                  "manifestVersion")
+
+
+def _column_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if not (ch.isspace() or ch in "_-\ufeff\"'"))
+
+
+_UID_COLUMN_KEYS = frozenset(_column_key(c) for c in UID_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed list of series, in manifest order, without duplicates.
+
+    ``headers`` keeps every header key exactly as written (``noOfrRetry`` typo included),
+    so nothing the server or a newer portal adds is lost; the properties interpret the
+    few that matter. Spreadsheets and plain lists have no headers.
+    """
+
+    series_uids: tuple[str, ...]
+    headers: dict[str, str] = field(default_factory=dict, hash=False)
+    source: str | None = None
+    duplicates_dropped: int = 0
+    #: ``"tcia"``, ``"csv"``, ``"xlsx"`` or ``"list"``: what the input turned out to be.
+    kind: str = "tcia"
+
+    def header(self, key: str) -> str | None:
+        """A header value, exact key first, then case-insensitively; ``None`` if absent."""
+        if key in self.headers:
+            return self.headers[key]
+        folded = key.casefold()
+        for name, value in self.headers.items():
+            if name.casefold() == folded:
+                return value
+        return None
+
+    def _present(self, key: str) -> str | None:
+        value = self.header(key)
+        return value if value else None
+
+    @property
+    def download_server_url(self) -> str | None:
+        """``downloadServerUrl``, or ``None`` (callers then use :data:`DEFAULT_DOWNLOAD_URL`)."""
+        return self._present("downloadServerUrl")
+
+    @property
+    def retries(self) -> int:
+        """``noOfrRetry`` as an int; 4 when absent or empty.
+
+        :func:`parse_manifest` already rejected bad values with the line number; this only
+        raises for a :class:`Manifest` built by hand with a bad header.
+        """
+        value = self._present("noOfrRetry")
+        if value is None:
+            return DEFAULT_RETRIES
+        parsed = _parse_retries(value)
+        if parsed is None:
+            raise ManifestError(f"noOfrRetry must be a whole number >= 0, got {value!r}",
+                                source=self.source)
+        return parsed
+
+    @property
+    def databasket_id(self) -> str | None:
+        return self._present("databasketId")
+
+    @property
+    def version(self) -> str | None:
+        """``manifestVersion`` (``"3.0"`` today; absent, 1.0 and 2.0 are legacy)."""
+        return self._present("manifestVersion")
+
+    @property
+    def include_annotation(self) -> bool:
+        """``includeAnnotation``; true when absent (the portal's default)."""
+        value = self._present("includeAnnotation")
+        if value is None:
+            return True
+        parsed = _parse_bool(value)
+        if parsed is None:
+            raise ManifestError(f"includeAnnotation must be true or false, got {value!r}",
+                                source=self.source)
+        return parsed
+
+    @property
+    def root_name(self) -> str:
+        """Name of the download's root folder, not yet sanitised (layout does that).
+
+        ``databasketId`` minus ``.tcia`` like the Java tool, else the file's stem, else
+        ``"manifest"`` for text that came from nowhere.
+        """
+        basket = self.databasket_id
+        if basket:
+            stem = _strip_suffix(basket.strip(), ".tcia")
+            if stem:
+                return stem
+        if self.source and not (self.source.startswith("<") and self.source.endswith(">")):
+            stem = PurePath(self.source.replace("\\", "/")).stem
+            if stem:
+                return stem
+        return "manifest"
+
+
+def _strip_suffix(text: str, suffix: str) -> str:
+    return text[: -len(suffix)] if text.lower().endswith(suffix) else text
+
+
+def _parse_retries(value: str) -> int | None:
+    text = value.strip()
+    if text.startswith("+"):
+        text = text[1:]
+    if not text or not text.isascii() or not text.isdigit() or len(text) > 9:
+        return None
+    return int(text)
+
+
+def _parse_bool(value: str) -> bool | None:
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    return None
+
+
+# ----------------------------------------------------------------------------- UIDs
+
+
+def is_valid_uid(text: str, *, strict: bool = False) -> bool:
+    """Whether ``text`` is a DICOM UID (see the module docstring for the rule).
+
+    ``strict`` also rejects components with leading zeros, as PS3.5 9.1 does.
+    """
+    if (
+        not text
+        or len(text) > _MAX_UID
+        or not text.isascii()
+        or not text.replace(".", "").isdigit()
+        or text[0] == "."
+        or text[-1] == "."
+        or ".." in text
+        or "." not in text
+    ):
+        return False
+    if strict:
+        return not any(len(part) > 1 and part[0] == "0" for part in text.split("."))
+    return True
+
+
+_OK, _STRIPPABLE, _OTHER = 0, 1, 2
+
+
+def _check_bulk(items: list[str]) -> int:
+    """Whether every non-empty item is a valid UID, checked in bulk at C speed.
+
+    Joining and one ``bytes.translate`` replace a per-item character check that costs
+    ten times more in Python: this is what keeps a 200,000-line manifest fast.
+    Returns ``_OK``; ``_STRIPPABLE`` when the only other characters are spaces, tabs and
+    commas (worth one ``strip`` pass); else ``_OTHER`` (use the per-line path).
+    """
+    text = "\n".join(items)
+    if not text.isascii() or text.count("\n") != len(items) - 1:
+        return _OTHER
+    data = text.encode("ascii")
+    rest = data.translate(None, _UID_BYTES)
+    if rest:
+        return _OTHER if rest.translate(None, b" \t,") else _STRIPPABLE
+    if b".." in data:
+        return _OTHER
+    for item in items:
+        if item and (len(item) > _MAX_UID or "." not in item or item[0] == "." or item[-1] == "."):
+            return _OTHER
+    return _OK
+
+
+def _clean_uid_line(line: str) -> str:
+    """What a UID line holds once the tolerated noise is gone.
+
+    Tolerated: surrounding whitespace (CR of CRLF included), trailing commas (spreadsheet
+    exports), surrounding quotes, and ``#`` comments (whole-line or trailing).
+    """
+    if "#" in line:
+        line = line.split("#", 1)[0]
+    return line.strip().strip(",;\"'").strip()
+
+
+def _uid_error(text: str, source: str, line: int, *, first: bool = False) -> ManifestError:
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    why = "longer than 64 characters" if len(text) > _MAX_UID else "not a DICOM UID"
+    message = f"{why}: {shown!r}"
+    if first:
+        message += (" (expected a .tcia manifest, a CSV/TSV with a SeriesInstanceUID column, "
+                    "or one series UID per line)")
+    return ManifestError(message, source=source, line=line)
+
+
+class _Collector:
+    """Keeps the first occurrence of each UID, in order, and counts the rest."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, None] = {}
+        self.duplicates = 0
+
+    def add_lines(self, lines: list[str], start: int, source: str) -> None:
+        """Add ``lines[start:]``, one UID a line (``lines[i]`` is line ``i + 1``).
+
+        200,000 lines must take well under half a second. Clean files (digits, dots and
+        newlines only: what the portal writes) are checked in bulk by C-level bytes
+        operations; anything else goes through the per-line loop, which also finds the
+        exact line of an error.
+        """
+        if not self._add_clean(lines, start):
+            self._add_each(lines, start, source)
+
+    def _add_clean(self, lines: list[str], start: int) -> bool:
+        body = lines[start:]
+        verdict = _check_bulk(body)
+        if verdict == _STRIPPABLE:
+            body = [line.strip(" \t,") for line in body]  # trailing commas, spaces
+            verdict = _check_bulk(body)
+        if verdict != _OK:
+            return False
+        before = len(self.seen)
+        if before:
+            self.seen.update(dict.fromkeys(body))
+        else:
+            self.seen = dict.fromkeys(body)  # no second copy of a 200,000-key dict
+        if "" in self.seen:
+            del self.seen[""]
+        added = len(self.seen) - before
+        self.duplicates += len(body) - body.count("") - added
+        return True
+
+    def _add_each(self, lines: list[str], start: int, source: str) -> None:
+        seen = self.seen
+        dups = 0
+        for index in range(start, len(lines)):
+            text = lines[index]
+            if "#" in text or "," in text or '"' in text or "'" in text or ";" in text:
+                text = _clean_uid_line(text)
+            else:
+                text = text.strip()
+            if not text:
+                continue
+            if (
+                len(text) > _MAX_UID
+                or not text.isascii()
+                or not text.replace(".", "").isdigit()
+                or text[0] == "."
+                or text[-1] == "."
+                or ".." in text
+                or "." not in text
+            ):
+                raise _uid_error(text, source, index + 1, first=not seen and not dups)
+            if text in seen:
+                dups += 1
+            else:
+                seen[text] = None
+        self.duplicates += dups
+
+    def add(self, text: str, source: str, line: int) -> None:
+        text = text.strip().strip(",;\"'").strip()
+        if not text:
+            return
+        if not is_valid_uid(text):
+            raise _uid_error(text, source, line)
+        if text in self.seen:
+            self.duplicates += 1
+        else:
+            self.seen[text] = None
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _split_lines(text: str) -> list[str]:
+    """Lines as an editor numbers them: LF, CRLF, or lone CR (very old Mac files)."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n") if "\n" in text else text.replace("\r", "\n")
+    return text.split("\n")
+
+
+def _is_comment(stripped: str) -> bool:
+    return stripped.startswith("#") or stripped.startswith("!")
+
+
+def _unescape(value: str) -> str:
+    r"""Undo Java-properties escapes (``https\://``), as ``Properties.store`` writes them."""
+    if "\\" not in value:
+        return value
+    out: list[str] = []
+    chars = iter(value)
+    for ch in chars:
+        if ch != "\\":
+            out.append(ch)
+            continue
+        nxt = next(chars, None)
+        if nxt is None:
+            break  # a line continuation; manifests never use one: drop it
+        out.append({"t": "\t", "n": "\n", "r": "\r", "f": "\f"}.get(nxt, nxt))
+    return "".join(out)
+
+
+def parse_manifest(text: str, *, source: str = "<manifest>") -> Manifest:
+    """Parse manifest text of any supported kind (detected from the content).
+
+    Raises :class:`ManifestError` naming ``source`` and the 1-based line for anything that
+    is not a UID where one belongs, for a bad ``noOfrRetry``/``includeAnnotation``, and
+    when no series is listed at all.
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = _split_lines(text)
+    first = _first_meaningful(lines)
+    if first is None:
+        raise ManifestError("no series listed (the file is empty)", source=source)
+    stripped = lines[first].strip()
+    if "=" in stripped.split("#", 1)[0]:
+        return _parse_tcia(lines, first, source)
+    if is_valid_uid(_clean_uid_line(stripped)):
+        collector = _Collector()
+        collector.add_lines(lines, first, source)
+        return _finish(collector, {}, source, "list", None)
+    spreadsheet = _parse_delimited(lines, first, source)
+    if spreadsheet is not None:
+        return spreadsheet
+    raise _uid_error(_clean_uid_line(stripped) or stripped, source, first + 1, first=True)
+
+
+def _first_meaningful(lines: list[str]) -> int | None:
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped and not _is_comment(stripped):
+            return index
+    return None
+
+
+def _parse_tcia(lines: list[str], start: int, source: str) -> Manifest:
+    headers: dict[str, str] = {}
+    collector = _Collector()
+    marker_line: int | None = None
+    body = len(lines)
+    for index in range(start, len(lines)):
+        stripped = lines[index].strip()
+        if not stripped or _is_comment(stripped):
+            continue
+        if "=" not in stripped:
+            if is_valid_uid(_clean_uid_line(stripped)):
+                body = index  # no marker: the list starts at the first UID
+                break
+            raise ManifestError(
+                f"expected key=value or {MARKER}, got {_shorten(stripped)!r}",
+                source=source, line=index + 1,
+            )
+        key, value = stripped.split("=", 1)
+        key = key.strip()
+        if key.lower() == _MARKER_KEY:
+            marker_line = index + 1
+            body = index + 1
+            for part in value.split(","):  # tolerate UIDs on the marker line itself
+                collector.add(part, source, index + 1)
+            break
+        # Trailing commas: spreadsheet exports add them to every line, headers included.
+        value = _unescape(value.strip().rstrip(",").rstrip())
+        _check_header(key, value, source, index + 1)
+        headers[key] = value
+    collector.add_lines(lines, body, source)
+    return _finish(collector, headers, source, "tcia", marker_line)
+
+
+def _check_header(key: str, value: str, source: str, line: int) -> None:
+    folded = key.casefold()
+    if folded == "noofrretry" and value.strip() and _parse_retries(value) is None:
+        raise ManifestError(f"noOfrRetry must be a whole number >= 0, got {value!r}",
+                            source=source, line=line)
+    if folded == "includeannotation" and value.strip() and _parse_bool(value) is None:
+        raise ManifestError(f"includeAnnotation must be true or false, got {value!r}",
+                            source=source, line=line)
+
+
+def _finish(collector: _Collector, headers: dict[str, str], source: str, kind: str,
+            marker_line: int | None) -> Manifest:
+    if not collector.seen:
+        problem = "no series listed"
+        if marker_line is not None:
+            problem += f" after {MARKER}"
+        version = headers.get("manifestVersion", "")
+        if kind == "tcia" and version.strip() in ("", "1.0", "2.0"):
+            problem += " (a legacy manifest whose list stayed on the server is not supported)"
+        raise ManifestError(problem, source=source, line=marker_line)
+    return Manifest(series_uids=tuple(collector.seen), headers=headers, source=source,
+                    duplicates_dropped=collector.duplicates, kind=kind)
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ----------------------------------------------------------------------------- spreadsheets
+
+
+def _uid_column(cells: Iterable[object]) -> int | None:
+    for position, cell in enumerate(cells):
+        if cell is not None and _column_key(str(cell)) in _UID_COLUMN_KEYS:
+            return position
+    return None
+
+
+def _parse_delimited(lines: list[str], header: int, source: str) -> Manifest | None:
+    """CSV/TSV/semicolon spreadsheet whose header row is ``lines[header]``, else None.
+
+    The delimiter is the one that makes the header row show a UID column, trying the
+    most frequent candidate first: sturdier than csv.Sniffer on one-column files.
+    """
+    header_text = lines[header]
+    candidates = sorted("\t,;|", key=lambda d: -header_text.count(d))
+    for delimiter in candidates:
+        row = next(csv.reader([header_text], delimiter=delimiter), [])
+        column = _uid_column(row)
+        if column is None:
+            continue
+        collector = _Collector()
+
+        def rows(delim: str = delimiter) -> Iterator[tuple[int, list[str]]]:
+            # Comments become empty lines so csv's line numbers stay the file's.
+            body = (
+                "" if _is_comment(line.strip()) else line
+                for line in lines[header + 1:]
+            )
+            reader = csv.reader(body, delimiter=delim)
+            for cells in reader:
+                yield header + 1 + reader.line_num, cells
+
+        try:
+            for line, cells in rows():
+                if column < len(cells):
+                    collector.add(cells[column], source, line)
+        except csv.Error as exc:
+            raise ManifestError(f"unreadable spreadsheet row: {exc}", source=source) from None
+        if not collector.seen:
+            raise ManifestError(f"no series listed in column {row[column].strip()!r}",
+                                source=source, line=header + 1)
+        return Manifest(series_uids=tuple(collector.seen), headers={}, source=source,
+                        duplicates_dropped=collector.duplicates, kind="csv")
+    if any(d in header_text for d in "\t,;|"):
+        raise ManifestError(
+            "spreadsheet without a SeriesInstanceUID, 'Series Instance UID' or 'Series UID' "
+            f"column: {_shorten(header_text.strip())!r}",
+            source=source, line=header + 1,
+        )
+    return None
+
+
+def _read_xlsx(path: Path, source: str) -> Manifest:
+    try:
+        openpyxl = importlib.import_module("openpyxl")
+    except ImportError:
+        raise ManifestError(
+            "reading .xlsx needs openpyxl: `pip install openpyxl`, or save the sheet as CSV",
+            source=source,
+        ) from None
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as exc:  # openpyxl raises many types for a damaged file
+        raise ManifestError(f"cannot read the workbook: {exc}".splitlines()[0],
+                            source=source) from None
+    try:
+        sheet = book.active if book.active is not None else book.worksheets[0]
+        collector = _Collector()
+        column: int | None = None
+        for number, cells in enumerate(sheet.iter_rows(values_only=True), start=1):
+            if column is None:
+                column = _uid_column(cells)
+                if column is None and number >= 50:
+                    break
+                continue
+            if column < len(cells) and cells[column] is not None:
+                value = cells[column]
+                if not isinstance(value, str):
+                    # Excel turned the UID into a number: digits are already lost.
+                    raise ManifestError(
+                        f"a number ({value!r}), not a UID: store the column as text",
+                        source=source, line=number,
+                    )
+                collector.add(value, source, number)
+    finally:
+        book.close()
+    if column is None:
+        raise ManifestError("no SeriesInstanceUID, 'Series Instance UID' or 'Series UID' "
+                            "column in the first sheet", source=source)
+    if not collector.seen:
+        raise ManifestError("no series listed in the first sheet", source=source)
+    return Manifest(series_uids=tuple(collector.seen), headers={}, source=source,
+                    duplicates_dropped=collector.duplicates, kind="xlsx")
+
+
+def _decode(data: bytes, source: str) -> str:
+    """UTF-8 (BOM or not), UTF-16 with a BOM (Excel's "Unicode text"), else Latin-1.
+
+    Latin-1 as the last resort because a CSV exported on Windows in cp1252 with an accent
+    in a description column must still yield its ASCII UID column.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise ManifestError("not valid UTF-16 text", source=source) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    if b"\x00" in data:
+        hint = " (it looks like a zip/xlsx file)" if data.startswith(b"PK\x03\x04") else ""
+        raise ManifestError(f"binary file, not a manifest{hint}", source=source)
+    return data.decode("latin-1")
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read a manifest, spreadsheet or UID list from disk (see :func:`parse_manifest`)."""
+    file = Path(path)
+    source = str(path)
+    suffix = file.suffix.lower()
+    if suffix in (".xlsx", ".xlsm"):
+        return _read_xlsx(file, source)
+    if suffix == ".xls":
+        raise ManifestError("old .xls workbooks are not supported: save as .xlsx or CSV",
+                            source=source)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"cannot read: {exc.strerror or exc}", source=source) from None
+    return parse_manifest(_decode(data, source), source=source)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\")
+
+
+def format_manifest(
+    series_uids: Iterable[str],
+    *,
+    download_server_url: str = DEFAULT_DOWNLOAD_URL,
+    include_annotation: bool = True,
+    retries: int = DEFAULT_RETRIES,
+    databasket_id: str | None = None,
+    version: str = "3.0",
+    extra_headers: Mapping[str, str] | None = None,
+) -> str:
+    """A v3.0 ``.tcia`` manifest that :func:`parse_manifest` reads back exactly.
+
+    Duplicate UIDs are dropped (first kept), as reading would drop them. Header values are
+    stripped, as reading strips them. Anything that could not survive the round trip
+    (an invalid UID, a line break in a value, a key that looks like a comment or the
+    marker) is a :class:`ManifestError` instead of a manifest that reads differently.
+    """
+    source = "<format_manifest>"
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ManifestError(f"retries must be an int >= 0, got {retries!r}", source=source)
+    headers: dict[str, str] = {
+        "downloadServerUrl": download_server_url,
+        "includeAnnotation": "true" if include_annotation else "false",
+        "noOfrRetry": str(retries),
+    }
+    if databasket_id is not None:
+        headers["databasketId"] = databasket_id
+    if version:
+        headers["manifestVersion"] = version
+    standard = {k.casefold() for k in _STANDARD_KEYS}
+    for key, value in (extra_headers or {}).items():
+        if key.strip().casefold() in standard:
+            raise ManifestError(f"header {key!r} must be given by its own argument",
+                                source=source)
+        headers[key] = value
+    out: list[str] = []
+    for key, value in headers.items():
+        key, value = key.strip(), value.strip()
+        bad_key = (not key or "=" in key or "\\" in key or _is_comment(key)
+                   or key.lower() == _MARKER_KEY or _has_break(key) or key[0] == "\ufeff")
+        if bad_key:
+            raise ManifestError(f"header key {key!r} cannot be written", source=source)
+        if _has_break(value):
+            raise ManifestError(f"header {key!r}: a value cannot span lines", source=source)
+        if value.endswith(","):
+            raise ManifestError(f"header {key!r}: a value cannot end with a comma (readers "
+                                "drop trailing commas)", source=source)
+        out.append(f"{key}={_escape(value)}")
+    out.append(MARKER)
+    uids = [uid.strip() for uid in series_uids]
+    if _check_bulk(uids) != _OK or "" in uids:
+        for uid in uids:
+            if not is_valid_uid(uid):
+                raise ManifestError(f"not a DICOM UID: {_shorten(uid)!r}", source=source)
+    seen = dict.fromkeys(uids)
+    if not seen:
+        raise ManifestError("no series to write", source=source)
+    out.extend(seen)
+    out.append("")
+    return "\n".join(out)
+
+
+def _has_break(text: str) -> bool:
+    return "\n" in text or "\r" in text
+
+
+def write_manifest(
+    path: str | os.PathLike[str],
+    series_uids: Iterable[str],
+    *,
+    download_server_url: str = DEFAULT_DOWNLOAD_URL,
+    include_annotation: bool = True,
+    retries: int = DEFAULT_RETRIES,
+    databasket_id: str | None = None,
+    version: str = "3.0",
+    extra_headers: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a ``.tcia`` manifest atomically (temp file + rename); returns the path.
+
+    ``databasket_id`` defaults to the file name, as the portal names both alike, so the
+    download root folder matches the manifest's name.
+    """
+    target = Path(path)
+    try:
+        text = format_manifest(
+            series_uids, download_server_url=download_server_url,
+            include_annotation=include_annotation, retries=retries,
+            databasket_id=databasket_id if databasket_id is not None else target.name,
+            version=version, extra_headers=extra_headers,
+        )
+    except ManifestError as exc:
+        raise ManifestError(exc.problem, source=str(path)) from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                   dir=target.parent if str(target.parent) else ".")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+                handle.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise ManifestError(f"cannot write: {exc.strerror or exc}", source=str(path)) from None
+    return target
+
+
+# ----------------------------------------------------------------------------- URLs
+
+
+def _redact(url: str) -> str:
+    """The URL without any ``user:password@`` part: error messages end up in logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return f"{scheme}{sep}{netloc}{slash}{tail}"
+
+
+def api_base_from_download_url(url: str) -> str:
+    """The REST API base (``<scheme>://<host>[:port][/prefix]/nbia-api/services/``).
+
+    ``.../nbia-download/servlet/DownloadServlet`` becomes ``.../nbia-api/services/``,
+    keeping any path prefix before it (servers hosted below a path). A URL already
+    pointing into ``/nbia-api/services`` is cut back to that base; any other path gives
+    the host's root base. Query, fragment and credentials are dropped. No API version is
+    added: the client picks it. Not http(s) -> :class:`NbiaError`.
+    """
+    text = url.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # raises ValueError for a non-numeric or out-of-range port
+    except ValueError:
+        raise NbiaError(f"download server URL {_redact(text)!r} is not a valid URL") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise NbiaError(
+            f"download server URL {_redact(text)!r} is not an http(s) URL with a host"
+        )
+    host = parts.netloc.rpartition("@")[2]
+    if port is None and host.endswith(":"):
+        host = host[:-1]
+    path = parts.path
+    lowered = path.lower()
+    prefix = ""
+    for marker in (_SERVLET_PATH, _API_PATH):
+        index = lowered.find(marker)
+        if index >= 0:
+            prefix = path[:index].rstrip("/")
+            break
+    return f"{scheme}://{host}{prefix}{_API_PATH}/"
