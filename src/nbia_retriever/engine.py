@@ -617,6 +617,11 @@ class Engine:
                         last_report = written
                         self._set_progress(uid, written)
                 handle(reader.close())
+        except IntegrityError as exc:
+            if str(exc).startswith("series "):
+                raise
+            # The reader names the entry; say which series too.
+            raise type(exc)(f"series {uid}: {exc}") from None
         finally:
             handle_file = current.get("file")
             if handle_file is not None:
@@ -730,7 +735,7 @@ class Engine:
         path = self.root / collection_dir / "LICENSE"
         if path.exists():
             return
-        tmp = path.with_name(f".LICENSE.{threading.get_ident()}.tmp")
+        tmp = path.with_name(f".LICENSE.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(text)
         os.replace(tmp, path)
 

@@ -67,22 +67,47 @@ class MetadataCsv:
         return uid in self._seen
 
     def append(self, row: Sequence[str]) -> bool:
-        """Append ``row`` unless its Series UID is already present; fsync'd line by line."""
+        """Append ``row`` unless its Series UID is already present; fsync'd line by line.
+
+        Several processes may append to one file (cluster shards sharing a destination):
+        an advisory ``flock`` makes "write the header if the file is empty" and the row
+        write one step, so two shards never both write the header or interleave lines.
+        """
         with self._lock:
             if row[0] in self._seen:
                 return False
-            new = not self.path.exists() or self.path.stat().st_size == 0
             buf = io.StringIO()
-            writer = csv.writer(buf, lineterminator="\n")
-            if new:
-                writer.writerow(METADATA_HEADER)
-            writer.writerow(row)
+            csv.writer(buf, lineterminator="\n").writerow(row)
             with self.path.open("a", encoding="utf-8", newline="") as handle:
-                handle.write(buf.getvalue())
-                handle.flush()
-                os.fsync(handle.fileno())
+                _lock_file(handle)
+                try:
+                    if handle.tell() == 0 and os.fstat(handle.fileno()).st_size == 0:
+                        header = io.StringIO()
+                        csv.writer(header, lineterminator="\n").writerow(METADATA_HEADER)
+                        handle.write(header.getvalue())
+                    handle.write(buf.getvalue())
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                finally:
+                    _unlock_file(handle)
             self._seen.add(row[0])
             return True
+
+
+def _lock_file(handle: object) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: one process per destination is the rule there
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # type: ignore[attr-defined]
+
+
+def _unlock_file(handle: object) -> None:
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)  # type: ignore[attr-defined]
 
 
 @dataclass

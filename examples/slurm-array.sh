@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Download one TCIA / NBIA manifest on a SLURM cluster with a job array, then check it.
+#
+# Submit from a login node (recommended):
+#
+#     examples/slurm-array.sh MANIFEST.tcia DEST [TASKS]
+#
+#   submits TASKS array tasks (default 8). Task K of N runs
+#       nbia-retriever download MANIFEST -d DEST --shard K/N --quiet
+#   so every series is downloaded by exactly one task (a stable hash of its UID picks the
+#   task; no coordination needed), all into the same DEST/<manifest name>/ folder, each
+#   task with its own journal (.nbia/journal-K-of-N.sqlite). A second job, started when
+#   every task has ended (afterany: also when some failed), runs
+#       nbia-retriever merge-reports DEST --manifest MANIFEST
+#   which cleans up metadata.csv, lists every series still missing (with its shard) and
+#   exits 1 if anything is, so its state in sacct says whether the download is complete.
+#
+# Or submit the array alone, with the array size from the #SBATCH line below:
+#
+#     sbatch examples/slurm-array.sh MANIFEST.tcia DEST
+#
+# Resume: submit the same command again (same MANIFEST, DEST and TASKS). Finished series
+# are skipped in milliseconds; only what is missing is downloaded. Keep TASKS the same
+# between runs: it decides which task owns which series.
+#
+# Environment (exported to the jobs, as sbatch does by default):
+#   NBIA_RETRIEVER  the command to run (default: nbia-retriever on PATH, e.g. from a venv)
+#   NBIA_WORKERS    series downloaded at once per task (default 4)
+#   NBIA_USER       log in as this user (limited-access collections); the password comes
+#                   from NBIA_PASSWORD or the keyring, never from the command line
+#   NBIA_SBATCH_ARGS  extra sbatch options for both jobs, e.g. "--account=X --partition=Y"
+#
+# Notes: keep the array contiguous (1-N or 0-(N-1), no steps). Be polite: N tasks x
+# NBIA_WORKERS is the number of concurrent downloads the server sees; 8 x 4 is plenty.
+# Shortly before the time limit SLURM sends SIGINT (--signal below); the download then
+# stops cleanly (exit 130) and the next submission resumes it.
+#
+#SBATCH --job-name=nbia-download
+#SBATCH --array=1-8
+#SBATCH --cpus-per-task=2
+#SBATCH --mem=2G
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:INT@120
+#SBATCH --output=nbia-download-%A_%a.log
+
+set -euo pipefail
+
+NBIA=${NBIA_RETRIEVER:-nbia-retriever}
+
+usage() {
+    echo "usage: $0 MANIFEST.tcia DEST [TASKS]" >&2
+    exit 2
+}
+
+if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+    # ---- inside an array task: download this task's shard ---------------------------
+    [[ $# -ge 2 ]] || usage
+    manifest=$1
+    dest=$2
+    count=${SLURM_ARRAY_TASK_COUNT:?SLURM_ARRAY_TASK_COUNT is not set (SLURM too old?)}
+    shard=$(( SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-1} + 1 ))
+    user_args=()  # expanded as ${a[@]+"${a[@]}"}: bash < 4.4 calls an empty array unbound
+    if [[ -n "${NBIA_USER:-}" ]]; then
+        user_args=(--user "$NBIA_USER")
+    fi
+    # exec: the download itself receives SLURM's SIGINT and stops cleanly.
+    exec "$NBIA" download "$manifest" -d "$dest" --shard "$shard/$count" --quiet \
+        --workers "${NBIA_WORKERS:-4}" ${user_args[@]+"${user_args[@]}"}
+fi
+
+# ---- on the login node: submit the array and the check that follows it --------------
+[[ $# -ge 2 && $# -le 3 ]] || usage
+tasks=${3:-8}
+[[ $tasks =~ ^[1-9][0-9]*$ ]] || { echo "TASKS must be a positive number" >&2; exit 2; }
+[[ -f $1 ]] || { echo "$1: no such manifest" >&2; exit 2; }
+mkdir -p "$2"
+manifest=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
+dest=$(cd "$2" && pwd)
+script=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
+# shellcheck disable=SC2206  # word splitting of the extra options is intended
+extra=(${NBIA_SBATCH_ARGS:-})
+
+array_id=$(sbatch --parsable ${extra[@]+"${extra[@]}"} --array="1-$tasks" \
+    "$script" "$manifest" "$dest")
+array_id=${array_id%%;*}  # --parsable prints "id" or "id;cluster"
+merge_cmd=$(printf '%q ' "$NBIA" merge-reports "$dest" --manifest "$manifest")
+merge_id=$(sbatch --parsable ${extra[@]+"${extra[@]}"} --dependency="afterany:$array_id" \
+    --job-name=nbia-merge-reports --time=01:00:00 --mem=1G \
+    --output="nbia-merge-reports-%j.log" --wrap="$merge_cmd")
+echo "submitted download array $array_id ($tasks tasks) and check $merge_id"
+echo "progress: squeue -j $array_id; result: nbia-merge-reports-${merge_id%%;*}.log"
