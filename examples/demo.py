@@ -89,7 +89,9 @@ def main() -> int:
                     return 1
                 time.sleep(0.2)
         manifest = WORK / "demo.tcia"
-        text = (archive / "manifest.tcia").read_text(encoding="utf-8")
+        # Every series, the limited-access collection included: we log in as the demo
+        # user (the password travels in NBIA_PASSWORD, never on the command line).
+        text = (archive / "manifest-all.tcia").read_text(encoding="utf-8")
         lines = [
             f"downloadServerUrl={base}/nbia-download/servlet/DownloadServlet"
             if line.startswith("downloadServerUrl=") else line
@@ -98,13 +100,16 @@ def main() -> int:
         manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
         downloads = WORK / "downloads"
         shutil.rmtree(downloads, ignore_errors=True)
-        banner(f"nbia-retriever download {manifest.name} -d {downloads.name}")
+        banner(f"NBIA_PASSWORD=... nbia-retriever download {manifest.name} -d {downloads.name}"
+               " --user alice")
         cmd = [str(BIN), "download", str(manifest), "-d", str(downloads), "--workers", "4",
-               "--backoff", "0.2", "--error-report", str(WORK / "errors.csv")]
-        first = subprocess.run(cmd, env=os.environ.copy())
+               "--backoff", "0.2", "--error-report", str(WORK / "errors.csv"),
+               "--user", "alice"]
+        env = {**os.environ, "NBIA_PASSWORD": "wonderland-secret"}
+        first = subprocess.run(cmd, env=env)
         banner("Same command again: a no-op resume")
         start = time.monotonic()
-        second = subprocess.run([*cmd, "--quiet"])
+        second = subprocess.run([*cmd, "--quiet"], env=env)
         print(f"    (took {time.monotonic() - start:.2f} s)")
         root = next(p for p in downloads.iterdir() if p.is_dir())
         banner(f"nbia-retriever verify {root.name}")

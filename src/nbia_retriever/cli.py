@@ -199,8 +199,8 @@ def download(manifest: str, dest: str, workers: int, retries: int | None, layout
         report = run_with_progress(engine)
     if error_report:
         n = write_error_report(Path(error_report), report.results.values())
-        if not as_json:
-            click.echo(f"error report: {n} series written to {error_report}", err=True)
+        if n and not as_json:
+            click.echo(f"error report: {n} failed series written to {error_report}", err=True)
     if as_json:
         sys.stdout.write(json.dumps({"event": "summary", **_summary_dict(report)}) + "\n")
     else:
