@@ -1,0 +1,221 @@
+"""Running the reference server: in a background thread (tests, demo) or in the foreground.
+
+The background thread owns its own event loop, so synchronous test code and clients can
+talk to the server over real HTTP on 127.0.0.1 while the test thread blocks on I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp import web
+
+from .app import API_PREFIX, DOWNLOAD_PATH, MANIFEST_PATH, NbiaService, RequestRecord
+from .auth import ServerClock
+from .config import ServerConfig, load_config
+from .faults import FaultPlan
+from .index import ArchiveIndex
+
+
+class ReferenceServer:
+    """An NBIA server over ``archive`` on ``host:port`` (port 0: any free port).
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`::
+
+        with ReferenceServer(archive, faults=FaultPlan(reset=0.2, seed=1)) as server:
+            httpx.get(server.api_url + "/v1/getCollectionValues")
+
+    The index is built (or loaded from its cache) in the constructor; ``config`` defaults
+    to ``archive/nbia-archive.toml``; ``token_lifetime`` (seconds) overrides the config;
+    ``seed`` fixes the arbitrary image order inside the zips.
+    """
+
+    def __init__(
+        self,
+        archive: str | Path,
+        *,
+        config: ServerConfig | None = None,
+        faults: FaultPlan | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token_lifetime: float | None = None,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.archive = Path(archive)
+        self.index = ArchiveIndex.load(self.archive, cache_dir=cache_dir)
+        config = config if config is not None else load_config(self.archive)
+        if token_lifetime is not None:
+            if token_lifetime <= 0:
+                raise ValueError("token_lifetime must be positive")
+            config = replace(config, token_lifetime=float(token_lifetime))
+        self.config = config
+        self.host = host
+        self._requested_port = port
+        self.port: int | None = None
+        self.service = NbiaService(self.index, config, faults=faults, seed=seed,
+                                   clock=ServerClock())
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        where = self.url if self.port else "not started"
+        return f"ReferenceServer({str(self.archive)!r}, {where})"
+
+    # -- addresses --------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the server is not running; call start() or use `with`")
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return self.url + API_PREFIX
+
+    @property
+    def download_url(self) -> str:
+        """What a manifest's ``downloadServerUrl`` carries for this server."""
+        return self.url + DOWNLOAD_PATH
+
+    @property
+    def manifest_url(self) -> str:
+        return self.url + MANIFEST_PATH
+
+    # -- knobs ------------------------------------------------------------------------
+    def set_faults(self, plan: FaultPlan | None) -> None:
+        """Replace the fault plan (``None``: no faults); attempt counters start afresh."""
+        self.service.set_faults(plan)
+
+    @property
+    def faults(self) -> FaultPlan:
+        return self.service.injector.plan
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """A snapshot of the request log (thread-safe; the newest last)."""
+        return self.service.requests
+
+    def clear_requests(self) -> None:
+        self.service.clear_requests()
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move the server's clock forward: expires tokens without sleeping."""
+        self.service.clock.advance(seconds)
+
+    # -- life cycle -------------------------------------------------------------------
+    def start(self) -> ReferenceServer:
+        if self._thread is not None:
+            return self
+        self._ready.clear()
+        self._thread = threading.Thread(target=self._run, name="nbia-reference-server",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._thread.join()
+            self._thread = None
+            raise error
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; in-flight streams are cut after a short grace period."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+        with contextlib.suppress(Exception):
+            future.result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        self._thread = None
+        self._loop = None
+        self.port = None
+
+    def __enter__(self) -> ReferenceServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._startup())
+        except BaseException as exc:  # reported to start()'s caller
+            self._error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _startup(self) -> None:
+        runner = web.AppRunner(self.service.app(), access_log=None, shutdown_timeout=0.5,
+                               handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self._requested_port, reuse_address=True)
+        await site.start()
+        self._runner = runner
+        address = runner.addresses[0]
+        self.port = int(address[1])
+        self.service.base_url = self.url
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def run_server(
+    archive: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    faults_spec: str | None = None,
+    seed: int = 0,
+    *,
+    token_lifetime: float | None = None,
+    on_ready: Callable[[ReferenceServer], None] | None = None,
+) -> None:
+    """Serve until Ctrl+C or SIGTERM (blocking). ``on_ready`` runs once it listens."""
+    plan = FaultPlan.parse(faults_spec, seed=seed) if faults_spec else FaultPlan(seed=seed)
+    server = ReferenceServer(archive, faults=plan, host=host, port=port,
+                             token_lifetime=token_lifetime, seed=seed)
+    stopped = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    server.start()
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        while not stopped.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

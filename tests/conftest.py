@@ -1,0 +1,30 @@
+"""Shared fixtures: a small synthetic archive and a reference server over it.
+
+The archive is generated once per session (``generate_archive`` defaults: 2 collections,
+the last one restricted, users alice and bob, every awkward naming case); each test gets
+its own server on a free 127.0.0.1 port with faults off, so fault plans, the request
+log and the clock never leak between tests. Startup is cheap: the index is cached in
+the archive's ``.nbia-server-cache`` after the first server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from nbia_retriever.server import ReferenceServer
+from nbia_retriever.synth import ArchiveSummary, generate_archive
+
+
+@pytest.fixture(scope="session")
+def synthetic_archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
+    """The session's small archive (read-only: copy it before changing anything)."""
+    return generate_archive(tmp_path_factory.mktemp("synthetic") / "archive")
+
+
+@pytest.fixture
+def server(synthetic_archive: ArchiveSummary) -> Iterator[ReferenceServer]:
+    """A fresh reference server over :func:`synthetic_archive`, faults off."""
+    with ReferenceServer(synthetic_archive.root) as srv:
+        yield srv
