@@ -253,3 +253,36 @@ def test_verify_detects_alteration(tmp_path, server, public_uids):
     victim.write_bytes(bytes(data))
     done = run_cli("verify", str(report.root))
     assert done.returncode == 1 and "altered file (MD5)" in done.stdout
+
+
+def test_limiter_halves_on_throttle_and_recovers_additively():
+    from nbia_retriever.engine import ConcurrencyLimiter
+
+    limiter = ConcurrencyLimiter(8)
+    assert limiter.throttled() == 4
+    assert limiter.throttled() is None, "a burst of 429s in flight must count once"
+    for _ in range(4):
+        limiter.succeeded()
+    assert limiter.limit == 5
+    assert limiter.throttled() is None, "too soon after the last decrease"
+    limiter.succeeded()
+    assert limiter.throttled() == 2
+    grown = [limiter.succeeded() for _ in range(2 + 3 + 4 + 5 + 6 + 7)]
+    assert [g for g in grown if g] == [3, 4, 5, 6, 7, 8]
+    assert limiter.limit == 8 and limiter.succeeded() is None
+    fixed = ConcurrencyLimiter(4, adaptive=False)
+    assert fixed.throttled() is None and fixed.limit == 4
+
+
+def test_server_busy_lowers_concurrency_and_still_finishes(tmp_path, server, public_uids,
+                                                           expected):
+    server.set_faults(FaultPlan(script={uid: ["http429:0", "http503:0"] for uid in public_uids}))
+    engine = make_engine(manifest_for(tmp_path, server, public_uids), tmp_path / "dl",
+                         workers=4, **FAST)
+    throttles: list[str] = []
+    engine.subscribe(lambda e: throttles.append(e.message) if e.kind == "throttle" else None)
+    report = engine.run()
+    assert report.ok, report.summary()
+    assert any("down to 2" in m for m in throttles), throttles
+    assert engine.limiter.limit < 4
+    assert_identical(report.root, expected, public_uids)

@@ -421,7 +421,9 @@ class NbiaClient:
 
         Raises :class:`NotPublicError` (final), :class:`ApiError` with ``status`` and
         ``retry_after`` (retryable for 429/5xx), or an :class:`httpx.HTTPError`. A 401
-        invalidates the shared token so the caller's retry uses a fresh one.
+        (token expired or revoked: not the series' fault, so it must not cost one of the
+        series' retries) invalidates the shared token and is retried once at once with
+        a fresh one; a second 401 raises :class:`AuthError`.
         """
         version = self.version()
         if version == "v4":
@@ -433,17 +435,30 @@ class NbiaClient:
             url = self._url("getImageWithMD5Hash" if md5 else "getImage", version)
             params = {"SeriesInstanceUID": uid}
         headers = self._headers()
+        if self.tokens is not None:
+            with self.http.stream("GET", url, params=params, headers=headers) as response:
+                if response.status_code != 401:
+                    raise_for_status(response, f"series {uid}")
+                    yield self._zip_response(response, uid)
+                    return
+            self.tokens.invalidate(headers.get("Authorization"))
+            headers = self._headers()
         with self.http.stream("GET", url, params=params, headers=headers) as response:
             if response.status_code == 401 and self.tokens is not None:
                 self.tokens.invalidate(headers.get("Authorization"))
             raise_for_status(response, f"series {uid}")
-            ctype = response.headers.get("Content-Type", "").lower()
-            if ctype.startswith(("text/html", "application/json")):
-                raise ApiError(
-                    f"series {uid}: the server sent {ctype.split(';')[0]} instead of a zip",
-                    status=response.status_code,
-                )
-            yield response
+            yield self._zip_response(response, uid)
+
+    @staticmethod
+    def _zip_response(response: httpx.Response, uid: str) -> httpx.Response:
+        """Refuse a 2xx answer that is plainly not a zip (an HTML or JSON error page)."""
+        ctype = response.headers.get("Content-Type", "").lower()
+        if ctype.startswith(("text/html", "application/json")):
+            raise ApiError(
+                f"series {uid}: the server sent {ctype.split(';')[0]} instead of a zip",
+                status=response.status_code,
+            )
+        return response
 
 
 def _records(response: httpx.Response) -> Iterable[dict[str, Any]]:

@@ -141,6 +141,9 @@ def with_api_options(func: Any) -> Any:
                    "manifest's databasketId.")
 @click.option("-w", "--workers", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Series downloaded at once.")
+@click.option("--max-connections", type=click.IntRange(1, 64), default=None,
+              help="Cap on concurrent series streams; concurrency also halves by itself "
+                   "when the server answers 429/503 and recovers after.")
 @click.option("--retries", type=click.IntRange(0, 100), default=None,
               help="Retries per series (default: the manifest's noOfrRetry, else 4).")
 @click.option("--layout", type=click.Choice(["descriptive", "classic"]), default="descriptive",
@@ -156,7 +159,8 @@ def with_api_options(func: Any) -> Any:
 @click.option("--backoff", type=float, default=2.0, show_default=True, hidden=True,
               help="Base of the exponential retry backoff, seconds.")
 @with_api_options
-def download(manifest: str, dest: str, workers: int, retries: int | None, layout: str,
+def download(manifest: str, dest: str, workers: int, max_connections: int | None,
+             retries: int | None, layout: str,
              no_md5: bool, only_failed: bool, error_report: str | None, shard: str | None,
              quiet: bool, as_json: bool, backoff: float, api: str, api_url: str | None,
              user: str | None, insecure: bool, timeout: float) -> None:
@@ -172,7 +176,7 @@ def download(manifest: str, dest: str, workers: int, retries: int | None, layout
         workers=workers, retries=retries, timeout=timeout, api=api, api_url=api_url,
         layout=layout, md5=not no_md5, only_failed=only_failed,
         credentials=get_credentials(user, interactive=not as_json), verify_tls=not insecure,
-        backoff_base=backoff, shard=parse_shard(shard),
+        backoff_base=backoff, shard=parse_shard(shard), max_connections=max_connections,
     )
     engine = Engine(parsed, dest, options)
     if parsed.duplicates_dropped and not as_json:
@@ -239,7 +243,7 @@ def _plain_printer() -> Any:
         elif event.kind == "retry":
             click.echo(f"{'Retrying':<14} {event.uid} (attempt {event.attempt}: "
                        f"{event.message})", err=True)
-        elif event.kind == "planned":
+        elif event.kind in ("planned", "throttle"):
             click.echo(event.message, err=True)
 
     return printer

@@ -98,6 +98,8 @@ class DownloadOptions:
     verify_tls: bool = True
     backoff_base: float = 2.0
     shard: tuple[int, int] | None = None  # (k, n), 1-based k
+    max_connections: int | None = None  # cap on concurrent series streams (default: workers)
+    adaptive: bool = True  # halve concurrency on 429/503, creep back up on success
 
     def __repr__(self) -> str:  # never show credentials, even by accident
         fields = {k: v for k, v in vars(self).items() if k != "credentials"}
@@ -111,7 +113,8 @@ class Event:
 
     ``kind`` is one of ``planned`` (metadata known, table ready), ``state`` (a series
     changed status), ``progress`` (bytes written for a series, throttled to about one
-    event per MiB), ``retry`` (an attempt failed and will be retried), ``message`` and
+    event per MiB), ``retry`` (an attempt failed and will be retried), ``throttle`` (the
+    server said 429/503 and concurrency changed, or it recovered), ``message`` and
     ``finished``.
     """
 
@@ -157,6 +160,68 @@ class _Staged:
     md5: str
     header: bytes
     is_image: bool
+
+
+class ConcurrencyLimiter:
+    """How many series may stream at once: AIMD, like TCP congestion control.
+
+    A shared public server that answers 429 or 503 is asking clients to back off. Every
+    such answer halves the limit (at most once per ``cooldown`` successes, so a burst of
+    429s from requests already in flight counts once); every ``limit`` successful
+    series in a row raise it by one, up to ``maximum``. Pure bookkeeping plus a condition
+    variable: no clocks, so its behaviour is the same on every machine.
+    """
+
+    def __init__(self, maximum: int, *, adaptive: bool = True) -> None:
+        self.maximum = max(1, maximum)
+        self.limit = self.maximum
+        self.adaptive = adaptive
+        self.active = 0
+        self._successes = 0
+        self._since_decrease = self.maximum  # allow the first decrease at once
+        self._cond = threading.Condition()
+
+    def acquire(self, cancelled: threading.Event) -> bool:
+        with self._cond:
+            while self.active >= self.limit:
+                if cancelled.is_set():
+                    return False
+                self._cond.wait(0.5)
+            self.active += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self.active -= 1
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def throttled(self) -> int | None:
+        """A 429/503 was seen; returns the new limit if it changed."""
+        with self._cond:
+            if not self.adaptive or self._since_decrease < self.limit or self.limit == 1:
+                return None
+            self.limit = max(1, self.limit // 2)
+            self._since_decrease = 0
+            self._successes = 0
+            return self.limit
+
+    def succeeded(self) -> int | None:
+        """A series completed; returns the new limit if it grew."""
+        with self._cond:
+            self._since_decrease += 1
+            if not self.adaptive or self.limit >= self.maximum:
+                return None
+            self._successes += 1
+            if self._successes >= self.limit:
+                self._successes = 0
+                self.limit += 1
+                self._cond.notify_all()
+                return self.limit
+            return None
 
 
 class Engine:
@@ -212,6 +277,9 @@ class Engine:
         self._queue: list[str] = []
         self._pos = 0
         self._relpaths: dict[str, PurePosixPath] = {}
+        cap = self.options.max_connections or self.options.workers
+        self.limiter = ConcurrencyLimiter(min(cap, self.options.workers),
+                                          adaptive=self.options.adaptive)
         self._journal: Journal | None = None
         self._csv: MetadataCsv | None = None
         self._t0 = 0.0
@@ -234,7 +302,8 @@ class Engine:
                 credentials=self.options.credentials,
                 timeout=self.options.timeout,
                 verify=self.options.verify_tls,
-                max_connections=max(4, self.options.workers + 2),
+                max_connections=max(4, min(self.options.workers,
+                                           self.options.max_connections or 1 << 16) + 2),
                 backoff_base=self.options.backoff_base,
             )
         return self._client
@@ -248,11 +317,34 @@ class Engine:
         return self._done.is_set()
 
     def remove(self, uids: Iterable[str]) -> None:
-        """Drop series from this run before it starts (the table's "delete rows")."""
+        """Drop series from this run before it starts (the table's "delete rows").
+
+        Works before or after :meth:`prepare`; the manifest file is never touched.
+        """
         if self._started:
             raise RuntimeError("cannot remove series once the run has started")
-        for uid in uids:
+        gone = set(uids)
+        for uid in gone:
             self.results.pop(uid, None)
+        if self._prepared:
+            self._queue = [u for u in self._queue if u not in gone]
+            self.total_bytes = sum(
+                (r.info.file_size or 0) for u in self._queue if (r := self.results[u]).info
+            )
+
+    def close(self) -> None:
+        """Release the journal and connections of an engine that will not be started.
+
+        A started engine closes them itself when it finishes.
+        """
+        if self._started:
+            return
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self._own_client and self._client is not None:
+            self._client.close()
+            self._client = None
 
     def pause(self) -> None:
         """Stop taking new series; running ones hold at their next chunk."""
@@ -267,6 +359,7 @@ class Engine:
         """Stop as soon as possible; staged data is discarded, published data is kept."""
         self._cancel.set()
         self._running.set()
+        self.limiter.wake()
 
     def start(self) -> None:
         """Start in the background; returns at once. Use :meth:`wait` for the report."""
@@ -417,8 +510,9 @@ class Engine:
             if self._cancel.is_set():
                 self.report.cancelled = True
                 for uid in self._queue:
-                    r = self.results[uid]
-                    if r.state in (SeriesState.QUEUED, SeriesState.NOT_STARTED):
+                    r = self.results.get(uid)
+                    if r is not None and r.state in (SeriesState.QUEUED,
+                                                     SeriesState.NOT_STARTED):
                         self._set_state(uid, SeriesState.CANCELLED)
         finally:
             self.report.elapsed = time.monotonic() - self._t0
@@ -469,7 +563,14 @@ class Engine:
             result.error = ""
             self._set_state(uid, SeriesState.DOWNLOADING, attempt=attempt)
             try:
-                self._attempt(uid, info, attempt)
+                if not self.limiter.acquire(self._cancel):
+                    raise Cancelled
+                try:
+                    self._attempt(uid, info, attempt)
+                finally:
+                    self.limiter.release()
+                if (grown := self.limiter.succeeded()) is not None:
+                    self._emit(Event("throttle", message=f"concurrency up to {grown}"))
                 return
             except Cancelled:
                 self._discard(uid)
@@ -497,6 +598,9 @@ class Engine:
                 error, retry_after = f"{type(exc).__name__}: {exc}", None
             except ApiError as exc:
                 error, retry_after = str(exc), exc.retry_after
+                if exc.status in (429, 503) and (shrunk := self.limiter.throttled()) is not None:
+                    self._emit(Event("throttle", uid=uid,
+                                     message=f"server busy: concurrency down to {shrunk}"))
                 if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
                     self._discard(uid)
                     self._fail(uid, SeriesState.ERROR, error)
@@ -515,7 +619,10 @@ class Engine:
                 return
             self._emit(Event("retry", uid=uid, attempt=attempt, message=error))
             delay = backoff_delay(attempt, self.options.backoff_base, retry_after)
-            if self._cancel.wait(delay):
+            if not self._cancel.wait(delay) and not self._running.is_set():
+                self._set_state(uid, SeriesState.PAUSED)  # no retries while paused
+                self._running.wait()
+            if self._cancel.is_set():
                 self._set_progress(uid, 0, final=True)
                 self._set_state(uid, SeriesState.CANCELLED, error="cancelled")
                 return

@@ -1,0 +1,786 @@
+"""The downloads window: the NBIA Data Retriever's table, in any terminal.
+
+The app is a view and a remote control of :class:`~nbia_retriever.engine.Engine`; it
+holds no download logic. Threads and the UI meet in exactly two places:
+
+* ``Engine.prepare()`` (journal, metadata: blocking I/O) runs in a Textual thread worker
+  whose result is handled on the UI thread (``on_worker_state_changed``).
+* Engine events only record *which* series changed, under a lock. A timer on the UI
+  thread (4 per second) redraws those rows and the overall bar. Calling
+  ``call_from_thread`` per event would make every worker wait for the UI at each MiB,
+  tying download speed to how busy the terminal is; polling keeps the display cost
+  constant however fast the workers go, and only changed cells are touched.
+
+A run that cannot be changed in place gets a new engine: another destination, layout or
+login, "Retry failed" (``only_failed=True``: the journal remembers), or rows deleted
+after the metadata was read. The table keeps every row across engines; each row shows
+the latest state any engine reported for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
+
+from rich.text import Text
+from textual import events, on
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    ProgressBar,
+    Select,
+    Static,
+)
+from textual.worker import Worker, WorkerState
+
+from ..api import Credentials
+from ..engine import DownloadOptions, Engine, Event
+from ..errors import AuthError, NbiaError
+from ..layout import Layout
+from ..manifest import Manifest
+from ..models import SeriesInfo, SeriesState
+from ..report import SeriesResult, write_error_report
+from .cells import COLUMNS, Cell, format_duration, human_size, row_cells
+from .screens import DestinationScreen, LoginScreen, SaveReportScreen
+
+#: Phases of the window (``RetrieverApp.phase``); tests wait on them.
+LOADING, READY, RUNNING, FINISHED = "loading", "ready", "running", "finished"
+TICK = 0.25
+#: Seconds of history behind the speed figure: long enough to be steady, short enough
+#: to follow a server that slows down.
+SPEED_WINDOW = 5.0
+RETRYABLE = SeriesState.FAILED | {SeriesState.CANCELLED}
+EMPTY = "—"
+AUTO_WIDTH = frozenset(key for key, _, width in COLUMNS if width is None)
+#: Below this terminal width the table drops the columns in NARROW_HIDDEN.
+WIDE_TABLE = 112
+NARROW_HIDDEN = frozenset({"collection", "study", "images"})
+
+
+@dataclass
+class Row:
+    """What the table shows for one series: the latest report from any engine."""
+
+    uid: str
+    info: SeriesInfo | None = None
+    state: str = SeriesState.NOT_STARTED
+    error: str = ""
+    attempts: int = 0
+    bytes_done: int = 0
+    marked: bool = False
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+    def as_result(self) -> SeriesResult:
+        return SeriesResult(self.uid, info=self.info, state=self.state, error=self.error,
+                            attempts=self.attempts, bytes_done=self.bytes_done)
+
+
+class RetrieverApp(App[None]):
+    """``nbia-retriever open MANIFEST``: downloads table, destination, Start/Pause/Resume.
+
+    ``show_rates=False`` renders speed and ETA as "—" so screenshots are reproducible.
+    ``ask_login`` opens the login dialog at start-up with that username filled in (for
+    ``--user`` without a stored password).
+    """
+
+    TITLE = "NBIA Data Retriever"
+    CSS_PATH = "retriever.tcss"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("s", "start", "Start"),
+        Binding("p", "pause", "Pause"),
+        Binding("r", "resume", "Resume"),
+        Binding("c", "cancel", "Cancel"),
+        Binding("space", "toggle_mark", "Mark"),
+        Binding("a", "mark_all", "Mark all", show=False),
+        Binding("delete,backspace", "remove", "Remove", key_display="del"),
+        Binding("o", "sort", "Sort"),
+        Binding("v", "reverse_sort", "Reverse", show=False),
+        Binding("d", "destination", "Destination"),
+        Binding("y", "toggle_layout", "Layout", show=False),
+        Binding("l", "login", "Log in"),
+        Binding("f", "retry_failed", "Retry failed"),
+        Binding("e", "save_report", "Error report"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        dest: str | Path = ".",
+        options: DownloadOptions | None = None,
+        *,
+        manifest_name: str | None = None,
+        show_rates: bool = True,
+        ask_login: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.dest = Path(dest)
+        self.options = options or DownloadOptions()
+        self.layout_name = Layout(self.options.layout).value
+        self.credentials: Credentials | None = self.options.credentials
+        self.show_rates = show_rates
+        self.ask_login = ask_login
+        name = manifest_name or (Path(manifest.source).name if manifest.source else "")
+        self.sub_title = name
+        self.rows: dict[str, Row] = {uid: Row(uid) for uid in manifest.series_uids}
+        self.removed: set[str] = set()
+        self.engine: Engine = self._make_engine()
+        self.phase = LOADING
+        self.message = ""
+        self.last_error = ""
+        self._preparing: set[Engine] = set()
+        self._engine_prepared = False  # prepare() ran (or runs) on self.engine
+        self._engine_stale = False  # rows were removed after prepare(): rebuild at Start
+        self._start_pending = False
+        self._lock = threading.Lock()
+        self._dirty: set[str] = set()
+        self._full_sync = False
+        self._samples: deque[tuple[float, float]] = deque()
+        self._sort: tuple[str, bool] | None = None
+        self.last_report_path: Path | None = None
+        self._columns: list[str] = []
+
+    # -- layout ---------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="settings"):
+            yield Label("Destination", classes="field-label")
+            yield Input(str(self.dest), id="dest", compact=True,
+                        tooltip="Where the download folder goes; Enter to apply")
+            yield Button("Browse…", id="browse", compact=True)
+            yield Label("Layout", classes="field-label")
+            yield Select([("Descriptive", "descriptive"), ("Classic", "classic")],
+                         value=self.layout_name, allow_blank=False, id="layout", compact=True)
+            yield Button("Log in", id="login", compact=True)
+            yield Label(self._login_text(), id="user")
+        table: DataTable[Cell] = DataTable(id="table", cursor_type="row", zebra_stripes=True)
+        yield table
+        yield Static(id="detail")
+        with Horizontal(id="overall-row"):
+            yield ProgressBar(total=None, show_eta=False, id="overall")
+            yield Label("", id="rates")
+            yield Label("", id="counts")
+        yield Label("", id="status")
+        with Horizontal(id="controls"):
+            yield Button("Start", id="start", variant="success", compact=True)
+            yield Button("Pause", id="pause", compact=True)
+            yield Button("Resume", id="resume", compact=True)
+            yield Button("Cancel", id="cancel", variant="error", compact=True)
+            yield Button("Remove", id="remove", compact=True)
+            yield Button("Retry failed", id="retry", variant="warning", compact=True)
+            yield Button("Error report", id="report", compact=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for row in self.rows.values():
+            row.cells = self._cells(row)
+        self._build_table(self.size.width < WIDE_TABLE)
+        self.query_one("#table", DataTable).focus()
+        self._prepare_engine()
+        self.set_interval(TICK, self._tick)
+        self._refresh_controls()
+        self._show_detail()
+        if self.ask_login:
+            self.action_login()
+
+    def on_resize(self, event: events.Resize) -> None:
+        narrow = event.size.width < WIDE_TABLE
+        if self._columns and narrow != (len(self._columns) < len(COLUMNS)):
+            self._build_table(narrow)
+
+    def _build_table(self, narrow: bool) -> None:
+        """(Re)create the columns: a narrow terminal (80 columns over SSH) drops those the
+        detail panel shows anyway, so that Progress and Status stay in view."""
+        table = self.query_one("#table", DataTable)
+        cursor = self._cursor_uid() if self._columns else None
+        table.clear(columns=True)
+        columns = [c for c in COLUMNS if not (narrow and c[0] in NARROW_HIDDEN)]
+        self._columns = [key for key, _, _ in columns]
+        for key, label, width in columns:
+            table.add_column(label, key=key, width=width)
+        for row in self.rows.values():
+            table.add_row(*(row.cells[key] for key in self._columns), key=row.uid)
+        if self._sort and self._sort[0] in self._columns:
+            table.sort(self._sort[0], reverse=self._sort[1])
+        if cursor in self.rows:
+            table.move_cursor(row=table.get_row_index(cursor))
+
+    # -- engines ----------------------------------------------------------------------------
+    def _make_engine(self, *, only_failed: bool = False) -> Engine:
+        options = replace(self.options, layout=self.layout_name, credentials=self.credentials,
+                          only_failed=only_failed)
+        engine = Engine(self.manifest, self.dest, options)
+        engine.remove(self.removed)
+        engine.subscribe(self._on_engine_event)
+        return engine
+
+    def _replace_engine(self, engine: Engine) -> None:
+        old, self.engine = self.engine, engine
+        self._engine_prepared = False
+        self._engine_stale = False
+        with self._lock:
+            self._dirty.clear()
+            self._full_sync = False
+        if old is not engine and old not in self._preparing:
+            _dispose(old)
+
+    def _prepare_engine(self) -> None:
+        """Read journal and metadata in a thread; the table fills when it is done."""
+        engine = self.engine
+        self._engine_prepared = True
+        self._preparing.add(engine)
+        self.phase = LOADING
+        self._set_message(f"Reading metadata of {len(engine.results):,} series…")
+        self.query_one("#overall", ProgressBar).update(total=None, progress=0)
+        self.run_worker(lambda: _prepare(engine), thread=True, group="prepare",
+                        exit_on_error=False)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        worker = event.worker
+        if worker.group != "prepare" or event.state != WorkerState.SUCCESS:
+            return
+        engine, error = worker.result
+        self._preparing.discard(engine)
+        if engine is not self.engine:
+            _dispose(engine)  # the settings changed while it was reading: forget it
+            return
+        self.phase = READY
+        self._sync_rows(self.rows)
+        if error:
+            self.last_error = error
+            self._set_message(f"Could not read the metadata: {error}", error=True)
+        else:
+            self.last_error = ""
+            self._set_message(self._ready_text())
+        self.query_one("#overall", ProgressBar).update(total=max(1, engine.total_bytes),
+                                                       progress=0)
+        self._refresh_controls()
+        if self._start_pending:
+            self._start_pending = False
+            self.action_start()
+
+    def _reconfigure(self) -> None:
+        """Destination, layout or login changed: a new engine shows what is done *there*."""
+        for row in self.rows.values():
+            row.state, row.error, row.attempts, row.bytes_done = (
+                SeriesState.NOT_STARTED, "", 0, 0)
+        self._replace_engine(self._make_engine())
+        self._redraw_all()
+        self._prepare_engine()
+        self._refresh_controls()
+
+    @property
+    def running(self) -> bool:
+        return self.phase == RUNNING
+
+    # -- engine events (worker threads) and the UI timer ------------------------------------
+    def _on_engine_event(self, event: Event) -> None:
+        """Called from engine threads: only note what changed; the timer draws it."""
+        with self._lock:
+            if event.uid:
+                self._dirty.add(event.uid)
+            if event.kind in ("planned", "finished"):
+                self._full_sync = True
+
+    def _tick(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            full, self._full_sync = self._full_sync, False
+        if full:
+            dirty = set(self.rows)
+        if dirty:
+            self._sync_rows(dirty)
+        if self.phase == RUNNING:
+            self._update_overall()
+            if self.engine.finished:
+                self._on_finished()
+
+    def _sync_rows(self, uids: set[str] | dict[str, Row]) -> None:
+        results = self.engine.results
+        cursor_uid = self._cursor_uid()
+        for uid in uids:
+            row = self.rows.get(uid)
+            result = results.get(uid)
+            if row is None or result is None:
+                continue
+            if result.info is not None:
+                row.info = result.info
+            row.state, row.error = result.state, result.error
+            row.attempts, row.bytes_done = result.attempts, result.bytes_done
+            self._redraw(row)
+        if cursor_uid in uids:
+            self._show_detail()
+
+    def _cells(self, row: Row) -> dict[str, Cell]:
+        return row_cells(row.uid, row.info, row.state, row.bytes_done, row.marked)
+
+    def _redraw(self, row: Row) -> None:
+        """Update only the cells whose content changed (cheap with thousands of rows)."""
+        table = self.query_one("#table", DataTable)
+        cells = self._cells(row)
+        for key, cell in cells.items():
+            if row.cells.get(key) != cell and key in self._columns:
+                # Auto-width columns grow when metadata arrives; the others never change.
+                table.update_cell(row.uid, key, cell, update_width=key in AUTO_WIDTH)
+        row.cells = cells
+
+    def _redraw_all(self) -> None:
+        for row in self.rows.values():
+            self._redraw(row)
+        self._show_detail()
+
+    def _update_overall(self) -> None:
+        stats = self.engine.stats()
+        done, total = stats["bytes_done"], stats["bytes_total"]
+        bar = self.query_one("#overall", ProgressBar)
+        bar.update(total=max(1.0, total), progress=min(done, total) if total else 0)
+        now = time.monotonic()
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[0][0] > SPEED_WINDOW:
+            self._samples.popleft()
+        speed = eta = EMPTY
+        if self.show_rates and len(self._samples) >= 2:
+            (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+            rate = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+            speed = f"{human_size(rate)}/s"
+            if rate > 0 and total > done and not self.engine.paused:
+                eta = format_duration((total - done) / rate)
+        self.query_one("#rates", Label).update(
+            f"{human_size(done)} of {human_size(total)} · {speed} · ETA {eta}")
+        self._update_counts()
+        if self.engine.paused:
+            self._set_message("Paused: downloads hold at their next chunk. Resume with r.")
+
+    def _update_counts(self) -> None:
+        counts = {state: 0 for state in SeriesState.ALL}
+        for row in self.rows.values():
+            counts[row.state] = counts.get(row.state, 0) + 1
+        failed = sum(counts[s] for s in SeriesState.FAILED)
+        text = f"{counts[SeriesState.COMPLETE]}/{len(self.rows)} done"
+        if counts[SeriesState.DOWNLOADING]:
+            text += f" · {counts[SeriesState.DOWNLOADING]} active"
+        if failed:
+            text += f" · {failed} failed"
+        self.query_one("#counts", Label).update(text)
+
+    def _on_finished(self) -> None:
+        self.phase = FINISHED
+        self._sync_rows(self.rows)
+        self._update_overall()
+        report = self.engine.report
+        failed = self.failed_rows()
+        complete = sum(1 for r in self.rows.values() if r.state == SeriesState.COMPLETE)
+        text = f"Finished: {complete} of {len(self.rows)} series complete"
+        if failed:
+            text += f", {len(failed)} not downloaded. f: retry failed series, e: save error report"
+        if report.fatal:
+            text = f"Stopped: {report.fatal}"
+        elif report.cancelled:
+            text = f"Cancelled: {complete} of {len(self.rows)} series complete. s: start again"
+        self._set_message(text, error=bool(report.fatal))
+        self._refresh_controls()
+
+    def failed_rows(self) -> list[Row]:
+        return [r for r in self.rows.values() if r.state in RETRYABLE]
+
+    # -- messages and controls ----------------------------------------------------------------
+    def _set_message(self, text: str, *, error: bool = False) -> None:
+        self.message = text
+        status = self.query_one("#status", Label)
+        status.update(Text(text))
+        status.set_class(error, "error")
+
+    def _ready_text(self) -> str:
+        rows = self.rows.values()
+        complete = sum(1 for r in rows if r.state == SeriesState.COMPLETE)
+        todo = [r for r in rows if r.state == SeriesState.NOT_STARTED]
+        unavailable = [r for r in rows if r.state in SeriesState.FAILED]
+        size = sum((r.info.file_size or 0) for r in todo if r.info)
+        text = f"{len(self.rows):,} series"
+        if complete:
+            text += f", {complete:,} already complete"
+        text += f", {len(todo):,} to download ({human_size(size)})"
+        if unavailable:
+            text += f", {len(unavailable):,} not available"
+            if any(r.state == SeriesState.NOT_AUTHORIZED for r in unavailable):
+                text += " (l: log in)"
+        return text + ". s: start"
+
+    def _login_text(self) -> str:
+        return f"as {self.credentials.username}" if self.credentials else "not logged in"
+
+    def _refresh_controls(self) -> None:
+        def able(button_id: str, action: str) -> None:
+            self.query_one(f"#{button_id}", Button).disabled = not self.check_action(action, ())
+
+        for button_id, action in (("start", "start"), ("pause", "pause"), ("resume", "resume"),
+                                  ("cancel", "cancel"), ("remove", "remove"),
+                                  ("retry", "retry_failed"), ("report", "save_report")):
+            able(button_id, action)
+        busy = self.running
+        for selector in ("#dest", "#browse", "#layout", "#login"):
+            self.query_one(selector).disabled = busy
+        self.query_one("#user", Label).update(self._login_text())
+        if not busy:
+            self._update_counts()
+        self.refresh_bindings()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Which keys (and buttons) make sense now; the Footer greys out the others."""
+        phase, engine = self.phase, self.engine
+        if action == "start":
+            return (phase in (LOADING, READY) and not self._start_pending) or (
+                phase == FINISHED and any(r.state != SeriesState.COMPLETE
+                                          for r in self.rows.values()))
+        if action == "pause":
+            return phase == RUNNING and not engine.paused
+        if action == "resume":
+            return phase == RUNNING and engine.paused
+        if action == "cancel":
+            return phase == RUNNING or self._start_pending
+        if action in ("remove", "destination", "toggle_layout", "login"):
+            return phase != RUNNING
+        if action in ("retry_failed", "save_report"):
+            return (phase == FINISHED and bool(self.failed_rows())) or None
+        return True
+
+    # -- table interactions ---------------------------------------------------------------------
+    def _cursor_uid(self) -> str | None:
+        table = self.query_one("#table", DataTable)
+        if not table.row_count:
+            return None
+        try:
+            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
+        except Exception:
+            return None
+        return key.value
+
+    @on(DataTable.RowHighlighted)
+    def _highlighted(self) -> None:
+        self._show_detail()
+
+    @on(DataTable.RowSelected)
+    def _selected(self) -> None:
+        """Enter, or a click on the highlighted row, marks it (space also moves down)."""
+        self.action_toggle_mark(advance=False)
+
+    @on(DataTable.HeaderSelected)
+    def _header(self, event: DataTable.HeaderSelected) -> None:
+        key = str(event.column_key.value)
+        reverse = self._sort is not None and self._sort == (key, False)
+        self.sort_by(key, reverse=reverse)
+
+    def sort_by(self, key: str, *, reverse: bool = False) -> None:
+        """Stable sort on one column; ties keep the manifest's order."""
+        self._sort = (key, reverse)
+        self.query_one("#table", DataTable).sort(key, reverse=reverse)
+        label = {k: lbl for k, lbl, _ in COLUMNS}[key].strip() or "mark"
+        self._set_message(f"Sorted by {label}{', descending' if reverse else ''}.")
+
+    def action_sort(self) -> None:
+        keys = [k for k in self._columns if k != "mark"]
+        current = self._sort[0] if self._sort else None
+        nxt = keys[(keys.index(current) + 1) % len(keys)] if current in keys else keys[0]
+        self.sort_by(nxt)
+
+    def action_reverse_sort(self) -> None:
+        key, reverse = self._sort or ("collection", True)
+        self.sort_by(key, reverse=not reverse)
+
+    def action_toggle_mark(self, advance: bool = True) -> None:
+        uid = self._cursor_uid()
+        if uid is None:
+            return
+        row = self.rows[uid]
+        row.marked = not row.marked
+        self._redraw(row)
+        table = self.query_one("#table", DataTable)
+        if advance and row.marked and table.cursor_row < table.row_count - 1:
+            table.move_cursor(row=table.cursor_row + 1)
+
+    def action_mark_all(self) -> None:
+        mark = not all(r.marked for r in self.rows.values())
+        for row in self.rows.values():
+            row.marked = mark
+            self._redraw(row)
+
+    def action_remove(self) -> None:
+        """Drop the marked rows (or the highlighted one) from this download; the manifest
+        file is never touched."""
+        if not self.check_action("remove", ()):
+            self.notify("Series cannot be removed while downloading.", severity="warning")
+            return
+        uids = [r.uid for r in self.rows.values() if r.marked]
+        if not uids and (cursor := self._cursor_uid()):
+            uids = [cursor]
+        if not uids:
+            return
+        self.remove_series(uids)
+
+    def remove_series(self, uids: list[str]) -> None:
+        table = self.query_one("#table", DataTable)
+        for uid in uids:
+            if self.rows.pop(uid, None) is not None:
+                table.remove_row(uid)
+        self.removed.update(uids)
+        if self._engine_prepared:
+            # Engine.remove() after prepare() leaves the series in its queue and byte
+            # total; a fresh engine at Start avoids both (see _start).
+            self._engine_stale = True
+        else:
+            self.engine.remove(uids)
+        self._set_message(f"Removed {len(uids)} series from this download "
+                          f"({len(self.rows):,} left; the manifest file is unchanged).")
+        self._show_detail()
+        self._refresh_controls()
+
+    def _show_detail(self) -> None:
+        detail = self.query_one("#detail", Static)
+        uid = self._cursor_uid()
+        row = self.rows.get(uid) if uid else None
+        if row is None:
+            detail.update(Text("No series." if not self.rows else ""))
+            return
+        info = row.info
+        text = Text()
+
+        def line(label: str, value: str, style: str = "") -> None:
+            text.append(f"{label:<12}", style="bold")
+            text.append(value + "\n", style=style)
+
+        line("Series UID", row.uid)
+        if info:
+            extra = " · ".join(p for p in (
+                f"#{info.series_number}" if info.series_number else "",
+                info.modality, info.series_description) if p)
+            line("Study UID", info.study_uid or "?")
+            line("Series", extra or "?")
+            line("Patient", f"{info.patient_id or '?'} · {info.collection or '?'}")
+            count = "?" if info.image_count is None else f"{info.image_count:,}"
+            line("Images", f"{count} · {human_size(info.file_size) or '?'}")
+        else:
+            line("Study UID", "(metadata not read yet)")
+        status = row.state + (f" · attempt {row.attempts}" if row.attempts else "")
+        if info and info.file_size and row.state in (SeriesState.DOWNLOADING,
+                                                     SeriesState.PAUSED):
+            status += f" · {human_size(row.bytes_done)} of {human_size(info.file_size)}"
+        line("Status", status)
+        if row.error:
+            # The panel already shows the UID; engine messages often start with it.
+            line("Last error", row.error.removeprefix(f"series {row.uid}: "), "red")
+        detail.update(text)
+
+    # -- actions: run control -----------------------------------------------------------------
+    def action_start(self) -> None:
+        if not self.check_action("start", ()):
+            return
+        typed = self.query_one("#dest", Input).value.strip()
+        if typed and Path(typed).expanduser() != self.dest:
+            self._set_destination(Path(typed).expanduser())  # typed without Enter
+        if self.phase == LOADING:
+            self._start_pending = True  # starts as soon as the metadata is in
+            self._set_message("Starting once the metadata has been read…")
+            self._refresh_controls()
+            return
+        if self.phase == FINISHED or self._engine_stale:
+            self._replace_engine(self._make_engine())
+        self._run(self.engine)
+
+    def _run(self, engine: Engine) -> None:
+        self._engine_prepared = True
+        self._samples.clear()
+        self.phase = RUNNING
+        engine.start()
+        self._set_message("Downloading…")
+        self._refresh_controls()
+
+    def action_pause(self) -> None:
+        if self.check_action("pause", ()):
+            self.engine.pause()
+            self._set_message("Paused: downloads hold at their next chunk. Resume with r.")
+            self._refresh_controls()
+
+    def action_resume(self) -> None:
+        if self.check_action("resume", ()):
+            self.engine.resume()
+            self._samples.clear()
+            self._set_message("Downloading…")
+            self._refresh_controls()
+
+    def action_cancel(self) -> None:
+        if self._start_pending:
+            self._start_pending = False
+            self._set_message("Start cancelled.")
+        elif self.check_action("cancel", ()):
+            self.engine.cancel()
+            self._set_message("Cancelling: finished series are kept…")
+        self._refresh_controls()
+
+    def action_retry_failed(self) -> None:
+        """A new engine on the same root with only_failed=True: the journal knows which."""
+        if not self.check_action("retry_failed", ()):
+            return
+        for row in self.failed_rows():
+            row.state, row.bytes_done = SeriesState.QUEUED, 0
+            self._redraw(row)
+        self._replace_engine(self._make_engine(only_failed=True))
+        self._run(self.engine)
+
+    def action_save_report(self) -> None:
+        if not self.check_action("save_report", ()):
+            return
+        failed = self.failed_rows()
+        default = self.engine.root / "error-report.csv"
+
+        def save(path: Path | None) -> None:
+            if path is None:
+                return
+            try:
+                n = write_error_report(path, [r.as_result() for r in self.rows.values()])
+            except OSError as exc:
+                self.notify(f"Cannot write {path}: {exc.strerror or exc}", severity="error",
+                            markup=False)
+                return
+            self.last_report_path = path
+            self.notify(f"Error report: {n} series written to {path}", markup=False)
+
+        self.push_screen(SaveReportScreen(default, len(failed)), save)
+
+    # -- actions: settings --------------------------------------------------------------------
+    def action_destination(self) -> None:
+        if self.check_action("destination", ()):
+            self.push_screen(DestinationScreen(self.dest), self._set_destination)
+
+    @on(Button.Pressed, "#browse")
+    def _browse(self) -> None:
+        self.action_destination()
+
+    @on(Input.Submitted, "#dest")
+    def _dest_typed(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if text:
+            self._set_destination(Path(text).expanduser())
+        self.query_one("#table", DataTable).focus()
+
+    def _set_destination(self, path: Path | None) -> None:
+        self.query_one("#dest", Input).value = str(path or self.dest)
+        if path is None or path == self.dest or self.running:
+            return
+        self.dest = path
+        self._reconfigure()
+
+    def action_toggle_layout(self) -> None:
+        if self.check_action("toggle_layout", ()):
+            select: Select[str] = self.query_one("#layout", Select)
+            select.value = "classic" if self.layout_name == "descriptive" else "descriptive"
+
+    @on(Select.Changed, "#layout")
+    def _layout_changed(self, event: Select.Changed) -> None:
+        value = str(event.value)
+        if value == self.layout_name or event.value is Select.NULL:
+            return
+        self.layout_name = value
+        self._set_message(f"Layout: {value}.")
+        # Same root and journal: only new folders change, so no need to re-read anything;
+        # a fresh engine (not yet prepared) takes the setting at Start.
+        if self.phase != RUNNING:
+            self._engine_stale = True
+
+    def action_login(self) -> None:
+        if not self.check_action("login", ()):
+            return
+        username = self.credentials.username if self.credentials else (self.ask_login or "")
+        self.push_screen(LoginScreen(username, logged_in=self.credentials is not None),
+                         self._logged_in)
+
+    @on(Button.Pressed, "#login")
+    def _login_button(self) -> None:
+        self.action_login()
+
+    def _logged_in(self, answer: tuple[str, Credentials | None] | None) -> None:
+        if answer is None:
+            return
+        self.credentials = answer[1]
+        self.query_one("#user", Label).update(self._login_text())
+        self._reconfigure()
+
+    # -- buttons --------------------------------------------------------------------------------
+    @on(Button.Pressed, "#start")
+    def _start_button(self) -> None:
+        self.action_start()
+
+    @on(Button.Pressed, "#pause")
+    def _pause_button(self) -> None:
+        self.action_pause()
+
+    @on(Button.Pressed, "#resume")
+    def _resume_button(self) -> None:
+        self.action_resume()
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel_button(self) -> None:
+        self.action_cancel()
+
+    @on(Button.Pressed, "#remove")
+    def _remove_button(self) -> None:
+        self.action_remove()
+
+    @on(Button.Pressed, "#retry")
+    def _retry_button(self) -> None:
+        self.action_retry_failed()
+
+    @on(Button.Pressed, "#report")
+    def _report_button(self) -> None:
+        self.action_save_report()
+
+    # -- leaving ----------------------------------------------------------------------------------
+    async def action_quit(self) -> None:
+        """Quitting mid-run cancels it; published series are complete, the rest resume."""
+        engine = self.engine
+        if self.phase == RUNNING and not engine.finished:
+            engine.cancel()
+            self._set_message("Stopping the downloads…")
+            import asyncio
+
+            await asyncio.to_thread(engine.wait, 10.0)
+        self.exit()
+
+    def on_unmount(self) -> None:
+        if self.phase == RUNNING:
+            self.engine.cancel()
+        else:
+            _dispose(self.engine)
+
+
+def _prepare(engine: Engine) -> tuple[Engine, str]:
+    """Runs in a worker thread; errors come back as text for the status line."""
+    try:
+        engine.prepare()
+    except AuthError as exc:
+        return engine, f"login refused: {exc}"
+    except NbiaError as exc:
+        return engine, str(exc)
+    except OSError as exc:
+        return engine, f"cannot use {engine.root}: {exc.strerror or exc}"
+    except Exception as exc:  # a network library error must not kill the window
+        return engine, f"{type(exc).__name__}: {exc}"
+    return engine, ""
+
+
+def _dispose(engine: Engine) -> None:
+    """Close what a prepared-but-never-started engine holds (journal, HTTP pool)."""
+    with contextlib.suppress(Exception):
+        engine.close()

@@ -1,0 +1,165 @@
+"""Pure formatting for the downloads table: no Textual, no I/O, unit-tested on its own.
+
+Every cell is a :class:`Cell` rather than a ``str`` for two reasons. Textual's DataTable
+parses plain strings as console markup, and collection names, patient IDs and error
+messages come from the network: ``"[bold]"`` in a Patient ID must show as itself, never
+restyle the table or crash it. And a cell carries its own sort key, so sorting by Size
+sorts by bytes and sorting by UID compares the dotted numbers as numbers, while the
+table still shows "12.3 MB" and "…0.1.2.3.4.5".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from rich.text import Text
+
+from ..models import SeriesInfo, SeriesState
+
+#: Characters of a UID kept in the table ("…" + the last ones); the detail panel has it all.
+UID_TAIL = 12
+BAR_WIDTH = 10
+#: Longest Collection / Patient ID shown in the table; the detail panel has the full text.
+TEXT_MAX = 24
+STATUS_STYLES: dict[str, str] = {
+    SeriesState.NOT_STARTED: "",
+    SeriesState.QUEUED: "dim",
+    SeriesState.DOWNLOADING: "bold cyan",
+    SeriesState.PAUSED: "magenta",
+    SeriesState.COMPLETE: "green",
+    SeriesState.ERROR: "bold red",
+    SeriesState.NO_DATA: "yellow",
+    SeriesState.NOT_AUTHORIZED: "yellow",
+    SeriesState.CANCELLED: "dim",
+}
+_STATUS_ORDER = {state: i for i, state in enumerate(SeriesState.ALL)}
+
+
+@functools.total_ordering
+class Cell:
+    """One table cell: text shown verbatim (never markup), compared by ``key``."""
+
+    __slots__ = ("key", "style", "text")
+
+    def __init__(self, text: str, key: Any = None, style: str = "") -> None:
+        self.text = text
+        self.key = text.casefold() if key is None else key
+        self.style = style
+
+    def __rich__(self) -> Text:
+        return Text(self.text, style=self.style, no_wrap=True, overflow="ellipsis", end="")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Cell):
+            return NotImplemented
+        return (self.text, self.style, self.key) == (other.text, other.style, other.key)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Cell):
+            return NotImplemented
+        result: bool = self.key < other.key
+        return result
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking value object
+
+    def __repr__(self) -> str:
+        return f"Cell({self.text!r})"
+
+
+def short_uid(uid: str, tail: int = UID_TAIL) -> str:
+    """``"…"`` + the last ``tail`` characters: the end of a UID is what tells series apart."""
+    return uid if len(uid) <= tail + 1 else "…" + uid[-tail:]
+
+
+def uid_key(uid: str) -> tuple[tuple[int, int, str], ...]:
+    """Compare dotted UIDs part by part as numbers (``1.2.10`` after ``1.2.9``)."""
+    return tuple((1, int(p), "") if p.isdigit() else (0, 0, p) for p in uid.split("."))
+
+
+def human_size(size: float | None) -> str:
+    """Decimal units, like the server's and the CLI's figures."""
+    if size is None:
+        return ""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1000
+    return f"{size}"  # pragma: no cover - the loop always returns
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_fraction(state: str, bytes_done: int, expected: int | None) -> float | None:
+    """How far a series is, or ``None`` when a bar would say nothing (not started, failed)."""
+    if state == SeriesState.COMPLETE:
+        return 1.0
+    if state in (SeriesState.DOWNLOADING, SeriesState.PAUSED):
+        if not expected:
+            return 0.0
+        # The metadata's size is the archive's own figure; what we write can differ a bit.
+        return max(0.0, min(1.0, bytes_done / expected))
+    return None
+
+
+def progress_cell(fraction: float | None, width: int = BAR_WIDTH) -> Cell:
+    if fraction is None:
+        return Cell("", key=-1.0)
+    filled = round(fraction * width)
+    bar = "█" * filled + "░" * (width - filled)
+    style = "green" if fraction >= 1.0 else "cyan"
+    return Cell(f"{bar} {fraction * 100:3.0f}%", key=fraction, style=style)
+
+
+def status_cell(state: str) -> Cell:
+    return Cell(state, key=_STATUS_ORDER.get(state, len(_STATUS_ORDER)),
+                style=STATUS_STYLES.get(state, ""))
+
+
+def text_cell(value: str, max_len: int = TEXT_MAX) -> Cell:
+    """Unknown values sort last (ascending); long ones are cut for the table only."""
+    shown = value if len(value) <= max_len else value[: max_len - 1] + "…"
+    return Cell(shown, key=(0, value.casefold()) if value else (1, ""))
+
+
+def number_cell(value: int | None, text: str | None = None) -> Cell:
+    shown = text if text is not None else ("" if value is None else f"{value:,}")
+    return Cell(shown, key=(0, value) if value is not None else (1, 0))
+
+
+def row_cells(uid: str, info: SeriesInfo | None, state: str, bytes_done: int,
+              marked: bool) -> dict[str, Cell]:
+    """Every cell of one row, keyed by column key (see ``COLUMNS``)."""
+    expected = info.file_size if info else None
+    return {
+        "mark": Cell("●" if marked else " ", key=0 if marked else 1, style="bold yellow"),
+        "collection": text_cell(info.collection if info else ""),
+        "patient": text_cell(info.patient_id if info else ""),
+        "study": Cell(short_uid(info.study_uid) if info else "",
+                      key=uid_key(info.study_uid) if info and info.study_uid else ((9, 0, ""),)),
+        "series": Cell(short_uid(uid), key=uid_key(uid)),
+        "images": number_cell(info.image_count if info else None),
+        "size": number_cell(expected, human_size(expected)),
+        "progress": progress_cell(progress_fraction(state, bytes_done, expected)),
+        "status": status_cell(state),
+    }
+
+
+#: (column key, header label, width or None for "fit the content").
+COLUMNS: tuple[tuple[str, str, int | None], ...] = (
+    ("mark", " ", 1),
+    ("collection", "Collection", None),
+    ("patient", "Patient ID", None),
+    ("study", "Study UID", UID_TAIL + 1),
+    ("series", "Series UID", UID_TAIL + 1),
+    ("images", "Images", 6),
+    ("size", "Size", 9),
+    ("progress", "Progress", BAR_WIDTH + 5),
+    ("status", "Status", 14),
+)

@@ -1,0 +1,184 @@
+"""The modal dialogs: destination picker, login, save error report.
+
+Each returns its answer through ``dismiss`` (``None`` = cancelled) and touches nothing
+else: the app decides what an answer means (a new engine, a CSV file...), so the dialogs
+stay trivially testable and cannot start work behind the app's back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import ClassVar
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, DirectoryTree, Input, Label
+
+from ..api import Credentials
+
+
+class FolderTree(DirectoryTree):
+    """Folders only, hidden ones left out: a destination is never a file."""
+
+    def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
+        return [p for p in paths if not p.name.startswith(".") and self._safe_is_dir(p)]
+
+
+def existing_ancestor(path: Path) -> Path:
+    """The nearest folder that exists, so the tree opens near what the user typed."""
+    path = path.expanduser().absolute()
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return candidate
+    return Path.home()
+
+
+class DestinationScreen(ModalScreen[Path | None]):
+    """Pick the destination folder in a tree, or type it (a folder that does not exist
+    yet is fine: the download creates it)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding("backspace", "up", "Parent folder", show=False),
+        Binding("ctrl+u", "up", "Parent folder"),
+    ]
+
+    def __init__(self, current: Path) -> None:
+        super().__init__()
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        start = existing_ancestor(self.current)
+        with Vertical(id="dest-dialog", classes="dialog wide"):
+            yield Label("Destination folder", classes="dialog-title")
+            yield FolderTree(start, id="tree")
+            yield Input(str(self.current), placeholder="folder", id="path")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Parent folder", id="up")
+                yield Button("OK", variant="primary", id="ok")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#tree", FolderTree).focus()
+
+    @on(DirectoryTree.DirectorySelected)
+    def _chosen(self, event: DirectoryTree.DirectorySelected) -> None:
+        self.query_one("#path", Input).value = str(event.path)
+
+    def action_up(self) -> None:
+        tree = self.query_one("#tree", FolderTree)
+        parent = Path(tree.path).parent
+        tree.path = parent
+        self.query_one("#path", Input).value = str(parent)
+
+    @on(Button.Pressed, "#up")
+    def _up(self) -> None:
+        self.action_up()
+
+    @on(Input.Submitted, "#path")
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        text = self.query_one("#path", Input).value.strip()
+        if not text:
+            self.notify("Type a folder or pick one in the tree.", severity="warning")
+            return
+        self.dismiss(Path(text).expanduser())
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class LoginScreen(ModalScreen[tuple[str, Credentials | None] | None]):
+    """Username and password for limited-access collections.
+
+    Answers ``("login", Credentials)``, ``("logout", None)`` or ``None`` (cancelled). The
+    password field is masked and is cleared before the dialog closes, so no widget keeps
+    it after the answer has been handed over.
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, username: str = "", logged_in: bool = False) -> None:
+        super().__init__()
+        self.username = username
+        self.logged_in = logged_in
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="dialog"):
+            yield Label("Log in for limited-access collections", classes="dialog-title")
+            yield Input(self.username, placeholder="username", id="username")
+            yield Input(placeholder="password", password=True, id="password")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Log in", variant="primary", id="login")
+                yield Button("Log out", id="logout", disabled=not self.logged_in)
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#password" if self.username else "#username", Input).focus()
+
+    @on(Input.Submitted, "#username")
+    def _next_field(self) -> None:
+        self.query_one("#password", Input).focus()
+
+    @on(Input.Submitted, "#password")
+    @on(Button.Pressed, "#login")
+    def _login(self) -> None:
+        username = self.query_one("#username", Input).value.strip()
+        password_input = self.query_one("#password", Input)
+        if not username:
+            self.notify("Type a username.", severity="warning")
+            self.query_one("#username", Input).focus()
+            return
+        credentials = Credentials(username, password_input.value)
+        password_input.value = ""
+        self.dismiss(("login", credentials))
+
+    @on(Button.Pressed, "#logout")
+    def _logout(self) -> None:
+        self.query_one("#password", Input).value = ""
+        self.dismiss(("logout", None))
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.query_one("#password", Input).value = ""
+        self.dismiss(None)
+
+
+class SaveReportScreen(ModalScreen[Path | None]):
+    """Where to write the error report (CSV of the failed rows)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, default: Path, failed: int) -> None:
+        super().__init__()
+        self.default = default
+        self.failed = failed
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="dialog wide"):
+            yield Label(f"Save the error report ({self.failed} series)", classes="dialog-title")
+            yield Input(str(self.default), id="path")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Save", variant="primary", id="save")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#path", Input).focus()
+
+    @on(Input.Submitted, "#path")
+    @on(Button.Pressed, "#save")
+    def _save(self) -> None:
+        text = self.query_one("#path", Input).value.strip()
+        if not text:
+            self.notify("Type a file name.", severity="warning")
+            return
+        self.dismiss(Path(text).expanduser())
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)

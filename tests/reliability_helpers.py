@@ -1,0 +1,118 @@
+"""Checks shared by the reliability tests: "every file marked complete is exactly right".
+
+A download root may hold only what the engine means to leave there: ``metadata.csv``,
+one ``LICENSE`` per collection folder, the published series folders (each holding
+exactly the files its journal entry lists, with those sizes and MD5s) and ``.nbia/``.
+Anything else (a temporary file, a half-written series, an empty folder, a duplicate or
+torn ``metadata.csv`` row) is a leftover of a fault the engine did not clean up.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePosixPath
+
+from enginehelpers import downloaded_series
+from nbia_retriever.journal import Journal
+from nbia_retriever.models import SeriesState
+from nbia_retriever.report import METADATA_HEADER
+
+CLI = [sys.executable, "-m", "nbia_retriever.cli"]
+
+
+def metadata_rows(root: Path) -> list[list[str]]:
+    """The rows of ``metadata.csv`` (header checked and dropped); [] when absent."""
+    path = root / "metadata.csv"
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), "metadata.csv ends in a torn row"
+    rows = list(csv.reader(data.decode("utf-8-sig").splitlines()))
+    assert tuple(rows[0]) == METADATA_HEADER, "metadata.csv header missing or repeated"
+    body = rows[1:]
+    for row in body:
+        assert len(row) == len(METADATA_HEADER), f"malformed metadata.csv row {row!r}"
+    return body
+
+
+def journal_complete(root: Path) -> dict[str, tuple[str, dict[str, tuple[int, str]]]]:
+    """uid -> (relpath, {file name: (size, md5)}) of every series the journal calls complete."""
+    found: dict[str, tuple[str, dict[str, tuple[int, str]]]] = {}
+    for path in sorted((root / ".nbia").glob("journal*.sqlite")):
+        with Journal(path) as journal:
+            for entry in journal.entries(SeriesState.COMPLETE):
+                found[entry.uid] = (entry.relpath,
+                                    {f.name: (f.size, f.md5) for f in entry.files})
+    return found
+
+
+def assert_root_clean(root: Path, *, complete: Iterable[str] = (),
+                      expected: dict[str, dict[str, str]] | None = None) -> None:
+    """Everything under ``root`` is accounted for, and complete means exactly right.
+
+    ``complete``: the series that must be complete. ``expected``: the archive's
+    {uid: {md5: name}} to compare published series with, byte for byte.
+    """
+    must = set(complete)
+    journal = journal_complete(root)
+    assert must <= set(journal), f"not complete: {sorted(must - set(journal))}"
+    folders = {PurePosixPath(relpath): files for relpath, files in journal.values()}
+    # Every published file is listed by its journal entry, with that size and MD5.
+    for folder, files in folders.items():
+        path = root / folder
+        assert path.is_dir(), f"journal says complete but {folder} is missing"
+        present = {p.name for p in path.iterdir()}
+        assert present == set(files), f"{folder}: {sorted(present ^ set(files))}"
+        for name, (size, md5) in files.items():
+            data = (path / name).read_bytes()
+            assert len(data) == size and hashlib.md5(data).hexdigest() == md5, \
+                f"{folder}/{name} differs from its journal record"
+    # Nothing else outside .nbia: only metadata.csv, collection LICENSEs and the ancestors
+    # of series folders.
+    ancestors = {p for f in folders for p in f.parents}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
+        if rel.parts[:1] == (".nbia",):
+            dirnames[:] = []
+            continue
+        if rel in folders:
+            dirnames[:] = []
+            continue
+        assert rel in ancestors or rel == PurePosixPath("."), f"stray folder {rel}"
+        for name in filenames:
+            allowed = (rel == PurePosixPath(".") and name == "metadata.csv") or (
+                len(rel.parts) == 1 and name == "LICENSE")
+            assert allowed, f"stray file {rel / name}"
+    # metadata.csv: one row per complete series, no duplicates, locations that exist.
+    rows = metadata_rows(root)
+    uids = [r[0] for r in rows]
+    assert len(uids) == len(set(uids)), "duplicate metadata.csv rows"
+    assert set(uids) == set(journal), "metadata.csv disagrees with the journal"
+    for row in rows:
+        assert row[15] == "./" + journal[row[0]][0]
+    if expected is not None:
+        got = downloaded_series(root)
+        for uid in journal:
+            assert got.get(uid) == expected[uid], f"series {uid} differs from the archive"
+
+
+def staging_leftovers(root: Path) -> list[str]:
+    staging = root / ".nbia" / "staging"
+    return sorted(p.name for p in staging.iterdir()) if staging.is_dir() else []
+
+
+def run_cli(args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 120,
+            **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, check=False, **kw)  # type: ignore[call-overload]
+
+
+def exit_signal(code: int) -> str:
+    """A readable exit code for assertion messages (``-9`` -> ``SIGKILL``)."""
+    return signal.Signals(-code).name if code < 0 else str(code)

@@ -1,0 +1,441 @@
+"""The downloads window, driven like a user would (Textual's Pilot: keys and clicks),
+against the real reference server over HTTP on 127.0.0.1.
+
+Waiting is always for a condition the user could see (a phase, a row's status), polled
+between UI frames and bounded by a generous deadline; never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from textual.pilot import Pilot
+from textual.widgets import Button, DataTable, Input
+
+from nbia_retriever.engine import DownloadOptions, Engine
+from nbia_retriever.manifest import read_manifest
+from nbia_retriever.models import SeriesInfo, SeriesState
+from nbia_retriever.server import FaultPlan, ReferenceServer
+from nbia_retriever.synth import ArchiveSummary, generate_archive
+from nbia_retriever.tui import RetrieverApp
+from nbia_retriever.tui.app import FINISHED, READY, RUNNING
+from nbia_retriever.tui.cells import (
+    Cell,
+    human_size,
+    progress_cell,
+    progress_fraction,
+    row_cells,
+    short_uid,
+    text_cell,
+    uid_key,
+)
+from nbia_retriever.tui.screens import DestinationScreen, FolderTree, LoginScreen, SaveReportScreen
+
+pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (asyncio)
+
+SIZE = (130, 36)
+DEADLINE = 30.0
+#: Bytes/s per zip stream: a ~38 KB series takes about a second, long enough to pause it.
+SLOW = 40_000
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
+    """4 public series (collection A) + 4 restricted ones (collection B, alice only)."""
+    return generate_archive(tmp_path_factory.mktemp("tui") / "archive", seed=11,
+                            collections=2, patients=2, studies=1, series=2, images=4,
+                            awkward=False)
+
+
+@pytest.fixture
+def server(archive: ArchiveSummary) -> Iterator[ReferenceServer]:
+    with ReferenceServer(archive.root) as srv:
+        yield srv
+
+
+def make_app(archive: ArchiveSummary, server: ReferenceServer, dest: Path, *,
+             manifest: str = "manifest.tcia", workers: int = 2, retries: int = 1,
+             **kwargs: object) -> RetrieverApp:
+    options = DownloadOptions(api_url=server.api_url, workers=workers, retries=retries,
+                              backoff_base=0.01, timeout=20)
+    return RetrieverApp(read_manifest(archive.root / manifest), dest, options,
+                        show_rates=False, **kwargs)  # type: ignore[arg-type]
+
+
+async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.01)
+
+
+def states(app: RetrieverApp) -> dict[str, str]:
+    return {uid: row.state for uid, row in app.rows.items()}
+
+
+def table_order(app: RetrieverApp) -> list[str]:
+    table = app.query_one("#table", DataTable)
+    return [str(row.key.value) for row in table.ordered_rows]
+
+
+def image_requests(server: ReferenceServer) -> list[str]:
+    return [r.series_uid or "" for r in server.requests if "getImage" in r.path]
+
+
+def button(app: RetrieverApp, button_id: str) -> Button:
+    return app.query_one(f"#{button_id}", Button)
+
+
+# -- pure formatting ----------------------------------------------------------------------
+
+
+def test_cells_format_and_sort() -> None:
+    uid = "1.2.826.0.1.3680043.8.498.12345678901234567890"
+    assert short_uid(uid) == "…901234567890"
+    assert short_uid("1.2.3") == "1.2.3"
+    assert uid_key("1.2.10") > uid_key("1.2.9")  # numbers, not text
+    assert human_size(None) == "" and human_size(999) == "999 B"
+    assert human_size(38_123) == "38.1 KB"
+    # Network text is shown verbatim, never as console markup.
+    assert Cell("[bold]P1[/bold]").__rich__().plain == "[bold]P1[/bold]"
+    assert text_cell("x" * 40).text.endswith("…") and len(text_cell("x" * 40).text) == 24
+    assert text_cell("") > text_cell("zzz")  # unknown sorts after known
+    assert progress_fraction(SeriesState.COMPLETE, 0, None) == 1.0
+    assert progress_fraction(SeriesState.DOWNLOADING, 50, 200) == 0.25
+    assert progress_fraction(SeriesState.DOWNLOADING, 500, 200) == 1.0
+    assert progress_fraction(SeriesState.ERROR, 50, 200) is None
+    assert progress_cell(0.5).text == "█████░░░░░  50%"
+    info = SeriesInfo(series_uid=uid, collection="C", patient_id="P", image_count=7,
+                      file_size=10_000)
+    cells = row_cells(uid, info, SeriesState.PAUSED, 5_000, marked=True)
+    assert cells["mark"].text == "●" and cells["images"].text == "7"
+    assert cells["size"].text == "10.0 KB" and cells["status"].text == "Paused"
+    small = row_cells(uid, SeriesInfo(series_uid=uid, file_size=999), "Queued", 0, False)
+    assert small["size"] < cells["size"]  # sorts by bytes, not by the text "999 B"
+
+
+# -- the main flow ----------------------------------------------------------------------
+
+
+async def test_remove_start_pause_resume_finish(archive: ArchiveSummary,
+                                                server: ReferenceServer,
+                                                tmp_path: Path) -> None:
+    manifest = archive.root / "manifest.tcia"
+    manifest_bytes = manifest.read_bytes()
+    server.set_faults(FaultPlan(bandwidth=SLOW))
+    app = make_app(archive, server, tmp_path / "dl", workers=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        uids = list(app.rows)
+        assert len(uids) == 4
+        assert set(states(app).values()) == {SeriesState.NOT_STARTED}
+        assert "4 to download" in app.message
+        table = app.query_one("#table", DataTable)
+        assert table.row_count == 4
+        # The detail panel shows the full UIDs of the highlighted row.
+        await pilot.press("down")
+        detail = str(app.query_one("#detail").render())
+        assert uids[1] in detail and app.rows[uids[1]].info.study_uid in detail  # type: ignore[union-attr]
+
+        # Mark row 2 with space, delete it.
+        assert table.cursor_row == 1
+        await pilot.press("space")
+        assert app.rows[uids[1]].marked
+        await pilot.press("delete")
+        assert uids[1] not in app.rows and table.row_count == 3
+        assert "Removed 1 series" in app.message
+
+        await pilot.press("s")
+        assert app.phase == RUNNING
+        assert button(app, "start").disabled and not button(app, "pause").disabled
+        assert app.query_one("#dest", Input).disabled  # settings are frozen while running
+        await wait_for(pilot, lambda: SeriesState.DOWNLOADING in states(app).values(),
+                       "a download to start")
+
+        await pilot.press("p")
+        assert app.engine.paused and "Paused" in app.message
+        assert button(app, "pause").disabled and not button(app, "resume").disabled
+        # Running series hold at their next chunk; nothing new starts.
+        await wait_for(pilot, lambda: SeriesState.DOWNLOADING not in states(app).values(),
+                       "the downloads to hold")
+        assert set(states(app).values()) & {SeriesState.PAUSED, SeriesState.QUEUED}
+
+        await pilot.click("#resume")
+        assert not app.engine.paused
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the run to finish")
+        assert set(states(app).values()) == {SeriesState.COMPLETE}
+        assert app.message.startswith("Finished: 3 of 3")
+        assert button(app, "retry").disabled and button(app, "report").disabled
+        assert "100%" in str(table.get_cell(uids[0], "progress").__rich__())
+
+    assert uids[1] not in image_requests(server)
+    assert sorted(set(image_requests(server))) == sorted(u for u in uids if u != uids[1])
+    assert manifest.read_bytes() == manifest_bytes  # deleting rows never edits the manifest
+    root = app.engine.root
+    assert len((root / "metadata.csv").read_text().splitlines()) == 1 + 3
+
+
+async def test_failure_retry_and_error_report(archive: ArchiveSummary, server: ReferenceServer,
+                                              tmp_path: Path) -> None:
+    manifest = read_manifest(archive.root / "manifest.tcia")
+    bad = manifest.series_uids[2]
+    # Two short zips: past the budget of retries=1 (2 attempts); the retry run's
+    # attempt 3 is clean.
+    server.set_faults(FaultPlan(script={bad: ["short:1", "short:1"]}))
+    app = make_app(archive, server, tmp_path / "dl", retries=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("s")  # pressed while the metadata loads: starts when ready
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the run to finish")
+        assert states(app)[bad] == SeriesState.ERROR
+        assert "short zip" in app.rows[bad].error and app.rows[bad].attempts == 2
+        assert "1 not downloaded" in app.message
+        assert not button(app, "retry").disabled and not button(app, "report").disabled
+
+        # The detail panel shows the last error of the highlighted row.
+        app.query_one("#table", DataTable).move_cursor(row=2)
+        await pilot.pause()
+        assert "short zip" in str(app.query_one("#detail").render())
+
+        await pilot.press("e")
+        assert isinstance(app.screen, SaveReportScreen)
+        path_input = app.screen.query_one("#path", Input)
+        assert path_input.value == str(app.engine.root / "error-report.csv")
+        report = tmp_path / "errors.csv"
+        path_input.value = str(report)
+        await pilot.press("enter")
+        assert not isinstance(app.screen, SaveReportScreen)
+        rows = list(csv.DictReader(report.open(encoding="utf-8")))
+        assert [(r["Series Instance UID"], r["Status"]) for r in rows] == [(bad, "Error")]
+        assert "short zip" in rows[0]["Error"] and rows[0]["Attempts"] == "2"
+
+        before = len(image_requests(server))
+        await pilot.press("f")
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the retry to finish")
+        assert set(states(app).values()) == {SeriesState.COMPLETE}
+        assert image_requests(server)[before:] == [bad]  # only the failed series again
+        assert app.engine.options.only_failed
+        assert button(app, "retry").disabled
+
+
+async def test_existing_journal_shows_complete_series(archive: ArchiveSummary,
+                                                      server: ReferenceServer,
+                                                      tmp_path: Path) -> None:
+    manifest = read_manifest(archive.root / "manifest.tcia")
+    done = list(manifest.series_uids[:2])
+    first = Engine(manifest, tmp_path, DownloadOptions(api_url=server.api_url))
+    first.remove(manifest.series_uids[2:])
+    assert first.run().ok
+    server.clear_requests()
+
+    app = make_app(archive, server, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        assert [states(app)[u] for u in manifest.series_uids] == [
+            SeriesState.COMPLETE, SeriesState.COMPLETE,
+            SeriesState.NOT_STARTED, SeriesState.NOT_STARTED]
+        assert "2 already complete" in app.message and "2 to download" in app.message
+        await pilot.click("#start")
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the run to finish")
+        assert set(states(app).values()) == {SeriesState.COMPLETE}
+    assert set(image_requests(server)) == set(manifest.series_uids[2:])
+    assert not set(done) & set(image_requests(server))
+
+
+async def test_cancel_then_start_again(archive: ArchiveSummary, server: ReferenceServer,
+                                       tmp_path: Path) -> None:
+    server.set_faults(FaultPlan(bandwidth=SLOW))
+    app = make_app(archive, server, tmp_path, workers=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: SeriesState.DOWNLOADING in states(app).values(),
+                       "a download to start")
+        await pilot.press("c")
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the cancel")
+        assert app.message.startswith("Cancelled")
+        assert SeriesState.CANCELLED in states(app).values()
+        assert not button(app, "start").disabled
+        server.set_faults(None)
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.phase == FINISHED and not app.engine.report.cancelled,
+                       "the second run")
+        assert set(states(app).values()) == {SeriesState.COMPLETE}
+
+
+# -- table ------------------------------------------------------------------------------
+
+
+async def test_sort_by_key_and_header_click(archive: ArchiveSummary, server: ReferenceServer,
+                                            tmp_path: Path) -> None:
+    app = make_app(archive, server, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        manifest_order = table_order(app)
+
+        def sizes() -> list[int]:
+            return [app.rows[u].info.file_size or 0 for u in table_order(app)]  # type: ignore[union-attr]
+
+        table = app.query_one("#table", DataTable)
+        x = sum(c.get_render_width(table) for c in table.ordered_columns[:6]) + 2
+        await pilot.click("#table", offset=(x, 0))  # the "Size" header
+        assert app._sort == ("size", False)
+        assert sizes() == sorted(sizes())
+        await pilot.click("#table", offset=(x, 0))  # again: descending
+        assert sizes() == sorted(sizes(), reverse=True)
+        await pilot.press("o")  # keyboard: next column
+        assert app._sort == ("progress", False)
+        await pilot.press("o", "o", "o", "o", "o")  # status, then wraps round to Series UID
+        assert app._sort == ("series", False)
+        from nbia_retriever.tui.cells import uid_key
+
+        assert table_order(app) == sorted(manifest_order, key=uid_key)
+        await pilot.press("v")
+        assert table_order(app) == sorted(manifest_order, key=uid_key, reverse=True)
+
+
+async def test_mark_all_and_remove_with_mouse(archive: ArchiveSummary, server: ReferenceServer,
+                                              tmp_path: Path) -> None:
+    app = make_app(archive, server, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        second = table_order(app)[1]
+        await pilot.click("#table", offset=(4, 2))  # a click highlights the row...
+        assert app._cursor_uid() == second and not app.rows[second].marked
+        await pilot.click("#table", offset=(4, 2))  # ...a click on the highlighted row marks
+        assert app.rows[second].marked
+        await pilot.click("#table", offset=(4, 2))
+        assert not app.rows[second].marked
+        await pilot.press("a")
+        assert all(r.marked for r in app.rows.values())
+        await pilot.press("a")
+        assert not any(r.marked for r in app.rows.values())
+        await pilot.press("space", "space")
+        await pilot.click("#remove")
+        assert len(app.rows) == 2
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the run to finish")
+        assert set(states(app).values()) == {SeriesState.COMPLETE}
+        assert len(app.engine.results) == 2
+    assert len(set(image_requests(server))) == 2
+
+
+# -- settings -----------------------------------------------------------------------------
+
+
+async def test_destination_picker_and_layout(archive: ArchiveSummary, server: ReferenceServer,
+                                             tmp_path: Path) -> None:
+    (tmp_path / "picked").mkdir()
+    (tmp_path / "a-file.txt").write_text("x")
+    app = make_app(archive, server, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("d")
+        screen = app.screen
+        assert isinstance(screen, DestinationScreen)
+        tree = screen.query_one(FolderTree)
+        await wait_for(pilot, lambda: any(n.data and n.data.path.name == "picked"
+                                          for n in tree.root.children), "the folder tree")
+        names = {n.data.path.name for n in tree.root.children if n.data}
+        assert "a-file.txt" not in names  # folders only
+        node = next(n for n in tree.root.children if n.data and n.data.path.name == "picked")
+        tree.move_cursor(node)
+        await pilot.press("enter")
+        assert screen.query_one("#path", Input).value == str(tmp_path / "picked")
+        await pilot.click("#ok")
+        assert app.dest == tmp_path / "picked"
+        assert app.query_one("#dest", Input).value == str(tmp_path / "picked")
+        await wait_for(pilot, lambda: app.phase == READY, "the new destination")
+
+        # Typed destination + Enter, and the layout by key.
+        dest_input = app.query_one("#dest", Input)
+        dest_input.focus()
+        dest_input.value = str(tmp_path / "typed")
+        await pilot.press("enter")
+        assert app.dest == tmp_path / "typed"
+        await pilot.press("y")
+        assert app.layout_name == "classic"
+        await wait_for(pilot, lambda: app.phase == READY, "the new destination")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the run to finish")
+        assert app.engine.options.layout == "classic"
+    root = app.engine.root
+    assert root.parent == tmp_path / "typed"
+    # Classic layout: Collection/Patient/StudyUID/SeriesUID.
+    for uid in app.rows:
+        assert list(root.glob(f"*/*/*/{uid}/*.dcm"))
+
+
+async def test_login_unlocks_restricted_series(archive: ArchiveSummary,
+                                               server: ReferenceServer, tmp_path: Path) -> None:
+    restricted = {s.series_uid for s in archive.series if s.restricted}
+    password = archive.users["alice"]
+    app = make_app(archive, server, tmp_path, manifest="manifest-all.tcia")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        assert {states(app)[u] for u in restricted} == {SeriesState.NOT_AUTHORIZED}
+        assert "l: log in" in app.message
+
+        await pilot.press("l")
+        assert isinstance(app.screen, LoginScreen)
+        await pilot.press(*"alice", "enter", *password)
+        field = app.screen.query_one("#password", Input)
+        assert field.password and field.value == password
+        assert password not in app.export_screenshot()  # masked on screen
+        await pilot.press("enter")
+        assert not isinstance(app.screen, LoginScreen)
+        assert app.credentials is not None and app.credentials.username == "alice"
+        assert password not in repr(app.engine.options)
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata after login")
+        assert {states(app)[u] for u in restricted} == {SeriesState.NOT_STARTED}
+        assert "as alice" in str(app.query_one("#user").render())
+
+        # A wrong password says so on the status line; the table stays usable.
+        await pilot.press("l", *"x", "enter")
+        await wait_for(pilot, lambda: app.phase == READY, "the refused login")
+        assert "login refused" in app.message
+        assert password not in app.export_screenshot()
+
+
+# -- the command --------------------------------------------------------------------------
+
+
+def test_open_command_builds_the_app(archive: ArchiveSummary, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbia_retriever.cli import main
+
+    seen: list[RetrieverApp] = []
+    monkeypatch.setattr(RetrieverApp, "run", lambda self, *a, **k: seen.append(self))
+    monkeypatch.setenv("NBIA_PASSWORD", "pw-from-env")
+    runner = CliRunner()
+    manifest = str(archive.root / "manifest.tcia")
+    result = runner.invoke(main, ["open", manifest, "-d", str(tmp_path), "--api-url",
+                                  "http://127.0.0.1:9/nbia-api/services", "--api", "v1",
+                                  "--user", "alice", "--workers", "7", "--layout", "classic"])
+    assert result.exit_code == 0, result.output
+    app = seen[0]
+    assert app.dest == tmp_path and app.layout_name == "classic"
+    assert app.options.workers == 7 and app.options.api == "v1"
+    assert app.options.api_url == "http://127.0.0.1:9/nbia-api/services"
+    assert app.credentials is not None and app.credentials.password == "pw-from-env"
+    assert app.ask_login is None and app.sub_title == "manifest.tcia"
+
+    monkeypatch.delenv("NBIA_PASSWORD")
+    monkeypatch.setattr("nbia_retriever.tui.command.stored_password", lambda user: None)
+    result = runner.invoke(main, ["open", manifest, "--user", "bob"])
+    assert result.exit_code == 0 and seen[1].ask_login == "bob"
+    assert seen[1].credentials is None  # asked in the window, not on the terminal
+
+    result = runner.invoke(main, ["open", str(tmp_path / "missing.tcia")])
+    assert result.exit_code == 2
+    assert "missing.tcia" in result.output and "Traceback" not in result.output
