@@ -8,6 +8,7 @@ constant however fast the workers go.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from rich.console import Group
@@ -63,17 +64,38 @@ def run_with_progress(engine: Any) -> Any:
         overall.update(task, completed=s["bytes_done"], total=s["bytes_total"] or None,
                        description=description, counts=counts)
 
+    # Retries and failures scroll above the live display; they are queued by worker
+    # threads and printed from this thread only.
+    notes: deque[Text] = deque()
+
+    def on_event(event: Any) -> None:
+        if event.kind == "retry":
+            notes.append(Text(f"retrying {event.uid} (attempt {event.attempt}: "
+                              f"{event.message})", style="yellow"))
+        elif event.kind == "state" and event.state in SeriesState.FAILED:
+            notes.append(Text(f"{event.state}: {event.uid}: {event.message}", style="red"))
+        elif event.kind == "throttle":
+            notes.append(Text(event.message, style="yellow"))
+
+    engine.subscribe(on_event)
+
+    def flush_notes(live: Live) -> None:
+        while notes:
+            live.console.print(notes.popleft())
+
     with Live(Group(overall, Text()), refresh_per_second=5, transient=False) as live:
         engine.start()
         try:
             while not engine.finished:
                 engine.wait(0.2)
+                flush_notes(live)
                 refresh()
                 live.update(Group(overall, active_lines()))
         except KeyboardInterrupt:
             live.console.print("interrupted: stopping (re-run the same command to resume)")
             engine.cancel()
             engine.wait()
+        flush_notes(live)
         refresh()
         live.update(Group(overall))
     return engine.report

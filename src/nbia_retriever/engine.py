@@ -70,7 +70,7 @@ HEADER_BYTES = 64 * 1024
 #: Non-image entries we keep in memory (md5 list, license) are capped: a hostile server
 #: must not be able to exhaust memory with a huge "LICENSE".
 SMALL_ENTRY_CAP = 16 * 1024 * 1024
-PROGRESS_STEP = 1 << 20
+PROGRESS_STEP = 256 * 1024
 _DICOM_TAGS = ("AcquisitionNumber", "InstanceNumber", "SOPInstanceUID")
 
 
