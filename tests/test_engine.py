@@ -286,3 +286,54 @@ def test_server_busy_lowers_concurrency_and_still_finishes(tmp_path, server, pub
     assert any("down to 2" in m for m in throttles), throttles
     assert engine.limiter.limit < 4
     assert_identical(report.root, expected, public_uids)
+
+
+def test_naming_reads_headers_longer_than_the_in_memory_prefix(tmp_path):
+    """More than 64 KiB of header before InstanceNumber must still be read, not taken
+    as "absent" (which would silently order files by SOP UID)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from nbia_retriever.engine import HEADER_BYTES, _image_key, _Staged
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.add_new(0x00190010, "LO", "BIG PRIVATE")
+    ds.add_new(0x00191001, "OB", b"\0" * (HEADER_BYTES + 1000))
+    ds.AcquisitionNumber = 3
+    ds.InstanceNumber = 7
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    staged = _Staged(name="00000001.dcm", path=path, size=len(data), md5="",
+                     header=data[:HEADER_BYTES], is_image=True)
+    key = _image_key(staged)
+    assert (key.acquisition, key.instance) == ("3", "7")
+    assert key.sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_only_failed_also_takes_series_a_crash_left_behind(tmp_path, server, public_uids):
+    manifest = manifest_for(tmp_path, server, public_uids)
+    first = download(manifest, tmp_path / "dl", **FAST)
+    assert first.ok
+    victim = public_uids[-1]
+    with Journal(first.root / ".nbia" / "journal.sqlite") as journal:
+        journal.set_state(victim, SeriesState.DOWNLOADING)  # as a SIGKILL leaves it
+    again = download(manifest, tmp_path / "dl", only_failed=True, **FAST)
+    assert list(again.results) == [victim] and again.ok
+
+
+def test_resume_redownloads_a_series_whose_files_were_deleted(tmp_path, server, public_uids,
+                                                              expected):
+    manifest = manifest_for(tmp_path, server, public_uids)
+    first = download(manifest, tmp_path / "dl", **FAST)
+    folder = first.root / first.results[public_uids[0]].relpath
+    for f in folder.iterdir():
+        f.unlink()
+    again = download(manifest, tmp_path / "dl", **FAST)
+    assert again.ok and again.skipped == len(public_uids) - 1
+    assert_identical(first.root, expected, public_uids)

@@ -92,6 +92,11 @@ def run_with_progress(engine: Any) -> Any:
                 refresh()
                 live.update(Group(overall, active_lines()))
         except KeyboardInterrupt:
+            import signal
+
+            from .cli import _exit_at_once
+
+            signal.signal(signal.SIGINT, _exit_at_once)  # a second Ctrl-C stops at once
             live.console.print("interrupted: stopping (re-run the same command to resume)")
             engine.cancel()
             engine.wait()

@@ -283,11 +283,27 @@ class NbiaClient:
             return self._version
 
     def _probe_version(self) -> str:
-        try:
-            response = self.http.post(f"{self.api_url}/v4/getSeriesMetadata", data={"list": ""})
-        except httpx.HTTPError as exc:
-            raise ApiError(f"cannot reach {self.api_url}: {type(exc).__name__}: {exc}") from None
-        return "v1" if response.status_code in (404, 405, 501) else "v4"
+        """v4 if the server has it; v1 on a definite "no such endpoint". A busy or
+        unreachable server is retried like any call, never mistaken for an answer."""
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after = None
+            try:
+                response = self.http.post(f"{self.api_url}/v4/getSeriesMetadata",
+                                          data={"list": ""})
+                status = response.status_code
+                if status in (404, 405, 501):
+                    return "v1"
+                if status < 500 and status != 429:
+                    return "v4"
+                problem = f"HTTP {status}"
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            except httpx.HTTPError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if attempt > self.metadata_retries:
+                raise ApiError(f"cannot reach {self.api_url}: {problem}")
+            time.sleep(backoff_delay(attempt, self.backoff_base, retry_after))
 
     def _url(self, endpoint: str, version: str | None = None) -> str:
         return f"{self.api_url}/{version or self.version()}/{endpoint}"
@@ -341,8 +357,13 @@ class NbiaClient:
         *,
         workers: int = 8,
         on_progress: Callable[[int], None] | None = None,
+        errors: dict[str, str] | None = None,
     ) -> dict[str, SeriesInfo]:
         """Metadata for every series the server will give us; absent UIDs are left out.
+
+        With v1/v2, a series whose metadata request keeps failing (after retries) is
+        recorded in ``errors`` (uid -> message) instead of failing the whole call: one
+        broken series must not stop a 19,000-series download.
 
         v4 asks in batches by POST (one request per 10,000 series); v1/v2 have only the
         per-series endpoint, so those calls run concurrently on the shared pool.
@@ -360,7 +381,15 @@ class NbiaClient:
         result: dict[str, SeriesInfo] = {}
 
         def one(uid: str) -> tuple[str, SeriesInfo | None]:
-            return uid, self._v1_metadata(uid)
+            try:
+                return uid, self._v1_metadata(uid)
+            except AuthError:
+                raise
+            except ApiError as exc:
+                if errors is None:
+                    raise
+                errors[uid] = str(exc)
+                return uid, None
 
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(uids)))) as pool:
             for uid, info in pool.map(one, uids):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -172,6 +173,12 @@ def download(manifest: str, dest: str, workers: int, max_connections: int | None
     from .report import write_error_report
 
     parsed = load_manifest(manifest)
+    if error_report:
+        # Find out now, not after a day of downloading, that the report cannot be written.
+        folder = Path(error_report).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            fail(f"--error-report {error_report}: folder {folder} is missing or not writable",
+                 EXIT_USAGE)
     options = DownloadOptions(
         workers=workers, retries=retries, timeout=timeout, api=api, api_url=api_url,
         layout=layout, md5=not no_md5, only_failed=only_failed,
@@ -202,7 +209,12 @@ def download(manifest: str, dest: str, workers: int, max_connections: int | None
 
         report = run_with_progress(engine)
     if error_report:
-        n = write_error_report(Path(error_report), report.results.values())
+        try:
+            n = write_error_report(Path(error_report), report.results.values())
+        except OSError as exc:
+            n = 0
+            click.echo(f"nbia-retriever: error: cannot write {error_report}: "
+                       f"{exc.strerror or exc}", err=True)
         if n and not as_json:
             click.echo(f"error report: {n} failed series written to {error_report}", err=True)
     if as_json:
@@ -255,10 +267,21 @@ def _run_plain(engine: Any) -> Any:
         while not engine.finished:
             engine.wait(0.5)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, _exit_at_once)
         click.echo("interrupted: stopping (re-run the same command to resume)", err=True)
         engine.cancel()
         engine.wait()
     return engine.report
+
+
+def _exit_at_once(signum: int, frame: object) -> None:
+    """An impatient second Ctrl-C: stop now, still with exit code 130 and no traceback.
+
+    Safe: nothing is published before it is verified and journaled, and a re-run clears
+    whatever staging the workers leave. ``os._exit`` skips joining them.
+    """
+    os.write(2, b"interrupted again: stopped at once (re-run the same command to resume)\n")
+    os._exit(EXIT_INTERRUPTED)
 
 
 @main.command("list")
@@ -335,12 +358,18 @@ def _human(size: int | None) -> str:
 def verify(root: str, quick: bool) -> None:
     """Re-check a finished download (ROOT: the folder with metadata.csv) against its
     journal; report every file missing, altered or unexpected."""
+    import sqlite3
+
     from .verify import verify_root
 
     try:
         result = verify_root(Path(root), quick=quick)
     except FileNotFoundError as exc:
         fail(str(exc), EXIT_USAGE)
+    except sqlite3.Error as exc:
+        fail(f"{root}: cannot read the download journal: {exc}", EXIT_FAILED)
+    except OSError as exc:
+        fail(f"{root}: {exc.strerror or exc}", EXIT_FAILED)
     for problem in result.problems:
         click.echo(problem)
     click.echo(result.summary())

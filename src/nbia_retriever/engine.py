@@ -33,6 +33,7 @@ import hashlib
 import io
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -277,6 +278,7 @@ class Engine:
         self._queue: list[str] = []
         self._pos = 0
         self._relpaths: dict[str, PurePosixPath] = {}
+        self._paused_attempts: set[str] = set()
         cap = self.options.max_connections or self.options.workers
         self.limiter = ConcurrencyLimiter(min(cap, self.options.workers),
                                           adaptive=self.options.adaptive)
@@ -418,34 +420,43 @@ class Engine:
         journal.set_info("layout", self.layout.value)
         journal.set_info("manifest", self.manifest.source or "")
         states = journal.states()
-        completed = journal.completed()
+        completed = journal.completed_files()
         if self.options.only_failed:
-            retry = SeriesState.FAILED | {SeriesState.CANCELLED}
+            # "Retry failed series": everything that did not complete, including series
+            # a crash left "Downloading" and series never reached. Only those the
+            # journal has never heard of are left for a normal run.
             for uid in list(self.results):
-                if states.get(uid) not in retry:
+                if uid not in states or states[uid] == SeriesState.COMPLETE:
                     self.results.pop(uid)
         todo: list[str] = []
+        done_uids: list[str] = []
         for uid, result in self.results.items():
-            relpath = completed.get(uid)
-            if relpath and (self.root / relpath).is_dir():
+            relpath, nfiles = completed.get(uid, ("", 0))
+            if relpath and _folder_has(self.root / relpath, nfiles):
                 result.state = SeriesState.COMPLETE
                 result.relpath = relpath
                 self.report.skipped += 1
+                done_uids.append(uid)
             else:
                 todo.append(uid)
-        done_uids = [u for u in self.results if u not in set(todo)]
+                self._discard(uid)  # leftovers of an interrupted attempt
         self._reconcile_csv(done_uids)
         journal.ensure(todo, SeriesState.NOT_STARTED)
         if todo:
             if self.options.credentials is not None:
                 self.client.login()
-            infos = self.client.series_metadata(todo, workers=max(4, self.options.workers))
+            failures: dict[str, str] = {}
+            infos = self.client.series_metadata(todo, workers=max(4, self.options.workers),
+                                                errors=failures)
             journal.set_infos(infos.values())
             for uid in todo:
                 result = self.results[uid]
                 result.info = infos.get(uid)
                 if result.info is None:
-                    if self.client.logged_in:
+                    if uid in failures:
+                        result.state = SeriesState.ERROR
+                        result.error = f"metadata: {failures[uid]}"
+                    elif self.client.logged_in:
                         result.state = SeriesState.NO_DATA
                         result.error = "the server returned no metadata for this series"
                     else:
@@ -496,6 +507,9 @@ class Engine:
                 return
             except OSError as exc:
                 self.report.fatal = f"cannot prepare {self.root}: {exc.strerror or exc}"
+                return
+            except sqlite3.Error as exc:  # e.g. the disk is full: one line, no traceback
+                self.report.fatal = _journal_error(self.state_dir, exc)
                 return
             for uid in self._queue:
                 self._set_state(uid, SeriesState.QUEUED)
@@ -569,6 +583,7 @@ class Engine:
                     self._attempt(uid, info, attempt)
                 finally:
                     self.limiter.release()
+                self._paused_attempts.discard(uid)
                 if (grown := self.limiter.succeeded()) is not None:
                     self._emit(Event("throttle", message=f"concurrency up to {grown}"))
                 return
@@ -596,6 +611,12 @@ class Engine:
                         "the same command to resume"
                     ) from None
                 error, retry_after = f"{type(exc).__name__}: {exc}", None
+            except sqlite3.Error as exc:
+                # SQLite reports a full disk as its own error, not as an OSError.
+                self._discard(uid)
+                message = _journal_error(self.state_dir, exc)
+                self._fail(uid, SeriesState.ERROR, message)
+                raise FatalRunError(message) from None
             except ApiError as exc:
                 error, retry_after = str(exc), exc.retry_after
                 if exc.status in (429, 503) and (shrunk := self.limiter.throttled()) is not None:
@@ -614,6 +635,11 @@ class Engine:
             self._discard(uid)
             self._set_progress(uid, 0)
             result.error = error
+            if uid in self._paused_attempts:
+                # The stream was held open through a pause and may have been dropped by
+                # the server or a proxy meanwhile: that is not the series' failure.
+                self._paused_attempts.discard(uid)
+                allowed += 1
             if attempt >= allowed:
                 self._fail(uid, SeriesState.ERROR, f"{error} (after {attempt} attempts)")
                 return
@@ -645,6 +671,7 @@ class Engine:
         if self._cancel.is_set():
             raise Cancelled
         if not self._running.is_set():
+            self._paused_attempts.add(uid)
             self._set_state(uid, SeriesState.PAUSED)
             self._running.wait()
             if self._cancel.is_set():
@@ -796,6 +823,12 @@ class Engine:
         relpath = self._folder_for(uid, info)
         target = self.root / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
+        if small.get(LICENSE_ENTRY):
+            # Before the series is published: once it is journaled a re-run skips it, so
+            # a crash right after publishing must not be able to lose the LICENSE.
+            self._write_license(relpath.parts[0], bytes(small[LICENSE_ENTRY]))
+        if target.exists() and _folder_owner(target) not in (uid, None):
+            raise IntegrityError(f"series {uid}: {relpath} was just taken by another series")
         if target.exists():
             # Ours, from an interrupted run (published, not yet journaled) or damaged:
             # replace it via the staging area, never by deleting in place.
@@ -809,10 +842,14 @@ class Engine:
             uid, relpath=str(relpath), files=records, nbytes=nbytes, attempts=attempt, info=info
         )
         now = time.time()
-        self._csv.append(metadata_row(info, "./" + str(relpath), now,  # type: ignore[union-attr]
-                                      images=len(images), size=nbytes))
-        if small.get(LICENSE_ENTRY):
-            self._write_license(relpath.parts[0], bytes(small[LICENSE_ENTRY]))
+        # The series is published and journaled: from here on nothing may turn it back
+        # into a failure. A lost metadata.csv row is re-added by the next run.
+        try:
+            self._csv.append(metadata_row(  # type: ignore[union-attr]
+                info, "./" + str(relpath), now, images=len(images), size=nbytes))
+        except OSError as exc:
+            self._emit(Event("message", uid=uid, message=f"could not update metadata.csv: "
+                                                         f"{exc.strerror or exc}"))
         result = self.results[uid]
         result.relpath = str(relpath)
         result.files = len(records)
@@ -842,7 +879,9 @@ class Engine:
         path = self.root / collection_dir / "LICENSE"
         if path.exists():
             return
-        tmp = path.with_name(f".LICENSE.{os.getpid()}.{threading.get_ident()}.tmp")
+        # The temporary file lives in the staging area: a crash must not leave it
+        # beside the LICENSE, where no re-run would ever clean it up.
+        tmp = self.state_dir / "staging" / f".LICENSE.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_bytes(text)
         os.replace(tmp, path)
 
@@ -874,6 +913,19 @@ class Engine:
         for callback in list(self._subscribers):
             with contextlib.suppress(Exception):
                 callback(event)
+
+
+def _journal_error(state_dir: Path, exc: sqlite3.Error) -> str:
+    return (f"cannot write the download journal in {state_dir} ({exc}): free some space "
+            "if the disk is full, then re-run the same command to resume")
+
+
+def _folder_has(folder: Path, nfiles: int) -> bool:
+    """A published folder still holds at least the files the journal recorded."""
+    try:
+        return sum(1 for e in os.scandir(folder) if e.is_file()) >= nfiles
+    except OSError:
+        return False
 
 
 def _folder_owner(folder: Path) -> str | None:
@@ -927,7 +979,10 @@ def _image_key(s: _Staged) -> ImageKey:
             for tag in _DICOM_TAGS:
                 value = ds.get(tag)
                 values[tag] = None if value is None or value == "" else str(value)
-            break
+            # A header longer than the bytes kept in memory reads as "tags absent"
+            # without any error: only trust a partial read that found every tag.
+            if source is sources[-1] or all(values[t] is not None for t in _DICOM_TAGS):
+                break
         except Exception:
             continue
     return ImageKey(

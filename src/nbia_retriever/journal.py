@@ -113,6 +113,15 @@ class Journal:
             rows = self._db.execute("SELECT uid, relpath FROM series WHERE state = ?", (COMPLETE,))
             return dict(rows)
 
+    def completed_files(self) -> dict[str, tuple[str, int]]:
+        """uid -> (relpath, number of files) of every complete series, in one query."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT uid, relpath, files FROM series WHERE state = ?", (COMPLETE,)
+            ).fetchall()
+        return {uid: (relpath, files.count("],[") + 1 if files.startswith("[[") else 0)
+                for uid, relpath, files in rows}
+
     def get(self, uid: str) -> JournalEntry | None:
         with self._lock:
             row = self._db.execute(

@@ -8,6 +8,7 @@ UIDs already present once, then appends only new ones, under a lock shared by wo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -58,6 +59,7 @@ class MetadataCsv:
         self._lock = threading.Lock()
         self._seen: set[str] = set()
         if self.path.exists():
+            self._drop_torn_row()
             with self.path.open(newline="", encoding="utf-8-sig") as handle:
                 reader = csv.reader(handle)
                 next(reader, None)
@@ -65,6 +67,31 @@ class MetadataCsv:
 
     def __contains__(self, uid: str) -> bool:
         return uid in self._seen
+
+    def _drop_torn_row(self) -> None:
+        """Cut a last row without its newline (power lost mid-append): the engine re-adds
+        the series' row from the journal, and the next append must not glue onto it."""
+        with self.path.open("r+b") as handle:
+            _lock_file(handle)
+            try:
+                size = handle.seek(0, os.SEEK_END)
+                if size == 0:
+                    return
+                handle.seek(size - 1)
+                if handle.read(1) == b"\n":
+                    return
+                keep, block = size, 1 << 16
+                while keep > 0:
+                    start = max(0, keep - block)
+                    handle.seek(start)
+                    found = handle.read(keep - start).rfind(b"\n")
+                    if found >= 0:
+                        keep = start + found + 1
+                        break
+                    keep = start
+                handle.truncate(keep)
+            finally:
+                _unlock_file(handle)
 
     def append(self, row: Sequence[str]) -> bool:
         """Append ``row`` unless its Series UID is already present; fsync'd line by line.
@@ -78,16 +105,26 @@ class MetadataCsv:
                 return False
             buf = io.StringIO()
             csv.writer(buf, lineterminator="\n").writerow(row)
-            with self.path.open("a", encoding="utf-8", newline="") as handle:
+            # Unbuffered, so a failed write leaves nothing queued to be flushed later.
+            with self.path.open("ab", buffering=0) as handle:
                 _lock_file(handle)
                 try:
-                    if handle.tell() == 0 and os.fstat(handle.fileno()).st_size == 0:
+                    size = os.fstat(handle.fileno()).st_size
+                    data = buf.getvalue().encode("utf-8")
+                    if size == 0:
                         header = io.StringIO()
                         csv.writer(header, lineterminator="\n").writerow(METADATA_HEADER)
-                        handle.write(header.getvalue())
-                    handle.write(buf.getvalue())
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                        data = header.getvalue().encode("utf-8") + data
+                    try:
+                        view = memoryview(data)
+                        while view:
+                            view = view[handle.write(view):]
+                        os.fsync(handle.fileno())
+                    except OSError:
+                        # Disk full mid-row: take the torn row back out, keep the file valid.
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(handle.fileno(), size)
+                        raise
                 finally:
                     _unlock_file(handle)
             self._seen.add(row[0])
