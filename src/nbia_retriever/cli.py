@@ -7,6 +7,7 @@ failed, 130 interrupted (Ctrl-C; re-run the same command to resume).
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import os
@@ -112,6 +113,9 @@ def load_manifest(path: str) -> Any:
         fail(str(exc), EXIT_USAGE)
     except OSError as exc:
         fail(f"{path}: {exc.strerror or exc}", EXIT_USAGE)
+    except (ValueError, csv.Error) as exc:
+        # The parser's contract is ManifestError only; a slip must still not be a traceback.
+        fail(f"{path}: cannot read this manifest ({_inert(str(exc))})", EXIT_USAGE)
 
 
 api_options = [
@@ -220,7 +224,7 @@ def download(manifest: str, dest: str, workers: int, max_connections: int | None
     if as_json:
         sys.stdout.write(json.dumps({"event": "summary", **_summary_dict(report)}) + "\n")
     else:
-        click.echo(report.summary(), err=quiet)
+        click.echo(_inert(report.summary()), err=quiet)
     if report.auth_failed:
         sys.exit(EXIT_AUTH)
     if report.cancelled and not report.fatal:
@@ -251,14 +255,20 @@ def _plain_printer() -> Any:
     def printer(event: Any) -> None:
         if event.kind == "state" and event.state in SeriesState.FINAL:
             extra = f": {event.message}" if event.message else ""
-            click.echo(f"{event.state:<14} {event.uid}{extra}", err=True)
+            click.echo(_inert(f"{event.state:<14} {event.uid}{extra}"), err=True)
         elif event.kind == "retry":
-            click.echo(f"{'Retrying':<14} {event.uid} (attempt {event.attempt}: "
-                       f"{event.message})", err=True)
+            click.echo(_inert(f"{'Retrying':<14} {event.uid} (attempt {event.attempt}: "
+                              f"{event.message})"), err=True)
         elif event.kind in ("planned", "throttle"):
-            click.echo(event.message, err=True)
+            click.echo(_inert(event.message), err=True)
 
     return printer
+
+
+def _inert(text: str) -> str:
+    """Messages quote servers (zip entry names, error pages): escape control characters
+    so that none of them can drive the user's terminal."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
 
 
 def _run_plain(engine: Any) -> Any:
@@ -342,14 +352,9 @@ def list_command(manifest: str, as_json: bool, api: str, api_url: str | None, us
 
 
 def _human(size: int | None) -> str:
-    if size is None:
-        return ""
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
-        value /= 1000
-    return str(size)
+    from .report import human_size
+
+    return human_size(size)
 
 
 @main.command()

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,18 @@ ERROR_REPORT_HEADER = (
 )
 
 
+def human_size(size: float | None) -> str:
+    """Decimal units (MB = 10^6 bytes), as the archive's own figures are quoted."""
+    if size is None:
+        return ""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1000
+    return f"{size}"  # pragma: no cover - the loop always returns
+
+
 def _num(value: int | None) -> str:
     return "" if value is None else str(value)
 
@@ -42,13 +55,23 @@ def metadata_row(info: SeriesInfo, location: str, timestamp: float, *, images: i
     from .layout import normalise_date
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(timestamp))
-    return [
+    return [_cell(value) for value in (
         info.series_uid, info.collection, info.third_party, info.data_description_uri,
         info.patient_id, info.study_uid, info.study_description,
         normalise_date(info.study_date), info.series_description, info.manufacturer,
         info.modality, info.sop_class_name, info.sop_class_uid, str(images), str(size),
         location, stamp,
-    ]
+    )]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def _cell(text: str) -> str:
+    """Control characters (newlines included) from server metadata become one space: one
+    row stays one line for line-based tools, a torn row can be told by its missing newline,
+    and no escape sequence reaches a terminal that ``cat``s the file."""
+    return _CONTROL.sub(" ", text)
 
 
 class MetadataCsv:

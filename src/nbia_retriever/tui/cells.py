@@ -16,6 +16,7 @@ from typing import Any
 from rich.text import Text
 
 from ..models import SeriesInfo, SeriesState
+from ..report import human_size
 
 #: Characters of a UID kept in the table ("…" + the last ones); the detail panel has it all.
 UID_TAIL = 12
@@ -75,18 +76,6 @@ def short_uid(uid: str, tail: int = UID_TAIL) -> str:
 def uid_key(uid: str) -> tuple[tuple[int, int, str], ...]:
     """Compare dotted UIDs part by part as numbers (``1.2.10`` after ``1.2.9``)."""
     return tuple((1, int(p), "") if p.isdigit() else (0, 0, p) for p in uid.split("."))
-
-
-def human_size(size: float | None) -> str:
-    """Decimal units, like the server's and the CLI's figures."""
-    if size is None:
-        return ""
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
-        value /= 1000
-    return f"{size}"  # pragma: no cover - the loop always returns
 
 
 def format_duration(seconds: float) -> str:
