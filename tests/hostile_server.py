@@ -76,17 +76,20 @@ def zip_bytes(entries: Sequence[ZipEntry]) -> bytes:
 
 
 def series_zip(files: Sequence[tuple[str, bytes]], *, md5_names: Sequence[str] | None = None,
-               license_text: bytes | None = b"license") -> bytes:
+               license_text: bytes | None = b"license",
+               unlisted: Sequence[tuple[str, bytes]] = ()) -> bytes:
     """A series zip: LICENSE, ``files`` and an ``md5hashes.csv`` that vouches for them.
 
     ``md5_names`` overrides the names written into ``md5hashes.csv`` (default: each file's
     basename, as the engine matches them), so a hostile name can be made to pass the MD5
-    check and reach the publishing step.
+    check and reach the publishing step. ``unlisted`` entries (annotations, in NBIA's
+    terms) follow the files without an MD5 line.
     """
     entries: list[ZipEntry] = []
     if license_text is not None:
         entries.append(deflated_entry("LICENSE", license_text))
     entries += [deflated_entry(name, data) for name, data in files]
+    entries += [deflated_entry(name, data) for name, data in unlisted]
     names = md5_names if md5_names is not None else [
         name.replace("\\", "/").rsplit("/", 1)[-1] for name, _ in files
     ]
@@ -145,6 +148,8 @@ class HostileServer:
     def __init__(self, series: dict[str, Crafted] | None = None) -> None:
         self.series: dict[str, Crafted] = dict(series or {})
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        #: Body bytes written per series UID, over all its requests.
+        self.sent: dict[str, int] = {}
         self._lock = threading.Lock()
         self._runner = AppThread(self.app())
 
@@ -196,10 +201,11 @@ class HostileServer:
         if endpoint in ("getImage", "getImageWithMD5Hash"):
             if crafted is None:
                 return web.Response(status=400, text="not in public domain")
-            return await self._image(request, crafted)
+            return await self._image(request, crafted, query["SeriesInstanceUID"])
         return web.Response(status=404, text="Not Found")
 
-    async def _image(self, request: web.Request, crafted: Crafted) -> web.StreamResponse:
+    async def _image(self, request: web.Request, crafted: Crafted, uid: str
+                     ) -> web.StreamResponse:
         response = web.StreamResponse(status=crafted.status,
                                       headers={"Content-Type": crafted.content_type,
                                                **crafted.headers})
@@ -218,6 +224,9 @@ class HostileServer:
             await response.write_eof()
         except (ConnectionError, RuntimeError):
             pass  # the client hung up: exactly what an endless body should provoke
+        finally:
+            with self._lock:
+                self.sent[uid] = self.sent.get(uid, 0) + sent
         return response
 
 

@@ -53,11 +53,15 @@ def journal_complete(root: Path) -> dict[str, tuple[str, dict[str, tuple[int, st
 
 
 def assert_root_clean(root: Path, *, complete: Iterable[str] = (),
-                      expected: dict[str, dict[str, str]] | None = None) -> None:
+                      expected: dict[str, dict[str, str]] | None = None,
+                      settled: bool = True) -> None:
     """Everything under ``root`` is accounted for, and complete means exactly right.
 
     ``complete``: the series that must be complete. ``expected``: the archive's
-    {uid: {md5: name}} to compare published series with, byte for byte.
+    {uid: {md5: name}} to compare published series with, byte for byte. ``settled=False``
+    is the state right after a crash: a series folder may be published but not yet
+    journaled (then it must be complete and byte-identical all the same), and
+    ``metadata.csv`` may lack the rows of series journaled just before the crash.
     """
     must = set(complete)
     journal = journal_complete(root)
@@ -75,6 +79,8 @@ def assert_root_clean(root: Path, *, complete: Iterable[str] = (),
                 f"{folder}/{name} differs from its journal record"
     # Nothing else outside .nbia: only metadata.csv, collection LICENSEs and the ancestors
     # of series folders.
+    if not settled:
+        folders.update(_unjournaled_folders(root, set(folders), expected))
     ancestors = {p for f in folders for p in f.parents}
     for dirpath, dirnames, filenames in os.walk(root):
         rel = PurePosixPath(Path(dirpath).relative_to(root).as_posix())
@@ -84,7 +90,11 @@ def assert_root_clean(root: Path, *, complete: Iterable[str] = (),
         if rel in folders:
             dirnames[:] = []
             continue
-        assert rel in ancestors or rel == PurePosixPath("."), f"stray folder {rel}"
+        if not settled and not any(f for _, _, f in os.walk(dirpath)):
+            dirnames[:] = []  # a crash between creating a series' parents and publishing
+            continue
+        assert rel in ancestors or rel == PurePosixPath(".") or (
+            not settled and len(rel.parts) == 1), f"stray folder {rel}"
         for name in filenames:
             allowed = (rel == PurePosixPath(".") and name == "metadata.csv") or (
                 len(rel.parts) == 1 and name == "LICENSE")
@@ -93,13 +103,39 @@ def assert_root_clean(root: Path, *, complete: Iterable[str] = (),
     rows = metadata_rows(root)
     uids = [r[0] for r in rows]
     assert len(uids) == len(set(uids)), "duplicate metadata.csv rows"
-    assert set(uids) == set(journal), "metadata.csv disagrees with the journal"
+    if settled:
+        assert set(uids) == set(journal), "metadata.csv disagrees with the journal"
+    else:
+        assert set(uids) <= set(journal), "metadata.csv lists a series not complete"
     for row in rows:
         assert row[15] == "./" + journal[row[0]][0]
     if expected is not None:
         got = downloaded_series(root)
         for uid in journal:
             assert got.get(uid) == expected[uid], f"series {uid} differs from the archive"
+
+
+def _unjournaled_folders(root: Path, known: set[PurePosixPath],
+                         expected: dict[str, dict[str, str]] | None
+                         ) -> dict[PurePosixPath, dict[str, tuple[int, str]]]:
+    """Series folders published by a run that died before journaling them.
+
+    Each must hold one whole series, byte-identical to the archive: the engine verifies
+    before it renames, so anything less is a half-published series.
+    """
+    found: dict[PurePosixPath, dict[str, tuple[int, str]]] = {}
+    for dcm in root.rglob("*.dcm"):
+        rel = PurePosixPath(dcm.parent.relative_to(root).as_posix())
+        if rel.parts[:1] == (".nbia",) or rel in known or rel in found:
+            continue
+        series = downloaded_series(dcm.parent)
+        assert len(series) == 1, f"{rel}: images of {len(series)} series in one folder"
+        uid, files = next(iter(series.items()))
+        if expected is not None:
+            assert files == expected[uid], f"{rel}: an incomplete or wrong series published"
+        found[rel] = {p.name: (p.stat().st_size, hashlib.md5(p.read_bytes()).hexdigest())
+                      for p in dcm.parent.iterdir()}
+    return found
 
 
 def staging_leftovers(root: Path) -> list[str]:

@@ -76,14 +76,23 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def _error_text(response: httpx.Response, limit: int = 200) -> str:
-    """A short, single-line excerpt of an error body (HTML pages are reduced to a hint)."""
+    """A short, single-line excerpt of an error body (HTML pages are reduced to a hint).
+
+    Reads at most 64 KiB (an error body may never end) and drops control characters:
+    the text is the server's, and it ends up on the user's terminal.
+    """
+    data = bytearray()
     try:
-        text = response.read().decode("utf-8", "replace")
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) >= 1 << 16:
+                break
     except httpx.HTTPError:
         return ""
+    text = data.decode("utf-8", "replace")
     if "<html" in text[:500].lower():
         return "(an HTML page)"
-    text = " ".join(text.split())
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return text[:limit]
 
 
@@ -108,6 +117,28 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
         status=status,
         retry_after=parse_retry_after(response.headers.get("Retry-After")),
     )
+
+
+class TlsError(ApiError):
+    """The server's TLS certificate cannot be verified.
+
+    The same for every request, so never retried, and it stops the run rather than
+    failing series one by one: ``--insecure`` is the user's explicit way out.
+    """
+
+
+def tls_error(exc: httpx.HTTPError) -> TlsError | None:
+    """A :class:`TlsError` if ``exc`` is a failed certificate check, else None."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" not in text:
+        return None
+    reason = text.partition("certificate verify failed:")[2].partition("(_ssl")[0].strip()
+    try:
+        host = exc.request.url.host
+    except RuntimeError:  # no request attached
+        host = "the server"
+    return TlsError(f"the TLS certificate of {host} cannot be verified ({reason or 'untrusted'});"
+                    " use --insecure only if you trust this server")
 
 
 class TokenManager:
@@ -181,6 +212,8 @@ class TokenManager:
         try:
             response = self._http.post(self._url, data=dict(form))
         except httpx.HTTPError as exc:
+            if (tls := tls_error(exc)) is not None:
+                raise tls from None
             if quiet:
                 return False
             raise AuthError(f"login to {self._url} failed: {type(exc).__name__}") from None
@@ -300,6 +333,8 @@ class NbiaClient:
                 problem = f"HTTP {status}"
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
             except httpx.HTTPError as exc:
+                if (tls := tls_error(exc)) is not None:
+                    raise tls from None
                 problem = f"{type(exc).__name__}: {exc}"
             if attempt > self.metadata_retries:
                 raise ApiError(f"cannot reach {self.api_url}: {problem}")
@@ -345,6 +380,8 @@ class NbiaClient:
                     raise
                 delay = backoff_delay(attempt, self.backoff_base, exc.retry_after)
             except httpx.HTTPError as exc:
+                if (tls := tls_error(exc)) is not None:
+                    raise tls from None
                 if attempt > self.metadata_retries:
                     raise ApiError(f"{what}: {type(exc).__name__}: {exc}") from None
                 delay = backoff_delay(attempt, self.backoff_base)
@@ -383,7 +420,7 @@ class NbiaClient:
         def one(uid: str) -> tuple[str, SeriesInfo | None]:
             try:
                 return uid, self._v1_metadata(uid)
-            except AuthError:
+            except (AuthError, TlsError):
                 raise
             except ApiError as exc:
                 if errors is None:

@@ -786,8 +786,15 @@ class Engine:
                     )
                 if entry.md5 != digest:
                     raise IntegrityError(f"series {uid}: MD5 mismatch for {name}")
-            unlisted = [s.name for s in images
-                        if s.name.replace("\\", "/").rsplit("/", 1)[-1] not in listed]
+            unlisted = []
+            for s in images:
+                # Every image, not one per listed name: a/1.dcm and b/1.dcm share a name in
+                # md5hashes.csv, and the one not in by_base must not go unchecked.
+                base = s.name.replace("\\", "/").rsplit("/", 1)[-1]
+                if base not in listed:
+                    unlisted.append(s.name)
+                elif s.md5 != listed[base]:
+                    raise IntegrityError(f"series {uid}: MD5 mismatch for {base}")
             if unlisted:
                 raise IntegrityError(
                     f"series {uid}: {len(unlisted)} images are not in {MD5_ENTRY} "
