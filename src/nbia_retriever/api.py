@@ -37,6 +37,9 @@ API_VERSIONS = ("auto", "v1", "v2", "v4")
 #: Series per v4 batch metadata POST (what the Java retriever and tcia_utils send at most).
 V4_BATCH = 10_000
 USER_AGENT = f"nbia-retriever/{__version__}"
+#: Largest metadata/query answer we accept (a v4 batch of 10,000 series is ~5 MB; the
+#: biggest collection's getSeries is ~100 MB).
+MAX_ANSWER_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -365,8 +368,8 @@ class NbiaClient:
             attempt += 1
             headers = self._headers()
             try:
-                response = self.http.request(method, url, params=params, data=data,
-                                             headers=headers)
+                response = self._bounded(method, url, params=params, data=data,
+                                         headers=headers, what=what)
                 if response.status_code == 401 and self.tokens is not None and attempt <= 2:
                     self.tokens.invalidate(headers.get("Authorization"))
                     continue
@@ -386,6 +389,18 @@ class NbiaClient:
                     raise ApiError(f"{what}: {type(exc).__name__}: {exc}") from None
                 delay = backoff_delay(attempt, self.backoff_base)
             time.sleep(delay)
+
+    def _bounded(self, method: str, url: str, *, what: str, **kwargs: Any) -> httpx.Response:
+        """A whole (small) API answer, refusing one larger than :data:`MAX_ANSWER_BYTES`:
+        a broken or hostile server's endless body must not exhaust memory."""
+        with self.http.stream(method, url, **kwargs) as response:
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise ApiError(f"{what}: the answer exceeds {MAX_ANSWER_BYTES >> 20} MiB")
+            return httpx.Response(response.status_code, headers=response.headers,
+                                  content=bytes(body), request=response.request)
 
     # -- metadata ---------------------------------------------------------------------
     def series_metadata(

@@ -464,6 +464,8 @@ class Engine:
                         result.error = ("not public or unknown (log in with --user if it "
                                         "belongs to a limited-access collection)")
                     journal.set_state(uid, result.state, error=result.error)
+                    self._emit(Event("state", uid=uid, state=result.state,
+                                     message=result.error))
                 else:
                     result.state = SeriesState.NOT_STARTED
                     self._queue.append(uid)
@@ -684,7 +686,13 @@ class Engine:
         parts = staging / ".parts"
         parts.mkdir(parents=True)
         expected = info.file_size
-        cap = None if not expected else max(expected * 4, expected + 256 * 1024 * 1024)
+        # Zip-bomb cap: far above any honest series, far below "fill the disk".
+        if expected:
+            cap = max(expected * 4, expected + 256 * 1024 * 1024)
+        elif info.image_count:
+            cap = info.image_count * 2 * 1024**3
+        else:
+            cap = 256 * 1024**3
         reader = ZipStreamReader(max_total_size=cap)
         staged: list[_Staged] = []
         small: dict[str, bytearray] = {}

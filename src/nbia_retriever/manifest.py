@@ -485,7 +485,10 @@ def _parse_delimited(lines: list[str], header: int, source: str) -> Manifest | N
     header_text = lines[header]
     candidates = sorted("\t,;|", key=lambda d: -header_text.count(d))
     for delimiter in candidates:
-        row = next(csv.reader([header_text], delimiter=delimiter), [])
+        try:
+            row = next(csv.reader([header_text], delimiter=delimiter), [])
+        except csv.Error:  # e.g. a bare carriage return: not a spreadsheet header
+            continue
         column = _uid_column(row)
         if column is None:
             continue

@@ -155,4 +155,8 @@ def safe_entry_name(name: str) -> str:
     result = sanitize_component(base, fallback=UNNAMED_ENTRY)
     if result.casefold() == MD5_ENTRY or _IMAGE_NAME.fullmatch(result):
         result = "_" + result
+    if result.casefold().endswith(".dcm") and not base.strip().casefold().endswith(".dcm"):
+        # Sanitising dropped what followed ".dcm" (e.g. "x.dcm."): a non-image must not
+        # come out looking like a DICOM file.
+        result += "_"
     return result
