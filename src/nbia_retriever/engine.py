@@ -161,6 +161,7 @@ class _Staged:
     md5: str
     header: bytes
     is_image: bool
+    key: ImageKey | None = None
 
 
 class ConcurrencyLimiter:
@@ -742,12 +743,18 @@ class Engine:
                     if handle_file is not None:
                         handle_file.close()  # type: ignore[attr-defined]
                         name = str(current["name"])
-                        staged.append(_Staged(
+                        entry = _Staged(
                             name=name, path=current["path"],  # type: ignore[arg-type]
                             size=ev.size, md5=current["md5"].hexdigest(),  # type: ignore[attr-defined]
                             header=bytes(current["header"]),  # type: ignore[arg-type]
                             is_image=name.lower().endswith(".dcm"),
-                        ))
+                        )
+                        if entry.is_image:
+                            # Read the naming tags now and let the header bytes go: kept
+                            # for a 2,000-image series they would cost 128 MB.
+                            entry.key = _image_key(entry)
+                            entry.header = b""
+                        staged.append(entry)
                     current.clear()
 
         try:
@@ -819,7 +826,7 @@ class Engine:
                  small: dict[str, bytearray], attempt: int) -> None:
         staging = self._staging(uid)
         images = [s for s in staged if s.is_image]
-        keys = [_image_key(s) for s in images]
+        keys = [s.key or _image_key(s) for s in images]
         final = assign_names(keys)
         records: list[FileRecord] = []
         used: set[str] = set()
