@@ -42,6 +42,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
+from ._dicomtags import fast_tags
 from ._zipstream import EntryData, EntryEnd, EntryStart, ZipStreamReader
 from .api import Credentials, NbiaClient, backoff_delay
 from .errors import (
@@ -988,6 +989,11 @@ def _parse_md5_list(data: bytes, uid: str) -> dict[str, str]:
 
 def _image_key(s: _Staged) -> ImageKey:
     """Read just the three tags naming needs, from the bytes kept in memory if enough."""
+    fast = fast_tags(s.header) if s.header else None
+    if fast is not None:
+        return ImageKey(entry=s.name, acquisition=fast["AcquisitionNumber"],
+                        instance=fast["InstanceNumber"],
+                        sop_instance_uid=fast["SOPInstanceUID"] or "")
     import pydicom
 
     values: dict[str, str | None] = dict.fromkeys(_DICOM_TAGS)

@@ -1,0 +1,119 @@
+"""Read the three naming tags of a DICOM header without pydicom, fast.
+
+Scans the in-memory header (explicit VR little endian, the transfer syntax of nearly
+every TCIA image, compressed ones included) element by element, skipping values and
+undefined-length sequences, and stops after (0020,0013). Anything unexpected (implicit
+VR, big endian, deflated, truncated header, odd lengths) returns None and the caller
+falls back to the current pydicom path, so behaviour can only differ in speed.
+
+Why not pydicom here: on 2 cores the client is bound by the GIL, and pydicom's general
+reader costs ~0.8 ms per image (a third of our CPU time on a LAN download); this scanner
+costs ~45 us. It only claims what it is sure of; the engine falls back to pydicom
+(``stop_before_pixels``, ``specific_tags``) whenever this returns None, and a test checks
+both agree on every file of the synthetic archive.
+"""
+from __future__ import annotations
+
+import struct
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
+                       b"UT"})
+_WANTED = {0x00080018: "SOPInstanceUID", 0x00200012: "AcquisitionNumber",
+           0x00200013: "InstanceNumber"}
+_LAST = 0x00200013
+_EXPLICIT_LE = ("1.2.840.10008.1.2.1",)  # plus every encapsulated (compressed) syntax
+_NOT_EXPLICIT_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Unsure(Exception):
+    pass
+
+
+_SHORT = struct.Struct("<HH2sH")
+_LONG = struct.Struct("<HH2s2xI")
+
+
+def _element(buf: bytes, pos: int) -> tuple[int, bytes, int, int]:
+    """(tag, vr, value offset, length) of the explicit VR LE element at pos."""
+    if pos + 12 > len(buf):
+        raise _Unsure
+    group, elem, vr, length = _SHORT.unpack_from(buf, pos)
+    tag = (group << 16) | elem
+    if group == 0xFFFE:  # item / delimiters: no VR, 4-byte length
+        return tag, b"", pos + 8, _U32.unpack_from(buf, pos + 4)[0]
+    if vr in _LONG_VRS:
+        return tag, vr, pos + 12, _LONG.unpack_from(buf, pos)[3]
+    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+        raise _Unsure  # not explicit VR after all
+    return tag, vr, pos + 8, length
+
+
+def _skip_undefined(buf: bytes, pos: int, depth: int = 0) -> int:
+    """Skip the items of an undefined-length sequence; position after its delimiter."""
+    if depth > 8:
+        raise _Unsure
+    while True:
+        tag, _vr, pos, length = _element(buf, pos)
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise _Unsure
+        if length != 0xFFFFFFFF:
+            pos += length
+            continue
+        while True:  # undefined-length item: its elements up to the item delimiter
+            tag, vr, pos, length = _element(buf, pos)
+            if tag == _ITEM_END:
+                break
+            if length == 0xFFFFFFFF:
+                if vr not in (b"SQ", b"UN"):
+                    raise _Unsure
+                pos = _skip_undefined(buf, pos, depth + 1)
+            else:
+                pos += length
+
+
+def fast_tags(header: bytes) -> dict[str, str | None] | None:
+    """The three tags as pydicom's str() gives them, or None to fall back to pydicom."""
+    try:
+        buf = bytes(header)
+        if len(buf) < 132 or buf[128:132] != b"DICM":
+            return None
+        pos, syntax = 132, ""
+        while True:  # file meta, always explicit VR LE
+            tag, vr, vpos, length = _element(buf, pos)
+            if tag >> 16 != 0x0002:
+                break
+            if tag == 0x00020010:
+                syntax = buf[vpos:vpos + length].rstrip(b"\0 ").decode("ascii")
+            pos = vpos + length
+        if not syntax or syntax in _NOT_EXPLICIT_LE:
+            return None
+        values: dict[str, str | None] = dict.fromkeys(_WANTED.values())
+        while True:
+            tag, vr, vpos, length = _element(buf, pos)
+            if tag > _LAST:
+                return values
+            if length == 0xFFFFFFFF:
+                if vr not in (b"SQ", b"UN"):
+                    return None
+                pos = _skip_undefined(buf, vpos)
+                continue
+            if vpos + length > len(buf):
+                return None
+            name = _WANTED.get(tag)
+            if name is not None:
+                if vr not in (b"UI", b"IS"):
+                    return None
+                text = buf[vpos:vpos + length].decode("ascii").strip(" \0")
+                if "\\" in text:
+                    return None  # multi-valued: let pydicom decide what str() is
+                values[name] = text or None
+                if tag == _LAST:
+                    return values
+            pos = vpos + length
+    except (_Unsure, UnicodeDecodeError, struct.error):
+        return None
