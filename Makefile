@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,keyring]'
+	$(PY) -m pip install --quiet -e '.[test,keyring,bench]'
 	touch $(STAMP)
 
 # Third-party NBIA clients, in a virtualenv of their own: their pins conflict with ours.
