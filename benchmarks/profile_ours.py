@@ -81,7 +81,7 @@ def classify(frames: list[str]) -> str:
     return "other"
 
 
-def summarise(raw: Path, wall: float) -> dict[str, object]:
+def summarise(raw: Path, wall: float, label: str = "download") -> dict[str, object]:
     """Self time per frame and per cost centre from py-spy's raw (collapsed) output."""
     total = 0
     self_time: Counter[str] = Counter()
@@ -102,7 +102,7 @@ def summarise(raw: Path, wall: float) -> dict[str, object]:
         centres[classify(frames)] += n
     seconds = total / RATE
     lines = [
-        f"One LAN download sampled at {RATE} Hz: {total} samples (~{seconds:.1f} s) over "
+        f"One {label} sampled at {RATE} Hz: {total} samples (~{seconds:.1f} s) over "
         f"{wall:.1f} s wall (py-spy slows the run; the shares are what matter).",
         "",
         "| cost centre | share of samples |",
@@ -119,7 +119,8 @@ def summarise(raw: Path, wall: float) -> dict[str, object]:
 
 
 def profile_download(ours: Path, manifest: Path, out: Path, log_dir: Path,
-                     workers: int | None = None) -> dict[str, object] | None:
+                     workers: int | None = None, label: str = "download"
+                     ) -> dict[str, object] | None:
     """Download ``manifest`` twice under py-spy; None when py-spy is not installed.
 
     First with ``--gil`` (only the thread holding the GIL is sampled: the Python work
@@ -152,7 +153,7 @@ def profile_download(ours: Path, manifest: Path, out: Path, log_dir: Path,
         if done.returncode != 0 or not raw.is_file():
             print(f"  profile failed (see {log_dir / f'py-spy-{mode}.log'})")
             return None
-        summary = summarise(raw, wall)
+        summary = summarise(raw, wall, label)
         result[mode] = {k: v for k, v in summary.items() if k != "lines"}
         lines += [f"### {title}", "", *summary["lines"], ""]  # type: ignore[misc]
         centres = Counter(summary["centres"])  # type: ignore[arg-type]

@@ -239,7 +239,8 @@ class Runner:
                           + (" TIMEOUT" if measured.timed_out else ""), flush=True)
             if name == "lan" and self.settings.profile:
                 self.profile = profile_download(
-                    OURS, manifest, runs_dir / "profile", work / "logs" / name / "profile")
+                    OURS, manifest, runs_dir / "profile", work / "logs" / name / "profile",
+                    label="LAN download (default workers)")
                 remove_tree(runs_dir / "profile")
         return list(aggregates.values())
 
