@@ -515,20 +515,16 @@ class NbiaClient:
         else:
             url = self._url("getImageWithMD5Hash" if md5 else "getImage", version)
             params = {"SeriesInstanceUID": uid}
-        headers = self._headers()
-        if self.tokens is not None:
-            with self.http.stream("GET", url, params=params, headers=headers) as response:
-                if response.status_code != 401:
-                    raise_for_status(response, f"series {uid}")
-                    yield self._zip_response(response, uid)
-                    return
-            self.tokens.invalidate(headers.get("Authorization"))
+        for attempt in (1, 2):
             headers = self._headers()
-        with self.http.stream("GET", url, params=params, headers=headers) as response:
-            if response.status_code == 401 and self.tokens is not None:
-                self.tokens.invalidate(headers.get("Authorization"))
-            raise_for_status(response, f"series {uid}")
-            yield self._zip_response(response, uid)
+            with self.http.stream("GET", url, params=params, headers=headers) as response:
+                if response.status_code == 401 and self.tokens is not None:
+                    self.tokens.invalidate(headers.get("Authorization"))
+                    if attempt == 1:
+                        continue  # once more with a fresh token
+                raise_for_status(response, f"series {uid}")
+                yield self._zip_response(response, uid)
+                return
 
     @staticmethod
     def _zip_response(response: httpx.Response, uid: str) -> httpx.Response:
