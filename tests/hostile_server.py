@@ -14,8 +14,6 @@ endpoints; v4 answers 404 so ``--api auto`` falls back to v1.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime
 import hashlib
 import ipaddress
@@ -30,6 +28,7 @@ from types import TracebackType
 
 from aiohttp import web
 
+from nbia_retriever.server.runner import AppThread
 from nbia_retriever.server.zipwriter import ZipEntry, deflated_entry, stream_zip
 
 API_PREFIX = "/nbia-api/services"
@@ -151,7 +150,7 @@ class HostileServer:
         #: Body bytes written per series UID, over all its requests.
         self.sent: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._runner = AppThread(self.app())
+        self._runner = AppThread(self.app(), shutdown_timeout=0.2, name="hostile-server")
 
     # addresses
     @property
@@ -228,86 +227,6 @@ class HostileServer:
             with self._lock:
                 self.sent[uid] = self.sent.get(uid, 0) + sent
         return response
-
-
-class AppThread:
-    """Run an aiohttp app on 127.0.0.1 (any free port) in a thread with its own loop."""
-
-    def __init__(self, app: web.Application, *, ssl_context: ssl.SSLContext | None = None
-                 ) -> None:
-        self.app = app
-        self.ssl_context = ssl_context
-        self.port: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("not started")
-        scheme = "https" if self.ssl_context else "http"
-        return f"{scheme}://127.0.0.1:{self.port}"
-
-    def start(self) -> AppThread:
-        self._thread = threading.Thread(target=self._run, name="hostile-server", daemon=True)
-        self._thread.start()
-        self._ready.wait(30)
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        future = asyncio.run_coroutine_threadsafe(self._cleanup(), loop)
-        with contextlib.suppress(Exception):
-            future.result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        self._loop = self._thread = None
-
-    def __enter__(self) -> AppThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._startup())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            loop.close()
-            return
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    async def _startup(self) -> None:
-        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.2,
-                               handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
-        await site.start()
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
-
-    async def _cleanup(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
 
 def self_signed_context(folder: Path) -> ssl.SSLContext:
