@@ -50,7 +50,7 @@ from ..engine import DownloadOptions, Engine, Event
 from ..errors import AuthError, NbiaError
 from ..layout import Layout
 from ..manifest import Manifest
-from ..models import SeriesInfo, SeriesState
+from ..models import SeriesState
 from ..report import SeriesResult, write_error_report
 from .cells import COLUMNS, Cell, format_duration, human_size, row_cells
 from .screens import DestinationScreen, LoginScreen, SaveReportScreen
@@ -70,21 +70,12 @@ NARROW_HIDDEN = frozenset({"collection", "study", "images"})
 
 
 @dataclass
-class Row:
-    """What the table shows for one series: the latest report from any engine."""
+class Row(SeriesResult):
+    """What the table shows for one series: the latest report from any engine, plus
+    the table's own state (marked for deletion, rendered cells)."""
 
-    uid: str
-    info: SeriesInfo | None = None
-    state: str = SeriesState.NOT_STARTED
-    error: str = ""
-    attempts: int = 0
-    bytes_done: int = 0
     marked: bool = False
     cells: dict[str, Cell] = field(default_factory=dict)
-
-    def as_result(self) -> SeriesResult:
-        return SeriesResult(self.uid, info=self.info, state=self.state, error=self.error,
-                            attempts=self.attempts, bytes_done=self.bytes_done)
 
 
 class RetrieverApp(App[None]):
@@ -649,7 +640,7 @@ class RetrieverApp(App[None]):
             if path is None:
                 return
             try:
-                n = write_error_report(path, [r.as_result() for r in self.rows.values()])
+                n = write_error_report(path, self.rows.values())
             except OSError as exc:
                 self.notify(f"Cannot write {path}: {exc.strerror or exc}", severity="error",
                             markup=False)
