@@ -705,18 +705,28 @@ def write_manifest(
     except ManifestError as exc:
         raise ManifestError(exc.problem, source=str(path)) from None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                   dir=target.parent if str(target.parent) else ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-                handle.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(target, text, newline="\n")
     except OSError as exc:
         raise ManifestError(f"cannot write: {exc.strerror or exc}", source=str(path)) from None
     return target
+
+
+def atomic_write_text(path: Path, text: str, *, newline: str | None = None) -> Path:
+    """Temp file + rename in the target folder: readers never see half a file.
+
+    ``newline`` as for :func:`open` (``""`` for text the csv module already terminated).
+    Raises :class:`OSError`; callers turn it into their own one-line error.
+    """
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 # ----------------------------------------------------------------------------- URLs

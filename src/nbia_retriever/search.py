@@ -22,7 +22,6 @@ import io
 import os
 import re
 import sqlite3
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -308,20 +307,12 @@ def to_dataframe(records: Iterable[SeriesInfo]) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    """Temp file + rename in the target folder: readers never see half a file."""
-    folder = path.parent if str(path.parent) else Path(".")
+    from .manifest import atomic_write_text
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        return atomic_write_text(path, text, newline="")
     except OSError as exc:
         raise NbiaError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    return path
 
 
 # ---------------------------------------------------------------------------- manifests
