@@ -19,7 +19,7 @@ from pathlib import Path
 from harness import dump_json, md5_file
 
 from nbia_retriever.server.index import ArchiveIndex
-from nbia_retriever.synth import generate_archive
+from nbia_retriever.server.synth import generate_archive
 
 MARKER = "bench-archive.json"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench_manifest import generate_uids
 
-from nbia_retriever.journal import Journal
+from nbia_retriever.engine.journal import Journal
 from nbia_retriever.layout import series_relpaths
 from nbia_retriever.manifest import DEFAULT_DOWNLOAD_URL, read_manifest, write_manifest
 from nbia_retriever.models import SeriesInfo, SeriesState, normalise_series_metadata

@@ -57,7 +57,7 @@ def tree(root: Path, limit: int = 40) -> None:
 
 
 def main() -> int:
-    from nbia_retriever.synth import generate_archive
+    from nbia_retriever.server.synth import generate_archive
 
     archive = WORK / "archive"
     if not (archive / "manifest.tcia").exists():

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from nbia_retriever.server import ReferenceServer
-from nbia_retriever.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from nbia_retriever._dicomtags import fast_tags
 from nbia_retriever.naming import parse_is
-from nbia_retriever.synth import generate_archive
+from nbia_retriever.server.synth import generate_archive
 
 TAGS = ("AcquisitionNumber", "InstanceNumber", "SOPInstanceUID")
 

@@ -20,11 +20,11 @@ import pytest
 from enginehelpers import downloaded_series, expected_series, series_folders, write_manifest
 from nbia_retriever import download, make_engine
 from nbia_retriever.engine import shard_of
-from nbia_retriever.journal import Journal
+from nbia_retriever.engine.journal import Journal
 from nbia_retriever.models import SeriesState
 from nbia_retriever.report import METADATA_HEADER
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.synth import generate_archive
+from nbia_retriever.server.synth import generate_archive
 
 FAST = {"backoff_base": 0.01, "timeout": 5.0}
 
@@ -150,19 +150,22 @@ def test_restricted_series_need_a_login(tmp_path, server, archive, expected):
     user, password = next(iter(archive.users.items()))
     if user != "alice":
         user, password = "alice", archive.users["alice"]
-    report = download(manifest, tmp_path / "dl", user=user, password=password, **FAST)
+    report = download(manifest, tmp_path / "dl", user=user, password=password,
+                      api_url=server.api_url, **FAST)
     assert report.ok, report.summary()
     assert_identical(report.root, expected, restricted)
     # The token expires mid-run: the engine refreshes and carries on.
     server.advance_clock(10_000)
-    again = download(manifest, tmp_path / "dl2", user=user, password=password, **FAST)
+    again = download(manifest, tmp_path / "dl2", user=user, password=password,
+                     api_url=server.api_url, **FAST)
     assert again.ok, again.summary()
 
 
 def test_wrong_password_is_an_auth_failure(tmp_path, server, archive):
     restricted = [s.series_uid for s in archive.series if s.restricted]
     manifest = manifest_for(tmp_path, server, restricted)
-    report = download(manifest, tmp_path / "dl", user="alice", password="wrong", **FAST)
+    report = download(manifest, tmp_path / "dl", user="alice", password="wrong",
+                      api_url=server.api_url, **FAST)
     assert report.auth_failed and "alice" in report.fatal and "wrong" not in report.fatal
 
 
@@ -295,7 +298,7 @@ def test_naming_reads_headers_longer_than_the_in_memory_prefix(tmp_path):
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from nbia_retriever.engine import HEADER_BYTES, _image_key, _Staged
+    from nbia_retriever.engine import HEADER_BYTES, read_tags
 
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
@@ -309,9 +312,8 @@ def test_naming_reads_headers_longer_than_the_in_memory_prefix(tmp_path):
     path = tmp_path / "x.dcm"
     ds.save_as(path, enforce_file_format=True)
     data = path.read_bytes()
-    staged = _Staged(name="00000001.dcm", path=path, size=len(data), md5="",
-                     header=data[:HEADER_BYTES], is_image=True)
-    key = _image_key(staged)
+    key = read_tags("00000001.dcm", data[:HEADER_BYTES], path, len(data))
+    assert key is not None
     assert (key.acquisition, key.instance) == ("3", "7")
     assert key.sop_instance_uid == ds.SOPInstanceUID
 

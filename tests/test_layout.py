@@ -69,9 +69,12 @@ def test_normalise_date(raw: str, out: str) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "out"),
-    [("1.000000", "1"), ("1", "1"), (" 3000566.000000 ", "3000566"), ("2.5", "2.5"),
-     ("2.500000", "2.5"), ("", ""), ("  ", ""), ("-0.0", "0"), ("+7", "7"), ("-2", "-2"),
-     ("1e2", "100"), ("abc", "abc"), ("1e999999", "1e999999"), ("NaN", "NaN"),
+    # The server's decimal(22,6) text, whatever the API sent (v4 builds of 2025-04 sent
+    # integers): the Java folder names carry it.
+    [("1.000000", "1.000000"), ("1", "1.000000"), (" 3000566.000000 ", "3000566.000000"),
+     ("2.5", "2.500000"), ("2.500000", "2.500000"), ("", ""), ("  ", ""),
+     ("-0.0", "0.000000"), ("+7", "7.000000"), ("-2", "-2.000000"), ("1e2", "100.000000"),
+     ("abc", "abc"), ("1e999999", "1e999999"), ("NaN", "NaN"),
      ("1e99999999999999999999", "1e99999999999999999999")],
 )
 def test_format_series_number(raw: str, out: str) -> None:
@@ -170,17 +173,39 @@ def test_sanitize_is_safe_and_idempotent(text: str) -> None:
 
 
 def test_descriptive_layout_like_the_java_tool() -> None:
+    # The example seen in the field, character for character.
+    path = series_relpath(info(study_description=""))
+    assert str(path) == "LIDC-IDRI/LIDC-IDRI-0001/01-01-2000-NA-NA-30178/3000566.000000-NA-03192"
+    # cleanStr keeps [a-zA-Z0-9 .-] only: ":" and "/" go, nothing is replaced.
     path = series_relpath(info(study_id="12", series_description="Recon 2: w/ contrast"))
     assert path.parts == ("LIDC-IDRI", "LIDC-IDRI-0001", "01-01-2000-12-Chest CT-30178",
-                          "3000566-Recon 2_ w- contrast-03192")
+                          "3000566.000000-Recon 2 w contrast-03192")
     assert series_relpath(info(), Layout.DESCRIPTIVE) == series_relpath(info(), "descriptive")
 
 
-def test_empty_parts_left_out() -> None:
+def test_empty_parts_read_na_and_null_parts_are_left_out() -> None:
+    # Empty StudyID and descriptions read NA (cleanStr); a missing date or number is
+    # left out (getPartOfName), as is a part that is exactly "null" or a description "-".
     path = series_relpath(info(study_date="", study_description="", series_number=""))
-    assert path.parts[2:] == ("30178", "03192")
+    assert path.parts[2:] == ("NA-NA-30178", "NA-03192")
     path = series_relpath(info(study_date="garbage", series_number="", series_description="X"))
-    assert path.parts[2:] == ("Chest CT-30178", "X-03192")
+    assert path.parts[2:] == ("NA-Chest CT-30178", "X-03192")
+    path = series_relpath(info(study_id="null", study_description="-",
+                               series_description="null"))
+    assert path.parts[2:] == ("01-01-2000-30178", "3000566.000000-03192")
+    path = series_relpath(info(study_description="???", series_description="é"))
+    assert path.parts[2:] == ("01-01-2000-NA-NA-30178", "3000566.000000-NA-03192")
+
+
+def test_the_same_names_whatever_the_api_sent() -> None:
+    # v4 sends raw text and integer-looking numbers; v1/v2 stripped text and 1.000000.
+    raw = info(study_description="Chest/Abd (w contrast)", series_description="Ax: 5mm",
+               series_number="2", study_id="A/1")
+    stripped = info(study_description="ChestAbd w contrast", series_description="Ax 5mm",
+                    series_number="2.000000", study_id="A1")
+    assert series_relpath(raw) == series_relpath(stripped)
+    assert series_relpath(raw).parts[2:] == ("01-01-2000-A1-ChestAbd w contrast-30178",
+                                            "2.000000-Ax 5mm-03192")
 
 
 def test_dates_in_any_form_become_mm_dd_yyyy() -> None:
@@ -191,14 +216,14 @@ def test_dates_in_any_form_become_mm_dd_yyyy() -> None:
 def test_descriptions_cut_to_53_characters() -> None:
     path = series_relpath(info(study_description="S" * 80, series_description="D" * 80,
                                series_number="1"))
-    assert path.parts[2] == "01-01-2000-" + "S" * 53 + "-30178"
-    assert path.parts[3] == "1-" + "D" * 53 + "-03192"
+    assert path.parts[2] == "01-01-2000-NA-" + "S" * 53 + "-30178"
+    assert path.parts[3] == "1.000000-" + "D" * 53 + "-03192"
 
 
 def test_last_five_includes_dots() -> None:
     path = series_relpath(info(study_uid="1.2.3.4.5", series_uid="1.2.840.1.2.3",
                                study_description="", series_number=""))
-    assert path.parts[2:] == ("01-01-2000-3.4.5", "1.2.3")
+    assert path.parts[2:] == ("01-01-2000-NA-NA-3.4.5", "NA-1.2.3")
 
 
 def test_missing_collection_and_patient_fall_back_to_na() -> None:
@@ -220,9 +245,12 @@ def test_names_the_engine_writes_are_never_taken() -> None:
 
 
 def test_unicode_is_nfc() -> None:
+    # Patient IDs keep their text (made NFC, so macOS and Linux agree); descriptions go
+    # through cleanStr on the text as sent, like the server's: a combining accent goes,
+    # its letter stays.
     path = series_relpath(info(patient_id="Jose\u0301", series_description="Ange\u0301lique"))
     assert path.parts[1] == "Jos\u00e9"
-    assert "Ang\u00e9lique" in path.parts[3]
+    assert path.parts[3] == "3000566.000000-Angelique-03192"
 
 
 @pytest.mark.parametrize("evil", ["../../x", "..", ".", "C:\\x", "C:", "/abs", "\\\\server\\share",
@@ -241,7 +269,7 @@ def test_long_metadata_shrinks_series_description_first() -> None:
     assert len(str(path)) == MAX_SERIES_PATH
     assert path.parts[:2] == ("C" * 60, "P" * 60)
     assert path.parts[2] == "01-01-2000-1-" + "S" * 53 + "-30178"
-    assert path.parts[3].startswith("3000566-D") and path.parts[3].endswith("-03192")
+    assert path.parts[3] == "3000566.000000-" + "D" * 24 + "-03192"
 
 
 def test_then_study_description_then_patient_then_collection() -> None:
@@ -249,20 +277,20 @@ def test_then_study_description_then_patient_then_collection() -> None:
                 series_description="D" * 53)
     path = series_relpath(meta)
     assert len(str(path)) == MAX_SERIES_PATH
-    assert path.parts[3] == "3000566-03192"  # series description gone entirely
-    assert path.parts[2] == "01-01-2000-" + "S" * 7 + "-30178"  # study description cut
-    assert path.parts[:2] == ("C" * 100, "P" * 100)
+    # Both descriptions gone entirely (a part cut to nothing is left out), then the
+    # patient ID gives way.
+    assert path.parts == ("C" * 100, "P" * 98, "01-01-2000-NA-30178", "3000566.000000-03192")
     meta = info(collection="C" * 150, patient_id="P" * 150, study_description="S" * 53,
                 series_description="D" * 53)
     path = series_relpath(meta)
     assert len(str(path)) == MAX_SERIES_PATH
-    assert path.parts == ("C" * 150, "P" * 58, "01-01-2000-30178", "3000566-03192")
+    assert path.parts == ("C" * 150, "P" * 48, "01-01-2000-NA-30178", "3000566.000000-03192")
     meta = info(collection="C" * 300, patient_id="P" * 300)
     path = series_relpath(meta)
     assert len(str(path)) <= MAX_SERIES_PATH
     assert path.parts[1] == "P"
-    assert path.parts[0] == "C" * (MAX_SERIES_PATH - 3 - 1 - 16 - 13)
-    assert path.parts[2:] == ("01-01-2000-30178", "3000566-03192")
+    assert path.parts[0] == "C" * (MAX_SERIES_PATH - 3 - 1 - 19 - 20)
+    assert path.parts[2:] == ("01-01-2000-NA-30178", "3000566.000000-03192")
 
 
 def test_suffixes_survive_any_shortening() -> None:
@@ -290,8 +318,10 @@ def test_same_last_five_collide_in_series_relpath_but_not_in_series_relpaths() -
     assert series_relpath(a) == series_relpath(b)  # faithful to the Java rule
     paths = series_relpaths([a, b])
     assert paths[a.series_uid] != paths[b.series_uid]
-    assert paths[a.series_uid].name.endswith("-1.2.840.111.4.12345")
+    # The first in manifest order keeps the Java name; the later one its whole UID.
+    assert paths[a.series_uid] == series_relpath(a)
     assert paths[b.series_uid].name.endswith("-1.2.840.222.4.12345")
+    assert series_relpaths([b, a])[b.series_uid] == series_relpath(b)
     c = info(series_uid="1.2.840.333.4.54321")
     assert series_relpaths([a, b, c])[c.series_uid] == series_relpath(c)  # untouched
 
@@ -368,13 +398,16 @@ def test_different_series_never_share_a_folder(
                    series_number=numbers[i], series_description=descs[i])
         for i, u in enumerate(full)
     ]
-    paths = series_relpaths(metas, layout)
+    ordered = list(reversed(metas)) if reverse else metas
+    paths = series_relpaths(ordered, layout)
     assert set(paths) == set(full)
     keys = {str(p).casefold() for p in paths.values()}
     assert len(keys) == len(full)
     for path in paths.values():
         _assert_inside(path)
-    assert series_relpaths(list(reversed(metas)) if reverse else metas, layout) == paths
+    # Deterministic for a given order, and the first series keeps its Java name.
+    assert series_relpaths(ordered, layout) == paths
+    assert paths[ordered[0].series_uid] == series_relpath(ordered[0], layout)
 
 
 @settings(max_examples=200, deadline=None)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nbia_retriever.server import ReferenceServer
-from nbia_retriever.synth import generate_archive
+from nbia_retriever.server.synth import generate_archive
 
 PEERS_PYTHON = os.environ.get("NBIA_PEERS_PYTHON", "")
 DRIVER = Path(__file__).with_name("peers_driver.py")

@@ -29,7 +29,7 @@ from enginehelpers import expected_series, write_manifest
 from nbia_retriever import download
 from nbia_retriever.models import SeriesState
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 from nbia_retriever.verify import verify_root
 from reliability_helpers import CLI, assert_root_clean, exit_signal, journal_complete, run_cli
 
@@ -214,8 +214,9 @@ def test_second_ctrl_c_still_exits_130_without_traceback(tmp_path, cart, archive
     finish(cart, dest, archive, expected)
 
 
-# Deterministic crash points. The driver patches one collaborator to os._exit(137) on its
-# NBIA_CRASH_NTH-th use; everything else runs as the real CLI.
+# Deterministic crash points. The driver patches one public seam (a module function, a
+# public method, os.rename) to os._exit(137) on its NBIA_CRASH_NTH-th use; everything
+# else runs as the real CLI.
 DRIVER = r"""
 import os, shutil, sys
 from pathlib import Path
@@ -229,7 +230,8 @@ def hit():
         sys.stdout.flush()
         os._exit(137)
 
-from nbia_retriever import engine, journal, report
+from nbia_retriever import report
+from nbia_retriever.engine import checks, journal, publish
 
 def before(owner, name):
     original = getattr(owner, name)
@@ -243,14 +245,14 @@ if point == "journal":      # the series folder is published, the journal not ye
 elif point == "csv":        # the journal says complete, metadata.csv has no row yet
     before(report.MetadataCsv, "append")
 elif point == "license":    # a collection's LICENSE is about to be written
-    before(engine.Engine, "_write_license")
+    before(publish.Publisher, "write_license")
 elif point == "license-tmp":  # the LICENSE's temporary file is written, not yet renamed
-    real_replace = os.replace
-    def replace(src, dst, *a, **k):
+    real_rename = os.rename
+    def rename(src, dst, *a, **k):
         if Path(dst).name == "LICENSE":
             hit()
-        return real_replace(src, dst, *a, **k)
-    os.replace = replace
+        return real_rename(src, dst, *a, **k)
+    os.rename = rename
 elif point == "trash":      # an unjournaled folder was moved aside, the new one not yet in
     real_rename = os.rename
     def rename(src, dst, *a, **k):
@@ -259,7 +261,7 @@ elif point == "trash":      # an unjournaled folder was moved aside, the new one
             hit()
     os.rename = rename
 elif point == "staged":     # every image of a series is staged, nothing published
-    before(engine.Engine, "_verify")
+    before(checks, "check_series")
 
 from nbia_retriever.cli import main
 main()
@@ -310,11 +312,17 @@ def test_crash_on_a_collections_only_series_keeps_its_license(tmp_path, fast_ser
 
 def test_crash_while_replacing_a_folder_left_by_a_crash(tmp_path, fast_cart, archive,
                                                         expected):
-    # Run 1 dies after publishing a folder but before journaling it; run 2 must replace
-    # that folder (it cannot know it is complete) and dies half-way through the swap;
-    # run 3 must still end exactly right.
+    # Run 1 dies after publishing a folder but before journaling it, and the folder then
+    # loses a file (so it cannot be adopted as complete); run 2 must replace that folder
+    # and dies half-way through the swap; run 3 must still end exactly right.
     dest = tmp_path / "dl"
     assert crash_run(fast_cart, dest, "journal", 2).returncode == 137
+    journaled = {relpath for relpath, _ in journal_complete(dest / ROOT_NAME).values()}
+    unjournaled = [p.parent for p in (dest / ROOT_NAME).rglob("*.dcm")
+                   if ".nbia" not in p.parts and
+                   str(p.parent.relative_to(dest / ROOT_NAME)) not in journaled]
+    assert unjournaled, "run 1 left no unjournaled folder: the test proves nothing"
+    sorted(unjournaled[0].glob("*.dcm"))[-1].unlink()
     assert crash_run(fast_cart, dest, "trash", 1).returncode == 137
     assert_root_clean(dest / ROOT_NAME, expected=expected, settled=False)
     finish(fast_cart, dest, archive, expected)

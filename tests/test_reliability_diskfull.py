@@ -27,7 +27,7 @@ from enginehelpers import expected_series, write_manifest
 from nbia_retriever import download
 from nbia_retriever.report import METADATA_HEADER, MetadataCsv
 from nbia_retriever.server import ReferenceServer
-from nbia_retriever.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 from reliability_helpers import CLI, assert_root_clean, metadata_rows
 
 ROOT_NAME = "manifest-1700000000000"

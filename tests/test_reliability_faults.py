@@ -21,7 +21,7 @@ from nbia_retriever import download, make_engine
 from nbia_retriever.api import Credentials, NbiaClient
 from nbia_retriever.models import SeriesState
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 from reliability_helpers import assert_root_clean, metadata_rows, staging_leftovers
 
 FAST = {"backoff_base": 0.01, "timeout": 5.0}
@@ -55,8 +55,9 @@ def server(archive: ArchiveSummary):
         yield srv
 
 
-def login(archive: ArchiveSummary) -> dict[str, str]:
-    return {"user": "alice", "password": archive.users["alice"]}
+def login(archive: ArchiveSummary, server: ReferenceServer) -> dict[str, str]:
+    """alice's login, for the server the user chose (credentials go nowhere else)."""
+    return {"user": "alice", "password": archive.users["alice"], "api_url": server.api_url}
 
 
 def all_uids(archive: ArchiveSummary) -> list[str]:
@@ -83,7 +84,8 @@ def test_each_fault_is_survived_on_v2_with_login(tmp_path, server, archive, expe
     uid = restricted_uid(archive)
     server.set_faults(FaultPlan(script={uid: [fault, fault]}, stall_seconds=30))
     report = download(manifest(tmp_path, server, all_uids(archive)), tmp_path / "dl",
-                      api="v2", **{**FAST, "timeout": timeout_for(fault)}, **login(archive))
+                      api="v2", **{**FAST, "timeout": timeout_for(fault)},
+                      **login(archive, server))
     assert report.ok, report.summary()
     assert report.results[uid].attempts == 3
     assert_root_clean(report.root, complete=all_uids(archive), expected=expected)
@@ -101,7 +103,7 @@ def test_past_the_budget_reports_the_cause_and_publishes_nothing(
     uid = restricted_uid(archive) if api == "v2" else \
         next(s.series_uid for s in archive.series if not s.restricted)
     uids = uids if api == "v2" else [s.series_uid for s in archive.series if not s.restricted]
-    creds = login(archive) if api == "v2" else {}
+    creds = login(archive, server) if api == "v2" else {}
     server.set_faults(FaultPlan(script={uid: [fault] * 2}, stall_seconds=30))
     cart = manifest(tmp_path, server, uids, retries=1)
     # A stall past the budget only has to time out: half a second is plenty.
@@ -131,7 +133,7 @@ def test_token_expiring_mid_download_costs_no_retry(tmp_path, server, archive, e
     # expired too, so the client must log in again) as soon as the first series is done.
     uids = all_uids(archive)
     engine = make_engine(manifest(tmp_path, server, uids, retries=0), tmp_path / "dl",
-                         api="v2", workers=1, **FAST, **login(archive))
+                         api="v2", workers=1, **FAST, **login(archive, server))
     jumped = threading.Event()
 
     def on_event(event) -> None:
@@ -170,7 +172,7 @@ def test_retry_after_is_honoured(tmp_path, server, archive, kind):
     uid = restricted_uid(archive)
     server.set_faults(FaultPlan(script={uid: [f"{kind}:0.4"]}))
     report = download(manifest(tmp_path, server, [uid]), tmp_path / "dl", api="v2", **FAST,
-                      **login(archive))
+                      **login(archive, server))
     assert report.ok, report.summary()
     calls = [r for r in server.requests if r.series_uid == uid and "getImage" in r.path]
     assert [r.status for r in calls] == [int(kind[4:]), 200]
@@ -181,7 +183,7 @@ def test_retry_after_is_honoured(tmp_path, server, archive, kind):
 def test_metadata_faults_are_retried(tmp_path, server, archive, expected, api):
     uids = all_uids(archive) if api == "v2" else \
         [s.series_uid for s in archive.series if not s.restricted]
-    creds = login(archive) if api == "v2" else {}
+    creds = login(archive, server) if api == "v2" else {}
     server.set_faults(FaultPlan(metadata_script=["http500", "http503:0", "http429:0"]))
     report = download(manifest(tmp_path, server, uids), tmp_path / "dl", api=api, **FAST,
                       **creds)

@@ -28,13 +28,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostile_server import series_zip
-from nbia_retriever.engine import DownloadOptions, Engine
+from nbia_retriever.api import MetadataBatch
+from nbia_retriever.engine import DownloadOptions, Engine, Verdict
 from nbia_retriever.errors import ManifestError
 from nbia_retriever.manifest import Manifest, parse_manifest, read_manifest
 from nbia_retriever.models import SeriesInfo, SeriesState
-from nbia_retriever.synth import generate_archive
+from nbia_retriever.server.synth import generate_archive
 
-UID = "1.2.826.0.1.3680043.8.498.1"
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -109,42 +109,55 @@ def test_any_manifest_file_reads_or_raises_manifest_error(tmp_path_factory, data
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict[str, bytes]]:
-    """A real series zip as the server streams it, and the files it holds."""
+def original(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict[str, bytes], str]:
+    """A real series zip as the server streams it, the files it holds, its series UID."""
     archive = generate_archive(tmp_path_factory.mktemp("rel-fuzz"), seed=61, collections=1,
                                patients=1, studies=1, series=1, images=3, rows=16,
                                columns=16, restricted=False, awkward=False)
     files = {f"{i:08d}.dcm": p.read_bytes()
              for i, p in enumerate(archive.series[0].files, start=1)}
-    return series_zip(list(files.items())), files
+    return series_zip(list(files.items())), files, archive.series[0].series_uid
 
 
-class _Response:
+class _Stream:
     def __init__(self, chunks: list[bytes]) -> None:
         self._chunks = chunks
+        self.bytes_received = 0
 
-    def iter_raw(self) -> Iterator[bytes]:
-        yield from self._chunks
+    def chunks(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self.bytes_received += len(chunk)
+            yield chunk
 
 
-class StubClient:
-    """Stands in for NbiaClient: fixed metadata, and the damaged bytes as the stream."""
+class StubSource:
+    """A second Source (the engine's seam): fixed metadata, the damaged bytes as the stream."""
 
-    logged_in = False
+    name = "stub"
 
     def __init__(self, info: SeriesInfo, chunks: list[bytes]) -> None:
         self.info = info
         self.chunks = chunks
 
-    def login(self) -> None:  # pragma: no cover - never called without credentials
+    def check(self) -> None:
         pass
 
-    def series_metadata(self, uids, **_: object):  # type: ignore[no-untyped-def]
-        return {u: self.info for u in uids if u == self.info.series_uid}
+    def prepare(self) -> None:
+        pass
+
+    def metadata_batches(self, uids):  # type: ignore[no-untyped-def]
+        yield MetadataBatch(list(uids), {u: self.info for u in uids
+                                         if u == self.info.series_uid})
+
+    def unavailable(self, uid: str) -> tuple[SeriesState, str]:
+        return SeriesState.NOT_AUTHORIZED, "unknown"
 
     @contextlib.contextmanager
-    def open_series(self, uid: str, *, md5: bool = True) -> Iterator[_Response]:
-        yield _Response(self.chunks)
+    def open(self, info: SeriesInfo) -> Iterator[_Stream]:
+        yield _Stream(self.chunks)
+
+    def verdict(self, error: Exception) -> Verdict:
+        return Verdict(retry=True)
 
     def close(self) -> None:
         pass
@@ -172,16 +185,16 @@ def chunked(data: st.DataObject, blob: bytes) -> list[bytes]:
 @FUZZ
 @given(data=st.data(), md5=st.booleans())
 def test_damaged_zip_is_never_published_and_never_crashes(original, data, md5: bool) -> None:
-    blob, files = original
+    blob, files, uid = original
     damaged, how = damage(data, blob)
-    info = SeriesInfo(series_uid=UID, collection="Fuzz", patient_id="P1", study_uid="1.2.3",
+    info = SeriesInfo(series_uid=uid, collection="Fuzz", patient_id="P1", study_uid="1.2.3",
                       image_count=len(files), file_size=sum(map(len, files.values())))
-    manifest = Manifest(series_uids=(UID,), headers={}, source=None, duplicates_dropped=0)
+    manifest = Manifest(series_uids=(uid,), headers={}, source=None, duplicates_dropped=0)
     with tempfile.TemporaryDirectory() as tmp:
         engine = Engine(manifest, tmp, DownloadOptions(retries=0, md5=md5, workers=1),
-                        client=StubClient(info, chunked(data, damaged)))  # type: ignore[arg-type]
+                        source=StubSource(info, chunked(data, damaged)))
         report = engine.run()
-        result = report.results[UID]
+        result = report.results[uid]
         assert not report.fatal, report.fatal
         assert "internal error" not in result.error, f"{how}: {result.error}"
         published = [p for p in Path(report.root).rglob("*")

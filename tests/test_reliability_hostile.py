@@ -34,8 +34,8 @@ from hostile_server import (
 from nbia_retriever import download
 from nbia_retriever.models import SeriesState
 from nbia_retriever.report import Report
+from nbia_retriever.server.synth import ArchiveSummary, SynthSeries, generate_archive
 from nbia_retriever.server.zipwriter import ZipEntry, deflated_entry
-from nbia_retriever.synth import ArchiveSummary, SynthSeries, generate_archive
 from reliability_helpers import assert_root_clean, metadata_rows, staging_leftovers
 
 ROOT_NAME = "manifest-1700000000000"
@@ -112,10 +112,11 @@ def test_entry_names_that_are_paths_never_escape(tmp_path, hostile, archive, exp
     # Images under hostile names (absolute, traversing, drive-lettered) ...
     tricks = [str(tmp_path / "ESCAPED-abs.dcm"), "../" * 6 + "ESCAPED-img.dcm"]
     named = [(trick, data) for trick, (_, data) in zip(tricks, images, strict=True)]
-    # ... and every other kind of trick as a non-image entry (an "annotation").
+    # ... and every other kind of trick as a non-image entry (an "annotation"), listed in
+    # md5hashes.csv (the server vouches for it, so it is kept, under a harmless name).
     others = [(name, f"payload {i}".encode()) for i, name in enumerate(TRAVERSALS)]
     others.append((str(tmp_path / "ESCAPED-abs-other"), b"absolute"))
-    body = series_zip(named, unlisted=others)
+    body = series_zip([*named, *others])
     hostile.series[series.series_uid] = Crafted(record(series), body)
     report = run(tmp_path, hostile, [series.series_uid])
     assert_contained(tmp_path)
@@ -136,7 +137,7 @@ def test_entry_names_that_are_paths_never_escape(tmp_path, hostile, archive, exp
 
 def test_a_non_image_entry_never_becomes_a_dcm_file(tmp_path, hostile, archive):
     series = archive.series[0]
-    body = series_zip(files_of(series), unlisted=[("notes.dcm.", b"not DICOM")])
+    body = series_zip([*files_of(series), ("notes.dcm.", b"not DICOM")])
     hostile.series[series.series_uid] = Crafted(record(series), body)
     report = run(tmp_path, hostile, [series.series_uid])
     assert_contained(tmp_path)
@@ -272,8 +273,9 @@ def test_metadata_path_tricks_and_control_characters(tmp_path, hostile, archive,
         assert not relpath.is_absolute() and ".." not in relpath.parts
         assert relpath.parts[0] != ".nbia"
         assert not any(CONTROL.search(part) for part in relpath.parts), relpath
-    # metadata.csv: one physical line per series, whatever the descriptions hold.
-    lines = (report.root / "metadata.csv").read_bytes().split(b"\n")
+    # metadata.csv: one physical line per series, whatever the descriptions hold (CRLF,
+    # as the Java tool writes it).
+    lines = (report.root / "metadata.csv").read_bytes().split(b"\r\n")
     assert lines[-1] == b"" and len(lines) == 1 + len(uids) + 1
     assert not any(CONTROL.search(line.decode()) for line in lines)
 

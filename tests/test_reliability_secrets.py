@@ -26,7 +26,7 @@ from nbia_retriever.api import Credentials, NbiaClient, TlsError
 from nbia_retriever.engine import DownloadOptions
 from nbia_retriever.models import SeriesState
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 from reliability_helpers import CLI
 
 _SECRET_WORDS = ("password", "token", "secret", "authorization", "bearer")
@@ -59,7 +59,8 @@ def test_password_and_tokens_appear_in_no_output_file_or_url(tmp_path, archive, 
         # One series fails past the budget, so the error report and messages have content.
         server.set_faults(FaultPlan(script={restricted[0]: ["http500"] * 2}))
         cart = write_manifest(tmp_path / "cart.tcia", uids, server.download_url, retries=1)
-        base = ["download", str(cart), "--user", "alice", "--backoff", "0.01"]
+        base = ["download", str(cart), "--user", "alice", "--api-url", server.api_url,
+                "--backoff", "0.01"]
 
         # 1. --json, with the token expiring after the first series: 401, refresh, login.
         proc = cli([*base, "-d", str(tmp_path / "dl1"), "--json", "-w", "1",
@@ -93,7 +94,8 @@ def test_password_and_tokens_appear_in_no_output_file_or_url(tmp_path, archive, 
             blobs[f"{mode} stdout"], blobs[f"{mode} stderr"] = done.stdout, done.stderr
 
         # 4. `list` with a login, and a wrong password (the error path of the login).
-        for name, args, secret in (("list", ["list", str(cart), "--user", "alice"], password),
+        for name, args, secret in (("list", ["list", str(cart), "--user", "alice",
+                                             "--api-url", server.api_url], password),
                                    ("wrong", [*base, "-d", str(tmp_path / "dl-wrong")],
                                     password + "-wrong")):
             done = subprocess.run([*CLI, *args], capture_output=True, timeout=60, check=False,
@@ -105,7 +107,7 @@ def test_password_and_tokens_appear_in_no_output_file_or_url(tmp_path, archive, 
         server.set_faults(None)
         with caplog.at_level(logging.DEBUG):
             report = download(cart, tmp_path / "dl-api", user="alice", password=password,
-                              backoff_base=0.01)
+                              api_url=server.api_url, backoff_base=0.01)
         assert report.ok, report.summary()
         blobs["log records"] = "\n".join(
             f"{r.name} {r.getMessage()} {r.args!r}" for r in caplog.records).encode()
@@ -175,6 +177,8 @@ def test_self_signed_server_fails_in_one_line_unless_insecure(tmp_path, tls_serv
     cart = write_manifest(tmp_path / "cart.tcia", public,
                           tls_server.url + "/nbia-download/servlet/DownloadServlet")
     env = {**os.environ, "NBIA_PASSWORD": archive.users["alice"]}
+    if "--user" in extra:  # a password goes only to a server the user chose
+        extra = [*extra, "--api-url", tls_server.url + "/nbia-api/services"]
     args = [*CLI, "download", str(cart), "-d", str(tmp_path / "dl"), "--backoff", "0.01",
             "--quiet", *extra]
     refused = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60,

@@ -18,7 +18,7 @@ from enginehelpers import downloaded_series, expected_series, write_manifest
 from nbia_retriever import download, make_engine
 from nbia_retriever.models import SeriesState
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.synth import generate_archive
+from nbia_retriever.server.synth import generate_archive
 from nbia_retriever.verify import verify_root
 from reliability_helpers import assert_root_clean, staging_leftovers
 
@@ -36,9 +36,10 @@ def soak(tmp_path: Path, *, series_per_study: int, patients: int, api: str, logi
                                columns=8, restricted=login, awkward=False)
     uids = [s.series_uid for s in archive.series]
     expected = expected_series(archive.root)
-    creds = {"user": "alice", "password": archive.users["alice"]} if login else {}
-    options = {"api": api, "backoff_base": 0.01, "timeout": 1.0, "workers": 8, **creds}
     with ReferenceServer(archive.root, faults=PLAN) as server:
+        creds = {"user": "alice", "password": archive.users["alice"],
+                 "api_url": server.api_url} if login else {}
+        options = {"api": api, "backoff_base": 0.01, "timeout": 1.0, "workers": 8, **creds}
         cart = write_manifest(tmp_path / "cart.tcia", uids, server.download_url,
                               retries=RETRIES)
         if interrupt_after is not None:

@@ -37,7 +37,7 @@ from nbia_retriever.search import (
     write_cart,
 )
 from nbia_retriever.server import ReferenceServer
-from nbia_retriever.synth import ArchiveSummary, SynthSeries
+from nbia_retriever.server.synth import ArchiveSummary, SynthSeries
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from nbia_retriever.server import ReferenceServer
-from nbia_retriever.synth import ArchiveSummary
+from nbia_retriever.server.synth import ArchiveSummary
 
 V1_FIELDS = [
     "Series UID", "Collection", "3rd Party Analysis", "Data Description URI", "Subject ID",

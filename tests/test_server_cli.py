@@ -11,7 +11,7 @@ import httpx
 from click.testing import CliRunner
 
 from nbia_retriever.server import serve_command
-from nbia_retriever.synth import ArchiveSummary
+from nbia_retriever.server.synth import ArchiveSummary
 
 
 def test_serve_prints_urls_and_serves_with_faults(synthetic_archive: ArchiveSummary):

@@ -14,7 +14,7 @@ import pytest
 
 from nbia_retriever.server import Fault, FaultPlan, FaultSpecError, ReferenceServer, parse_rate
 from nbia_retriever.server.faults import FaultInjector
-from nbia_retriever.synth import ArchiveSummary, SynthSeries
+from nbia_retriever.server.synth import ArchiveSummary, SynthSeries
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import pytest
 
 from nbia_retriever.server import ArchiveError, ArchiveIndex, ReferenceServer, load_config
 from nbia_retriever.server import index as index_module
+from nbia_retriever.server.synth import ArchiveSummary, SynthSeries
 from nbia_retriever.server.zipwriter import ZipEntry, deflated_entry, stream_zip, zip_size
-from nbia_retriever.synth import ArchiveSummary, SynthSeries
 
 
 @pytest.fixture

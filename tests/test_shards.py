@@ -27,12 +27,12 @@ from click.testing import CliRunner
 from enginehelpers import downloaded_series, expected_series, write_manifest
 from nbia_retriever.cli import main
 from nbia_retriever.engine import shard_of
-from nbia_retriever.journal import Journal
+from nbia_retriever.engine.journal import Journal
 from nbia_retriever.models import SeriesState
 from nbia_retriever.report import METADATA_HEADER
 from nbia_retriever.search import merge_reports
 from nbia_retriever.server import ReferenceServer
-from nbia_retriever.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 from nbia_retriever.verify import verify_root
 
 SHARDS = 3

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from nbia_retriever.errors import NbiaError
-from nbia_retriever.synth import (
+from nbia_retriever.server.synth import (
     ALL_MANIFEST,
     ARCHIVE_TOML,
     PUBLIC_MANIFEST,

@@ -21,7 +21,7 @@ from nbia_retriever.engine import DownloadOptions, Engine
 from nbia_retriever.manifest import read_manifest
 from nbia_retriever.models import SeriesInfo, SeriesState
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 from nbia_retriever.tui import RetrieverApp
 from nbia_retriever.tui.app import FINISHED, READY, RUNNING
 from nbia_retriever.tui.cells import (
@@ -431,7 +431,8 @@ def test_open_command_builds_the_app(archive: ArchiveSummary, tmp_path: Path,
     assert app.ask_login is None and app.sub_title == "manifest.tcia"
 
     monkeypatch.delenv("NBIA_PASSWORD")
-    monkeypatch.setattr("nbia_retriever.tui.command.stored_password", lambda user: None)
+    monkeypatch.setattr("nbia_retriever.tui.command.stored_password",
+                        lambda host, user: None)
     result = runner.invoke(main, ["open", manifest, "--user", "bob"])
     assert result.exit_code == 0 and seen[1].ask_login == "bob"
     assert seen[1].credentials is None  # asked in the window, not on the terminal

@@ -21,7 +21,7 @@ from textual.pilot import Pilot
 from nbia_retriever.engine import DownloadOptions
 from nbia_retriever.manifest import read_manifest
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 from nbia_retriever.tui import RetrieverApp
 
 SIZE = (120, 30)

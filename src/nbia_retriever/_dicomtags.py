@@ -1,7 +1,10 @@
-"""Read the three naming tags of a DICOM header without pydicom, fast.
+"""Read the few header tags the engine needs without pydicom, fast.
 
-Scans the in-memory header (explicit VR little endian, the transfer syntax of nearly
-every TCIA image, compressed ones included) element by element, skipping values and
+The tags: SOPClassUID (metadata.csv), SOPInstanceUID, AcquisitionNumber and
+InstanceNumber (file names), StudyInstanceUID, SeriesInstanceUID (the image belongs to
+its series) and StudyID (the Java folder name, when the metadata lacks it). Scans the
+in-memory header (explicit VR little endian, the transfer syntax of nearly every TCIA
+image, compressed ones included) element by element, skipping values and
 undefined-length sequences, and stops after (0020,0013). Anything unexpected (implicit
 VR, big endian, deflated, truncated header, odd lengths) returns None and the caller
 falls back to the current pydicom path, so behaviour can only differ in speed.
@@ -18,8 +21,13 @@ import struct
 
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
                        b"UT"})
-_WANTED = {0x00080018: "SOPInstanceUID", 0x00200012: "AcquisitionNumber",
+_WANTED = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID",
+           0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID",
+           0x00200010: "StudyID", 0x00200012: "AcquisitionNumber",
            0x00200013: "InstanceNumber"}
+#: The tags, in the order pydicom names them (the fallback reads the same set).
+TAGS: tuple[str, ...] = tuple(_WANTED.values())
+_VRS = frozenset({b"UI", b"IS", b"SH"})
 _LAST = 0x00200013
 _EXPLICIT_LE = ("1.2.840.10008.1.2.1",)  # plus every encapsulated (compressed) syntax
 _NOT_EXPLICIT_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
@@ -77,7 +85,7 @@ def _skip_undefined(buf: bytes, pos: int, depth: int = 0) -> int:
 
 
 def fast_tags(header: bytes) -> dict[str, str | None] | None:
-    """The three tags as pydicom's str() gives them, or None to fall back to pydicom."""
+    """The :data:`TAGS` as pydicom's str() gives them, or None to fall back to pydicom."""
     try:
         buf = bytes(header)
         if len(buf) < 132 or buf[128:132] != b"DICM":
@@ -106,7 +114,7 @@ def fast_tags(header: bytes) -> dict[str, str | None] | None:
                 return None
             name = _WANTED.get(tag)
             if name is not None:
-                if vr not in (b"UI", b"IS"):
+                if vr not in _VRS:
                     return None
                 text = buf[vpos:vpos + length].decode("ascii").strip(" \0")
                 if "\\" in text:

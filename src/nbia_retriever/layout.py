@@ -1,12 +1,30 @@
 """Where a series lands below the download root (reference section 4).
 
-Every folder name is built from metadata the server sends, which nobody sanitised: study
-descriptions with ``/`` or ``:``, patient IDs such as ``..`` or ``CON``, descriptions
-longer than Windows paths allow. The Java tool maps ``/`` to ``-`` and nothing else, and
-breaks on the rest. Here every component is made safe on Linux, macOS and Windows at
-once (a download made on a Linux cluster gets copied to laptops), and the whole series
-path stays within :data:`MAX_SERIES_PATH` characters. Everything is a pure function of
-the metadata, so a re-run (resume) computes the very same folders.
+The descriptive layout is the Java Data Retriever's (GUI), character for character, so
+trees made by either tool are the same tree and the scripts and tutorials that walk
+Java trees work on ours (``docs/NBIA-SOURCE-FACTS.md`` section 7 has the Java source)::
+
+    <Collection>/<PatientID>/<study>/<series>
+    <study>  = [<StudyDate MM-dd-yyyy>-][<clean(StudyID)>-]
+               [<clean(StudyDescription)[:53]>-]<last 5 of StudyUID>
+    <series> = [<SeriesNumber as decimal(22,6)>-][<clean(SeriesDescription)[:53]>-]
+               <last 5 of SeriesUID>
+
+* ``clean(v)`` (the server's ``cleanStr``): drop every character outside
+  ``[a-zA-Z0-9 .-]``; empty, or nothing left, gives ``NA``. Applied to StudyID and the
+  descriptions, whatever the API sent (v4 sends raw text, v1/v2 stripped text without
+  the ``NA``): the name never depends on which API answered.
+* A part that is exactly ``null`` (or a description that is exactly ``-``) is left out,
+  as Java's ``getPartOfName``/``getDescPartOfName`` do; an absent date or series number
+  too. The series number reads ``1.000000``, as the server's decimal(22,6) prints it.
+
+Java sanitises nothing else, and breaks on patient IDs such as ``..`` or ``CON``, on
+``/`` in a collection name, on paths longer than Windows allows. Our additions apply only
+where a name would be unsafe or too long, so a name that needs no change is left exactly
+as Java writes it: every component is made safe on Linux, macOS and Windows at once (a
+download made on a Linux cluster gets copied to laptops), and the whole series path
+stays within :data:`MAX_SERIES_PATH` characters. Everything is a pure function of the
+metadata, so a re-run (resume) computes the very same folders.
 
 Component rules (:func:`sanitize_component`):
 
@@ -48,12 +66,17 @@ __all__ = [
     "MAX_COMPONENT_BYTES",
     "MAX_SERIES_PATH",
     "UID_SUFFIX_LENGTH",
+    "FolderPlanner",
     "Layout",
+    "collision_key",
     "format_series_number",
+    "java_clean",
+    "java_clean_uri",
     "normalise_date",
     "root_folder_name",
     "sanitize_component",
     "series_relpath",
+    "series_relpath_mode",
     "series_relpaths",
 ]
 
@@ -215,15 +238,34 @@ def normalise_date(text: str) -> str:
 
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_NOT_CLEAN = re.compile(r"[^a-zA-Z0-9 .-]")
+#: Java's ``[^a-zA-Z0-9 .-/:]``: inside a character class ``.-/`` is the *range* from
+#: ``.`` to ``/``, so ``-`` itself is dropped from URIs. Faithful, quirk included.
+_NOT_CLEAN_URI = re.compile(r"[^a-zA-Z0-9 ./:]")
+
+
+def java_clean(text: str) -> str:
+    """The server's ``cleanStr``: keep ``[a-zA-Z0-9 .-]``; nothing left gives ``NA``.
+
+    >>> java_clean("Recon 2: w/ contrast"), java_clean(""), java_clean("é")
+    ('Recon 2 w contrast', 'NA', 'NA')
+    """
+    out = _NOT_CLEAN.sub("", text)
+    return out or FALLBACK
+
+
+def java_clean_uri(text: str) -> str:
+    """The server's ``cleanURIStr`` (Data Description URI in metadata.csv)."""
+    out = _NOT_CLEAN_URI.sub("", text)
+    return out or FALLBACK
 
 
 def format_series_number(text: str) -> str:
-    """``"1.000000"`` -> ``"1"``, ``"2.500000"`` -> ``"2.5"``, ``""`` -> ``""``.
+    """A series number as the server's decimal(22,6) prints it: ``"1"`` -> ``"1.000000"``.
 
-    The server prints SeriesNumber as a float; folder names read better as written in the
-    DICOM header. Anything that is not a plain number is returned stripped but otherwise
-    unchanged (sanitising is the layout's job), and so are absurd magnitudes (``1e999``)
-    rather than expanded into a thousand digits.
+    This is the one way a series number is printed (folders, tables, reports). Empty
+    stays empty; anything that is not a plain number, or a number no decimal(22,6) could
+    hold, is returned stripped (the layout cleans it like any other text).
     """
     text = text.strip()
     if not text or _NUMBER.fullmatch(text) is None:
@@ -232,11 +274,25 @@ def format_series_number(text: str) -> str:
         number = Decimal(text)
     except InvalidOperation:  # an exponent too large even for Decimal
         return text
-    if number and not -30 <= number.adjusted() <= 30:
+    if number and not -7 <= number.adjusted() <= 15:
         return text
-    if number == number.to_integral_value():
-        return str(int(number))
-    return format(number.normalize(), "f")
+    if number == 0:
+        number = Decimal(0)  # no "-0.000000"
+    return f"{number:.6f}"
+
+
+def _java_part(text: str) -> str:
+    """Java's ``getPartOfName``: nothing for an empty value or the text ``null``."""
+    return "" if text in ("", "null") else text
+
+
+def _java_desc(text: str) -> str:
+    """Java's ``getDescPartOfName`` (after ``cleanStr``): ``/`` -> ``-``; nothing for
+    ``null`` or ``-``; else the first 53 characters."""
+    text = text.replace("/", "-")
+    if text in ("", "null", "-"):
+        return ""
+    return text[:DESCRIPTION_LENGTH]
 
 
 # ----------------------------------------------------------------------------- paths
@@ -370,13 +426,16 @@ def _relpath(info: SeriesInfo, layout: Layout, mode: int) -> PurePosixPath:
         fields["series_sfx"] = _suffix(info.series_uid, max(mode, 1))
         build: _Builder = _build_classic
     else:
+        number = format_series_number(info.series_number)
+        if number and _NUMBER.fullmatch(number) is None:
+            number = java_clean(number)
         fields.update(
             date=normalise_date(info.study_date),
-            study_id=_piece(info.study_id),
-            study_desc=_piece(info.study_description, DESCRIPTION_LENGTH),
+            study_id=_java_part(java_clean(info.study_id)),
+            study_desc=_java_desc(java_clean(info.study_description)),
             study_sfx=_suffix(info.study_uid, 0),
-            number=_piece(format_series_number(info.series_number)),
-            series_desc=_piece(info.series_description, DESCRIPTION_LENGTH),
+            number=_java_part(number),
+            series_desc=_java_desc(java_clean(info.series_description)),
             series_sfx=_suffix(info.series_uid, mode),
         )
         build = _build_descriptive
@@ -386,16 +445,15 @@ def _relpath(info: SeriesInfo, layout: Layout, mode: int) -> PurePosixPath:
 def series_relpath(info: SeriesInfo, layout: Layout | str = Layout.DESCRIPTIVE) -> PurePosixPath:
     """``Collection/PatientID/<study>/<series>`` relative to the download root.
 
-    Descriptive (default, reference section 4): study
-    ``<MM-DD-YYYY>-<StudyID>-<StudyDescription[:53]>-<last 5 of StudyUID>``, series
-    ``<SeriesNumber>-<SeriesDescription[:53]>-<last 5 of SeriesUID>``, empty parts left
-    out. Classic: ``StudyInstanceUID/SeriesInstanceUID``. Every component is sanitised;
-    over :data:`MAX_SERIES_PATH` characters, the series description gives way first, then
-    the study description, the patient ID, the collection (the UID suffixes never do).
+    Descriptive (default): the Java GUI's names (module docstring). Classic:
+    ``StudyInstanceUID/SeriesInstanceUID``. Every component is made safe only where it
+    needs to be; over :data:`MAX_SERIES_PATH` characters, the series description gives
+    way first, then the study description, the patient ID, the collection (the UID
+    suffixes never do).
 
     Like the Java tool, two series of one study with equal number, description and last
-    five UID characters get the same folder: use :func:`series_relpaths` when the whole
-    list is known, which resolves such clashes.
+    five UID characters get the same folder: :class:`FolderPlanner` (and
+    :func:`series_relpaths`) resolve such clashes.
     """
     return _relpath(info, Layout(layout), 0)
 
@@ -413,37 +471,60 @@ def series_relpath_variants(
     return tuple(dict.fromkeys(_relpath(info, chosen, mode) for mode in (0, 1, 2)))
 
 
-def _collision_key(path: PurePosixPath) -> str:
+def collision_key(path: PurePosixPath | str) -> str:
     """Windows and macOS compare names case-insensitively: so do we."""
     return unicodedata.normalize("NFC", str(path)).casefold()
+
+
+def series_relpath_mode(info: SeriesInfo, layout: Layout | str, mode: int) -> PurePosixPath:
+    """The folder of a series in one of its variants (0: the Java name; 1: the whole
+    series UID instead of its last five characters; 2: the whole UID plus a hash)."""
+    return _relpath(info, Layout(layout), mode)
+
+
+class FolderPlanner:
+    """Chooses folders for series one at a time, in manifest order; no two alike.
+
+    A series gets its Java name unless an earlier one took it (case-insensitively); it
+    then carries its whole UID instead of the last five characters (and, should even
+    that clash with hostile metadata, a hash of it too). Deciding in manifest order, one
+    series at a time, is what lets a download plan its first batch and start before the
+    last batch of metadata has arrived, and still name every folder the same on every
+    run: the name of a series depends only on the series before it in the manifest,
+    never on the order in which the server's answers arrived. Folders already used (a
+    resumed download's complete series) are passed to :meth:`reserve` first.
+    """
+
+    def __init__(self, layout: Layout | str = Layout.DESCRIPTIVE) -> None:
+        self.layout = Layout(layout)
+        self._taken: set[str] = set()
+
+    def reserve(self, relpaths: Iterable[PurePosixPath | str]) -> None:
+        self._taken.update(collision_key(p) for p in relpaths)
+
+    def take(self, info: SeriesInfo) -> tuple[PurePosixPath, int]:
+        """The folder for ``info`` and the variant it needed (0 = the Java name)."""
+        for mode in (0, 1, 2):
+            path = _relpath(info, self.layout, mode)
+            key = collision_key(path)
+            if key not in self._taken:
+                self._taken.add(key)
+                return path, mode
+        # Only an equal UID could still clash, and a manifest holds each UID once.
+        raise NbiaError(f"series {info.series_uid}: every folder name for it is taken")
 
 
 def series_relpaths(
     infos: Iterable[SeriesInfo], layout: Layout | str = Layout.DESCRIPTIVE
 ) -> dict[str, PurePosixPath]:
-    """Folders for a whole download: series UID -> relpath, no two alike (case-insensitive).
+    """Folders for a whole download, in order: series UID -> relpath, no two alike.
 
-    Each series gets :func:`series_relpath` unless that clashes with another series'
-    folder; every series of a clash then carries its whole UID instead of the last five
-    characters (and, should even that clash with hostile metadata, a hash of it too).
-    The result depends only on the set of series, not on their order. Later duplicates
-    of a UID are ignored.
+    :class:`FolderPlanner` over ``infos``: the first series of a clash keeps the Java
+    name, later ones carry their whole UID. Later duplicates of a UID are ignored.
     """
-    chosen = Layout(layout)
-    by_uid: dict[str, SeriesInfo] = {}
+    planner = FolderPlanner(layout)
+    paths: dict[str, PurePosixPath] = {}
     for info in infos:
-        by_uid.setdefault(info.series_uid, info)
-    mode = dict.fromkeys(by_uid, 0)
-    paths = {uid: _relpath(info, chosen, 0) for uid, info in by_uid.items()}
-    for _round in range(4):
-        groups: dict[str, list[str]] = {}
-        for uid, path in paths.items():
-            groups.setdefault(_collision_key(path), []).append(uid)
-        clashing = [uid for members in groups.values() if len(members) > 1 for uid in members]
-        if not clashing:
-            return paths
-        for uid in clashing:
-            mode[uid] = min(mode[uid] + 1, 2)
-            paths[uid] = _relpath(by_uid[uid], chosen, mode[uid])
-    # Only equal UIDs could still clash, and by_uid holds each UID once.
-    raise NbiaError("series folders still clash after disambiguation")  # pragma: no cover
+        if info.series_uid not in paths:
+            paths[info.series_uid] = planner.take(info)[0]
+    return paths

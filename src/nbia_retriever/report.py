@@ -1,9 +1,15 @@
 """What a run leaves behind for people: metadata.csv, the error report, the summary.
 
-``metadata.csv`` uses the Java retriever's header (reference section 4) so existing
-scripts that read it keep working. Rows are appended as series complete (a crash loses
-nothing already reported) and never duplicated across runs: the writer loads the Series
-UIDs already present once, then appends only new ones, under a lock shared by workers.
+``metadata.csv`` is the Java retriever's, column for column and value form for value
+form (CRLF lines; cleaned descriptions; ``File Size`` as ``12.34 MB``; ``File Location``
+``./Collection/...``; the timestamp as ISO local date-time), so scripts written for Java
+trees read ours. Rows are appended as series complete (a crash loses nothing already
+reported) and never duplicated, even by several processes sharing one root: each append
+takes an advisory lock and first reads what other processes appended since.
+
+Every cell written to a CSV here goes through
+:func:`~nbia_retriever.untrusted.csv_cell`: server text can hold neither a line break
+nor a formula a spreadsheet would run.
 """
 
 from __future__ import annotations
@@ -12,14 +18,17 @@ import contextlib
 import csv
 import io
 import os
-import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .models import SeriesInfo, SeriesState
+from .errors import NbiaError
+from .models import FAILED_STATES, SeriesInfo, SeriesState
+from .ondisk import lock_file, open_nofollow, unlock_file
+from .untrusted import csv_cell, plain, redact
 
 METADATA_HEADER = (
     "Series UID", "Collection", "3rd Party Analysis", "Data Description URI", "Subject ID",
@@ -31,6 +40,8 @@ ERROR_REPORT_HEADER = (
     "Collection", "Patient ID", "Study Instance UID", "Series Instance UID", "Size",
     "Number Of Images", "Status", "Attempts", "Error",
 )
+#: metadata.csv lines end like the Java tool's.
+CSV_NEWLINE = "\r\n"
 
 
 def human_size(size: float | None) -> str:
@@ -45,138 +56,174 @@ def human_size(size: float | None) -> str:
     return f"{size}"  # pragma: no cover - the loop always returns
 
 
-def _num(value: int | None) -> str:
-    return "" if value is None else str(value)
+#: Characters of a UID kept in narrow tables ("…" + the last ones).
+UID_TAIL = 12
+
+
+def short_uid(uid: str, tail: int = UID_TAIL) -> str:
+    """``"…"`` + the last ``tail`` characters: the end of a UID is what tells series apart."""
+    return uid if len(uid) <= tail + 1 else "…" + uid[-tail:]
+
+
+def java_size(size: int) -> str:
+    """Java's ``bytesIntoHumanReadable``: ``999 B``, ``12.34 MB`` (1 KB = 1000 B)."""
+    if size < 1000:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KB", "MB", "GB", "TB"):
+        value /= 1000
+        if value < 1000 or unit == "TB":
+            return f"{value:.2f} {unit}"
+    return f"{size} B"  # pragma: no cover
+
+
+def java_timestamp(when: float) -> str:
+    """``LocalDateTime.now().format(ISO_LOCAL_DATE_TIME)``: fraction without trailing
+    zeros (groups of three digits, as Java prints nanoseconds)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when))
+    micros = round((when % 1) * 1_000_000) % 1_000_000
+    if not micros:
+        return stamp
+    fraction = f"{micros:06d}"
+    return f"{stamp}.{fraction[:3] if fraction.endswith('000') else fraction}"
 
 
 def metadata_row(info: SeriesInfo, location: str, timestamp: float, *, images: int,
                  size: int) -> list[str]:
-    """One metadata.csv row; counts are what we actually wrote, not what was promised."""
-    from .layout import normalise_date
+    """One metadata.csv row in the Java tool's value forms.
 
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(timestamp))
-    return [_cell(value) for value in (
-        info.series_uid, info.collection, info.third_party, info.data_description_uri,
-        info.patient_id, info.study_uid, info.study_description,
-        normalise_date(info.study_date), info.series_description, info.manufacturer,
-        info.modality, info.sop_class_name, info.sop_class_uid, str(images), str(size),
-        location, stamp,
+    ``images`` and ``size`` are what was written; ``File Size`` prefers the archive's
+    own figure (what Java prints), which equals it for a complete series.
+    """
+    from .layout import java_clean, java_clean_uri, normalise_date
+
+    return [csv_cell(value) for value in (
+        info.series_uid, info.collection, info.third_party,
+        java_clean_uri(info.data_description_uri), info.patient_id, info.study_uid,
+        java_clean(info.study_description), normalise_date(info.study_date),
+        java_clean(info.series_description), java_clean(info.manufacturer), info.modality,
+        info.sop_class_name, info.sop_class_uid, str(images),
+        java_size(info.file_size if info.file_size else size), location,
+        java_timestamp(timestamp),
     )]
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
-
-
-def _cell(text: str) -> str:
-    """Control characters (newlines included) from server metadata become one space: one
-    row stays one line for line-based tools, a torn row can be told by its missing newline,
-    and no escape sequence reaches a terminal that ``cat``s the file."""
-    return _CONTROL.sub(" ", text)
+def _row_bytes(row: Sequence[str]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator=CSV_NEWLINE).writerow(row)
+    return buf.getvalue().encode("utf-8")
 
 
 class MetadataCsv:
-    """Appends one row per completed series to ``<root>/metadata.csv``, at most once."""
+    """Appends one row per completed series to ``<root>/metadata.csv``, at most once.
+
+    Several processes may append to one file (cluster shards, a TUI beside a CLI): each
+    append locks the file (``flock``), reads the rows others appended since this object
+    last looked (never the whole file twice), and writes the header, if the file is
+    empty, and the row in one step. A last row without its line end (power lost
+    mid-append) is cut first: the engine re-adds that series' row from its journal.
+    The file is opened without following a symbolic link.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._seen: set[str] = set()
-        if self.path.exists():
-            self._drop_torn_row()
-            with self.path.open(newline="", encoding="utf-8-sig") as handle:
-                reader = csv.reader(handle)
-                next(reader, None)
-                self._seen = {row[0] for row in reader if row}
+        self._offset = 0
+        self._tail = b""
+        self.refresh()
 
     def __contains__(self, uid: str) -> bool:
         return uid in self._seen
 
-    def _drop_torn_row(self) -> None:
-        """Cut a last row without its newline (power lost mid-append): the engine re-adds
-        the series' row from the journal, and the next append must not glue onto it."""
-        with self.path.open("r+b") as handle:
-            _lock_file(handle)
+    def refresh(self) -> None:
+        """Catch up with rows other processes appended."""
+        with self._lock:
             try:
-                size = handle.seek(0, os.SEEK_END)
-                if size == 0:
-                    return
-                handle.seek(size - 1)
-                if handle.read(1) == b"\n":
-                    return
-                keep, block = size, 1 << 16
-                while keep > 0:
-                    start = max(0, keep - block)
-                    handle.seek(start)
-                    found = handle.read(keep - start).rfind(b"\n")
-                    if found >= 0:
-                        keep = start + found + 1
-                        break
-                    keep = start
-                handle.truncate(keep)
+                fd = open_nofollow(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                self._catch_up(fd)
             finally:
-                _unlock_file(handle)
+                os.close(fd)
+
+    def _catch_up(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if size < self._offset:  # rewritten meanwhile (merge-reports): read it afresh
+            self._seen.clear()
+            self._offset, self._tail = 0, b""
+        if size == self._offset:
+            return
+        data = self._tail + os.pread(fd, size - self._offset, self._offset)
+        self._offset = size
+        cut = data.rfind(b"\n") + 1
+        self._tail = data[cut:]
+        text = data[:cut].decode("utf-8", "replace").lstrip("\ufeff")
+        for row in csv.reader(io.StringIO(text, newline="")):
+            if row:
+                self._seen.add(row[0])
 
     def append(self, row: Sequence[str]) -> bool:
-        """Append ``row`` unless its Series UID is already present; fsync'd line by line.
-
-        Several processes may append to one file (cluster shards sharing a destination):
-        an advisory ``flock`` makes "write the header if the file is empty" and the row
-        write one step, so two shards never both write the header or interleave lines.
-        """
+        """Append ``row`` unless its Series UID is present; fsync'd. False if present."""
         with self._lock:
             if row[0] in self._seen:
                 return False
-            buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerow(row)
-            # Unbuffered, so a failed write leaves nothing queued to be flushed later.
-            with self.path.open("ab", buffering=0) as handle:
-                _lock_file(handle)
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                lock_file(fd)
                 try:
-                    size = os.fstat(handle.fileno()).st_size
-                    data = buf.getvalue().encode("utf-8")
+                    self._drop_torn_row(fd)
+                    self._catch_up(fd)
+                    if row[0] in self._seen:
+                        return False
+                    size = os.fstat(fd).st_size
+                    data = _row_bytes(row)
                     if size == 0:
-                        header = io.StringIO()
-                        csv.writer(header, lineterminator="\n").writerow(METADATA_HEADER)
-                        data = header.getvalue().encode("utf-8") + data
+                        data = _row_bytes(METADATA_HEADER) + data
                     try:
                         view = memoryview(data)
                         while view:
-                            view = view[handle.write(view):]
-                        os.fsync(handle.fileno())
+                            view = view[os.write(fd, view):]
+                        os.fsync(fd)
                     except OSError:
                         # Disk full mid-row: take the torn row back out, keep the file valid.
                         with contextlib.suppress(OSError):
-                            os.ftruncate(handle.fileno(), size)
+                            os.ftruncate(fd, size)
                         raise
+                    self._offset = size + len(data)
+                    self._tail = b""
+                    self._seen.add(row[0])
+                    return True
                 finally:
-                    _unlock_file(handle)
-            self._seen.add(row[0])
-            return True
+                    unlock_file(fd)
+            finally:
+                os.close(fd)
+
+    def _drop_torn_row(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        keep, block = size, 1 << 16
+        while keep > 0:
+            start = max(0, keep - block)
+            found = os.pread(fd, keep - start, start).rfind(b"\n")
+            if found >= 0:
+                keep = start + found + 1
+                break
+            keep = start
+        os.ftruncate(fd, keep)
+        if self._offset > keep:
+            self._offset, self._tail = keep, b""
 
 
-def _lock_file(handle: object) -> None:
-    try:
-        import fcntl
-    except ImportError:  # Windows: one process per destination is the rule there
-        return
-    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # type: ignore[attr-defined]
-
-
-def _unlock_file(handle: object) -> None:
-    try:
-        import fcntl
-    except ImportError:
-        return
-    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)  # type: ignore[attr-defined]
-
-
-@dataclass
+@dataclass(slots=True)
 class SeriesResult:
     """The outcome for one series of a run (also the row model of the downloads table)."""
 
     uid: str
     info: SeriesInfo | None = None
-    state: str = SeriesState.NOT_STARTED
+    state: SeriesState = SeriesState.NOT_STARTED
     error: str = ""
     attempts: int = 0
     bytes_done: int = 0
@@ -188,6 +235,14 @@ class SeriesResult:
         return self.info.file_size if self.info else None
 
 
+class SeriesFailedError(NbiaError):
+    """Some series of a run did not complete (:meth:`Report.raise_for_failures`)."""
+
+    def __init__(self, message: str, failed: list[SeriesResult]) -> None:
+        self.failed = failed
+        super().__init__(message)
+
+
 @dataclass
 class Report:
     """The summary of a run, returned by :func:`nbia_retriever.download`."""
@@ -197,9 +252,18 @@ class Report:
     elapsed: float = 0.0
     bytes_downloaded: int = 0
     skipped: int = 0
+    adopted: int = 0
     cancelled: bool = False
     fatal: str = ""
     auth_failed: bool = False
+    usage_error: bool = False
+
+    def __repr__(self) -> str:
+        done = self.count(SeriesState.COMPLETE)
+        failed = len(self.failed)
+        tail = f", stopped: {self.fatal[:60]}" if self.fatal else ""
+        return (f"<Report {done}/{len(self.results)} complete, {failed} failed, "
+                f"{self.bytes_downloaded / 1e6:,.1f} MB in {self.elapsed:,.1f} s{tail}>")
 
     def count(self, state: str) -> int:
         return sum(1 for r in self.results.values() if r.state == state)
@@ -210,7 +274,7 @@ class Report:
 
     @property
     def failed(self) -> list[SeriesResult]:
-        return [r for r in self.results.values() if r.state in SeriesState.FAILED]
+        return [r for r in self.results.values() if r.state in FAILED_STATES]
 
     @property
     def ok(self) -> bool:
@@ -218,15 +282,32 @@ class Report:
             r.state == SeriesState.COMPLETE for r in self.results.values()
         )
 
+    def raise_for_failures(self) -> None:
+        """Raise :class:`SeriesFailedError` unless every series is complete."""
+        if self.ok:
+            return
+        failed = self.failed
+        if self.fatal:
+            raise SeriesFailedError(f"the run stopped: {self.fatal}", failed)
+        first = failed[0] if failed else None
+        what = f"; first: {first.uid}: {first.error}" if first else ""
+        raise SeriesFailedError(f"{len(self.results) - len(self.completed)} of "
+                                f"{len(self.results)} series not downloaded{what}", failed)
+
     def summary(self) -> str:
         """A few lines for humans at the end of a run."""
         total = len(self.results)
         done = self.count(SeriesState.COMPLETE)
         mb = self.bytes_downloaded / 1e6
         rate = mb / self.elapsed if self.elapsed > 0 else 0.0
+        already = []
+        if self.skipped:
+            already.append(f"{self.skipped} already done")
+        if self.adopted:
+            already.append(f"{self.adopted} found on disk")
         lines = [
             f"{done} of {total} series complete"
-            + (f" ({self.skipped} already done)" if self.skipped else "")
+            + (f" ({', '.join(already)})" if already else "")
             + f"; {mb:,.1f} MB downloaded in {self.elapsed:,.1f} s ({rate:,.1f} MB/s)",
         ]
         for state in (SeriesState.ERROR, SeriesState.NOT_AUTHORIZED, SeriesState.NO_DATA,
@@ -236,22 +317,65 @@ class Report:
                 lines.append(f"{n} series {state}")
         if self.fatal:
             lines.append(f"stopped: {self.fatal}")
-        lines.append(f"files in {self.root}")
+        if self.root.is_dir():
+            lines.append(f"files in {self.root}")
         return "\n".join(lines)
+
+    def to_dataframe(self) -> Any:
+        """One flat row per series (pandas, optional): the columns of :data:`FRAME_COLUMNS`."""
+        try:
+            import pandas
+        except ImportError:
+            from .search import MissingDependencyError
+
+            raise MissingDependencyError(
+                "Report.to_dataframe() needs pandas: pip install pandas") from None
+        return pandas.DataFrame([frame_row(r, self.root) for r in self.results.values()],
+                                columns=list(FRAME_COLUMNS))
+
+
+#: Columns of :meth:`Report.to_dataframe`: scalars only, no dicts or lists.
+FRAME_COLUMNS = (
+    "SeriesInstanceUID", "Collection", "PatientID", "StudyInstanceUID", "Modality",
+    "SeriesDescription", "SeriesNumber", "images", "bytes", "state", "attempts", "error",
+    "folder",
+)
+
+
+def frame_row(r: SeriesResult, root: Path) -> dict[str, object]:
+    from .layout import format_series_number
+
+    info = r.info or SeriesInfo(series_uid=r.uid)
+    return {
+        "SeriesInstanceUID": r.uid, "Collection": info.collection,
+        "PatientID": info.patient_id, "StudyInstanceUID": info.study_uid,
+        "Modality": info.modality, "SeriesDescription": info.series_description,
+        "SeriesNumber": format_series_number(info.series_number),
+        "images": info.image_count, "bytes": r.bytes_done or info.file_size,
+        "state": str(r.state), "attempts": r.attempts, "error": r.error,
+        "folder": str(root / r.relpath) if r.relpath else "",
+    }
+
+
+def _num(value: int | None) -> str:
+    return "" if value is None else str(value)
 
 
 def write_error_report(path: Path, results: Iterable[SeriesResult]) -> int:
-    """The GUI's "Save error report": the failed rows with the table's columns + error."""
-    rows = [r for r in results if r.state in SeriesState.FAILED | {SeriesState.CANCELLED}]
-    tmp = Path(str(path) + ".tmp")
+    """The GUI's "Save error report": the failed rows with the table's columns + error.
+
+    Cleaned like metadata.csv: no control characters, no formulas, no secrets.
+    """
+    rows = [r for r in results if r.state in FAILED_STATES | {SeriesState.CANCELLED}]
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator=CSV_NEWLINE)
         writer.writerow(ERROR_REPORT_HEADER)
         for r in rows:
             info = r.info or SeriesInfo(series_uid=r.uid)
-            writer.writerow([
-                info.collection, info.patient_id, info.study_uid, r.uid, _num(info.file_size),
-                _num(info.image_count), r.state, r.attempts, r.error,
-            ])
+            writer.writerow([csv_cell(plain(redact(str(v)))) for v in (
+                info.collection, info.patient_id, info.study_uid, r.uid,
+                _num(info.file_size), _num(info.image_count), r.state, r.attempts, r.error,
+            )])
     os.replace(tmp, path)
     return len(rows)

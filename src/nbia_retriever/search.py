@@ -21,7 +21,6 @@ import csv
 import io
 import os
 import re
-import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -408,6 +407,13 @@ def manifest_summary(path: str | os.PathLike[str], *, offline: bool = False,
         return summary
     url = api_url or (api_base_from_download_url(manifest.download_server_url)
                       if manifest.download_server_url else None)
+    if api_url is None and client is None and "policy" not in client_options:
+        # The manifest's server is its claim, not the caller's choice: no password to it
+        # unless the caller's config trusts it.
+        from .api import HostPolicy
+        from .config import load_user_config
+
+        client_options["policy"] = HostPolicy(trusted_hosts=load_user_config().trusted_hosts)
     with _client(url, client, client_options) as api:
         infos = api.series_metadata(list(manifest.series_uids))
         summary["api_url"] = api.api_url
@@ -485,8 +491,8 @@ class MergeReport:
 
 def find_root(path: str | os.PathLike[str], manifest_root_name: str | None = None) -> Path:
     """The download root (the folder holding ``.nbia/``) given it or its destination."""
-    from .engine import STATE_DIR
     from .layout import root_folder_name
+    from .ondisk import STATE_DIR
 
     base = Path(path)
     if (base / STATE_DIR).is_dir():
@@ -518,9 +524,10 @@ def merge_reports(root: str | os.PathLike[str], *,
     A series is complete when some journal says so and its folder exists. The expected
     series are the manifest's when given, else every series any journal knows.
     """
-    from .engine import STATE_DIR, shard_of
-    from .journal import Journal, JournalEntry
+    from .engine import shard_of
+    from .engine.journal import Journal, JournalEntry
     from .manifest import read_manifest
+    from .ondisk import STATE_DIR
 
     parsed = read_manifest(manifest) if manifest is not None else None
     base = find_root(root, parsed.root_name if parsed else None)
@@ -535,12 +542,9 @@ def merge_reports(root: str | os.PathLike[str], *,
         if match.group(2):
             shard_counts.add(int(match.group(2)))
         result.journals.append(path.name)
-        try:
-            with Journal(path) as journal:
-                for entry in journal.entries():
-                    entries.setdefault(entry.uid, []).append((path.name, entry))
-        except sqlite3.DatabaseError as exc:
-            raise NbiaError(f"{path}: unreadable journal: {exc}") from None
+        with Journal(path, readonly=True) as journal:
+            for entry in journal.entries():
+                entries.setdefault(entry.uid, []).append((path.name, entry))
     if not result.journals and parsed is None:
         raise NbiaError(f"{base}: no journals in {STATE_DIR}/ and no --manifest given")
 
@@ -635,8 +639,10 @@ def _merge_csv(path: Path, done: Mapping[str, Any], result: MergeReport, *, fix:
         changed = True
     result.csv_rows = len(rows)
     if changed and fix and (rows or path.exists()):
+        from .report import CSV_NEWLINE
+
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
+        writer = csv.writer(buf, lineterminator=CSV_NEWLINE)
         writer.writerow(header)
         writer.writerows(rows)
         _atomic_write(path, buf.getvalue())

@@ -1,21 +1,24 @@
 """``verify``: re-check a finished download against its journal(s).
 
 Silent corruption after the fact (a bad disk, a sync tool, a careless script) is as bad
-as a broken download. The journal knows the name, size and MD5 of every file it
+as a broken download. The journals know the name, size and MD5 of every file they
 published, so this re-hashes them and lists what is missing, altered or unexpected.
+Every series is counted once, whichever journals (shards, re-runs) name it. Files
+adopted from an existing tree were never hashed by us: their sizes are checked here,
+their content by ``verify --server`` (:mod:`nbia_retriever.verify_server`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .journal import Journal
+from .engine.journal import Journal, JournalEntry
 from .models import SeriesState
-
-STATE_DIR = ".nbia"
+from .ondisk import STATE_DIR, journal_paths
 
 
 @dataclass
@@ -23,6 +26,7 @@ class VerifyResult:
     series: int = 0
     files: int = 0
     problems: list[str] = field(default_factory=list)
+    unhashed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -30,7 +34,9 @@ class VerifyResult:
 
     def summary(self) -> str:
         status = "OK" if self.ok else f"{len(self.problems)} problem(s)"
-        return f"verified {self.series} series, {self.files} files: {status}"
+        extra = (f"; {self.unhashed} adopted files checked by size only (verify --server "
+                 "checks their content)") if self.unhashed else ""
+        return f"verified {self.series} series, {self.files} files: {status}{extra}"
 
 
 def _md5(path: Path) -> str:
@@ -41,34 +47,47 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def complete_entries(root: Path) -> Iterator[JournalEntry]:
+    """Every complete series of every journal of ``root``, each series once (the entry
+    completed last wins)."""
+    paths = journal_paths(root)
+    if not paths:
+        raise FileNotFoundError(f"{root}: no download journal here (expected {STATE_DIR}/)")
+    latest: dict[str, JournalEntry] = {}
+    for path in paths:
+        with Journal(path, readonly=True) as journal:
+            for entry in journal.entries(SeriesState.COMPLETE):
+                known = latest.get(entry.uid)
+                if known is None or entry.completed >= known.completed:
+                    latest[entry.uid] = entry
+    yield from latest.values()
+
+
 def verify_root(root: Path, *, quick: bool = False,
                 on_series: Callable[[str], None] | None = None) -> VerifyResult:
     """Check every complete series of every journal under ``root/.nbia``."""
-    journals = sorted((root / STATE_DIR).glob("journal*.sqlite"))
-    if not journals:
-        raise FileNotFoundError(f"{root}: no download journal here (expected {STATE_DIR}/)")
     result = VerifyResult()
-    for path in journals:
-        with Journal(path) as journal:
-            for entry in journal.entries(SeriesState.COMPLETE):
-                result.series += 1
-                if on_series:
-                    on_series(entry.uid)
-                folder = root / entry.relpath
-                if not folder.is_dir():
-                    result.problems.append(f"missing series {entry.uid}: {entry.relpath}")
-                    continue
-                expected = {f.name: f for f in entry.files}
-                present = {p.name for p in folder.iterdir() if p.is_file()}
-                for name, record in expected.items():
-                    result.files += 1
-                    file = folder / name
-                    if name not in present:
-                        result.problems.append(f"missing file {entry.relpath}/{name}")
-                    elif file.stat().st_size != record.size:
-                        result.problems.append(f"altered file (size) {entry.relpath}/{name}")
-                    elif not quick and _md5(file) != record.md5:
-                        result.problems.append(f"altered file (MD5) {entry.relpath}/{name}")
-                for name in sorted(present - set(expected)):
-                    result.problems.append(f"unexpected file {entry.relpath}/{name}")
+    for entry in complete_entries(root):
+        result.series += 1
+        if on_series:
+            on_series(entry.uid)
+        folder = root / entry.relpath
+        if not folder.is_dir() or folder.is_symlink():
+            result.problems.append(f"missing series {entry.uid}: {entry.relpath}")
+            continue
+        expected = {f.name: f for f in entry.files}
+        present = {e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)}
+        for name, record in expected.items():
+            result.files += 1
+            file = folder / name
+            if name not in present:
+                result.problems.append(f"missing file {entry.relpath}/{name}")
+            elif file.stat().st_size != record.size:
+                result.problems.append(f"altered file (size) {entry.relpath}/{name}")
+            elif not record.md5:
+                result.unhashed += 1
+            elif not quick and _md5(file) != record.md5:
+                result.problems.append(f"altered file (MD5) {entry.relpath}/{name}")
+        for name in sorted(present - set(expected)):
+            result.problems.append(f"unexpected file {entry.relpath}/{name}")
     return result

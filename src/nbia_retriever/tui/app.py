@@ -50,7 +50,7 @@ from ..engine import DownloadOptions, Engine, Event
 from ..errors import AuthError, NbiaError
 from ..layout import Layout
 from ..manifest import Manifest
-from ..models import SeriesState
+from ..models import ALL_STATES, FAILED_STATES, SeriesState
 from ..report import SeriesResult, write_error_report
 from .cells import COLUMNS, Cell, format_duration, human_size, row_cells
 from .screens import DestinationScreen, LoginScreen, SaveReportScreen
@@ -61,7 +61,7 @@ TICK = 0.25
 #: Seconds of history behind the speed figure: long enough to be steady, short enough
 #: to follow a server that slows down.
 SPEED_WINDOW = 5.0
-RETRYABLE = SeriesState.FAILED | {SeriesState.CANCELLED}
+RETRYABLE = FAILED_STATES | {SeriesState.CANCELLED}
 EMPTY = "—"
 AUTO_WIDTH = frozenset(key for key, _, width in COLUMNS if width is None)
 #: Below this terminal width the table drops the columns in NARROW_HIDDEN.
@@ -335,7 +335,7 @@ class RetrieverApp(App[None]):
 
     def _update_overall(self) -> None:
         stats = self.engine.stats()
-        done, total = stats["bytes_done"], stats["bytes_total"]
+        done, total = stats.progress_bytes, stats.bytes_total
         bar = self.query_one("#overall", ProgressBar)
         bar.update(total=max(1.0, total), progress=min(done, total) if total else 0)
         now = time.monotonic()
@@ -356,10 +356,10 @@ class RetrieverApp(App[None]):
             self._set_message("Paused: downloads hold at their next chunk. Resume with r.")
 
     def _update_counts(self) -> None:
-        counts = {state: 0 for state in SeriesState.ALL}
+        counts = dict.fromkeys(ALL_STATES, 0)
         for row in self.rows.values():
             counts[row.state] = counts.get(row.state, 0) + 1
-        failed = sum(counts[s] for s in SeriesState.FAILED)
+        failed = sum(counts[s] for s in FAILED_STATES)
         text = f"{counts[SeriesState.COMPLETE]}/{len(self.rows)} done"
         if counts[SeriesState.DOWNLOADING]:
             text += f" · {counts[SeriesState.DOWNLOADING]} active"
@@ -398,7 +398,7 @@ class RetrieverApp(App[None]):
         rows = self.rows.values()
         complete = sum(1 for r in rows if r.state == SeriesState.COMPLETE)
         todo = [r for r in rows if r.state == SeriesState.NOT_STARTED]
-        unavailable = [r for r in rows if r.state in SeriesState.FAILED]
+        unavailable = [r for r in rows if r.state in FAILED_STATES]
         size = sum((r.info.file_size or 0) for r in todo if r.info)
         text = f"{len(self.rows):,} series"
         if complete:

@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.text import Text
 
-from ..models import SeriesInfo, SeriesState
+from ..models import ALL_STATES, SeriesInfo, SeriesState
 from ..report import human_size
 
 #: Characters of a UID kept in the table ("…" + the last ones); the detail panel has it all.
@@ -34,7 +34,7 @@ STATUS_STYLES: dict[str, str] = {
     SeriesState.NOT_AUTHORIZED: "yellow",
     SeriesState.CANCELLED: "dim",
 }
-_STATUS_ORDER = {state: i for i, state in enumerate(SeriesState.ALL)}
+_STATUS_ORDER = {state: i for i, state in enumerate(ALL_STATES)}
 
 
 @functools.total_ordering

@@ -7,21 +7,16 @@ import os
 import click
 
 
-def stored_password(user: str) -> str | None:
-    """NBIA_PASSWORD or the system keyring; ``None`` means "ask in the window".
+def stored_password(host: str, user: str) -> str | None:
+    """NBIA_PASSWORD or the keyring entry for (host, user); ``None`` means "ask in the
+    window".
 
     Never from argv (visible to every user of a shared node through ``ps``) and never a
     terminal prompt: the window has its own masked password field.
     """
-    password = os.environ.get("NBIA_PASSWORD")
-    if password is not None:
-        return password
-    try:
-        import keyring
+    from ..api import stored_password as lookup
 
-        return keyring.get_password("nbia-retriever", user)
-    except Exception:
-        return None
+    return lookup(host, user)
 
 
 @click.command("open")
@@ -44,15 +39,22 @@ def open_command(manifest: str, dest: str, api: str, api_url: str | None, user: 
     """Open MANIFEST in the interactive downloads window (any terminal, SSH, or a browser
     through textual-serve): choose rows and destination, then Start, Pause, Resume."""
     from ..api import Credentials
-    from ..cli import load_manifest
+    from ..cli.common import EXIT_USAGE, check_api_url, fail, host_of, load_manifest
     from ..engine import DownloadOptions
+    from ..engine.run import resolve_api_url
+    from ..errors import UsageError
     from .app import RetrieverApp
 
     parsed = load_manifest(manifest)
+    check_api_url(api_url)
+    try:
+        server = resolve_api_url(parsed, api_url)
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE)
     credentials = None
     ask_login = None
     if user:
-        password = stored_password(user)
+        password = stored_password(host_of(server), user)
         if password is None:
             ask_login = user
         else:

@@ -23,7 +23,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from .models import SeriesState
+from ..engine import EventKind
+from ..models import FAILED_STATES, SeriesState
+from .common import inert
 
 MAX_LINES = 8
 
@@ -56,12 +58,15 @@ def run_with_progress(engine: Any) -> Any:
 
     def refresh() -> None:
         s = engine.stats()
-        counts = f"{int(s['complete'])}/{int(s['series_total'])} done"
-        if s["failed"]:
-            counts += f", [red]{int(s['failed'])} failed[/red]"
+        counts = f"{s.complete:,}/{s.series_total:,} done"
+        if s.failed:
+            counts += f", [red]{s.failed:,} failed[/red]"
+        counts += f", {s.concurrency} streams"
+        if s.planning:
+            counts += f", planning {s.planned:,}/{s.series_total:,}"
         description = "Paused" if engine.paused else (
-            "Downloading" if s["bytes_total"] else "Preparing")
-        overall.update(task, completed=s["bytes_done"], total=s["bytes_total"] or None,
+            "Downloading" if s.bytes_total else "Preparing")
+        overall.update(task, completed=s.progress_bytes, total=s.bytes_total or None,
                        description=description, counts=counts)
 
     # Retries and failures scroll above the live display; they are queued by worker
@@ -69,13 +74,14 @@ def run_with_progress(engine: Any) -> Any:
     notes: deque[Text] = deque()
 
     def on_event(event: Any) -> None:
-        if event.kind == "retry":
-            notes.append(Text(f"retrying {event.uid} (attempt {event.attempt}: "
-                              f"{event.message})", style="yellow"))
-        elif event.kind == "state" and event.state in SeriesState.FAILED:
-            notes.append(Text(f"{event.state}: {event.uid}: {event.message}", style="red"))
-        elif event.kind == "throttle":
-            notes.append(Text(event.message, style="yellow"))
+        if event.kind is EventKind.RETRY:
+            notes.append(Text(inert(f"retrying {event.uid} (attempt {event.attempt}: "
+                                    f"{event.message})"), style="yellow"))
+        elif event.kind is EventKind.STATE and event.state in FAILED_STATES:
+            notes.append(Text(inert(f"{event.state}: {event.uid}: {event.message}"),
+                              style="red"))
+        elif event.kind in (EventKind.THROTTLE, EventKind.ERROR):
+            notes.append(Text(inert(event.message), style="yellow"))
 
     engine.subscribe(on_event)
 
@@ -94,9 +100,9 @@ def run_with_progress(engine: Any) -> Any:
         except KeyboardInterrupt:
             import signal
 
-            from .cli import _exit_at_once
+            from .run import exit_at_once
 
-            signal.signal(signal.SIGINT, _exit_at_once)  # a second Ctrl-C stops at once
+            signal.signal(signal.SIGINT, exit_at_once)  # a second Ctrl-C stops at once
             live.console.print("interrupted: stopping (re-run the same command to resume)")
             engine.cancel()
             engine.wait()

@@ -16,23 +16,39 @@ from typing import Any
 
 import click
 
-from .cli import (
+from ..errors import AuthError, ManifestError, NbiaError
+from .common import (
     EXIT_AUTH,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    _human,
     fail,
     get_credentials,
+    host_of,
     with_api_options,
 )
-from .errors import AuthError, ManifestError, NbiaError
+from .common import human as _human
 
 
-def _client_options(api: str, user: str | None, insecure: bool, timeout: float
-                    ) -> dict[str, Any]:
-    return {"version": api, "credentials": get_credentials(user), "timeout": timeout,
-            "verify": not insecure}
+def _client_options(api: str, user: str | None, insecure: bool, timeout: float, *,
+                    server: str | None = None, chosen: str | None = None) -> dict[str, Any]:
+    """Client settings; with ``--user`` the server must be trusted (exit 3 otherwise)
+    before the password is asked for."""
+    from ..api import DEFAULT_API_URL, HostPolicy
+    from .common import warn_insecure
+    from .run import trust_or_exit
+
+    warn_insecure(insecure)
+    server = server or chosen or DEFAULT_API_URL
+    options: dict[str, Any] = {"version": api, "timeout": timeout, "verify": not insecure}
+    trusted: tuple[str, ...] = ()
+    if user:
+        trusted = trust_or_exit(server, chosen, user, interactive=True, as_json=False)
+        options["credentials"] = get_credentials(user, host_of(server))
+    options["policy"] = HostPolicy(chosen=[chosen] if chosen else
+                                   ([server] if server == DEFAULT_API_URL else []),
+                                   trusted_hosts=trusted)
+    return options
 
 
 def _console() -> Any:
@@ -76,11 +92,11 @@ def collections_command(counts: bool, as_json: bool, api: str, api_url: str | No
                         user: str | None, insecure: bool, timeout: float) -> None:
     """List the collections of the server (default: the public TCIA API; --api-url URL
     for another NBIA server)."""
-    from .search import collections
+    from ..search import collections
 
     try:
         items = collections(api_url, counts=counts,
-                            **_client_options(api, user, insecure, timeout))
+                            **_client_options(api, user, insecure, timeout, chosen=api_url))
     except NbiaError as exc:
         _fail_for(exc)
     if as_json:
@@ -137,7 +153,7 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
     The server is the public TCIA API unless --api-url names another. Exit 1 when
     nothing matches.
     """
-    from .search import search_series, write_cart, write_csv
+    from ..search import search_series, write_cart, write_csv
 
     filters = {"collection": collection, "patient": patient, "study": study,
                "modality": modality, "body_part": body_part, "manufacturer": manufacturer}
@@ -146,7 +162,8 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
              "would list every series of the archive)", EXIT_USAGE)
     try:
         records = search_series(api_url, **filters,
-                                **_client_options(api, user, insecure, timeout))
+                                **_client_options(api, user, insecure, timeout,
+                                                  chosen=api_url))
     except NbiaError as exc:
         _fail_for(exc)
     if not records:
@@ -211,7 +228,7 @@ def manifest_group() -> None:
 def merge_command(sources: tuple[str, ...], output: str, force: bool) -> None:
     """Merge SOURCES (manifests, spreadsheets, UID lists) into one manifest: union in
     order, duplicates dropped, headers from the first."""
-    from .search import merge_manifests
+    from ..search import merge_manifests
 
     try:
         path, written, dropped = merge_manifests(sources, output, force=force)
@@ -230,12 +247,22 @@ def info_command(manifest: str, offline: bool, as_json: bool, api: str, api_url:
                  user: str | None, insecure: bool, timeout: float) -> None:
     """Describe MANIFEST: series, server, and (from the server's metadata) collections,
     images and total size."""
-    from .search import manifest_summary
+    from ..engine.run import resolve_api_url
+    from ..errors import UsageError
+    from ..search import manifest_summary
+    from .common import check_api_url, load_manifest
 
+    check_api_url(api_url)
+    parsed = load_manifest(manifest)
+    try:
+        server = resolve_api_url(parsed, api_url)
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE)
     try:
         info = manifest_summary(manifest, offline=offline, api_url=api_url,
                                 **({} if offline else
-                                   _client_options(api, user, insecure, timeout)))
+                                   _client_options(api, user, insecure, timeout,
+                                                   server=server, chosen=api_url)))
     except NbiaError as exc:
         _fail_for(exc)
     except OSError as exc:
@@ -286,7 +313,7 @@ def merge_reports_command(root: str, manifest: str | None, check: bool,
     ROOT is the download root (the folder with metadata.csv), or its destination folder.
     Run it once every shard has finished. Exit 1 if anything is missing.
     """
-    from .search import merge_reports
+    from ..search import merge_reports
 
     try:
         result = merge_reports(root, manifest=manifest, fix=not check)

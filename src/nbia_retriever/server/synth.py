@@ -47,7 +47,7 @@ from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from .errors import NbiaError
+from ..errors import NbiaError
 
 __all__ = [
     "AWKWARD_SERIES_KINDS",

@@ -1,0 +1,455 @@
+"""The NBIA REST client: metadata, queries, series streams, MD5 checks, across builds.
+
+One :class:`NbiaClient` talks to one server and is shared by every thread. It knows the
+server builds in the field (reference section 8) and takes the way each one allows:
+
+* **API version**: ``auto`` probes v4 once and falls back to v1 on a server without it;
+  a login selects v2 (the authenticated API).
+* **Metadata**: v4 batch POSTs of up to 10,000 series (CSV whose column names changed
+  three times in 2025: every name goes through one alias table), or concurrent v1/v2
+  per-series calls. :meth:`metadata_batches` yields them in manifest order, as they
+  arrive, so a download can start before the last batch is in.
+* **Images with MD5s**: v4 ``getImage?IncludeMD5=yes``; builds of mid-2025 reject that
+  parameter with 400 "Invalid query parameter", which is an API mismatch (never "not
+  authorised"): the client moves on to v4 ``getImageWithMD5Hash``, then v2/v1, once for
+  the whole run.
+* **Statuses**: 400 "not in public domain", 460 "login needed" and 462 "insufficient
+  privilege" are final (:class:`NotPublicError`); 429/5xx carry ``retry_after``.
+
+Secrets policy: the password and tokens live only in memory, are sent in request bodies
+and the ``Authorization`` header (never in URLs), only to hosts the
+:class:`~nbia_retriever.api.auth.HostPolicy` allows, and no error message quotes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ApiError, AuthError, NetworkError, NotPublicError, TlsError, UsageError
+from ..models import SeriesInfo
+from ..retry import RetryPolicy
+from ..untrusted import quote
+from .auth import Credentials, HostPolicy, TokenManager, token_url_for
+from .http import Answer, ApiSession, SeriesStream, StreamOpener
+from .records import first_of, records, series_infos
+
+#: The public TCIA API (no version suffix).
+DEFAULT_API_URL = "https://services.cancerimagingarchive.net/nbia-api/services"
+API_VERSIONS = ("auto", "v1", "v2", "v4")
+#: Series per v4 batch metadata POST (what the Java retriever and tcia_utils send at most).
+V4_BATCH = 10_000
+#: v1/v2 series whose metadata is requested before a batch is handed out.
+V1_BATCH = 64
+
+
+class ApiMismatch(ApiError):
+    """This server build does not take that endpoint or parameter (400 "Invalid query
+    parameter", 404 on an endpoint): try the next way, never report it as a refusal."""
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value.strip()))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+
+
+def error_excerpt(text: str, limit: int = 200) -> str:
+    """A short, single-line, secret-free excerpt of an error body (HTML -> a hint)."""
+    head = text[:500].lower()
+    if "<html" in head or "<!doctype html" in head:
+        return "(an HTML page)"
+    return quote(text, limit)
+
+
+_MISMATCH = ("invalid query parameter", "unrecognized query parameter",
+             "unknown query parameter")
+
+
+def check_status(status: int, text: str, headers: Mapping[str, str] | Callable[[str], Any],
+                 what: str, *, endpoint_missing_is_mismatch: bool = False) -> None:
+    """Turn a non-2xx answer into the right :class:`ApiError` subclass (see module doc)."""
+    if status < 400:
+        return
+    detail = error_excerpt(text)
+    message = f"{what}: HTTP {status}" + (f" {detail}" if detail else "")
+    lowered = text.lower()
+    get = headers if callable(headers) else headers.get
+    if status == 400 and any(m in lowered for m in _MISMATCH):
+        raise ApiMismatch(message, status=status)
+    if status == 400:
+        raise NotPublicError(message, status=status)
+    if status in (404, 405, 501) and endpoint_missing_is_mismatch:
+        raise ApiMismatch(message, status=status)
+    if status in (401, 403):
+        raise AuthError(f"{what}: HTTP {status} (not authorised; check the login)")
+    if status == 460:
+        raise NotPublicError(f"{what}: login needed (HTTP 460): the series belongs to a "
+                             "limited-access collection; log in", status=status)
+    if status == 462:
+        raise NotPublicError(f"{what}: insufficient privilege (HTTP 462): this login has no "
+                             "access to the series", status=status)
+    raise ApiError(message, status=status, retry_after=parse_retry_after(get("retry-after")))
+
+
+@dataclass
+class MetadataBatch:
+    """The answer for one batch of series, in manifest order.
+
+    ``infos``: series the server described; ``errors``: series whose metadata request
+    kept failing (uid -> message); every other UID of ``uids`` is unknown or not
+    accessible to this login.
+    """
+
+    uids: list[str]
+    infos: dict[str, SeriesInfo] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _ImageWay:
+    version: str
+    endpoint: str
+    params: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        extra = "".join(f"&{k}={v}" for k, v in self.params)
+        return f"{self.version}/{self.endpoint}{'?' + extra[1:] if extra else ''}"
+
+
+class NbiaClient:
+    """Talks to one NBIA server. Thread-safe; share one instance between workers.
+
+    ``api_url`` is the services root without a version, e.g.
+    ``https://services.cancerimagingarchive.net/nbia-api/services``. ``version`` is
+    ``auto`` (v2 when logged in, else v4 falling back to v1 when the server has no v4),
+    or one of ``v1``, ``v2``, ``v4``. ``policy`` decides where credentials may go;
+    without one only TCIA hosts and loopback are trusted.
+    """
+
+    def __init__(
+        self,
+        api_url: str = DEFAULT_API_URL,
+        *,
+        version: str = "auto",
+        credentials: Credentials | None = None,
+        timeout: float = 60.0,
+        connect_timeout: float = 30.0,
+        verify: bool = True,
+        max_connections: int = 16,
+        metadata_retries: int = 4,
+        backoff_base: float = 1.0,
+        policy: HostPolicy | None = None,
+    ) -> None:
+        if version not in API_VERSIONS:
+            raise UsageError(f"unknown API version {version!r}; use one of {API_VERSIONS}")
+        if version == "v2" and credentials is None:
+            credentials = Credentials("nbia_guest", "")
+        self.api_url = api_url.rstrip("/")
+        self._version: str | None = None if version == "auto" else version
+        if version == "auto" and credentials is not None:
+            self._version = "v2"
+        self._version_lock = threading.Lock()
+        self.session = ApiSession(timeout=timeout, connect_timeout=connect_timeout,
+                                  verify=verify, max_connections=max_connections)
+        self.streams = StreamOpener(timeout=timeout, connect_timeout=connect_timeout,
+                                    verify=verify)
+        # Whoever builds a client with a URL chose that server; the engine passes a policy
+        # of its own, where a URL that only a manifest names is not a choice.
+        self.policy = policy if policy is not None else HostPolicy(chosen=[self.api_url])
+        self.tokens = (
+            TokenManager(self.session, token_url_for(self.api_url), credentials,
+                         policy=self.policy)
+            if credentials is not None else None
+        )
+        self.retry = RetryPolicy(total=metadata_retries, backoff_base=backoff_base)
+        self._ways: list[_ImageWay] | None = None
+        self._ways_md5: bool | None = None
+        self._way_lock = threading.Lock()
+
+    def __enter__(self) -> NbiaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session.close()
+        self.streams.close()
+
+    @property
+    def http(self) -> Any:
+        """The underlying httpx client (tests and diagnostics)."""
+        return self.session.http
+
+    # -- plumbing ---------------------------------------------------------------------
+    @property
+    def logged_in(self) -> bool:
+        return self.tokens is not None
+
+    def login(self) -> None:
+        """Fetch the token now, so a bad password (or an untrusted host) fails before
+        any download starts."""
+        if self.tokens is not None:
+            self.tokens.authorization()
+
+    def version(self) -> str:
+        """The API version in use, probing the server once in ``auto`` mode."""
+        with self._version_lock:
+            if self._version is None:
+                self._version = self._probe_version()
+            return self._version
+
+    def _probe_version(self) -> str:
+        """v4 if the server has it; v1 on a definite "no such endpoint". A busy or
+        unreachable server is retried like any call, never mistaken for an answer."""
+        policy = self.retry
+        while True:
+            retry_after = None
+            try:
+                answer = self.session.call("POST", f"{self.api_url}/v4/getSeriesMetadata",
+                                           data={"list": ""}, what="API version probe",
+                                           limit=1 << 20)
+                status = answer.status
+                if status in (404, 405, 501):
+                    return "v1"
+                if status < 500 and status != 429:
+                    return "v4"
+                problem = f"HTTP {status}"
+                retry_after = parse_retry_after(answer.header("retry-after"))
+            except TlsError:
+                raise
+            except ApiError as exc:
+                problem = str(exc)
+            policy = policy.increment(problem)
+            if policy.exhausted:
+                raise NetworkError(f"cannot reach {self.api_url}: {problem}")
+            time.sleep(policy.backoff(retry_after))
+
+    def _url(self, endpoint: str, version: str | None = None) -> str:
+        return f"{self.api_url}/{version or self.version()}/{endpoint}"
+
+    def _headers(self) -> dict[str, str]:
+        if self.tokens is None:
+            return {}
+        return {"Authorization": self.tokens.authorization()}
+
+    def call(self, method: str, endpoint: str, *, what: str,
+             params: Mapping[str, str] | None = None, data: Mapping[str, str] | None = None,
+             version: str | None = None, mismatch: bool = False) -> Answer:
+        """One API call with retries on network errors, 429 and 5xx, and a 401 refresh."""
+        url = self._url(endpoint, version)
+        policy = self.retry
+        refreshed = 0
+        while True:
+            headers = self._headers() if (version or self.version()) != "v4" else {}
+            try:
+                answer = self.session.call(method, url, params=params, data=data,
+                                           headers=headers, what=what)
+                if answer.status == 401 and self.tokens is not None and refreshed < 2:
+                    refreshed += 1
+                    self.tokens.invalidate(headers.get("Authorization"))
+                    continue
+                check_status(answer.status, answer.text, answer.headers, what,
+                             endpoint_missing_is_mismatch=mismatch)
+                return answer
+            except (NotPublicError, ApiMismatch, TlsError, AuthError):
+                raise
+            except ApiError as exc:
+                retryable = exc.status is None or exc.status == 429 or exc.status >= 500
+                policy = policy.increment(str(exc))
+                if not retryable or policy.exhausted:
+                    raise
+                delay = policy.backoff(exc.retry_after)
+            time.sleep(delay)
+
+    # -- metadata ---------------------------------------------------------------------
+    def metadata_batches(self, uids: Sequence[str], *, workers: int = 8,
+                         batch: int | None = None) -> Iterator[MetadataBatch]:
+        """Metadata of ``uids`` in batches, in order, each as soon as it is complete.
+
+        v4: one POST per :data:`V4_BATCH` series. v1/v2: per-series calls run
+        concurrently on the shared pool; a series whose call keeps failing (after
+        retries) is recorded in the batch's ``errors``: one broken series must not stop
+        a 19,000-series download. Login and TLS failures stop the iteration.
+        """
+        if not uids:
+            return
+        if self.version() == "v4":
+            size = batch or V4_BATCH
+            for start in range(0, len(uids), size):
+                part = list(uids[start:start + size])
+                yield MetadataBatch(part, self._v4_metadata(part))
+            return
+        size = batch or V1_BATCH
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(uids))),
+                                thread_name_prefix="nbia-metadata") as pool:
+            for start in range(0, len(uids), size):
+                part = list(uids[start:start + size])
+                result = MetadataBatch(part)
+                for uid, info, error in pool.map(self._v1_one, part):
+                    if info is not None:
+                        result.infos[uid] = info
+                    elif error:
+                        result.errors[uid] = error
+                yield result
+
+    def series_metadata(self, uids: Sequence[str], *, workers: int = 8,
+                        on_progress: Callable[[int], None] | None = None,
+                        errors: dict[str, str] | None = None) -> dict[str, SeriesInfo]:
+        """Metadata of every series the server will describe; absent UIDs are left out."""
+        found: dict[str, SeriesInfo] = {}
+        for result in self.metadata_batches(uids, workers=workers):
+            found.update(result.infos)
+            if result.errors:
+                if errors is None:
+                    raise ApiError(next(iter(result.errors.values())))
+                errors.update(result.errors)
+            if on_progress:
+                on_progress(len(result.uids))
+        return found
+
+    def _v4_metadata(self, uids: Sequence[str]) -> dict[str, SeriesInfo]:
+        answer = self.call("POST", "getSeriesMetadata", what="series metadata (v4)",
+                           data={"list": ",".join(uids)}, version="v4")
+        wanted = set(uids)
+        return {i.series_uid: i for i in series_infos(answer, "series metadata (v4)")
+                if i.series_uid in wanted}
+
+    def _v1_one(self, uid: str) -> tuple[str, SeriesInfo | None, str]:
+        try:
+            return uid, self._v1_metadata(uid), ""
+        except (AuthError, TlsError):
+            raise
+        except ApiError as exc:
+            return uid, None, str(exc)
+
+    def _v1_metadata(self, uid: str) -> SeriesInfo | None:
+        what = f"metadata of series {uid}"
+        try:
+            answer = self.call("GET", "getSeriesMetaData", what=what,
+                               params={"SeriesInstanceUID": uid})
+        except NotPublicError:
+            return None
+        infos = series_infos(answer, what)
+        found = first_of(infos, uid)
+        if found is None and len(infos) == 1 and not infos[0].series_uid:
+            from dataclasses import replace
+
+            found = replace(infos[0], series_uid=uid)
+        return found
+
+    # -- queries ----------------------------------------------------------------------
+    def query(self, endpoint: str, **params: str) -> list[dict[str, Any]]:
+        """A query endpoint (getCollectionValues, getSeries...) as a list of records.
+
+        NBIA answers "no results" with 200 and an empty body, not ``[]``.
+        """
+        clean = {k: v for k, v in params.items() if v}
+        answer = self.call("GET", endpoint, what=endpoint, params=clean)
+        return records(answer, endpoint)
+
+    def collections(self) -> list[str]:
+        return [quote(str(r.get("Collection", "")), 500) for r in
+                self.query("getCollectionValues") if r.get("Collection")]
+
+    def series(self, **filters: str) -> list[dict[str, Any]]:
+        return self.query("getSeries", **filters)
+
+    def md5_hierarchy(self, uid: str) -> str:
+        """The server's MD5 of a series' sorted image MD5s (v4 ``getMD5Hierarchy``).
+
+        Raises :class:`ApiMismatch` when this server has no such endpoint.
+        """
+        answer = self.call("POST", "getMD5Hierarchy", what=f"MD5 of series {uid}",
+                           data={"SeriesInstanceUID": uid}, version="v4", mismatch=True)
+        text = answer.text.strip().strip('"').lower()
+        if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
+            raise ApiError(f"MD5 of series {uid}: the server sent {error_excerpt(text, 60)!r}, "
+                           "not an MD5")
+        return text
+
+    # -- images -----------------------------------------------------------------------
+    def _image_ways(self, md5: bool) -> list[_ImageWay]:
+        with self._way_lock:
+            if self._ways is None or self._ways_md5 != md5:
+                version = self.version()
+                older = "v2" if self.tokens is not None else "v1"
+                if not md5:
+                    self._ways = [_ImageWay(version, "getImage")]
+                elif version == "v4":
+                    self._ways = [_ImageWay("v4", "getImage", (("IncludeMD5", "yes"),)),
+                                  _ImageWay("v4", "getImageWithMD5Hash"),
+                                  _ImageWay(older, "getImageWithMD5Hash")]
+                else:
+                    self._ways = [_ImageWay(version, "getImageWithMD5Hash")]
+                self._ways_md5 = md5
+            return list(self._ways)
+
+    def _drop_way(self, way: _ImageWay) -> bool:
+        """Forget a way this server refused; True if another one is left."""
+        with self._way_lock:
+            if self._ways and self._ways[0] == way and len(self._ways) > 1:
+                self._ways.pop(0)
+            return bool(self._ways) and self._ways[0] != way
+
+    @property
+    def image_way(self) -> str:
+        """The endpoint series are fetched from now (after any fallback)."""
+        ways = self._ways or []
+        return str(ways[0]) if ways else ""
+
+    @contextlib.contextmanager
+    def open_series(self, uid: str, *, md5: bool = True) -> Iterator[SeriesStream]:
+        """Open the zip stream of one series; iterate ``stream.chunks()``.
+
+        Raises :class:`NotPublicError` (final), :class:`ApiError` with ``status`` and
+        ``retry_after`` (retryable for 429/5xx), :class:`NetworkError` or
+        :class:`TlsError`. A 401 (token expired or revoked: not the series' fault, so it
+        must not cost one of the series' retries) invalidates the shared token and is
+        retried at once with a fresh one; a second 401 raises :class:`AuthError`. A
+        build that refuses the endpoint or parameter moves the whole run to the next
+        way, at once.
+        """
+        what = f"series {uid}"
+        tried_401 = False
+        while True:
+            way = self._image_ways(md5)[0]
+            headers = self._headers() if way.version != "v4" else {}
+            params = {"SeriesInstanceUID": uid, **dict(way.params)}
+            with self.streams.open(self._url(way.endpoint, way.version), params=params,
+                                   headers=headers, what=what) as stream:
+                if stream.status == 401 and self.tokens is not None and not tried_401:
+                    tried_401 = True
+                    self.tokens.invalidate(headers.get("Authorization"))
+                    continue
+                if stream.status >= 400:
+                    text = stream.read_text()
+                    try:
+                        check_status(stream.status, text, stream.header, what,
+                                     endpoint_missing_is_mismatch=True)
+                    except ApiMismatch:
+                        if self._drop_way(way):
+                            continue
+                        raise
+                ctype = stream.content_type
+                if ctype.startswith(("text/html", "application/json")):
+                    raise ApiError(f"{what}: the server sent {ctype.split(';')[0]} instead of "
+                                   "a zip", status=stream.status)
+                yield stream
+                return

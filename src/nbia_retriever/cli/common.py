@@ -1,0 +1,161 @@
+"""What every command shares: exit codes, one-line errors, the API options, logging in.
+
+Exit codes (stable, for scripts and job schedulers): 0 every series complete, 1 some
+series failed (or the run stopped), 2 bad usage or an unreadable manifest, 3 login
+failed or not allowed, 130 interrupted (Ctrl-C; re-run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from ..untrusted import plain, redact
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def inert(text: str) -> str:
+    """Messages quote servers (zip entry names, error pages): no control character (no
+    terminal escape) and no known secret reaches the terminal."""
+    text = redact(text)
+    return "\n".join(plain(line) for line in text.split("\n"))
+
+
+def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
+    """One clear line on stderr (and one ``error`` event with ``--json``) and a meaningful
+    exit code: never a traceback."""
+    line = inert(message).replace("\n", " ")
+    if as_json:
+        sys.stdout.write(json.dumps({"event": "error", "message": line, "exit": code},
+                                    ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    click.echo(f"nbia-retriever: error: {line}", err=True)
+    sys.exit(code)
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        k_text, n_text = value.split("/", 1)
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise click.BadParameter("use K/N, e.g. 3/10") from None
+    if not (n >= 1 and 1 <= k <= n):
+        raise click.BadParameter("K must be between 1 and N")
+    return k, n
+
+
+def load_manifest(path: str, *, as_json: bool = False) -> Any:
+    """The parsed manifest, or exit 2 with one line naming the file (and line)."""
+    from ..errors import ManifestError
+    from ..manifest import read_manifest
+
+    try:
+        return read_manifest(path)
+    except ManifestError as exc:
+        fail(str(exc), EXIT_USAGE, as_json=as_json)
+    except OSError as exc:
+        fail(f"{path}: {exc.strerror or exc}", EXIT_USAGE, as_json=as_json)
+    except (ValueError, csv.Error) as exc:
+        # The parser's contract is ManifestError only; a slip must still not be a traceback.
+        fail(f"{path}: cannot read this manifest ({exc})", EXIT_USAGE, as_json=as_json)
+
+
+def check_api_url(url: str | None, *, as_json: bool = False) -> None:
+    """A malformed ``--api-url`` (``ftp://``, no host, bad port) is exit 2, at once."""
+    if not url:
+        return
+    from ..errors import NbiaError
+    from ..manifest import api_base_from_download_url
+
+    try:
+        api_base_from_download_url(url)
+    except NbiaError as exc:
+        fail(str(exc).replace("download server URL", "--api-url"), EXIT_USAGE, as_json=as_json)
+
+
+def host_of(api_url: str) -> str:
+    from ..api import Origin
+
+    origin = Origin.of(api_url)
+    default = 443 if origin.scheme == "https" else 80
+    return origin.host if origin.port == default else f"{origin.host}:{origin.port}"
+
+
+def get_credentials(user: str | None, host: str, *, interactive: bool = True) -> Any:
+    """The password from NBIA_PASSWORD, the keyring entry for (host, user), or a hidden
+    prompt that names the host.
+
+    The password never comes from argv: command lines are visible to every user of a
+    shared HPC node through ``ps``.
+    """
+    from ..api import Credentials, keyring_service, stored_password
+
+    if not user:
+        return None
+    password = stored_password(host, user)
+    if password is None:
+        if interactive and sys.stdin.isatty():
+            password = click.prompt(f"Password for {user} at {host}", hide_input=True,
+                                    default="", show_default=False, err=True)
+        else:
+            fail(f"no password for {user!r} at {host}: set NBIA_PASSWORD or store it in the "
+                 f"keyring (keyring set {keyring_service(host)} {user})", EXIT_AUTH)
+    return Credentials(user, password or "")
+
+
+def confirm_host_prompt(interactive: bool) -> Any:
+    """A callback that asks, naming the host, before a password goes to a host only the
+    manifest names; None (the answer is no) when nobody can be asked."""
+    if not (interactive and sys.stdin.isatty()):
+        return None
+
+    def confirm(host: str) -> bool:
+        return bool(click.confirm(
+            f"The manifest names the server {host}, which you have not chosen. Send your "
+            f"password to {host}?", default=False, err=True))
+
+    return confirm
+
+
+def warn_insecure(insecure: bool) -> None:
+    if insecure:
+        click.echo("nbia-retriever: warning: --insecure: TLS certificates are NOT verified; "
+                   "anyone on the way can pose as the server", err=True)
+
+
+api_options = [
+    click.option("--api", "api", type=click.Choice(["auto", "v1", "v2", "v4"]), default="auto",
+                 show_default=True, help="API version (auto: v4, v1 if absent, v2 if logged in)."),
+    click.option("--api-url", metavar="URL",
+                 help="Services root, e.g. https://nbia.example.org/nbia-api/services "
+                      "(default: from the manifest's downloadServerUrl). A server you name "
+                      "here may receive your password."),
+    click.option("--user", metavar="NAME",
+                 help="Log in for limited-access collections (password: NBIA_PASSWORD, "
+                      "keyring, or prompt). Sent only to TCIA hosts, --api-url, or a "
+                      "trusted_hosts entry of your config file."),
+    click.option("--insecure", is_flag=True, help="Do not verify TLS certificates (unsafe)."),
+    click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+                 show_default=True,
+                 help="Seconds in which an attempt must receive data (a server sending "
+                      "less than 1 KB per timeout is cut off)."),
+]
+
+
+def with_api_options(func: Any) -> Any:
+    for option in reversed(api_options):
+        func = option(func)
+    return func
+
+
+def human(size: int | None) -> str:
+    from ..report import human_size
+
+    return human_size(size)

@@ -1,0 +1,159 @@
+"""``list`` (the downloads table, no download) and ``verify`` (a finished download)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .common import (
+    EXIT_AUTH,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    check_api_url,
+    fail,
+    get_credentials,
+    host_of,
+    human,
+    inert,
+    load_manifest,
+    warn_insecure,
+    with_api_options,
+)
+
+
+def _text(value: str) -> Any:
+    """A table cell shown verbatim: server strings are never console markup."""
+    from rich.text import Text
+
+    return Text(value)
+
+
+@click.command("list")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="JSON records instead of a table.")
+@click.option("--wide", is_flag=True, help="Whole UIDs (the table no longer fits 80 columns).")
+@with_api_options
+def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: str | None,
+                 user: str | None, insecure: bool, timeout: float) -> None:
+    """Show the downloads table of MANIFEST (with totals) without downloading."""
+    from ..api import NbiaClient
+    from ..engine.run import resolve_api_url
+    from ..errors import AuthError, NbiaError, UsageError
+    from ..models import INFO_FIELDS
+    from ..report import short_uid
+    from .run import trust_or_exit
+
+    parsed = load_manifest(manifest, as_json=as_json)
+    check_api_url(api_url, as_json=as_json)
+    try:
+        server = resolve_api_url(parsed, api_url)
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE, as_json=as_json)
+    credentials = None
+    policy_hosts: tuple[str, ...] = ()
+    if user:
+        policy_hosts = trust_or_exit(server, api_url, user, interactive=not as_json,
+                                     as_json=as_json)
+        credentials = get_credentials(user, host_of(server), interactive=not as_json)
+    warn_insecure(insecure)
+    from ..api import HostPolicy
+
+    policy = HostPolicy(chosen=[api_url] if api_url else [], trusted_hosts=policy_hosts)
+    try:
+        with NbiaClient(server, version=api, credentials=credentials, timeout=timeout,
+                        verify=not insecure, policy=policy) as client:
+            infos = client.series_metadata(list(parsed.series_uids), errors={})
+    except AuthError as exc:
+        fail(str(exc), EXIT_AUTH, as_json=as_json)
+    except NbiaError as exc:
+        fail(str(exc), EXIT_FAILED, as_json=as_json)
+    if as_json:
+        for uid in parsed.series_uids:
+            info = infos.get(uid)
+            record: dict[str, object] = ({f: getattr(info, f) for f in INFO_FIELDS} if info
+                                         else {"series_uid": uid, "status": "Not available"})
+            click.echo(json.dumps(record, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def uid_text(uid: str) -> str:
+        return uid if wide else short_uid(uid)
+
+    table = Table(title=_text(f"{Path(manifest).name}: {len(parsed.series_uids):,} series"))
+    for column in ("Collection", "Patient ID", "Study UID", "Series UID"):
+        table.add_column(column, overflow="fold" if wide else "ellipsis",
+                         max_width=None if wide else 18, no_wrap=not wide)
+    table.add_column("Images", justify="right", no_wrap=True)
+    table.add_column("Size", justify="right", no_wrap=True)
+    images = size = 0
+    for uid in parsed.series_uids:
+        info = infos.get(uid)
+        if info is None:
+            table.add_row("", "", "", _text(uid_text(uid)), "", "n/a")
+            continue
+        images += info.image_count or 0
+        size += info.file_size or 0
+        table.add_row(_text(info.collection), _text(info.patient_id),
+                      _text(uid_text(info.study_uid)), _text(uid_text(uid)),
+                      str(info.image_count or ""), human(info.file_size))
+    table.add_section()
+    missing = len(parsed.series_uids) - len(infos)
+    table.add_row("Total", "", "", f"{len(infos):,} series"
+                  + (f", {missing:,} n/a" if missing else ""), f"{images:,}", human(size))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200 if wide else 80)
+    console.print(table)
+    if missing:
+        click.echo(f"n/a: {missing:,} series the server did not describe (unknown, or not "
+                   "public: log in with --user)", err=True)
+
+
+@click.command()
+@click.argument("root", type=click.Path(file_okay=False, exists=True))
+@click.option("--quick", is_flag=True, help="Check presence and sizes only, not MD5 hashes.")
+@click.option("--server", "against_server", is_flag=True,
+              help="Check every series folder against the server (its MD5 of the series "
+                   "and its image count), without downloading: ours, adopted or Java-made.")
+@click.option("--repair", is_flag=True,
+              help="With --server: download again the series that do not match.")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False),
+              metavar="M.tcia", help="With --server: the manifest the root was made from "
+                                     "(default: the one its journal names).")
+@with_api_options
+def verify(root: str, quick: bool, against_server: bool, repair: bool,
+           manifest_path: str | None, api: str, api_url: str | None, user: str | None,
+           insecure: bool, timeout: float) -> None:
+    """Re-check a finished download (ROOT: the folder with metadata.csv): against its
+    journal (every file missing, altered or unexpected), or with --server against the
+    server itself."""
+    from ..errors import NbiaError
+    from ..verify import verify_root
+
+    if repair and not against_server:
+        fail("--repair needs --server (it re-downloads what the server check finds)",
+             EXIT_USAGE)
+    if against_server:
+        from .verify_server import run_server_verify
+
+        run_server_verify(Path(root), repair=repair, manifest_path=manifest_path, api=api,
+                          api_url=api_url, user=user, insecure=insecure, timeout=timeout)
+        return
+    try:
+        result = verify_root(Path(root), quick=quick)
+    except FileNotFoundError as exc:
+        fail(str(exc), EXIT_USAGE)
+    except NbiaError as exc:
+        fail(str(exc), EXIT_FAILED)
+    except OSError as exc:
+        fail(f"{root}: {exc.strerror or exc}", EXIT_FAILED)
+    for problem in result.problems:
+        click.echo(inert(problem))
+    click.echo(result.summary())
+    sys.exit(EXIT_OK if result.ok else EXIT_FAILED)

@@ -1,0 +1,258 @@
+"""``nbia-retriever download``: the main job, in a terminal, a log file or a pipeline.
+
+Three output modes: a live display in a terminal (:mod:`.progress`), one line per event
+for logs and batch jobs, and ``--json`` (one JSON event per line on stdout). Before
+anything is sent, the command checks what would be unsafe: a malformed URL or timeout
+is exit 2, and a password is sent only to a host the user chose (exit 3 otherwise, with
+the line that says how to trust it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .common import (
+    EXIT_AUTH,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    check_api_url,
+    confirm_host_prompt,
+    fail,
+    get_credentials,
+    host_of,
+    inert,
+    load_manifest,
+    parse_shard,
+    warn_insecure,
+    with_api_options,
+)
+
+#: With -q, failed series beyond this many are summarised as a count.
+QUIET_REASONS = 20
+
+
+@click.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("-d", "--dest", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Destination folder; the download goes into a folder named after the "
+                   "manifest's databasketId.")
+@click.option("-w", "--workers", type=click.IntRange(1, 64), default=None,
+              help="Pin the number of series downloaded at once (default: found at run "
+                   "time, up to --max-connections).")
+@click.option("--max-connections", type=click.IntRange(1, 64), default=16, show_default=True,
+              help="Most concurrent series streams to one server; the number also halves "
+                   "by itself when the server answers 429/503 and recovers after.")
+@click.option("--retries", type=click.IntRange(0, 100), default=None,
+              help="Retries per series (default: the manifest's noOfrRetry, else 4).")
+@click.option("--layout", type=click.Choice(["descriptive", "classic"]), default="descriptive",
+              show_default=True, help="Folder layout below Collection/Patient.")
+@click.option("--no-md5", is_flag=True, help="Do not ask for or check MD5 hashes.")
+@click.option("--only-failed", is_flag=True,
+              help="Retry only the series that failed in an earlier run.")
+@click.option("--error-report", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the failed series (table columns + error) to this CSV.")
+@click.option("--shard", metavar="K/N", help="Download only part K of N (cluster job arrays).")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress display: one line per failed series and the summary.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line on stdout.")
+@click.option("--backoff", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              hidden=True, help="Base of the exponential retry backoff, seconds.")
+@with_api_options
+def download(manifest: str, dest: str, workers: int | None, max_connections: int,
+             retries: int | None, layout: str, no_md5: bool, only_failed: bool,
+             error_report: str | None, shard: str | None, quiet: bool, as_json: bool,
+             backoff: float, api: str, api_url: str | None, user: str | None, insecure: bool,
+             timeout: float) -> None:
+    """Download every series of MANIFEST (a .tcia file, spreadsheet or list of UIDs).
+
+    Re-running the same command resumes: finished series are skipped in milliseconds.
+    """
+    from ..engine import DownloadOptions, Engine
+    from ..engine.run import resolve_api_url
+    from ..errors import NbiaError, UsageError
+    from ..report import write_error_report
+
+    parsed = load_manifest(manifest, as_json=as_json)
+    check_api_url(api_url, as_json=as_json)
+    if error_report:
+        # Find out now, not after a day of downloading, that the report cannot be written.
+        folder = Path(error_report).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            fail(f"--error-report {error_report}: folder {folder} is missing or not writable",
+                 EXIT_USAGE, as_json=as_json)
+    interactive = not as_json
+    try:
+        server = resolve_api_url(parsed, api_url)
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE, as_json=as_json)
+    trusted: tuple[str, ...] = ()
+    credentials = None
+    if user:
+        trusted = trust_or_exit(server, api_url, user, interactive=interactive,
+                                as_json=as_json)
+        credentials = get_credentials(user, host_of(server), interactive=interactive)
+    try:
+        options = DownloadOptions(
+            workers=workers, max_connections=max_connections, retries=retries,
+            timeout=timeout, api=api, api_url=api_url, layout=layout, md5=not no_md5,
+            only_failed=only_failed, verify_tls=not insecure, backoff_base=backoff,
+            shard=parse_shard(shard), credentials=credentials, trusted_hosts=trusted)
+        engine = Engine(parsed, dest, options)
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE, as_json=as_json)
+    warn_insecure(insecure)
+    if parsed.duplicates_dropped and not as_json:
+        click.echo(f"note: {parsed.duplicates_dropped} duplicate series dropped from {manifest}",
+                   err=True)
+    if as_json:
+        engine.subscribe(_json_printer())
+        report = run_plain(engine)
+    elif quiet or not sys.stderr.isatty():
+        if not quiet:
+            engine.subscribe(plain_printer())
+        report = run_plain(engine)
+    else:
+        from .progress import run_with_progress
+
+        report = run_with_progress(engine)
+    if error_report:
+        try:
+            n = write_error_report(Path(error_report), report.results.values())
+        except (OSError, NbiaError) as exc:
+            n = 0
+            click.echo(inert(f"nbia-retriever: error: cannot write {error_report}: "
+                             f"{getattr(exc, 'strerror', None) or exc}"), err=True)
+        if n and not as_json:
+            click.echo(f"error report: {n} failed series written to {error_report}", err=True)
+    if as_json:
+        sys.stdout.write(json.dumps({"event": "summary", **summary_dict(report)},
+                                    ensure_ascii=False) + "\n")
+    else:
+        if quiet:
+            _quiet_reasons(report)
+        click.echo(inert(report.summary()), err=quiet)
+    sys.exit(exit_code(report))
+
+
+def exit_code(report: Any) -> int:
+    if report.auth_failed:
+        return EXIT_AUTH
+    if report.usage_error:
+        return EXIT_USAGE
+    if report.cancelled and not report.fatal:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def trust_or_exit(api_url: str, chosen_url: str | None, user: str, *, interactive: bool,
+                  as_json: bool) -> tuple[str, ...]:
+    """The hosts trusted for this run, or exit 3 before any password is asked or sent."""
+    from ..api import HostPolicy, token_url_for
+    from ..config import load_user_config
+    from ..errors import UntrustedHostError, UsageError
+
+    try:
+        config = load_user_config()
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE, as_json=as_json)
+    policy = HostPolicy(chosen=[chosen_url] if chosen_url else [],
+                        trusted_hosts=config.trusted_hosts,
+                        confirm=confirm_host_prompt(interactive), config_path=config.path)
+    try:
+        policy.check(token_url_for(api_url), user)
+    except UntrustedHostError as exc:
+        fail(str(exc), EXIT_AUTH, as_json=as_json)
+    return policy.trusted_hosts
+
+
+def summary_dict(report: Any) -> dict[str, Any]:
+    from ..models import SeriesState
+
+    return {
+        "root": str(report.root),
+        "series": len(report.results),
+        "complete": report.count(SeriesState.COMPLETE),
+        "failed": len(report.failed),
+        "skipped": report.skipped,
+        "adopted": report.adopted,
+        "bytes": report.bytes_downloaded,
+        "elapsed": round(report.elapsed, 3),
+        "fatal": inert(report.fatal),
+        "failures": [{"uid": r.uid, "state": str(r.state), "error": inert(r.error)}
+                     for r in report.failed],
+    }
+
+
+def _json_printer() -> Any:
+    lock = threading.Lock()
+
+    def emit(event: Any) -> None:
+        line = json.dumps(event.as_dict(), ensure_ascii=False)
+        with lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    return emit
+
+
+def plain_printer() -> Any:
+    """Line-per-event output for logs and non-terminals (HPC batch jobs)."""
+    from ..engine import EventKind
+    from ..models import FINAL_STATES
+
+    def printer(event: Any) -> None:
+        kind = event.kind
+        if kind is EventKind.STATE and event.state in FINAL_STATES:
+            extra = f": {event.message}" if event.message else ""
+            click.echo(inert(f"{event.state:<14} {event.uid}{extra}"), err=True)
+        elif kind is EventKind.RETRY:
+            click.echo(inert(f"{'Retrying':<14} {event.uid} (attempt {event.attempt}: "
+                             f"{event.message})"), err=True)
+        elif kind in (EventKind.THROTTLE, EventKind.ERROR) or (
+                kind is EventKind.PLANNED and "so far" not in event.message):
+            click.echo(inert(event.message), err=True)
+
+    return printer
+
+
+def _quiet_reasons(report: Any) -> None:
+    """With -q: one reason line per failed series (capped), so a log says why."""
+    failed = report.failed
+    for r in failed[:QUIET_REASONS]:
+        click.echo(inert(f"{r.state}: {r.uid}: {r.error}"), err=True)
+    if len(failed) > QUIET_REASONS:
+        click.echo(f"... and {len(failed) - QUIET_REASONS} more failed series (--error-report "
+                   "FILE lists them all)", err=True)
+
+
+def run_plain(engine: Any) -> Any:
+    engine.start()
+    try:
+        while not engine.finished:
+            engine.wait(0.5)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, exit_at_once)
+        click.echo("interrupted: stopping (re-run the same command to resume)", err=True)
+        engine.cancel()
+        engine.wait()
+    return engine.report
+
+
+def exit_at_once(signum: int, frame: object) -> None:
+    """An impatient second Ctrl-C: stop now, still with exit code 130 and no traceback.
+
+    Safe: nothing is published before it is verified and journaled, and a re-run clears
+    whatever staging the workers leave. ``os._exit`` skips joining them.
+    """
+    os.write(2, b"interrupted again: stopped at once (re-run the same command to resume)\n")
+    os._exit(EXIT_INTERRUPTED)

@@ -1,0 +1,63 @@
+"""The user's own settings file: which NBIA servers they trust with their password.
+
+``config.toml`` in the platform's config folder (``~/.config/nbia-retriever/`` on
+Linux; ``NBIA_RETRIEVER_CONFIG`` names another file)::
+
+    # Servers that may receive your password or token, besides *.cancerimagingarchive.net
+    # (always trusted over https) and the host of --api-url.
+    trusted_hosts = ["nbia.example.org", "imaging.lab.internal:8443"]
+
+A host entry matches any port; ``host:port`` matches that port only. The file is the
+user's, never a manifest's: that is the point. A malformed file is an error naming it,
+not a silently empty trust list.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+APP_NAME = "nbia-retriever"
+ENV_CONFIG = "NBIA_RETRIEVER_CONFIG"
+
+
+def config_path() -> Path:
+    """Where the settings file is (it need not exist)."""
+    override = os.environ.get(ENV_CONFIG)
+    if override:
+        return Path(override).expanduser()
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir(APP_NAME, appauthor=False)) / "config.toml"
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    trusted_hosts: tuple[str, ...] = ()
+    path: Path | None = None
+
+
+def load_user_config(path: Path | None = None) -> UserConfig:
+    """The settings, or the defaults when there is no file."""
+    path = path or config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return UserConfig(path=path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: invalid TOML: {exc}") from None
+    hosts = data.get("trusted_hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
+        raise UsageError(f"{path}: trusted_hosts must be a list of host names")
+    unknown = sorted(set(data) - {"trusted_hosts"})
+    if unknown:
+        raise UsageError(f"{path}: unknown setting {unknown[0]!r}")
+    return UserConfig(trusted_hosts=tuple(h.strip().lower() for h in hosts), path=path)

@@ -1,0 +1,375 @@
+"""The download journal: what happened to every series, durable across crashes.
+
+A SQLite file in ``<root>/.nbia/`` records each series' state, attempts, last error,
+where it was published, how many files it holds and the MD5 of every file. It is what
+makes a re-run resume (skip verified series in one bulk read, retry the rest), what
+``--only-failed`` reads, and what ``verify`` checks the files against. SQLite gives
+atomic commits for free, so a SIGKILL at any moment leaves either the old or the new
+row, never half of one.
+
+Writes that concern many series at once (the rows of a new manifest, a batch of series
+that turned out to be unavailable, adopted folders) are one transaction each, with
+prepared statements: planning 200,000 series must cost milliseconds here, not minutes.
+Metadata is stored when a series ends (complete or failed), not while planning.
+
+The journal never stores credentials: it has no column that could hold one, and every
+error text is redacted (:func:`~nbia_retriever.untrusted.redact`) before it is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import JournalError
+from ..models import INFO_FIELDS, SeriesInfo, SeriesState
+from ..ondisk import check_no_link
+from ..untrusted import plain, redact
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    relpath TEXT NOT NULL DEFAULT '',
+    metadata TEXT NOT NULL DEFAULT '',
+    files TEXT NOT NULL DEFAULT '',
+    bytes INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL DEFAULT 0,
+    completed REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+#: Columns added after the first release: (name, definition). Old journals get them.
+ADDED_COLUMNS = (
+    ("nfiles", "INTEGER NOT NULL DEFAULT 0"),
+    ("folder_mtime", "INTEGER NOT NULL DEFAULT 0"),
+    ("adopted", "INTEGER NOT NULL DEFAULT 0"),
+    ("checked", "REAL NOT NULL DEFAULT 0"),
+)
+#: A folder mtime recorded less than this long after the mtime itself may hide a change
+#: made in the same clock tick (file systems keep coarse timestamps): not trusted alone.
+RACY_SECONDS = 2.0
+_COLUMNS = ("uid, state, attempts, last_error, relpath, metadata, files, bytes, completed,"
+            " nfiles, adopted")
+COMPLETE = SeriesState.COMPLETE.value
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One published file: its name inside the series folder, size and MD5 (``""`` for
+    a file adopted from an existing tree and not hashed)."""
+
+    name: str
+    size: int
+    md5: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteRecord:
+    """What a re-run needs to skip a finished series without opening anything.
+
+    ``folder_mtime`` is the folder's mtime when it was last seen complete, at time
+    ``checked``. Only a record checked well after that mtime proves, by an equal mtime
+    alone, that nothing changed (the "racy timestamp" problem git's index knows).
+    """
+
+    relpath: str
+    nfiles: int
+    folder_mtime: int
+    checked: float = 0.0
+
+    def unchanged(self, mtime: int) -> bool:
+        return (self.folder_mtime != 0 and mtime == self.folder_mtime
+                and self.checked - mtime / 1e9 > RACY_SECONDS)
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    uid: str
+    state: str
+    attempts: int
+    last_error: str
+    relpath: str
+    info: SeriesInfo | None
+    files: tuple[FileRecord, ...]
+    bytes: int
+    completed: float
+    nfiles: int = 0
+    adopted: bool = False
+
+
+def info_to_json(info: SeriesInfo) -> str:
+    data: dict[str, Any] = {name: getattr(info, name) for name in INFO_FIELDS}
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def info_from_json(text: str) -> SeriesInfo | None:
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            return None
+        data.pop("extra", None)
+        known = {k: v for k, v in data.items() if k in INFO_FIELDS}
+        return SeriesInfo(**known)
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def damaged_message(path: Path, exc: BaseException) -> str:
+    """How to get out of a journal SQLite cannot read, in one line."""
+    return (f"the download journal {path} is damaged ({plain(str(exc))}): move it aside "
+            f"(mv {path} {path}.damaged) and re-run the same command; series already on "
+            "disk are recognised and adopted without downloading them again")
+
+
+def write_failed_message(path: Path, exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "full" in text or "disk" in text or "space" in text:
+        return (f"cannot write the download journal {path} (disk full): free some space, "
+                "then re-run the same command to resume")
+    return (f"cannot write the download journal {path} ({plain(str(exc))}); re-run the same "
+            "command to resume")
+
+
+class Journal:
+    """Thread-safe access to one journal file (one connection, one lock, WAL mode).
+
+    Every SQLite failure comes out as :class:`~nbia_retriever.errors.JournalError` with a
+    message that says how to recover (a damaged file, a full disk), never as a raw
+    ``sqlite3`` exception.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.Lock()
+        check_no_link(self.path)
+        try:
+            if readonly:
+                uri = f"file:{self.path}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False,
+                                           isolation_level=None)
+                self._db.execute("PRAGMA busy_timeout=30000")
+                self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                self._columns = self._column_names()
+                return
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+            self._columns = self._column_names()
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
+            if isinstance(exc, sqlite3.OperationalError) and not _is_corruption(exc):
+                raise JournalError(write_failed_message(self.path, exc)) from None
+            raise JournalError(damaged_message(self.path, exc)) from None
+
+    def _column_names(self) -> set[str]:
+        return {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
+
+    def _migrate(self) -> None:
+        missing = [(n, d) for n, d in ADDED_COLUMNS if n not in self._columns]
+        if not missing:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        for name, definition in missing:
+            self._db.execute(f"ALTER TABLE series ADD COLUMN {name} {definition}")
+        if any(name == "nfiles" for name, _ in missing):
+            rows = self._db.execute("SELECT uid, files FROM series WHERE state = ?",
+                                    (COMPLETE,)).fetchall()
+            self._db.executemany("UPDATE series SET nfiles = ? WHERE uid = ?",
+                                 ((len(_files(files)), uid) for uid, files in rows))
+        self._db.execute("COMMIT")
+        self._columns = self._column_names()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, work: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
+        with self._lock:
+            try:
+                return work(self._db)
+            except sqlite3.DatabaseError as exc:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                if _is_corruption(exc):
+                    raise JournalError(damaged_message(self.path, exc)) from None
+                if write:
+                    raise JournalError(write_failed_message(self.path, exc)) from None
+                raise JournalError(f"cannot read the download journal {self.path} "
+                                   f"({plain(str(exc))})") from None
+
+    def _many(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            db.executemany(sql, rows)
+            db.execute("COMMIT")
+
+        self._run(work, write=True)
+
+    # -- reads --------------------------------------------------------------------------
+    def states(self) -> dict[str, str]:
+        """uid -> state for every series, in one query (the fast path of a no-op re-run)."""
+        return self._run(lambda db: dict(db.execute("SELECT uid, state FROM series")))
+
+    def completed(self) -> dict[str, str]:
+        """uid -> relpath of every complete series."""
+        return self._run(lambda db: dict(db.execute(
+            "SELECT uid, relpath FROM series WHERE state = ?", (COMPLETE,))))
+
+    def completed_index(self) -> dict[str, CompleteRecord]:
+        """uid -> (relpath, number of files, folder mtime) of every complete series, in
+        one query; the file count is a column of its own, never parsed from the list."""
+        has_mtime = "checked" in self._columns
+        has_nfiles = "nfiles" in self._columns
+
+        def work(db: sqlite3.Connection) -> dict[str, CompleteRecord]:
+            cols = ("uid, relpath, " + ("nfiles" if has_nfiles else "files") + ", "
+                    + ("folder_mtime, checked" if has_mtime else "0, 0"))
+            rows = db.execute(f"SELECT {cols} FROM series WHERE state = ?", (COMPLETE,))
+            return {uid: CompleteRecord(relpath,
+                                        n if has_nfiles else len(_files(n)), mtime, checked)
+                    for uid, relpath, n, mtime, checked in rows}
+
+        return self._run(work)
+
+    def get(self, uid: str) -> JournalEntry | None:
+        row = self._run(lambda db: db.execute(
+            f"SELECT {self._select()} FROM series WHERE uid = ?", (uid,)).fetchone())
+        return _entry(row) if row else None
+
+    def entries(self, state: str | None = None) -> Iterator[JournalEntry]:
+        query = f"SELECT {self._select()} FROM series"
+        args: tuple[str, ...] = ()
+        if state is not None:
+            query += " WHERE state = ?"
+            args = (state,)
+        rows = self._run(lambda db: db.execute(query, args).fetchall())
+        for row in rows:
+            yield _entry(row)
+
+    def _select(self) -> str:
+        if "nfiles" in self._columns:
+            return _COLUMNS
+        return _COLUMNS.replace(" nfiles, adopted", " 0, 0")
+
+    def get_info(self, key: str) -> str | None:
+        row = self._run(lambda db: db.execute(
+            "SELECT value FROM info WHERE key = ?", (key,)).fetchone())
+        return row[0] if row else None
+
+    # -- writes -------------------------------------------------------------------------
+    def set_info(self, key: str, value: str) -> None:
+        self._run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)", (key, value)), write=True)
+
+    def ensure(self, uids: Iterable[str], state: str) -> None:
+        """Add rows for series not yet in the journal (existing rows are left alone)."""
+        now = time.time()
+        self._many("INSERT OR IGNORE INTO series (uid, state, updated) VALUES (?, ?, ?)",
+                   ((uid, state, now) for uid in uids))
+
+    def set_state(self, uid: str, state: str, *, error: str | None = None,
+                  attempts: int | None = None, info: SeriesInfo | None = None) -> None:
+        self.set_states([(uid, state, error, attempts, info)])
+
+    def set_states(self, rows: Iterable[tuple[str, str, str | None, int | None,
+                                              SeriesInfo | None]]) -> None:
+        """Many state changes in one transaction: (uid, state, error, attempts, info)."""
+        now = time.time()
+        prepared = [
+            (uid, state, now, "" if error is None else redact(error), error is not None,
+             attempts or 0, attempts is not None,
+             info_to_json(info) if info is not None else "", info is not None)
+            for uid, state, error, attempts, info in rows
+        ]
+        if not prepared:
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            db.executemany(
+                "INSERT INTO series (uid, state, updated) VALUES (?, ?, ?)"
+                " ON CONFLICT(uid) DO UPDATE SET state = excluded.state,"
+                " updated = excluded.updated",
+                ((p[0], p[1], p[2]) for p in prepared))
+            db.executemany("UPDATE series SET last_error = ? WHERE uid = ?",
+                           ((p[3], p[0]) for p in prepared if p[4]))
+            db.executemany("UPDATE series SET attempts = ? WHERE uid = ?",
+                           ((p[5], p[0]) for p in prepared if p[6]))
+            db.executemany("UPDATE series SET metadata = ? WHERE uid = ?",
+                           ((p[7], p[0]) for p in prepared if p[8]))
+            db.execute("COMMIT")
+
+        self._run(work, write=True)
+
+    def mark_complete(self, uid: str, *, relpath: str, files: Iterable[FileRecord],
+                      nbytes: int, attempts: int, info: SeriesInfo, folder_mtime: int = 0,
+                      adopted: bool = False) -> None:
+        self.mark_complete_many([(uid, relpath, tuple(files), nbytes, attempts, info,
+                                  folder_mtime, adopted)])
+
+    def mark_complete_many(self, rows: Iterable[tuple[str, str, tuple[FileRecord, ...], int,
+                                                      int, SeriesInfo, int, bool]]) -> None:
+        now = time.time()
+        self._many(
+            "INSERT OR REPLACE INTO series (uid, state, attempts, last_error, relpath,"
+            " metadata, files, bytes, updated, completed, nfiles, folder_mtime, adopted,"
+            " checked) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            ((uid, COMPLETE, attempts, "", relpath, info_to_json(info),
+              json.dumps([[f.name, f.size, f.md5] for f in files], separators=(",", ":")),
+              nbytes, now, now, len(files), folder_mtime, int(adopted), now)
+             for uid, relpath, files, nbytes, attempts, info, folder_mtime, adopted in rows))
+
+    def set_folder_mtimes(self, rows: Iterable[tuple[str, int]]) -> None:
+        """Folders seen complete now: (uid, mtime) in one transaction."""
+        now = time.time()
+        self._many("UPDATE series SET folder_mtime = ?, checked = ? WHERE uid = ?",
+                   ((mtime, now, uid) for uid, mtime in rows))
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    text = str(exc).lower()
+    return (not isinstance(exc, sqlite3.OperationalError)
+            or "malformed" in text or "not a database" in text or "corrupt" in text)
+
+
+def _files(payload: str) -> tuple[FileRecord, ...]:
+    if not payload:
+        return ()
+    try:
+        return tuple(FileRecord(str(n), int(s), str(m)) for n, s, m in json.loads(payload))
+    except (ValueError, TypeError, RecursionError):
+        return ()
+
+
+def _entry(row: tuple[Any, ...]) -> JournalEntry:
+    uid, state, attempts, last_error, relpath, metadata, files, nbytes, completed, nfiles, \
+        adopted = row
+    records = _files(files)
+    return JournalEntry(uid, state, attempts, last_error, relpath, info_from_json(metadata),
+                        records, nbytes, completed, int(nfiles or len(records)), bool(adopted))

@@ -1,0 +1,341 @@
+"""Planning a run: what is done already, what the server says, where each series goes.
+
+Two phases, because a manifest can hold 200,000 series:
+
+* :meth:`Planner.open` is local and bulk: create the root (refusing planted links),
+  check the layout it was made with, open this run's journal and read every journal of
+  the root once (a series completed by any shard is complete), skip finished series
+  with one ``stat`` each (the folder's mtime says whether anything changed since it was
+  published), add journal rows for the rest in one transaction.
+* :meth:`Planner.batches` asks the source for metadata batch by batch, in manifest
+  order, and yields each batch planned: its folders chosen (:class:`FolderPlanner`,
+  deterministic whatever order the answers arrive in), the series that cannot be
+  downloaded, and the series whose folder already holds their images (a tree left by
+  the Java retriever, or by a run whose journal was lost), adopted without a download.
+  The engine starts downloading the first batch while later ones are still on the way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..errors import DestinationError, UsageError
+from ..layout import FolderPlanner, Layout, java_clean, series_relpath_mode
+from ..models import SeriesInfo, SeriesState
+from ..ondisk import DownloadRoot
+from .journal import CompleteRecord, FileRecord, Journal
+from .source import Source
+
+#: Placeholder StudyID used to find a Java study folder when the metadata has none.
+_STUDY_MARK = "QQQQSTUDYIDQQQQ"
+_CLEAN_PART = "[A-Za-z0-9 .\\-]+"
+
+
+@dataclass(slots=True)
+class PlannedSeries:
+    """A series ready to download: its metadata and the variant of its folder name."""
+
+    uid: str
+    info: SeriesInfo
+    relpath: PurePosixPath
+    mode: int
+
+
+@dataclass
+class PlanBatch:
+    ready: list[PlannedSeries] = field(default_factory=list)
+    unavailable: list[tuple[str, SeriesState, str, SeriesInfo | None]] = \
+        field(default_factory=list)
+    adopted: list[tuple[str, SeriesInfo, str, tuple[FileRecord, ...]]] = \
+        field(default_factory=list)
+
+
+@dataclass
+class Opened:
+    """What :meth:`Planner.open` found: finished series and those left to do."""
+
+    complete: dict[str, str] = field(default_factory=dict)  # uid -> relpath
+    todo: list[str] = field(default_factory=list)
+
+
+class Planner:
+    """Plans one run over one root; see the module docstring."""
+
+    def __init__(self, root: DownloadRoot, journal_path: Path, layout: Layout, *,
+                 only_failed: bool = False) -> None:
+        self.root = root
+        self.journal_path = journal_path
+        self.layout = layout
+        self.only_failed = only_failed
+        self.journal: Journal | None = None
+        self.folders = FolderPlanner(layout)
+        self.todo: list[str] = []
+        self._seen: list[tuple[str, int]] = []
+        self._listing: dict[Path, frozenset[str] | None] = {}
+        self._deferred: list[PlanBatch] = []
+        self._lock = threading.Lock()
+
+    # -- local -----------------------------------------------------------------------------
+    def open(self, uids: Iterable[str], *, create: bool) -> Opened:
+        """Phase one (see the module docstring). With ``create`` the root, its layout
+        record and this run's journal are created; without, nothing on disk is touched
+        (a destination only looked at must not get a ``.nbia/``) and journals are only
+        read. Raises DestinationError, UsageError, JournalError."""
+        if create:
+            self.commit()
+        index: dict[str, CompleteRecord] = {}
+        mine: dict[str, CompleteRecord] = {}
+        for path in self.root.journal_paths():
+            if path == self.journal_path and self.journal is not None:
+                mine = self.journal.completed_index()
+                continue
+            try:
+                other = Journal(path, readonly=True)
+            except DestinationError:
+                if path == self.journal_path:
+                    raise
+                continue  # another run's journal we cannot read is not ours to judge
+            try:
+                found = other.completed_index()
+            except DestinationError:
+                found = {}
+            finally:
+                other.close()
+            if path == self.journal_path:
+                mine = found
+            else:
+                index.update(found)
+        index.update(mine)
+        self.folders.reserve(r.relpath for r in index.values() if r.relpath)
+        states = self._states() if self.only_failed else {}
+        opened = Opened()
+        seen: list[tuple[str, int]] = []
+        for uid in uids:
+            record = index.get(uid)
+            if record is not None and record.relpath and self._still_there(
+                    uid, record, seen if uid in mine else None):
+                opened.complete[uid] = record.relpath
+                continue
+            if self.only_failed and (uid not in states or states[uid] == SeriesState.COMPLETE):
+                # "Retry failed series": everything that did not complete, including
+                # series a crash left "Downloading"; never-seen series are left alone.
+                continue
+            opened.todo.append(uid)
+        self.todo = opened.todo
+        self._seen = seen
+        if self.journal is not None:
+            self.journal.ensure(opened.todo, SeriesState.NOT_STARTED)
+            self.journal.set_folder_mtimes(seen)
+            seen.clear()
+        return opened
+
+    def _states(self) -> dict[str, str]:
+        if self.journal is not None:
+            return self.journal.states()
+        if not self.journal_path.exists():
+            return {}
+        with Journal(self.journal_path, readonly=True) as journal:
+            return journal.states()
+
+    def commit(self) -> None:
+        """Create the root (refusing planted links), check and record its layout, open
+        this run's journal, and write what planning found so far. Idempotent."""
+        with self._lock:
+            if self.journal is not None:
+                return
+            self.root.create()
+            self._check_layout()
+            journal = Journal(self.journal_path)
+            journal.set_info("layout", self.layout.value)
+            if self.todo:
+                journal.ensure(self.todo, SeriesState.NOT_STARTED)
+            journal.set_folder_mtimes(self._seen)
+            self._seen = []
+            for batch in self._deferred:
+                self._write(journal, batch)
+            self._deferred.clear()
+            self.journal = journal
+
+    def _check_layout(self) -> None:
+        info = self.root.read_info()
+        made = info.get("layout")
+        if made is None:
+            # Roots of earlier versions recorded it in the journal only.
+            for path in self.root.journal_paths():
+                try:
+                    with Journal(path, readonly=True) as old:
+                        made = old.get_info("layout")
+                except DestinationError:
+                    continue
+                if made:
+                    break
+        if made and made != self.layout.value:
+            raise UsageError(
+                f"{self.root.path} was made with --layout {made}; re-run with --layout {made} "
+                "(or choose another destination): one root never mixes two layouts")
+        if info.get("layout") != self.layout.value:
+            self.root.write_info(layout=self.layout.value, format=1)
+
+    def _still_there(self, uid: str, record: CompleteRecord,
+                     seen: list[tuple[str, int]] | None) -> bool:
+        """A finished series' folder still holds its files: one ``stat`` when its mtime
+        proves nothing changed, a count of its files when not (``seen`` collects the
+        folders of this run's own journal to record as checked)."""
+        folder = self.root.path / record.relpath
+        try:
+            mtime = os.stat(folder, follow_symlinks=False).st_mtime_ns
+        except OSError:
+            return False
+        if record.unchanged(mtime):
+            return True
+        try:
+            count = sum(1 for e in os.scandir(folder) if e.is_file(follow_symlinks=False))
+        except OSError:
+            return False
+        if count < record.nfiles:
+            return False
+        if seen is not None:
+            seen.append((uid, mtime))
+        return True
+
+    # -- with the source ---------------------------------------------------------------------
+    def batches(self, source: Source, uids: list[str]) -> Iterator[PlanBatch]:
+        """Phase two: metadata batch by batch, each planned (see the module docstring)."""
+        for batch in source.metadata_batches(uids):
+            planned = PlanBatch()
+            for uid in batch.uids:
+                info = batch.infos.get(uid)
+                if info is None:
+                    if uid in batch.errors:
+                        planned.unavailable.append(
+                            (uid, SeriesState.ERROR, f"metadata: {batch.errors[uid]}", None))
+                    else:
+                        state, why = source.unavailable(uid)
+                        planned.unavailable.append((uid, state, why, None))
+                    continue
+                relpath, mode = self.folders.take(info)
+                found = self._existing(info, relpath, mode)
+                if found is not None:
+                    planned.adopted.append((uid, info, found[0], found[1]))
+                    continue
+                planned.ready.append(PlannedSeries(uid, info, relpath, mode))
+            self._record(planned)
+            yield planned
+
+    def _record(self, planned: PlanBatch) -> None:
+        """Journal what a batch found, or keep it for :meth:`commit` (nothing is written
+        before the run starts)."""
+        with self._lock:
+            if self.journal is None:
+                if planned.unavailable or planned.adopted:
+                    self._deferred.append(planned)
+                return
+            journal = self.journal
+        self._write(journal, planned)
+
+    def _write(self, journal: Journal, planned: PlanBatch) -> None:
+        if planned.unavailable:
+            journal.set_states((uid, state, why, None, info)
+                               for uid, state, why, info in planned.unavailable)
+        if planned.adopted:
+            rows = []
+            for uid, info, relpath, files in planned.adopted:
+                mtime = 0
+                with contextlib.suppress(OSError):
+                    mtime = os.stat(self.root.path / relpath, follow_symlinks=False).st_mtime_ns
+                rows.append((uid, relpath, files, sum(f.size for f in files), 0, info, mtime,
+                             True))
+            journal.mark_complete_many(rows)
+
+    # -- adoption ------------------------------------------------------------------------------
+    def _existing(self, info: SeriesInfo, relpath: PurePosixPath,
+                  mode: int) -> tuple[str, tuple[FileRecord, ...]] | None:
+        """A folder at the series' place that holds exactly its number of images."""
+        if not info.image_count:
+            return None
+        candidates = [relpath]
+        if not info.study_id and self.layout is Layout.DESCRIPTIVE:
+            candidates = self._study_matches(info, relpath, mode) or candidates
+        for candidate in candidates:
+            folder = self.root.path / candidate
+            if not self._exists(folder):
+                continue
+            files = _dicom_files(folder)
+            if files is not None and sum(1 for f in files if f.name.lower().endswith(
+                    ".dcm")) == info.image_count:
+                return str(candidate), files
+        return None
+
+    def _exists(self, folder: Path) -> bool:
+        """Via cached listings of the parents: a fresh root costs no ``stat`` per series."""
+        parent = folder.parent
+        names = self._list(parent)
+        return names is not None and folder.name in names
+
+    def _list(self, folder: Path) -> frozenset[str] | None:
+        if folder in self._listing:
+            return self._listing[folder]
+        if folder == self.root.path:
+            names: frozenset[str] | None = None
+            try:
+                names = frozenset(e.name for e in os.scandir(folder)
+                                  if e.is_dir(follow_symlinks=False))
+            except OSError:
+                names = None
+        else:
+            above = self._list(folder.parent)
+            if above is None or folder.name not in above:
+                names = None
+            else:
+                try:
+                    names = frozenset(e.name for e in os.scandir(folder)
+                                      if e.is_dir(follow_symlinks=False))
+                except OSError:
+                    names = None
+        self._listing[folder] = names
+        return names
+
+    def _study_matches(self, info: SeriesInfo, relpath: PurePosixPath,
+                       mode: int) -> list[PurePosixPath]:
+        """Java study folders of this study whatever its StudyID (the metadata of older
+        builds has none): ``<date>-<any clean StudyID>-<desc>-<last 5>``."""
+        from dataclasses import replace
+
+        marked = series_relpath_mode(replace(info, study_id=_STUDY_MARK), self.layout, mode)
+        study = marked.parts[2]
+        if _STUDY_MARK not in study or java_clean(_STUDY_MARK) != _STUDY_MARK:
+            return []
+        before, _, after = study.partition(_STUDY_MARK)
+        pattern = re.compile(re.escape(before) + _CLEAN_PART + re.escape(after))
+        patient = self.root.path / marked.parts[0] / marked.parts[1]
+        names = self._list(patient) or frozenset()
+        return [PurePosixPath(marked.parts[0], marked.parts[1], name, marked.parts[3])
+                for name in sorted(names) if pattern.fullmatch(name)]
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
+
+def _dicom_files(folder: Path) -> tuple[FileRecord, ...] | None:
+    """The files of an existing series folder (sizes; MD5s are not computed: ``verify
+    --server`` checks adopted folders against the server)."""
+    try:
+        entries = [e for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return None
+    records = []
+    for entry in sorted(entries, key=lambda e: e.name):
+        try:
+            size = entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            return None
+        records.append(FileRecord(entry.name, size, ""))
+    return tuple(records)

@@ -1,0 +1,307 @@
+"""Publishing a checked series: names, its folder, the one rename, LICENSE, records.
+
+Order matters, because a crash can come between any two steps:
+
+1. images are renamed inside the staging folder by the naming rule (their headers);
+2. the collection's ``LICENSE`` is written if missing (before the series: once the
+   series is journaled a re-run skips it, so a crash right after must not lose it);
+3. the staging folder becomes the series folder with a single ``rename``: a crash leaves
+   either no folder or a complete one, never half a series;
+4. the journal records the series as complete, then ``metadata.csv`` gets its row (a
+   row lost to a crash here is re-added by the next run, from the journal).
+
+Nothing is written through a link someone planted below the root: every folder on the
+way is opened with ``O_NOFOLLOW`` (``ondisk.open_dir``), and a series folder that
+exists already is replaced only if it is this series' own (left by an interrupted run),
+never if it holds another series: that series' folder is then the next variant of the
+name (its whole UID).
+
+``LICENSE`` is the Java tool's text, built from the licence name and URL in the
+metadata, whichever endpoint the images came from (``getImageWithMD5Hash`` sends no
+``LICENSE`` entry): trees made from any server build are byte-identical. Only when the
+metadata names no licence is the zip's own entry kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+
+from .._dicomtags import fast_tags
+from ..errors import DestinationError
+from ..layout import Layout, series_relpath_mode
+from ..models import SeriesInfo
+from ..naming import ImageKey, assign_names, safe_entry_name
+from ..ondisk import DownloadRoot, RunStaging, entry_kind, open_dir, open_nofollow
+from ..report import MetadataCsv, metadata_row
+from .checks import StagedEntry
+from .journal import FileRecord, Journal
+from .staging import StagedSeries
+
+#: The Java Data Retriever's LICENSE text (``license_text`` in its config.properties).
+JAVA_LICENSE = ("License\n\nThe {0} collection is distributed under the {1} ({2}). \n"
+                "By downloading the data, you agree to abide by terms of this license.\n")
+MAX_VARIANT = 2
+
+
+def license_text(info: SeriesInfo, from_zip: bytes | None) -> bytes | None:
+    """What the collection's LICENSE says (see the module docstring)."""
+    name = info.license_name.strip()
+    if name and name != "null":
+        return JAVA_LICENSE.format(info.collection, name, info.license_url.strip()).encode()
+    return from_zip or None
+
+
+def sop_class_name(uid: str) -> str:
+    """The name of a SOP class UID (pydicom's dictionary), ``""`` when unknown."""
+    if not uid:
+        return ""
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return "" if name == uid else str(name)
+
+
+def complete_info(info: SeriesInfo, staged: StagedSeries) -> SeriesInfo:
+    """Fill from the images' own headers what the metadata lacks: StudyID (the folder
+    name needs it; v4 builds before October 2025 do not send it) and the SOP class."""
+    first = next((e.tags for e in staged.entries if e.tags is not None), None)
+    if first is None:
+        return info
+    changes: dict[str, str] = {}
+    if not info.study_id and first.study_id:
+        changes["study_id"] = first.study_id
+    if not info.sop_class_uid and first.sop_class_uid:
+        changes["sop_class_uid"] = first.sop_class_uid
+    sop = changes.get("sop_class_uid", info.sop_class_uid)
+    if not info.sop_class_name and sop:
+        changes["sop_class_name"] = sop_class_name(sop)
+    return replace(info, **changes) if changes else info
+
+
+@dataclass(frozen=True)
+class Published:
+    relpath: PurePosixPath
+    files: tuple[FileRecord, ...]
+    nbytes: int
+    info: SeriesInfo
+
+
+def folder_owner(parent_fd: int, leaf: str) -> str | None:
+    """The series a folder holds (from one image header), read without following links;
+    None for an empty folder or one without readable DICOM (e.g. left by a crash)."""
+    try:
+        fd = os.open(leaf, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(
+            os, "O_NOFOLLOW", 0), dir_fd=parent_fd)
+    except OSError:
+        return None
+    try:
+        names = sorted(n for n in os.listdir(fd) if n.lower().endswith(".dcm"))
+        for name in names[:8]:
+            try:
+                file_fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0),
+                                  dir_fd=fd)
+            except OSError:
+                continue
+            with os.fdopen(file_fd, "rb") as handle:
+                head = handle.read(1 << 20)
+            tags = fast_tags(head[: 64 * 1024])
+            uid = tags.get("SeriesInstanceUID") if tags else None
+            if uid is None:
+                uid = _pydicom_series_uid(head)
+            if uid:
+                return uid
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pydicom_series_uid(head: bytes) -> str | None:
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, force=True,
+                             specific_tags=["SeriesInstanceUID"])
+    except Exception:
+        return None
+    value = ds.get("SeriesInstanceUID")
+    return str(value) if value else None
+
+
+class Publisher:
+    """Publishes checked series of one run into its root (thread-safe)."""
+
+    def __init__(self, root: DownloadRoot, staging: RunStaging, layout: Layout,
+                 journal: Journal, csv: MetadataCsv,
+                 note: Callable[[str, str], None] | None = None) -> None:
+        self.root = root
+        self.staging = staging
+        self.layout = layout
+        self.journal = journal
+        self.csv = csv
+        self._note = note or (lambda uid, text: None)
+        self._license_lock = threading.Lock()
+
+    # -- names ----------------------------------------------------------------------------
+    def _name_files(self, staged: StagedSeries) -> tuple[FileRecord, ...]:
+        folder = staged.folder
+        images = [e for e in staged.entries if e.is_image]
+        keys = [ImageKey(entry=e.part, acquisition=e.tags.acquisition,  # type: ignore[union-attr]
+                         instance=e.tags.instance,  # type: ignore[union-attr]
+                         sop_instance_uid=e.tags.sop_instance_uid)  # type: ignore[union-attr]
+                for e in images]
+        names = assign_names(keys)
+        records: list[FileRecord] = []
+        used: set[str] = set()
+        for entry in images:
+            name = names[entry.part]
+            os.rename(folder / entry.part, folder / name)
+            used.add(name.lower())
+            records.append(FileRecord(name, entry.size, entry.md5))
+        for entry in staged.entries:
+            if entry.is_image:
+                continue
+            name = _unique(safe_entry_name(entry.name), used)
+            os.rename(folder / entry.part, folder / name)
+            records.append(FileRecord(name, entry.size, entry.md5))
+        return tuple(records)
+
+    # -- LICENSE ----------------------------------------------------------------------------
+    def write_license(self, collection_dir: str, text: bytes) -> None:
+        """``<Collection>/LICENSE`` unless it exists (a planted link is refused)."""
+        with self._license_lock:
+            fd = open_dir(self.root.path, [collection_dir])
+            try:
+                kind = entry_kind(fd, "LICENSE")
+                if kind == "link" or kind == "dir":
+                    raise DestinationError(
+                        f"{self.root.path / collection_dir / 'LICENSE'} is a "
+                        f"{'symbolic link' if kind == 'link' else 'folder'}: refusing to "
+                        "write through it; remove it and re-run")
+                if kind == "file":
+                    return
+                # The temporary file lives in staging: a crash must not leave it beside
+                # the LICENSE, where no re-run would ever clean it up.
+                tmp = self.staging.path / f".LICENSE.{threading.get_ident()}.tmp"
+                tmp_fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                with os.fdopen(tmp_fd, "wb") as handle:
+                    handle.write(text)
+                os.rename(tmp, "LICENSE", dst_dir_fd=fd)
+            finally:
+                os.close(fd)
+
+    # -- the series -------------------------------------------------------------------------
+    def publish(self, uid: str, info: SeriesInfo, staged: StagedSeries, *, mode: int,
+                attempts: int) -> Published:
+        info = complete_info(info, staged)
+        files = self._name_files(staged)
+        text = license_text(info, staged.license)
+        relpath = self._place(uid, info, staged, mode, text)
+        nbytes = sum(f.size for f in files)
+        mtime = _mtime(self.root.path / relpath)
+        self.journal.mark_complete(uid, relpath=str(relpath), files=files, nbytes=nbytes,
+                                   attempts=attempts, info=info, folder_mtime=mtime)
+        # The series is published and journaled: from here on nothing may turn it back
+        # into a failure. A lost metadata.csv row is re-added by the next run.
+        images = sum(1 for e in staged.entries if e.is_image)
+        self.add_csv_row(uid, info, relpath, time.time(), images, nbytes)
+        return Published(relpath, files, nbytes, info)
+
+    def add_csv_row(self, uid: str, info: SeriesInfo, relpath: PurePosixPath | str,
+                    when: float, images: int, nbytes: int) -> None:
+        try:
+            self.csv.append(metadata_row(info, f"./{relpath}", when, images=images,
+                                         size=nbytes))
+        except (OSError, DestinationError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            self._note(uid, f"could not update metadata.csv: {reason}")
+
+    def _place(self, uid: str, info: SeriesInfo, staged: StagedSeries, mode: int,
+               license_bytes: bytes | None) -> PurePosixPath:
+        """Move the staging folder to the first variant of its name that is free or its
+        own; returns the relpath used."""
+        last_error: OSError | None = None
+        for variant in range(mode, MAX_VARIANT + 1):
+            relpath = series_relpath_mode(info, self.layout, variant)
+            parts = relpath.parts
+            if license_bytes and variant == mode:
+                self.write_license(parts[0], license_bytes)
+            parent_fd = open_dir(self.root.path, list(parts[:-1]))
+            try:
+                leaf = parts[-1]
+                kind = entry_kind(parent_fd, leaf)
+                if kind in ("link", "file"):
+                    raise DestinationError(
+                        f"{self.root.path / relpath} is a "
+                        f"{'symbolic link' if kind == 'link' else 'file'}, not a series "
+                        "folder: refusing to publish through it; remove it and re-run")
+                if kind == "dir":
+                    owner = folder_owner(parent_fd, leaf)
+                    if owner not in (uid, None):
+                        continue  # another series' folder: the next variant
+                    self._move_aside(parent_fd, leaf, uid)
+                try:
+                    os.rename(staged.folder, leaf, dst_dir_fd=parent_fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        last_error = exc  # taken this very moment by another run
+                        continue
+                    raise
+                return relpath
+            finally:
+                os.close(parent_fd)
+        raise DestinationError(f"series {uid}: every folder name for it is taken on disk"
+                               + (f" ({last_error.strerror})" if last_error else ""))
+
+    def _move_aside(self, parent_fd: int, leaf: str, uid: str) -> None:
+        """Ours, from an interrupted run (published, not yet journaled) or damaged:
+        replace it via this run's staging, never by deleting in place."""
+        trash = self.staging.path / f"{_safe(uid)}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(leaf, trash, src_dir_fd=parent_fd)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def adopt_row(self, uid: str, info: SeriesInfo, relpath: str, when: float,
+                  files: tuple[FileRecord, ...]) -> None:
+        """metadata.csv row of a series adopted from an existing tree, if it has none."""
+        if uid in self.csv:
+            return
+        images = sum(1 for f in files if f.name.lower().endswith(".dcm"))
+        self.add_csv_row(uid, info, relpath, when, images, sum(f.size for f in files))
+
+
+def _safe(uid: str) -> str:
+    from ..layout import sanitize_component
+
+    return sanitize_component(uid, fallback="series")
+
+
+def _mtime(path: Path) -> int:
+    with contextlib.suppress(OSError):
+        return os.stat(path, follow_symlinks=False).st_mtime_ns
+    return 0
+
+
+def _unique(name: str, used: set[str]) -> str:
+    stem, dot, ext = name.rpartition(".")
+    if not dot:
+        stem, ext = name, ""
+    candidate, n = name, 1
+    while candidate.lower() in used:
+        n += 1
+        candidate = f"{stem}_{n}.{ext}" if dot else f"{name}_{n}"
+    used.add(candidate.lower())
+    return candidate
+
+
+__all__ = ["JAVA_LICENSE", "Published", "Publisher", "StagedEntry", "complete_info",
+           "folder_owner", "license_text", "sop_class_name"]

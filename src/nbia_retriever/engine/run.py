@@ -1,0 +1,887 @@
+"""The :class:`Engine`: one download run, its controls, its threads, its events.
+
+How one series travels (each step exists to make a wrong file impossible to publish):
+
+1. :mod:`.plan` knows it is not done yet, has its metadata and its folder;
+2. a worker takes it from the :class:`~.scheduler.WorkQueue` when the
+   :class:`~.scheduler.ConcurrencyLimiter` gives it a slot, and takes its lock
+   (``.nbia/locks``), so no other run on this root fetches it at the same time;
+3. :mod:`.staging` streams the zip from the :class:`~.source.Source` into this run's
+   staging folder, hashing and inflating as it arrives;
+4. :mod:`.checks` decides whether what arrived is the whole series and only it;
+5. :mod:`.publish` names the files, moves the folder into place with one ``rename``,
+   and records it (journal, then metadata.csv).
+
+Any failure of an attempt (reset, stall, 5xx, 429, short zip, bad MD5, an image of
+another series) discards its staging folder and hands the series back to the queue, to
+run again after a backoff (exponential with jitter, at least the server's Retry-After),
+up to the manifest's ``noOfrRetry`` (one :class:`~nbia_retriever.retry.RetryPolicy`).
+Final answers ("not in public domain") end the series at once; a certificate that cannot
+be verified, a full disk or an unwritable journal end the run.
+
+Threads rather than asyncio: per chunk, the work is zlib, MD5 and file writes, all of
+which release the GIL, and the stream transport hands out a megabyte per read, so the
+Python left per byte is small (``benchmarks/transports.py``). The threads: the caller's
+(or a ``nbia-engine`` thread) plans; up to ``max_connections`` workers download; one
+monitor samples throughput for the limiter. Front ends (CLI, TUI, Python API) drive an
+:class:`Engine` and add no download logic of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from ..errors import (
+    AuthError,
+    DestinationError,
+    DiskFullError,
+    IntegrityError,
+    JournalError,
+    NbiaError,
+    UsageError,
+)
+from ..layout import Layout, root_folder_name, sanitize_component
+from ..manifest import Manifest, api_base_from_download_url
+from ..models import FAILED_STATES, FINAL_STATES, SeriesInfo, SeriesState
+from ..ondisk import DownloadRoot, RunStaging, SeriesLock
+from ..report import MetadataCsv, Report, SeriesResult
+from ..retry import RetryPolicy
+from ..untrusted import quote, redact
+from . import checks
+from .events import Event, EventKind, Stats
+from .journal import FileRecord, Journal
+from .options import DownloadOptions
+from .plan import PlanBatch, Planner
+from .publish import Publisher
+from .scheduler import ConcurrencyLimiter, WorkQueue
+from .source import NbiaSource, Source, Verdict
+from .staging import Progress, StagedSeries, discard, disk_full, series_folder_name, stage_series
+
+if TYPE_CHECKING:
+    from ..api import NbiaClient
+
+#: Seconds between two throughput samples of the monitor.
+SAMPLE_WINDOW = 0.25
+#: Seconds before a series another run holds is looked at again.
+LOCK_RETRY = 2.0
+
+
+class Cancelled(Exception):
+    """Raised inside a worker when the run is cancelled; never escapes the engine."""
+
+
+class _Fatal(Exception):
+    """Stops the whole run (disk full, login refused, TLS): ``args[0]`` is the line."""
+
+
+def shard_of(uid: str, count: int) -> int:
+    """The 1-based shard of a series: a stable hash, so every job agrees without talking."""
+    digest = hashlib.sha1(uid.encode("ascii", "replace")).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
+
+
+def select_shard(uids: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
+    if shard is None:
+        return list(uids)
+    k, n = shard
+    return [u for u in uids if shard_of(u, n) == k]
+
+
+def resolve_api_url(manifest: Manifest, api_url: str | None) -> str:
+    """The services root a run talks to: ``--api-url``, else the manifest's server, else
+    public TCIA. A malformed URL is a :class:`UsageError` naming where it came from."""
+    if api_url:
+        try:
+            api_base_from_download_url(api_url)
+        except NbiaError as exc:
+            raise UsageError(str(exc).replace("download server URL", "--api-url")) from None
+        return api_url
+    if manifest.download_server_url:
+        try:
+            return api_base_from_download_url(manifest.download_server_url)
+        except NbiaError as exc:
+            raise UsageError(f"{manifest.source or 'the manifest'}: {exc}") from None
+    from ..api import DEFAULT_API_URL
+
+    return DEFAULT_API_URL
+
+
+@dataclass(slots=True)
+class _Folder:
+    relpath: PurePosixPath
+    mode: int
+
+
+class Engine:
+    """One download run. Create, optionally :meth:`prepare` (to show the table), then
+    :meth:`start` (non-blocking) or :meth:`run` (blocking).
+
+    >>> engine = Engine(read_manifest("cart.tcia"), "downloads")   # doctest: +SKIP
+    >>> engine.subscribe(print)                                    # doctest: +SKIP
+    >>> report = engine.run()                                      # doctest: +SKIP
+
+    ``source`` replaces the NBIA server (any :class:`~.source.Source`); ``client`` an
+    :class:`~nbia_retriever.api.NbiaClient` of the caller's; ``confirm_host`` is asked
+    (with the host's name) before a password goes to a host the user has not chosen.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        dest: str | os.PathLike[str],
+        options: DownloadOptions | None = None,
+        *,
+        client: NbiaClient | None = None,
+        source: Source | None = None,
+        confirm_host: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.options = options or DownloadOptions()
+        self.layout = Layout(self.options.layout)
+        self.dest = Path(dest)
+        self.root = self.dest / root_folder_name(manifest.root_name)
+        self.disk = DownloadRoot(self.root)
+        self.state_dir = self.disk.state_dir
+        self.retries = (
+            self.options.retries if self.options.retries is not None else manifest.retries
+        )
+        self.api_url = resolve_api_url(manifest, self.options.api_url)
+        self._client = client
+        self._source = source
+        self._confirm_host = confirm_host
+        self.results: dict[str, SeriesResult] = {
+            uid: SeriesResult(uid) for uid in select_shard(manifest.series_uids,
+                                                           self.options.shard)
+        }
+        self.report = Report(root=self.root, results=self.results)
+        self._subscribers: list[Callable[[Event], None]] = []
+        self._lock = threading.Lock()
+        self._running = threading.Event()
+        self._running.set()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._plan_done = threading.Event()
+        self._plan_lock = threading.Lock()
+        self._plan_state = "new"
+        self._started = False
+        self._thread: threading.Thread | None = None
+        pinned = self.options.workers is not None
+        self.limiter = ConcurrencyLimiter(self.options.streams_cap,
+                                          adaptive=self.options.adaptive,
+                                          explore=not pinned)
+        self.queue = WorkQueue()
+        self._folders: dict[str, _Folder] = {}
+        self._policies: dict[str, RetryPolicy] = {}
+        self._paused_attempts: set[str] = set()
+        self._progress: dict[str, Progress] = {}
+        self._planner: Planner | None = None
+        self._staging: RunStaging | None = None
+        self._publisher: Publisher | None = None
+        self._journal: Journal | None = None
+        self._others: list[Journal] = []
+        self._t0 = 0.0
+        self.total_bytes = 0
+        self._verified = 0
+        self._received_done = 0
+        self._high_water = 0
+        self._busy = 0
+        self._planned = 0
+        self._todo: list[str] = []
+        self._complete: dict[str, str] = {}
+        self._plan_wall = 0.0
+        self._owed_rows: list[tuple[str, SeriesInfo, str, tuple[FileRecord, ...]]] = []
+        self._fatal_error: NbiaError | None = None
+        self._done_running = False
+
+
+    # -- public control ---------------------------------------------------------------
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    @property
+    def client(self) -> NbiaClient:
+        if self._client is None:
+            from ..api import HostPolicy, NbiaClient
+            from ..config import load_user_config
+
+            config = load_user_config()
+            chosen = [self.options.api_url] if self.options.api_url else []
+            policy = HostPolicy(chosen=chosen,
+                                trusted_hosts=(*self.options.trusted_hosts,
+                                               *config.trusted_hosts),
+                                confirm=self._confirm_host, config_path=config.path)
+            self._client = NbiaClient(
+                self.api_url,
+                version=self.options.api,
+                credentials=self.options.credentials,
+                timeout=self.options.timeout,
+                verify=self.options.verify_tls,
+                max_connections=max(4, self.options.streams_cap + 2),
+                backoff_base=min(self.options.backoff_base, 1.0),
+                policy=policy,
+            )
+        return self._client
+
+    @property
+    def source(self) -> Source:
+        if self._source is None:
+            self._source = NbiaSource(self.client, md5=self.options.md5,
+                                      metadata_workers=max(4, min(16, self.options.streams_cap)))
+        return self._source
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def planning(self) -> bool:
+        return not self._plan_done.is_set()
+
+    def remove(self, uids: Iterable[str]) -> None:
+        """Drop series from this run before it starts (the table's "delete rows").
+
+        Works before or after :meth:`prepare`; the manifest file is never touched.
+        """
+        if self._started:
+            raise RuntimeError("cannot remove series once the run has started")
+        gone = set(uids)
+        self.queue.drop(gone)
+        with self._lock:
+            for uid in gone:
+                result = self.results.pop(uid, None)
+                if result is not None and uid in self._folders and result.info:
+                    self.total_bytes -= result.info.file_size or 0
+
+    def close(self) -> None:
+        """Release the journal and connections of an engine that will not be started.
+
+        A started engine closes them itself when it finishes.
+        """
+        if self._started:
+            return
+        self._release()
+
+    def pause(self) -> None:
+        """Stop taking new series; running ones hold at their next chunk."""
+        self._running.clear()
+        self._emit(Event(EventKind.MESSAGE, message="paused"))
+
+    def resume(self) -> None:
+        self._running.set()
+        self.queue.wake()
+        self._emit(Event(EventKind.MESSAGE, message="resumed"))
+
+    def cancel(self) -> None:
+        """Stop as soon as possible; staged data is discarded, published data is kept."""
+        self._cancel.set()
+        self._running.set()
+        self.limiter.wake()
+        self.queue.wake()
+
+    def start(self) -> None:
+        """Start in the background; returns at once. Use :meth:`wait` for the report."""
+        if self._started:
+            return
+        self._started = True
+        self._thread = threading.Thread(target=self._main, name="nbia-engine", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> Report:
+        self._done.wait(timeout)
+        return self.report
+
+    def run(self) -> Report:
+        """Plan, download everything and return the report (blocking)."""
+        self.start()
+        while not self._done.wait(0.2):
+            pass
+        return self.report
+
+    def stats(self) -> Stats:
+        """A snapshot for progress displays (:class:`~.events.Stats`)."""
+        with self._lock:
+            active = list(self._progress.values())
+            in_flight = sum(p.written for p in active)
+            received = self._received_done + sum(p.received for p in active)
+            done = self._verified + in_flight
+            self._high_water = max(self._high_water, min(done, self.total_bytes or done))
+            high = self._high_water
+        counts = dict.fromkeys(SeriesState, 0)
+        for r in list(self.results.values()):
+            counts[r.state] += 1
+        return Stats(
+            bytes_verified=self._verified, bytes_in_flight=in_flight,
+            bytes_total=self.total_bytes, series_total=len(self.results),
+            complete=counts[SeriesState.COMPLETE],
+            failed=sum(counts[s] for s in FAILED_STATES),
+            active=counts[SeriesState.DOWNLOADING], planned=self._planned,
+            planning=self.planning, concurrency=self.limiter.limit,
+            elapsed=(time.monotonic() - self._t0) if self._t0 else 0.0,
+            progress_bytes=high, bytes_received=received,
+        )
+
+    # -- planning -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Read the journals, skip finished series, fetch metadata, choose folders.
+
+        Blocking; safe to call before :meth:`start` (the TUI does, in a worker thread, to
+        fill its table while metadata arrives) and idempotent. Raises what stops the run
+        (:class:`AuthError` for a refused login, :class:`DestinationError`,
+        :class:`UsageError`, any other :class:`NbiaError`).
+        """
+        if self._claim_plan():
+            if self._plan_step(self._plan_local):
+                self._plan_step(self._plan_remote)
+            self._end_plan()
+        else:
+            self._plan_done.wait()
+        if self._fatal_error is not None:
+            raise self._fatal_error
+
+    def _claim_plan(self) -> bool:
+        """True for the one caller that plans (prepare() or the engine thread)."""
+        with self._plan_lock:
+            if self._plan_state != "new":
+                return False
+            self._plan_state = "running"
+            return True
+
+    def _plan_step(self, step: Callable[[], None]) -> bool:
+        """Run a planning step; what stops the run becomes ``report.fatal``."""
+        try:
+            step()
+            return True
+        except NbiaError as exc:
+            self._set_fatal(exc)
+        except OSError as exc:
+            full = disk_full(self.root, exc)
+            self._set_fatal(full if full is not None else DestinationError(
+                f"cannot use {self.root}: {exc.strerror or exc}"))
+        except Exception as exc:  # a bug must not leave the run hanging
+            self._set_fatal(NbiaError(f"internal error while planning: "
+                                      f"{type(exc).__name__}: {quote(str(exc))}"))
+        return False
+
+    def _end_plan(self) -> None:
+        self._plan_state = "done"
+        self.queue.close()
+        self._plan_done.set()
+
+    def _set_fatal(self, exc: NbiaError) -> None:
+        self._fatal_error = exc
+        self.report.fatal = redact(str(exc))
+        if isinstance(exc, AuthError):
+            self.report.auth_failed = True
+        if isinstance(exc, UsageError):
+            self.report.usage_error = True
+        self._emit(Event(EventKind.ERROR, message=self.report.fatal))
+        self.cancel()
+
+    def _plan_local(self, *, create: bool = False) -> None:
+        self._plan_wall = time.time()
+        self.source.check()  # an untrusted host is refused before anything is created
+        journal_path = self.disk.journal_path(self.options.shard)
+        planner = Planner(self.disk, journal_path, self.layout,
+                          only_failed=self.options.only_failed)
+        self._planner = planner
+        opened = planner.open(self.results, create=create)
+        todo = set(opened.todo)
+        for uid in list(self.results):
+            if uid in opened.complete:
+                if self.options.only_failed:
+                    self.results.pop(uid)  # --only-failed: finished series are not shown
+                    continue
+                result = self.results[uid]
+                result.state = SeriesState.COMPLETE
+                result.relpath = opened.complete[uid]
+                self.report.skipped += 1
+            elif uid not in todo:
+                self.results.pop(uid)  # --only-failed: never part of an earlier run
+        self._complete = opened.complete
+        self._todo = opened.todo
+        if create:
+            self._commit()
+
+    def _commit(self) -> None:
+        """What only a started run does: create the root and write (journal, staging,
+        metadata.csv rows lost to a crash or owed to adopted series)."""
+        planner = self._planner
+        assert planner is not None
+        planner.commit()
+        self._journal = planner.journal
+        assert self._journal is not None
+        self._staging = self.disk.new_run_staging()
+        csv = MetadataCsv(self.disk.metadata_csv)
+        self._publisher = Publisher(self.disk, self._staging, self.layout, self._journal, csv,
+                                    note=lambda uid, text: self._emit(
+                                        Event(EventKind.MESSAGE, uid=uid, message=text)))
+        self._open_other_journals(planner.journal_path)
+        self._reconcile_csv(self._complete)
+        with self._lock:
+            owed, self._owed_rows = self._owed_rows, []
+        for uid, info, relpath, files in owed:
+            self._publisher.adopt_row(uid, info, relpath, time.time(), files)
+
+    def _open_other_journals(self, own: Path) -> None:
+        for path in self.disk.journal_paths():
+            if path == own:
+                continue
+            with contextlib.suppress(DestinationError):
+                self._others.append(Journal(path, readonly=True))
+
+    def _reconcile_csv(self, complete: dict[str, str]) -> None:
+        """Add metadata.csv rows lost by a crash between journal commit and csv append."""
+        publisher = self._publisher
+        assert publisher is not None and self._journal is not None
+        missing = [uid for uid in complete if uid not in publisher.csv]
+        for uid in missing:
+            entry = self._journal.get(uid)
+            if entry is None:
+                entry = next((e for j in self._others if (e := j.get(uid))), None)
+            if entry and entry.info:
+                if uid in self.results:
+                    self.results[uid].info = entry.info
+                publisher.adopt_row(uid, entry.info, entry.relpath, entry.completed,
+                                    entry.files)
+
+    def _plan_remote(self) -> None:
+        todo = [u for u in self._todo if u in self.results]
+        if not todo:
+            self._emit(Event(EventKind.PLANNED, count=0, message=self._planned_text(True)))
+            return
+        source = self.source
+        source.prepare()
+        assert self._planner is not None
+        for batch in self._planner.batches(source, todo):
+            self._take_batch(batch)
+            if self._cancel.is_set():
+                break
+        self._emit(Event(EventKind.PLANNED, count=self._planned,
+                         message=self._planned_text(True)))
+
+    def _take_batch(self, batch: PlanBatch) -> None:
+        ready: list[str] = []
+        state = SeriesState.QUEUED if self._started else SeriesState.NOT_STARTED
+        with self._lock:
+            for planned in batch.ready:
+                result = self.results.get(planned.uid)
+                if result is None:
+                    continue
+                result.info = planned.info
+                result.state = state
+                self._folders[planned.uid] = _Folder(planned.relpath, planned.mode)
+                self.total_bytes += planned.info.file_size or 0
+                ready.append(planned.uid)
+            self._planned += len(batch.ready) + len(batch.unavailable) + len(batch.adopted)
+        self.queue.put(ready)
+        for uid, failed_state, why, info in batch.unavailable:
+            result = self.results.get(uid)
+            if result is None:
+                continue
+            result.info, result.state, result.error = info, failed_state, why
+            self._emit(Event(EventKind.STATE, uid=uid, state=failed_state, message=why))
+        for uid, info, relpath, files in batch.adopted:
+            result = self.results.get(uid)
+            if result is None:
+                continue
+            result.info, result.state, result.relpath = info, SeriesState.COMPLETE, relpath
+            result.files = len(files)
+            self.report.adopted += 1
+            with self._lock:
+                publisher = self._publisher
+                if publisher is None:
+                    self._owed_rows.append((uid, info, relpath, files))
+            if publisher is not None:
+                publisher.adopt_row(uid, info, relpath, time.time(), files)
+            self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.COMPLETE,
+                             message="found on disk: adopted without downloading"))
+        if self._started:
+            for uid in ready:
+                self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.QUEUED))
+        self._emit(Event(EventKind.PLANNED, count=self._planned,
+                         message=self._planned_text(False)))
+
+    def _planned_text(self, final: bool) -> str:
+        todo = len(self._folders)
+        done = self.report.skipped + self.report.adopted
+        head = f"{todo} series to download, {done} already complete"
+        if not final:
+            return f"{head} ({self._planned} of {len(self._todo)} planned so far)"
+        return head
+
+    # -- the run ------------------------------------------------------------------------
+    def _main(self) -> None:
+        self._t0 = time.monotonic()
+        workers: list[threading.Thread] = []
+        monitor: threading.Thread | None = None
+        try:
+            plan_here = self._claim_plan()
+            if plan_here:
+                if not self._plan_step(lambda: self._plan_local(create=True)):
+                    self._end_plan()
+                    return
+            else:
+                self._plan_done.wait()  # prepare() plans (it touches nothing on disk)
+                if self.report.fatal or not self._plan_step(self._commit):
+                    return
+                self._queue_prepared()
+            workers = [threading.Thread(target=self._worker, name=f"nbia-worker-{i}",
+                                        daemon=True)
+                       for i in range(max(1, self.options.streams_cap))]
+            for w in workers:
+                w.start()
+            monitor = threading.Thread(target=self._monitor, name="nbia-monitor", daemon=True)
+            monitor.start()
+            if plan_here:
+                self._plan_step(self._plan_remote)
+                self._end_plan()
+            for w in workers:
+                w.join()
+            if self._cancel.is_set():
+                self.report.cancelled = True
+                for result in self.results.values():
+                    if result.state in (SeriesState.QUEUED, SeriesState.NOT_STARTED,
+                                        SeriesState.PAUSED):
+                        self._set_state(result.uid, SeriesState.CANCELLED)
+        finally:
+            self._done_running = True
+            self.limiter.wake()
+            if monitor is not None:
+                monitor.join(timeout=2)
+            self.report.elapsed = time.monotonic() - self._t0
+            self._release()
+            # Subscribers hear "finished" before waiters wake, so a front end that prints
+            # its own summary after wait() never interleaves with the event stream.
+            self._emit(Event(EventKind.FINISHED, message=self.report.summary()))
+            self._done.set()
+
+    def _queue_prepared(self) -> None:
+        """Series prepare() planned before start(): they are queued now."""
+        for uid in list(self._folders):
+            result = self.results.get(uid)
+            if result is not None and result.state == SeriesState.NOT_STARTED:
+                result.state = SeriesState.QUEUED
+                self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.QUEUED))
+
+    def _release(self) -> None:
+        for journal in self._others:
+            with contextlib.suppress(Exception):
+                journal.close()
+        self._others = []
+        if self._planner is not None:
+            self._planner.close()
+            self._planner = None
+            self._journal = None
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
+        if self._source is not None:
+            with contextlib.suppress(Exception):
+                self._source.close()
+        elif self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+
+    def _monitor(self) -> None:
+        """Samples throughput for the limiter until the workers are gone."""
+        while not self._done_running and not self._done.is_set():
+            if self._cancel.wait(SAMPLE_WINDOW):
+                return
+            stats = self.stats()
+            with self._lock:
+                saturated = self._busy >= self.limiter.limit
+            changed = self.limiter.sample(stats.bytes_received, saturated=saturated)
+            if changed is not None:
+                self._emit(Event(EventKind.CONCURRENCY, count=changed,
+                                 message=f"{changed} concurrent streams"))
+
+    def _worker(self) -> None:
+        while True:
+            if not self.limiter.acquire(self._cancel, done=lambda: self.queue.finished):
+                return
+            try:
+                uid = self.queue.get(self._cancel, self._running)
+                if uid is None:
+                    self.limiter.wake()  # workers waiting for a slot: nothing is left
+                    return
+                self._run_one(uid)
+                if self.queue.finished:
+                    self.limiter.wake()
+            except _Fatal as exc:
+                if not self.report.fatal:
+                    self.report.fatal = redact(str(exc.args[0]))
+                    self._emit(Event(EventKind.ERROR, message=self.report.fatal))
+                self.cancel()
+            finally:
+                self.limiter.release()
+
+    # -- one series ---------------------------------------------------------------------
+    def _run_one(self, uid: str) -> None:
+        result = self.results.get(uid)
+        folder = self._folders.get(uid)
+        if result is None or folder is None or result.info is None:
+            self.queue.done(uid)
+            return
+        lock = SeriesLock(self.disk.locks_dir, sanitize_component(uid, fallback="series"))
+        try:
+            held = lock.acquire()
+        except (OSError, DestinationError) as exc:
+            self._finish(uid, SeriesState.ERROR, f"cannot lock the series: {exc}")
+            return
+        if not held:
+            result.error = "another download into this root holds it; waiting"
+            self.queue.retry_later(uid, LOCK_RETRY)
+            return
+        complete = False
+        try:
+            if self._complete_elsewhere(uid):
+                complete = True
+                self.queue.done(uid)
+                return
+            complete = self._attempt(uid, result, folder)
+        finally:
+            lock.release(remove=complete)
+
+    def _complete_elsewhere(self, uid: str) -> bool:
+        """Another run on this root (a shard, a TUI beside a CLI) finished it meanwhile:
+        a journal says so with a time after this run began planning."""
+        for journal in (self._journal, *self._others):
+            if journal is None:
+                continue
+            try:
+                entry = journal.get(uid)
+            except DestinationError:
+                continue
+            if entry is not None and entry.state == SeriesState.COMPLETE and entry.relpath \
+                    and entry.completed >= self._plan_wall and \
+                    (self.root / entry.relpath).is_dir():
+                result = self.results[uid]
+                result.state, result.relpath = SeriesState.COMPLETE, entry.relpath
+                result.files = entry.nfiles
+                self.report.skipped += 1
+                with self._lock:
+                    self.total_bytes -= (result.info.file_size or 0) if result.info else 0
+                self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.COMPLETE,
+                                 message="completed by another run of this root"))
+                return True
+        return False
+
+    def _attempt(self, uid: str, result: SeriesResult, folder: _Folder) -> bool:
+        """One attempt; True if the series is complete."""
+        info = result.info
+        assert info is not None and self._staging is not None
+        policy = self._policies.get(uid) or RetryPolicy(total=self.retries,
+                                                        backoff_base=self.options.backoff_base)
+        attempt = policy.attempts + 1
+        result.attempts = attempt
+        result.error = ""
+        self._set_state(uid, SeriesState.DOWNLOADING, attempt=attempt)
+        progress = Progress()
+        staging = self._staging.series_dir(series_folder_name(uid))
+        with self._lock:
+            self._progress[uid] = progress
+            self._busy += 1
+        try:
+            staged = self._stage(uid, info, staging, progress)
+            checks.check_series(uid, info, staged.entries, staged.md5_list,
+                                md5_required=self.options.md5)
+            assert self._publisher is not None
+            published = self._publisher.publish(uid, info, staged, mode=folder.mode,
+                                                attempts=attempt)
+        except Cancelled:
+            discard(staging)
+            self._finish(uid, SeriesState.CANCELLED, "cancelled")
+            return False
+        except NbiaError as exc:
+            discard(staging)
+            self._failed(uid, result, policy, exc)
+            return False
+        except OSError as exc:
+            discard(staging)
+            full = disk_full(self.root, exc)
+            if full is not None:
+                self._finish(uid, SeriesState.ERROR, str(full))
+                raise _Fatal(str(full)) from None
+            self._failed(uid, result, policy, NbiaError(f"{type(exc).__name__}: "
+                                                        f"{exc.strerror or exc}"))
+            return False
+        except Exception as exc:  # a bug must not kill the run silently
+            discard(staging)
+            self._finish(uid, SeriesState.ERROR,
+                         f"internal error: {type(exc).__name__}: {quote(str(exc))}")
+            return False
+        finally:
+            with self._lock:
+                self._progress.pop(uid, None)
+                self._received_done += progress.received
+                self._busy -= 1
+        self._policies.pop(uid, None)
+        self._paused_attempts.discard(uid)
+        result.info = published.info
+        result.relpath = str(published.relpath)
+        result.files = len(published.files)
+        result.bytes_done = published.nbytes
+        with self._lock:
+            self._verified += info.file_size or published.nbytes
+            self.report.bytes_downloaded += published.nbytes
+        self._set_state(uid, SeriesState.COMPLETE)
+        self.queue.done(uid)
+        if (grown := self.limiter.succeeded()) is not None:
+            self._emit(Event(EventKind.CONCURRENCY, count=grown,
+                             message=f"concurrency up to {grown}"))
+        return True
+
+    def _stage(self, uid: str, info: object, staging: Path, progress: Progress) -> StagedSeries:
+        from ..models import SeriesInfo
+
+        assert isinstance(info, SeriesInfo)
+        with self.source.open(info) as stream:
+            return stage_series(
+                uid, info, stream.chunks(), staging, root=self.root,
+                checkpoint=lambda: self._checkpoint(uid), progress=progress,
+                on_progress=lambda n: self._on_progress(uid, n))
+
+    def _failed(self, uid: str, result: SeriesResult, policy: RetryPolicy,
+                exc: NbiaError) -> None:
+        error = redact(str(exc))
+        if isinstance(exc, DiskFullError | JournalError):
+            self._finish(uid, SeriesState.ERROR, error)
+            raise _Fatal(error)
+        if isinstance(exc, DestinationError):
+            self._finish(uid, SeriesState.ERROR, error)
+            return
+        verdict = Verdict(retry=True) if isinstance(exc, IntegrityError) \
+            else self.source.verdict(exc)
+        if verdict.fatal:
+            self._finish(uid, SeriesState.ERROR, error)
+            raise _Fatal(error)
+        if verdict.throttle and (shrunk := self.limiter.throttled()) is not None:
+            self._emit(Event(EventKind.THROTTLE, uid=uid, count=shrunk,
+                             message=f"server busy: concurrency down to {shrunk}"))
+        if verdict.timeout and (shrunk := self.limiter.timed_out()) is not None:
+            self._emit(Event(EventKind.THROTTLE, uid=uid, count=shrunk,
+                             message=f"repeated timeouts: concurrency down to {shrunk}"))
+        if not verdict.retry:
+            self._finish(uid, verdict.state, error)
+            return
+        # A stream held open through a pause may have been dropped by the server or a
+        # proxy meanwhile: that is not the series' failure.
+        paused = uid in self._paused_attempts
+        self._paused_attempts.discard(uid)
+        policy = policy.increment(error, counts=not paused)
+        if policy.exhausted:
+            self._finish(uid, SeriesState.ERROR, f"{error} (after {result.attempts} attempts)")
+            return
+        self._policies[uid] = policy
+        result.error = error
+        self._set_progress(uid, 0)
+        self._emit(Event(EventKind.RETRY, uid=uid, attempt=result.attempts, message=error))
+        delay = 0.0 if paused else policy.backoff(verdict.retry_after)
+        result.state = SeriesState.QUEUED
+        self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.QUEUED,
+                         attempt=result.attempts, message=error))
+        self.queue.retry_later(uid, delay)
+
+    def _finish(self, uid: str, state: SeriesState, error: str) -> None:
+        """A series ends without being published."""
+        result = self.results.get(uid)
+        if result is not None:
+            result.error = "" if state == SeriesState.CANCELLED and not error else error
+            if state == SeriesState.CANCELLED:
+                result.error = "cancelled"
+        self._policies.pop(uid, None)
+        self._set_progress(uid, 0)
+        self._set_state(uid, state, error=error)
+        self.queue.done(uid)
+
+    def _checkpoint(self, uid: str) -> None:
+        """Between chunks: honour cancel, and hold here while paused."""
+        if self._cancel.is_set():
+            raise Cancelled
+        if not self._running.is_set():
+            self._paused_attempts.add(uid)
+            self._set_state(uid, SeriesState.PAUSED)
+            self._running.wait()
+            if self._cancel.is_set():
+                raise Cancelled
+            self._set_state(uid, SeriesState.DOWNLOADING)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _on_progress(self, uid: str, nbytes: int) -> None:
+        self._set_progress(uid, nbytes)
+
+    def _set_state(self, uid: str, state: SeriesState, *, error: str | None = None,
+                   attempt: int = 0) -> None:
+        result = self.results.get(uid)
+        if result is None:
+            return
+        result.state = state
+        journal = self._journal
+        if state != SeriesState.COMPLETE and journal is not None and (
+                state == SeriesState.DOWNLOADING or state in FINAL_STATES):
+            with contextlib.suppress(NbiaError):
+                journal.set_state(uid, state, error=error,
+                                  attempts=result.attempts or None,
+                                  info=result.info if state in FAILED_STATES else None)
+        self._emit(Event(EventKind.STATE, uid=uid, state=state, attempt=attempt,
+                         message=error or ""))
+
+    def _set_progress(self, uid: str, nbytes: int) -> None:
+        result = self.results.get(uid)
+        if result is not None:
+            result.bytes_done = nbytes
+        self._emit(Event(EventKind.PROGRESS, uid=uid, series_bytes=nbytes))
+
+    def _emit(self, event: Event) -> None:
+        for callback in list(self._subscribers):
+            with contextlib.suppress(Exception):
+                callback(event)
+
+
+def make_engine(
+    manifest: Manifest | str | os.PathLike[str] | Sequence[str],
+    dest: str | os.PathLike[str] = ".",
+    **options: object,
+) -> Engine:
+    """Build an :class:`Engine` from a manifest (object, path, or list of UIDs).
+
+    ``options`` are :class:`DownloadOptions` fields plus ``user``/``password``; an
+    unknown name is a :class:`UsageError` naming it.
+    """
+    from ..api import Credentials
+    from ..manifest import read_manifest
+
+    if isinstance(manifest, str | os.PathLike):
+        manifest = read_manifest(manifest)
+    elif not isinstance(manifest, Manifest):
+        uids = list(manifest)
+        manifest = Manifest(series_uids=tuple(dict.fromkeys(uids)), headers={}, source=None,
+                            duplicates_dropped=len(uids) - len(set(uids)))
+    user, password = options.pop("user", None), options.pop("password", None)
+    source = options.pop("source", None)
+    confirm = options.pop("confirm_host", None)
+    known = set(DownloadOptions.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"unknown download option {unknown[0]!r}; known: "
+                         f"{', '.join(sorted(known - {'credentials'}))}")
+    opts = DownloadOptions()
+    if user:
+        opts.credentials = Credentials(str(user), str(password or ""))
+    opts = replace(opts, **options)  # type: ignore[arg-type]
+    return Engine(manifest, dest, opts, source=source,  # type: ignore[arg-type]
+                  confirm_host=confirm)  # type: ignore[arg-type]

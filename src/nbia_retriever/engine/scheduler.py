@@ -1,0 +1,271 @@
+"""Which series run when, and how many at once.
+
+* :class:`ConcurrencyLimiter` decides how many series stream at once. Two mechanisms,
+  both pure bookkeeping over numbers the engine feeds it (no clock of its own, so tests
+  drive it step by step):
+
+  - **Finding the link's concurrency** (``explore=True``, the default for a run without
+    ``--workers``): start small, and every sampling window compare the aggregate
+    throughput of the streams with the previous window. While adding streams makes it
+    rise, add more (doubling, like TCP's slow start); when it does not, step back to the
+    last level that helped and hold, probing one level up now and then. A loopback
+    download on two cores settles at a few streams; a wide link with a per-connection
+    cap climbs to ``maximum``.
+  - **Politeness** (AIMD, like TCP congestion control): a server that answers 429 or
+    503, or keeps timing out, is asking clients to back off. Every such signal halves
+    the limit (at most once per ``limit`` completed series, so a burst of 429s from
+    requests already in flight counts once); every ``limit`` successful series in a row
+    raise it by one, back up to what exploration had found.
+
+* :class:`WorkQueue` holds the series that are ready (planned, or due for a retry after
+  their backoff), hands them to workers in order, and knows when nothing more can come.
+
+A pinned run (``--workers N``) starts at N and never explores; it still backs off when
+the server asks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+#: Streams a run starts with when it explores.
+INITIAL_STREAMS = 4
+#: Relative throughput gain that counts as "it helped".
+GAIN = 0.10
+#: Windows between two probes one level up, once settled.
+PROBE_EVERY = 12
+
+
+class ConcurrencyLimiter:
+    """How many series may stream at once (see the module docstring)."""
+
+    def __init__(self, maximum: int, *, adaptive: bool = True, explore: bool = False,
+                 initial: int | None = None) -> None:
+        self.maximum = max(1, maximum)
+        self.explore = explore
+        start = initial if initial is not None else (INITIAL_STREAMS if explore else maximum)
+        self.target = max(1, min(self.maximum, start))  # what exploration stands at
+        self.limit = self.target
+        self.adaptive = adaptive
+        self.active = 0
+        self._successes = 0
+        self._since_decrease = self.maximum  # allow the first decrease at once
+        self._timeouts = 0
+        self._cond = threading.Condition()
+        # Exploration state.
+        self._last_total: int | None = None
+        self._last_time = 0.0
+        self._rates: dict[int, float] = {}
+        self._previous = self.target  # the level before the last raise
+        self._settle = 1  # windows to wait before judging a change
+        self._raising = explore
+        self._windows = 0
+
+    def __repr__(self) -> str:
+        return (f"ConcurrencyLimiter(limit={self.limit}, target={self.target}, "
+                f"maximum={self.maximum}, active={self.active})")
+
+    # -- slots ----------------------------------------------------------------------------
+    def acquire(self, cancelled: threading.Event,
+                done: Callable[[], bool] | None = None) -> bool:
+        """Wait for a slot; False once ``cancelled`` is set or ``done()`` says there is
+        nothing left to run."""
+        with self._cond:
+            while self.active >= self.limit:
+                if cancelled.is_set() or (done is not None and done()):
+                    return False
+                self._cond.wait(0.5)
+            if cancelled.is_set() or (done is not None and done()):
+                return False
+            self.active += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self.active -= 1
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- politeness -----------------------------------------------------------------------
+    def throttled(self) -> int | None:
+        """A 429/503 was seen; returns the new limit if it changed."""
+        with self._cond:
+            if not self.adaptive or self._since_decrease < self.limit or self.limit == 1:
+                return None
+            self.limit = max(1, self.limit // 2)
+            self._since_decrease = 0
+            self._successes = 0
+            self._raising = False
+            return self.limit
+
+    def timed_out(self) -> int | None:
+        """An attempt timed out or stalled; the second one in a row halves the limit."""
+        with self._cond:
+            self._timeouts += 1
+            if self._timeouts < 2:
+                return None
+            self._timeouts = 0
+        return self.throttled()
+
+    def succeeded(self) -> int | None:
+        """A series completed; returns the new limit if it grew."""
+        with self._cond:
+            self._since_decrease += 1
+            self._timeouts = 0
+            if not self.adaptive or self.limit >= self.target:
+                return None
+            self._successes += 1
+            if self._successes >= self.limit:
+                self._successes = 0
+                self.limit += 1
+                self._cond.notify_all()
+                return self.limit
+            return None
+
+    # -- exploration ----------------------------------------------------------------------
+    def sample(self, total_bytes: int, now: float | None = None, *,
+               saturated: bool = True) -> int | None:
+        """Feed the bytes moved so far by all streams; called once per sampling window.
+
+        ``saturated`` says every slot had work during the window: a window limited by
+        the lack of work says nothing about the link, so it is not judged. Returns the
+        new limit if it changed.
+        """
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            last, self._last_total = self._last_total, total_bytes
+            elapsed, self._last_time = now - self._last_time, now
+            if not self.explore or last is None or elapsed <= 0:
+                return None
+            rate = (total_bytes - last) / elapsed
+            if not saturated or self.limit < self.target:
+                return None  # not enough work, or recovering from a throttle
+            if self._settle > 0:
+                self._settle -= 1
+                return None
+            level = self.target
+            known = self._rates.get(level)
+            self._rates[level] = rate if known is None else 0.5 * (known + rate)
+            before = self._rates.get(self._previous)
+            self._windows += 1
+            if self._raising:
+                if before is None or level == self._previous or rate >= before * (1 + GAIN):
+                    if level >= self.maximum:
+                        self._raising = False
+                        return None
+                    return self._set(min(self.maximum, level * 2), previous=level)
+                self._raising = False
+                if rate < before * (1 - GAIN / 2):
+                    return self._set(self._previous, previous=self._previous)
+                return None
+            if self._windows % PROBE_EVERY == 0 and level < self.maximum:
+                self._raising = True
+                return self._set(level + max(1, level // 4), previous=level)
+            return None
+
+    def _set(self, level: int, *, previous: int) -> int | None:
+        level = max(1, min(self.maximum, level))
+        self._previous = previous
+        self._settle = 1
+        if level == self.target:
+            return None
+        self.target = self.limit = level
+        self._cond.notify_all()
+        return level
+
+
+class WorkQueue:
+    """Series ready to run, in order; retries come back when their backoff is over.
+
+    ``get`` blocks until a series is due, the run is cancelled, or nothing more can come
+    (the planner is done, nothing is waiting, and no series is in a worker's hands:
+    such a series may still come back as a retry).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ready: deque[str] = deque()
+        self._later: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._in_hand = 0
+        self._closed = False
+        self.dropped: set[str] = set()
+
+    def put(self, uids: Iterable[str]) -> None:
+        with self._cond:
+            self._ready.extend(uids)
+            self._cond.notify_all()
+
+    def retry_later(self, uid: str, delay: float) -> None:
+        """A worker gives a series back, to run again in ``delay`` seconds."""
+        with self._cond:
+            self._in_hand -= 1
+            heapq.heappush(self._later, (time.monotonic() + max(0.0, delay),
+                                         next(self._seq), uid))
+            self._cond.notify_all()
+
+    def done(self, uid: str) -> None:
+        """A worker is finished with a series (whatever the outcome)."""
+        with self._cond:
+            self._in_hand -= 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more new series will be put (the planner is done)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def drop(self, uids: Iterable[str]) -> None:
+        """Series removed from the run: skipped when their turn comes."""
+        with self._cond:
+            self.dropped.update(uids)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """Series queued or due for a retry, not yet in a worker's hands."""
+        with self._cond:
+            return len(self._ready) + len(self._later)
+
+    @property
+    def finished(self) -> bool:
+        with self._cond:
+            return self._closed and not self._ready and not self._later and not self._in_hand
+
+    def get(self, cancelled: threading.Event, running: threading.Event) -> str | None:
+        with self._cond:
+            while True:
+                if cancelled.is_set():
+                    return None
+                if running.is_set():
+                    now = time.monotonic()
+                    if self._later and self._later[0][0] <= now:
+                        uid = heapq.heappop(self._later)[2]
+                    elif self._ready:
+                        uid = self._ready.popleft()
+                    else:
+                        uid = None
+                    if uid is not None:
+                        if uid in self.dropped:
+                            continue
+                        self._in_hand += 1
+                        return uid
+                if self._closed and not self._ready and not self._later and not self._in_hand:
+                    self._cond.notify_all()
+                    return None
+                wait = 0.5
+                if self._later and running.is_set():
+                    wait = min(wait, max(0.0, self._later[0][0] - time.monotonic()))
+                self._cond.wait(wait if wait > 0 else 0.01)

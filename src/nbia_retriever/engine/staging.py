@@ -1,0 +1,286 @@
+"""One attempt at one series: the zip stream, inflated into this run's staging folder.
+
+Each entry is inflated, CRC-checked, MD5-hashed and written to
+``<root>/.nbia/staging/<run>/<series>/`` as it arrives; memory stays flat in series size
+(only the MD5 list and the licence are kept in memory, capped). As each image ends, the
+few header tags the engine needs are read from the first bytes kept for it (the fast
+scanner; pydicom reads the file when the scanner declines). Whether the entry starts
+like DICOM at all is decided here, by content, whatever its name says: the server names
+entries ``%08d`` plus the stored file's own extension, not always ``.dcm``.
+
+Free disk space is checked before a series starts (its metadata says how big it is)
+and again every :data:`SPACE_CHECK_BYTES` while it inflates, so a bomb or a lying
+``File Size`` fills nothing: the run stops with a "disk space" error instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._dicomtags import TAGS, fast_tags
+from .._zipstream import EntryData, EntryEnd, EntryStart, ZipStreamReader
+from ..errors import DiskFullError, IntegrityError, UnsafeArchiveError
+from ..layout import sanitize_component
+from ..models import SeriesInfo
+from ..naming import LICENSE_ENTRY, MD5_ENTRY
+from ..ondisk import free_bytes
+from ..untrusted import quote
+from .checks import ImageTags, StagedEntry, basename, parse_md5_list
+
+#: Bytes of each entry kept in memory to parse its header without reopening the file.
+HEADER_BYTES = 64 * 1024
+#: Non-image entries kept in memory (md5 list, licence) are capped: a hostile server
+#: must not be able to exhaust memory with a huge "LICENSE".
+SMALL_ENTRY_CAP = 16 * 1024 * 1024
+#: How often (bytes written) free space is checked while a series inflates.
+SPACE_CHECK_BYTES = 16 * 1024 * 1024
+#: Space that must stay free beside what a series needs (the journal, metadata.csv).
+SPACE_MARGIN = 4 * 1024 * 1024
+#: Progress events for a series come at most once per this many bytes.
+PROGRESS_STEP = 1024 * 1024
+
+
+@dataclass(slots=True)
+class Progress:
+    """Live counters of one attempt, written by its worker, read by the monitor."""
+
+    received: int = 0  # bytes off the wire
+    written: int = 0  # bytes inflated into staging
+
+
+@dataclass
+class StagedSeries:
+    """What one attempt left in staging, ready to be checked and published."""
+
+    uid: str
+    folder: Path
+    entries: list[StagedEntry] = field(default_factory=list)
+    md5_list: dict[str, str] | None = None
+    license: bytes | None = None
+    written: int = 0
+
+    @property
+    def images(self) -> list[StagedEntry]:
+        return [e for e in self.entries if e.is_image]
+
+
+def looks_like_dicom(prefix: bytes | bytearray) -> bool:
+    """A DICOM Part 10 file (``DICM`` after the preamble), or a bare dataset that starts
+    with a group 0008 element, as some archives store them."""
+    if len(prefix) >= 132 and prefix[128:132] == b"DICM":
+        return True
+    return len(prefix) >= 8 and prefix[0:2] == b"\x08\x00" and prefix[3:4] == b"\x00"
+
+
+def read_tags(name: str, prefix: bytes, path: Path, size: int) -> ImageTags | None:
+    """The tags of one staged entry, or None when it is not DICOM."""
+    if not looks_like_dicom(prefix):
+        return None
+    values = fast_tags(prefix)
+    if values is None:
+        values = _pydicom_tags(prefix, path, size)
+    return ImageTags(
+        sop_instance_uid=values.get("SOPInstanceUID") or "",
+        acquisition=values.get("AcquisitionNumber"),
+        instance=values.get("InstanceNumber"),
+        series_uid=values.get("SeriesInstanceUID"),
+        study_uid=values.get("StudyInstanceUID"),
+        study_id=values.get("StudyID"),
+        sop_class_uid=values.get("SOPClassUID"),
+    )
+
+
+def _pydicom_tags(prefix: bytes, path: Path, size: int) -> dict[str, str | None]:
+    import io
+
+    import pydicom
+
+    values: dict[str, str | None] = dict.fromkeys(TAGS)
+    sources: list[object] = [io.BytesIO(prefix)]
+    if size > len(prefix):
+        sources.append(path)
+    for source in sources:
+        try:
+            ds = pydicom.dcmread(source, stop_before_pixels=True, force=True,
+                                 specific_tags=list(TAGS))
+            for tag in TAGS:
+                value = ds.get(tag)
+                values[tag] = None if value is None or value == "" else str(value)
+            # A header longer than the bytes kept in memory reads as "tags absent"
+            # without any error: only trust a partial read that found every tag.
+            if source is sources[-1] or all(values[t] is not None for t in
+                                            ("SOPInstanceUID", "SeriesInstanceUID",
+                                             "InstanceNumber")):
+                break
+        except Exception:
+            continue
+    return values
+
+
+def inflation_cap(info: SeriesInfo) -> int:
+    """Zip-bomb cap from the metadata: far above any honest series, far below "fill the
+    disk" (free space is checked on its own while inflating)."""
+    expected = info.file_size
+    if expected:
+        return max(expected * 4, expected + 256 * 1024 * 1024)
+    if info.image_count:
+        return info.image_count * 2 * 1024**3
+    return 256 * 1024**3
+
+
+def check_space(root: Path, need: int, uid: str) -> None:
+    """Raise :class:`DiskFullError` unless ``need`` bytes plus the margin are free."""
+    free = free_bytes(root)
+    if free is not None and free < need + SPACE_MARGIN:
+        raise DiskFullError(
+            f"disk space: {free / 1e6:,.0f} MB free in {root}, series {uid} needs "
+            f"{need / 1e6:,.0f} MB more; free some space and re-run the same command to "
+            "resume")
+
+
+def disk_full(root: Path, exc: OSError) -> DiskFullError | None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFullError(f"disk full writing to {root} ({exc.strerror}): free some space "
+                             "and re-run the same command to resume")
+    return None
+
+
+class _Entry:
+    """The entry being written: its file, MD5 and first bytes."""
+
+    __slots__ = ("file", "header", "md5", "name", "part", "path", "small")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.part = ""
+        self.path: Path | None = None
+        self.file: object = None
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.header = bytearray()
+        self.small: bytearray | None = None
+
+
+def series_folder_name(uid: str) -> str:
+    return sanitize_component(uid, fallback="series")
+
+
+def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Path, *,
+                 root: Path, checkpoint: Callable[[], None], progress: Progress,
+                 on_progress: Callable[[int], None]) -> StagedSeries:
+    """Stream one series zip into ``folder`` (created empty) and describe what arrived.
+
+    Raises :class:`IntegrityError` (a broken or hostile zip), :class:`DiskFullError`, and
+    whatever ``chunks`` or ``checkpoint`` raise (network errors, cancellation).
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    check_space(root, info.file_size or 0, uid)
+    reader = ZipStreamReader(max_total_size=inflation_cap(info))
+    staged = StagedSeries(uid, folder)
+    small: dict[str, bytearray] = {}
+    names: set[str] = set()
+    current: _Entry | None = None
+    written = 0
+    next_report = PROGRESS_STEP
+    next_space = SPACE_CHECK_BYTES
+    count = 0
+
+    def handle(events: Iterable[object]) -> None:
+        nonlocal current, written, count
+        for ev in events:
+            if type(ev) is EntryData:
+                data = ev.data
+                entry = current
+                assert entry is not None
+                if entry.small is not None:
+                    entry.small += data
+                    if len(entry.small) > SMALL_ENTRY_CAP:
+                        raise UnsafeArchiveError(
+                            f"series {uid}: entry {quote(entry.name, 80)!r} is implausibly "
+                            "large")
+                else:
+                    entry.file.write(data)  # type: ignore[attr-defined]
+                    entry.md5.update(data)
+                    if len(entry.header) < HEADER_BYTES:
+                        entry.header += data[: HEADER_BYTES - len(entry.header)]
+                written += len(data)
+            elif type(ev) is EntryStart:
+                name = ev.name
+                if name in names:
+                    raise UnsafeArchiveError(
+                        f"series {uid}: duplicate zip entry {quote(name, 80)!r}")
+                names.add(name)
+                entry = current = _Entry(name)
+                base = basename(name)
+                if base in (MD5_ENTRY, LICENSE_ENTRY):
+                    entry.small = small.setdefault(base, bytearray())
+                else:
+                    count += 1
+                    entry.part = f"{count:08d}.part"
+                    entry.path = folder / entry.part
+                    entry.file = open(entry.path, "xb")  # noqa: SIM115 - closed at EntryEnd
+            elif type(ev) is EntryEnd:
+                entry = current
+                current = None
+                if entry is None or entry.small is not None:
+                    continue
+                entry.file.close()  # type: ignore[attr-defined]
+                assert entry.path is not None
+                header = bytes(entry.header)
+                staged.entries.append(StagedEntry(
+                    name=entry.name, part=entry.part, size=ev.size,
+                    md5=entry.md5.hexdigest(),
+                    tags=read_tags(entry.name, header, entry.path, ev.size)))
+
+    try:
+        for chunk in chunks:
+            checkpoint()
+            progress.received += len(chunk)
+            handle(reader.feed(chunk))
+            progress.written = written
+            if written >= next_report:
+                next_report = written + PROGRESS_STEP
+                on_progress(written)
+            if written >= next_space:
+                next_space = written + SPACE_CHECK_BYTES
+                check_space(root, 0, uid)
+        handle(reader.close())
+    except IntegrityError as exc:
+        if str(exc).startswith("series "):
+            raise
+        # The reader names the entry; say which series too.
+        raise type(exc)(f"series {uid}: {quote(str(exc), 300)}") from None
+    except OSError as exc:
+        full = disk_full(root, exc)
+        if full is not None:
+            raise full from None
+        raise
+    finally:
+        if current is not None and current.file is not None:
+            current.file.close()  # type: ignore[attr-defined]
+    if not reader.finished:
+        raise IntegrityError(f"series {uid}: the zip stream ended without its directory")
+    progress.written = written
+    staged.written = written
+    on_progress(written)
+    if MD5_ENTRY in small:
+        staged.md5_list = parse_md5_list(bytes(small[MD5_ENTRY]), uid)
+    if small.get(LICENSE_ENTRY):
+        staged.license = bytes(small[LICENSE_ENTRY])
+    return staged
+
+
+def discard(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

@@ -1,0 +1,387 @@
+"""The on-disk contract of a download root, in one place.
+
+Everything that names a file or folder the tool writes below the destination lives
+here, used by the engine, ``verify`` and ``merge-reports`` alike::
+
+    <dest>/<databasketId minus .tcia>/          the download root
+        metadata.csv                            one row per completed series
+        <Collection>/LICENSE                    one per collection
+        <Collection>/<Patient>/<Study>/<Series>/ 1-01.dcm ... (published by one rename)
+        .nbia/root.json                         the layout the root was made with
+        .nbia/journal.sqlite                    journal-K-of-N.sqlite per shard
+        .nbia/staging/<run>/<uid>/              an attempt in progress (one run's own)
+        .nbia/staging/<run>/.lock               held while that run lives
+        .nbia/locks/<uid>.lock                  held while a run downloads that series
+
+The destination may be shared (a lab share, a cluster scratch space), so nothing below
+the root is trusted to be what it seems: :func:`open_dir` walks a path one component at
+a time with ``O_NOFOLLOW`` and refuses a symbolic link anywhere (someone could plant
+``Collection -> /home/victim``); files are opened with ``O_NOFOLLOW`` too. The root's
+parent, the destination the user typed, may itself be a link: that was their choice.
+
+Two runs may share a root (shards of a job array, a TUI beside a CLI): each keeps its
+staging in a folder of its own, and a series is downloaded only under its lock
+(:class:`SeriesLock`), so no series is fetched twice at once and no row written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import stat
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import DestinationError
+
+STATE_DIR = ".nbia"
+JOURNAL_NAME = "journal.sqlite"
+METADATA_CSV = "metadata.csv"
+LICENSE_FILE = "LICENSE"
+ROOT_INFO = "root.json"
+STAGING_DIR = "staging"
+LOCKS_DIR = "locks"
+_JOURNAL_RE = re.compile(r"^journal(?:-(\d+)-of-(\d+))?\.sqlite$")
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_FD_OK = os.mkdir in os.supports_dir_fd and os.open in os.supports_dir_fd and bool(_NOFOLLOW)
+
+
+def journal_name(shard: tuple[int, int] | None) -> str:
+    """``journal.sqlite``, or ``journal-K-of-N.sqlite`` for shard K of N."""
+    if shard is None:
+        return JOURNAL_NAME
+    k, n = shard
+    return f"journal-{k}-of-{n}.sqlite"
+
+
+def parse_journal_name(name: str) -> tuple[int, int] | bool | None:
+    """``(k, n)`` for a shard journal, ``None`` for the plain one, ``False`` otherwise."""
+    match = _JOURNAL_RE.match(name)
+    if match is None:
+        return False
+    if match.group(1):
+        return int(match.group(1)), int(match.group(2))
+    return None
+
+
+def journal_paths(root: Path) -> list[Path]:
+    """Every journal of a root (plain and shards), in name order."""
+    state = root / STATE_DIR
+    try:
+        names = sorted(e.name for e in os.scandir(state) if e.is_file(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+    return [state / n for n in names if parse_journal_name(n) is not False]
+
+
+# ----------------------------------------------------------------------------- no-follow
+
+
+def _refuse(path: Path | str, what: str = "is a symbolic link") -> DestinationError:
+    return DestinationError(f"{path} {what}: refusing to follow it (someone else's link "
+                            "inside the download root?); remove it and re-run")
+
+
+def open_dir(base: Path, parts: Sequence[str], *, create: bool = True) -> int:
+    """A file descriptor of ``base/parts...``, walked without following any link.
+
+    ``base`` itself is opened normally (it is the user's own choice or already checked).
+    Missing components are created when ``create``. Raises :class:`DestinationError`
+    naming the component when one is a symbolic link or not a folder, and
+    ``FileNotFoundError`` when one is missing and ``create`` is false. The caller closes
+    the descriptor.
+    """
+    fd = os.open(base, _DIR_FLAGS)
+    path = base
+    try:
+        for part in parts:
+            path = path / part
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    if _FD_OK:
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                    else:  # pragma: no cover - Windows: best effort with lstat
+                        os.mkdir(path, 0o777)
+            try:
+                if _FD_OK:
+                    child = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+                else:  # pragma: no cover
+                    if path.is_symlink():
+                        raise _refuse(path)
+                    child = os.open(path, _DIR_FLAGS)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.EMLINK):
+                    raise _refuse(path) from None
+                if exc.errno == errno.ENOTDIR:
+                    kind = "is a symbolic link" if os.path.islink(path) else "is not a folder"
+                    raise _refuse(path, kind) from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def ensure_dir(base: Path, parts: Sequence[str]) -> Path:
+    """``base/parts...`` created as needed, with no symbolic link anywhere below base."""
+    os.close(open_dir(base, parts))
+    return base.joinpath(*parts)
+
+
+def check_no_link(path: Path) -> None:
+    """Raise :class:`DestinationError` if ``path`` (not its parents) is a symbolic link."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise _refuse(path)
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` that refuses a symbolic link at the last component."""
+    try:
+        return os.open(path, flags | _NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):
+            raise _refuse(path) from None
+        raise
+
+
+def entry_kind(dir_fd: int, name: str) -> str | None:
+    """``"dir"``, ``"link"``, ``"file"`` or ``None`` (absent) for ``name`` in a folder."""
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "dir" if stat.S_ISDIR(mode) else "file"
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes available to this user on the file system holding ``path`` (None: unknown)."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return None
+    return usage.free
+
+
+# ----------------------------------------------------------------------------- the root
+
+
+class DownloadRoot:
+    """Paths of one download root and the state shared by the runs that use it."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root)
+        self.state_dir = self.path / STATE_DIR
+        self.staging_dir = self.state_dir / STAGING_DIR
+        self.locks_dir = self.state_dir / LOCKS_DIR
+        self.metadata_csv = self.path / METADATA_CSV
+
+    def __repr__(self) -> str:
+        return f"DownloadRoot({str(self.path)!r})"
+
+    def create(self) -> None:
+        """The root and ``.nbia/`` (with staging and locks), refusing planted links.
+
+        The destination (the root's parent) is created normally: it is the user's path.
+        Raises :class:`DestinationError` with the reason in one line.
+        """
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise DestinationError(f"{parent} exists and is not a folder") from None
+        except OSError as exc:
+            raise DestinationError(f"cannot create {parent}: {exc.strerror or exc}") from None
+        try:
+            ensure_dir(parent, [self.path.name, STATE_DIR, STAGING_DIR])
+            ensure_dir(self.state_dir, [LOCKS_DIR])
+        except DestinationError:
+            raise
+        except OSError as exc:
+            raise DestinationError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+
+    def exists(self) -> bool:
+        return (self.state_dir).is_dir()
+
+    def journal_path(self, shard: tuple[int, int] | None) -> Path:
+        return self.state_dir / journal_name(shard)
+
+    def journal_paths(self) -> list[Path]:
+        return journal_paths(self.path)
+
+    # -- what the root was made with ----------------------------------------------------
+    def read_info(self) -> dict[str, Any]:
+        path = self.state_dir / ROOT_INFO
+        try:
+            check_no_link(path)
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_info(self, **values: Any) -> None:
+        data = {**self.read_info(), **values}
+        tmp = self.state_dir / f".{ROOT_INFO}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, self.state_dir / ROOT_INFO)
+
+    # -- per-run staging ------------------------------------------------------------------
+    def new_run_staging(self) -> RunStaging:
+        """A staging folder of this run's own, locked while the run lives; staging left by
+        runs that are gone is cleared first."""
+        self.clear_dead_staging()
+        return RunStaging(self.staging_dir)
+
+    def clear_dead_staging(self) -> None:
+        try:
+            entries = list(os.scandir(self.staging_dir))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    if entry.is_symlink() or entry.name.startswith("."):
+                        os.unlink(entry.path)
+                continue
+            lock = Path(entry.path) / ".lock"
+            if not lock.exists():
+                # A folder of an older version (one per series) or a run that died before
+                # taking its lock: nobody holds it.
+                shutil.rmtree(entry.path, ignore_errors=True)
+                continue
+            with contextlib.suppress(OSError), _try_flock(lock) as held:
+                if held:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+
+class RunStaging:
+    """``.nbia/staging/<run>/``: where this run assembles series before publishing."""
+
+    def __init__(self, staging_dir: Path) -> None:
+        run = f"{_host_tag()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.path = ensure_dir(staging_dir, [run])
+        self._lock_fd: int | None = open_nofollow(self.path / ".lock",
+                                                  os.O_RDWR | os.O_CREAT, 0o644)
+        _flock(self._lock_fd, blocking=True)
+
+    def series_dir(self, name: str) -> Path:
+        return self.path / name
+
+    def close(self, *, remove: bool = True) -> None:
+        if self._lock_fd is None:
+            return
+        if remove:
+            shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def _host_tag() -> str:
+    name = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16]
+    return name or "host"
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+def _flock(fd: int, *, blocking: bool) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: one run per root there
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without locks
+            return True
+        raise
+    return True
+
+
+@contextlib.contextmanager
+def _try_flock(path: Path) -> Iterator[bool]:
+    fd = open_nofollow(path, os.O_RDWR)
+    try:
+        yield _flock(fd, blocking=False)
+    finally:
+        os.close(fd)
+
+
+def lock_file(handle: IO[Any] | int) -> None:
+    """Exclusive advisory lock (blocking) on an open file; a no-op where unsupported."""
+    fd = handle if isinstance(handle, int) else handle.fileno()
+    _flock(fd, blocking=True)
+
+
+def unlock_file(handle: IO[Any] | int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return
+    fd = handle if isinstance(handle, int) else handle.fileno()
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+class SeriesLock:
+    """``.nbia/locks/<name>.lock``, held while this run downloads and publishes one series.
+
+    ``acquire()`` never blocks: a series another run holds is skipped for now and tried
+    again later (by then it is usually complete in that run's journal). The lock file is
+    removed once the series is done; a run that opened the file just before that checks,
+    after locking, that the path still names the file it locked, so two runs can never
+    both believe they hold one series.
+    """
+
+    def __init__(self, locks_dir: Path, name: str) -> None:
+        self.path = locks_dir / f"{name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        while True:
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _flock(fd, blocking=False):
+                os.close(fd)
+                return False
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # removed by its holder meanwhile: lock the new one
+
+    def release(self, *, remove: bool = False) -> None:
+        if self._fd is None:
+            return
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None

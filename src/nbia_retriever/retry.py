@@ -1,0 +1,81 @@
+"""One retry policy for every retry loop: series downloads, API calls, the version probe.
+
+Modelled on urllib3's ``Retry``: an immutable value. A loop holds one, and each failure
+replaces it with ``policy.increment(error)``; the new value knows how many attempts are
+left and how long to wait. Nothing is mutated, so a policy can be shared, logged and
+tested on its own, and the rules (how many, how long, what does not count) live here
+and nowhere else.
+
+>>> policy = RetryPolicy(total=2, backoff_base=1.0)
+>>> policy = policy.increment("HTTP 503")
+>>> policy.attempts, policy.exhausted
+(1, False)
+>>> policy.increment("reset").increment("reset").exhausted
+True
+>>> 1.0 <= RetryPolicy(total=1, backoff_base=1.0).increment("x").backoff(retry_after=1.0)
+True
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+#: Longest wait between two attempts, whatever the backoff or the server's Retry-After.
+BACKOFF_MAX = 300.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often to try again and how long to wait in between.
+
+    ``total`` is the number of retries allowed after the first attempt (the manifest's
+    ``noOfrRetry``). ``attempts`` counts the failures that counted so far; ``history``
+    keeps their messages (the last one is what a report shows).
+    """
+
+    total: int = 4
+    backoff_base: float = 2.0
+    backoff_max: float = BACKOFF_MAX
+    attempts: int = 0
+    history: tuple[str, ...] = field(default=(), repr=False)
+
+    def increment(self, error: str, *, counts: bool = True) -> RetryPolicy:
+        """The policy after one more failure. ``counts=False`` records it without
+        spending a retry: a stream the server dropped while the user had paused, or an
+        API-version fallback, is not the series' fault."""
+        history = (*self.history[-9:], error)
+        return replace(self, attempts=self.attempts + (1 if counts else 0), history=history)
+
+    @property
+    def exhausted(self) -> bool:
+        """No retry left: the last failure is final."""
+        return self.attempts > self.total
+
+    @property
+    def last_error(self) -> str:
+        return self.history[-1] if self.history else ""
+
+    def backoff(self, retry_after: float | None = None,
+                rng: random.Random | None = None) -> float:
+        """Seconds to wait before the next attempt: exponential with full jitter, never
+        shorter than the server's ``Retry-After`` (both capped at ``backoff_max``).
+
+        Jitter spreads the retries of many workers (and many users) so that a struggling
+        server is not hit by a synchronised wave.
+        """
+        step = max(1, self.attempts)
+        exp = min(self.backoff_max, self.backoff_base * (2 ** (step - 1)))
+        draw = (rng or random).uniform(0, exp / 2)
+        delay = exp / 2 + draw
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.backoff_max))
+        return delay
+
+
+def backoff_delay(attempt: int, base: float, retry_after: float | None = None,
+                  cap: float = BACKOFF_MAX) -> float:
+    """The wait before retry number ``attempt`` (1-based) of a fresh policy: kept for
+    callers that only need the number."""
+    policy = RetryPolicy(total=attempt, backoff_base=base, backoff_max=cap, attempts=attempt)
+    return policy.backoff(retry_after)
