@@ -9,7 +9,8 @@ the archive's ``.nbia-server-cache`` after the first server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -28,3 +29,35 @@ def server(synthetic_archive: ArchiveSummary) -> Iterator[ReferenceServer]:
     """A fresh reference server over :func:`synthetic_archive`, faults off."""
     with ReferenceServer(synthetic_archive.root) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def archive_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., ArchiveSummary]:
+    """``archive_factory(**generate_archive_params)``: one archive per parameter set for
+    the whole session (read-only: copy it before changing anything)."""
+    cache: dict[tuple[tuple[str, Any], ...], ArchiveSummary] = {}
+
+    def make(**params: Any) -> ArchiveSummary:
+        key = tuple(sorted(params.items()))
+        if key not in cache:
+            cache[key] = generate_archive(tmp_path_factory.mktemp("archive") / "a", **params)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ReferenceServer]]:
+    """``serve(archive_root, **ReferenceServer_options)``: a reference server for this test,
+    stopped at its end (several may run at once)."""
+    started: list[ReferenceServer] = []
+
+    def start(root: Any, **options: Any) -> ReferenceServer:
+        srv = ReferenceServer(root, **options)
+        srv.start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()

@@ -27,14 +27,15 @@ from hostile_server import (
     HostileServer,
     endless_deflate,
     endless_garbage,
+    files_of,
+    record,
     series_zip,
-    v1_record,
     zip_bytes,
 )
 from nbia_retriever import download
 from nbia_retriever.models import SeriesState
 from nbia_retriever.report import Report
-from nbia_retriever.server.synth import ArchiveSummary, SynthSeries, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 from nbia_retriever.server.zipwriter import ZipEntry, deflated_entry
 from reliability_helpers import assert_root_clean, metadata_rows, staging_leftovers
 
@@ -58,16 +59,6 @@ def expected(archive: ArchiveSummary) -> dict[str, dict[str, str]]:
 def hostile():
     with HostileServer() as srv:
         yield srv
-
-
-def files_of(series: SynthSeries) -> list[tuple[str, bytes]]:
-    return [(f"{i:08d}.dcm", p.read_bytes()) for i, p in enumerate(series.files, start=1)]
-
-
-def record(series: SynthSeries, **kw: object) -> dict[str, str]:
-    kw.setdefault("images", series.images)
-    kw.setdefault("size", series.nbytes)
-    return v1_record(series.series_uid, **kw)  # type: ignore[arg-type]
 
 
 def run(tmp_path: Path, hostile: HostileServer, uids: list[str], *, retries: int = 0,

@@ -104,6 +104,7 @@ def collections_command(counts: bool, as_json: bool, api: str, api_url: str | No
             click.echo(json.dumps(item, ensure_ascii=False))
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"{len(items)} collections")
     table.add_column("Collection", overflow="fold")
@@ -112,11 +113,11 @@ def collections_command(counts: bool, as_json: bool, api: str, api_url: str | No
             table.add_column(name, justify="right")
     for item in items:
         if counts:
-            table.add_row(item["collection"], _int(item.get("patients")),
+            table.add_row(Text(item["collection"]), _int(item.get("patients")),
                           _int(item.get("series")), _int(item.get("images")),
                           _human(item.get("size")))
         else:
-            table.add_row(item["collection"])
+            table.add_row(Text(item["collection"]))
     _console().print(table)
 
 
@@ -185,6 +186,7 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
             click.echo(json.dumps(data, ensure_ascii=False))
     else:
         from rich.table import Table
+        from rich.text import Text
 
         title = f"{len(records):,} series, {images:,} images, {_human(size)}"
         table = Table(title=title)
@@ -195,8 +197,9 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
         table.add_column("Size", justify="right")
         shown = records if show == 0 else records[:show]
         for r in shown:
-            table.add_row(r.collection, r.patient_id, r.series_uid, r.modality,
-                          r.series_description, _int(r.image_count), _human(r.file_size))
+            table.add_row(Text(r.collection), Text(r.patient_id), Text(r.series_uid),
+                          Text(r.modality), Text(r.series_description), _int(r.image_count),
+                          _human(r.file_size))
         if len(shown) < len(records):
             table.add_row("", "", f"... {len(records) - len(shown):,} more (--show 0: all)",
                           "", "", "", "")

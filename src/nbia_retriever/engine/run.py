@@ -63,7 +63,15 @@ from .plan import PlanBatch, Planner
 from .publish import Publisher
 from .scheduler import ConcurrencyLimiter, WorkQueue
 from .source import NbiaSource, Source, Verdict
-from .staging import Progress, StagedSeries, discard, disk_full, series_folder_name, stage_series
+from .staging import (
+    NoRoomError,
+    Progress,
+    StagedSeries,
+    discard,
+    disk_full,
+    series_folder_name,
+    stage_series,
+)
 
 if TYPE_CHECKING:
     from ..api import NbiaClient
@@ -199,7 +207,7 @@ class Engine:
         self._plan_wall = 0.0
         self._owed_rows: list[tuple[str, SeriesInfo, str, tuple[FileRecord, ...]]] = []
         self._fatal_error: NbiaError | None = None
-        self._done_running = False
+        self._stop_monitor = threading.Event()
 
 
     # -- public control ---------------------------------------------------------------
@@ -386,8 +394,10 @@ class Engine:
         self.report.fatal = redact(str(exc))
         if isinstance(exc, AuthError):
             self.report.auth_failed = True
-        if isinstance(exc, UsageError):
-            self.report.usage_error = True
+        unusable = isinstance(exc, DestinationError) and not isinstance(
+            exc, DiskFullError | JournalError)
+        if isinstance(exc, UsageError) or unusable:
+            self.report.usage_error = True  # a destination that cannot be used: exit 2
         self._emit(Event(EventKind.ERROR, message=self.report.fatal))
         self.cancel()
 
@@ -437,8 +447,11 @@ class Engine:
             self._publisher.adopt_row(uid, info, relpath, time.time(), files)
 
     def _open_other_journals(self, own: Path) -> None:
+        """Other runs' journals in this root (shards): read-only, also those that appear
+        while this run goes on."""
+        known = {j.path for j in self._others} | {own}
         for path in self.disk.journal_paths():
-            if path == own:
+            if path in known:
                 continue
             with contextlib.suppress(DestinationError):
                 self._others.append(Journal(path, readonly=True))
@@ -558,7 +571,7 @@ class Engine:
                                         SeriesState.PAUSED):
                         self._set_state(result.uid, SeriesState.CANCELLED)
         finally:
-            self._done_running = True
+            self._stop_monitor.set()
             self.limiter.wake()
             if monitor is not None:
                 monitor.join(timeout=2)
@@ -598,9 +611,7 @@ class Engine:
 
     def _monitor(self) -> None:
         """Samples throughput for the limiter until the workers are gone."""
-        while not self._done_running and not self._done.is_set():
-            if self._cancel.wait(SAMPLE_WINDOW):
-                return
+        while not self._stop_monitor.wait(SAMPLE_WINDOW):
             stats = self.stats()
             with self._lock:
                 saturated = self._busy >= self.limiter.limit
@@ -659,6 +670,9 @@ class Engine:
     def _complete_elsewhere(self, uid: str) -> bool:
         """Another run on this root (a shard, a TUI beside a CLI) finished it meanwhile:
         a journal says so with a time after this run began planning."""
+        if self._planner is not None:
+            with self._lock:
+                self._open_other_journals(self._planner.journal_path)
         for journal in (self._journal, *self._others):
             if journal is None:
                 continue
@@ -761,7 +775,7 @@ class Engine:
         if isinstance(exc, DiskFullError | JournalError):
             self._finish(uid, SeriesState.ERROR, error)
             raise _Fatal(error)
-        if isinstance(exc, DestinationError):
+        if isinstance(exc, DestinationError | NoRoomError):
             self._finish(uid, SeriesState.ERROR, error)
             return
         verdict = Verdict(retry=True) if isinstance(exc, IntegrityError) \

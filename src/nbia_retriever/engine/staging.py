@@ -135,14 +135,25 @@ def inflation_cap(info: SeriesInfo) -> int:
     return 256 * 1024**3
 
 
+class NoRoomError(IntegrityError):
+    """This series does not fit in the free space left (others may): the series fails,
+    the run goes on."""
+
+
 def check_space(root: Path, need: int, uid: str) -> None:
-    """Raise :class:`DiskFullError` unless ``need`` bytes plus the margin are free."""
+    """Before a series: :class:`NoRoomError` unless ``need`` bytes plus the margin are
+    free; while inflating (``need`` 0): :class:`DiskFullError` when the margin is gone."""
     free = free_bytes(root)
-    if free is not None and free < need + SPACE_MARGIN:
-        raise DiskFullError(
-            f"disk space: {free / 1e6:,.0f} MB free in {root}, series {uid} needs "
-            f"{need / 1e6:,.0f} MB more; free some space and re-run the same command to "
-            "resume")
+    if free is None or free >= need + SPACE_MARGIN:
+        return
+    if need and free >= SPACE_MARGIN:
+        raise NoRoomError(
+            f"series {uid}: disk space: it needs {need / 1e6:,.1f} MB and {root} has "
+            f"{free / 1e6:,.1f} MB free; free some space and re-run the same command")
+    raise DiskFullError(
+        f"disk space: {free / 1e6:,.1f} MB free in {root}"
+        + (f", series {uid} needs {need / 1e6:,.1f} MB" if need else "")
+        + "; free some space and re-run the same command to resume")
 
 
 def disk_full(root: Path, exc: OSError) -> DiskFullError | None:
