@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pydicom
@@ -75,3 +76,44 @@ def write_manifest(path: Path, uids: list[str], download_url: str, *, retries: i
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# -- the Java Data Retriever's folder names, worked out from the DICOM headers ------------
+# (independently of nbia_retriever.layout, so tests can check it against the Java rules)
+
+
+def java_clean(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9 .-]", "", text) or "NA"
+
+
+def java_part(text: str) -> str:
+    return "" if text in ("", "null") else text + "-"
+
+
+def java_desc(text: str) -> str:
+    text = text.replace("/", "-")
+    return "" if text in ("", "null", "-") else text[:53] + "-"
+
+
+def raw(ds: pydicom.Dataset, keyword: str) -> str:
+    """A header value as the archive's database holds it (multi-values joined by a
+    backslash, as DICOM writes them)."""
+    value = ds.get(keyword, "")
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def java_series_folder(path: Path, collection: str) -> str:
+    """What the Java GUI names the folder of the series this file belongs to."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    raw_date = str(ds.get("StudyDate", ""))
+    date = f"{raw_date[4:6]}-{raw_date[6:8]}-{raw_date[:4]}" if len(raw_date) == 8 else ""
+    number = ds.get("SeriesNumber")
+    number_text = "" if number in (None, "") else f"{float(number):.6f}"
+    study = (java_part(date) + java_part(java_clean(raw(ds, "StudyID")))
+             + java_desc(java_clean(raw(ds, "StudyDescription")))
+             + str(ds.StudyInstanceUID)[-5:])
+    series = (java_part(number_text) + java_desc(java_clean(raw(ds, "SeriesDescription")))
+              + str(ds.SeriesInstanceUID)[-5:])
+    return f"{collection}/{ds.PatientID}/{study}/{series}"

@@ -11,18 +11,17 @@ import httpx
 import pytest
 
 from nbia_retriever.server import ReferenceServer
+from nbia_retriever.server.builds import BUILDS
 from nbia_retriever.server.synth import ArchiveSummary
 
+#: The real v1/v2 getSeriesMetaData keys, in order (a NULL value leaves its key out).
 V1_FIELDS = [
     "Series UID", "Collection", "3rd Party Analysis", "Data Description URI", "Subject ID",
     "Study UID", "Study Description", "Study Date", "Series Description", "Manufacturer",
-    "Modality", "SOP Class UID", "Number of Images", "File Size", "Series Number",
-    "License Name", "License URL", "Annotation Size", "Date Released",
-]
-V4_FIELDS = [
-    "Series Instance UID", "Collection", "Patient ID", "Study Instance UID", "Study Date",
-    "Study Description", "Series Description", "Series Number", "Modality", "Manufacturer",
-    "Image Count", "File Size", "License Name", "License URI", "Collection URI",
+    "Modality", "SOP Class UID", "Number of Images", "File Size", "File Location",
+    "Series Number", "License Name", "License URL", "Annotation Size", "Date Released",
+    "Series Date", "Protocol Name", "Body Part Examined", "Annotations Flag",
+    "Manufacturer Model Name", "Software Versions", "TimeStamp",
 ]
 
 
@@ -61,7 +60,11 @@ def test_series_metadata_v1_shape(server, http, synthetic_archive):
     body = response.json()
     assert isinstance(body, list) and len(body) == 1
     record = body[0]
-    assert list(record)[: len(V1_FIELDS)] == V1_FIELDS
+    assert list(record) == [k for k in V1_FIELDS if k in record]
+    for key in ("Series UID", "Collection", "Subject ID", "Study UID", "Number of Images",
+                "File Size", "Series Number", "License Name", "Study Date"):
+        assert key in record, key
+    assert "Study ID" not in record  # the StudyID travels as "File Location"
     assert all(isinstance(v, str) for v in record.values())
     assert record["Series UID"] == series.series_uid
     assert record["Subject ID"] == series.patient_id
@@ -76,7 +79,7 @@ def test_series_number_and_date_formats_across_all_series(server, http, syntheti
     for series in public(synthetic_archive):
         record = http.get(server.api_url + "/v1/getSeriesMetaData",
                           params={"SeriesInstanceUID": series.series_uid}).json()[0]
-        numbers.append(record["Series Number"])
+        numbers.append(record.get("Series Number", ""))  # absent when NULL
     assert any(re.fullmatch(r"\d+\.000000", n) for n in numbers)  # Java's float rendering
     assert all(n == "" or re.fullmatch(r"\d+\.\d{6}", n) for n in numbers)
 
@@ -108,48 +111,121 @@ def test_missing_parameter_is_400(server, http):
         assert http.get(f"{server.api_url}/{endpoint}").status_code == 400
 
 
-def test_v4_batch_metadata(server, http, synthetic_archive):
+def test_v1_strips_descriptions_and_sends_the_study_id_as_file_location(server, http,
+                                                                        synthetic_archive):
+    import pydicom
+
+    for series in public(synthetic_archive):
+        record = http.get(server.api_url + "/v1/getSeriesMetaData",
+                          params={"SeriesInstanceUID": series.series_uid}).json()[0]
+        ds = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+        assert record.get("File Location", "") == str(ds.get("StudyID", ""))
+        for key in ("Study Description", "Series Description"):
+            if key in record:
+                assert re.fullmatch(r"[a-zA-Z0-9 .-]*", record[key]), record[key]
+        assert record.get("Series Number", "") == "" or re.fullmatch(r"-?\d+\.\d{6}",
+                                                            record["Series Number"])
+
+
+@pytest.mark.parametrize("build", ["current", "2025-10", "2025-08", "2025-06"])
+def test_v4_batch_metadata_of_each_build(synthetic_archive, http, build):
     wanted = [s.series_uid for s in public(synthetic_archive)[:3]]
     secret = restricted(synthetic_archive)[0].series_uid
-    response = http.post(server.api_url + "/v4/getSeriesMetadata",
-                         data={"list": ",".join([*wanted, "9.9.9", secret, wanted[0]])})
+    columns = BUILDS[build].columns
+    uid_col = "SeriesInstanceUID" if "SeriesInstanceUID" in columns else "Series Instance UID"
+    count_col = "ImageCount" if "ImageCount" in columns else "Image Count"
+    date_col = "StudyDate" if "StudyDate" in columns else "Study Date"
+    with ReferenceServer(synthetic_archive.root, build=build) as server:
+        response = http.post(server.api_url + "/v4/getSeriesMetadata",
+                             data={"list": ",".join([*wanted, "9.9.9", secret, wanted[0]])})
     assert response.status_code == 200
+    assert response.text.startswith(f'"{columns[0]}",')  # fully quoted, like toCsvQuoted
     reader = csv.DictReader(io.StringIO(response.text))
-    assert reader.fieldnames is not None
-    assert [f for f in reader.fieldnames if f in V4_FIELDS] == V4_FIELDS
+    assert list(reader.fieldnames or []) == list(columns)
     rows = list(reader)
-    assert [r["Series Instance UID"] for r in rows] == wanted
     by_uid = {s.series_uid: s for s in synthetic_archive.series}
-    for row in rows:
-        assert row["Image Count"] == str(by_uid[row["Series Instance UID"]].images)
-        assert re.fullmatch(r"\d{4}-\d\d-\d\d", row["Study Date"])
+    authorised = [r for r in rows if r["Authorized"] == "1"]
+    assert sorted({r[uid_col] for r in authorised}) == sorted(wanted)
+    if build == "2025-06":  # 9.5: repeated rows, and the hidden series with Authorized 0
+        assert len(authorised) == 2 * len(wanted)
+        assert [r[uid_col] for r in rows if r["Authorized"] == "0"] == [secret, secret]
+    else:
+        assert len(rows) == len(wanted)
+    for row in authorised:
+        assert row[count_col] == str(by_uid[row[uid_col]].images)
+        assert re.fullmatch(r"\d\d-\d\d-\d{4}", row[date_col])
+    assert ("Project" in columns) == (build == "2025-06")
 
 
-def test_v4_empty_list_answers_header_only(server, http):
+def test_v4_empty_list_is_400(server, http):
     response = http.post(server.api_url + "/v4/getSeriesMetadata", data={"list": ""})
-    assert response.status_code == 200
-    assert response.text.splitlines()[0].startswith("Series Instance UID,")
-    assert len(response.text.splitlines()) == 1
+    assert response.status_code == 400
+    assert "list" in response.text
 
 
 def test_v4_rejects_unknown_parameters_v1_ignores_them(server, http, synthetic_archive):
     uid = public(synthetic_archive)[0].series_uid
     bad = http.get(server.api_url + "/v4/getImage",
                    params={"SeriesInstanceUID": uid, "Bogus": "1"})
-    assert bad.status_code == 400 and "Bogus" in bad.text
+    assert bad.status_code == 400
+    assert bad.text.startswith("Invalid query parameter: 'Bogus'. Allowed parameters are: [")
     assert http.get(server.api_url + "/v4/getCollectionValues",
                     params={"foo": "bar"}).status_code == 400
     assert http.get(server.api_url + "/v1/getCollectionValues",
                     params={"foo": "bar"}).status_code == 200
+    # getSeriesMetadata checks no form parameter at all.
     assert http.post(server.api_url + "/v4/getSeriesMetadata",
-                     data={"list": uid, "extra": "x"}).status_code == 400
+                     data={"list": uid, "extra": "x"}).status_code == 200
+
+
+@pytest.mark.parametrize(("build", "accepted"), [("current", True), ("2025-10", False),
+                                                 ("2025-08", False), ("2025-06", False)])
+def test_include_md5_by_build(synthetic_archive, http, build, accepted):
+    uid = public(synthetic_archive)[0].series_uid
+    with ReferenceServer(synthetic_archive.root, build=build) as server:
+        response = http.get(server.api_url + "/v4/getImage",
+                            params={"SeriesInstanceUID": uid, "IncludeMD5": "yes"})
+        fallback = http.get(server.api_url + "/v4/getImageWithMD5Hash",
+                            params={"SeriesInstanceUID": uid})
+    if accepted:
+        assert response.status_code == 200 and response.content[:2] == b"PK"
+    else:
+        assert response.status_code == 400
+        assert response.text.startswith("Invalid query parameter: 'IncludeMD5'.")
+    assert fallback.status_code == 200 and b"md5hashes.csv" in fallback.content
+    assert b"LICENSE" not in fallback.content  # getImageWithMD5Hash sends none
+
+
+def test_no_v4_build_answers_404_on_v4(synthetic_archive, http):
+    with ReferenceServer(synthetic_archive.root, build="no-v4") as server:
+        for method, endpoint in (("POST", "getSeriesMetadata"), ("GET", "getImage"),
+                                 ("POST", "getMD5Hierarchy")):
+            assert http.request(method, f"{server.api_url}/v4/{endpoint}").status_code == 404
+        assert http.get(server.api_url + "/v1/getCollectionValues").status_code == 200
+
+
+def test_md5_hierarchy_is_the_md5_of_the_sorted_image_md5s(server, http, synthetic_archive):
+    import hashlib
+
+    series = public(synthetic_archive)[0]
+    digests = sorted(hashlib.md5(p.read_bytes()).hexdigest() for p in series.files)
+    response = http.post(server.api_url + "/v4/getMD5Hierarchy",
+                         data={"SeriesInstanceUID": series.series_uid})
+    assert response.status_code == 200 and response.headers["content-type"].startswith(
+        "text/plain")
+    assert response.text == hashlib.md5("".join(digests).encode()).hexdigest()
+    unknown = http.post(server.api_url + "/v4/getMD5Hierarchy",
+                        data={"SeriesInstanceUID": "1.2.3"})
+    assert unknown.status_code == 200 and unknown.content == b""
+    bad = http.post(server.api_url + "/v4/getMD5Hierarchy", data={"Series": "x"})
+    assert bad.status_code == 400 and bad.text.startswith("Invalid form parameter: 'Series'")
 
 
 def test_wrong_method_and_unknown_endpoint(server, http):
     assert http.get(server.api_url + "/v4/getSeriesMetadata").status_code == 405
     assert http.get(server.api_url + "/v1/getNothing").status_code == 404
     assert http.get(server.api_url + "/v3/getCollectionValues").status_code == 404
-    assert http.get(server.api_url + "/v4/getImageWithMD5Hash").status_code == 404
+    assert http.post(server.api_url + "/v4/getImageWithMD5Hash").status_code == 405
 
 
 # -- queries ----------------------------------------------------------------------------

@@ -53,14 +53,17 @@ def test_zip_with_md5_structure(server, http, synthetic_archive):
     assert archive.testzip() is None
     infos = archive.infolist()
     names = [i.filename for i in infos]
-    assert names[0] == "LICENSE" and names[-1] == "md5hashes.csv"
-    assert names[1:-1] == [f"{n:08d}.dcm" for n in range(1, series.images + 1)]
+    # getImageWithMD5Hash: the images, then md5hashes.csv; no LICENSE (getImage has one).
+    assert names[-1] == "md5hashes.csv" and "LICENSE" not in names
+    assert names[:-1] == [f"{n:08d}.dcm" for n in range(1, series.images + 1)]
     assert all(i.compress_type == zipfile.ZIP_DEFLATED and i.flag_bits & 0x08 for i in infos)
-    assert b"Creative Commons" in archive.read("LICENSE")
+    licensed = zipfile.ZipFile(io.BytesIO(fetch(http, server, series.series_uid).content))
+    assert licensed.namelist()[0] == "LICENSE"
+    assert b"Creative Commons" in licensed.read("LICENSE")
     lines = archive.read("md5hashes.csv").decode().splitlines()
     assert lines[0] == "Filename,MD5Hash"
     listed = dict(line.split(",") for line in lines[1:])
-    assert sorted(listed) == names[1:-1]
+    assert sorted(listed) == names[:-1]
     for name, digest in listed.items():
         assert hashlib.md5(archive.read(name)).hexdigest() == digest
     assert set(listed.values()) == md5s(series)
@@ -123,7 +126,7 @@ def test_md5_flag_per_endpoint(server, http, synthetic_archive):
         names = zipfile.ZipFile(io.BytesIO(fetch(http, server, uid, endpoint, **params).content)
                                 ).namelist()
         assert ("md5hashes.csv" in names) == has_md5, endpoint
-        assert names[0] == "LICENSE"
+        assert (names[0] == "LICENSE") == ("WithMD5Hash" not in endpoint), endpoint
 
 
 def test_new_file_names(server, http, synthetic_archive):

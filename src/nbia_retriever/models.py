@@ -152,9 +152,18 @@ _STR_FIELDS = frozenset(f.name for f in fields(SeriesInfo)) - _INT_FIELDS - {"ex
 INFO_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SeriesInfo) if f.name != "extra")
 
 
+#: Fields whose surrounding whitespace means nothing (identifiers, codes, dates). Text
+#: fields keep theirs: the Java retriever's folder names do ("Tte  Thorax  -81426").
+_STRIPPED = frozenset({"series_uid", "study_uid", "study_date", "series_number", "modality",
+                       "sop_class_uid", "license_url", "data_description_uri",
+                       "date_released", "body_part"})
+
+
 def _text(value: object, canon: str) -> str:
     text = "" if value is None else str(value)
-    text = plain(text).strip()
+    text = plain(text)
+    if canon in _STRIPPED:
+        text = text.strip()
     return sys.intern(text) if canon in _INTERNED and len(text) < 200 else text
 
 

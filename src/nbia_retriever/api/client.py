@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ApiError, AuthError, NetworkError, NotPublicError, TlsError, UsageError
-from ..models import SeriesInfo
+from ..models import SeriesInfo, normalise_records
 from ..retry import RetryPolicy
 from ..untrusted import quote
 from .auth import Credentials, HostPolicy, TokenManager, token_url_for
@@ -181,6 +181,8 @@ class NbiaClient:
         self._ways: list[_ImageWay] | None = None
         self._ways_md5: bool | None = None
         self._way_lock = threading.Lock()
+        self._ways_ok: set[_ImageWay] = set()
+        self._probe_lock = threading.Lock()
 
     def __enter__(self) -> NbiaClient:
         return self
@@ -325,8 +327,10 @@ class NbiaClient:
         return found
 
     def _v4_metadata(self, uids: Sequence[str]) -> dict[str, SeriesInfo]:
+        # format=CSV: builds of 2025-10-05 to 2025-10-22 fail without it; older ones
+        # ignore it.
         answer = self.call("POST", "getSeriesMetadata", what="series metadata (v4)",
-                           data={"list": ",".join(uids)}, version="v4")
+                           data={"list": ",".join(uids), "format": "CSV"}, version="v4")
         wanted = set(uids)
         return {i.series_uid: i for i in series_infos(answer, "series metadata (v4)")
                 if i.series_uid in wanted}
@@ -346,7 +350,13 @@ class NbiaClient:
                                params={"SeriesInstanceUID": uid})
         except NotPublicError:
             return None
-        infos = series_infos(answer, what)
+        records_ = [dict(r) for r in records(answer, what)]
+        for record in records_:
+            # v1/v2 send the StudyID under the key "File Location" (the server's naming).
+            location = record.pop("File Location", None)
+            if location and not any(k in record for k in ("Study ID", "StudyID")):
+                record["Study ID"] = location
+        infos = normalise_records(records_)
         found = first_of(infos, uid)
         if found is None and len(infos) == 1 and not infos[0].series_uid:
             from dataclasses import replace
@@ -371,14 +381,17 @@ class NbiaClient:
     def series(self, **filters: str) -> list[dict[str, Any]]:
         return self.query("getSeries", **filters)
 
-    def md5_hierarchy(self, uid: str) -> str:
-        """The server's MD5 of a series' sorted image MD5s (v4 ``getMD5Hierarchy``).
+    def md5_hierarchy(self, uid: str) -> str | None:
+        """The server's MD5 of a series' sorted image MD5s (v4 ``getMD5Hierarchy``);
+        None when the server knows no such series (it answers an empty body).
 
         Raises :class:`ApiMismatch` when this server has no such endpoint.
         """
         answer = self.call("POST", "getMD5Hierarchy", what=f"MD5 of series {uid}",
                            data={"SeriesInstanceUID": uid}, version="v4", mismatch=True)
         text = answer.text.strip().strip('"').lower()
+        if not text:
+            return None
         if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
             raise ApiError(f"MD5 of series {uid}: the server sent {error_excerpt(text, 60)!r}, "
                            "not an MD5")
@@ -430,10 +443,32 @@ class NbiaClient:
         tried_401 = False
         while True:
             way = self._image_ways(md5)[0]
-            headers = self._headers() if way.version != "v4" else {}
-            params = {"SeriesInstanceUID": uid, **dict(way.params)}
-            with self.streams.open(self._url(way.endpoint, way.version), params=params,
-                                   headers=headers, what=what) as stream:
+            # Until this way has worked once, one request at a time tries it: a build
+            # that refuses it answers one 400, not one per worker.
+            probing = way not in self._ways_ok
+            if probing:
+                self._probe_lock.acquire()
+                if way in self._ways_ok or self._image_ways(md5)[0] != way:
+                    self._probe_lock.release()
+                    continue
+            try:
+                opened = self.streams.open(self._url(way.endpoint, way.version),
+                                           params={"SeriesInstanceUID": uid,
+                                                   **dict(way.params)},
+                                           headers=(headers := self._headers()
+                                                    if way.version != "v4" else {}),
+                                           what=what)
+                stream = opened.__enter__()
+            except BaseException:
+                if probing:
+                    self._probe_lock.release()
+                raise
+            with contextlib.ExitStack() as stack:
+                stack.push(opened)
+                if probing:
+                    if stream.status < 400:
+                        self._ways_ok.add(way)
+                    self._probe_lock.release()
                 if stream.status == 401 and self.tokens is not None and not tried_401:
                     tried_401 = True
                     self.tokens.invalidate(headers.get("Authorization"))

@@ -85,6 +85,10 @@ def series_infos(answer: Answer, what: str, *, keep_extra: bool = False) -> list
     if not header:
         return []
     shape = RecordShape(header, keep_extra=keep_extra)
+    if "Authorized" in header:
+        # Builds of mid-2025 also send rows of series the user may not see, marked 0.
+        col = header.index("Authorized")
+        rows = [r for r in rows if col >= len(r) or r[col].strip() != "0"]
     return [shape.info(row) for row in rows]
 
 

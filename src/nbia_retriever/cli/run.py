@@ -137,6 +137,9 @@ def download(manifest: str, dest: str, workers: int | None, max_connections: int
     if as_json:
         sys.stdout.write(json.dumps({"event": "summary", **summary_dict(report)},
                                     ensure_ascii=False) + "\n")
+    elif (report.usage_error or report.auth_failed) and not report.bytes_downloaded:
+        # Nothing was done: the one line that says why is the whole answer.
+        fail(report.fatal, exit_code(report))
     else:
         if quiet:
             _quiet_reasons(report)

@@ -13,8 +13,10 @@ import asyncio
 import collections
 import contextlib
 import csv
+import hashlib
 import io
 import json
+import re
 import socket
 import struct
 import threading
@@ -26,8 +28,9 @@ from typing import Any
 from aiohttp import web
 
 from .auth import ServerClock, TokenStore, visible_to
+from .builds import Build, get_build
 from .config import ServerConfig
-from .faults import HTTP_KINDS, Fault, FaultInjector, FaultPlan, seeded_rng
+from .faults import STATUS_KINDS, Fault, FaultInjector, FaultPlan, seeded_rng
 from .index import ArchiveIndex, ImageRecord, SeriesRecord
 from .zipwriter import CHUNK, ZipEntry, deflated_entry, stream_zip, zip_size
 
@@ -40,21 +43,16 @@ ZIP_TYPE = "application/x-zip-compressed"
 _SECRET_WORDS = ("password", "token", "secret", "authorization")
 _LOG_LIMIT = 200_000
 
-#: v1/v2 getSeriesMetaData field order (reference s2), then fields the reference's "..."
-#: covers that clients use for the folder layout.
+#: v1/v2 getSeriesMetaData keys, in the real server's order (27 since 2024-06). "File
+#: Location" holds the StudyID there (the key's name is the server's); a NULL value means
+#: the key is left out.
 V1_FIELDS = (
     "Series UID", "Collection", "3rd Party Analysis", "Data Description URI", "Subject ID",
     "Study UID", "Study Description", "Study Date", "Series Description", "Manufacturer",
-    "Modality", "SOP Class UID", "Number of Images", "File Size", "Series Number",
-    "License Name", "License URL", "Annotation Size", "Date Released", "Study ID",
-    "Body Part Examined",
-)
-V4_FIELDS = (
-    "Series Instance UID", "Collection", "Patient ID", "Study Instance UID", "Study Date",
-    "Study Description", "Study ID", "Series Description", "Series Number", "Modality",
-    "Manufacturer", "Body Part Examined", "SOP Class UID", "Image Count", "File Size",
-    "License Name", "License URI", "Collection URI", "Third Party Analysis", "Date Released",
-    "Annotation Size",
+    "Modality", "SOP Class UID", "Number of Images", "File Size", "File Location",
+    "Series Number", "License Name", "License URL", "Annotation Size", "Date Released",
+    "Series Date", "Protocol Name", "Body Part Examined", "Annotations Flag",
+    "Manufacturer Model Name", "Software Versions", "TimeStamp",
 )
 SERIES_KEYS = (
     "SeriesInstanceUID", "StudyInstanceUID", "Modality", "ProtocolName", "SeriesDate",
@@ -118,9 +116,11 @@ ENDPOINTS: dict[str, _Endpoint] = {
         "_get_image", "GET", "v1 v2 v4", "SeriesInstanceUID NewFileNames IncludeMD5", image=True
     ),
     "getImageWithMD5Hash": _ep(
-        "_get_image_md5", "GET", "v1 v2", "SeriesInstanceUID NewFileNames", image=True
+        "_get_image_md5", "GET", "v1 v2 v4", "SeriesInstanceUID", image=True
     ),
+    "getMD5Hierarchy": _ep("_md5_hierarchy", "POST", "v4", ""),
 }
+_HIERARCHY_PARAMS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Collection")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -167,9 +167,11 @@ class NbiaService:
         faults: FaultPlan | None = None,
         seed: int = 0,
         clock: ServerClock | None = None,
+        build: Build | str = "current",
     ) -> None:
         self.index = index
         self.config = config
+        self.build = get_build(build)
         self.seed = seed
         self.clock = clock or ServerClock()
         self.tokens = TokenStore(config, self.clock)
@@ -253,7 +255,9 @@ class NbiaService:
         version = request.match_info["version"]
         name = request.match_info["endpoint"]
         endpoint = ENDPOINTS.get(name)
-        if version not in VERSIONS or endpoint is None or version not in endpoint.versions:
+        if version not in VERSIONS or endpoint is None or version not in endpoint.versions \
+                or (version == "v4" and not self.build.has_v4) \
+                or (name == "getMD5Hierarchy" and not self.build.md5_hierarchy):
             return _text(404, f"Not Found: {request.path}")
         user: str | None = None
         if version == "v2":
@@ -266,9 +270,12 @@ class NbiaService:
                                 headers={"Allow": ", ".join(sorted(endpoint.methods))})
         query = {key: request.query.getone(key) for key in request.query}
         if version == "v4":
-            unknown = sorted(set(query) - endpoint.params)
-            if unknown:
-                return _text(400, f"Unrecognized query parameter(s): {', '.join(unknown)}")
+            allowed = self.build.v4_image_params if name == "getImage" else endpoint.params
+            unknown = [k for k in query if k not in allowed]
+            if unknown and name != "getMD5Hierarchy":
+                # The real message; the order of the list is the JVM's (unspecified).
+                return _text(400, f"Invalid query parameter: '{unknown[0][:64]}'. Allowed "
+                                  f"parameters are: [{', '.join(sorted(allowed))}]")
         if not endpoint.image:
             key = request.path + "?" + "&".join(f"{k}={v}" for k, v in sorted(query.items()))
             fault = self.injector.metadata_fault(key)
@@ -306,6 +313,12 @@ class NbiaService:
 
     def _http_fault(self, fault: Fault) -> web.Response:
         plan = self.injector.plan
+        if fault.kind in ("http460", "http462"):
+            status = 460 if fault.kind == "http460" else 462
+            reason = "Login needed." if status == 460 else "Insufficient privilege."
+            return web.Response(status=status, content_type="text/html",
+                                text=f"<html><body><h1>HTTP Status {status} - {reason}</h1>"
+                                     "</body></html>")
         if fault.kind == "http429":
             seconds = plan.retry_after if fault.param is None else fault.param
             return web.Response(status=429, text="Too Many Requests",
@@ -433,38 +446,61 @@ class NbiaService:
 
     # -- series metadata --------------------------------------------------------------
     def v1_record(self, s: SeriesRecord) -> dict[str, str]:
-        """One series as v1/v2 getSeriesMetaData: every value a string."""
+        """One series as v1/v2 getSeriesMetaData: the real keys in order, every value a
+        string, NULL (here: empty) values left out. Descriptions are stripped to
+        ``[a-zA-Z0-9 .-]`` (no "NA"), Manufacturer has commas made spaces, the rest is
+        raw; "File Location" is the StudyID, as the real server sends it."""
         cfg = self.config.collection(s.collection)
-        return {
+        values = {
             "Series UID": s.series_uid, "Collection": s.collection,
             "3rd Party Analysis": "YES" if cfg.third_party else "NO",
             "Data Description URI": cfg.description_uri, "Subject ID": s.patient_id,
-            "Study UID": s.study_uid, "Study Description": s.study_description,
-            "Study Date": _us_date(s.study_date), "Series Description": s.series_description,
-            "Manufacturer": s.manufacturer, "Modality": s.modality,
+            "Study UID": s.study_uid, "Study Description": _strip(s.study_description),
+            "Study Date": _us_date(s.study_date),
+            "Series Description": _strip(s.series_description),
+            "Manufacturer": s.manufacturer.replace(",", " "), "Modality": s.modality,
             "SOP Class UID": s.sop_class_uid, "Number of Images": str(s.image_count),
-            "File Size": str(s.file_size), "Series Number": _java_float(s.series_number),
-            "License Name": cfg.license_name, "License URL": cfg.license_url,
-            "Annotation Size": "0", "Date Released": cfg.date_released,
-            "Study ID": s.study_id, "Body Part Examined": s.body_part,
+            "File Size": str(s.file_size), "File Location": s.study_id,
+            "Series Number": _java_float(s.series_number), "License Name": cfg.license_name,
+            "License URL": cfg.license_url, "Annotation Size": "0",
+            "Date Released": _java_date(cfg.date_released),
+            "Series Date": _java_date(s.series_date), "Protocol Name": s.protocol_name,
+            "Body Part Examined": s.body_part, "Annotations Flag": "false",
+            "Manufacturer Model Name": s.manufacturer_model, "Software Versions": "",
+            "TimeStamp": "",
         }
+        present = {k for k, v in values.items() if v != ""}
+        # A description the database holds stays, even when stripped to nothing.
+        present.update(k for k, attr in _DESC_ATTR.items() if getattr(s, attr))
+        return {k: values[k] for k in V1_FIELDS if k in present}
 
-    def v4_record(self, s: SeriesRecord) -> dict[str, str]:
-        """One series as a v4 getSeriesMetadata CSV row."""
+    def v4_record(self, s: SeriesRecord, *, authorized: bool = True) -> dict[str, str]:
+        """One series as a v4 getSeriesMetadata CSV row, in this build's column names:
+        raw values, dates MM-DD-YYYY, the series number as decimal(22,6) text."""
         cfg = self.config.collection(s.collection)
-        return {
-            "Series Instance UID": s.series_uid, "Collection": s.collection,
-            "Patient ID": s.patient_id, "Study Instance UID": s.study_uid,
-            "Study Date": _iso_date(s.study_date), "Study Description": s.study_description,
-            "Study ID": s.study_id, "Series Description": s.series_description,
-            "Series Number": s.series_number, "Modality": s.modality,
-            "Manufacturer": s.manufacturer, "Body Part Examined": s.body_part,
-            "SOP Class UID": s.sop_class_uid, "Image Count": str(s.image_count),
-            "File Size": str(s.file_size), "License Name": cfg.license_name,
-            "License URI": cfg.license_url, "Collection URI": cfg.description_uri,
-            "Third Party Analysis": "YES" if cfg.third_party else "NO",
-            "Date Released": cfg.date_released, "Annotation Size": "0",
+        by_camel = {
+            "PatientID": s.patient_id, "PatientName": s.patient_name,
+            "PatientBirthDate": "", "PatientSex": s.patient_sex, "EthnicGroup": "",
+            "Phantom": "NO", "SpeciesCode": "337915000", "SpeciesDescription": "Homo sapiens",
+            "StudyInstanceUID": s.study_uid, "StudyDate": _us_date(s.study_date),
+            "StudyDesc": s.study_description, "AdmittingDiagnosisDescription": "",
+            "StudyID": s.study_id, "PatientAge": s.patient_age,
+            "LongitudinalTemporalEventType": "", "LongitudinalTemporalOffsetFromEvent": "",
+            "SeriesInstanceUID": s.series_uid, "Collection": s.collection, "Site": s.collection,
+            "Modality": s.modality, "ProtocolName": s.protocol_name,
+            "SeriesDate": _us_date(s.series_date), "SeriesDescription": s.series_description,
+            "BodyPartExamined": s.body_part, "SeriesNumber": _java_float(s.series_number),
+            "AnnotationsFlag": "0", "Manufacturer": s.manufacturer,
+            "ManufacturerModelName": s.manufacturer_model, "PixelSpacing(mm)-Row": "0.5",
+            "SliceThickness(mm)": "1.0", "SoftwareVersions": "",
+            "ImageCount": str(s.image_count), "MaxSubmissionTimestamp": "",
+            "LicenseName": cfg.license_name, "LicenseURI": cfg.license_url,
+            "DataDescriptionURI": cfg.description_uri, "FileSize": str(s.file_size),
+            "ReleasedStatus": "released", "DateReleased": _us_date(cfg.date_released),
+            "ThirdPartyAnalysis": "YES" if cfg.third_party else "NO",
+            "Authorized": "1" if authorized else "0",
         }
+        return {column: by_camel[_CAMEL.get(column, column)] for column in self.build.columns}
 
     async def _series_metadata(self, request: web.Request, version: str, user: str | None,
                                query: dict[str, str]) -> web.StreamResponse:
@@ -484,30 +520,68 @@ class NbiaService:
                                      user: str | None, query: dict[str, str]
                                      ) -> web.StreamResponse:
         form = await request.post()
-        unknown = sorted(set(form) - {"list"})
-        if unknown:
-            return _text(400, f"Unrecognized form parameter(s): {', '.join(unknown)}")
-        text = str(form.get("list", query.get("list", "")))
+        # The real endpoint reads "list" (repeatable, each comma-joined) and "format", and
+        # checks nothing else.
+        text = ",".join(str(v) for v in form.getall("list", [])) or query.get("list", "")
+        if not text.strip():
+            return _text(400, "A form parameter, list, containing at least one "
+                              "SeriesInstanceUID is required.")
         seen: dict[str, None] = {}
         for part in text.replace("\n", ",").split(","):
             if part.strip():
                 seen.setdefault(part.strip(), None)
-        rows = [self.v4_record(s) for uid in seen
-                if (s := self._lookup(uid, version, user)) is not None]
-        return _csv_response(V4_FIELDS, rows, quote_all=False)
+        build = self.build
+        rows: list[dict[str, str]] = []
+        for uid in seen:
+            series = self.index.series.get(uid)
+            if series is None:
+                continue
+            visible = self._visible(series, version, user)
+            if not visible and not build.unauthorised_rows:
+                continue
+            row = self.v4_record(series, authorized=visible)
+            rows.append(row)
+            if build.repeated_rows:  # 9.5: one row per distinct pixel spacing
+                spacing = next(c for c in build.columns if c.startswith("Pixel Spacing"))
+                rows.append({**row, spacing: "0.7"})
+        if not rows:
+            return web.Response(status=200, body=b"", content_type="text/csv")
+        return _csv_response(build.columns, rows, quote_all=True)
 
     # -- images -----------------------------------------------------------------------
     async def _get_image(self, request: web.Request, version: str, user: str | None,
                          query: dict[str, str]) -> web.StreamResponse:
         md5 = version == "v4" and _yes(query.get("IncludeMD5"))
-        return await self._image(request, version, user, query, md5=md5)
+        return await self._image(request, version, user, query, md5=md5, license_entry=True)
 
     async def _get_image_md5(self, request: web.Request, version: str, user: str | None,
                              query: dict[str, str]) -> web.StreamResponse:
-        return await self._image(request, version, user, query, md5=True)
+        # getImageWithMD5Hash sends no LICENSE entry, on every version.
+        return await self._image(request, version, user, query, md5=True, license_entry=False)
+
+    async def _md5_hierarchy(self, request: web.Request, version: str, user: str | None,
+                             query: dict[str, str]) -> web.StreamResponse:
+        """POST v4/getMD5Hierarchy: the MD5 (lowercase hex) of the series' image MD5s,
+        sorted and concatenated; an unknown series gives 200 and an empty body. Like the
+        real one, no visibility check at series level."""
+        form = await request.post()
+        names = [*form.keys(), *query.keys()]
+        unknown = [n for n in names if n not in _HIERARCHY_PARAMS]
+        if unknown:
+            return _text(400, f"Invalid form parameter: '{unknown[0][:64]}'. Allowed "
+                              f"parameters are: [{', '.join(_HIERARCHY_PARAMS)}]")
+        uid = str(form.get("SeriesInstanceUID", "")).strip()
+        _state(request).series_uid = uid or None
+        series = self.index.series.get(uid)
+        if series is None:
+            return web.Response(status=200, body=b"", content_type="text/plain")
+        digest = hashlib.md5("".join(sorted(i.md5 for i in series.images)).encode(),
+                             usedforsecurity=False).hexdigest()
+        return web.Response(status=200, text=digest, content_type="text/plain")
 
     async def _image(self, request: web.Request, version: str, user: str | None,
-                     query: dict[str, str], *, md5: bool) -> web.StreamResponse:
+                     query: dict[str, str], *, md5: bool,
+                     license_entry: bool) -> web.StreamResponse:
         uid = query.get("SeriesInstanceUID", "").strip()
         if not uid:
             return _text(400, "Missing required parameter: SeriesInstanceUID")
@@ -518,11 +592,11 @@ class NbiaService:
         injector = self.injector
         fault, attempt = injector.image_fault(uid)
         _state(request).fault = fault.kind if fault else None
-        if fault is not None and fault.kind in HTTP_KINDS:
+        if fault is not None and fault.kind in STATUS_KINDS:
             return self._http_fault(fault)
         rng = injector.rng(uid, attempt, "params")
         entries = self.zip_entries(series, md5=md5, new_names=_yes(query.get("NewFileNames")),
-                                   fault=fault, rng=rng)
+                                   fault=fault, rng=rng, license_entry=license_entry)
         offset: int | None = None
         if fault is not None and fault.kind in ("reset", "stall"):
             total = zip_size(entries)
@@ -553,11 +627,13 @@ class NbiaService:
         return images
 
     def zip_entries(self, series: SeriesRecord, *, md5: bool, new_names: bool = False,
-                    fault: Fault | None = None, rng: Any = None) -> list[ZipEntry]:
-        """LICENSE, the images, and md5hashes.csv last, with stream faults applied."""
+                    fault: Fault | None = None, rng: Any = None,
+                    license_entry: bool = True) -> list[ZipEntry]:
+        """LICENSE (getImage only), the images named ``%08d`` plus the stored file's own
+        extension, and md5hashes.csv last, with stream faults applied."""
         order = self.image_order(series)
         names = _new_file_names(order) if new_names else [
-            f"{i:08d}.dcm" for i in range(1, len(order) + 1)
+            f"{i:08d}{_extension(image.relpath)}" for i, image in enumerate(order, start=1)
         ]
         cfg = self.config.collection(series.collection)
         images = [
@@ -572,7 +648,9 @@ class NbiaService:
             which = int(fault.param) - 1 if fault.param else rng.randrange(len(images))
             which = max(0, min(which, len(images) - 1))
             images[which] = self._corrupted(images[which], order[which], rng)
-        entries = [deflated_entry("LICENSE", cfg.license_entry(series.collection)), *images]
+        entries = [deflated_entry("LICENSE", cfg.license_entry(series.collection))] \
+            if license_entry else []
+        entries += images
         if md5:
             rows = [f"{name},{image.md5}" for name, image in zip(names, order, strict=True)]
             seeded_rng(self.seed, series.series_uid, "md5").shuffle(rows)
@@ -743,10 +821,64 @@ def _safe_name(uid: str) -> str:
     return "".join(c for c in uid[:128] if c.isalnum() or c in ".-_") or "series"
 
 
+_CAMEL = {
+    "Patient ID": "PatientID", "Patient Name": "PatientName",
+    "Patient Birth Date": "PatientBirthDate", "Patient Sex": "PatientSex",
+    "Ethnic Group": "EthnicGroup", "Species Code": "SpeciesCode",
+    "Species Description": "SpeciesDescription", "Study Instance UID": "StudyInstanceUID",
+    "Study Date": "StudyDate", "Study Description": "StudyDesc",
+    "Admitting Diagnosis Description": "AdmittingDiagnosisDescription", "Study ID": "StudyID",
+    "Patient Age": "PatientAge",
+    "Longitudinal Temporal Event Type": "LongitudinalTemporalEventType",
+    "Longitudinal Temporal Offset From Event": "LongitudinalTemporalOffsetFromEvent",
+    "Series Instance UID": "SeriesInstanceUID", "Project": "Collection",
+    "Protocol Name": "ProtocolName", "Series Date": "SeriesDate",
+    "Series Description": "SeriesDescription", "Body Part Examined": "BodyPartExamined",
+    "Series Number": "SeriesNumber", "Annotations Flag": "AnnotationsFlag",
+    "Manufacturer Model Name": "ManufacturerModelName",
+    "Pixel Spacing(mm)- Row": "PixelSpacing(mm)-Row",
+    "Slice Thickness(mm)": "SliceThickness(mm)", "Software Versions": "SoftwareVersions",
+    "Image Count": "ImageCount", "Max Submission Timestamp": "MaxSubmissionTimestamp",
+    "License Name": "LicenseName", "License URI": "LicenseURI",
+    "Collection URI": "DataDescriptionURI", "Data Description URI": "DataDescriptionURI",
+    "File Size": "FileSize", "Released Status": "ReleasedStatus",
+    "Date Released": "DateReleased", "Third Party Analysis": "ThirdPartyAnalysis",
+}
+_DESC_ATTR = {"Study Description": "study_description",
+              "Series Description": "series_description"}
+_NOT_CLEAN = re.compile(r"[^a-zA-Z0-9 .-]")
+
+
+def _strip(text: str) -> str:
+    """v1/v2's cleaning of descriptions: keep ``[a-zA-Z0-9 .-]``, nothing replaced."""
+    return _NOT_CLEAN.sub("", text)
+
+
+def _extension(relpath: str) -> str:
+    """What the real server appends to ``%08d``: the stored name from its last dot."""
+    name = relpath.rsplit("/", 1)[-1]
+    return name[name.rfind("."):] if "." in name else ""
+
+
+def _java_date(raw: str) -> str:
+    """``java.util.Date.toString()`` of a date: ``Thu Sep 01 00:00:00 CDT 2011``."""
+    import datetime
+
+    digits = raw.replace("-", "")
+    if len(digits) != 8 or not digits.isdigit():
+        return ""
+    try:
+        day = datetime.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+    except ValueError:
+        return ""
+    return day.strftime("%a %b %d 00:00:00 CDT %Y")
+
+
 def _us_date(raw: str) -> str:
-    """DICOM ``YYYYMMDD`` -> ``MM-DD-YYYY`` (v1/v2); anything else passes through."""
-    if len(raw) == 8 and raw.isdigit():
-        return f"{raw[4:6]}-{raw[6:8]}-{raw[:4]}"
+    """DICOM ``YYYYMMDD`` (or ISO) -> ``MM-DD-YYYY``; anything else passes through."""
+    digits = raw.replace("-", "") if len(raw) == 10 and raw[4:5] == "-" else raw
+    if len(digits) == 8 and digits.isdigit():
+        return f"{digits[4:6]}-{digits[6:8]}-{digits[:4]}"
     return raw
 
 

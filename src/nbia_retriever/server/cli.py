@@ -8,6 +8,7 @@ import click
 
 from ..errors import NbiaError
 from .app import format_manifest
+from .builds import BUILDS
 from .faults import FaultPlan
 from .runner import ReferenceServer, run_server
 
@@ -25,8 +26,12 @@ from .runner import ReferenceServer, run_server
               help="Seed for faults and for the image order inside zips.")
 @click.option("--token-lifetime", default=None, type=float, metavar="S",
               help="Access-token lifetime in seconds (default: archive config, else 7200).")
+@click.option("--build", type=click.Choice(list(BUILDS)), default="current",
+              show_default=True,
+              help="Which NBIA server build to play (v4 columns, IncludeMD5, no v4 at all; "
+                   "see nbia_retriever.server.builds).")
 def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, seed: int,
-                  token_lifetime: float | None) -> None:
+                  token_lifetime: float | None, build: str) -> None:
     """Serve ARCHIVE (a folder of DICOM files, one sub-folder per collection) as an NBIA
     server: the v1, v2 and v4 REST API, OAuth tokens and streamed series zips."""
     try:
@@ -49,7 +54,8 @@ def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, 
         if index.skipped:
             click.echo(f"Skipped {len(index.skipped)} unreadable .dcm files "
                        f"(first: {index.skipped[0]})")
-        click.echo(f"API:      {server.api_url}  (v1, v2 with a token, v4)")
+        api = "v1, v2 with a token" + (", v4" if server.service.build.has_v4 else "")
+        click.echo(f"API:      {server.api_url}  ({api}; build {build})")
         click.echo(f"Manifest: {server.manifest_url}  (every public series)")
         if manifest is not None:
             click.echo(f"          also written to {manifest}")
@@ -58,7 +64,7 @@ def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, 
 
     try:
         run_server(archive, host, port, faults_spec, seed, token_lifetime=token_lifetime,
-                   on_ready=ready)
+                   build=build, on_ready=ready)
     except NbiaError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -25,6 +25,8 @@ short      200 and a *valid* zip that stops after k images (the real     k
 corrupt    200 and a valid zip with one image byte flipped *at rest*:    image (1-based)
            CRC matches, the MD5 in ``md5hashes.csv`` does not
 stall      200, part of the zip, then silence for N seconds, then rest   seconds
+http460    460 "Login needed." (the download servlets; scripts only)     -
+http462    462 "Insufficient privilege." (idem)                          -
 =========  ============================================================  ===================
 
 Conditions that are not faults: ``latency`` (seconds added before every API answer) and
@@ -57,6 +59,10 @@ from ..errors import NbiaError
 HTTP_KINDS = ("http500", "http503", "http429")
 STREAM_KINDS = ("reset", "short", "corrupt", "stall")
 FAULT_KINDS = HTTP_KINDS + STREAM_KINDS
+#: Kinds a script may name but no probability draws.
+SCRIPT_KINDS = ("http460", "http462")
+#: Every kind answered with a status instead of a stream.
+STATUS_KINDS = HTTP_KINDS + SCRIPT_KINDS
 _ALIASES = {"500": "http500", "503": "http503", "429": "http429"}
 
 
@@ -77,8 +83,9 @@ class Fault:
             return text
         kind, _, param = str(text).strip().partition(":")
         kind = _ALIASES.get(kind.strip().lower(), kind.strip().lower())
-        if kind not in FAULT_KINDS:
-            raise FaultSpecError(f"unknown fault {text!r}; use one of {', '.join(FAULT_KINDS)}")
+        if kind not in FAULT_KINDS + SCRIPT_KINDS:
+            raise FaultSpecError(f"unknown fault {text!r}; use one of "
+                                 f"{', '.join(FAULT_KINDS + SCRIPT_KINDS)}")
         if not param.strip():
             return cls(kind)
         value = _number(param, f"fault {text!r}")

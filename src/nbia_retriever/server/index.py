@@ -162,15 +162,21 @@ class ArchiveIndex:
         return cls(root, cache, _group(rows), skipped)
 
 
+#: File names served as images (any case): the server names entries after their own
+#: extension, so an archive of ``.dicom`` files yields ``00000001.dicom`` entries.
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
 def _scan(root: Path) -> Iterator[tuple[str, str, int, int]]:
-    """(collection, relpath, size, mtime_ns) of every ``*.dcm`` under a collection folder."""
+    """(collection, relpath, size, mtime_ns) of every image (:data:`IMAGE_SUFFIXES`)
+    under a collection folder."""
     for top in sorted(os.scandir(root), key=lambda e: e.name):
         if top.name.startswith(".") or not top.is_dir():
             continue
         for dirpath, dirnames, filenames in os.walk(top.path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
-                if not name.lower().endswith(".dcm") or name.startswith("."):
+                if not name.lower().endswith(IMAGE_SUFFIXES) or name.startswith("."):
                     continue
                 full = os.path.join(dirpath, name)
                 try:

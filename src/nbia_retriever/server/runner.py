@@ -152,6 +152,7 @@ class ReferenceServer:
         token_lifetime: float | None = None,
         seed: int = 0,
         cache_dir: str | Path | None = None,
+        build: str = "current",
     ) -> None:
         self.archive = Path(archive)
         self.index = ArchiveIndex.load(self.archive, cache_dir=cache_dir)
@@ -164,7 +165,7 @@ class ReferenceServer:
         self.host = host
         self._requested_port = port
         self.service = NbiaService(self.index, config, faults=faults, seed=seed,
-                                   clock=ServerClock())
+                                   clock=ServerClock(), build=build)
         self._serving: AppThread | None = None
 
     def __repr__(self) -> str:
@@ -247,12 +248,13 @@ def run_server(
     seed: int = 0,
     *,
     token_lifetime: float | None = None,
+    build: str = "current",
     on_ready: Callable[[ReferenceServer], None] | None = None,
 ) -> None:
     """Serve until Ctrl+C or SIGTERM (blocking). ``on_ready`` runs once it listens."""
     plan = FaultPlan.parse(faults_spec, seed=seed) if faults_spec else FaultPlan(seed=seed)
     server = ReferenceServer(archive, faults=plan, host=host, port=port,
-                             token_lifetime=token_lifetime, seed=seed)
+                             token_lifetime=token_lifetime, seed=seed, build=build)
     stopped = threading.Event()
     previous = None
     if threading.current_thread() is threading.main_thread():

@@ -1,0 +1,249 @@
+"""``verify --server``: check series folders against the server, without downloading.
+
+Works on any tree: one made by this tool, one adopted from the Java retriever, one the
+Java retriever made alone. Each series folder (found through the journals, then by
+walking the tree and reading one image header per folder) is compared with what the
+server says about its series:
+
+* the image count from the metadata (fewer files: incomplete; more: mismatch);
+* ``POST v4/getMD5Hierarchy``: the MD5 of the series' image MD5s, sorted and
+  concatenated, which the client computes from the files on disk.
+
+A server without that endpoint gets "not supported by this server" per series (the
+counts are still checked). :func:`repair` moves the bad folders aside and downloads just
+those series again, with the root's own layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from ._dicomtags import fast_tags
+from .api import ApiMismatch, NbiaClient
+from .engine.journal import Journal
+from .errors import ApiError
+from .models import SeriesInfo, SeriesState
+from .ondisk import STATE_DIR, DownloadRoot, journal_paths
+
+#: How deep series folders sit below the root (Collection/Patient/Study/Series).
+SERIES_DEPTH = 4
+
+
+class Verdict(StrEnum):
+    MATCH = "match"
+    MISMATCH = "mismatch"
+    INCOMPLETE = "incomplete"
+    UNKNOWN = "unknown"
+    UNSUPPORTED = "not supported by this server"
+    ERROR = "error"
+
+
+@dataclass
+class SeriesCheck:
+    uid: str
+    relpath: str
+    verdict: Verdict
+    detail: str = ""
+
+    @property
+    def bad(self) -> bool:
+        return self.verdict in (Verdict.MISMATCH, Verdict.INCOMPLETE, Verdict.UNKNOWN,
+                                Verdict.ERROR)
+
+    def line(self) -> str:
+        detail = f": {self.detail}" if self.detail else ""
+        return f"{self.verdict} {self.uid} ({self.relpath}){detail}"
+
+
+@dataclass
+class ServerVerifyResult:
+    root: Path
+    checks: list[SeriesCheck] = field(default_factory=list)
+
+    @property
+    def bad(self) -> list[SeriesCheck]:
+        return [c for c in self.checks if c.bad]
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for check in self.checks:
+            counts[check.verdict] = counts.get(check.verdict, 0) + 1
+        parts = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+        head = f"checked {len(self.checks)} series against the server"
+        if self.ok:
+            unsupported = counts.get(Verdict.UNSUPPORTED, 0)
+            tail = "all match" if not unsupported else (
+                f"image counts match; MD5 check {Verdict.UNSUPPORTED} for {unsupported}")
+            return f"{head}: {tail}"
+        return f"{head}: {parts}"
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The DICOM files of a series folder (never through a link)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    return sorted(Path(e.path) for e in entries
+                  if e.is_file(follow_symlinks=False) and e.name.lower().endswith(".dcm"))
+
+
+def _series_uid_of(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20)
+    except OSError:
+        return None
+    tags = fast_tags(head[: 64 * 1024])
+    if tags and tags.get("SeriesInstanceUID"):
+        return tags["SeriesInstanceUID"]
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, force=True,
+                             specific_tags=["SeriesInstanceUID"])
+    except Exception:
+        return None
+    value = ds.get("SeriesInstanceUID")
+    return str(value) if value else None
+
+
+def find_series_folders(root: Path) -> dict[str, str]:
+    """uid -> relpath of every series folder below ``root``: from the journals, then from
+    the tree itself (Java-made folders have no journal)."""
+    found: dict[str, str] = {}
+    for path in journal_paths(root):
+        with Journal(path, readonly=True) as journal:
+            for uid, relpath in journal.completed().items():
+                if relpath and (root / relpath).is_dir():
+                    found.setdefault(uid, relpath)
+    known = set(found.values())
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        depth = len(rel.parts)
+        if depth == 1 and rel.parts[0] == STATE_DIR:
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not os.path.islink(os.path.join(dirpath,
+                                                                                    d)))
+        if depth < SERIES_DEPTH:
+            continue
+        dirnames[:] = []
+        relpath = rel.as_posix()
+        if relpath in known:
+            continue
+        dicom = sorted(f for f in filenames if f.lower().endswith(".dcm"))
+        if not dicom:
+            continue
+        uid = _series_uid_of(Path(dirpath) / dicom[0])
+        if uid:
+            found.setdefault(uid, relpath)
+    return found
+
+
+def hierarchy_md5(files: Iterable[Path]) -> str:
+    """The server's series digest, from the files: MD5 of the sorted image MD5s."""
+    digests = []
+    for path in files:
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        digests.append(digest.hexdigest())
+    return hashlib.md5("".join(sorted(digests)).encode(), usedforsecurity=False).hexdigest()
+
+
+def verify_against_server(root: Path, client: NbiaClient, *, workers: int = 4,
+                          on_series: Callable[[SeriesCheck], None] | None = None
+                          ) -> ServerVerifyResult:
+    """Check every series folder of ``root`` (see the module docstring)."""
+    folders = find_series_folders(root)
+    result = ServerVerifyResult(root)
+    if not folders:
+        return result
+    errors: dict[str, str] = {}
+    infos = client.series_metadata(list(folders), errors=errors)
+    supported = [True]
+
+    def check(uid: str) -> SeriesCheck:
+        relpath = folders[uid]
+        info: SeriesInfo | None = infos.get(uid)
+        if info is None:
+            why = errors.get(uid, "the server does not describe this series (unknown, or "
+                                  "not accessible to this login)")
+            return SeriesCheck(uid, relpath, Verdict.UNKNOWN, why)
+        files = image_files(root / relpath)
+        expected = info.image_count
+        if expected is not None and len(files) < expected:
+            return SeriesCheck(uid, relpath, Verdict.INCOMPLETE,
+                               f"{len(files)} of {expected} images")
+        if expected is not None and len(files) > expected:
+            return SeriesCheck(uid, relpath, Verdict.MISMATCH,
+                               f"{len(files)} images, the server has {expected}")
+        if not supported[0]:
+            return SeriesCheck(uid, relpath, Verdict.UNSUPPORTED, "image count matches")
+        try:
+            remote = client.md5_hierarchy(uid)
+        except ApiMismatch:
+            supported[0] = False
+            return SeriesCheck(uid, relpath, Verdict.UNSUPPORTED, "image count matches")
+        except ApiError as exc:
+            return SeriesCheck(uid, relpath, Verdict.ERROR, str(exc))
+        if remote is None:
+            return SeriesCheck(uid, relpath, Verdict.UNKNOWN,
+                               "the server has no MD5s for this series")
+        local = hierarchy_md5(files)
+        if local != remote:
+            return SeriesCheck(uid, relpath, Verdict.MISMATCH,
+                               "the files' MD5s differ from the server's")
+        return SeriesCheck(uid, relpath, Verdict.MATCH)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for outcome in pool.map(check, sorted(folders, key=lambda u: folders[u])):
+            result.checks.append(outcome)
+            if on_series:
+                on_series(outcome)
+    return result
+
+
+def detect_layout(root: Path, result: ServerVerifyResult) -> str:
+    """The layout a root was made with: its record, else what its folders look like."""
+    made = DownloadRoot(root).read_info().get("layout")
+    if isinstance(made, str):
+        return made
+    for check in result.checks:
+        if Path(check.relpath).name == check.uid:
+            return "classic"
+    return "descriptive"
+
+
+def set_aside(root: Path, checks: Iterable[SeriesCheck]) -> Path:
+    """Move the folders of ``checks`` to ``.nbia/repair-<time>/`` and forget them in the
+    journals, so a download fetches them again. Returns where they went."""
+    aside = root / STATE_DIR / f"repair-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=True)
+    uids = []
+    for n, check in enumerate(checks):
+        target = aside / f"{n:04d}"
+        shutil.move(str(root / check.relpath), target)
+        uids.append(check.uid)
+    for path in journal_paths(root):
+        with Journal(path) as journal:
+            journal.set_states((uid, SeriesState.NOT_STARTED, "set aside by verify --repair",
+                                None, None) for uid in uids if journal.get(uid) is not None)
+    return aside
+
