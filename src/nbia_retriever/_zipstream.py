@@ -99,7 +99,7 @@ class EntryEnd:
 ZipEvent = EntryStart | EntryData | EntryEnd
 
 #: Largest piece of decompressed data handed out at once (bounds memory under zip bombs).
-PIECE_SIZE = 1 << 20
+PIECE_SIZE = 256 << 10
 # Largest slice of compressed input given to one inflate call: keeps zlib's copy of its
 # unconsumed tail small when the caller feeds huge chunks.
 _SLICE = 256 << 10

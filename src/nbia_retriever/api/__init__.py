@@ -4,7 +4,7 @@
   across the server builds in the field.
 * :class:`Credentials`, :class:`HostPolicy`, :class:`TokenManager` (``auth``): logging
   in, and where a password may go.
-* ``http``: the two transports and the rules they share (redirects, progress floor).
+* ``http``: the one transport (``http.client``) and its rules (redirects, progress floor).
 * ``records``: answers as records.
 
 Errors are this package's own (``nbia_retriever.errors``): nothing that uses the client

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import ApiError, AuthError, TlsError, UntrustedHostError
 from ..untrusted import SECRETS
-from .http import ApiSession, Origin, is_loopback
+from .http import Origin, Transport, is_loopback
 from .records import json_records
 
 #: The TCIA domain: its hosts are trusted over https without asking.
@@ -158,7 +158,7 @@ class TokenManager:
 
     def __init__(
         self,
-        session: ApiSession,
+        transport: Transport,
         token_url: str,
         credentials: Credentials,
         *,
@@ -166,7 +166,7 @@ class TokenManager:
         refresh_margin: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._session = session
+        self._transport = transport
         self._url = token_url
         self._credentials = credentials
         self._policy = policy or HostPolicy()
@@ -230,7 +230,7 @@ class TokenManager:
         self.fetches += 1
         who = self._credentials.username
         try:
-            answer = self._session.call("POST", self._url, data=dict(form),
+            answer = self._transport.call("POST", self._url, data=dict(form),
                                         what=f"login at {self._url}", redirects=False,
                                         limit=1 << 20)
         except TlsError:

@@ -36,7 +36,7 @@ from ..models import SeriesInfo, normalise_records
 from ..retry import RetryPolicy
 from ..untrusted import quote
 from .auth import Credentials, HostPolicy, TokenManager, token_url_for
-from .http import Answer, ApiSession, SeriesStream, StreamOpener
+from .http import Answer, SeriesStream, Transport
 from .records import first_of, records, series_infos
 
 #: The public TCIA API (no version suffix).
@@ -151,7 +151,6 @@ class NbiaClient:
         timeout: float = 60.0,
         connect_timeout: float = 30.0,
         verify: bool = True,
-        max_connections: int = 16,
         metadata_retries: int = 4,
         backoff_base: float = 1.0,
         policy: HostPolicy | None = None,
@@ -165,15 +164,13 @@ class NbiaClient:
         if version == "auto" and credentials is not None:
             self._version = "v2"
         self._version_lock = threading.Lock()
-        self.session = ApiSession(timeout=timeout, connect_timeout=connect_timeout,
-                                  verify=verify, max_connections=max_connections)
-        self.streams = StreamOpener(timeout=timeout, connect_timeout=connect_timeout,
-                                    verify=verify)
+        self.transport = Transport(timeout=timeout, connect_timeout=connect_timeout,
+                                   verify=verify)
         # Whoever builds a client with a URL chose that server; the engine passes a policy
         # of its own, where a URL that only a manifest names is not a choice.
         self.policy = policy if policy is not None else HostPolicy(chosen=[self.api_url])
         self.tokens = (
-            TokenManager(self.session, token_url_for(self.api_url), credentials,
+            TokenManager(self.transport, token_url_for(self.api_url), credentials,
                          policy=self.policy)
             if credentials is not None else None
         )
@@ -191,13 +188,7 @@ class NbiaClient:
         self.close()
 
     def close(self) -> None:
-        self.session.close()
-        self.streams.close()
-
-    @property
-    def http(self) -> Any:
-        """The underlying httpx client (tests and diagnostics)."""
-        return self.session.http
+        self.transport.close()
 
     # -- plumbing ---------------------------------------------------------------------
     @property
@@ -224,7 +215,7 @@ class NbiaClient:
         while True:
             retry_after = None
             try:
-                answer = self.session.call("POST", f"{self.api_url}/v4/getSeriesMetadata",
+                answer = self.transport.call("POST", f"{self.api_url}/v4/getSeriesMetadata",
                                            data={"list": ""}, what="API version probe",
                                            limit=1 << 20)
                 status = answer.status
@@ -261,7 +252,7 @@ class NbiaClient:
         while True:
             headers = self._headers() if (version or self.version()) != "v4" else {}
             try:
-                answer = self.session.call(method, url, params=params, data=data,
+                answer = self.transport.call(method, url, params=params, data=data,
                                            headers=headers, what=what)
                 if answer.status == 401 and self.tokens is not None and refreshed < 2:
                     refreshed += 1
@@ -452,7 +443,7 @@ class NbiaClient:
                     self._probe_lock.release()
                     continue
             try:
-                opened = self.streams.open(self._url(way.endpoint, way.version),
+                opened = self.transport.open("GET", self._url(way.endpoint, way.version),
                                            params={"SeriesInstanceUID": uid,
                                                    **dict(way.params)},
                                            headers=(headers := self._headers()

@@ -1,60 +1,59 @@
-"""HTTP for the NBIA client: API calls over httpx, series zips over ``http.client``.
+"""HTTP for the NBIA client: one small transport over the standard library's ``http.client``.
 
-Two stacks, each where the numbers put it (``benchmarks/transports.py``, BENCHMARKS.md):
+Chosen by measurement (``benchmarks/transports.py``, BENCHMARKS.md): series zips are the
+bytes that matter, and httpx parses chunked bodies in Python (h11), which on two cores
+costs a third of a download's CPU and serialises many streams on the GIL. ``http.client``
+hands out a quarter megabyte per ``read`` with one C-level ``readinto`` per server
+chunk: 16 concurrent streams run about as fast as 2. API calls (metadata, queries,
+login) use the same transport, so one set of rules covers every request:
 
-* **API calls** (metadata, queries, login) are small; :class:`ApiSession` uses one pooled
-  ``httpx.Client`` for them: form encoding, proxies from the environment, keep-alive.
-* **Series zips** are the bytes that matter. httpx parses chunked bodies in Python
-  (h11), which on two cores costs a third of the download's CPU and serialises many
-  streams on the GIL. ``http.client`` hands out a megabyte per ``read`` with one C-level
-  ``readinto`` per server chunk: 16 concurrent streams run as fast as 2.
-  :class:`StreamOpener` keeps one keep-alive connection per thread and origin.
-
-Both share the rules that make a server's misbehaviour harmless:
-
+* **Connections**: one keep-alive connection per thread and origin; proxies from the
+  environment (``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``); TLS verified by default.
 * **Redirects** are followed only within one origin (scheme, host, port; an upgrade from
   http to https on the same host is allowed). A redirect elsewhere is an error and is
   never followed, so a password or token cannot be carried to another host.
-* **Progress floor**: a transfer must move :data:`FLOOR_BYTES` per ``timeout`` seconds.
-  A per-read timeout alone lets a server that trickles a byte a second hold a worker
-  forever; here it is cut within one or two windows.
+* **Progress floor**: a transfer must move :data:`FLOOR_BYTES` per ``timeout`` seconds,
+  counted on every ``recv``. A per-read timeout alone lets a server that trickles a byte a
+  second hold a worker forever; here it is cut within one or two windows.
 * **Bounded answers**: an API answer larger than :data:`MAX_ANSWER_BYTES` is refused.
 * **Errors** come out as our own (:class:`~nbia_retriever.errors.NetworkError`,
   :class:`~nbia_retriever.errors.TlsError`, :class:`~nbia_retriever.errors.ApiError`):
-  nothing above this module imports an HTTP library.
+  nothing above this module handles a socket, ssl or http.client exception.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import http.client
 import io
 import ipaddress
+import logging
 import socket
 import ssl
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
-
-import httpx
 
 from .. import __version__
 from ..errors import ApiError, NetworkError, TlsError
 from ..untrusted import quote
 
 USER_AGENT = f"nbia-retriever/{__version__}"
+#: Requests and their statuses at DEBUG (URLs only: secrets travel in headers and bodies).
+log = logging.getLogger("nbia_retriever.http")
 #: Largest metadata/query answer we accept (a v4 batch of 10,000 series is ~5 MB; the
 #: biggest collection's getSeries is ~100 MB).
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
 #: A transfer that moves less than this per ``timeout`` seconds is abandoned.
 FLOOR_BYTES = 1024
 #: Bytes handed to the zip reader per read of a series stream.
-READ_SIZE = 1 << 20
+READ_SIZE = 256 << 10
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
@@ -115,7 +114,7 @@ class ProgressFloor:
     __slots__ = ("_clock", "_floor", "_mark", "_start", "_what", "_window", "total")
 
     def __init__(self, window: float, what: str, *, floor: int = FLOOR_BYTES,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._window = window
         self._floor = floor
         self._clock = clock
@@ -135,105 +134,31 @@ class ProgressFloor:
             self._start, self._mark = now, self.total
 
 
-# ----------------------------------------------------------------------------- API calls
+# ----------------------------------------------------------------------------- errors
 
 
-@dataclass(frozen=True)
-class Answer:
-    """A whole (small) API answer."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-    url: str
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", "replace")
-
-    def header(self, name: str) -> str | None:
-        return self.headers.get(name.lower())
-
-
-def map_httpx_error(exc: httpx.HTTPError, what: str) -> ApiError:
-    """httpx's exceptions as ours (called at this boundary only)."""
-    text = str(exc)
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        reason = text.partition("certificate verify failed:")[2].partition("(_ssl")[0].strip()
-        try:
-            host = exc.request.url.host
-        except RuntimeError:  # no request attached
-            host = "the server"
-        return TlsError(f"the TLS certificate of {host} cannot be verified "
-                        f"({reason or 'untrusted'}); use --insecure only if you trust this "
+def map_error(exc: BaseException, what: str) -> ApiError | None:
+    """An ``http.client``/socket/ssl exception as ours; None for anything else."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or str(exc)
+        return TlsError(f"{what}: the TLS certificate of the server cannot be verified "
+                        f"({quote(reason, 120)}); use --insecure only if you trust this "
                         "server")
-    if isinstance(exc, httpx.TimeoutException):
-        return NetworkError(f"{what}: timed out ({type(exc).__name__})", timeout=True)
-    return NetworkError(f"{what}: {type(exc).__name__}: {quote(text, 160)}")
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return NetworkError(f"{what}: timed out (no data)", timeout=True)
+    if isinstance(exc, http.client.IncompleteRead):
+        return NetworkError(f"{what}: the connection closed mid-body")
+    if isinstance(exc, http.client.HTTPException):
+        return NetworkError(f"{what}: {type(exc).__name__}: {quote(str(exc), 120)}")
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return NetworkError(f"{what}: {type(exc).__name__}: {quote(reason, 120)}")
+    return None
 
 
-class ApiSession:
-    """One pooled httpx client for API calls, with our redirect and floor rules."""
-
-    def __init__(self, *, timeout: float, connect_timeout: float = 30.0, verify: bool = True,
-                 max_connections: int = 16) -> None:
-        self.timeout = timeout
-        self.http = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=None),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-            verify=verify,
-            headers={"User-Agent": USER_AGENT},
-            follow_redirects=False,
-        )
-
-    def close(self) -> None:
-        self.http.close()
-
-    def call(self, method: str, url: str, *, what: str, params: Mapping[str, str] | None = None,
-             data: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None,
-             redirects: bool = True, limit: int = MAX_ANSWER_BYTES) -> Answer:
-        """One request, the whole answer read within the floor and ``limit``.
-
-        Same-origin redirects are followed when ``redirects`` (POST bodies are re-sent
-        only for 307/308, as the standard says); a redirect to another origin raises.
-        """
-        current = url
-        for _ in range(MAX_REDIRECTS + 1):
-            try:
-                with self.http.stream(method, current, params=params, data=data,
-                                      headers=dict(headers or {})) as response:
-                    status = response.status_code
-                    if status in _REDIRECTS:
-                        location = response.headers.get("Location", "")
-                        target = urljoin(str(response.url), location)
-                        if not redirects or not location:
-                            raise ApiError(f"{what}: the server answered a redirect "
-                                           f"(HTTP {status}); not followed", status=status)
-                        if not same_origin_or_upgrade(str(response.url), target):
-                            raise ApiError(
-                                f"{what}: the server redirected to another host "
-                                f"({quote(str(Origin.of(target)), 80)}); not followed",
-                                status=status)
-                        current, params = target, None
-                        if status == 303 or (status in (301, 302) and method == "POST"):
-                            method, data = "GET", None
-                        continue
-                    floor = ProgressFloor(self.timeout, what)
-                    body = bytearray()
-                    for chunk in response.iter_bytes():
-                        body += chunk
-                        floor.add(len(chunk))
-                        if len(body) > limit:
-                            raise ApiError(f"{what}: the answer exceeds {limit >> 20} MiB")
-                    return Answer(status, {k.lower(): v for k, v in response.headers.items()},
-                                  bytes(body), str(response.url))
-            except httpx.HTTPError as exc:
-                raise map_httpx_error(exc, what) from None
-        raise ApiError(f"{what}: more than {MAX_REDIRECTS} redirects")
-
-
-# ----------------------------------------------------------------------------- streams
+# ----------------------------------------------------------------------------- responses
 
 
 class _CountingSocketIO(io.RawIOBase):
@@ -265,20 +190,75 @@ class _Response(http.client.HTTPResponse):
         self.fp = io.BufferedReader(self.raw_io, buffer_size=256 * 1024)  # type: ignore[assignment]
 
 
-def _connection(origin: Origin, *, timeout: float, context: ssl.SSLContext | None,
-                floor_ref: list[ProgressFloor | None]) -> http.client.HTTPConnection:
-    proxy = _proxy_for(origin)
-    host, port = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
-    conn: http.client.HTTPConnection
-    if origin.scheme == "https":
-        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-        if proxy is not None:
-            conn.set_tunnel(origin.host, origin.port, headers=proxy.headers)
-    else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    conn.response_class = functools.partial(_Response, floor_ref=floor_ref)  # type: ignore[assignment]
-    conn._nbia_proxy = proxy  # type: ignore[attr-defined]
-    return conn
+class Response:
+    """An open answer: ``status``, :meth:`header`, and the body by :meth:`chunks`."""
+
+    def __init__(self, response: http.client.HTTPResponse, what: str,
+                 floor: ProgressFloor, url: str) -> None:
+        self._response = response
+        self._what = what
+        self._floor = floor
+        self.url = url
+        self.status = response.status
+        self.content_type = (response.getheader("Content-Type") or "").lower()
+
+    def header(self, name: str) -> str | None:
+        return self._response.getheader(name)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self._response.getheaders()}
+
+    @property
+    def bytes_received(self) -> int:
+        return self._floor.total
+
+    def chunks(self, size: int = READ_SIZE) -> Iterator[bytes]:
+        read = self._response.read
+        try:
+            while True:
+                data = read(size)
+                if not data:
+                    return
+                yield data
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            mapped = map_error(exc, self._what)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def read_text(self, limit: int = 1 << 16) -> str:
+        """At most ``limit`` bytes of the body as text (error pages)."""
+        try:
+            return self._response.read(limit).decode("utf-8", "replace")
+        except Exception:
+            return ""
+
+
+#: A series zip being streamed (what the engine's Source hands out).
+SeriesStream = Response
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole (small) API answer."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    url: str
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+# ----------------------------------------------------------------------------- proxies
 
 
 @dataclass(frozen=True)
@@ -301,85 +281,35 @@ def _proxy_for(origin: Origin) -> _Proxy | None:
         return None
     headers: dict[str, str] = {}
     if parts.username:
-        import base64
-
         token = f"{parts.username}:{parts.password or ''}".encode()
         headers["Proxy-Authorization"] = "Basic " + base64.b64encode(token).decode()
     return _Proxy(parts.hostname, parts.port or 80, headers)
 
 
-class SeriesStream:
-    """An open series zip: iterate :meth:`chunks`; ``bytes_received`` counts the wire."""
-
-    def __init__(self, response: http.client.HTTPResponse, what: str,
-                 floor: ProgressFloor) -> None:
-        self._response = response
-        self._what = what
-        self._floor = floor
-        self.status = response.status
-        self.content_type = (response.getheader("Content-Type") or "").lower()
-
-    def header(self, name: str) -> str | None:
-        return self._response.getheader(name)
-
-    @property
-    def bytes_received(self) -> int:
-        return self._floor.total
-
-    def chunks(self, size: int = READ_SIZE) -> Iterator[bytes]:
-        read = self._response.read
-        try:
-            while True:
-                data = read(size)
-                if not data:
-                    return
-                yield data
-        except (ApiError, GeneratorExit):
-            raise
-        except BaseException as exc:
-            mapped = map_stream_error(exc, self._what)
-            if mapped is None:
-                raise
-            raise mapped from None
-
-    def read_text(self, limit: int = 1 << 16) -> str:
-        """At most ``limit`` bytes of the body as text (error pages)."""
-        try:
-            return self._response.read(limit).decode("utf-8", "replace")
-        except Exception:
-            return ""
+# ----------------------------------------------------------------------------- transport
 
 
-def map_stream_error(exc: BaseException, what: str) -> ApiError | None:
-    """An ``http.client``/socket/ssl exception as ours; None for anything else."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return TlsError(f"the TLS certificate of the server cannot be verified "
-                        f"({quote(exc.verify_message or str(exc), 120)}); use --insecure only "
-                        "if you trust this server")
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return NetworkError(f"{what}: timed out (no data)", timeout=True)
-    if isinstance(exc, http.client.IncompleteRead):
-        return NetworkError(f"{what}: the connection closed mid-body")
-    if isinstance(exc, http.client.HTTPException):
-        return NetworkError(f"{what}: {type(exc).__name__}: {quote(str(exc), 120)}")
-    if isinstance(exc, OSError):
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        return NetworkError(f"{what}: {type(exc).__name__}: {quote(reason, 120)}")
-    return None
+def _loggable(url: str) -> str:
+    """A URL for the log: no ``user:password@`` part."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        return url.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1)
+    return url
 
 
-class StreamOpener:
-    """Opens series zips over ``http.client``: one keep-alive connection per thread and
-    origin, the progress floor on every read, same-origin redirects only."""
+
+class Transport:
+    """Requests over ``http.client`` with the rules of the module docstring.
+
+    Thread-safe: each thread keeps its own keep-alive connection per origin.
+    """
 
     def __init__(self, *, timeout: float, connect_timeout: float = 30.0,
                  verify: bool = True) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        if verify:
-            self._context = ssl.create_default_context()
-        else:
-            self._context = ssl.create_default_context()
+        self._context = ssl.create_default_context()
+        if not verify:
             self._context.check_hostname = False
             self._context.verify_mode = ssl.CERT_NONE
         self._local = threading.local()
@@ -399,8 +329,18 @@ class StreamOpener:
         found = pool.get(origin)
         if found is None:
             floor_ref: list[ProgressFloor | None] = [None]
-            conn = _connection(origin, timeout=self.timeout, context=self._context,
-                               floor_ref=floor_ref)
+            proxy = _proxy_for(origin)
+            host, port = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
+            conn: http.client.HTTPConnection
+            if origin.scheme == "https":
+                conn = http.client.HTTPSConnection(host, port, timeout=self.connect_timeout,
+                                                   context=self._context)
+                if proxy is not None:
+                    conn.set_tunnel(origin.host, origin.port, headers=proxy.headers)
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+            conn.response_class = functools.partial(_Response, floor_ref=floor_ref)  # type: ignore[assignment]
+            conn._nbia_proxy = proxy  # type: ignore[attr-defined]
             found = pool[origin] = (conn, floor_ref)
             with self._lock:
                 self._all.add(conn)
@@ -415,78 +355,102 @@ class StreamOpener:
             with self._lock:
                 self._all.discard(found[0])
 
-    @contextlib.contextmanager
-    def open(self, url: str, *, params: Mapping[str, str], headers: Mapping[str, str],
-             what: str) -> Iterator[SeriesStream]:
-        """GET ``url`` and yield the stream once its status line and headers are in.
+    def _send(self, origin: Origin, method: str, target: str, body: bytes | None,
+              headers: Mapping[str, str], floor: ProgressFloor) -> http.client.HTTPResponse:
+        """One request on this thread's connection; a kept-alive connection the server
+        closed meanwhile is replaced once, at once."""
+        for fresh in (False, True):
+            conn, floor_ref = self._conn(origin)
+            floor_ref[0] = floor
+            reused = getattr(conn, "_nbia_used", False)
+            try:
+                if conn.sock is None:
+                    conn.connect()
+                    assert conn.sock is not None
+                    conn.sock.settimeout(self.timeout)
+                conn.request(method, target, body=body, headers=dict(headers))
+                response = conn.getresponse()
+                conn._nbia_used = True  # type: ignore[attr-defined]
+                return response
+            except BaseException as exc:
+                self._drop(origin)
+                stale = isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError |
+                                   BrokenPipeError)
+                if fresh or not (stale and reused):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
+    @contextlib.contextmanager
+    def open(self, method: str, url: str, *, what: str,
+             params: Mapping[str, str] | None = None, data: Mapping[str, str] | None = None,
+             headers: Mapping[str, str] | None = None,
+             redirects: bool = True) -> Iterator[Response]:
+        """Send a request and yield the answer once its status line and headers are in.
+
+        Same-origin redirects are followed when ``redirects`` (a POST body is re-sent
+        only for 307/308, as the standard says); a redirect to another origin raises.
         The connection goes back to this thread's pool only when the body was read to
         its end; anything else (an error, a caller that stopped early) closes it.
         """
         current = url + ("?" + urlencode(params) if params else "")
+        body = urlencode(data).encode() if data is not None else None
         for _ in range(MAX_REDIRECTS + 1):
             origin = Origin.of(current)
-            conn, floor_ref = self._conn(origin)
             floor = ProgressFloor(self.timeout, what)
-            floor_ref[0] = floor
             parts = urlsplit(current)
             target = parts.path + ("?" + parts.query if parts.query else "")
-            proxy = getattr(conn, "_nbia_proxy", None)
-            if proxy is not None and origin.scheme == "http":
+            conn, _ = self._conn(origin)
+            if getattr(conn, "_nbia_proxy", None) is not None and origin.scheme == "http":
                 target = current
             request_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity",
-                               **headers}
+                               **(headers or {})}
+            if body is not None:
+                request_headers["Content-Type"] = "application/x-www-form-urlencoded"
             try:
-                response = self._send(conn, target, request_headers)
+                raw = self._send(origin, method, target, body, request_headers, floor)
             except BaseException as exc:
-                self._drop(origin)
-                mapped = map_stream_error(exc, what)
+                mapped = map_error(exc, what)
+                log.debug("%s %s failed: %s", method, _loggable(current), mapped or exc)
                 if mapped is None:
                     raise
-                # A kept-alive connection the server closed meanwhile: once more, fresh.
-                if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError |
-                              BrokenPipeError) and getattr(conn, "_nbia_used", False):
-                    conn, floor_ref = self._conn(origin)
-                    floor_ref[0] = floor
-                    try:
-                        response = self._send(conn, target, request_headers)
-                    except BaseException as again:
-                        self._drop(origin)
-                        mapped = map_stream_error(again, what)
-                        if mapped is None:
-                            raise
-                        raise mapped from None
-                else:
-                    raise mapped from None
-            conn._nbia_used = True  # type: ignore[attr-defined]
-            if response.status in _REDIRECTS:
-                location = response.getheader("Location") or ""
+                raise mapped from None
+            log.debug("%s %s -> %s", method, _loggable(current), raw.status)
+            if raw.status in _REDIRECTS:
+                location = raw.getheader("Location") or ""
                 nxt = urljoin(current, location)
                 self._drop(origin)
-                if not location or not same_origin_or_upgrade(current, nxt):
+                if not redirects or not location:
+                    raise ApiError(f"{what}: the server answered a redirect (HTTP "
+                                   f"{raw.status}); not followed", status=raw.status)
+                if not same_origin_or_upgrade(current, nxt):
                     raise ApiError(f"{what}: the server redirected to another host "
                                    f"({quote(str(Origin.of(nxt)), 80)}); not followed",
-                                   status=response.status)
+                                   status=raw.status)
                 current = nxt
+                if raw.status == 303 or (raw.status in (301, 302) and method == "POST"):
+                    method, body = "GET", None
                 continue
-            stream = SeriesStream(response, what, floor)
+            response = Response(raw, what, floor, current)
             complete = False
             try:
-                yield stream
-                complete = response.isclosed()  # read to the end: reusable
+                yield response
+                complete = raw.isclosed()  # read to the end: reusable
             finally:
-                floor_ref[0] = None
-                if not complete or response.will_close:
+                self._conn(origin)[1][0] = None
+                if not complete or raw.will_close:
                     self._drop(origin)
             return
         raise ApiError(f"{what}: more than {MAX_REDIRECTS} redirects")
 
-    def _send(self, conn: http.client.HTTPConnection, target: str,
-              headers: Mapping[str, str]) -> http.client.HTTPResponse:
-        if conn.sock is None:
-            conn.timeout = self.connect_timeout
-            conn.connect()
-            assert conn.sock is not None
-            conn.sock.settimeout(self.timeout)
-        conn.request("GET", target, headers=dict(headers))
-        return conn.getresponse()
+    def call(self, method: str, url: str, *, what: str, params: Mapping[str, str] | None = None,
+             data: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None,
+             redirects: bool = True, limit: int = MAX_ANSWER_BYTES) -> Answer:
+        """One request, the whole answer read within the floor and ``limit``."""
+        with self.open(method, url, what=what, params=params, data=data, headers=headers,
+                       redirects=redirects) as response:
+            body = bytearray()
+            for chunk in response.chunks():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(f"{what}: the answer exceeds {limit >> 20} MiB")
+            return Answer(response.status, response.headers, bytes(body), response.url)

@@ -234,7 +234,6 @@ class Engine:
                 credentials=self.options.credentials,
                 timeout=self.options.timeout,
                 verify=self.options.verify_tls,
-                max_connections=max(4, self.options.streams_cap + 2),
                 backoff_base=min(self.options.backoff_base, 1.0),
                 policy=policy,
             )
