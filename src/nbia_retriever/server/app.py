@@ -32,7 +32,7 @@ from .builds import Build, get_build
 from .config import ServerConfig
 from .faults import STATUS_KINDS, Fault, FaultInjector, FaultPlan, seeded_rng
 from .index import ArchiveIndex, ImageRecord, SeriesRecord
-from .zipwriter import CHUNK, ZipEntry, deflated_entry, stream_zip, zip_size
+from .zipwriter import CHUNK, ZipEntry, deflated_entry, stored_entry, stream_zip, zip_size
 
 VERSIONS = ("v1", "v2", "v4")
 API_PREFIX = "/nbia-api/services"
@@ -42,6 +42,8 @@ MANIFEST_PATH = "/manifest.tcia"
 ZIP_TYPE = "application/x-zip-compressed"
 _SECRET_WORDS = ("password", "token", "secret", "authorization")
 _LOG_LIMIT = 200_000
+#: The longest ``hold_metadata`` keeps an answer back.
+_HOLD_LIMIT = 60.0
 
 #: v1/v2 getSeriesMetaData keys, in the real server's order (27 since 2024-06). "File
 #: Location" holds the StudyID there (the key's name is the server's); a NULL value means
@@ -168,10 +170,12 @@ class NbiaService:
         seed: int = 0,
         clock: ServerClock | None = None,
         build: Build | str = "current",
+        stored: bool = False,
     ) -> None:
         self.index = index
         self.config = config
         self.build = get_build(build)
+        self.stored = stored  # images as STORED entries (sizes in the header)
         self.seed = seed
         self.clock = clock or ServerClock()
         self.tokens = TokenStore(config, self.clock)
@@ -179,11 +183,28 @@ class NbiaService:
         self._log_lock = threading.Lock()
         self._log: collections.deque[RequestRecord] = collections.deque(maxlen=_LOG_LIMIT)
         self.base_url = ""  # set by the runner once the port is known (manifest URLs)
+        self._metadata_answers = 0
+        self._zip_sent: asyncio.Event | None = None  # made in the server's loop
+        self._in_flight: dict[int, str] = {}
 
     # -- public knobs -----------------------------------------------------------------
     def set_faults(self, plan: FaultPlan | None) -> None:
         """Swap the plan and restart its counters (attempt numbers begin at 1 again)."""
         self.injector = FaultInjector(plan)
+        self._metadata_answers = 0
+
+    def _zip_event(self) -> asyncio.Event:
+        if self._zip_sent is None:
+            self._zip_sent = asyncio.Event()
+        return self._zip_sent
+
+    async def _hold_metadata(self) -> None:
+        """``hold_metadata=N``: answers after the first N wait for a zip sent whole."""
+        hold = self.injector.plan.hold_metadata
+        self._metadata_answers += 1
+        if hold is not None and self._metadata_answers > hold:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._zip_event().wait(), _HOLD_LIMIT)
 
     @property
     def requests(self) -> list[RequestRecord]:
@@ -193,6 +214,11 @@ class NbiaService:
     def clear_requests(self) -> None:
         with self._log_lock:
             self._log.clear()
+
+    @property
+    def in_flight(self) -> list[str]:
+        with self._log_lock:
+            return list(self._in_flight.values())
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=16 * 1024**2)
@@ -211,6 +237,8 @@ class NbiaService:
         state.t0 = time.perf_counter()
         status = 500
         response: web.StreamResponse | None = None
+        with self._log_lock:
+            self._in_flight[id(request)] = request.path
         try:
             latency = self.injector.plan.latency
             if latency and request.path.startswith("/nbia-api/"):
@@ -222,6 +250,8 @@ class NbiaService:
             status = exc.status
             raise
         finally:
+            with self._log_lock:
+                self._in_flight.pop(id(request), None)
             self._log_request(request, status, response)
 
     def _log_request(self, request: web.Request, status: int,
@@ -508,6 +538,7 @@ class NbiaService:
         if not uid:
             return _text(400, "Missing required parameter: SeriesInstanceUID")
         _state(request).series_uid = uid
+        await self._hold_metadata()
         series = self._lookup(uid, version, user)
         if series is None:
             return web.Response(status=204)
@@ -526,6 +557,7 @@ class NbiaService:
         if not text.strip():
             return _text(400, "A form parameter, list, containing at least one "
                               "SeriesInstanceUID is required.")
+        await self._hold_metadata()
         seen: dict[str, None] = {}
         for part in text.replace("\n", ",").split(","):
             if part.strip():
@@ -636,11 +668,15 @@ class NbiaService:
             f"{i:08d}{_extension(image.relpath)}" for i, image in enumerate(order, start=1)
         ]
         cfg = self.config.collection(series.collection)
-        images = [
-            ZipEntry(name, image.crc32, image.compressed_size, image.size,
-                     blob=self.index.blob_path(image))
-            for name, image in zip(names, order, strict=True)
-        ]
+        if self.stored:
+            images = [stored_entry(name, self.index.image_path(image), image.size, image.crc32)
+                      for name, image in zip(names, order, strict=True)]
+        else:
+            images = [
+                ZipEntry(name, image.crc32, image.compressed_size, image.size,
+                         blob=self.index.blob_path(image))
+                for name, image in zip(names, order, strict=True)
+            ]
         if fault is not None and fault.kind == "short" and images:
             keep = int(fault.param) if fault.param is not None else rng.randrange(len(images))
             images = images[: max(0, min(keep, len(images) - 1))]
@@ -700,6 +736,8 @@ class NbiaService:
                             await asyncio.sleep(delay)
             self._log_request(request, response.status)
             await response.write_eof()
+            if fault is None:
+                self._zip_event().set()
         except ConnectionError:
             state.client_gone = True
 

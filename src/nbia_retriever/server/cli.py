@@ -30,8 +30,11 @@ from .runner import ReferenceServer, run_server
               show_default=True,
               help="Which NBIA server build to play (v4 columns, IncludeMD5, no v4 at all; "
                    "see nbia_retriever.server.builds).")
+@click.option("--zip-stored", "stored", is_flag=True,
+              help="Send images as STORED zip entries (sizes in the header) instead of "
+                   "DEFLATED ones with data descriptors.")
 def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, seed: int,
-                  token_lifetime: float | None, build: str) -> None:
+                  token_lifetime: float | None, build: str, stored: bool) -> None:
     """Serve ARCHIVE (a folder of DICOM files, one sub-folder per collection) as an NBIA
     server: the v1, v2 and v4 REST API, OAuth tokens and streamed series zips."""
     try:
@@ -64,7 +67,7 @@ def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, 
 
     try:
         run_server(archive, host, port, faults_spec, seed, token_lifetime=token_lifetime,
-                   build=build, on_ready=ready)
+                   build=build, stored=stored, on_ready=ready)
     except NbiaError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

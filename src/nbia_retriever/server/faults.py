@@ -29,9 +29,12 @@ http460    460 "Login needed." (the download servlets; scripts only)     -
 http462    462 "Insufficient privilege." (idem)                          -
 =========  ============================================================  ===================
 
-Conditions that are not faults: ``latency`` (seconds added before every API answer) and
+Conditions that are not faults: ``latency`` (seconds added before every API answer),
 ``bandwidth`` (bytes per second per zip stream; HTTP/1.1 sends one response at a time on a
-connection, so this is a per-connection cap).
+connection, so this is a per-connection cap) and ``hold_metadata=N`` (metadata answers
+after the first N, 0 for all, wait until a series zip has been sent whole, at most a minute: a
+server whose later metadata batches are slow, made deterministic; a client that waits
+for all its metadata before downloading anything is held the whole minute).
 
 The CLI spec (``--faults``) is a comma-separated list of ``key=value``::
 
@@ -113,6 +116,7 @@ class FaultPlan:
     retry_after: float = 1.0
     latency: float = 0.0
     bandwidth: float | None = None
+    hold_metadata: int | None = None
     max_faults_per_series: int | None = None
     metadata: bool = False
     script: Mapping[str, Sequence[ScriptEntry]] = field(default_factory=dict)
@@ -133,6 +137,8 @@ class FaultPlan:
                 raise FaultSpecError(f"{name}={value!r} must be a non-negative number")
         if self.bandwidth is not None and not (self.bandwidth > 0):
             raise FaultSpecError(f"bandwidth={self.bandwidth!r} must be positive")
+        if self.hold_metadata is not None and self.hold_metadata < 0:
+            raise FaultSpecError("hold_metadata must not be negative")
         if self.max_faults_per_series is not None and self.max_faults_per_series < 0:
             raise FaultSpecError("max_faults_per_series must not be negative")
         script = {
@@ -153,7 +159,7 @@ class FaultPlan:
     @property
     def active(self) -> bool:
         return bool(self.probability or self.script or self.metadata_script or self.latency
-                    or self.bandwidth)
+                    or self.bandwidth or self.hold_metadata is not None)
 
     def describe(self) -> str:
         """A one-line summary for the CLI banner (scripts are summarised, not listed)."""
@@ -168,6 +174,8 @@ class FaultPlan:
             parts.append(f"bandwidth={self.bandwidth:.0f}B/s")
         if self.max_faults_per_series is not None:
             parts.append(f"max_per_series={self.max_faults_per_series}")
+        if self.hold_metadata is not None:
+            parts.append(f"hold_metadata={self.hold_metadata}")
         if self.metadata:
             parts.append("metadata=yes")
         if self.script:
@@ -205,6 +213,8 @@ class FaultPlan:
                 values[key] = _number(value.removesuffix("s"), f"--faults {item!r}")
             elif key == "bandwidth":
                 values[key] = parse_rate(value)
+            elif key == "hold_metadata":
+                values[key] = _integer(value, f"--faults {item!r}")
             elif key in ("max_per_series", "max_faults_per_series"):
                 values["max_faults_per_series"] = _integer(value, f"--faults {item!r}")
             elif key == "seed":
@@ -213,7 +223,7 @@ class FaultPlan:
                 values["metadata"] = _flag(value or "yes", item)
             else:
                 known = [*FAULT_KINDS, "stall_seconds", "retry_after", "latency", "bandwidth",
-                         "max_per_series", "metadata", "seed"]
+                         "max_per_series", "hold_metadata", "metadata", "seed"]
                 raise FaultSpecError(
                     f"--faults: unknown key {key!r}; known: {', '.join(known)}"
                 )

@@ -153,6 +153,7 @@ class ReferenceServer:
         seed: int = 0,
         cache_dir: str | Path | None = None,
         build: str = "current",
+        stored: bool = False,
     ) -> None:
         self.archive = Path(archive)
         self.index = ArchiveIndex.load(self.archive, cache_dir=cache_dir)
@@ -165,7 +166,7 @@ class ReferenceServer:
         self.host = host
         self._requested_port = port
         self.service = NbiaService(self.index, config, faults=faults, seed=seed,
-                                   clock=ServerClock(), build=build)
+                                   clock=ServerClock(), build=build, stored=stored)
         self._serving: AppThread | None = None
 
     def __repr__(self) -> str:
@@ -213,6 +214,10 @@ class ReferenceServer:
     def clear_requests(self) -> None:
         self.service.clear_requests()
 
+    def in_flight(self) -> list[str]:
+        """Paths of the requests being answered right now (e.g. held by a fault)."""
+        return self.service.in_flight
+
     def advance_clock(self, seconds: float) -> None:
         """Move the server's clock forward: expires tokens without sleeping."""
         self.service.clock.advance(seconds)
@@ -249,12 +254,14 @@ def run_server(
     *,
     token_lifetime: float | None = None,
     build: str = "current",
+    stored: bool = False,
     on_ready: Callable[[ReferenceServer], None] | None = None,
 ) -> None:
     """Serve until Ctrl+C or SIGTERM (blocking). ``on_ready`` runs once it listens."""
     plan = FaultPlan.parse(faults_spec, seed=seed) if faults_spec else FaultPlan(seed=seed)
     server = ReferenceServer(archive, faults=plan, host=host, port=port,
-                             token_lifetime=token_lifetime, seed=seed, build=build)
+                             token_lifetime=token_lifetime, seed=seed, build=build,
+                             stored=stored)
     stopped = threading.Event()
     previous = None
     if threading.current_thread() is threading.main_thread():

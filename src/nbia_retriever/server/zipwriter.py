@@ -3,7 +3,9 @@
 Every entry is DEFLATED with general-purpose flag bit 3: the local header carries zero
 CRC and sizes and a data descriptor (with its signature) follows the data, because the
 real server writes the zip on the fly and cannot seek back. The central directory comes
-last. Zip64 fields appear only when a size or offset needs them, as in Java.
+last. Zip64 fields appear only when a size or offset needs them, as in Java. A STORED
+entry (``method=0``; what Java's ZipOutputStream writes when told to store) carries its
+CRC and sizes in the local header and has no descriptor.
 
 The compressed bytes come pre-made (the index caches a DEFLATE blob per image), so a
 series streams as plain file reads in ~64 KiB chunks and memory stays flat whatever the
@@ -36,8 +38,13 @@ class ZipEntry:
     crc32: int
     compressed_size: int
     size: int
-    blob: Path | None = None  # a raw DEFLATE file ...
+    blob: Path | None = None  # a raw DEFLATE file (the file itself when stored) ...
     data: bytes | None = None  # ... or the compressed bytes themselves
+    method: int = _DEFLATED  # 8 DEFLATED (with a descriptor) or 0 STORED
+
+    @property
+    def descriptor(self) -> bool:
+        return self.method == _DEFLATED
 
     @property
     def zip64(self) -> bool:
@@ -59,6 +66,11 @@ class ZipEntry:
                 yield block
 
 
+def stored_entry(name: str, path: Path, size: int, crc32: int) -> ZipEntry:
+    """An image sent as it is stored (no compression)."""
+    return ZipEntry(name, crc32, size, size, blob=path, method=0)
+
+
 def deflated_entry(name: str, payload: bytes, level: int = 6) -> ZipEntry:
     """An entry made in memory (LICENSE, md5hashes.csv, a deliberately corrupted image)."""
     deflate = zlib.compressobj(level, zlib.DEFLATED, -15)
@@ -66,21 +78,35 @@ def deflated_entry(name: str, payload: bytes, level: int = 6) -> ZipEntry:
     return ZipEntry(name, zlib.crc32(payload), len(data), len(payload), data=data)
 
 
+def _flags(entry: ZipEntry) -> int:
+    return (_FLAGS if entry.descriptor else 0) | (0x0800 if not entry.name.isascii() else 0)
+
+
 def _local_header(entry: ZipEntry) -> bytes:
     name = entry.name.encode("utf-8")
-    extra = struct.pack("<HHQQ", 0x0001, 16, 0, 0) if entry.zip64 else b""
     version = 45 if entry.zip64 else 20
+    if not entry.descriptor:  # STORED: CRC and sizes known up front
+        extra = struct.pack("<HHQQ", 0x0001, 16, entry.size, entry.compressed_size) \
+            if entry.zip64 else b""
+        size = _ZIP64_LIMIT if entry.zip64 else entry.size
+        csize = _ZIP64_LIMIT if entry.zip64 else entry.compressed_size
+        return struct.pack(
+            "<IHHHHHIIIHH", 0x04034B50, version, _flags(entry), entry.method, _DOS_TIME,
+            _DOS_DATE, entry.crc32, csize, size, len(name), len(extra),
+        ) + name + extra
+    extra = struct.pack("<HHQQ", 0x0001, 16, 0, 0) if entry.zip64 else b""
     # Sizes are unknown "at write time" (bit 3): zero, or 0xFFFFFFFF pointing at the zip64
     # extra (itself zero), as Python's zipfile writes a streamed zip64 entry.
     size = _ZIP64_LIMIT if entry.zip64 else 0
-    flags = _FLAGS | (0x0800 if not entry.name.isascii() else 0)
     return struct.pack(
-        "<IHHHHHIIIHH", 0x04034B50, version, flags, _DEFLATED, _DOS_TIME, _DOS_DATE,
+        "<IHHHHHIIIHH", 0x04034B50, version, _flags(entry), _DEFLATED, _DOS_TIME, _DOS_DATE,
         0, size, size, len(name), len(extra),
     ) + name + extra
 
 
 def _descriptor(entry: ZipEntry) -> bytes:
+    if not entry.descriptor:
+        return b""
     if entry.zip64:
         return struct.pack("<IIQQ", 0x08074B50, entry.crc32, entry.compressed_size, entry.size)
     return struct.pack("<IIII", 0x08074B50, entry.crc32, entry.compressed_size, entry.size)
@@ -105,9 +131,9 @@ def _central_record(entry: ZipEntry, offset: int) -> bytes:
         extra = struct.pack(f"<HH{len(extra_values)}Q", 0x0001, 8 * len(extra_values),
                             *extra_values)
     version = 45 if extra_values or entry.zip64 else 20
-    flags = _FLAGS | (0x0800 if not entry.name.isascii() else 0)
     return struct.pack(
-        "<IHHHHHHIIIHHHHHII", 0x02014B50, 0x0300 | version, version, flags, _DEFLATED,
+        "<IHHHHHHIIIHHHHHII", 0x02014B50, 0x0300 | version, version, _flags(entry),
+        entry.method,
         _DOS_TIME, _DOS_DATE, entry.crc32, csize, size, len(name), len(extra), 0, 0, 0,
         0o100644 << 16, offset,
     ) + name + extra
