@@ -48,6 +48,7 @@ reads ``LICENSE`` (any case), since the engine writes those files exactly there.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -171,6 +172,17 @@ def _finish(text: str) -> str:
     return text
 
 
+#: Components that need no change: ASCII letters, digits, space, ".", "-", "_", "$", not
+#: starting with "." or a space, not ending with "." or a space (what Java's cleaned
+#: parts nearly always are). Such a text is returned as it is, without the full rules.
+_PLAIN = re.compile(r"[A-Za-z0-9_$-][A-Za-z0-9 ._$-]*", re.ASCII)
+
+
+def _already_safe(text: str) -> bool:
+    return (len(text) <= MAX_COMPONENT_BYTES and _PLAIN.fullmatch(text) is not None
+            and text[-1] not in ". " and _unreserve(text) == text)
+
+
 def sanitize_component(text: str, *, fallback: str = FALLBACK, max_len: int | None = None) -> str:
     """One path component, safe on Linux, macOS and Windows (rules: module docstring).
 
@@ -178,6 +190,8 @@ def sanitize_component(text: str, *, fallback: str = FALLBACK, max_len: int | No
     never empty unless ``fallback`` is ``""``; the fallback itself is sanitised too.
     The function is idempotent.
     """
+    if (max_len is None or len(text) <= max_len) and text and _already_safe(text):
+        return text
     cleaned = _clean(text)
     if max_len is not None:
         cleaned = cleaned[: max(max_len, 0)]
@@ -216,6 +230,7 @@ _DATE_FORMS = [
 _TIME_SPLIT = re.compile(r"[\sT]", re.ASCII)
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def normalise_date(text: str) -> str:
     """Any date form NBIA serves -> ``MM-DD-YYYY`` (the Java folder format); invalid -> "".
 
@@ -244,6 +259,7 @@ _NOT_CLEAN = re.compile(r"[^a-zA-Z0-9 .-]")
 _NOT_CLEAN_URI = re.compile(r"[^a-zA-Z0-9 ./:]")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def java_clean(text: str) -> str:
     """The server's ``cleanStr``: keep ``[a-zA-Z0-9 .-]``; nothing left gives ``NA``.
 
@@ -260,6 +276,7 @@ def java_clean_uri(text: str) -> str:
     return out or FALLBACK
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def format_series_number(text: str) -> str:
     """A series number as the server's decimal(22,6) prints it: ``"1"`` -> ``"1.000000"``.
 
@@ -298,6 +315,7 @@ def _java_desc(text: str) -> str:
 # ----------------------------------------------------------------------------- paths
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _piece(text: str, limit: int | None = None) -> str:
     """A part of a component: cleaned and trimmed; component rules come after joining."""
     cleaned = _clean(text).strip()
@@ -328,9 +346,10 @@ def _suffix(uid: str, mode: int) -> str:
 
 
 def _join(parts: Iterable[str]) -> str:
-    return "-".join(part for part in parts if part)
+    return "-".join(filter(None, parts))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _component(text: str, depth: int) -> str:
     result = sanitize_component(text)
     if result.casefold() in _TAKEN_AT_DEPTH.get(depth, ()):
@@ -411,6 +430,57 @@ def _fit(fields: _Fields, build: _Builder) -> tuple[str, str, str, str]:
 
 
 def _relpath(info: SeriesInfo, layout: Layout, mode: int) -> PurePosixPath:
+    return PurePosixPath(_relpath_text(info, layout, mode))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _study_component(date: str, study_id: str, description: str, study_uid: str) -> str:
+    return _component(_join((normalise_date(date), _java_part(java_clean(study_id)),
+                             _java_desc(java_clean(description)), _suffix(study_uid, 0))), 2)
+
+
+def _series_number_part(text: str) -> str:
+    number = format_series_number(text)
+    if number and _NUMBER.fullmatch(number) is None:
+        number = java_clean(number)
+    return _java_part(number)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _series_head(number: str, description: str) -> str:
+    """``<number>-<description>`` of a series folder: a few distinct values per archive."""
+    return _join((_series_number_part(number), _java_desc(java_clean(description))))
+
+
+def _descriptive_fast(info: SeriesInfo, mode: int) -> str | None:
+    """The descriptive relpath when no limit is hit (nearly always), from cached parts;
+    None when something must be shortened (the full rules of :func:`_fit` apply)."""
+    parts = (
+        _component(_piece(info.collection), 0),
+        _component(_piece(info.patient_id), 1),
+        _study_component(info.study_date, info.study_id, info.study_description,
+                         info.study_uid),
+        # Unique per series: not worth a cache entry (its head is).
+        _component.__wrapped__(_join((_series_head(info.series_number,
+                                                   info.series_description),
+                                      _suffix(info.series_uid, mode))), 3),
+    )
+    if sum(map(len, parts)) + 3 > MAX_SERIES_PATH:
+        return None
+    for part in parts:
+        if len(part) > MAX_COMPONENT_BYTES // 4 and len(part.encode("utf-8")) > \
+                MAX_COMPONENT_BYTES:
+            return None
+    return "/".join(parts)
+
+
+def _relpath_text(info: SeriesInfo, layout: Layout, mode: int) -> str:
+    """The relpath as ``a/b/c/d`` text: what the engine keeps (a ``PurePosixPath`` per
+    series would cost a third of planning a large manifest)."""
+    if layout is Layout.DESCRIPTIVE:
+        fast = _descriptive_fast(info, mode)
+        if fast is not None:
+            return fast
     fields: _Fields = {
         "uid": info.series_uid,
         "collection": _piece(info.collection),
@@ -426,20 +496,17 @@ def _relpath(info: SeriesInfo, layout: Layout, mode: int) -> PurePosixPath:
         fields["series_sfx"] = _suffix(info.series_uid, max(mode, 1))
         build: _Builder = _build_classic
     else:
-        number = format_series_number(info.series_number)
-        if number and _NUMBER.fullmatch(number) is None:
-            number = java_clean(number)
         fields.update(
             date=normalise_date(info.study_date),
             study_id=_java_part(java_clean(info.study_id)),
             study_desc=_java_desc(java_clean(info.study_description)),
             study_sfx=_suffix(info.study_uid, 0),
-            number=_java_part(number),
+            number=_series_number_part(info.series_number),
             series_desc=_java_desc(java_clean(info.series_description)),
             series_sfx=_suffix(info.series_uid, mode),
         )
         build = _build_descriptive
-    return PurePosixPath(*_fit(fields, build))
+    return "/".join(_fit(fields, build))
 
 
 def series_relpath(info: SeriesInfo, layout: Layout | str = Layout.DESCRIPTIVE) -> PurePosixPath:
@@ -473,13 +540,22 @@ def series_relpath_variants(
 
 def collision_key(path: PurePosixPath | str) -> str:
     """Windows and macOS compare names case-insensitively: so do we."""
-    return unicodedata.normalize("NFC", str(path)).casefold()
+    text = str(path)
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFC", text).casefold()
 
 
 def series_relpath_mode(info: SeriesInfo, layout: Layout | str, mode: int) -> PurePosixPath:
     """The folder of a series in one of its variants (0: the Java name; 1: the whole
     series UID instead of its last five characters; 2: the whole UID plus a hash)."""
     return _relpath(info, Layout(layout), mode)
+
+
+def _digest(key: str) -> int:
+    """A stable (process-independent) 64-bit digest of a collision key."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "big")
 
 
 class FolderPlanner:
@@ -497,16 +573,20 @@ class FolderPlanner:
 
     def __init__(self, layout: Layout | str = Layout.DESCRIPTIVE) -> None:
         self.layout = Layout(layout)
-        self._taken: set[str] = set()
+        # 64-bit digests of the collision keys, not the keys: a fifth of the memory for a
+        # 200,000-series manifest. A collision of two digests only gives one series the
+        # longer, whole-UID name: never two series one folder.
+        self._taken: set[int] = set()
 
     def reserve(self, relpaths: Iterable[PurePosixPath | str]) -> None:
-        self._taken.update(collision_key(p) for p in relpaths)
+        self._taken.update(_digest(collision_key(p)) for p in relpaths)
 
-    def take(self, info: SeriesInfo) -> tuple[PurePosixPath, int]:
-        """The folder for ``info`` and the variant it needed (0 = the Java name)."""
+    def take(self, info: SeriesInfo) -> tuple[str, int]:
+        """The folder for ``info`` (``a/b/c/d`` text) and the variant it needed (0 = the
+        Java name)."""
         for mode in (0, 1, 2):
-            path = _relpath(info, self.layout, mode)
-            key = collision_key(path)
+            path = _relpath_text(info, self.layout, mode)
+            key = _digest(collision_key(path))
             if key not in self._taken:
                 self._taken.add(key)
                 return path, mode
@@ -526,5 +606,5 @@ def series_relpaths(
     paths: dict[str, PurePosixPath] = {}
     for info in infos:
         if info.series_uid not in paths:
-            paths[info.series_uid] = planner.take(info)[0]
+            paths[info.series_uid] = PurePosixPath(planner.take(info)[0])
     return paths

@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -271,6 +272,12 @@ class _Collector:
         self.seen: dict[str, None] = {}
         self.duplicates = 0
 
+    def uids(self) -> tuple[str, ...]:
+        """The UIDs, in order, as interned strings: the metadata a server sends for a
+        series then shares the manifest's UID object instead of carrying a copy (100
+        bytes a series of a 200,000-series download)."""
+        return tuple(map(sys.intern, self.seen))
+
     def add_lines(self, lines: list[str], start: int, source: str) -> None:
         """Add ``lines[start:]``, one UID a line (``lines[i]`` is line ``i + 1``).
 
@@ -458,7 +465,7 @@ def _finish(collector: _Collector, headers: dict[str, str], source: str, kind: s
         if kind == "tcia" and version.strip() in ("", "1.0", "2.0"):
             problem += " (a legacy manifest whose list stayed on the server is not supported)"
         raise ManifestError(problem, source=source, line=marker_line)
-    return Manifest(series_uids=tuple(collector.seen), headers=headers, source=source,
+    return Manifest(series_uids=collector.uids(), headers=headers, source=source,
                     duplicates_dropped=collector.duplicates, kind=kind)
 
 
@@ -513,7 +520,7 @@ def _parse_delimited(lines: list[str], header: int, source: str) -> Manifest | N
         if not collector.seen:
             raise ManifestError(f"no series listed in column {row[column].strip()!r}",
                                 source=source, line=header + 1)
-        return Manifest(series_uids=tuple(collector.seen), headers={}, source=source,
+        return Manifest(series_uids=collector.uids(), headers={}, source=source,
                         duplicates_dropped=collector.duplicates, kind="csv")
     if any(d in header_text for d in "\t,;|"):
         raise ManifestError(
@@ -563,7 +570,7 @@ def _read_xlsx(path: Path, source: str) -> Manifest:
                             "column in the first sheet", source=source)
     if not collector.seen:
         raise ManifestError("no series listed in the first sheet", source=source)
-    return Manifest(series_uids=tuple(collector.seen), headers={}, source=source,
+    return Manifest(series_uids=collector.uids(), headers={}, source=source,
                     duplicates_dropped=collector.duplicates, kind="xlsx")
 
 

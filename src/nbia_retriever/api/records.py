@@ -89,7 +89,7 @@ def series_infos(answer: Answer, what: str, *, keep_extra: bool = False) -> list
         # Builds of mid-2025 also send rows of series the user may not see, marked 0.
         col = header.index("Authorized")
         rows = [r for r in rows if col >= len(r) or r[col].strip() != "0"]
-    return [shape.info(row) for row in rows]
+    return shape.infos(rows)
 
 
 def first_of(infos: Iterable[SeriesInfo], uid: str) -> SeriesInfo | None:

@@ -44,8 +44,12 @@ CREATE TABLE IF NOT EXISTS series (
     files TEXT NOT NULL DEFAULT '',
     bytes INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL DEFAULT 0,
-    completed REAL NOT NULL DEFAULT 0
-);
+    completed REAL NOT NULL DEFAULT 0,
+    nfiles INTEGER NOT NULL DEFAULT 0,
+    folder_mtime INTEGER NOT NULL DEFAULT 0,
+    adopted INTEGER NOT NULL DEFAULT 0,
+    checked REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 #: Columns added after the first release: (name, definition). Old journals get them.
@@ -288,10 +292,13 @@ class Journal:
             "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)", (key, value)), write=True)
 
     def ensure(self, uids: Iterable[str], state: str) -> None:
-        """Add rows for series not yet in the journal (existing rows are left alone)."""
+        """Add rows for series not yet in the journal (existing rows are left alone).
+
+        In key order: inserting 200,000 rows sorted takes half the time of the manifest's
+        order (the B-tree is walked, not jumped around)."""
         now = time.time()
         self._many("INSERT OR IGNORE INTO series (uid, state, updated) VALUES (?, ?, ?)",
-                   ((uid, state, now) for uid in uids))
+                   ((uid, state, now) for uid in sorted(uids)))
 
     def set_state(self, uid: str, state: str, *, error: str | None = None,
                   attempts: int | None = None, info: SeriesInfo | None = None) -> None:

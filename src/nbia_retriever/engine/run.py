@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import operator
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import (
@@ -48,7 +50,7 @@ from ..errors import (
     NbiaError,
     UsageError,
 )
-from ..layout import Layout, root_folder_name, sanitize_component
+from ..layout import Layout, root_folder_name, sanitize_component, series_relpath_mode
 from ..manifest import Manifest, api_base_from_download_url
 from ..models import FAILED_STATES, FINAL_STATES, SeriesInfo, SeriesState
 from ..ondisk import DownloadRoot, RunStaging, SeriesLock
@@ -59,7 +61,7 @@ from . import checks
 from .events import Event, EventKind, Stats
 from .journal import FileRecord, Journal
 from .options import DownloadOptions
-from .plan import PlanBatch, Planner
+from .plan import PlanBatch, Planner, bulk
 from .publish import Publisher
 from .scheduler import ConcurrencyLimiter, WorkQueue
 from .source import NbiaSource, Source, Verdict
@@ -122,10 +124,7 @@ def resolve_api_url(manifest: Manifest, api_url: str | None) -> str:
     return DEFAULT_API_URL
 
 
-@dataclass(slots=True)
-class _Folder:
-    relpath: PurePosixPath
-    mode: int
+_STATE = operator.attrgetter("state")
 
 
 class Engine:
@@ -186,7 +185,10 @@ class Engine:
                                           adaptive=self.options.adaptive,
                                           explore=not pinned)
         self.queue = WorkQueue()
-        self._folders: dict[str, _Folder] = {}
+        # uid -> the variant of its folder name (0: the Java name) of every series planned
+        # for download; the folder itself is worked out again when it is published (a
+        # string per series is memory a 200,000-series run does not need).
+        self._folders: dict[str, int] = {}
         self._policies: dict[str, RetryPolicy] = {}
         self._paused_attempts: set[str] = set()
         self._progress: dict[str, Progress] = {}
@@ -273,6 +275,19 @@ class Engine:
                 if result is not None and uid in self._folders and result.info:
                     self.total_bytes -= result.info.file_size or 0
 
+    def folder_of(self, uid: str) -> str:
+        """Where a series goes (once planned) or went (once complete), relative to the
+        root, as ``a/b/c/d``; "" while it is not planned or cannot be downloaded."""
+        result = self.results.get(uid)
+        if result is None:
+            return ""
+        if result.relpath:
+            return result.relpath
+        mode = self._folders.get(uid)
+        if mode is None or result.info is None:
+            return ""
+        return str(series_relpath_mode(result.info, self.layout, mode))
+
     def close(self) -> None:
         """Release the journal and connections of an engine that will not be started.
 
@@ -327,9 +342,9 @@ class Engine:
             done = self._verified + in_flight
             self._high_water = max(self._high_water, min(done, self.total_bytes or done))
             high = self._high_water
-        counts = dict.fromkeys(SeriesState, 0)
-        for r in list(self.results.values()):
-            counts[r.state] += 1
+        # Counted in C (attrgetter, Counter): a 200,000-series run asks several times a
+        # second.
+        counts = Counter(map(_STATE, list(self.results.values())))
         return Stats(
             bytes_verified=self._verified, bytes_in_flight=in_flight,
             bytes_total=self.total_bytes, series_total=len(self.results),
@@ -342,16 +357,19 @@ class Engine:
         )
 
     # -- planning -----------------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self, *, write: bool = False) -> None:
         """Read the journals, skip finished series, fetch metadata, choose folders.
 
         Blocking; safe to call before :meth:`start` (the TUI does, in a worker thread, to
-        fill its table while metadata arrives) and idempotent. Raises what stops the run
-        (:class:`AuthError` for a refused login, :class:`DestinationError`,
-        :class:`UsageError`, any other :class:`NbiaError`).
+        fill its table while metadata arrives) and idempotent. Without ``write`` nothing
+        is created on disk (a destination only looked at gets no ``.nbia/``): the root
+        and its journal are made at :meth:`start`. With ``write`` they are made now, as a
+        started run would. Raises what stops the run (:class:`AuthError` for a refused
+        login, :class:`DestinationError`, :class:`UsageError`, any other
+        :class:`NbiaError`).
         """
         if self._claim_plan():
-            if self._plan_step(self._plan_local):
+            if self._plan_step(lambda: self._plan_local(create=write)):
                 self._plan_step(self._plan_remote)
             self._end_plan()
         else:
@@ -370,7 +388,8 @@ class Engine:
     def _plan_step(self, step: Callable[[], None]) -> bool:
         """Run a planning step; what stops the run becomes ``report.fatal``."""
         try:
-            step()
+            with bulk():
+                step()
             return True
         except NbiaError as exc:
             self._set_fatal(exc)
@@ -495,7 +514,7 @@ class Engine:
                     continue
                 result.info = planned.info
                 result.state = state
-                self._folders[planned.uid] = _Folder(planned.relpath, planned.mode)
+                self._folders[planned.uid] = planned.mode
                 self.total_bytes += planned.info.file_size or 0
                 ready.append(planned.uid)
             self._planned += len(batch.ready) + len(batch.unavailable) + len(batch.adopted)
@@ -642,8 +661,8 @@ class Engine:
     # -- one series ---------------------------------------------------------------------
     def _run_one(self, uid: str) -> None:
         result = self.results.get(uid)
-        folder = self._folders.get(uid)
-        if result is None or folder is None or result.info is None:
+        mode = self._folders.get(uid)
+        if result is None or mode is None or result.info is None:
             self.queue.done(uid)
             return
         lock = SeriesLock(self.disk.locks_dir, sanitize_component(uid, fallback="series"))
@@ -662,7 +681,7 @@ class Engine:
                 complete = True
                 self.queue.done(uid)
                 return
-            complete = self._attempt(uid, result, folder)
+            complete = self._attempt(uid, result, mode)
         finally:
             lock.release(remove=complete)
 
@@ -693,7 +712,7 @@ class Engine:
                 return True
         return False
 
-    def _attempt(self, uid: str, result: SeriesResult, folder: _Folder) -> bool:
+    def _attempt(self, uid: str, result: SeriesResult, mode: int) -> bool:
         """One attempt; True if the series is complete."""
         info = result.info
         assert info is not None and self._staging is not None
@@ -713,7 +732,7 @@ class Engine:
             checks.check_series(uid, info, staged.entries, staged.md5_list,
                                 md5_required=self.options.md5)
             assert self._publisher is not None
-            published = self._publisher.publish(uid, info, staged, mode=folder.mode,
+            published = self._publisher.publish(uid, info, staged, mode=mode,
                                                 attempts=attempt)
         except Cancelled:
             discard(staging)
