@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from textual.pilot import Pilot
-from textual.widgets import Button, DataTable, Input
+from textual.widgets import Button, DataTable, Input, Label
 
 from nbia_retriever.engine import DownloadOptions, Engine
 from nbia_retriever.manifest import read_manifest
@@ -302,6 +302,47 @@ async def test_sort_by_key_and_header_click(archive: ArchiveSummary, server: Ref
         assert table_order(app) == sorted(manifest_order, key=uid_key)
         await pilot.press("v")
         assert table_order(app) == sorted(manifest_order, key=uid_key, reverse=True)
+
+
+async def test_a_window_of_rows_pages_through_them_all(archive: ArchiveSummary,
+                                                       server: ReferenceServer,
+                                                       tmp_path: Path) -> None:
+    """The table holds a window of rows (200,000 would not fit): with a window of 2 of
+    the 4 rows, the cursor keys still reach every series, in order, and sorting or
+    removing works on all rows, not only those in the window."""
+    app = make_app(archive, server, tmp_path)
+    app.page_size = 2
+    manifest = list(app.manifest.series_uids)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        table = app.query_one("#table", DataTable)
+        assert len(manifest) == 4 and table.row_count == 2 and len(app.order) == 4
+        seen = [app._cursor_uid()]
+        for _ in range(3):
+            await pilot.press("down")
+            seen.append(app._cursor_uid())
+        assert seen == manifest  # down past the window's end slides it
+        await pilot.press("down")
+        assert app._cursor_uid() == manifest[-1]  # the real end
+        for _ in range(3):
+            await pilot.press("up")
+        assert app._cursor_uid() == manifest[0]
+        await pilot.press("ctrl+end")
+        assert app._cursor_uid() == manifest[-1]
+        assert "rows 3–4 of 4" in str(app.query_one("#counts", Label).render())
+        await pilot.press("ctrl+home")
+        assert app._cursor_uid() == manifest[0]
+        app.sort_by("series", reverse=True)  # the whole list, not the window
+        from nbia_retriever.tui.cells import uid_key
+
+        assert app.order == sorted(manifest, key=uid_key, reverse=True)
+        assert table_order(app) == app.order[:2]
+        last = app.order[-1]
+        app.go_to(last)
+        assert app._cursor_uid() == last
+        await pilot.press("delete")  # a row outside the first window
+        assert last not in app.rows and len(app.order) == 3
+        assert app._cursor_uid() == app.order[-1]
 
 
 async def test_mark_all_and_remove_with_mouse(archive: ArchiveSummary, server: ReferenceServer,

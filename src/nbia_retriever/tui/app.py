@@ -20,10 +20,11 @@ the latest state any engine reported for it.
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
+from collections import Counter, deque
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,6 +33,7 @@ from textual import events, on
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
+from textual.message import Message
 from textual.widgets import (
     Button,
     DataTable,
@@ -43,7 +45,6 @@ from textual.widgets import (
     Select,
     Static,
 )
-from textual.worker import Worker, WorkerState
 
 from ..api import Credentials
 from ..engine import DownloadOptions, Engine, Event
@@ -54,6 +55,7 @@ from ..models import ALL_STATES, FAILED_STATES, SeriesState
 from ..report import SeriesResult, write_error_report
 from .cells import COLUMNS, Cell, format_duration, human_size, row_cells
 from .screens import DestinationScreen, LoginScreen, SaveReportScreen
+from .table import PAGE, PagedTable
 
 #: Phases of the window (``RetrieverApp.phase``); tests wait on them.
 LOADING, READY, RUNNING, FINISHED = "loading", "ready", "running", "finished"
@@ -63,19 +65,21 @@ TICK = 0.25
 SPEED_WINDOW = 5.0
 RETRYABLE = FAILED_STATES | {SeriesState.CANCELLED}
 EMPTY = "—"
+_STATE = operator.attrgetter("state")
 AUTO_WIDTH = frozenset(key for key, _, width in COLUMNS if width is None)
 #: Below this terminal width the table drops the columns in NARROW_HIDDEN.
 WIDE_TABLE = 112
 NARROW_HIDDEN = frozenset({"collection", "study", "images"})
 
 
-@dataclass
+@dataclass(slots=True)
 class Row(SeriesResult):
     """What the table shows for one series: the latest report from any engine, plus
-    the table's own state (marked for deletion, rendered cells)."""
+    the table's own state (marked for deletion; rendered cells while it is in the
+    table's window, None otherwise)."""
 
     marked: bool = False
-    cells: dict[str, Cell] = field(default_factory=dict)
+    cells: dict[str, Cell] | None = None
 
 
 class RetrieverApp(App[None]):
@@ -87,6 +91,8 @@ class RetrieverApp(App[None]):
     """
 
     TITLE = "NBIA Data Retriever"
+    #: Rows the table holds at once (see .table).
+    page_size: ClassVar[int] = PAGE
     CSS_PATH = "retriever.tcss"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "start", "Start"),
@@ -127,6 +133,11 @@ class RetrieverApp(App[None]):
         name = manifest_name or (Path(manifest.source).name if manifest.source else "")
         self.sub_title = name
         self.rows: dict[str, Row] = {uid: Row(uid) for uid in manifest.series_uids}
+        #: Every row's UID in display order (sorted, without removed rows); the table
+        #: holds the window ``order[_start:_start + page_size]`` (see .table).
+        self.order: list[str] = list(self.rows)
+        self._start = 0
+        self._shown: dict[str, int] = {}
         self.removed: set[str] = set()
         self.engine: Engine = self._make_engine()
         self.phase = LOADING
@@ -157,8 +168,7 @@ class RetrieverApp(App[None]):
                          value=self.layout_name, allow_blank=False, id="layout", compact=True)
             yield Button("Log in", id="login", compact=True)
             yield Label(self._login_text(), id="user")
-        table: DataTable[Cell] = DataTable(id="table", cursor_type="row", zebra_stripes=True)
-        yield table
+        yield PagedTable(self, id="table", cursor_type="row", zebra_stripes=True)
         yield Static(id="detail")
         with Horizontal(id="overall-row"):
             yield ProgressBar(total=None, show_eta=False, id="overall")
@@ -176,8 +186,6 @@ class RetrieverApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        for row in self.rows.values():
-            row.cells = self._cells(row)
         self._build_table(self.size.width < WIDE_TABLE)
         self.query_one("#table", DataTable).focus()
         self._prepare_engine()
@@ -202,12 +210,53 @@ class RetrieverApp(App[None]):
         self._columns = [key for key, _, _ in columns]
         for key, label, width in columns:
             table.add_column(label, key=key, width=width)
-        for row in self.rows.values():
-            table.add_row(*(row.cells[key] for key in self._columns), key=row.uid)
-        if self._sort and self._sort[0] in self._columns:
-            table.sort(self._sort[0], reverse=self._sort[1])
-        if cursor in self.rows:
-            table.move_cursor(row=table.get_row_index(cursor))
+        self._fill(self._start, cursor)
+
+    # -- the window (see .table) ----------------------------------------------------------
+    def _fill(self, start: int, cursor: str | None = None) -> None:
+        """Show ``order[start:start + self.page_size]``; the cursor on ``cursor`` if it is there."""
+        table = self.query_one("#table", DataTable)
+        start = max(0, min(start, len(self.order) - self.page_size))
+        for uid in self._shown:
+            if (row := self.rows.get(uid)) is not None:
+                row.cells = None
+        table.clear()
+        self._start = start
+        shown = self.order[start:start + self.page_size]
+        self._shown = {uid: i for i, uid in enumerate(shown)}
+        for uid in shown:
+            row = self.rows[uid]
+            row.cells = self._cells(row)
+            table.add_row(*(row.cells[key] for key in self._columns), key=uid)
+        if cursor in self._shown:
+            table.move_cursor(row=self._shown[cursor])
+        self._update_counts()  # "rows a–b of n"
+
+    def turn(self, step: int) -> bool:
+        """The cursor left the window (:class:`~.table.Pager`): slide it half a page."""
+        table = self.query_one("#table", DataTable)
+        target = self._start + table.cursor_row + (1 if step > 0 else -1)
+        if not 0 <= target < len(self.order) or (
+                step > 0 and self._start + self.page_size >= len(self.order)) or (
+                step < 0 and self._start == 0):
+            return False
+        self._fill(self._start + (self.page_size // 2 if step > 0 else -(self.page_size // 2)))
+        table.move_cursor(row=target - self._start)
+        return True
+
+    def jump(self, end: bool) -> None:
+        """First or last window (:class:`~.table.Pager`)."""
+        start = len(self.order) - self.page_size if end else 0
+        if max(0, start) != self._start:
+            self._fill(start)
+
+    def go_to(self, uid: str) -> None:
+        """Put the cursor on a series, sliding the window to it."""
+        if uid not in self.rows:
+            return
+        if uid not in self._shown:
+            self._fill(self.order.index(uid) - self.page_size // 2)
+        self.query_one("#table", DataTable).move_cursor(row=self._shown[uid])
 
     # -- engines ----------------------------------------------------------------------------
     def _make_engine(self, *, only_failed: bool = False) -> Engine:
@@ -228,22 +277,37 @@ class RetrieverApp(App[None]):
         if old is not engine and old not in self._preparing:
             _dispose(old)
 
+    class Prepared(Message):
+        """An engine finished reading journals and metadata (posted from its thread)."""
+
+        def __init__(self, engine: Engine, error: str) -> None:
+            super().__init__()
+            self.engine = engine
+            self.error = error
+
     def _prepare_engine(self) -> None:
-        """Read journal and metadata in a thread; the table fills when it is done."""
+        """Read journal and metadata in a thread; the table fills as batches arrive.
+
+        A daemon thread of our own, not a Textual worker: those run in asyncio's default
+        executor, which the app waits for when it exits, so ``q`` during a slow metadata
+        request would leave the terminal hanging until the server answered.
+        """
         engine = self.engine
         self._engine_prepared = True
         self._preparing.add(engine)
         self.phase = LOADING
         self._set_message(f"Reading metadata of {len(engine.results):,} series…")
         self.query_one("#overall", ProgressBar).update(total=None, progress=0)
-        self.run_worker(lambda: _prepare(engine), thread=True, group="prepare",
-                        exit_on_error=False)
 
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        worker = event.worker
-        if worker.group != "prepare" or event.state != WorkerState.SUCCESS:
-            return
-        engine, error = worker.result
+        def work() -> None:
+            _, error = _prepare(engine)
+            with contextlib.suppress(Exception):  # the app may be gone by now
+                self.post_message(self.Prepared(engine, error))
+
+        threading.Thread(target=work, name="nbia-tui-prepare", daemon=True).start()
+
+    def on_retriever_app_prepared(self, message: Prepared) -> None:
+        engine, error = message.engine, message.error
         self._preparing.discard(engine)
         if engine is not self.engine:
             _dispose(engine)  # the settings changed while it was reading: forget it
@@ -319,7 +383,10 @@ class RetrieverApp(App[None]):
         return row_cells(row.uid, row.info, row.state, row.bytes_done, row.marked)
 
     def _redraw(self, row: Row) -> None:
-        """Update only the cells whose content changed (cheap with thousands of rows)."""
+        """Update only the cells whose content changed; nothing for rows outside the
+        window (they are drawn when the window reaches them)."""
+        if row.cells is None or row.uid not in self._shown:
+            return
         table = self.query_one("#table", DataTable)
         cells = self._cells(row)
         for key, cell in cells.items():
@@ -329,8 +396,8 @@ class RetrieverApp(App[None]):
         row.cells = cells
 
     def _redraw_all(self) -> None:
-        for row in self.rows.values():
-            self._redraw(row)
+        for uid in self._shown:
+            self._redraw(self.rows[uid])
         self._show_detail()
 
     def _update_overall(self) -> None:
@@ -357,14 +424,16 @@ class RetrieverApp(App[None]):
 
     def _update_counts(self) -> None:
         counts = dict.fromkeys(ALL_STATES, 0)
-        for row in self.rows.values():
-            counts[row.state] = counts.get(row.state, 0) + 1
+        counts.update(Counter(map(_STATE, self.rows.values())))
         failed = sum(counts[s] for s in FAILED_STATES)
         text = f"{counts[SeriesState.COMPLETE]}/{len(self.rows)} done"
         if counts[SeriesState.DOWNLOADING]:
             text += f" · {counts[SeriesState.DOWNLOADING]} active"
         if failed:
             text += f" · {failed} failed"
+        if len(self.order) > self.page_size:
+            end = min(len(self.order), self._start + self.page_size)
+            text += f" · rows {self._start + 1:,}–{end:,} of {len(self.order):,}"
         self.query_one("#counts", Label).update(text)
 
     def _on_finished(self) -> None:
@@ -475,9 +544,20 @@ class RetrieverApp(App[None]):
         self.sort_by(key, reverse=reverse)
 
     def sort_by(self, key: str, *, reverse: bool = False) -> None:
-        """Stable sort on one column; ties keep the manifest's order."""
+        """Stable sort on one column, over every row (not only the window); ties keep
+        the manifest's order."""
         self._sort = (key, reverse)
-        self.query_one("#table", DataTable).sort(key, reverse=reverse)
+        cursor = self._cursor_uid()
+
+        def cell_key(uid: str) -> object:
+            row = self.rows[uid]
+            return (row.cells or self._cells(row))[key].key
+
+        base = [uid for uid in self.manifest.series_uids if uid in self.rows]
+        self.order = sorted(base, key=cell_key, reverse=reverse)
+        self._fill(0)
+        if cursor is not None:
+            self.go_to(cursor)
         label = {k: lbl for k, lbl, _ in COLUMNS}[key].strip() or "mark"
         self._set_message(f"Sorted by {label}{', descending' if reverse else ''}.")
 
@@ -498,15 +578,15 @@ class RetrieverApp(App[None]):
         row = self.rows[uid]
         row.marked = not row.marked
         self._redraw(row)
-        table = self.query_one("#table", DataTable)
-        if advance and row.marked and table.cursor_row < table.row_count - 1:
-            table.move_cursor(row=table.cursor_row + 1)
+        table = self.query_one("#table", PagedTable)
+        if advance and row.marked:
+            table.action_cursor_down()
 
     def action_mark_all(self) -> None:
         mark = not all(r.marked for r in self.rows.values())
         for row in self.rows.values():
             row.marked = mark
-            self._redraw(row)
+        self._redraw_all()
 
     def action_remove(self) -> None:
         """Drop the marked rows (or the highlighted one) from this download; the manifest
@@ -523,9 +603,12 @@ class RetrieverApp(App[None]):
 
     def remove_series(self, uids: list[str]) -> None:
         table = self.query_one("#table", DataTable)
-        for uid in uids:
-            if self.rows.pop(uid, None) is not None:
-                table.remove_row(uid)
+        gone = {uid for uid in uids if self.rows.pop(uid, None) is not None}
+        index = self._start + table.cursor_row
+        if gone:
+            self.order = [uid for uid in self.order if uid not in gone]
+            after = next((u for u in self.order[index:] if u in self.rows), None)
+            self._fill(self._start, after or (self.order[-1] if self.order else None))
         self.removed.update(uids)
         if self._engine_prepared:
             # Engine.remove() after prepare() leaves the series in its queue and byte
@@ -750,9 +833,11 @@ class RetrieverApp(App[None]):
         self.exit()
 
     def on_unmount(self) -> None:
+        for engine in self._preparing:
+            engine.cancel()  # its thread stops after the request in flight
         if self.phase == RUNNING:
             self.engine.cancel()
-        else:
+        elif self.engine not in self._preparing:
             _dispose(self.engine)
 
 
