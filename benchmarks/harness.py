@@ -258,10 +258,11 @@ class ServerProcess:
     """``nbia-retriever serve`` as a process of its own, so its CPU is measured apart."""
 
     def __init__(self, exe: Path, archive: Path, log_dir: Path, faults: str | None = None,
-                 startup_timeout: float = 900.0) -> None:
+                 startup_timeout: float = 900.0, extra: Sequence[str] = ()) -> None:
         self.exe = exe
         self.archive = archive
         self.faults = faults
+        self.extra = list(extra)
         self.log = log_dir / "server.log"
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -272,6 +273,7 @@ class ServerProcess:
         cmd = [str(self.exe), "serve", str(self.archive), "--port", "0"]
         if self.faults:
             cmd += ["--faults", self.faults]
+        cmd += self.extra
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,

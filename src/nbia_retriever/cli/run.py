@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +201,10 @@ def _json_printer() -> Any:
     lock = threading.Lock()
 
     def emit(event: Any) -> None:
-        line = json.dumps(event.as_dict(), ensure_ascii=False)
+        # Wall-clock time of each event (seconds since the epoch, ms resolution): what a
+        # batch log needs to line events up with the scheduler's and the server's.
+        line = json.dumps({**event.as_dict(), "time": round(time.time(), 3)},
+                          ensure_ascii=False)
         with lock:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
