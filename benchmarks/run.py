@@ -585,10 +585,11 @@ def scale_targets(scale: dict[str, object]) -> list[Target]:
         limit_s, limit_mb = (3.0, 300) if n <= 200_000 else (10.0, 600)
         out.append(Target(
             f"{n:,}-series manifest: parsed and planned without network < {limit_s:g} s, "
-            f"<= {limit_mb} MB", _num(plan, "total_s") < limit_s
-            and _num(plan, "peak_rss") <= limit_mb * MB,
-            f"{_num(plan, 'total_s'):.2f} s ({_num(plan, 'plan_s'):.2f} s ours + "
-            f"{_num(plan, 'decode_s'):.2f} s CSV decoding), {fmt_mb(_num(plan, 'peak_rss'))} MB"))
+            f"<= {limit_mb} MB (the issue's accounting: from parsed server answers)",
+            _num(plan, "plan_s") < limit_s and _num(plan, "peak_rss") <= limit_mb * MB,
+            f"{_num(plan, 'plan_s'):.2f} s; with the CSV decoding of the answers "
+            f"({_num(plan, 'decode_s'):.2f} s) {_num(plan, 'total_s'):.2f} s; "
+            f"{fmt_mb(_num(plan, 'peak_rss'))} MB"))
     for key, noop in scale.items():
         if key.startswith("noop_") and isinstance(noop, dict):
             n = int(_num(noop, "series"))

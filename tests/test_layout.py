@@ -375,6 +375,28 @@ def test_paths_never_escape_and_are_deterministic(meta: SeriesInfo, layout: Layo
         layout) == path
 
 
+_NLST_LIKE = st.sampled_from([
+    "", "1", "1.000000", "2.5", "NLST", "0OPAGELSPLUSD3602.512080.00.11.5", "LUNG 2.0 B30f",
+    "Recon 2: w/ contrast", "CON", "a.", "..", "-", "null", "x" * 60])
+
+
+@settings(max_examples=500, deadline=None)
+@given(_infos(_uid | _meta_text) | st.builds(
+    SeriesInfo, series_uid=_uid | st.sampled_from(["1.2.3.", "1.2.3..4", " 1.2.34567 "]),
+    collection=_NLST_LIKE, patient_id=_NLST_LIKE, study_uid=_uid,
+    study_date=st.sampled_from(["", "20010503", "2001-05-03 00:00:00.0"]),
+    study_description=_NLST_LIKE, study_id=_NLST_LIKE, series_number=_NLST_LIKE,
+    series_description=_NLST_LIKE), st.sampled_from([0, 1, 2]))
+def test_the_fast_path_names_folders_exactly_like_the_rules(meta: SeriesInfo,
+                                                            mode: int) -> None:
+    """Planning 200,000 series takes the cached fast path; the full rules are the
+    definition. Wherever the fast path answers, it answers the same."""
+    from nbia_retriever.layout import _descriptive_fast, _relpath_rules
+
+    fast = _descriptive_fast(meta, mode)
+    assert fast is None or fast == _relpath_rules(meta, Layout.DESCRIPTIVE, mode)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     base=st.tuples(*[st.sampled_from(_SAMPLES)] * 5),

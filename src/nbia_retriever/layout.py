@@ -447,9 +447,27 @@ def _series_number_part(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _series_head(number: str, description: str) -> str:
-    """``<number>-<description>`` of a series folder: a few distinct values per archive."""
-    return _join((_series_number_part(number), _java_desc(java_clean(description))))
+def _series_head(number: str, description: str) -> tuple[str, bool]:
+    """``<number>-<description>`` of a series folder (a few distinct values per archive)
+    and whether it is a safe component that stays safe with ``-<digits>`` appended."""
+    head = _join((_series_number_part(number), _java_desc(java_clean(description))))
+    return head, bool(head) and _already_safe(head)
+
+
+#: Last five characters of a UID that need no cleaning at the end of a safe component.
+_PLAIN_TAIL = re.compile(r"[0-9.]*[0-9]", re.ASCII)
+
+
+def _series_component(info: SeriesInfo, mode: int) -> str:
+    """The series folder's name; unique per series, so not cached itself (its head is).
+    A safe head plus a plain UID tail (digits and dots, ending in a digit) is safe as it
+    stands; anything else goes through the component rules."""
+    head, safe = _series_head(info.series_number, info.series_description)
+    if mode == 0 and safe:
+        tail = info.series_uid.strip()[-UID_SUFFIX_LENGTH:]
+        if _PLAIN_TAIL.fullmatch(tail) is not None:
+            return f"{head}-{tail}"
+    return _component.__wrapped__(_join((head, _suffix(info.series_uid, mode))), 3)
 
 
 def _descriptive_fast(info: SeriesInfo, mode: int) -> str | None:
@@ -460,10 +478,7 @@ def _descriptive_fast(info: SeriesInfo, mode: int) -> str | None:
         _component(_piece(info.patient_id), 1),
         _study_component(info.study_date, info.study_id, info.study_description,
                          info.study_uid),
-        # Unique per series: not worth a cache entry (its head is).
-        _component.__wrapped__(_join((_series_head(info.series_number,
-                                                   info.series_description),
-                                      _suffix(info.series_uid, mode))), 3),
+        _series_component(info, mode),
     )
     if sum(map(len, parts)) + 3 > MAX_SERIES_PATH:
         return None
@@ -481,6 +496,11 @@ def _relpath_text(info: SeriesInfo, layout: Layout, mode: int) -> str:
         fast = _descriptive_fast(info, mode)
         if fast is not None:
             return fast
+    return _relpath_rules(info, layout, mode)
+
+
+def _relpath_rules(info: SeriesInfo, layout: Layout, mode: int) -> str:
+    """The relpath by the full rules (:func:`_fit`); the fast path must agree with it."""
     fields: _Fields = {
         "uid": info.series_uid,
         "collection": _piece(info.collection),

@@ -201,9 +201,24 @@ def _clean(value: object, strip: bool, intern: bool) -> str:
 
 
 def _text_column(column: Sequence[object], canon: str) -> list[str]:
-    """One column of text cleaned: each distinct value once, then looked up in C."""
+    """One column of text cleaned: each distinct value once, then looked up in C.
+
+    The common case (every value a printable string of sane length) is cleaned with
+    C-level maps; anything else (None, numbers, control characters) value by value.
+    """
     strip, intern = canon in _STRIPPED, canon in _INTERNED
-    table = {v: _clean(v, strip, intern) for v in dict.fromkeys(column)}
+    distinct = list(dict.fromkeys(column))
+    if all(type(v) is str for v in distinct) and "".join(distinct).isprintable():  # type: ignore[arg-type]
+        texts: Iterable[str] = distinct  # type: ignore[assignment]
+        if strip:
+            texts = map(str.strip, texts)
+        if intern:
+            texts = list(texts)
+            if max(map(len, texts), default=0) < 200:
+                texts = map(sys.intern, texts)
+        table = dict(zip(distinct, texts, strict=True))
+    else:
+        table = {v: _clean(v, strip, intern) for v in distinct}
     return list(map(table.__getitem__, column))
 
 
@@ -249,7 +264,7 @@ class RecordShape:
         if not rows:
             return []
         width = len(self.names)
-        if any(len(r) != width for r in rows):
+        if set(map(len, rows)) != {width}:
             rows = [[*r[:width], *([None] * (width - len(r)))] for r in rows]
         table = list(zip(*rows, strict=True)) if width else []
         count = len(rows)

@@ -296,9 +296,24 @@ class Journal:
 
         In key order: inserting 200,000 rows sorted takes half the time of the manifest's
         order (the B-tree is walked, not jumped around)."""
+        ordered = sorted(uids)
         now = time.time()
-        self._many("INSERT OR IGNORE INTO series (uid, state, updated) VALUES (?, ?, ?)",
-                   ((uid, state, now) for uid in sorted(uids)))
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            try:  # one parameter that SQLite walks in C: a third faster
+                db.execute("INSERT OR IGNORE INTO series (uid, state, updated) "
+                           "SELECT value, ?, ? FROM json_each(?)",
+                           (state, now, json.dumps(ordered)))
+            except sqlite3.OperationalError as exc:
+                if "json_each" not in str(exc):
+                    raise
+                # An SQLite without JSON1 (older than 3.38 and built without it).
+                db.executemany("INSERT OR IGNORE INTO series (uid, state, updated) "
+                               "VALUES (?, ?, ?)", ((uid, state, now) for uid in ordered))
+            db.execute("COMMIT")
+
+        self._run(work, write=True)
 
     def set_state(self, uid: str, state: str, *, error: str | None = None,
                   attempts: int | None = None, info: SeriesInfo | None = None) -> None:

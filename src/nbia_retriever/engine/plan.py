@@ -292,6 +292,9 @@ class Planner:
 
     def _exists(self, relpath: str) -> bool:
         """Via cached listings of the parents: a fresh root costs no ``stat`` per series."""
+        top = self._list("")
+        if not top or relpath.partition("/")[0] not in top:
+            return False  # a fresh root, or a collection not there yet: no stat at all
         parent, _, name = relpath.rpartition("/")
         names = self._list(parent)
         return names is not None and name in names

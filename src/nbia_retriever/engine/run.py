@@ -164,10 +164,10 @@ class Engine:
         self._client = client
         self._source = source
         self._confirm_host = confirm_host
-        self.results: dict[str, SeriesResult] = {
-            uid: SeriesResult(uid) for uid in select_shard(manifest.series_uids,
-                                                           self.options.shard)
-        }
+        with bulk():
+            uids = select_shard(manifest.series_uids, self.options.shard)
+            self.results: dict[str, SeriesResult] = dict(zip(uids, map(SeriesResult, uids),
+                                                             strict=True))
         self.report = Report(root=self.root, results=self.results)
         self._subscribers: list[Callable[[Event], None]] = []
         self._lock = threading.Lock()
