@@ -25,8 +25,7 @@ $(PEERS_STAMP): benchmarks/peers-requirements.txt
 	$(PEERS)/bin/python -m pip install --quiet -r benchmarks/peers-requirements.txt
 	touch $(PEERS_STAMP)
 
-test: install peers
-	$(VENV)/bin/ruff check src tests benchmarks
+test: install peers lint
 	NBIA_PEERS_PYTHON=$(CURDIR)/$(PEERS)/bin/python $(PY) -m pytest
 
 demo: install
@@ -40,6 +39,7 @@ soak: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy --strict src
 
 clean:
 	rm -rf $(VENV) $(PEERS) demo-work bench-work

@@ -65,7 +65,7 @@ class RetryPolicy:
         server is not hit by a synchronised wave.
         """
         step = max(1, self.attempts)
-        exp = min(self.backoff_max, self.backoff_base * (2 ** (step - 1)))
+        exp = float(min(self.backoff_max, self.backoff_base * (2 ** (step - 1))))
         draw = (rng or random).uniform(0, exp / 2)
         delay = exp / 2 + draw
         if retry_after is not None:

@@ -149,9 +149,9 @@ def find_series_folders(root: Path) -> dict[str, str]:
         dicom = sorted(f for f in filenames if f.lower().endswith(".dcm"))
         if not dicom:
             continue
-        uid = _series_uid_of(Path(dirpath) / dicom[0])
-        if uid:
-            found.setdefault(uid, relpath)
+        series_uid = _series_uid_of(Path(dirpath) / dicom[0])
+        if series_uid:
+            found.setdefault(series_uid, relpath)
     return found
 
 

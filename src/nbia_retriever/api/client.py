@@ -408,9 +408,10 @@ class NbiaClient:
     def _drop_way(self, way: _ImageWay) -> bool:
         """Forget a way this server refused; True if another one is left."""
         with self._way_lock:
-            if self._ways and self._ways[0] == way and len(self._ways) > 1:
-                self._ways.pop(0)
-            return bool(self._ways) and self._ways[0] != way
+            ways = self._ways or []
+            if ways and ways[0] == way and len(ways) > 1:
+                ways.pop(0)
+            return bool(ways) and ways[0] != way
 
     @property
     def image_way(self) -> str:

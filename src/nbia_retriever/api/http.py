@@ -187,7 +187,7 @@ class _Response(http.client.HTTPResponse):
         super().__init__(sock, *args, **kwargs)
         self.fp.close()  # the plain makefile() reader; ours replaces it
         self.raw_io = _CountingSocketIO(sock, floor_ref[0])
-        self.fp = io.BufferedReader(self.raw_io, buffer_size=256 * 1024)  # type: ignore[assignment]
+        self.fp = io.BufferedReader(self.raw_io, buffer_size=256 * 1024)
 
 
 class Response:
@@ -272,7 +272,8 @@ def _proxy_for(origin: Origin) -> _Proxy | None:
     """The environment's proxy for ``origin`` (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)."""
     proxies = urllib.request.getproxies_environment()
     url = proxies.get(origin.scheme)
-    if not url or urllib.request.proxy_bypass_environment(origin.host, proxies):
+    if not url or urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
+            origin.host, proxies):
         return None
     if "://" not in url:
         url = "http://" + url

@@ -162,7 +162,7 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
         fail("give at least one filter, e.g. --collection NAME (an unfiltered search "
              "would list every series of the archive)", EXIT_USAGE)
     try:
-        records = search_series(api_url, **filters,
+        records = search_series(api_url, **filters,  # type: ignore[arg-type]
                                 **_client_options(api, user, insecure, timeout,
                                                   chosen=api_url))
     except NbiaError as exc:

@@ -83,7 +83,7 @@ def complete_info(info: SeriesInfo, staged: StagedSeries) -> SeriesInfo:
     sop = changes.get("sop_class_uid", info.sop_class_uid)
     if not info.sop_class_name and sop:
         changes["sop_class_name"] = sop_class_name(sop)
-    return replace(info, **changes) if changes else info
+    return replace(info, **changes) if changes else info  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

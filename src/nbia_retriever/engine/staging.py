@@ -103,7 +103,7 @@ def _pydicom_tags(prefix: bytes, path: Path, size: int) -> dict[str, str | None]
     import pydicom
 
     values: dict[str, str | None] = dict.fromkeys(TAGS)
-    sources: list[object] = [io.BytesIO(prefix)]
+    sources: list[io.BytesIO | Path] = [io.BytesIO(prefix)]
     if size > len(prefix):
         sources.append(path)
     for source in sources:

@@ -155,7 +155,7 @@ def _state(request: web.Request) -> _RequestState:
     if state is None:
         state = _RequestState()
         request[_STATE_KEY] = state
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 class NbiaService:
@@ -313,7 +313,8 @@ class NbiaService:
                 _state(request).fault = fault.kind
                 return self._http_fault(fault)
         method = getattr(self, endpoint.handler)
-        return await method(request, version, user, query)
+        response: web.StreamResponse = await method(request, version, user, query)
+        return response
 
     def _authenticate(self, request: web.Request) -> tuple[str | None, web.Response | None]:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -647,7 +648,7 @@ class NbiaService:
         if fault is not None and fault.kind == "stall":
             stall = injector.plan.stall_seconds if fault.param is None else fault.param
         _state(request).bytes_sent = 0
-        with contextlib.closing(stream_zip(entries)) as chunks:  # closes the open blob
+        with contextlib.closing(stream_zip(entries)) as chunks:  # type: ignore[type-var]
             await self._pump(request, response, chunks, fault, offset, stall,
                              injector.plan.bandwidth)
         return response

@@ -49,7 +49,8 @@ def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, 
         public = sorted(uid for uid, s in index.series.items()
                         if not server.config.is_restricted(s.collection))
         try:
-            manifest.write_text(format_manifest(server.download_url, public), encoding="utf-8")
+            manifest.write_text(format_manifest(server.download_url, public),  # type: ignore[union-attr]
+                                encoding="utf-8")
         except OSError:
             manifest = None
         click.echo(f"Serving {archive}: {len(index.collections)} collections, "

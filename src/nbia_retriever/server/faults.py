@@ -154,7 +154,7 @@ class FaultPlan:
 
     @property
     def probability(self) -> float:
-        return sum(getattr(self, kind) for kind in FAULT_KINDS)
+        return float(sum(getattr(self, kind) for kind in FAULT_KINDS))
 
     @property
     def active(self) -> bool:

@@ -280,7 +280,7 @@ def _text(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)  # type: ignore[union-attr]
+        return "\\".join(str(v) for v in value)  # type: ignore[attr-defined]
     return str(value).strip()
 
 

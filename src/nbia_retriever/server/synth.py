@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ..errors import NbiaError
 
@@ -401,7 +401,7 @@ def _series_dataset(
     """The dataset every image of one series shares; per-image fields are set later."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = series_uid  # replaced per image
+    meta.MediaStorageSOPInstanceUID = UID(series_uid)  # replaced per image
     meta.ImplementationVersionName = "NBIA_SYNTH_1"  # not pydicom's: stable across upgrades
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
@@ -739,7 +739,7 @@ def _write_manifest(path: Path, series_uids: Sequence[str], basket: int) -> None
 # --------------------------------------------------------------------------- CLI
 
 
-class _ByteSize(click.ParamType):
+class _ByteSize(click.ParamType):  # type: ignore[type-arg]
     """Sizes such as ``262144``, ``256K``, ``256KB``, ``1M`` (binary multiples)."""
 
     name = "size"

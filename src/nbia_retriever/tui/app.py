@@ -26,7 +26,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual import events, on
@@ -52,8 +52,8 @@ from ..errors import AuthError, NbiaError
 from ..layout import Layout
 from ..manifest import Manifest
 from ..models import ALL_STATES, FAILED_STATES, SeriesState
-from ..report import SeriesResult, write_error_report
-from .cells import COLUMNS, Cell, format_duration, human_size, row_cells
+from ..report import SeriesResult, human_size, write_error_report
+from .cells import COLUMNS, Cell, format_duration, row_cells
 from .screens import DestinationScreen, LoginScreen, SaveReportScreen
 from .table import PAGE, PagedTable
 
@@ -549,7 +549,7 @@ class RetrieverApp(App[None]):
         self._sort = (key, reverse)
         cursor = self._cursor_uid()
 
-        def cell_key(uid: str) -> object:
+        def cell_key(uid: str) -> Any:
             row = self.rows[uid]
             return (row.cells or self._cells(row))[key].key
 

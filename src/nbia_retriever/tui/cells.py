@@ -34,7 +34,7 @@ STATUS_STYLES: dict[str, str] = {
     SeriesState.NOT_AUTHORIZED: "yellow",
     SeriesState.CANCELLED: "dim",
 }
-_STATUS_ORDER = {state: i for i, state in enumerate(ALL_STATES)}
+_STATUS_ORDER: dict[str, int] = {state: i for i, state in enumerate(ALL_STATES)}
 
 
 @functools.total_ordering
