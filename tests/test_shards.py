@@ -235,6 +235,56 @@ def test_merge_reports_detects_two_series_in_one_folder(copy):
     assert any(first in c and second in c and target in c for c in result.conflicts)
 
 
+# ------------------------------------------------------------- shards add up, afterwards
+
+@pytest.mark.parametrize("shard_args", [[], ["--shard", "2/2"]], ids=["plain", "other-N"])
+def test_a_later_run_counts_what_the_shards_finished(copy, sharded, archive, uids,
+                                                     shard_args):
+    """After the three shards, a run without --shard (or with another N) into the same
+    root finds every series complete in the shards' journals: the server sees no image
+    request; verify and merge-reports count every series once."""
+    dest = copy.parent
+    with ReferenceServer(archive.root) as server:
+        result = CliRunner().invoke(main, [
+            "download", str(sharded["manifest"]), "-d", str(dest), "--api-url",
+            server.api_url, "--json", *shard_args])
+        images = [r for r in server.requests if "/getImage" in r.path]
+    assert result.exit_code == 0, result.output
+    assert images == []
+    expected = len(uids) if not shard_args else sum(1 for u in uids if shard_of(u, 2) == 2)
+    assert f'"skipped": {expected}' in result.output
+    report = verify_root(copy)
+    assert report.ok and report.series == len(uids), report
+    merged = merge_reports(copy, manifest=sharded["manifest"], fix=False)
+    assert merged.ok and merged.complete == merged.expected == len(uids)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_view_shows_what_the_shards_finished(copy, sharded, archive, uids):
+    from nbia_retriever.engine import DownloadOptions
+    from nbia_retriever.manifest import read_manifest
+    from nbia_retriever.tui import RetrieverApp
+    from nbia_retriever.tui.app import READY
+
+    with ReferenceServer(archive.root) as server:
+        app = RetrieverApp(read_manifest(sharded["manifest"]), copy.parent,
+                           DownloadOptions(api_url=server.api_url), show_rates=False)
+        async with app.run_test(size=(130, 36)) as pilot:
+            while app.phase != READY:
+                await pilot.pause(0.01)
+            states = {uid: row.state for uid, row in app.rows.items()}
+            text = app.message
+        images = [r for r in server.requests if "/getImage" in r.path]
+    assert set(states) == set(uids)
+    assert set(states.values()) == {SeriesState.COMPLETE}
+    assert f"{len(uids)} already complete" in text and images == []
+
+
 def test_merge_reports_on_a_folder_that_is_no_download(tmp_path):
     result = CliRunner().invoke(main, ["merge-reports", str(tmp_path)])
     assert result.exit_code == 2
