@@ -5,18 +5,22 @@ from __future__ import annotations
 from .errors import (
     ApiError,
     AuthError,
+    DestinationError,
     IntegrityError,
     ManifestError,
     NbiaError,
+    NetworkError,
     NotPublicError,
     UnsafeArchiveError,
+    UsageError,
 )
-from .models import SeriesInfo
+from .models import SeriesInfo, SeriesState
+from .report import Report, SeriesFailedError, SeriesResult
 
 __version__ = "0.1.0"
 
 
-def download(manifest, dest=".", **options):  # type: ignore[no-untyped-def]
+def download(manifest, dest=".", *, progress=None, **options):  # type: ignore[no-untyped-def]
     """Download every series of ``manifest`` into ``dest`` and return the :class:`Report`.
 
     ``manifest`` is a path (``.tcia``, CSV/TSV, UID list), a parsed ``Manifest`` or a list
@@ -26,12 +30,33 @@ def download(manifest, dest=".", **options):  # type: ignore[no-untyped-def]
     for limited-access collections. Blocks until done; for start/pause/resume use
     :func:`make_engine` (an :class:`~nbia_retriever.engine.Engine`).
 
+    ``progress``: a progress bar (rich) is drawn in a notebook or an interactive
+    terminal; ``False`` never draws one, ``True`` always does.
+
+    Series that fail stay in the report (``report.failed``, ``report.to_dataframe()``;
+    ``report.raise_for_failures()`` turns them into an exception). What stops the whole
+    run raises a subclass of :class:`NbiaError` instead: a manifest that cannot be read
+    (:class:`ManifestError`), a destination that cannot be used
+    (:class:`~nbia_retriever.errors.DestinationError`), a refused login
+    (:class:`AuthError`), a server that cannot be reached
+    (:class:`~nbia_retriever.errors.NetworkError`). The exception's ``report`` attribute
+    holds what was done before it stopped.
+
     >>> report = download("cart.tcia", "downloads", workers=4)   # doctest: +SKIP
-    >>> print(report.summary())                                  # doctest: +SKIP
+    >>> report                                                   # doctest: +SKIP
+    <Report 12/12 complete, 0 failed, 840.3 MB in 41.2 s>
+    >>> report.to_dataframe()                                    # doctest: +SKIP
     """
     from .engine import make_engine
+    from .progress import run_with_bar, wanted
 
-    return make_engine(manifest, dest, **options).run()
+    engine = make_engine(manifest, dest, **options)
+    report = run_with_bar(engine) if wanted(progress) else engine.run()
+    fatal = engine.fatal_error
+    if fatal is not None:
+        fatal.report = report  # type: ignore[attr-defined]
+        raise fatal
+    return report
 
 
 def make_engine(manifest, dest=".", **options):  # type: ignore[no-untyped-def]
@@ -44,12 +69,19 @@ def make_engine(manifest, dest=".", **options):  # type: ignore[no-untyped-def]
 __all__ = [
     "ApiError",
     "AuthError",
+    "DestinationError",
     "IntegrityError",
     "ManifestError",
     "NbiaError",
+    "NetworkError",
     "NotPublicError",
+    "Report",
+    "SeriesFailedError",
     "SeriesInfo",
+    "SeriesResult",
+    "SeriesState",
     "UnsafeArchiveError",
+    "UsageError",
     "__version__",
     "download",
     "make_engine",

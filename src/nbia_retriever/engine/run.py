@@ -275,6 +275,11 @@ class Engine:
                 if result is not None and uid in self._folders and result.info:
                     self.total_bytes -= result.info.file_size or 0
 
+    @property
+    def fatal_error(self) -> NbiaError | None:
+        """What stopped the whole run (``report.fatal`` as an exception), if anything."""
+        return self._fatal_error
+
     def folder_of(self, uid: str) -> str:
         """Where a series goes (once planned) or went (once complete), relative to the
         root, as ``a/b/c/d``; "" while it is not planned or cannot be downloaded."""
