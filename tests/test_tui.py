@@ -7,6 +7,7 @@ between UI frames and bounded by a generous deadline; never a fixed sleep.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from textual.pilot import Pilot
-from textual.widgets import Button, DataTable, Input, Label
+from textual.widgets import Button, DataTable, Input, Label, Static
 
 from nbia_retriever.engine import DownloadOptions, Engine
 from nbia_retriever.manifest import read_manifest
@@ -34,7 +35,13 @@ from nbia_retriever.tui.cells import (
     text_cell,
     uid_key,
 )
-from nbia_retriever.tui.screens import DestinationScreen, FolderTree, LoginScreen, SaveReportScreen
+from nbia_retriever.tui.screens import (
+    ConfirmQuitScreen,
+    DestinationScreen,
+    FolderTree,
+    LoginScreen,
+    SaveReportScreen,
+)
 
 pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (asyncio)
 
@@ -65,11 +72,11 @@ def server(archive: ArchiveSummary) -> Iterator[ReferenceServer]:
 
 def make_app(archive: ArchiveSummary, server: ReferenceServer, dest: Path, *,
              manifest: str = "manifest.tcia", workers: int = 2, retries: int = 1,
-             **kwargs: object) -> RetrieverApp:
+             show_rates: bool = False, **kwargs: object) -> RetrieverApp:
     options = DownloadOptions(api_url=server.api_url, workers=workers, retries=retries,
                               backoff_base=0.01, timeout=20)
     return RetrieverApp(read_manifest(archive.root / manifest), dest, options,
-                        show_rates=False, **kwargs)  # type: ignore[arg-type]
+                        show_rates=show_rates, **kwargs)  # type: ignore[arg-type]
 
 
 async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
@@ -245,11 +252,99 @@ async def test_existing_journal_shows_complete_series(archive: ArchiveSummary,
             SeriesState.COMPLETE, SeriesState.COMPLETE,
             SeriesState.NOT_STARTED, SeriesState.NOT_STARTED]
         assert "2 already complete" in app.message and "2 to download" in app.message
+        for uid in done:  # finished rows carry their metadata, from the journal
+            row = app.rows[uid]
+            assert row.info is not None and row.info.collection and row.info.patient_id
         await pilot.click("#start")
         await wait_for(pilot, lambda: app.phase == FINISHED, "the run to finish")
         assert set(states(app).values()) == {SeriesState.COMPLETE}
     assert set(image_requests(server)) == set(manifest.series_uids[2:])
     assert not set(done) & set(image_requests(server))
+
+
+async def test_q_and_ctrl_c_ask_before_stopping_downloads(archive: ArchiveSummary,
+                                                         serve: Callable[..., ReferenceServer],
+                                                         tmp_path: Path) -> None:
+    slow = serve(archive.root, faults=FaultPlan(bandwidth=SLOW))
+    app = make_app(archive, slow, tmp_path / "dl")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        assert not (tmp_path / "dl").exists()  # nothing on disk before Start
+        await pilot.press("s")
+        await wait_for(pilot, lambda: any(r.state == SeriesState.DOWNLOADING
+                                          for r in app.engine.results.values()), "a download")
+        for key in ("q", "ctrl+c"):
+            await pilot.press(key)
+            assert isinstance(app.screen, ConfirmQuitScreen), key
+            await pilot.press("n")  # keep downloading
+            assert not isinstance(app.screen, ConfirmQuitScreen)
+            assert app.is_running and app.phase == RUNNING and not app.engine.cancelled
+        await pilot.press("q")
+        await pilot.press("y")
+        deadline = time.monotonic() + DEADLINE
+        while app.is_running:  # the app is gone: poll it, not its screens
+            assert time.monotonic() < deadline, "q, y did not quit"
+            await asyncio.sleep(0.01)
+    assert app.engine.cancelled
+    assert app.engine.report.count(SeriesState.COMPLETE) < len(app.rows)
+
+
+def test_speed_and_eta_are_honest() -> None:
+    from nbia_retriever.tui.cells import EMPTY, speed_and_eta
+
+    steady = [(t, 1000.0 * t) for t in range(6)]
+    assert speed_and_eta(steady, 10_000, active=True) == ("1.0 KB/s", "0:05")
+    stalled = [*steady, (8.0, 5000.0), (9.0, 5000.0)]  # no byte for 4 s
+    speed, eta = speed_and_eta(stalled, 10_000, active=True)
+    assert eta == EMPTY and not speed.startswith("-")
+    dropped = [(0.0, 5000.0), (1.0, 4000.0)]  # cannot happen (monotonic), still not < 0
+    assert speed_and_eta(dropped, 10_000, active=True) == ("0 B/s", EMPTY)
+    assert speed_and_eta(steady, 10_000, active=False) == (EMPTY, EMPTY)  # finished
+    assert speed_and_eta(steady, 0, active=True)[1] == EMPTY  # no total, no ETA
+
+
+async def test_speed_and_eta_are_cleared_when_finished(archive: ArchiveSummary,
+                                                       server: ReferenceServer,
+                                                       tmp_path: Path) -> None:
+    app = make_app(archive, server, tmp_path, show_rates=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the end")
+        text = str(app.query_one("#rates", Label).render())
+        assert text.endswith("· — · ETA —"), text
+
+
+async def test_detail_prints_series_numbers_one_way(archive: ArchiveSummary,
+                                                    server: ReferenceServer,
+                                                    tmp_path: Path) -> None:
+    from nbia_retriever.layout import format_series_number
+
+    app = make_app(archive, server, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        info = app.rows[app._cursor_uid() or ""].info
+        assert info is not None and info.series_number
+        detail = str(app.query_one("#detail", Static).render())
+        assert f"#{format_series_number(info.series_number)} " in detail
+
+
+async def test_a_root_of_the_other_layout_gets_advice_for_the_view(
+        archive: ArchiveSummary, server: ReferenceServer, tmp_path: Path) -> None:
+    manifest = read_manifest(archive.root / "manifest.tcia")
+    first = Engine(manifest, tmp_path, DownloadOptions(api_url=server.api_url,
+                                                       layout="classic"))
+    first.remove(manifest.series_uids[1:])
+    assert first.run().ok
+    app = make_app(archive, server, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the refusal")
+        assert "classic layout" in app.message and "(y)" in app.message
+        assert "--" not in app.message
+        for row in app.rows.values():
+            assert "--" not in row.error
 
 
 async def test_cancel_then_start_again(archive: ArchiveSummary, server: ReferenceServer,
@@ -384,7 +479,12 @@ async def test_destination_picker_and_layout(archive: ArchiveSummary, server: Re
         await pilot.press("d")
         screen = app.screen
         assert isinstance(screen, DestinationScreen)
+        path_input = screen.query_one("#path", Input)
+        assert screen.focused is path_input  # type or paste a folder at once
+        assert path_input.cursor_position == len(path_input.value)
         tree = screen.query_one(FolderTree)
+        await pilot.press("shift+tab")  # then the tree, above it
+        assert screen.focused is tree
         await wait_for(pilot, lambda: any(n.data and n.data.path.name == "picked"
                                           for n in tree.root.children), "the folder tree")
         names = {n.data.path.name for n in tree.root.children if n.data}

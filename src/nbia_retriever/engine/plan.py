@@ -33,6 +33,17 @@ from ..ondisk import DownloadRoot
 from .journal import CompleteRecord, FileRecord, Journal
 from .source import Source
 
+
+class LayoutMismatchError(UsageError):
+    """The destination was made with another layout (``made``); one root never mixes
+    two. Front ends word the remedy their own way (a flag, a key)."""
+
+    def __init__(self, root: Path, made: str) -> None:
+        self.root, self.made = root, made
+        super().__init__(f"{root} was made with --layout {made}; re-run with --layout {made} "
+                         "(or choose another destination): one root never mixes two layouts")
+
+
 #: Placeholder StudyID used to find a Java study folder when the metadata has none.
 _STUDY_MARK = "QQQQSTUDYIDQQQQ"
 _CLEAN_PART = "[A-Za-z0-9 .\\-]+"
@@ -195,9 +206,7 @@ class Planner:
                 if made:
                     break
         if made and made != self.layout.value:
-            raise UsageError(
-                f"{self.root.path} was made with --layout {made}; re-run with --layout {made} "
-                "(or choose another destination): one root never mixes two layouts")
+            raise LayoutMismatchError(self.root.path, made)
         if info.get("layout") != self.layout.value:
             self.root.write_info(layout=self.layout.value, format=1)
 

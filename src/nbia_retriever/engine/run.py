@@ -276,9 +276,42 @@ class Engine:
                     self.total_bytes -= result.info.file_size or 0
 
     @property
+    def cancelled(self) -> bool:
+        """:meth:`cancel` was called (or something fatal stopped the run)."""
+        return self._cancel.is_set()
+
+    @property
     def fatal_error(self) -> NbiaError | None:
         """What stopped the whole run (``report.fatal`` as an exception), if anything."""
         return self._fatal_error
+
+    def fill_finished_metadata(self) -> int:
+        """Put the journals' metadata on series that were complete before this run.
+
+        Planning skips finished series without reading their metadata (a no-op re-run of
+        200,000 series must not parse 200,000 JSON records); a view showing them calls
+        this, in a worker thread, to fill their rows. Returns how many were filled.
+        """
+        missing = {uid for uid, r in list(self.results.items())
+                   if r.state == SeriesState.COMPLETE and r.info is None}
+        filled = 0
+        for path in self.disk.journal_paths():
+            if not missing:
+                break
+            try:
+                with Journal(path, readonly=True) as journal:
+                    entries = list(journal.entries(SeriesState.COMPLETE))
+            except DestinationError:
+                continue
+            for entry in entries:
+                result = self.results.get(entry.uid)
+                if entry.uid in missing and entry.info is not None and result is not None:
+                    result.info = entry.info
+                    result.files = entry.nfiles or len(entry.files)
+                    result.bytes_done = entry.bytes
+                    missing.discard(entry.uid)
+                    filled += 1
+        return filled
 
     def folder_of(self, uid: str) -> str:
         """Where a series goes (once planned) or went (once complete), relative to the

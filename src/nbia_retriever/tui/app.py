@@ -48,13 +48,14 @@ from textual.widgets import (
 
 from ..api import Credentials
 from ..engine import DownloadOptions, Engine, Event
+from ..engine.plan import LayoutMismatchError
 from ..errors import AuthError, NbiaError
-from ..layout import Layout
+from ..layout import Layout, format_series_number
 from ..manifest import Manifest
 from ..models import ALL_STATES, FAILED_STATES, SeriesState
 from ..report import SeriesResult, human_size, write_error_report
-from .cells import COLUMNS, Cell, format_duration, row_cells
-from .screens import DestinationScreen, LoginScreen, SaveReportScreen
+from .cells import COLUMNS, EMPTY, Cell, row_cells, speed_and_eta
+from .screens import ConfirmQuitScreen, DestinationScreen, LoginScreen, SaveReportScreen
 from .table import PAGE, PagedTable
 
 #: Phases of the window (``RetrieverApp.phase``); tests wait on them.
@@ -64,7 +65,6 @@ TICK = 0.25
 #: to follow a server that slows down.
 SPEED_WINDOW = 5.0
 RETRYABLE = FAILED_STATES | {SeriesState.CANCELLED}
-EMPTY = "—"
 _STATE = operator.attrgetter("state")
 AUTO_WIDTH = frozenset(key for key, _, width in COLUMNS if width is None)
 #: Below this terminal width the table drops the columns in NARROW_HIDDEN.
@@ -110,6 +110,7 @@ class RetrieverApp(App[None]):
         Binding("f", "retry_failed", "Retry failed"),
         Binding("e", "save_report", "Error report"),
         Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
 
     def __init__(
@@ -409,13 +410,10 @@ class RetrieverApp(App[None]):
         self._samples.append((now, done))
         while len(self._samples) > 2 and now - self._samples[0][0] > SPEED_WINDOW:
             self._samples.popleft()
-        speed = eta = EMPTY
-        if self.show_rates and len(self._samples) >= 2:
-            (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
-            rate = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-            speed = f"{human_size(rate)}/s"
-            if rate > 0 and total > done and not self.engine.paused:
-                eta = format_duration((total - done) / rate)
+        speed, eta = EMPTY, EMPTY
+        if self.show_rates:
+            speed, eta = speed_and_eta(list(self._samples), total,
+                                       active=self.phase == RUNNING and not self.engine.paused)
         self.query_one("#rates", Label).update(
             f"{human_size(done)} of {human_size(total)} · {speed} · ETA {eta}")
         self._update_counts()
@@ -448,6 +446,11 @@ class RetrieverApp(App[None]):
             text += f", {len(failed)} not downloaded. f: retry failed series, e: save error report"
         if report.fatal:
             text = f"Stopped: {report.fatal}"
+            fatal = self.engine.fatal_error
+            if isinstance(fatal, LayoutMismatchError):  # no CLI flag advice in the view
+                text = (f"Stopped: {fatal.root} was made with the {fatal.made} layout and one "
+                        f"folder never mixes two: choose Layout {fatal.made.title()} (y) or "
+                        "another destination (d)")
         elif report.cancelled:
             text = f"Cancelled: {complete} of {len(self.rows)} series complete. s: start again"
         self._set_message(text, error=bool(report.fatal))
@@ -638,7 +641,7 @@ class RetrieverApp(App[None]):
         line("Series UID", row.uid)
         if info:
             extra = " · ".join(p for p in (
-                f"#{info.series_number}" if info.series_number else "",
+                f"#{format_series_number(info.series_number)}" if info.series_number else "",
                 info.modality, info.series_description) if p)
             line("Study UID", info.study_uid or "?")
             line("Series", extra or "?")
@@ -822,15 +825,28 @@ class RetrieverApp(App[None]):
 
     # -- leaving ----------------------------------------------------------------------------------
     async def action_quit(self) -> None:
-        """Quitting mid-run cancels it; published series are complete, the rest resume."""
+        """``q`` or Ctrl-C. While series are downloading, ask first; quitting then
+        cancels the run (published series are complete, the rest resume next time)."""
         engine = self.engine
-        if self.phase == RUNNING and not engine.finished:
+        if self.phase != RUNNING or engine.finished:
+            self.exit()
+            return
+        if isinstance(self.screen, ConfirmQuitScreen):
+            return
+
+        async def answered(quit_now: bool | None) -> None:
+            if not quit_now:
+                return
             engine.cancel()
             self._set_message("Stopping the downloads…")
             import asyncio
 
             await asyncio.to_thread(engine.wait, 10.0)
-        self.exit()
+            self.exit()
+
+        active = sum(1 for r in list(engine.results.values())
+                     if r.state == SeriesState.DOWNLOADING) or len(engine.results)
+        self.push_screen(ConfirmQuitScreen(active), answered)
 
     def on_unmount(self) -> None:
         for engine in self._preparing:
@@ -845,6 +861,7 @@ def _prepare(engine: Engine) -> tuple[Engine, str]:
     """Runs in a worker thread; errors come back as text for the status line."""
     try:
         engine.prepare()
+        engine.fill_finished_metadata()  # the rows of series done before: from the journals
     except AuthError as exc:
         return engine, f"login refused: {exc}"
     except NbiaError as exc:

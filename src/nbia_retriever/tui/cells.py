@@ -11,6 +11,7 @@ table still shows "12.3 MB" and "…0.1.2.3.4.5".
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 from rich.text import Text
@@ -76,6 +77,34 @@ def short_uid(uid: str, tail: int = UID_TAIL) -> str:
 def uid_key(uid: str) -> tuple[tuple[int, int, str], ...]:
     """Compare dotted UIDs part by part as numbers (``1.2.10`` after ``1.2.9``)."""
     return tuple((1, int(p), "") if p.isdigit() else (0, 0, p) for p in uid.split("."))
+
+
+#: What a number that means nothing right now shows.
+EMPTY = "—"
+#: No bytes for this long: the ETA shows a dash.
+STALL_SECONDS = 2.0
+
+
+def speed_and_eta(samples: Sequence[tuple[float, float]], total: float, *,
+                  active: bool) -> tuple[str, str]:
+    """Speed and time left from ``(time, bytes done)`` samples, oldest first.
+
+    Honest by construction: the speed is never negative (bytes done never go backwards,
+    and a drop would count as zero); no ETA while nothing moved for
+    :data:`STALL_SECONDS` (a stall, a pause: the window's average would promise an end
+    that is not coming), none once the run is not ``active`` (finished, paused,
+    cancelled), and none without a total.
+    """
+    if not active or len(samples) < 2:
+        return EMPTY, EMPTY
+    (t0, b0), (t1, b1) = samples[0], samples[-1]
+    rate = max(0.0, (b1 - b0) / (t1 - t0)) if t1 > t0 else 0.0
+    older = [b for t, b in samples if t <= t1 - STALL_SECONDS]
+    moving = b1 > (older[-1] if older else b0)
+    eta = EMPTY
+    if rate > 0 and moving and total > b1:
+        eta = format_duration((total - b1) / rate)
+    return f"{human_size(rate)}/s", eta
 
 
 def format_duration(seconds: float) -> str:

@@ -1,4 +1,4 @@
-"""The modal dialogs: destination picker, login, save error report.
+"""The modal dialogs: destination picker, login, save error report, quit while running.
 
 Each returns its answer through ``dismiss`` (``None`` = cancelled) and touches nothing
 else: the app decides what an answer means (a new engine, a CSV file...), so the dialogs
@@ -63,7 +63,11 @@ class DestinationScreen(ModalScreen[Path | None]):
                 yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:
-        self.query_one("#tree", FolderTree).focus()
+        # The cursor in the path, at its end: type or paste a folder at once; Shift+Tab
+        # moves up to the tree.
+        path = self.query_one("#path", Input)
+        path.focus()
+        path.cursor_position = len(path.value)
 
     @on(DirectoryTree.DirectorySelected)
     def _chosen(self, event: DirectoryTree.DirectorySelected) -> None:
@@ -182,3 +186,37 @@ class SaveReportScreen(ModalScreen[Path | None]):
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+class ConfirmQuitScreen(ModalScreen[bool]):
+    """Quitting would stop running downloads: ask first. ``True``: quit."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,n", "stay", "Keep downloading"),
+        Binding("q,y", "quit_now", "Quit"),
+    ]
+
+    def __init__(self, active: int) -> None:
+        super().__init__()
+        self.active = active
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="dialog"):
+            yield Label(f"{self.active} series are downloading. Quit now?",
+                        classes="dialog-title")
+            yield Label("Finished series are kept; the rest resume when you open this "
+                        "manifest again with the same destination.")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Quit", variant="error", id="quit")
+                yield Button("Keep downloading", variant="primary", id="stay")
+
+    def on_mount(self) -> None:
+        self.query_one("#stay", Button).focus()
+
+    @on(Button.Pressed, "#quit")
+    def action_quit_now(self) -> None:
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#stay")
+    def action_stay(self) -> None:
+        self.dismiss(False)
