@@ -9,6 +9,7 @@ from pathlib import Path
 import pydicom
 
 from nbia_retriever.naming import ImageKey, assign_names
+from nbia_retriever.report import Report
 
 
 def md5(path: Path) -> str:
@@ -117,3 +118,18 @@ def java_series_folder(path: Path, collection: str) -> str:
     series = (java_part(number_text) + java_desc(java_clean(raw(ds, "SeriesDescription")))
               + str(ds.SeriesInstanceUID)[-5:])
     return f"{collection}/{ds.PatientID}/{study}/{series}"
+
+
+def download_report(*args: object, **kwargs: object) -> Report:
+    """``nbia_retriever.download`` for tests that look at the report of a run that may
+    stop: what stops the run is raised (an ``NbiaError`` carrying ``.report``); this
+    returns that report instead, so the test can check what was left behind."""
+    from nbia_retriever import NbiaError, download
+
+    try:
+        return download(*args, **kwargs)  # type: ignore[no-any-return]
+    except NbiaError as exc:
+        report = getattr(exc, "report", None)
+        if report is None:
+            raise
+        return report  # type: ignore[no-any-return]

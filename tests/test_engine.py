@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from enginehelpers import downloaded_series, expected_series, series_folders, write_manifest
-from nbia_retriever import download, make_engine
+from nbia_retriever import AuthError, download, make_engine
 from nbia_retriever.engine import shard_of
 from nbia_retriever.engine.journal import Journal
 from nbia_retriever.models import SeriesState
@@ -164,9 +164,12 @@ def test_restricted_series_need_a_login(tmp_path, server, archive, expected):
 def test_wrong_password_is_an_auth_failure(tmp_path, server, archive):
     restricted = [s.series_uid for s in archive.series if s.restricted]
     manifest = manifest_for(tmp_path, server, restricted)
-    report = download(manifest, tmp_path / "dl", user="alice", password="wrong",
-                      api_url=server.api_url, **FAST)
+    with pytest.raises(AuthError) as raised:
+        download(manifest, tmp_path / "dl", user="alice", password="wrong",
+                 api_url=server.api_url, **FAST)
+    report = raised.value.report  # type: ignore[attr-defined]
     assert report.auth_failed and "alice" in report.fatal and "wrong" not in report.fatal
+    assert "wrong" not in str(raised.value)
 
 
 def test_pause_holds_and_resume_finishes(tmp_path_factory, tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from enginehelpers import expected_series, write_manifest
+from enginehelpers import download_report, expected_series, write_manifest
 from nbia_retriever import download
 from nbia_retriever.report import METADATA_HEADER, MetadataCsv
 from nbia_retriever.server import ReferenceServer
@@ -178,7 +178,7 @@ def test_real_full_disk_at_every_fill_level(tmp_path, cart, archive, expected, f
         crashed: list[BaseException] = []
         hook, threading.excepthook = threading.excepthook, lambda a: crashed.append(a.exc_value)
         try:
-            report = download(cart, dest, backoff_base=0.01, workers=2)
+            report = download_report(cart, dest, backoff_base=0.01, workers=2)
         finally:
             threading.excepthook = hook
         assert crashed == [], f"an engine thread died: {crashed!r}"

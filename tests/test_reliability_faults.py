@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from enginehelpers import expected_series, write_manifest
+from enginehelpers import download_report, expected_series, write_manifest
 from nbia_retriever import download, make_engine
 from nbia_retriever.api import Credentials, NbiaClient
 from nbia_retriever.models import SeriesState
@@ -201,7 +201,7 @@ def test_metadata_down_for_good_fails_in_one_line_then_resumes(tmp_path, server,
     uids = [s.series_uid for s in archive.series if not s.restricted]
     server.set_faults(FaultPlan(metadata_script=["http500"] * 50))
     cart = manifest(tmp_path, server, uids)
-    report = download(cart, tmp_path / "dl", api=api, **FAST)
+    report = download_report(cart, tmp_path / "dl", api=api, **FAST)
     assert not report.ok
     if api == "v4":
         assert "HTTP 500" in report.fatal and "\n" not in report.fatal

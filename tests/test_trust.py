@@ -28,7 +28,8 @@ from hostile_server import (
     series_zip,
     trickle,
 )
-from nbia_retriever import download
+from nbia_retriever import AuthError, download
+from nbia_retriever.errors import UntrustedHostError
 from nbia_retriever.models import SeriesState, normalise_series_metadata
 from reliability_helpers import CLI, metadata_rows, run_cli
 
@@ -95,8 +96,10 @@ def test_a_host_only_the_manifest_names_gets_nothing(tmp_path, archive, hostile)
 
 
 def test_the_python_api_refuses_the_same(tmp_path, archive, hostile):
-    report = download(cart(tmp_path, hostile, uids_of(archive)), tmp_path / "dl",
-                      user="alice", password=PASSWORD, **FAST)
+    with pytest.raises(UntrustedHostError) as raised:
+        download(cart(tmp_path, hostile, uids_of(archive)), tmp_path / "dl",
+                 user="alice", password=PASSWORD, **FAST)
+    report = raised.value.report  # type: ignore[attr-defined]
     assert report.auth_failed and host_of(hostile) in report.fatal
     assert hostile.token_posts == [] and PASSWORD not in report.fatal
 
@@ -207,9 +210,11 @@ def test_insecure_says_so_at_run_time(tmp_path, archive, hostile):
 
 def test_the_login_never_follows_a_redirect(tmp_path, archive, hostile, other):
     hostile.token_redirect = other.url + "/nbia-api/oauth/token"
-    report = download(cart(tmp_path, hostile, uids_of(archive)), tmp_path / "dl",
-                      user="alice", password=PASSWORD, api_url=hostile.api_url,
-                      **{**FAST, "api": "v2"})
+    with pytest.raises(AuthError) as raised:
+        download(cart(tmp_path, hostile, uids_of(archive)), tmp_path / "dl",
+                 user="alice", password=PASSWORD, api_url=hostile.api_url,
+                 **{**FAST, "api": "v2"})
+    report = raised.value.report  # type: ignore[attr-defined]
     assert report.auth_failed and "redirect" in report.fatal, report.fatal
     assert other.requests == [] and other.token_posts == []
 

@@ -72,6 +72,29 @@ def parse_journal_name(name: str) -> tuple[int, int] | bool | None:
     return None
 
 
+
+def atomic_write_text(path: Path, text: str, *, newline: str | None = None) -> Path:
+    """The one way a whole file is written: a new temp file in the target folder, then
+    one rename, so readers (and a crash) never see half a file.
+
+    The temp file is created with ``O_EXCL`` under a random name (``mkstemp``): a link
+    planted in a shared folder is never followed. ``newline`` as for :func:`open`
+    (``""`` for text the csv module already terminated). Raises :class:`OSError`;
+    callers turn it into their own one-line error.
+    """
+    import tempfile
+
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
 def journal_paths(root: Path) -> list[Path]:
     """Every journal of a root (plain and shards), in name order."""
     state = root / STATE_DIR
@@ -238,11 +261,7 @@ class DownloadRoot:
 
     def write_info(self, **values: Any) -> None:
         data = {**self.read_info(), **values}
-        tmp = self.state_dir / f".{ROOT_INFO}.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle)
-        os.replace(tmp, self.state_dir / ROOT_INFO)
+        atomic_write_text(self.state_dir / ROOT_INFO, json.dumps(data))
 
     # -- per-run staging ------------------------------------------------------------------
     def new_run_staging(self) -> RunStaging:

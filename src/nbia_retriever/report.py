@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import NbiaError
 from .models import FAILED_STATES, SeriesInfo, SeriesState
-from .ondisk import lock_file, open_nofollow, unlock_file
+from .ondisk import atomic_write_text, lock_file, open_nofollow, unlock_file
 from .untrusted import csv_cell, plain, redact
 
 METADATA_HEADER = (
@@ -367,15 +367,14 @@ def write_error_report(path: Path, results: Iterable[SeriesResult]) -> int:
     Cleaned like metadata.csv: no control characters, no formulas, no secrets.
     """
     rows = [r for r in results if r.state in FAILED_STATES | {SeriesState.CANCELLED}]
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, lineterminator=CSV_NEWLINE)
-        writer.writerow(ERROR_REPORT_HEADER)
-        for r in rows:
-            info = r.info or SeriesInfo(series_uid=r.uid)
-            writer.writerow([csv_cell(plain(redact(str(v)))) for v in (
-                info.collection, info.patient_id, info.study_uid, r.uid,
-                _num(info.file_size), _num(info.image_count), r.state, r.attempts, r.error,
-            )])
-    os.replace(tmp, path)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator=CSV_NEWLINE)
+    writer.writerow(ERROR_REPORT_HEADER)
+    for r in rows:
+        info = r.info or SeriesInfo(series_uid=r.uid)
+        writer.writerow([csv_cell(plain(redact(str(v)))) for v in (
+            info.collection, info.patient_id, info.study_uid, r.uid,
+            _num(info.file_size), _num(info.image_count), r.state, r.attempts, r.error,
+        )])
+    atomic_write_text(Path(path), out.getvalue(), newline="")
     return len(rows)
