@@ -228,6 +228,9 @@ def test_cli_json_events_exit_codes_and_error_report(tmp_path, server, public_ui
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert events[-1]["event"] == "summary" and events[-1]["failed"] == 1
     assert any(e["event"] == "retry" and e["uid"] == uid for e in events)
+    streams = [e for e in events if e["event"] == "concurrency"]
+    assert streams and all(1 <= e["count"] <= 16 for e in streams)  # the current number
+    assert all(isinstance(e["time"], float) for e in events[:-1])
     rows = list(csv.DictReader(errors.open(encoding="utf-8")))
     assert [r["Series Instance UID"] for r in rows] == [uid]
     assert "500" in rows[0]["Error"]

@@ -613,6 +613,9 @@ class Engine:
                        for i in range(max(1, self.options.streams_cap))]
             for w in workers:
                 w.start()
+            # Where the streams start (an --json consumer sees every change after it).
+            self._emit(Event(EventKind.CONCURRENCY, count=self.limiter.limit,
+                             message=f"{self.limiter.limit} concurrent streams"))
             monitor = threading.Thread(target=self._monitor, name="nbia-monitor", daemon=True)
             monitor.start()
             if plan_here:

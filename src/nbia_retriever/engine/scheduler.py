@@ -162,10 +162,10 @@ class ConcurrencyLimiter:
                         self._raising = False
                         return None
                     return self._set(min(self.maximum, level * 2), previous=level)
+                # The raise did not pay for itself: back to the level that did. (Holding
+                # a level "about as good" would let every probe ratchet the count up.)
                 self._raising = False
-                if rate < before * (1 - GAIN / 2):
-                    return self._set(self._previous, previous=self._previous)
-                return None
+                return self._set(self._previous, previous=self._previous)
             if self._windows % PROBE_EVERY == 0 and level < self.maximum:
                 self._raising = True
                 return self._set(level + max(1, level // 4), previous=level)
