@@ -529,6 +529,8 @@ async def test_login_unlocks_restricted_series(archive: ArchiveSummary,
 
         await pilot.press("l")
         assert isinstance(app.screen, LoginScreen)
+        host = server.api_url.split("/")[2]
+        assert f"goes to {host} only" in str(app.screen.query_one("#login-host", Label).render())
         await pilot.press(*"alice", "enter", *password)
         field = app.screen.query_one("#password", Input)
         assert field.password and field.value == password

@@ -780,8 +780,17 @@ class RetrieverApp(App[None]):
         if not self.check_action("login", ()):
             return
         username = self.credentials.username if self.credentials else (self.ask_login or "")
-        self.push_screen(LoginScreen(username, logged_in=self.credentials is not None),
-                         self._logged_in)
+        self.push_screen(LoginScreen(username, logged_in=self.credentials is not None,
+                                     host=self._login_host()), self._logged_in)
+
+    def _login_host(self) -> str:
+        """The host the password would go to, named in the dialog (never a guess)."""
+        from urllib.parse import urlsplit
+
+        try:
+            return urlsplit(self.engine.api_url).netloc
+        except ValueError:
+            return ""
 
     @on(Button.Pressed, "#login")
     def _login_button(self) -> None:

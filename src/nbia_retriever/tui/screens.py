@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -107,14 +108,18 @@ class LoginScreen(ModalScreen[tuple[str, Credentials | None] | None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, username: str = "", logged_in: bool = False) -> None:
+    def __init__(self, username: str = "", logged_in: bool = False, host: str = "") -> None:
         super().__init__()
         self.username = username
         self.logged_in = logged_in
+        self.host = host
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog", classes="dialog"):
             yield Label("Log in for limited-access collections", classes="dialog-title")
+            if self.host:
+                # Plain text, never markup: the host may come from a shared manifest.
+                yield Label(Text(f"The password goes to {self.host} only."), id="login-host")
             yield Input(self.username, placeholder="username", id="username")
             yield Input(placeholder="password", password=True, id="password")
             with Horizontal(classes="dialog-buttons"):
