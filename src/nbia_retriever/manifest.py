@@ -385,6 +385,18 @@ def parse_manifest(text: str, *, source: str = "<manifest>") -> Manifest:
     is not a UID where one belongs, for a bad ``noOfrRetry``/``includeAnnotation``, and
     when no series is listed at all.
     """
+    if "\x00" in text:
+        # UTF-16 without a BOM that was decoded as UTF-8 or Latin-1 on the way here (e.g.
+        # ``Path.read_text()``): ASCII text with a NUL every other character.
+        raw = b""
+        for codec, errors in (("latin-1", "strict"), ("utf-8", "surrogateescape")):
+            try:
+                raw = text.encode(codec, errors)
+                break
+            except UnicodeEncodeError:
+                continue
+        if _utf16_without_bom(raw) is not None:
+            text = _decode(raw, source)
     if text.startswith("\ufeff"):
         text = text[1:]
     lines = _split_lines(text)
@@ -574,17 +586,44 @@ def _read_xlsx(path: Path, source: str) -> Manifest:
                     duplicates_dropped=collector.duplicates, kind="xlsx")
 
 
+def _utf16_without_bom(data: bytes) -> str | None:
+    """``"utf-16-le"`` or ``"utf-16-be"`` for UTF-16 text without a BOM, else None.
+
+    Such files (Windows tools' "Unicode" output with its BOM cut off, scripts that write
+    ``utf-16-le``) are mostly ASCII, so most of every other byte is NUL: at odd offsets
+    for little endian, at even ones for big endian, and almost none at the others (a
+    character U+xx00). UTF-8 text has no NUL at all, and binary data (zip, DICOM) has
+    NULs with no such rhythm.
+    """
+    sample = data[:4096]
+    if len(sample) < 4 or b"\x00" not in sample:
+        return None
+    pairs = len(sample) // 2
+    even_nul = sample[0:2 * pairs:2].count(0)
+    odd_nul = sample[1:2 * pairs:2].count(0)
+    if odd_nul >= 0.6 * pairs and even_nul <= 0.05 * pairs:
+        return "utf-16-le"
+    if even_nul >= 0.6 * pairs and odd_nul <= 0.05 * pairs:
+        return "utf-16-be"
+    return None
+
+
 def _decode(data: bytes, source: str) -> str:
-    """UTF-8 (BOM or not), UTF-16 with a BOM (Excel's "Unicode text"), else Latin-1.
+    """UTF-8 (BOM or not), UTF-16 with a BOM (Excel's "Unicode text") or without one
+    (told by its NUL bytes, see :func:`_utf16_without_bom`), else Latin-1.
 
     Latin-1 as the last resort because a CSV exported on Windows in cp1252 with an accent
     in a description column must still yield its ASCII UID column.
     """
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    encoding = ("utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff"))
+                else _utf16_without_bom(data))
+    if encoding is not None:
         try:
-            return data.decode("utf-16")
-        except UnicodeDecodeError:
-            raise ManifestError("not valid UTF-16 text", source=source) from None
+            return data.decode(encoding)
+        except UnicodeDecodeError as exc:
+            kind = {"utf-16-le": "little endian, no BOM; ", "utf-16-be": "big endian, no BOM; "}
+            raise ManifestError(f"not valid UTF-16 text ({kind.get(encoding, '')}byte "
+                                f"{exc.start + 1}: {exc.reason})", source=source) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

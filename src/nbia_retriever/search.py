@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .api import DEFAULT_API_URL, NbiaClient
-from .errors import ManifestError, NbiaError, NotPublicError
+from .errors import AuthError, ManifestError, NbiaError, NotPublicError, TlsError
 from .models import ALIASES, SeriesInfo, SeriesState, normalise_series_metadata
 
 __all__ = [
@@ -137,15 +137,22 @@ def collections(api_url: str | None = None, *, counts: bool = False,
     Each item is ``{"collection": name}``; with ``counts`` also ``patients``,
     ``series``, ``images`` and ``size`` (bytes), which cost two requests per collection
     (getPatient and getSeries), run ``workers`` at a time to stay polite. A count the
-    server refuses is ``None``. ``client_options`` go to
-    :class:`~nbia_retriever.api.NbiaClient` (``version``, ``credentials``, ``timeout``,
-    ``verify``).
+    server refuses is ``None``. A count the server does not answer (after the client's
+    retries: an error status, an HTML page, a broken connection) is ``None`` too, and the
+    item then carries ``"error"``, one line saying which call failed and why: one broken
+    collection must not hide the others. A failed login or TLS check still raises.
+    ``client_options`` go to :class:`~nbia_retriever.api.NbiaClient` (``version``,
+    ``credentials``, ``timeout``, ``verify``).
     """
     with _client(api_url, client, client_options) as api:
         names = sorted(set(api.collections()), key=str.casefold)
         items: list[dict[str, Any]] = [{"collection": name} for name in names]
         if not counts or not items:
             return items
+
+        def failed(item: dict[str, Any], call: str, exc: NbiaError) -> None:
+            note = f"{call}: {' '.join(str(exc).split())}"
+            item["error"] = f"{item['error']}; {note}" if item.get("error") else note
 
         def count(item: dict[str, Any]) -> dict[str, Any]:
             name = item["collection"]
@@ -155,11 +162,22 @@ def collections(api_url: str | None = None, *, counts: bool = False,
                 item["patients"] = len(ids - {""}) or len(patients)
             except NotPublicError:
                 item["patients"] = None
+            except (AuthError, TlsError):
+                raise
+            except NbiaError as exc:
+                item["patients"] = None
+                failed(item, "getPatient", exc)
             try:
                 series = [normalise_series_metadata(r) for r in
                           api.series(Collection=name)]
             except NotPublicError:
                 item.update(series=None, images=None, size=None)
+                return item
+            except (AuthError, TlsError):
+                raise
+            except NbiaError as exc:
+                item.update(series=None, images=None, size=None)
+                failed(item, "getSeries", exc)
                 return item
             item["series"] = len(series)
             item["images"] = _total(s.image_count for s in series)
@@ -203,7 +221,10 @@ def search_series(
     Filters are exact and case-insensitive. They are sent to the server, and applied
     again here to every record that carries the field, because servers differ: some
     ignore ``BodyPartExamined``/``Manufacturer``, v4 refuses parameters it does not know
-    (then we ask with the core parameters only and filter the answer ourselves). At
+    (then we ask with the core parameters only and filter the answer ourselves), and a
+    server that compares names with their case gets, when it finds nothing, the
+    collection's name as its own getCollectionValues spells it (``lidc-idri`` ->
+    ``LIDC-IDRI``). At
     least one filter is required: the unfiltered list of a real archive is millions of
     series. ``image_count`` and ``file_size`` come from getSeries' ImageCount/FileSize.
     """
@@ -216,13 +237,24 @@ def search_series(
                          "body_part or manufacturer)")
     params = {FILTERS[name][0]: value for name, value in given.items()}
     with _client(api_url, client, client_options) as api:
+        refused: NotPublicError | None = None
         try:
-            raw = api.series(**params)
-        except NotPublicError:
-            core = {k: v for k, v in params.items() if k in _CORE_PARAMS}
-            if core == params or not core:
+            raw = _series_query(api, params)
+        except NotPublicError as exc:  # "No Data": perhaps only the case of the name
+            raw, refused = [], exc
+        if not raw and "Collection" in params:
+            wanted = params["Collection"].casefold()
+            try:
+                names = api.collections()
+            except (AuthError, TlsError):
                 raise
-            raw = api.series(**core)
+            except NbiaError:
+                names = []  # the first answer stands
+            spelled = [n for n in names if n.casefold() == wanted and n != params["Collection"]]
+            if spelled:
+                raw, refused = _series_query(api, {**params, "Collection": spelled[0]}), None
+        if refused is not None:
+            raise refused
     found: dict[str, SeriesInfo] = {}
     for record in raw:
         info = normalise_series_metadata(record)
@@ -233,6 +265,18 @@ def search_series(
             found[info.series_uid] = info
     return sorted(found.values(), key=lambda s: (s.collection, s.patient_id, s.study_uid,
                                                  _number(s.series_number), s.series_uid))
+
+
+def _series_query(api: NbiaClient, params: Mapping[str, str]) -> list[dict[str, Any]]:
+    """getSeries with every filter, or with the core ones when the server refuses the
+    others (v4 knows no BodyPartExamined on some builds)."""
+    try:
+        return api.series(**params)
+    except NotPublicError:
+        core = {k: v for k, v in params.items() if k in _CORE_PARAMS}
+        if core == params or not core:
+            raise
+        return api.series(**core)
 
 
 def _number(text: str) -> float:

@@ -53,9 +53,13 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
 
 def load_manifest(path: str, *, as_json: bool = False) -> Any:
     """The parsed manifest, or exit 2 with one line naming the file (and line)."""
+    from pathlib import Path
+
     from ..errors import ManifestError
     from ..manifest import read_manifest
 
+    if Path(path).is_dir():
+        fail(f"{path}: is a folder, not a manifest", EXIT_USAGE, as_json=as_json)
     try:
         return read_manifest(path)
     except ManifestError as exc:

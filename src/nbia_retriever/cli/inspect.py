@@ -34,7 +34,7 @@ def _text(value: str) -> Any:
 
 
 @click.command("list")
-@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.argument("manifest", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="JSON records instead of a table.")
 @click.option("--wide", is_flag=True, help="Whole UIDs (the table no longer fits 80 columns).")
 @with_api_options
@@ -108,11 +108,15 @@ def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: st
                   + (f", {missing:,} n/a" if missing else ""), f"{images:,}", human(size))
     console = Console()
     if not console.is_terminal:
-        console = Console(width=200 if wide else 80)
+        console = Console(width=80)
+    if wide:
+        # Whole UIDs are for copying: never fold one, even past the terminal's edge.
+        natural = Console(width=10_000).measure(table).maximum
+        console = Console(width=max(console.width, natural))
     console.print(table)
     if missing:
-        click.echo(f"n/a: {missing:,} series the server did not describe (unknown, or not "
-                   "public: log in with --user)", err=True)
+        click.echo(f"n/a: {missing:,} series not described by the server (unknown, or not "
+                   "public: try --user)", err=True)
 
 
 @click.command()

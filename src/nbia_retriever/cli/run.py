@@ -43,7 +43,7 @@ QUIET_REASONS = 20
 
 
 @click.command()
-@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.argument("manifest", type=click.Path())  # a folder: load_manifest's one line (--json)
 @click.option("-d", "--dest", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Destination folder; the download goes into a folder named after the "
                    "manifest's databasketId.")

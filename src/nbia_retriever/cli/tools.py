@@ -91,38 +91,76 @@ def query_api_options(func: Any) -> Any:
 def collections_command(counts: bool, as_json: bool, api: str, api_url: str | None,
                         user: str | None, insecure: bool, timeout: float) -> None:
     """List the collections of the server (default: the public TCIA API; --api-url URL
-    for another NBIA server)."""
-    from ..search import collections
+    for another NBIA server).
 
+    With --counts, a collection whose counts the server did not answer is still listed,
+    with "?" in place of the missing numbers and one warning line on stderr saying why
+    (exit 0: the rest of the table is right). Exit 1 when no count came at all.
+    """
+    from ..search import collections
+    from .common import check_api_url, inert
+
+    check_api_url(api_url)
     try:
         items = collections(api_url, counts=counts,
                             **_client_options(api, user, insecure, timeout, chosen=api_url))
     except NbiaError as exc:
         _fail_for(exc)
+    for item in items:
+        if item.get("error"):
+            item["error"] = inert(item["error"])
+    unanswered = [item for item in items if item.get("error")]
     if as_json:
         for item in items:
             click.echo(json.dumps(item, ensure_ascii=False))
-        return
-    from rich.table import Table
-    from rich.text import Text
+    else:
+        from rich.table import Table
+        from rich.text import Text
 
-    table = Table(title=f"{len(items)} collections")
-    table.add_column("Collection", overflow="fold")
-    if counts:
-        for name in ("Patients", "Series", "Images", "Size"):
-            table.add_column(name, justify="right")
-    for item in items:
+        table = Table(title=f"{len(items)} collections",
+                      caption="?: the server did not answer this count (see the warnings)"
+                      if unanswered else None)
+        table.add_column("Collection", overflow="fold")
         if counts:
-            table.add_row(Text(item["collection"]), _int(item.get("patients")),
-                          _int(item.get("series")), _int(item.get("images")),
-                          _human(item.get("size")))
-        else:
-            table.add_row(Text(item["collection"]))
-    _console().print(table)
+            for name in ("Patients", "Series", "Images", "Size"):
+                table.add_column(name, justify="right")
+        for item in items:
+            if counts:
+                mark = "?" if item.get("error") else ""
+                table.add_row(Text(item["collection"]), _int(item.get("patients"), mark),
+                              _int(item.get("series"), mark), _int(item.get("images"), mark),
+                              _human(item.get("size")) if item.get("size") is not None
+                              else mark)
+            else:
+                table.add_row(Text(item["collection"]))
+        _console().print(table)
+    if unanswered:
+        _warn_unanswered(items, unanswered, as_json=as_json)
 
 
-def _int(value: int | None) -> str:
-    return "" if value is None else f"{value:,}"
+def _warn_unanswered(items: list[dict[str, Any]], unanswered: list[dict[str, Any]], *,
+                     as_json: bool) -> None:
+    """One warning line per collection whose counts did not come (capped like ``-q``);
+    exit 1 when not a single count came."""
+    from .run import QUIET_REASONS
+
+    for item in unanswered[:QUIET_REASONS]:
+        click.echo(f"nbia-retriever: warning: {item['collection']}: counts not available "
+                   f"(?): {item['error']}", err=True)
+    if len(unanswered) > QUIET_REASONS:
+        click.echo(f"nbia-retriever: warning: ... and {len(unanswered) - QUIET_REASONS:,} "
+                   "more collections without counts (--json gives every error)", err=True)
+    if len(unanswered) == len(items) and not any(
+            item.get(key) is not None for item in items
+            for key in ("patients", "series", "images", "size")):
+        fail(f"the server answered none of the counts of the {len(items):,} collections "
+             "(they are listed without them)", EXIT_FAILED, as_json=as_json)
+    click.echo(f"nbia-retriever: warning: {len(unanswered):,} of {len(items):,} collections "
+               "without counts (marked ?)", err=True)
+
+
+def _int(value: int | None, missing: str = "") -> str:
+    return missing if value is None else f"{value:,}"
 
 
 # ------------------------------------------------------------------------------ search
@@ -155,7 +193,9 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
     nothing matches.
     """
     from ..search import search_series, write_cart, write_csv
+    from .common import check_api_url
 
+    check_api_url(api_url)
     filters = {"collection": collection, "patient": patient, "study": study,
                "modality": modality, "body_part": body_part, "manufacturer": manufacturer}
     if not any(v and v.strip() for v in filters.values()):
