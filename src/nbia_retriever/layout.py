@@ -545,19 +545,6 @@ def series_relpath(info: SeriesInfo, layout: Layout | str = Layout.DESCRIPTIVE) 
     return _relpath(info, Layout(layout), 0)
 
 
-def series_relpath_variants(
-    info: SeriesInfo, layout: Layout | str = Layout.DESCRIPTIVE
-) -> tuple[PurePosixPath, ...]:
-    """The folder of a series and its clash-proof fallbacks, most readable first.
-
-    The engine uses the later ones when a folder it is about to publish into already
-    belongs to another series (a clash only visible on disk, e.g. between cluster shards
-    that each saw part of the manifest): whole UID, then whole UID plus a hash.
-    """
-    chosen = Layout(layout)
-    return tuple(dict.fromkeys(_relpath(info, chosen, mode) for mode in (0, 1, 2)))
-
-
 def collision_key(path: PurePosixPath | str) -> str:
     """Windows and macOS compare names case-insensitively: so do we."""
     text = str(path)

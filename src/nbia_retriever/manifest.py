@@ -30,13 +30,13 @@ import csv
 import importlib
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from urllib.parse import urlsplit
 
 from .errors import ManifestError, NbiaError
+from .ondisk import atomic_write_text
 
 __all__ = [
     "DEFAULT_DOWNLOAD_URL",
@@ -755,24 +755,6 @@ def write_manifest(
     except OSError as exc:
         raise ManifestError(f"cannot write: {exc.strerror or exc}", source=str(path)) from None
     return target
-
-
-def atomic_write_text(path: Path, text: str, *, newline: str | None = None) -> Path:
-    """Temp file + rename in the target folder: readers never see half a file.
-
-    ``newline`` as for :func:`open` (``""`` for text the csv module already terminated).
-    Raises :class:`OSError`; callers turn it into their own one-line error.
-    """
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ----------------------------------------------------------------------------- URLs

@@ -350,7 +350,7 @@ def to_dataframe(records: Iterable[SeriesInfo]) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    from .manifest import atomic_write_text
+    from .ondisk import atomic_write_text
 
     try:
         return atomic_write_text(path, text, newline="")

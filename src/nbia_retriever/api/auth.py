@@ -177,7 +177,6 @@ class TokenManager:
         self._refresh: str | None = None
         self._expires_at = 0.0
         self._lifetime = 0.0
-        self.fetches = 0  # how many token requests were made (tests and diagnostics)
 
     def __repr__(self) -> str:
         return f"TokenManager(user={self._credentials.username!r})"
@@ -227,7 +226,6 @@ class TokenManager:
         self._request(form, now, quiet=False)
 
     def _request(self, form: Mapping[str, str], now: float, *, quiet: bool) -> bool:
-        self.fetches += 1
         who = self._credentials.username
         try:
             answer = self._transport.call("POST", self._url, data=dict(form),

@@ -413,12 +413,6 @@ class NbiaClient:
                 ways.pop(0)
             return bool(ways) and ways[0] != way
 
-    @property
-    def image_way(self) -> str:
-        """The endpoint series are fetched from now (after any fallback)."""
-        ways = self._ways or []
-        return str(ways[0]) if ways else ""
-
     @contextlib.contextmanager
     def open_series(self, uid: str, *, md5: bool = True) -> Iterator[SeriesStream]:
         """Open the zip stream of one series; iterate ``stream.chunks()``.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..errors import IntegrityError
 from ..models import SeriesInfo
-from ..naming import LICENSE_ENTRY, MD5_ENTRY
+from ..naming import MD5_ENTRY
 from ..untrusted import quote
 
 #: Non-image entries accepted without an MD5 list (annotations the server may include).
@@ -152,8 +152,3 @@ def check_series(uid: str, info: SeriesInfo, entries: Sequence[StagedEntry],
             raise IntegrityError(f"series {uid}: two images share the SOP Instance UID "
                                  f"{quote(sop, 80)}")
         seen.add(sop)
-
-
-def is_small_entry(name: str) -> bool:
-    """Entries kept in memory rather than staged: the MD5 list and the licence."""
-    return basename(name) in (MD5_ENTRY, LICENSE_ENTRY)

@@ -39,7 +39,14 @@ from ..errors import DestinationError
 from ..layout import Layout, series_relpath_mode
 from ..models import SeriesInfo
 from ..naming import ImageKey, assign_names, safe_entry_name
-from ..ondisk import DownloadRoot, RunStaging, entry_kind, open_dir, open_nofollow
+from ..ondisk import (
+    LICENSE_FILE,
+    DownloadRoot,
+    RunStaging,
+    entry_kind,
+    open_dir,
+    open_nofollow,
+)
 from ..report import MetadataCsv, metadata_row
 from .checks import StagedEntry
 from .journal import FileRecord, Journal
@@ -181,7 +188,7 @@ class Publisher:
         with self._license_lock:
             fd = open_dir(self.root.path, [collection_dir])
             try:
-                kind = entry_kind(fd, "LICENSE")
+                kind = entry_kind(fd, LICENSE_FILE)
                 if kind == "link" or kind == "dir":
                     raise DestinationError(
                         f"{self.root.path / collection_dir / 'LICENSE'} is a "
@@ -195,7 +202,7 @@ class Publisher:
                 tmp_fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 with os.fdopen(tmp_fd, "wb") as handle:
                     handle.write(text)
-                os.rename(tmp, "LICENSE", dst_dir_fd=fd)
+                os.rename(tmp, LICENSE_FILE, dst_dir_fd=fd)
             finally:
                 os.close(fd)
 

@@ -234,12 +234,6 @@ class WorkQueue:
             self._cond.notify_all()
 
     @property
-    def waiting(self) -> int:
-        """Series queued or due for a retry, not yet in a worker's hands."""
-        with self._cond:
-            return len(self._ready) + len(self._later)
-
-    @property
     def finished(self) -> bool:
         with self._cond:
             return self._closed and not self._ready and not self._later and not self._in_hand

@@ -15,10 +15,8 @@ and again every :data:`SPACE_CHECK_BYTES` while it inflates, so a bomb or a lyin
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
-import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -290,8 +288,3 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
 
 def discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)

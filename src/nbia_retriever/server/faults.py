@@ -55,7 +55,7 @@ import random
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..errors import NbiaError
 
@@ -228,9 +228,6 @@ class FaultPlan:
                     f"--faults: unknown key {key!r}; known: {', '.join(known)}"
                 )
         return cls(**values)  # type: ignore[arg-type]
-
-    def with_seed(self, seed: int) -> FaultPlan:
-        return replace(self, seed=seed)
 
 
 _RATE_UNITS = {
