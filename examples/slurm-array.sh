@@ -23,17 +23,37 @@
 # are skipped in milliseconds; only what is missing is downloaded. Keep TASKS the same
 # between runs: it decides which task owns which series.
 #
+# Any working directory: MANIFEST, DEST and the script are made absolute before
+# submitting, and both jobs run in DEST/slurm-logs/ (created if needed), so their logs
+# are there whatever the submit directory is:
+#     DEST/slurm-logs/nbia-download-<array job>_<task>.log   one per task
+#     DEST/slurm-logs/nbia-merge-reports-<job>.log           the check
+# (Submitted with plain sbatch, the jobs run in, and log to, the submit directory.)
+#
+# Connections: the tasks share one budget, NBIA_MAX_CONNECTIONS concurrent series
+# streams in all (default 16, nbia-retriever's own --max-connections default). Each task
+# gets --max-connections BUDGET/TASKS (rounded down, at least 1, at most 64) and within
+# that cap finds by itself how many series to download at once (download --help).
+#
 # Environment (exported to the jobs, as sbatch does by default):
-#   NBIA_RETRIEVER  the command to run (default: nbia-retriever on PATH, e.g. from a venv)
-#   NBIA_WORKERS    series downloaded at once per task (default 4)
+#   NBIA_RETRIEVER  the command to run (default: nbia-retriever on PATH, e.g. from a venv);
+#                   a relative path is made absolute when submitting
+#   NBIA_MAX_CONNECTIONS  the connection budget of the whole array (default 16)
+#   NBIA_WORKERS    pin the series downloaded at once per task (--workers); unset (the
+#                   default) lets each task adapt up to its share of the budget. Pinned,
+#                   the budget no longer applies: TASKS x NBIA_WORKERS streams at most
 #   NBIA_USER       log in as this user (limited-access collections); the password comes
 #                   from NBIA_PASSWORD or the keyring, never from the command line
 #   NBIA_SBATCH_ARGS  extra sbatch options for both jobs, e.g. "--account=X --partition=Y"
+#                   (they override the #SBATCH lines below, e.g. "--cpus-per-task=1")
 #
-# Notes: keep the array contiguous (1-N or 0-(N-1), no steps). Be polite: N tasks x
-# NBIA_WORKERS is the number of concurrent downloads the server sees; 8 x 4 is plenty.
+# Notes: keep the array contiguous (1-N or 0-(N-1), no steps). Be polite: the budget is
+# what the server sees at most at once; 16 is plenty.
 # Shortly before the time limit SLURM sends SIGINT (--signal below); the download then
-# stops cleanly (exit 130) and the next submission resumes it.
+# stops cleanly (exit 130; within its --timeout, 60 s, even when a stream is stalled) and
+# the next submission resumes it.
+# To try it on one machine: scripts/slurm-local.sh (as root) sets up a one-node SLURM;
+# tests/test_slurm.py runs this script on it.
 #
 #SBATCH --job-name=nbia-download
 #SBATCH --array=1-8
@@ -59,13 +79,23 @@ if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     dest=$2
     count=${SLURM_ARRAY_TASK_COUNT:?SLURM_ARRAY_TASK_COUNT is not set (SLURM too old?)}
     shard=$(( SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-1} + 1 ))
+    budget=${NBIA_MAX_CONNECTIONS:-16}  # 16: download's own --max-connections default
+    [[ $budget =~ ^[1-9][0-9]*$ ]] \
+        || { echo "NBIA_MAX_CONNECTIONS must be a positive number" >&2; exit 2; }
+    share=$(( budget / count ))
+    (( share >= 1 )) || share=1
+    (( share <= 64 )) || share=64  # download's upper limit
+    stream_args=(--max-connections "$share")
+    if [[ -n "${NBIA_WORKERS:-}" ]]; then
+        stream_args+=(--workers "$NBIA_WORKERS")
+    fi
     user_args=()  # expanded as ${a[@]+"${a[@]}"}: bash < 4.4 calls an empty array unbound
     if [[ -n "${NBIA_USER:-}" ]]; then
         user_args=(--user "$NBIA_USER")
     fi
     # exec: the download itself receives SLURM's SIGINT and stops cleanly.
     exec "$NBIA" download "$manifest" -d "$dest" --shard "$shard/$count" --quiet \
-        --workers "${NBIA_WORKERS:-4}" ${user_args[@]+"${user_args[@]}"}
+        "${stream_args[@]}" ${user_args[@]+"${user_args[@]}"}
 fi
 
 # ---- on the login node: submit the array and the check that follows it --------------
@@ -73,19 +103,33 @@ fi
 tasks=${3:-8}
 [[ $tasks =~ ^[1-9][0-9]*$ ]] || { echo "TASKS must be a positive number" >&2; exit 2; }
 [[ -f $1 ]] || { echo "$1: no such manifest" >&2; exit 2; }
-mkdir -p "$2"
+mkdir -p "$2/slurm-logs"
 manifest=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 dest=$(cd "$2" && pwd)
+logs=$dest/slurm-logs
 script=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
+if [[ $NBIA == */* ]]; then  # a path: the jobs run elsewhere, so make it absolute
+    [[ -f $NBIA && -x $NBIA ]] \
+        || { echo "NBIA_RETRIEVER=$NBIA: not an executable file" >&2; exit 2; }
+    NBIA=$(cd "$(dirname "$NBIA")" && pwd)/$(basename "$NBIA")
+else
+    command -v "$NBIA" >/dev/null \
+        || { echo "$NBIA: not on PATH (install it, or set NBIA_RETRIEVER)" >&2; exit 2; }
+fi
+export NBIA_RETRIEVER=$NBIA  # what the tasks run (sbatch exports the environment)
 # shellcheck disable=SC2206  # word splitting of the extra options is intended
 extra=(${NBIA_SBATCH_ARGS:-})
 
-array_id=$(sbatch --parsable ${extra[@]+"${extra[@]}"} --array="1-$tasks" \
+# Submitted from $logs: that is the jobs' working directory, where their --output files
+# go (a folder on DEST's filesystem, which the compute nodes write anyway).
+array_id=$(cd "$logs" && sbatch --parsable ${extra[@]+"${extra[@]}"} --array="1-$tasks" \
     "$script" "$manifest" "$dest")
 array_id=${array_id%%;*}  # --parsable prints "id" or "id;cluster"
 merge_cmd=$(printf '%q ' "$NBIA" merge-reports "$dest" --manifest "$manifest")
-merge_id=$(sbatch --parsable ${extra[@]+"${extra[@]}"} --dependency="afterany:$array_id" \
+merge_id=$(cd "$logs" && sbatch --parsable ${extra[@]+"${extra[@]}"} \
+    --dependency="afterany:$array_id" \
     --job-name=nbia-merge-reports --time=01:00:00 --mem=1G \
     --output="nbia-merge-reports-%j.log" --wrap="$merge_cmd")
+merge_id=${merge_id%%;*}
 echo "submitted download array $array_id ($tasks tasks) and check $merge_id"
-echo "progress: squeue -j $array_id; result: nbia-merge-reports-${merge_id%%;*}.log"
+echo "progress: squeue -j $array_id; result: $logs/nbia-merge-reports-$merge_id.log"
