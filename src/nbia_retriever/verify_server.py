@@ -10,8 +10,9 @@ server says about its series:
   concatenated, which the client computes from the files on disk.
 
 A server without that endpoint gets "not supported by this server" per series (the
-counts are still checked). :func:`repair` moves the bad folders aside and downloads just
-those series again, with the root's own layout.
+counts are still checked). :func:`set_aside` moves the bad folders aside (``verify
+--repair``), and a download of just those series fetches them again, with the root's own
+layout.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Final answers ("not in public domain") end the series at once; a certificate tha
 be verified, a full disk or an unwritable journal end the run.
 
 Threads rather than asyncio: per chunk, the work is zlib, MD5 and file writes, all of
-which release the GIL, and the stream transport hands out a megabyte per read, so the
+which release the GIL, and the stream transport hands out 256 KiB per read, so the
 Python left per byte is small (``benchmarks/transports.py``). The threads: the caller's
 (or a ``nbia-engine`` thread) plans; up to ``max_connections`` workers download; one
 monitor samples throughput for the limiter. Front ends (CLI, TUI, Python API) drive an
