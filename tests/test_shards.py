@@ -349,7 +349,31 @@ def test_slurm_task_downloads_its_shard(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert calls(log) == [["nbia-retriever", "download", "m.tcia", "-d", "/scratch/out",
-                           "--shard", "3/6", "--quiet", "--workers", "4", "--user", "alice"]]
+                           "--shard", "3/6", "--quiet", "--max-connections", "2",
+                           "--user", "alice"]]
     done = subprocess.run(["bash", str(SCRIPT), "m.tcia"], env=env, capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(("budget", "workers", "expected"), [
+    (None, None, ["--max-connections", "5"]),          # 16 // 3: the default budget, shared
+    ("2", None, ["--max-connections", "1"]),           # never below 1
+    ("1000", None, ["--max-connections", "64"]),       # never above download's limit
+    ("9", "2", ["--max-connections", "3", "--workers", "2"]),  # pinned workers
+])
+def test_slurm_tasks_share_the_connection_budget(tmp_path, budget, workers, expected):
+    bin_dir, log = fake_tools(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NBIA_"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_ARRAY_TASK_ID="1",
+               SLURM_ARRAY_TASK_COUNT="3")
+    if budget is not None:
+        env["NBIA_MAX_CONNECTIONS"] = budget
+    if workers is not None:
+        env["NBIA_WORKERS"] = workers
+    done = subprocess.run(["bash", str(SCRIPT), "m.tcia", "/out"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert calls(log) == [["nbia-retriever", "download", "m.tcia", "-d", "/out",
+                           "--shard", "1/3", "--quiet", *expected]]
