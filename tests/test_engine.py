@@ -172,6 +172,27 @@ def test_wrong_password_is_an_auth_failure(tmp_path, server, archive):
     assert "wrong" not in str(raised.value)
 
 
+def test_cancel_ends_a_read_stalled_on_a_silent_server(tmp_path, archive, serve):
+    """Every zip goes silent for ten minutes (longer than the run's --timeout): cancel
+    must not wait for either. SLURM's SIGINT before the time limit depends on it."""
+    import time
+
+    server = serve(archive.root, faults=FaultPlan(stall=1.0, stall_seconds=600))
+    public = [s.series_uid for s in archive.series if not s.restricted]
+    engine = make_engine(manifest_for(tmp_path, server, public), tmp_path / "dl",
+                         api_url=server.api_url, timeout=600, workers=2, retries=0)
+    engine.start()
+    deadline = time.monotonic() + 60
+    while not any("getImage" in p for p in server.in_flight()):
+        assert time.monotonic() < deadline, "no zip was requested"
+        engine.wait(0.05)
+    engine.cancel()
+    report = engine.wait(60)
+    assert engine.finished, "cancel waited for the stalled read"
+    assert report.cancelled and not report.failed
+    assert not any((tmp_path / "dl").rglob("*.dcm"))
+
+
 def test_pause_holds_and_resume_finishes(tmp_path_factory, tmp_path):
     # Bigger images and a bandwidth cap make each series take many chunks, so the pause
     # lands mid-series (the worker must hold at its next chunk, not finish the series).

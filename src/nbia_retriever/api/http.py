@@ -201,6 +201,15 @@ class Response:
         self.url = url
         self.status = response.status
         self.content_type = (response.getheader("Content-Type") or "").lower()
+        raw = getattr(response, "raw_io", None)
+        self._sock: socket.socket | None = getattr(raw, "_sock", None)
+
+    def abort(self) -> None:
+        """Make a read blocked in another thread return now (cancel during a stall):
+        the connection is shut down, never reused."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
 
     def header(self, name: str) -> str | None:
         return self._response.getheader(name)

@@ -64,7 +64,7 @@ from .options import DownloadOptions
 from .plan import PlanBatch, Planner, bulk
 from .publish import Publisher
 from .scheduler import ConcurrencyLimiter, WorkQueue
-from .source import NbiaSource, Source, Verdict
+from .source import ByteStream, NbiaSource, Source, Verdict
 from .staging import (
     NoRoomError,
     Progress,
@@ -192,6 +192,7 @@ class Engine:
         self._policies: dict[str, RetryPolicy] = {}
         self._paused_attempts: set[str] = set()
         self._progress: dict[str, Progress] = {}
+        self._streams: dict[str, ByteStream] = {}  # open series streams, for cancel()
         self._planner: Planner | None = None
         self._staging: RunStaging | None = None
         self._publisher: Publisher | None = None
@@ -351,6 +352,11 @@ class Engine:
         self._running.set()
         self.limiter.wake()
         self.queue.wake()
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:  # a read stalled on a silent server returns now
+            with contextlib.suppress(Exception):
+                stream.abort()
 
     def start(self) -> None:
         """Start in the background; returns at once. Use :meth:`wait` for the report."""
@@ -781,6 +787,9 @@ class Engine:
             return False
         except NbiaError as exc:
             discard(staging)
+            if self._cancel.is_set():  # the stream was aborted by cancel(): not a failure
+                self._finish(uid, SeriesState.CANCELLED, "cancelled")
+                return False
             self._failed(uid, result, policy, exc)
             return False
         except OSError as exc:
@@ -823,10 +832,18 @@ class Engine:
 
         assert isinstance(info, SeriesInfo)
         with self.source.open(info) as stream:
-            return stage_series(
-                uid, info, stream.chunks(), staging, root=self.root,
-                checkpoint=lambda: self._checkpoint(uid), progress=progress,
-                on_progress=lambda n: self._on_progress(uid, n))
+            with self._lock:
+                self._streams[uid] = stream
+            try:
+                if self._cancel.is_set():
+                    raise Cancelled()
+                return stage_series(
+                    uid, info, stream.chunks(), staging, root=self.root,
+                    checkpoint=lambda: self._checkpoint(uid), progress=progress,
+                    on_progress=lambda n: self._on_progress(uid, n))
+            finally:
+                with self._lock:
+                    self._streams.pop(uid, None)
 
     def _failed(self, uid: str, result: SeriesResult, policy: RetryPolicy,
                 exc: NbiaError) -> None:

@@ -60,6 +60,9 @@ class ByteStream(Protocol):
 
     def chunks(self) -> Iterator[bytes]: ...
 
+    def abort(self) -> None:
+        """Called from another thread on cancel: make a blocked :meth:`chunks` end."""
+
 
 class Source(Protocol):
     """Everything the engine needs from where series come from."""
