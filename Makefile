@@ -26,6 +26,7 @@ $(PEERS_STAMP): benchmarks/peers-requirements.txt
 	touch $(PEERS_STAMP)
 
 test: install peers lint
+	@command -v sbatch >/dev/null || echo "note: no sbatch here: the real-SLURM tests (tests/test_slurm.py) are skipped; scripts/slurm-local.sh (as root) sets up a one-node SLURM"
 	NBIA_PEERS_PYTHON=$(CURDIR)/$(PEERS)/bin/python $(PY) -m pytest
 
 demo: install

@@ -50,8 +50,8 @@
 # Notes: keep the array contiguous (1-N or 0-(N-1), no steps). Be polite: the budget is
 # what the server sees at most at once; 16 is plenty.
 # Shortly before the time limit SLURM sends SIGINT (--signal below); the download then
-# stops cleanly (exit 130; within its --timeout, 60 s, even when a stream is stalled) and
-# the next submission resumes it.
+# stops cleanly (exit 130, at once, even when a stream is stalled) and the next
+# submission resumes it.
 # To try it on one machine: scripts/slurm-local.sh (as root) sets up a one-node SLURM;
 # tests/test_slurm.py runs this script on it.
 #
