@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import click
+from click.core import ParameterSource
 
 
 def stored_password(host: str, user: str) -> str | None:
@@ -34,10 +35,23 @@ def stored_password(host: str, user: str) -> str | None:
               help="Series downloaded at once.")
 @click.option("--layout", type=click.Choice(["descriptive", "classic"]), default="descriptive",
               show_default=True, help="Folder layout below Collection/Patient.")
-def open_command(manifest: str, dest: str, api: str, api_url: str | None, user: str | None,
-                 workers: int, layout: str) -> None:
+@click.option("--web", is_flag=True,
+              help="Serve the window to a browser instead, one window per page "
+                   "(pip install 'nbia-retriever[web]').")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="With --web: address to listen on. Beyond loopback, whoever has the "
+                   "printed address can use the window, its downloads and login.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="With --web: TCP port.")
+@click.option("--public-url", metavar="URL",
+              help="With --web: the address browsers use, behind a reverse proxy "
+                   "(default: the one they opened).")
+@click.pass_context
+def open_command(ctx: click.Context, manifest: str, dest: str, api: str, api_url: str | None,
+                 user: str | None, workers: int, layout: str, web: bool, host: str, port: int,
+                 public_url: str | None) -> None:
     """Open MANIFEST in the interactive downloads window (any terminal, SSH, or a browser
-    through textual-serve): choose rows and destination, then Start, Pause, Resume."""
+    with --web): choose rows and destination, then Start, Pause, Resume."""
     from ..api import Credentials
     from ..cli.common import EXIT_USAGE, check_api_url, fail, host_of, load_manifest
     from ..engine import DownloadOptions
@@ -45,12 +59,22 @@ def open_command(manifest: str, dest: str, api: str, api_url: str | None, user: 
     from ..errors import UsageError
     from .app import RetrieverApp
 
+    web_only = [f"--{name.replace('_', '-')}" for name in ("host", "port", "public_url")
+                if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if web_only and not web:
+        fail(f"{', '.join(web_only)}: only with --web", EXIT_USAGE)
     parsed = load_manifest(manifest)
     check_api_url(api_url)
     try:
         server = resolve_api_url(parsed, api_url)
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE)
+    if web:
+        serve_web(manifest, host=host, port=port, public_url=public_url,
+                  host_given=ctx.get_parameter_source("host") is ParameterSource.COMMANDLINE,
+                  dest=dest, api=api, api_url=api_url, user=user, workers=workers,
+                  layout=layout)
+        return
     credentials = None
     ask_login = None
     if user:
@@ -64,3 +88,38 @@ def open_command(manifest: str, dest: str, api: str, api_url: str | None, user: 
     app = RetrieverApp(parsed, dest, options, manifest_name=os.path.basename(manifest),
                        ask_login=ask_login)
     app.run()
+
+
+def serve_web(manifest: str, *, host: str, port: int, public_url: str | None,
+              host_given: bool, dest: str, api: str, api_url: str | None, user: str | None,
+              workers: int, layout: str) -> None:
+    """``open --web``: textual-serve runs the plain ``open`` (same manifest, destination
+    and options; the user name, never a password) for each browser session."""
+    from urllib.parse import urlsplit
+
+    from ..cli.common import EXIT_USAGE, fail
+    from .app import RetrieverApp
+
+    try:
+        from .web import WebServer, child_argv, is_loopback, shell_command
+    except ImportError:
+        fail("--web needs textual-serve: pip install 'nbia-retriever[web]'", EXIT_USAGE)
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            fail("--public-url must be an http:// or https:// address", EXIT_USAGE)
+    if not is_loopback(host):
+        if not host_given:
+            fail(f"not serving on {host} unless --host names it on the command line",
+                 EXIT_USAGE)
+        click.echo(f"warning: listening on {host}: whoever has the printed address can start "
+                   "downloads, change the destination and use the login", err=True)
+    argv = child_argv(manifest, dest=dest, api=api, api_url=api_url, user=user,
+                      workers=workers, layout=layout)
+    title = f"{RetrieverApp.TITLE} \N{EM DASH} {os.path.basename(manifest)}"
+    server = WebServer(shell_command(argv), host=host, port=port, title=title,
+                       public_url=public_url)
+    try:
+        server.serve()
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_USAGE)
