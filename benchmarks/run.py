@@ -191,6 +191,11 @@ class Runner:
                     "no_proxy": "127.0.0.1,localhost"}
         for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
             self.env.pop(var, None)
+        # Every client runs as installed, bytecode compiled (pip does it at install; an
+        # editable checkout under PYTHONDONTWRITEBYTECODE would recompile us every run).
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "src")],
+                       check=True, env=self.env)
         self.wanted: set[str] = set()
         self.transports: list[dict[str, object]] | None = None
         self.profile: dict[str, object] | None = None

@@ -98,6 +98,12 @@ MAX_ROOT_NAME = 64
 _MAX_UID_PART = 64
 
 
+#: Entries of each cache of folder-name parts. Parts repeat in runs (a manifest lists a
+#: study's series together, a patient's studies together), so a small cache hits as
+#: often as a big one, and 200,000 series do not keep 200,000 cached strings.
+_CACHE = 4096
+
+
 class Layout(StrEnum):
     """Folder layouts below ``Collection/PatientID``."""
 
@@ -230,7 +236,7 @@ _DATE_FORMS = [
 _TIME_SPLIT = re.compile(r"[\sT]", re.ASCII)
 
 
-@functools.lru_cache(maxsize=1 << 14)
+@functools.lru_cache(maxsize=_CACHE)
 def normalise_date(text: str) -> str:
     """Any date form NBIA serves -> ``MM-DD-YYYY`` (the Java folder format); invalid -> "".
 
@@ -259,7 +265,7 @@ _NOT_CLEAN = re.compile(r"[^a-zA-Z0-9 .-]")
 _NOT_CLEAN_URI = re.compile(r"[^a-zA-Z0-9 ./:]")
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=_CACHE)
 def java_clean(text: str) -> str:
     """The server's ``cleanStr``: keep ``[a-zA-Z0-9 .-]``; nothing left gives ``NA``.
 
@@ -276,7 +282,7 @@ def java_clean_uri(text: str) -> str:
     return out or FALLBACK
 
 
-@functools.lru_cache(maxsize=1 << 14)
+@functools.lru_cache(maxsize=_CACHE)
 def format_series_number(text: str) -> str:
     """A series number as the server's decimal(22,6) prints it: ``"1"`` -> ``"1.000000"``.
 
@@ -315,7 +321,7 @@ def _java_desc(text: str) -> str:
 # ----------------------------------------------------------------------------- paths
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=_CACHE)
 def _piece(text: str, limit: int | None = None) -> str:
     """A part of a component: cleaned and trimmed; component rules come after joining."""
     cleaned = _clean(text).strip()
@@ -349,7 +355,7 @@ def _join(parts: Iterable[str]) -> str:
     return "-".join(filter(None, parts))
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=_CACHE)
 def _component(text: str, depth: int) -> str:
     result = sanitize_component(text)
     if result.casefold() in _TAKEN_AT_DEPTH.get(depth, ()):
@@ -433,7 +439,7 @@ def _relpath(info: SeriesInfo, layout: Layout, mode: int) -> PurePosixPath:
     return PurePosixPath(_relpath_text(info, layout, mode))
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=_CACHE)
 def _study_component(date: str, study_id: str, description: str, study_uid: str) -> str:
     return _component(_join((normalise_date(date), _java_part(java_clean(study_id)),
                              _java_desc(java_clean(description)), _suffix(study_uid, 0))), 2)
@@ -446,7 +452,7 @@ def _series_number_part(text: str) -> str:
     return _java_part(number)
 
 
-@functools.lru_cache(maxsize=1 << 14)
+@functools.lru_cache(maxsize=_CACHE)
 def _series_head(number: str, description: str) -> tuple[str, bool]:
     """``<number>-<description>`` of a series folder (a few distinct values per archive)
     and whether it is a safe component that stays safe with ``-<digits>`` appended."""

@@ -20,7 +20,7 @@ import io
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,10 @@ def _row_bytes(row: Sequence[str]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
+#: Bytes of metadata.csv read at once when catching up with other processes' rows.
+_READ_BLOCK = 4 << 20
+
+
 class MetadataCsv:
     """Appends one row per completed series to ``<root>/metadata.csv``, at most once.
 
@@ -155,14 +159,30 @@ class MetadataCsv:
             self._offset, self._tail = 0, b""
         if size == self._offset:
             return
-        data = self._tail + os.pread(fd, size - self._offset, self._offset)
-        self._offset = size
-        cut = data.rfind(b"\n") + 1
-        self._tail = data[cut:]
-        text = data[:cut].decode("utf-8", "replace").lstrip("\ufeff")
-        for row in csv.reader(io.StringIO(text, newline="")):
+        start = self._offset
+
+        def lines() -> Iterator[str]:
+            # Block by block: a 200,000-row file is 100 MB, and must not become one
+            # string (nor a StringIO, four bytes a character) to be read.
+            pos, first = start, start == 0
+            while pos < size:
+                block = os.pread(fd, min(_READ_BLOCK, size - pos), pos)
+                if not block:
+                    break
+                pos += len(block)
+                data = self._tail + block
+                cut = data.rfind(b"\n") + 1
+                self._tail = data[cut:]
+                if cut:
+                    text = data[:cut].decode("utf-8", "replace")
+                    if first:
+                        text, first = text.lstrip("\ufeff"), False
+                    yield from io.StringIO(text, newline="")  # lines as csv reads a file
+
+        for row in csv.reader(lines()):
             if row:
                 self._seen.add(row[0])
+        self._offset = size
 
     def append(self, row: Sequence[str]) -> bool:
         """Append ``row`` unless its Series UID is present; fsync'd. False if present."""
