@@ -193,6 +193,9 @@ class Engine:
         self._paused_attempts: set[str] = set()
         self._progress: dict[str, Progress] = {}
         self._streams: dict[str, ByteStream] = {}  # open series streams, for cancel()
+        # Threads inflating/hashing/writing at once (see stage_series): one per core, and
+        # one more to cover the moments a thread is in a system call.
+        self._cpu = threading.BoundedSemaphore((os.cpu_count() or 2) + 1)
         self._planner: Planner | None = None
         self._staging: RunStaging | None = None
         self._publisher: Publisher | None = None
@@ -840,7 +843,7 @@ class Engine:
                 return stage_series(
                     uid, info, stream.chunks(), staging, root=self.root,
                     checkpoint=lambda: self._checkpoint(uid), progress=progress,
-                    on_progress=lambda n: self._on_progress(uid, n))
+                    on_progress=lambda n: self._on_progress(uid, n), cpu=self._cpu)
             finally:
                 with self._lock:
                     self._streams.pop(uid, None)
