@@ -125,3 +125,24 @@ def fast_tags(header: bytes) -> dict[str, str | None] | None:
             pos = vpos + length
     except (_Unsure, UnicodeDecodeError, struct.error):
         return None
+
+
+def series_uid_of(head: bytes) -> str | None:
+    """The SeriesInstanceUID in the first bytes (up to a megabyte) of a DICOM file:
+    this module's parser first, pydicom for what it cannot read; None if neither finds
+    one. (Which series a folder found on disk belongs to.)"""
+    tags = fast_tags(head[: 64 * 1024])
+    uid = tags.get("SeriesInstanceUID") if tags else None
+    if uid:
+        return uid
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, force=True,
+                             specific_tags=["SeriesInstanceUID"])
+    except Exception:
+        return None
+    value = ds.get("SeriesInstanceUID")
+    return str(value) if value else None

@@ -54,18 +54,23 @@ def wanted(progress: bool | None) -> bool:
     return in_notebook() or sys.stdout.isatty()
 
 
+def new_bar(console: Console | None = None) -> Progress:
+    """The one overall bar (also the CLI's): description, bar, bytes, speed, time left,
+    and a ``counts`` field."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+        TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[counts]}"),
+        console=console, transient=False, refresh_per_second=4,
+    )
+
+
 def run_with_bar(engine: Engine, *, console: Console | None = None) -> Report:
     """Start ``engine``, draw its progress until it finishes, return its report.
 
     Ctrl-C (KeyboardInterrupt) cancels the run cleanly (finished series are kept; a
     second call resumes) and is raised again once the engine has stopped.
     """
-    console = console or Console(file=sys.stdout)
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[counts]}"),
-        console=console, transient=False, refresh_per_second=4,
-    )
+    bar = new_bar(console or Console(file=sys.stdout))
     task = bar.add_task("Preparing", total=None, counts="")
 
     def refresh() -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from ._dicomtags import fast_tags
+from ._dicomtags import series_uid_of
 from .api import ApiMismatch, NbiaClient
 from .engine.journal import Journal
 from .errors import ApiError
@@ -104,23 +104,9 @@ def image_files(folder: Path) -> list[Path]:
 def _series_uid_of(path: Path) -> str | None:
     try:
         with open(path, "rb") as handle:
-            head = handle.read(1 << 20)
+            return series_uid_of(handle.read(1 << 20))
     except OSError:
         return None
-    tags = fast_tags(head[: 64 * 1024])
-    if tags and tags.get("SeriesInstanceUID"):
-        return tags["SeriesInstanceUID"]
-    import io
-
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, force=True,
-                             specific_tags=["SeriesInstanceUID"])
-    except Exception:
-        return None
-    value = ds.get("SeriesInstanceUID")
-    return str(value) if value else None
 
 
 def find_series_folders(root: Path) -> dict[str, str]:

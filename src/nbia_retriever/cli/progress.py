@@ -13,33 +13,18 @@ from typing import Any
 
 from rich.console import Group
 from rich.live import Live
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.text import Text
 
 from ..engine import EventKind
 from ..models import FAILED_STATES, SeriesState
+from ..progress import new_bar
 from .common import inert
 
 MAX_LINES = 8
 
 
 def run_with_progress(engine: Any) -> Any:
-    overall = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[counts]}"),
-        transient=False,
-    )
+    overall = new_bar()
     task = overall.add_task("Preparing", total=None, counts="")
 
     def active_lines() -> Text:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from .._dicomtags import fast_tags
+from .._dicomtags import series_uid_of
 from ..errors import DestinationError
 from ..layout import Layout, series_relpath_mode
 from ..models import SeriesInfo
@@ -119,29 +119,12 @@ def folder_owner(parent_fd: int, leaf: str) -> str | None:
                 continue
             with os.fdopen(file_fd, "rb") as handle:
                 head = handle.read(1 << 20)
-            tags = fast_tags(head[: 64 * 1024])
-            uid = tags.get("SeriesInstanceUID") if tags else None
-            if uid is None:
-                uid = _pydicom_series_uid(head)
+            uid = series_uid_of(head)
             if uid:
                 return uid
         return None
     finally:
         os.close(fd)
-
-
-def _pydicom_series_uid(head: bytes) -> str | None:
-    import io
-
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, force=True,
-                             specific_tags=["SeriesInstanceUID"])
-    except Exception:
-        return None
-    value = ds.get("SeriesInstanceUID")
-    return str(value) if value else None
 
 
 class Publisher:
