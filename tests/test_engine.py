@@ -193,6 +193,37 @@ def test_cancel_ends_a_read_stalled_on_a_silent_server(tmp_path, archive, serve)
     assert not any((tmp_path / "dl").rglob("*.dcm"))
 
 
+def test_overall_progress_never_goes_back_when_a_retry_discards_bytes(
+        tmp_path, archive_factory, serve):
+    """A 4 MB series reset after 1.5 MB of zip: the first attempt's bytes are thrown
+    away. Bytes done drop back (honestly: they are gone), the progress figure a bar is
+    drawn from does not."""
+    from nbia_retriever.engine import EventKind
+
+    big = archive_factory(seed=17, collections=1, patients=1, studies=1, series=1,
+                          images=8, rows=512, columns=512, awkward=False, restricted=False)
+    uid = big.series[0].series_uid
+    server = serve(big.root, faults=FaultPlan(script={uid: ["reset:1500000"]}))
+    engine = make_engine(manifest_for(tmp_path, server, [uid]), tmp_path / "dl",
+                         api_url=server.api_url, workers=1, **FAST)
+    seen: list[tuple[str, int, int]] = []
+
+    def note(event):
+        if event.kind in (EventKind.PROGRESS, EventKind.RETRY):
+            stats = engine.stats()
+            seen.append((str(event.kind), stats.bytes_done, stats.progress_bytes))
+
+    engine.subscribe(note)
+    report = engine.run()
+    assert report.ok, report.summary()
+    retry = next(i for i, (kind, _, _) in enumerate(seen) if kind == "retry")
+    before = max(done for _, done, _ in seen[:retry + 1])  # the failed attempt's bytes
+    after = min(done for _, done, _ in seen[retry + 1:])
+    assert 0 < after < before  # the discard is real (the second attempt starts over) ...
+    bars = [bar for _, _, bar in seen]
+    assert bars == sorted(bars) and min(bars[retry:]) >= before  # ... the bar hides it
+
+
 def test_pause_holds_and_resume_finishes(tmp_path_factory, tmp_path):
     # Bigger images and a bandwidth cap make each series take many chunks, so the pause
     # lands mid-series (the worker must hold at its next chunk, not finish the series).
