@@ -46,18 +46,37 @@ def archive_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., A
     return make
 
 
+class _Servers:
+    """``servers(archive_root, **ReferenceServer_options)`` starts a reference server;
+    :meth:`stop_all` stops every one it started."""
+
+    def __init__(self) -> None:
+        self.started: list[ReferenceServer] = []
+
+    def __call__(self, root: Any, **options: Any) -> ReferenceServer:
+        srv = ReferenceServer(root, **options)
+        srv.start()
+        self.started.append(srv)
+        return srv
+
+    def stop_all(self) -> None:
+        for srv in self.started:
+            srv.stop()
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., ReferenceServer]]:
     """``serve(archive_root, **ReferenceServer_options)``: a reference server for this test,
     stopped at its end (several may run at once)."""
-    started: list[ReferenceServer] = []
+    servers = _Servers()
+    yield servers
+    servers.stop_all()
 
-    def start(root: Any, **options: Any) -> ReferenceServer:
-        srv = ReferenceServer(root, **options)
-        srv.start()
-        started.append(srv)
-        return srv
 
-    yield start
-    for srv in started:
-        srv.stop()
+@pytest.fixture(scope="module")
+def module_serve() -> Iterator[Callable[..., ReferenceServer]]:
+    """:func:`serve` for module-scoped fixtures: the servers it starts are shared by the
+    module's tests and stopped at its end (their fault plans and request logs are too)."""
+    servers = _Servers()
+    yield servers
+    servers.stop_all()

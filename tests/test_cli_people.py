@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +63,8 @@ def three(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
 
 
 @pytest.fixture(scope="module")
-def srv(three: ArchiveSummary) -> Iterator[ReferenceServer]:
-    with ReferenceServer(three.root) as server:
-        yield server
+def srv(three: ArchiveSummary, module_serve: Callable[..., ReferenceServer]) -> ReferenceServer:
+    return module_serve(three.root)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from nbia_retriever._dicomtags import fast_tags
 from nbia_retriever.naming import parse_is
-from nbia_retriever.server.synth import generate_archive
 
 TAGS = ("AcquisitionNumber", "InstanceNumber", "SOPInstanceUID")
 
@@ -25,8 +24,8 @@ def same(fast: dict[str, str | None], slow: dict[str, str | None]) -> bool:
             and parse_is(fast["InstanceNumber"]) == parse_is(slow["InstanceNumber"]))
 
 
-def test_agrees_with_pydicom_on_every_awkward_synthetic_file(tmp_path):
-    archive = generate_archive(tmp_path / "a", seed=4, images=6)
+def test_agrees_with_pydicom_on_every_awkward_synthetic_file(archive_factory):
+    archive = archive_factory(seed=4, images=6)
     files = sorted(archive.root.rglob("*.dcm"))
     assert files
     for path in files:

@@ -23,17 +23,15 @@ from nbia_retriever.engine import shard_of
 from nbia_retriever.engine.journal import Journal
 from nbia_retriever.models import SeriesState
 from nbia_retriever.report import METADATA_HEADER
-from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.server.synth import generate_archive
+from nbia_retriever.server import FaultPlan
 
 FAST = {"backoff_base": 0.01, "timeout": 5.0}
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("engine-archive")
-    return generate_archive(root, seed=11, collections=2, patients=1, studies=1, series=2,
-                            images=5, rows=32, columns=32)
+def archive(archive_factory):
+    return archive_factory(seed=11, collections=2, patients=1, studies=1, series=2,
+                           images=5, rows=32, columns=32)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +45,8 @@ def public_uids(archive) -> list[str]:
 
 
 @pytest.fixture()
-def server(archive):
-    with ReferenceServer(archive.root) as srv:
-        yield srv
+def server(archive, serve):
+    return serve(archive.root)
 
 
 def manifest_for(tmp_path: Path, server, uids, **kw) -> Path:
@@ -224,37 +221,36 @@ def test_overall_progress_never_goes_back_when_a_retry_discards_bytes(
     assert bars == sorted(bars) and min(bars[retry:]) >= before  # ... the bar hides it
 
 
-def test_pause_holds_and_resume_finishes(tmp_path_factory, tmp_path):
+def test_pause_holds_and_resume_finishes(tmp_path, archive_factory, serve):
     # Bigger images and a bandwidth cap make each series take many chunks, so the pause
     # lands mid-series (the worker must hold at its next chunk, not finish the series).
-    archive = generate_archive(tmp_path_factory.mktemp("pause-archive"), seed=5,
-                               collections=1, patients=1, series=2, images=4, rows=256,
-                               columns=256, restricted=False)
+    archive = archive_factory(seed=5, collections=1, patients=1, series=2, images=4,
+                              rows=256, columns=256, restricted=False)
     expected = expected_series(archive.root)
     public_uids = [s.series_uid for s in archive.series]
-    with ReferenceServer(archive.root, faults=FaultPlan(bandwidth=400_000)) as srv:
-        engine = make_engine(manifest_for(tmp_path, srv, public_uids), tmp_path / "dl",
-                             workers=2, **FAST)
-        paused = threading.Event()
+    srv = serve(archive.root, faults=FaultPlan(bandwidth=400_000))
+    engine = make_engine(manifest_for(tmp_path, srv, public_uids), tmp_path / "dl",
+                         workers=2, **FAST)
+    paused = threading.Event()
 
-        def on_event(event) -> None:
-            if event.kind == "state" and event.state == SeriesState.DOWNLOADING \
-                    and not engine.paused and not paused.is_set():
-                engine.pause()
-            if event.kind == "state" and event.state == SeriesState.PAUSED:
-                paused.set()
+    def on_event(event) -> None:
+        if event.kind == "state" and event.state == SeriesState.DOWNLOADING \
+                and not engine.paused and not paused.is_set():
+            engine.pause()
+        if event.kind == "state" and event.state == SeriesState.PAUSED:
+            paused.set()
 
-        engine.subscribe(on_event)
-        engine.start()
-        assert paused.wait(60), "no series reported Paused"
-        assert engine.paused and not engine.finished
-        started = {u for u, r in engine.results.items()
-                   if r.state not in (SeriesState.QUEUED, SeriesState.NOT_STARTED)}
-        assert len(started) <= 2
-        engine.resume()
-        report = engine.wait(120)
-        assert report.ok, report.summary()
-        assert_identical(report.root, expected, public_uids)
+    engine.subscribe(on_event)
+    engine.start()
+    assert paused.wait(60), "no series reported Paused"
+    assert engine.paused and not engine.finished
+    started = {u for u, r in engine.results.items()
+               if r.state not in (SeriesState.QUEUED, SeriesState.NOT_STARTED)}
+    assert len(started) <= 2
+    engine.resume()
+    report = engine.wait(120)
+    assert report.ok, report.summary()
+    assert_identical(report.root, expected, public_uids)
 
 
 def test_shards_partition_the_manifest(public_uids):

@@ -21,11 +21,9 @@ from nbia_retriever.server.synth import ArchiveSummary
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
-    from nbia_retriever.server.synth import generate_archive
-
-    return generate_archive(tmp_path_factory.mktemp("nb") / "a", seed=16, collections=1,
-                            patients=2, studies=1, series=2, images=2, awkward=False)
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
+    return archive_factory(seed=16, collections=1, patients=2, studies=1, series=2, images=2,
+                           awkward=False)
 
 
 @pytest.fixture

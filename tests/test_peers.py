@@ -17,9 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from nbia_retriever.server import ReferenceServer
-from nbia_retriever.server.synth import generate_archive
-
 PEERS_PYTHON = os.environ.get("NBIA_PEERS_PYTHON", "")
 DRIVER = Path(__file__).with_name("peers_driver.py")
 
@@ -36,22 +33,22 @@ def digests(root: Path) -> Counter[str]:
 
 
 @pytest.fixture(scope="module")
-def plain_archive(tmp_path_factory: pytest.TempPathFactory):
+def plain_archive(archive_factory):
     # No awkward headers: nbiatoolkit names files by InstanceNumber and would overwrite
     # duplicates (a known flaw of it, not of the wire format we are testing here).
-    return generate_archive(tmp_path_factory.mktemp("peers-archive"), seed=21, collections=1,
-                            patients=2, series=2, images=4, awkward=False, restricted=False)
+    return archive_factory(seed=21, collections=1, patients=2, series=2, images=4,
+                           awkward=False, restricted=False)
 
 
 @pytest.mark.parametrize("client", ["tcia-utils", "nbiatoolkit"])
-def test_peer_client_downloads_everything(client, plain_archive, tmp_path):
+def test_peer_client_downloads_everything(client, plain_archive, serve, tmp_path):
     uids = [s.series_uid for s in plain_archive.series]
     out = tmp_path / "out"
-    with ReferenceServer(plain_archive.root) as server:
-        done = subprocess.run([PEERS_PYTHON, str(DRIVER), client, server.url, str(out), *uids],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        image_requests = [r for r in server.requests if "getImage" in r.path]
+    server = serve(plain_archive.root)
+    done = subprocess.run([PEERS_PYTHON, str(DRIVER), client, server.url, str(out), *uids],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    image_requests = [r for r in server.requests if "getImage" in r.path]
     assert len(image_requests) == len(uids)
     assert all(r.status == 200 for r in image_requests)
     assert digests(out) == digests(plain_archive.root), f"{client} did not get every image"

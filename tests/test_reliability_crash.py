@@ -21,6 +21,7 @@ import random
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from enginehelpers import expected_series, write_manifest
 from nbia_retriever import download
 from nbia_retriever.models import SeriesState
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.server.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary
 from nbia_retriever.verify import verify_root
 from reliability_helpers import CLI, assert_root_clean, exit_signal, journal_complete, run_cli
 
@@ -40,11 +41,10 @@ BANDWIDTH = 10_000_000
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
     # 8 series of 3 images of 512 KiB: each series crosses the 1 MiB progress step once.
-    return generate_archive(tmp_path_factory.mktemp("rel-crash"), seed=31, collections=2,
-                            patients=2, studies=1, series=2, images=3, rows=512, columns=512,
-                            restricted=False)
+    return archive_factory(seed=31, collections=2, patients=2, studies=1, series=2, images=3,
+                           rows=512, columns=512, restricted=False)
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +53,16 @@ def expected(archive: ArchiveSummary) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def server(archive: ArchiveSummary):
-    with ReferenceServer(archive.root, faults=FaultPlan(bandwidth=BANDWIDTH)) as srv:
-        yield srv
+def server(archive: ArchiveSummary,
+           module_serve: Callable[..., ReferenceServer]) -> ReferenceServer:
+    return module_serve(archive.root, faults=FaultPlan(bandwidth=BANDWIDTH))
 
 
 @pytest.fixture(scope="module")
-def fast_server(archive: ArchiveSummary):
+def fast_server(archive: ArchiveSummary,
+                module_serve: Callable[..., ReferenceServer]) -> ReferenceServer:
     """Unthrottled: the deterministic crash points need no help landing mid-run."""
-    with ReferenceServer(archive.root) as srv:
-        yield srv
+    return module_serve(archive.root)
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from enginehelpers import download_report, expected_series, write_manifest
 from nbia_retriever import download
 from nbia_retriever.report import METADATA_HEADER, MetadataCsv
 from nbia_retriever.server import ReferenceServer
-from nbia_retriever.server.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary
 from reliability_helpers import CLI, assert_root_clean, metadata_rows
 
 ROOT_NAME = "manifest-1700000000000"
@@ -35,11 +35,10 @@ IMAGE_LIMIT = 512 * 1024  # RLIMIT_FSIZE: the 512x512 images (~513 KiB) cannot b
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
     # 3 series of 2 images of ~513 KiB each: about 3.2 MB in all.
-    return generate_archive(tmp_path_factory.mktemp("rel-disk"), seed=41, collections=1,
-                            patients=1, studies=1, series=3, images=2, rows=512,
-                            columns=512, restricted=False)
+    return archive_factory(seed=41, collections=1, patients=1, studies=1, series=3, images=2,
+                           rows=512, columns=512, restricted=False)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +47,9 @@ def expected(archive: ArchiveSummary) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def server(archive: ArchiveSummary):
-    with ReferenceServer(archive.root) as srv:
-        yield srv
+def server(archive: ArchiveSummary,
+           module_serve: Callable[..., ReferenceServer]) -> ReferenceServer:
+    return module_serve(archive.root)
 
 
 @pytest.fixture()

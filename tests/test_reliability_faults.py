@@ -12,6 +12,7 @@ published, and ``only_failed`` finishes it later.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from nbia_retriever import download, make_engine
 from nbia_retriever.api import Credentials, NbiaClient
 from nbia_retriever.models import SeriesState
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.server.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary
 from reliability_helpers import assert_root_clean, metadata_rows, staging_leftovers
 
 FAST = {"backoff_base": 0.01, "timeout": 5.0}
@@ -38,10 +39,10 @@ CAUSES = {
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
     # Two collections, the second restricted: alice sees all four series, bob only two.
-    return generate_archive(tmp_path_factory.mktemp("rel-faults"), seed=23, collections=2,
-                            patients=1, studies=1, series=2, images=4, rows=32, columns=32)
+    return archive_factory(seed=23, collections=2, patients=1, studies=1, series=2, images=4,
+                           rows=32, columns=32)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,8 @@ def expected(archive: ArchiveSummary) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture()
-def server(archive: ArchiveSummary):
-    with ReferenceServer(archive.root) as srv:
-        yield srv
+def server(archive: ArchiveSummary, serve: Callable[..., ReferenceServer]) -> ReferenceServer:
+    return serve(archive.root)
 
 
 def login(archive: ArchiveSummary, server: ReferenceServer) -> dict[str, str]:

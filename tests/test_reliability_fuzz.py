@@ -20,7 +20,7 @@ import itertools
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ from nbia_retriever.engine import DownloadOptions, Engine, Verdict
 from nbia_retriever.errors import ManifestError
 from nbia_retriever.manifest import Manifest, parse_manifest, read_manifest
 from nbia_retriever.models import SeriesInfo, SeriesState
-from nbia_retriever.server.synth import generate_archive
+from nbia_retriever.server.synth import ArchiveSummary
 
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -109,11 +109,11 @@ def test_any_manifest_file_reads_or_raises_manifest_error(tmp_path_factory, data
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict[str, bytes], str]:
+def original(
+        archive_factory: Callable[..., ArchiveSummary]) -> tuple[bytes, dict[str, bytes], str]:
     """A real series zip as the server streams it, the files it holds, its series UID."""
-    archive = generate_archive(tmp_path_factory.mktemp("rel-fuzz"), seed=61, collections=1,
-                               patients=1, studies=1, series=1, images=3, rows=16,
-                               columns=16, restricted=False, awkward=False)
+    archive = archive_factory(seed=61, collections=1, patients=1, studies=1, series=1,
+                              images=3, rows=16, columns=16, restricted=False, awkward=False)
     files = {f"{i:08d}.dcm": p.read_bytes()
              for i, p in enumerate(archive.series[0].files, start=1)}
     return series_zip(list(files.items())), files, archive.series[0].series_uid

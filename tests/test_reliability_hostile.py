@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ from hostile_server import (
 from nbia_retriever import download
 from nbia_retriever.models import SeriesState
 from nbia_retriever.report import Report
-from nbia_retriever.server.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary
 from nbia_retriever.server.zipwriter import ZipEntry, deflated_entry
 from reliability_helpers import assert_root_clean, metadata_rows, staging_leftovers
 
@@ -44,10 +45,9 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
-    return generate_archive(tmp_path_factory.mktemp("rel-hostile"), seed=53, collections=1,
-                            patients=1, studies=1, series=6, images=2, rows=16, columns=16,
-                            restricted=False, awkward=False)
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
+    return archive_factory(seed=53, collections=1, patients=1, studies=1, series=6, images=2,
+                           rows=16, columns=16, restricted=False, awkward=False)
 
 
 @pytest.fixture(scope="module")

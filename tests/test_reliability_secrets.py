@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -26,16 +27,16 @@ from nbia_retriever.api import Credentials, NbiaClient, TlsError
 from nbia_retriever.engine import DownloadOptions
 from nbia_retriever.models import SeriesState
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.server.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary
 from reliability_helpers import CLI
 
 _SECRET_WORDS = ("password", "token", "secret", "authorization", "bearer")
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
-    return generate_archive(tmp_path_factory.mktemp("rel-secrets"), seed=71, collections=2,
-                            patients=1, studies=1, series=2, images=2, rows=16, columns=16)
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
+    return archive_factory(seed=71, collections=2, patients=1, studies=1, series=2, images=2,
+                           rows=16, columns=16)
 
 
 def issued_tokens(server: ReferenceServer) -> set[str]:
@@ -50,70 +51,70 @@ def cli(args: list[str], password: str, **kw: object) -> subprocess.Popen[bytes]
                             env=env, **kw)  # type: ignore[call-overload]
 
 
-def test_password_and_tokens_appear_in_no_output_file_or_url(tmp_path, archive, caplog):
+def test_password_and_tokens_appear_in_no_output_file_or_url(tmp_path, archive, serve, caplog):
     password = archive.users["alice"]
     uids = [s.series_uid for s in archive.series]
     restricted = [s.series_uid for s in archive.series if s.restricted]
     blobs: dict[str, bytes] = {}
-    with ReferenceServer(archive.root) as server:
-        # One series fails past the budget, so the error report and messages have content.
+    server = serve(archive.root)
+    # One series fails past the budget, so the error report and messages have content.
+    server.set_faults(FaultPlan(script={restricted[0]: ["http500"] * 2}))
+    cart = write_manifest(tmp_path / "cart.tcia", uids, server.download_url, retries=1)
+    base = ["download", str(cart), "--user", "alice", "--api-url", server.api_url,
+            "--backoff", "0.01"]
+
+    # 1. --json, with the token expiring after the first series: 401, refresh, login.
+    proc = cli([*base, "-d", str(tmp_path / "dl1"), "--json", "-w", "1",
+                "--error-report", str(tmp_path / "errors1.csv")], password)
+    assert proc.stdout is not None and proc.stderr is not None
+    out = bytearray()
+    jumped = False
+    for line in proc.stdout:
+        out += line
+        event = json.loads(line)
+        if event.get("state") == SeriesState.COMPLETE and not jumped:
+            jumped = True
+            server.advance_clock(100_000)
+    blobs["json stdout"] = bytes(out)
+    blobs["json stderr"] = proc.stderr.read()
+    assert proc.wait(60) == 1
+    proc.stdout.close()
+    proc.stderr.close()
+    assert jumped and any(r.status == 401 for r in server.requests)
+
+    # 2. plain (not a terminal) and 3. --quiet, each with an error report.
+    for mode in ("plain", "quiet"):
         server.set_faults(FaultPlan(script={restricted[0]: ["http500"] * 2}))
-        cart = write_manifest(tmp_path / "cart.tcia", uids, server.download_url, retries=1)
-        base = ["download", str(cart), "--user", "alice", "--api-url", server.api_url,
-                "--backoff", "0.01"]
+        extra = ["--quiet"] if mode == "quiet" else []
+        done = subprocess.run([*CLI, *base, "-d", str(tmp_path / f"dl-{mode}"), *extra,
+                               "--error-report", str(tmp_path / f"errors-{mode}.csv")],
+                              capture_output=True, env={**os.environ,
+                                                        "NBIA_PASSWORD": password},
+                              timeout=60, check=False)
+        assert done.returncode == 1, done.stderr
+        blobs[f"{mode} stdout"], blobs[f"{mode} stderr"] = done.stdout, done.stderr
 
-        # 1. --json, with the token expiring after the first series: 401, refresh, login.
-        proc = cli([*base, "-d", str(tmp_path / "dl1"), "--json", "-w", "1",
-                    "--error-report", str(tmp_path / "errors1.csv")], password)
-        assert proc.stdout is not None and proc.stderr is not None
-        out = bytearray()
-        jumped = False
-        for line in proc.stdout:
-            out += line
-            event = json.loads(line)
-            if event.get("state") == SeriesState.COMPLETE and not jumped:
-                jumped = True
-                server.advance_clock(100_000)
-        blobs["json stdout"] = bytes(out)
-        blobs["json stderr"] = proc.stderr.read()
-        assert proc.wait(60) == 1
-        proc.stdout.close()
-        proc.stderr.close()
-        assert jumped and any(r.status == 401 for r in server.requests)
+    # 4. `list` with a login, and a wrong password (the error path of the login).
+    for name, args, secret in (("list", ["list", str(cart), "--user", "alice",
+                                         "--api-url", server.api_url], password),
+                               ("wrong", [*base, "-d", str(tmp_path / "dl-wrong")],
+                                password + "-wrong")):
+        done = subprocess.run([*CLI, *args], capture_output=True, timeout=60, check=False,
+                              env={**os.environ, "NBIA_PASSWORD": secret})
+        blobs[f"{name} stdout"], blobs[f"{name} stderr"] = done.stdout, done.stderr
+    assert b"alice" in blobs["wrong stderr"] + blobs["wrong stdout"]
 
-        # 2. plain (not a terminal) and 3. --quiet, each with an error report.
-        for mode in ("plain", "quiet"):
-            server.set_faults(FaultPlan(script={restricted[0]: ["http500"] * 2}))
-            extra = ["--quiet"] if mode == "quiet" else []
-            done = subprocess.run([*CLI, *base, "-d", str(tmp_path / f"dl-{mode}"), *extra,
-                                   "--error-report", str(tmp_path / f"errors-{mode}.csv")],
-                                  capture_output=True, env={**os.environ,
-                                                            "NBIA_PASSWORD": password},
-                                  timeout=60, check=False)
-            assert done.returncode == 1, done.stderr
-            blobs[f"{mode} stdout"], blobs[f"{mode} stderr"] = done.stdout, done.stderr
-
-        # 4. `list` with a login, and a wrong password (the error path of the login).
-        for name, args, secret in (("list", ["list", str(cart), "--user", "alice",
-                                             "--api-url", server.api_url], password),
-                                   ("wrong", [*base, "-d", str(tmp_path / "dl-wrong")],
-                                    password + "-wrong")):
-            done = subprocess.run([*CLI, *args], capture_output=True, timeout=60, check=False,
-                                  env={**os.environ, "NBIA_PASSWORD": secret})
-            blobs[f"{name} stdout"], blobs[f"{name} stderr"] = done.stdout, done.stderr
-        assert b"alice" in blobs["wrong stderr"] + blobs["wrong stdout"]
-
-        # 5. In-process, every log record of every library at DEBUG.
-        server.set_faults(None)
-        with caplog.at_level(logging.DEBUG):
-            report = download(cart, tmp_path / "dl-api", user="alice", password=password,
-                              api_url=server.api_url, backoff_base=0.01)
-        assert report.ok, report.summary()
-        blobs["log records"] = "\n".join(
-            f"{r.name} {r.getMessage()} {r.args!r}" for r in caplog.records).encode()
-        assert caplog.records, "nothing was logged: the log scan proves nothing"
-        requests = server.requests
-        tokens = issued_tokens(server)
+    # 5. In-process, every log record of every library at DEBUG.
+    server.set_faults(None)
+    with caplog.at_level(logging.DEBUG):
+        report = download(cart, tmp_path / "dl-api", user="alice", password=password,
+                          api_url=server.api_url, backoff_base=0.01)
+    assert report.ok, report.summary()
+    blobs["log records"] = "\n".join(
+        f"{r.name} {r.getMessage()} {r.args!r}" for r in caplog.records).encode()
+    assert caplog.records, "nothing was logged: the log scan proves nothing"
+    requests = server.requests
+    tokens = issued_tokens(server)
 
     assert len(tokens) >= 4, "the server issued too few tokens for a meaningful test"
     for path in tmp_path.rglob("*"):

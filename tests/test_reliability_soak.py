@@ -10,6 +10,7 @@ version runs in the normal suite; the 2,000-series one (``@pytest.mark.slow``, r
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from enginehelpers import downloaded_series, expected_series, write_manifest
 from nbia_retriever import download, make_engine
 from nbia_retriever.models import SeriesState
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.server.synth import generate_archive
+from nbia_retriever.server.synth import ArchiveSummary
 from nbia_retriever.verify import verify_root
 from reliability_helpers import assert_root_clean, staging_leftovers
 
@@ -29,37 +30,37 @@ PLAN = FaultPlan(seed=3, reset=0.04, short=0.04, corrupt=0.04, http500=0.03, htt
 RETRIES = 8
 
 
-def soak(tmp_path: Path, *, series_per_study: int, patients: int, api: str, login: bool,
-         interrupt_after: int | None = None) -> None:
-    archive = generate_archive(tmp_path / "archive", seed=81, collections=2, patients=patients,
-                               studies=1, series=series_per_study, images=2, rows=8,
-                               columns=8, restricted=login, awkward=False)
+def soak(tmp_path: Path, archive_factory: Callable[..., ArchiveSummary],
+         serve: Callable[..., ReferenceServer], *, series_per_study: int, patients: int,
+         api: str, login: bool, interrupt_after: int | None = None) -> None:
+    archive = archive_factory(seed=81, collections=2, patients=patients, studies=1,
+                              series=series_per_study, images=2, rows=8, columns=8,
+                              restricted=login, awkward=False)
     uids = [s.series_uid for s in archive.series]
     expected = expected_series(archive.root)
-    with ReferenceServer(archive.root, faults=PLAN) as server:
-        creds = {"user": "alice", "password": archive.users["alice"],
-                 "api_url": server.api_url} if login else {}
-        options = {"api": api, "backoff_base": 0.01, "timeout": 1.0, "workers": 8, **creds}
-        cart = write_manifest(tmp_path / "cart.tcia", uids, server.download_url,
-                              retries=RETRIES)
-        if interrupt_after is not None:
-            # Stop the run half-way (as Ctrl-C would), then resume it.
-            engine = make_engine(cart, tmp_path / "dl", **options)
-            done = threading.Event()
-            completed: list[str] = []
+    server = serve(archive.root, faults=PLAN)
+    creds = {"user": "alice", "password": archive.users["alice"],
+             "api_url": server.api_url} if login else {}
+    options = {"api": api, "backoff_base": 0.01, "timeout": 1.0, "workers": 8, **creds}
+    cart = write_manifest(tmp_path / "cart.tcia", uids, server.download_url, retries=RETRIES)
+    if interrupt_after is not None:
+        # Stop the run half-way (as Ctrl-C would), then resume it.
+        engine = make_engine(cart, tmp_path / "dl", **options)
+        done = threading.Event()
+        completed: list[str] = []
 
-            def on_event(event) -> None:
-                if event.kind == "state" and event.state == SeriesState.COMPLETE:
-                    completed.append(event.uid)  # list.append is atomic across threads
-                    if len(completed) >= interrupt_after:
-                        done.set()
-                        engine.cancel()
+        def on_event(event) -> None:
+            if event.kind == "state" and event.state == SeriesState.COMPLETE:
+                completed.append(event.uid)  # list.append is atomic across threads
+                if len(completed) >= interrupt_after:
+                    done.set()
+                    engine.cancel()
 
-            engine.subscribe(on_event)
-            first = engine.run()
-            assert done.is_set() and first.cancelled and not first.ok
-        report = download(cart, tmp_path / "dl", **options)
-        requests = server.requests
+        engine.subscribe(on_event)
+        first = engine.run()
+        assert done.is_set() and first.cancelled and not first.ok
+    report = download(cart, tmp_path / "dl", **options)
+    requests = server.requests
     assert report.ok, report.summary()
     images = [r for r in requests if "getImage" in r.path]
     faulted = sum(1 for r in images if r.fault)
@@ -75,15 +76,18 @@ def soak(tmp_path: Path, *, series_per_study: int, patients: int, api: str, logi
 
 
 @pytest.mark.parametrize(("api", "login"), [("v1", False), ("v2", True)])
-def test_small_soak_with_a_fifth_of_requests_faulted(tmp_path, api, login):
+def test_small_soak_with_a_fifth_of_requests_faulted(tmp_path, archive_factory, serve, api,
+                                                     login):
     # 60 series (2 collections x 3 patients x 10 series of 2 images).
-    soak(tmp_path, series_per_study=10, patients=3, api=api, login=login)
+    soak(tmp_path, archive_factory, serve, series_per_study=10, patients=3, api=api,
+         login=login)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("api", "login", "interrupt"), [
     ("v4", False, 1000), ("v1", False, None), ("v2", True, None)])
-def test_soak_2000_series_with_a_fifth_of_requests_faulted(tmp_path, api, login, interrupt):
+def test_soak_2000_series_with_a_fifth_of_requests_faulted(tmp_path, archive_factory, serve,
+                                                           api, login, interrupt):
     # 2,000 series (2 collections x 100 patients x 10 series of 2 images).
-    soak(tmp_path, series_per_study=10, patients=100, api=api, login=login,
-         interrupt_after=interrupt)
+    soak(tmp_path, archive_factory, serve, series_per_study=10, patients=100, api=api,
+         login=login, interrupt_after=interrupt)

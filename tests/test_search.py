@@ -11,7 +11,7 @@ import csv
 import json
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,10 @@ from nbia_retriever.server.synth import ArchiveSummary, SynthSeries
 
 
 @pytest.fixture(scope="module")
-def srv(synthetic_archive: ArchiveSummary) -> Iterator[ReferenceServer]:
+def srv(synthetic_archive: ArchiveSummary,
+        module_serve: Callable[..., ReferenceServer]) -> ReferenceServer:
     """One server for the module: these tests only read."""
-    with ReferenceServer(synthetic_archive.root) as server:
-        yield server
+    return module_serve(synthetic_archive.root)
 
 
 @pytest.fixture(scope="module")

@@ -128,16 +128,16 @@ def test_v1_strips_descriptions_and_sends_the_study_id_as_file_location(server, 
 
 
 @pytest.mark.parametrize("build", ["current", "2025-10", "2025-08", "2025-06"])
-def test_v4_batch_metadata_of_each_build(synthetic_archive, http, build):
+def test_v4_batch_metadata_of_each_build(synthetic_archive, serve, http, build):
     wanted = [s.series_uid for s in public(synthetic_archive)[:3]]
     secret = restricted(synthetic_archive)[0].series_uid
     columns = BUILDS[build].columns
     uid_col = "SeriesInstanceUID" if "SeriesInstanceUID" in columns else "Series Instance UID"
     count_col = "ImageCount" if "ImageCount" in columns else "Image Count"
     date_col = "StudyDate" if "StudyDate" in columns else "Study Date"
-    with ReferenceServer(synthetic_archive.root, build=build) as server:
-        response = http.post(server.api_url + "/v4/getSeriesMetadata",
-                             data={"list": ",".join([*wanted, "9.9.9", secret, wanted[0]])})
+    server = serve(synthetic_archive.root, build=build)
+    response = http.post(server.api_url + "/v4/getSeriesMetadata",
+                         data={"list": ",".join([*wanted, "9.9.9", secret, wanted[0]])})
     assert response.status_code == 200
     assert response.text.startswith(f'"{columns[0]}",')  # fully quoted, like toCsvQuoted
     reader = csv.DictReader(io.StringIO(response.text))
@@ -180,13 +180,13 @@ def test_v4_rejects_unknown_parameters_v1_ignores_them(server, http, synthetic_a
 
 @pytest.mark.parametrize(("build", "accepted"), [("current", True), ("2025-10", False),
                                                  ("2025-08", False), ("2025-06", False)])
-def test_include_md5_by_build(synthetic_archive, http, build, accepted):
+def test_include_md5_by_build(synthetic_archive, serve, http, build, accepted):
     uid = public(synthetic_archive)[0].series_uid
-    with ReferenceServer(synthetic_archive.root, build=build) as server:
-        response = http.get(server.api_url + "/v4/getImage",
-                            params={"SeriesInstanceUID": uid, "IncludeMD5": "yes"})
-        fallback = http.get(server.api_url + "/v4/getImageWithMD5Hash",
-                            params={"SeriesInstanceUID": uid})
+    server = serve(synthetic_archive.root, build=build)
+    response = http.get(server.api_url + "/v4/getImage",
+                        params={"SeriesInstanceUID": uid, "IncludeMD5": "yes"})
+    fallback = http.get(server.api_url + "/v4/getImageWithMD5Hash",
+                        params={"SeriesInstanceUID": uid})
     if accepted:
         assert response.status_code == 200 and response.content[:2] == b"PK"
     else:
@@ -196,12 +196,12 @@ def test_include_md5_by_build(synthetic_archive, http, build, accepted):
     assert b"LICENSE" not in fallback.content  # getImageWithMD5Hash sends none
 
 
-def test_no_v4_build_answers_404_on_v4(synthetic_archive, http):
-    with ReferenceServer(synthetic_archive.root, build="no-v4") as server:
-        for method, endpoint in (("POST", "getSeriesMetadata"), ("GET", "getImage"),
-                                 ("POST", "getMD5Hierarchy")):
-            assert http.request(method, f"{server.api_url}/v4/{endpoint}").status_code == 404
-        assert http.get(server.api_url + "/v1/getCollectionValues").status_code == 200
+def test_no_v4_build_answers_404_on_v4(synthetic_archive, serve, http):
+    server = serve(synthetic_archive.root, build="no-v4")
+    for method, endpoint in (("POST", "getSeriesMetadata"), ("GET", "getImage"),
+                             ("POST", "getMD5Hierarchy")):
+        assert http.request(method, f"{server.api_url}/v4/{endpoint}").status_code == 404
+    assert http.get(server.api_url + "/v1/getCollectionValues").status_code == 200
 
 
 def test_md5_hierarchy_is_the_md5_of_the_sorted_image_md5s(server, http, synthetic_archive):
@@ -337,27 +337,27 @@ def test_v2_requires_a_valid_bearer_token(server, http):
     assert http.get(url, headers=bearer(token)).status_code == 200
 
 
-def test_expiry_via_advance_clock_then_refresh(synthetic_archive, http):
-    with ReferenceServer(synthetic_archive.root, token_lifetime=2) as server:
-        url = server.api_url + "/v2/getCollectionValues"
-        token = login(http, server, "alice", synthetic_archive.users["alice"])
-        assert token["expires_in"] == 1
-        assert http.get(url, headers=bearer(token)).status_code == 200
-        server.advance_clock(2.5)
-        expired = http.get(url, headers=bearer(token))
-        assert expired.status_code == 401
-        assert "expired" in expired.json()["error_description"].lower()
-        refreshed = http.post(server.url + "/nbia-api/oauth/token", data={
-            "grant_type": "refresh_token", "refresh_token": token["refresh_token"],
-            "client_id": "NBIA"})
-        assert refreshed.status_code == 200
-        fresh = refreshed.json()
-        assert fresh["access_token"] != token["access_token"]
-        assert http.get(url, headers=bearer(fresh)).status_code == 200
-        server.advance_clock(10 * 86400)  # refresh tokens die too
-        assert http.post(server.url + "/nbia-api/oauth/token", data={
-            "grant_type": "refresh_token", "refresh_token": token["refresh_token"],
-        }).status_code == 400
+def test_expiry_via_advance_clock_then_refresh(synthetic_archive, serve, http):
+    server = serve(synthetic_archive.root, token_lifetime=2)
+    url = server.api_url + "/v2/getCollectionValues"
+    token = login(http, server, "alice", synthetic_archive.users["alice"])
+    assert token["expires_in"] == 1
+    assert http.get(url, headers=bearer(token)).status_code == 200
+    server.advance_clock(2.5)
+    expired = http.get(url, headers=bearer(token))
+    assert expired.status_code == 401
+    assert "expired" in expired.json()["error_description"].lower()
+    refreshed = http.post(server.url + "/nbia-api/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": token["refresh_token"],
+        "client_id": "NBIA"})
+    assert refreshed.status_code == 200
+    fresh = refreshed.json()
+    assert fresh["access_token"] != token["access_token"]
+    assert http.get(url, headers=bearer(fresh)).status_code == 200
+    server.advance_clock(10 * 86400)  # refresh tokens die too
+    assert http.post(server.url + "/nbia-api/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": token["refresh_token"],
+    }).status_code == 400
 
 
 def test_restricted_collection_visible_on_v2_to_granted_users_only(server, http,

@@ -93,23 +93,23 @@ def test_local_headers_defer_sizes_to_data_descriptors(server, http, synthetic_a
 
 
 def test_zip_stored_sends_images_uncompressed_with_sizes_up_front(http, synthetic_archive,
-                                                                  tmp_path):
+                                                                  serve, tmp_path):
     """``serve --zip-stored``: the STORED entries some builds and proxies produce; the
     local header carries CRC and sizes, no data descriptor; the client reads them too."""
     from nbia_retriever import download
 
     series = public(synthetic_archive)[0]
-    with ReferenceServer(synthetic_archive.root, stored=True) as server:
-        data = fetch(http, server, series.series_uid, "v1/getImageWithMD5Hash").content
-        images = [i for i in zipfile.ZipFile(io.BytesIO(data)).infolist()
-                  if i.filename.endswith(".dcm")]
-        assert images and all(i.compress_type == zipfile.ZIP_STORED for i in images)
-        (_, _, flags, method, _, _, crc, csize, usize
-         ) = struct.unpack_from("<IHHHHHIII", data, 0)
-        assert method == 0 and not flags & 0x08
-        assert (crc, csize, usize) == (images[0].CRC, images[0].file_size, images[0].file_size)
-        report = download(synthetic_archive.root / "manifest.tcia", tmp_path,
-                          api_url=server.api_url, retries=0)
+    server = serve(synthetic_archive.root, stored=True)
+    data = fetch(http, server, series.series_uid, "v1/getImageWithMD5Hash").content
+    images = [i for i in zipfile.ZipFile(io.BytesIO(data)).infolist()
+              if i.filename.endswith(".dcm")]
+    assert images and all(i.compress_type == zipfile.ZIP_STORED for i in images)
+    (_, _, flags, method, _, _, crc, csize, usize
+     ) = struct.unpack_from("<IHHHHHIII", data, 0)
+    assert method == 0 and not flags & 0x08
+    assert (crc, csize, usize) == (images[0].CRC, images[0].file_size, images[0].file_size)
+    report = download(synthetic_archive.root / "manifest.tcia", tmp_path,
+                      api_url=server.api_url, retries=0)
     assert not report.failed and report.count("Complete") == len(public(synthetic_archive))
 
 
@@ -127,14 +127,14 @@ def test_image_order_is_arbitrary_but_deterministic(server, http, synthetic_arch
     assert unsorted >= 1
 
 
-def test_seed_changes_the_order(synthetic_archive, http):
+def test_seed_changes_the_order(synthetic_archive, serve, http):
     series = public(synthetic_archive)[0]
     orders = []
     for seed in (0, 1, 2):
-        with ReferenceServer(synthetic_archive.root, seed=seed) as server:
-            archive = zipfile.ZipFile(io.BytesIO(fetch(http, server, series.series_uid).content))
-            orders.append([hashlib.md5(archive.read(n)).hexdigest()
-                           for n in archive.namelist() if n.endswith(".dcm")])
+        server = serve(synthetic_archive.root, seed=seed)
+        archive = zipfile.ZipFile(io.BytesIO(fetch(http, server, series.series_uid).content))
+        orders.append([hashlib.md5(archive.read(n)).hexdigest()
+                       for n in archive.namelist() if n.endswith(".dcm")])
     assert len({tuple(o) for o in orders}) > 1
 
 

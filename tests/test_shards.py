@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from nbia_retriever.models import SeriesState
 from nbia_retriever.report import METADATA_HEADER
 from nbia_retriever.search import merge_reports
 from nbia_retriever.server import ReferenceServer
-from nbia_retriever.server.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary
 from nbia_retriever.verify import verify_root
 
 SHARDS = 3
@@ -41,10 +41,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "slurm-array.sh"
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
-    root = tmp_path_factory.mktemp("shard-archive")
-    return generate_archive(root, seed=5, collections=2, patients=2, studies=1, series=3,
-                            images=4, rows=16, columns=16, restricted=False)
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
+    return archive_factory(seed=5, collections=2, patients=2, studies=1, series=3, images=4,
+                           rows=16, columns=16, restricted=False)
 
 
 @pytest.fixture(scope="module")
@@ -54,25 +53,26 @@ def uids(archive: ArchiveSummary) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sharded(archive: ArchiveSummary, uids: list[str],
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Run the three shards at once; yield what the checks need."""
+            tmp_path_factory: pytest.TempPathFactory,
+            module_serve: Callable[..., ReferenceServer]) -> dict[str, Any]:
+    """Run the three shards at once; return what the checks need."""
     work = tmp_path_factory.mktemp("shards")
     dest = work / "dest"
-    with ReferenceServer(archive.root) as server:
-        manifest = write_manifest(work / BASKET, uids, server.download_url, basket=BASKET)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "nbia_retriever.cli", "download", str(manifest),
-                 "-d", str(dest), "--shard", f"{k}/{SHARDS}", "--quiet", "--workers", "2",
-                 "--backoff", "0.01", "--timeout", "20"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for k in range(1, SHARDS + 1)
-        ]
-        outputs = [p.communicate(timeout=120) for p in procs]
-        yield {"dest": dest, "root": dest / "manifest-1700000000000", "manifest": manifest,
-               "codes": [p.returncode for p in procs], "outputs": outputs,
-               "requests": list(server.requests)}
+    server = module_serve(archive.root)
+    manifest = write_manifest(work / BASKET, uids, server.download_url, basket=BASKET)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "nbia_retriever.cli", "download", str(manifest),
+             "-d", str(dest), "--shard", f"{k}/{SHARDS}", "--quiet", "--workers", "2",
+             "--backoff", "0.01", "--timeout", "20"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for k in range(1, SHARDS + 1)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    return {"dest": dest, "root": dest / "manifest-1700000000000", "manifest": manifest,
+            "codes": [p.returncode for p in procs], "outputs": outputs,
+            "requests": list(server.requests)}
 
 
 def journal_uids(root: Path) -> dict[int, dict[str, str]]:
@@ -238,17 +238,17 @@ def test_merge_reports_detects_two_series_in_one_folder(copy):
 # ------------------------------------------------------------- shards add up, afterwards
 
 @pytest.mark.parametrize("shard_args", [[], ["--shard", "2/2"]], ids=["plain", "other-N"])
-def test_a_later_run_counts_what_the_shards_finished(copy, sharded, archive, uids,
+def test_a_later_run_counts_what_the_shards_finished(copy, sharded, archive, serve, uids,
                                                      shard_args):
     """After the three shards, a run without --shard (or with another N) into the same
     root finds every series complete in the shards' journals: the server sees no image
     request; verify and merge-reports count every series once."""
     dest = copy.parent
-    with ReferenceServer(archive.root) as server:
-        result = CliRunner().invoke(main, [
-            "download", str(sharded["manifest"]), "-d", str(dest), "--api-url",
-            server.api_url, "--json", *shard_args])
-        images = [r for r in server.requests if "/getImage" in r.path]
+    server = serve(archive.root)
+    result = CliRunner().invoke(main, [
+        "download", str(sharded["manifest"]), "-d", str(dest), "--api-url",
+        server.api_url, "--json", *shard_args])
+    images = [r for r in server.requests if "/getImage" in r.path]
     assert result.exit_code == 0, result.output
     assert images == []
     expected = len(uids) if not shard_args else sum(1 for u in uids if shard_of(u, 2) == 2)
@@ -265,21 +265,21 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.anyio
-async def test_the_view_shows_what_the_shards_finished(copy, sharded, archive, uids):
+async def test_the_view_shows_what_the_shards_finished(copy, sharded, archive, serve, uids):
     from nbia_retriever.engine import DownloadOptions
     from nbia_retriever.manifest import read_manifest
     from nbia_retriever.tui import RetrieverApp
     from nbia_retriever.tui.app import READY
 
-    with ReferenceServer(archive.root) as server:
-        app = RetrieverApp(read_manifest(sharded["manifest"]), copy.parent,
-                           DownloadOptions(api_url=server.api_url), show_rates=False)
-        async with app.run_test(size=(130, 36)) as pilot:
-            while app.phase != READY:
-                await pilot.pause(0.01)
-            states = {uid: row.state for uid, row in app.rows.items()}
-            text = app.message
-        images = [r for r in server.requests if "/getImage" in r.path]
+    server = serve(archive.root)
+    app = RetrieverApp(read_manifest(sharded["manifest"]), copy.parent,
+                       DownloadOptions(api_url=server.api_url), show_rates=False)
+    async with app.run_test(size=(130, 36)) as pilot:
+        while app.phase != READY:
+            await pilot.pause(0.01)
+        states = {uid: row.state for uid, row in app.rows.items()}
+        text = app.message
+    images = [r for r in server.requests if "/getImage" in r.path]
     assert set(states) == set(uids)
     assert set(states.values()) == {SeriesState.COMPLETE}
     assert f"{len(uids)} already complete" in text and images == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from nbia_retriever.engine import DownloadOptions, Engine
 from nbia_retriever.manifest import read_manifest
 from nbia_retriever.models import SeriesInfo, SeriesState
 from nbia_retriever.server import FaultPlan, ReferenceServer
-from nbia_retriever.server.synth import ArchiveSummary, generate_archive
+from nbia_retriever.server.synth import ArchiveSummary
 from nbia_retriever.tui import RetrieverApp
 from nbia_retriever.tui.app import FINISHED, READY, RUNNING
 from nbia_retriever.tui.cells import (
@@ -57,17 +57,15 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
     """4 public series (collection A) + 4 restricted ones (collection B, alice only)."""
-    return generate_archive(tmp_path_factory.mktemp("tui") / "archive", seed=11,
-                            collections=2, patients=2, studies=1, series=2, images=4,
-                            awkward=False)
+    return archive_factory(seed=11, collections=2, patients=2, studies=1, series=2, images=4,
+                           awkward=False)
 
 
 @pytest.fixture
-def server(archive: ArchiveSummary) -> Iterator[ReferenceServer]:
-    with ReferenceServer(archive.root) as srv:
-        yield srv
+def server(archive: ArchiveSummary, serve: Callable[..., ReferenceServer]) -> ReferenceServer:
+    return serve(archive.root)
 
 
 def make_app(archive: ArchiveSummary, server: ReferenceServer, dest: Path, *,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,16 +29,14 @@ DEADLINE = 30.0
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
-    return generate_archive(tmp_path_factory.mktemp("tui-snap") / "archive", seed=5,
-                            collections=2, patients=3, studies=1, series=2, images=4,
-                            awkward=False)
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
+    return archive_factory(seed=5, collections=2, patients=3, studies=1, series=2, images=4,
+                           awkward=False)
 
 
 @pytest.fixture
-def server(archive: ArchiveSummary) -> Iterator[ReferenceServer]:
-    with ReferenceServer(archive.root) as srv:
-        yield srv
+def server(archive: ArchiveSummary, serve: Callable[..., ReferenceServer]) -> ReferenceServer:
+    return serve(archive.root)
 
 
 def make_app(archive: ArchiveSummary, server: ReferenceServer, **kwargs: object) -> RetrieverApp:

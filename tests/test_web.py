@@ -28,8 +28,6 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from nbia_retriever.server.synth import generate_archive
-
 pytest.importorskip("textual_serve")
 
 TITLE = "NBIA Data Retriever"
@@ -37,9 +35,9 @@ EXTRA_HINT = "pip install 'nbia-retriever[web]'"
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = generate_archive(tmp_path_factory.mktemp("web") / "a", seed=1, collections=1,
-                            patients=1, studies=1, series=1, images=1, awkward=False).root
+def manifest(archive_factory: Any) -> Path:
+    root = archive_factory(seed=1, collections=1, patients=1, studies=1, series=1, images=1,
+                           awkward=False).root
     return Path(root) / "manifest.tcia"
 
 
