@@ -192,15 +192,16 @@ def test_cancel_ends_a_read_stalled_on_a_silent_server(tmp_path, archive, serve)
 
 def test_overall_progress_never_goes_back_when_a_retry_discards_bytes(
         tmp_path, archive_factory, serve):
-    """A 4 MB series reset after 1.5 MB of zip: the first attempt's bytes are thrown
-    away. Bytes done drop back (honestly: they are gone), the progress figure a bar is
-    drawn from does not."""
+    """A 4 MB series whose first zip ends cleanly after 4 of its 8 images (the real
+    server's silent failure; no reset, so no race for how much arrived): the attempt's
+    2 MB are thrown away. Bytes done drop back (honestly: they are gone), the progress
+    figure a bar is drawn from does not."""
     from nbia_retriever.engine import EventKind
 
     big = archive_factory(seed=17, collections=1, patients=1, studies=1, series=1,
                           images=8, rows=512, columns=512, awkward=False, restricted=False)
     uid = big.series[0].series_uid
-    server = serve(big.root, faults=FaultPlan(script={uid: ["reset:1500000"]}))
+    server = serve(big.root, faults=FaultPlan(script={uid: ["short:4"]}))
     engine = make_engine(manifest_for(tmp_path, server, [uid]), tmp_path / "dl",
                          api_url=server.api_url, workers=1, **FAST)
     seen: list[tuple[str, int, int]] = []
@@ -393,3 +394,26 @@ def test_resume_redownloads_a_series_whose_files_were_deleted(tmp_path, server, 
     again = download(manifest, tmp_path / "dl", **FAST)
     assert again.ok and again.skipped == len(public_uids) - 1
     assert_identical(first.root, expected, public_uids)
+
+
+def test_journal_rows_written_in_the_background_meet_other_writes(tmp_path: Path) -> None:
+    """ensure(wait=False) writes while the run goes on; whatever the interleaving, a row
+    another write made first is left alone, and wait() (or close()) sees them all."""
+    from nbia_retriever.engine.journal import _ENSURE_BLOCK
+    from nbia_retriever.errors import JournalError
+
+    uids = [f"1.2.{i}" for i in range(2 * _ENSURE_BLOCK + 5)]
+    journal = Journal(tmp_path / "j.db")
+    journal.ensure(uids, SeriesState.NOT_STARTED, wait=False)
+    journal.set_state(uids[-1], SeriesState.ERROR, error="boom")
+    journal.wait()
+    states = journal.states()
+    assert len(states) == len(uids) and states[uids[-1]] == SeriesState.ERROR
+    assert set(states.values()) == {SeriesState.NOT_STARTED, SeriesState.ERROR}
+    journal.ensure(["9.9"], SeriesState.NOT_STARTED, wait=False)
+    journal.close()  # waits for them
+    with Journal(tmp_path / "j.db", readonly=True) as again:
+        assert again.states()["9.9"] == SeriesState.NOT_STARTED
+        again.ensure(["9.8"], SeriesState.NOT_STARTED, wait=False)  # read-only: fails
+        with pytest.raises(JournalError):
+            again.wait()

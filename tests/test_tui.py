@@ -263,7 +263,10 @@ async def test_existing_journal_shows_complete_series(archive: ArchiveSummary,
 async def test_q_and_ctrl_c_ask_before_stopping_downloads(archive: ArchiveSummary,
                                                          serve: Callable[..., ReferenceServer],
                                                          tmp_path: Path) -> None:
-    slow = serve(archive.root, faults=FaultPlan(bandwidth=SLOW))
+    # Every series' stream stalls: nothing can complete before "q, y", however slow the
+    # machine (and cancel must cut the stalled sockets for the app to quit at all).
+    stalled = FaultPlan(script={s.series_uid: ["stall:600"] * 10 for s in archive.series})
+    slow = serve(archive.root, faults=stalled)
     app = make_app(archive, slow, tmp_path / "dl")
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.phase == READY, "the metadata")
