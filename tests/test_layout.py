@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from nbia_retriever.layout import (
     MAX_SERIES_PATH,
+    FolderPlanner,
     Layout,
     format_series_number,
     normalise_date,
@@ -395,6 +396,45 @@ def test_the_fast_path_names_folders_exactly_like_the_rules(meta: SeriesInfo,
 
     fast = _descriptive_fast(meta, mode)
     assert fast is None or fast == _relpath_rules(meta, Layout.DESCRIPTIVE, mode)
+
+
+_BATCH_INFO = st.builds(
+    SeriesInfo, series_uid=_uid | st.sampled_from(["1.2.3.", "1.2.34567", " 1.2.34567 ",
+                                                   "9.34567", "1.2.3é"]),
+    collection=_NLST_LIKE, patient_id=_NLST_LIKE,
+    study_uid=st.sampled_from(["1.2.840.5", "1.3.840.5", "2.2"]) | _uid,
+    study_date=st.sampled_from(["", "20010503"]), study_description=_NLST_LIKE,
+    study_id=_NLST_LIKE, series_number=_NLST_LIKE,
+    series_description=_NLST_LIKE | st.sampled_from(["A" * 70, "Ä"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_infos(_uid | _meta_text) | _BATCH_INFO, max_size=12),
+       st.sampled_from(list(Layout)), st.lists(st.sampled_from(["", "x"]), max_size=3))
+def test_a_batch_gets_the_folders_one_by_one_would(infos: list[SeriesInfo], layout: Layout,
+                                                   reserved: list[str]) -> None:
+    """``take_many`` (a metadata batch at once) is ``take`` in a loop: same folders, same
+    variants, same clash resolution, whatever was reserved before."""
+    one, many = FolderPlanner(layout), FolderPlanner(layout)
+    taken = [str(series_relpath(i, layout)) + r for i, r in zip(infos, reserved, strict=False)]
+    one.reserve(taken)
+    many.reserve(taken)
+    unique = list({i.series_uid: i for i in infos}.values())
+    assert many.take_many(unique) == [one.take(i) for i in unique]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=8, max_size=8) | st.sampled_from(
+    [b"\0\0" + b"\1" * 6, b"\0\0" + b"\1" * 3 + b"\2" * 3, b"\0\0" + b"\2" * 3 + b"\1" * 3,
+     b"\0\0" + b"\2" * 6, b"\0\0" + b"\1\2" * 3, b"\0\0" + b"\2\1" * 3]), max_size=40))
+def test_the_digest_set_is_a_set(digests: list[bytes]) -> None:
+    """Six-byte entries packed in one bucket: a match straddling two entries is none."""
+    from nbia_retriever.layout import _DigestSet
+
+    packed, plain = _DigestSet(), set()
+    for digest in digests:
+        assert packed.add(digest) is (digest not in plain)
+        plain.add(digest)
 
 
 @settings(max_examples=200, deadline=None)

@@ -481,8 +481,6 @@ def test_a_damaged_journal_says_how_to_recover(tmp_path, archive, hostile):
 
 def _planted(tmp_path: Path, archive, place: str) -> tuple[Path, Path, str]:
     """A root with a symbolic link planted at ``place``; returns (root, victim, uid)."""
-    import dataclasses
-
     import pydicom
 
     from nbia_retriever.layout import series_relpath
@@ -491,8 +489,8 @@ def _planted(tmp_path: Path, archive, place: str) -> tuple[Path, Path, str]:
     # The folder the series will be published in: the metadata has no StudyID, so it
     # comes from the images' headers, as the engine reads it.
     study_id = str(pydicom.dcmread(first.files[0], stop_before_pixels=True).get("StudyID", ""))
-    relpath = series_relpath(dataclasses.replace(normalise_series_metadata(record(first)),
-                                                 study_id=study_id))
+    relpath = series_relpath(normalise_series_metadata(record(first)).replace(
+        study_id=study_id))
     root = tmp_path / "dl" / ROOT_NAME
     victim = tmp_path / "victim"
     victim.mkdir()

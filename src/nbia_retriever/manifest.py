@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import importlib
 import os
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -289,10 +288,9 @@ class _Collector:
         self.duplicates = 0
 
     def uids(self) -> tuple[str, ...]:
-        """The UIDs, in order, as interned strings: the metadata a server sends for a
-        series then shares the manifest's UID object instead of carrying a copy (100
-        bytes a series of a 200,000-series download)."""
-        return tuple(map(sys.intern, self.seen))
+        """The UIDs, in order (the metadata of a series later shares these very string
+        objects: see ``RecordShape.infos(known=...)``)."""
+        return tuple(self.seen)
 
     def add_lines(self, lines: list[str], start: int, source: str) -> None:
         """Add ``lines[start:]``, one UID a line (``lines[i]`` is line ``i + 1``).

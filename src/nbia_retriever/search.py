@@ -23,14 +23,14 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .api import DEFAULT_API_URL, NbiaClient
 from .errors import AuthError, ManifestError, NbiaError, NotPublicError, TlsError
-from .models import ALIASES, SeriesInfo, SeriesState, normalise_series_metadata
+from .models import ALIASES, INFO_FIELDS, SeriesInfo, SeriesState, normalise_series_metadata
 
 __all__ = [
     "CSV_COLUMNS",
@@ -344,8 +344,8 @@ def to_dataframe(records: Iterable[SeriesInfo]) -> Any:
         raise MissingDependencyError(
             "to_dataframe needs pandas, which is not installed: pip install pandas"
         ) from None
-    columns = [f.name for f in fields(SeriesInfo) if f.name != "extra"]
-    rows = [{k: v for k, v in asdict(r).items() if k != "extra"} for r in records]
+    columns = list(INFO_FIELDS)
+    rows = [dict(zip(columns, r.values(), strict=True)) for r in records]
     return pandas.DataFrame(rows, columns=columns)
 
 

@@ -37,7 +37,7 @@ from ..retry import RetryPolicy
 from ..untrusted import quote
 from .auth import Credentials, HostPolicy, TokenManager, token_url_for
 from .http import Answer, SeriesStream, Transport
-from .records import first_of, records, series_infos
+from .records import first_of, infos_by_uid, records, series_infos
 
 #: The public TCIA API (no version suffix).
 DEFAULT_API_URL = "https://services.cancerimagingarchive.net/nbia-api/services"
@@ -322,9 +322,8 @@ class NbiaClient:
         # ignore it.
         answer = self.call("POST", "getSeriesMetadata", what="series metadata (v4)",
                            data={"list": ",".join(uids), "format": "CSV"}, version="v4")
-        wanted = set(uids)
-        return {i.series_uid: i for i in series_infos(answer, "series metadata (v4)")
-                if i.series_uid in wanted}
+        wanted = dict(zip(uids, uids, strict=True))
+        return infos_by_uid(series_infos(answer, "series metadata (v4)", known=wanted), wanted)
 
     def _v1_one(self, uid: str) -> tuple[str, SeriesInfo | None, str]:
         try:
@@ -350,9 +349,7 @@ class NbiaClient:
         infos = normalise_records(records_)
         found = first_of(infos, uid)
         if found is None and len(infos) == 1 and not infos[0].series_uid:
-            from dataclasses import replace
-
-            found = replace(infos[0], series_uid=uid)
+            found = infos[0].replace(series_uid=uid)
         return found
 
     # -- queries ----------------------------------------------------------------------

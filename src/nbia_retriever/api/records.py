@@ -13,7 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import ApiError
@@ -71,8 +72,10 @@ def records(answer: Answer, what: str) -> list[dict[str, Any]]:
     return [dict(zip(header, row, strict=False)) for row in rows]
 
 
-def series_infos(answer: Answer, what: str, *, keep_extra: bool = False) -> list[SeriesInfo]:
-    """Normalised series records of any answer shape, the fast way for CSV tables."""
+def series_infos(answer: Answer, what: str, *, keep_extra: bool = False,
+                 known: Mapping[str, str] | None = None) -> list[SeriesInfo]:
+    """Normalised series records of any answer shape, the fast way for CSV tables
+    (``known``: see :meth:`RecordShape.infos`)."""
     if answer.status == 204 or not answer.body.strip():
         return []
     text = answer.text
@@ -89,7 +92,21 @@ def series_infos(answer: Answer, what: str, *, keep_extra: bool = False) -> list
         # Builds of mid-2025 also send rows of series the user may not see, marked 0.
         col = header.index("Authorized")
         rows = [r for r in rows if col >= len(r) or r[col].strip() != "0"]
-    return shape.infos(rows)
+    return shape.infos(rows, known=known)
+
+
+def infos_by_uid(infos: Sequence[SeriesInfo],
+                 wanted: Mapping[str, object]) -> dict[str, SeriesInfo]:
+    """The records of the series asked for (``wanted``), by UID (the last one wins);
+    others a server adds are dropped. One C-level pass when there are none (nearly
+    always)."""
+    found = dict(zip(map(_UID, infos), infos, strict=True))
+    if not found.keys() <= wanted.keys():
+        found = {uid: info for uid, info in found.items() if uid in wanted}
+    return found
+
+
+_UID = operator.attrgetter("series_uid")
 
 
 def first_of(infos: Iterable[SeriesInfo], uid: str) -> SeriesInfo | None:

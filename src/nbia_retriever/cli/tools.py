@@ -221,9 +221,7 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
     size = sum(r.file_size or 0 for r in records)
     if as_json:
         for record in records:
-            data = asdict(record)
-            data["extra"] = dict(record.extra)
-            click.echo(json.dumps(data, ensure_ascii=False))
+            click.echo(json.dumps(record.to_dict(), ensure_ascii=False))
     else:
         from rich.table import Table
         from rich.text import Text

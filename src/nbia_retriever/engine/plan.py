@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
+import operator
 import os
 import re
 import threading
@@ -29,7 +31,7 @@ from pathlib import Path
 from ..errors import DestinationError, UsageError
 from ..layout import FolderPlanner, Layout, java_clean, series_relpath_mode
 from ..models import SeriesInfo, SeriesState
-from ..ondisk import DownloadRoot
+from ..ondisk import STATE_DIR, DownloadRoot
 from .journal import CompleteRecord, FileRecord, Journal
 from .source import Source
 
@@ -63,18 +65,19 @@ def bulk() -> Iterator[None]:
     try:
         yield
     finally:
+        # What planning made is long-lived: aged at once into the oldest generation
+        # (freeze then unfreeze moves it there without a traversal). Otherwise the first
+        # collection after this would walk every object made since, millions of them.
+        gc.freeze()
+        gc.unfreeze()
         if was:
             gc.enable()
 
 
-@dataclass(slots=True)
-class PlannedSeries:
-    """A series ready to download: its metadata and the variant of its folder name."""
-
-    uid: str
-    info: SeriesInfo
-    relpath: str
-    mode: int
+_VARIANT = operator.itemgetter(1)
+#: A series ready to download: (uid, its metadata, the variant of its folder name). A
+#: tuple: a 1,000,000-series plan makes one per series.
+PlannedSeries = tuple[str, SeriesInfo, int]
 
 
 @dataclass
@@ -146,6 +149,9 @@ class Planner:
         states = self._states() if self.only_failed else {}
         opened = Opened()
         seen: list[tuple[str, int]] = []
+        if not index and not self.only_failed:
+            opened.todo = list(uids)  # nothing done yet: one C-level copy
+            uids = ()
         for uid in uids:
             record = index.get(uid)
             if record is not None and record.relpath and self._still_there(
@@ -159,8 +165,8 @@ class Planner:
             opened.todo.append(uid)
         self.todo = opened.todo
         self._seen = seen
-        if self.journal is not None:
-            self.journal.ensure(opened.todo, SeriesState.NOT_STARTED)
+        if self.journal is not None:  # rows written while metadata arrives
+            self.journal.ensure(opened.todo, SeriesState.NOT_STARTED, wait=False)
             self.journal.set_folder_mtimes(seen)
             seen.clear()
         return opened
@@ -184,7 +190,7 @@ class Planner:
             journal = Journal(self.journal_path)
             journal.set_info("layout", self.layout.value)
             if self.todo:
-                journal.ensure(self.todo, SeriesState.NOT_STARTED)
+                journal.ensure(self.todo, SeriesState.NOT_STARTED, wait=False)
             journal.set_folder_mtimes(self._seen)
             self._seen = []
             for batch in self._deferred:
@@ -237,22 +243,35 @@ class Planner:
         """Phase two: metadata batch by batch, each planned (see the module docstring)."""
         for batch in source.metadata_batches(uids):
             planned = PlanBatch()
-            for uid in batch.uids:
-                info = batch.infos.get(uid)
-                if info is None:
+            # Adoption needs folders: a fresh root (nothing but its state when planning
+            # began; no series folder is ever named like it) costs no lookup per series.
+            existing = self._existing if (self._list("") or frozenset()) - {STATE_DIR} \
+                else None
+            uids = batch.uids
+            infos = list(map(batch.infos.get, uids))
+            if any(map(operator.is_, infos, itertools.repeat(None))):  # (no __eq__ calls)
+                known = [(u, i) for u, i in zip(uids, infos, strict=True) if i is not None]
+                for uid, info in zip(uids, infos, strict=True):
+                    if info is not None:
+                        continue
                     if uid in batch.errors:
                         planned.unavailable.append(
                             (uid, SeriesState.ERROR, f"metadata: {batch.errors[uid]}", None))
                     else:
                         state, why = source.unavailable(uid)
                         planned.unavailable.append((uid, state, why, None))
-                    continue
-                relpath, mode = self.folders.take(info)
-                found = self._existing(info, relpath, mode)
-                if found is not None:
-                    planned.adopted.append((uid, info, found[0], found[1]))
-                    continue
-                planned.ready.append(PlannedSeries(uid, info, relpath, mode))
+                uids, infos = [u for u, _ in known], [i for _, i in known]
+            found: list[SeriesInfo] = infos  # type: ignore[assignment]
+            folders = self.folders.take_many(found)
+            if existing is None:  # the common case, without a Python loop per series
+                planned.ready = list(zip(uids, found, map(_VARIANT, folders), strict=True))
+            else:
+                for uid, info, (relpath, mode) in zip(uids, found, folders, strict=True):
+                    there = existing(info, relpath, mode)
+                    if there is not None:
+                        planned.adopted.append((uid, info, there[0], there[1]))
+                    else:
+                        planned.ready.append((uid, info, mode))
             self._record(planned)
             yield planned
 
@@ -329,9 +348,7 @@ class Planner:
     def _study_matches(self, info: SeriesInfo, mode: int) -> list[str]:
         """Java study folders of this study whatever its StudyID (the metadata of older
         builds has none): ``<date>-<any clean StudyID>-<desc>-<last 5>``."""
-        from dataclasses import replace
-
-        marked = series_relpath_mode(replace(info, study_id=_STUDY_MARK), self.layout, mode)
+        marked = series_relpath_mode(info.replace(study_id=_STUDY_MARK), self.layout, mode)
         study = marked.parts[2]
         if _STUDY_MARK not in study or java_clean(_STUDY_MARK) != _STUDY_MARK:
             return []

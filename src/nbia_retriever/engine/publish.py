@@ -31,7 +31,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .._dicomtags import series_uid_of
@@ -90,7 +90,7 @@ def complete_info(info: SeriesInfo, staged: StagedSeries) -> SeriesInfo:
     sop = changes.get("sop_class_uid", info.sop_class_uid)
     if not info.sop_class_name and sop:
         changes["sop_class_name"] = sop_class_name(sop)
-    return replace(info, **changes) if changes else info  # type: ignore[arg-type]
+    return info.replace(**changes) if changes else info
 
 
 @dataclass(frozen=True)

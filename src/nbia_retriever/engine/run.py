@@ -185,10 +185,10 @@ class Engine:
                                           adaptive=self.options.adaptive,
                                           explore=not pinned)
         self.queue = WorkQueue()
-        # uid -> the variant of its folder name (0: the Java name) of every series planned
-        # for download; the folder itself is worked out again when it is published (a
-        # string per series is memory a 200,000-series run does not need).
-        self._folders: dict[str, int] = {}
+        # Series planned for download (each result's ``variant`` says which variant of its
+        # folder name; the folder itself is worked out again when it is published: a
+        # string per series is memory a 1,000,000-series run does not need).
+        self._to_download = 0
         self._policies: dict[str, RetryPolicy] = {}
         self._paused_attempts: set[str] = set()
         self._progress: dict[str, Progress] = {}
@@ -276,8 +276,10 @@ class Engine:
         with self._lock:
             for uid in gone:
                 result = self.results.pop(uid, None)
-                if result is not None and uid in self._folders and result.info:
-                    self.total_bytes -= result.info.file_size or 0
+                if result is not None and result.variant is not None:
+                    self._to_download -= 1
+                    if result.info:
+                        self.total_bytes -= result.info.file_size or 0
 
     @property
     def cancelled(self) -> bool:
@@ -325,7 +327,7 @@ class Engine:
             return ""
         if result.relpath:
             return result.relpath
-        mode = self._folders.get(uid)
+        mode = result.variant
         if mode is None or result.info is None:
             return ""
         return str(series_relpath_mode(result.info, self.layout, mode))
@@ -474,6 +476,12 @@ class Engine:
                           only_failed=self.options.only_failed)
         self._planner = planner
         opened = planner.open(self.results, create=create)
+        self._complete = opened.complete
+        self._todo = opened.todo
+        if not opened.complete and len(opened.todo) == len(self.results):
+            if create:  # a fresh root: every series is to do (no 1,000,000-entry set)
+                self._commit()
+            return
         todo = set(opened.todo)
         for uid in list(self.results):
             if uid in opened.complete:
@@ -486,8 +494,6 @@ class Engine:
                 self.report.skipped += 1
             elif uid not in todo:
                 self.results.pop(uid)  # --only-failed: never part of an earlier run
-        self._complete = opened.complete
-        self._todo = opened.todo
         if create:
             self._commit()
 
@@ -537,7 +543,9 @@ class Engine:
                                     entry.files)
 
     def _plan_remote(self) -> None:
-        todo = [u for u in self._todo if u in self.results]
+        todo = self._todo
+        if len(todo) != len(self.results):  # some complete, or removed: keep those left
+            todo = [u for u in todo if u in self.results]
         if not todo:
             self._emit(Event(EventKind.PLANNED, count=0, message=self._planned_text(True)))
             return
@@ -555,15 +563,16 @@ class Engine:
         ready: list[str] = []
         state = SeriesState.QUEUED if self._started else SeriesState.NOT_STARTED
         with self._lock:
-            for planned in batch.ready:
-                result = self.results.get(planned.uid)
+            results, total = self.results, 0
+            for uid, meta, variant in batch.ready:
+                result = results.get(uid)
                 if result is None:
                     continue
-                result.info = planned.info
-                result.state = state
-                self._folders[planned.uid] = planned.mode
-                self.total_bytes += planned.info.file_size or 0
-                ready.append(planned.uid)
+                result.info, result.state, result.variant = meta, state, variant
+                total += meta.file_size or 0
+                ready.append(uid)
+            self.total_bytes += total
+            self._to_download += len(ready)
             self._planned += len(batch.ready) + len(batch.unavailable) + len(batch.adopted)
         self.queue.put(ready)
         for uid, failed_state, why, info in batch.unavailable:
@@ -594,7 +603,7 @@ class Engine:
                          message=self._planned_text(False)))
 
     def _planned_text(self, final: bool) -> str:
-        todo = len(self._folders)
+        todo = self._to_download
         done = self.report.skipped + self.report.adopted
         head = f"{todo} series to download, {done} already complete"
         if not final:
@@ -652,9 +661,8 @@ class Engine:
 
     def _queue_prepared(self) -> None:
         """Series prepare() planned before start(): they are queued now."""
-        for uid in list(self._folders):
-            result = self.results.get(uid)
-            if result is not None and result.state == SeriesState.NOT_STARTED:
+        for uid, result in list(self.results.items()):
+            if result.variant is not None and result.state == SeriesState.NOT_STARTED:
                 result.state = SeriesState.QUEUED
                 self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.QUEUED))
 
@@ -711,7 +719,7 @@ class Engine:
     # -- one series ---------------------------------------------------------------------
     def _run_one(self, uid: str) -> None:
         result = self.results.get(uid)
-        mode = self._folders.get(uid)
+        mode = result.variant if result is not None else None
         if result is None or mode is None or result.info is None:
             self.queue.done(uid)
             return
