@@ -481,8 +481,6 @@ def _series_head(number: str, description: str) -> tuple[str, bool]:
 
 #: The parts :meth:`FolderPlanner.take_many` works out once per distinct value.
 _STUDY_OF = operator.attrgetter("_study")  # shared by the series of one study
-_STUDY_FIELDS = operator.attrgetter("collection", "patient_id", "study_date", "study_id",
-                                    "study_description", "study_uid")
 _HEAD_FIELDS = operator.attrgetter("series_number", "series_description")
 #: A series head shorter than this cannot make its component too long with a UID tail.
 _SAFE_HEAD = MAX_COMPONENT_BYTES // 4 - UID_SUFFIX_LENGTH - 1
@@ -683,8 +681,9 @@ class FolderPlanner:
             return [self.take(info) for info in infos]
         # Series of one study share one record (SeriesInfo's own): its fields once.
         studies = list(map(_STUDY_OF, infos))
-        fields = {study: _STUDY_FIELDS(info)
-                  for study, info in dict(zip(studies, infos, strict=True)).items()}
+        fields = {study: (study.common.collection, study.patient_id, study.study_date,
+                          study.study_id, study.study_description, study.study_uid)
+                  for study in dict.fromkeys(studies)}
         collection_of = {c: _component(_piece(c), 0) for c in {k[0] for k in fields.values()}}
         patient_of = {p: _component(_piece(p), 1) for p in {k[1] for k in fields.values()}}
         prefix_of = {study: _prefix(collection_of[k[0]], patient_of[k[1]],

@@ -366,8 +366,8 @@ def _build_infos(columns: dict[str, Iterable[object]], *, share: bool) -> list[S
     if not share:
         commons: Iterable[_Common] = map(_Common, *(columns[name] for name in _COMMON))
         studies: Iterable[_Study] = map(_Study, *(columns[name] for name in _STUDY), commons)
-    else:
-        commons = _shared(_Common, [columns[name] for name in _COMMON])
+    else:  # (``extra`` is NO_EXTRA throughout, and a Mapping is not hashable)
+        commons = _shared(_Common, [columns[name] for name in _COMMON[:-1]], NO_EXTRA)
         studies = _shared(_Study, [*(columns[name] for name in _STUDY), commons])
     infos = list(map(_Draft, *(columns[name] for name in _OWN), studies))
     for info in infos:
@@ -378,21 +378,15 @@ def _build_infos(columns: dict[str, Iterable[object]], *, share: bool) -> list[S
 _T = TypeVar("_T")
 
 
-def _shared(make: Callable[..., _T], columns: list[Iterable[object]]) -> Iterable[_T]:
-    """``map(make, *columns)``, one object per distinct row; a column that is one value
-    throughout (:class:`_Same`, or a :class:`_Same` of objects) is left out of the key."""
-    template = [c.value if isinstance(c, _Same) else None for c in columns]
-    varying = [i for i, c in enumerate(columns) if not isinstance(c, _Same)]
-    count = next((c.count for c in columns if isinstance(c, _Same)), 0)
-    if not varying:
-        return _Same(make(*template), count)  # type: ignore[return-value]
-    keys = list(zip(*(columns[i] for i in varying), strict=True))
-    made: dict[tuple[object, ...], _T] = {}
-    for key in dict.fromkeys(keys):
-        values = template.copy()
-        for index, value in zip(varying, key, strict=True):
-            values[index] = value
-        made[key] = make(*values)
+def _shared(make: Callable[..., _T], columns: list[Iterable[object]],
+            *last: object) -> Iterable[_T]:
+    """``map(make, *columns, ...)`` (``last`` appended to every call), one object per
+    distinct row; all columns one value throughout (:class:`_Same`) make one object."""
+    if all(isinstance(c, _Same) for c in columns):
+        count = columns[0].count  # type: ignore[attr-defined]
+        return _Same(make(*(c.value for c in columns), *last), count)  # type: ignore[attr-defined, return-value]
+    keys = list(zip(*columns, strict=True))
+    made = {key: make(*key, *last) for key in dict.fromkeys(keys)}
     return map(made.__getitem__, keys)
 
 
