@@ -486,6 +486,16 @@ _HEAD_FIELDS = operator.attrgetter("series_number", "series_description")
 _SAFE_HEAD = MAX_COMPONENT_BYTES // 4 - UID_SUFFIX_LENGTH - 1
 
 
+def _ascii_only(text: str | None) -> str | None:
+    return text if text is not None and text.isascii() else None
+
+
+def _short_safe_head(number: str, description: str) -> str | None:
+    """The series head when ``<head>-<plain tail>`` needs no rule at all, else None."""
+    head, safe = _series_head(number, description)
+    return head if safe and len(head) < _SAFE_HEAD else None
+
+
 def _series_component(info: SeriesInfo, mode: int) -> str:
     """The series folder's name; unique per series, so not cached itself (its head is).
     A safe head plus a plain UID tail (digits and dots, ending in a digit) is safe as it
@@ -686,21 +696,23 @@ class FolderPlanner:
                   for study in dict.fromkeys(studies)}
         collection_of = {c: _component(_piece(c), 0) for c in {k[0] for k in fields.values()}}
         patient_of = {p: _component(_piece(p), 1) for p in {k[1] for k in fields.values()}}
-        prefix_of = {study: _prefix(collection_of[k[0]], patient_of[k[1]],
-                                    _study_component(*k[2:]))
+        # A prefix that is ASCII and a head that is safe and short enough make the whole
+        # path ASCII (a plain tail is digits and dots) and its last component valid.
+        prefix_of = {study: _ascii_only(_prefix(collection_of[k[0]], patient_of[k[1]],
+                                                _study_component(*k[2:])))
                      for study, k in fields.items()}
         heads = list(map(_HEAD_FIELDS, infos))
-        head_of = {key: _series_head(*key) for key in dict.fromkeys(heads)}
+        head_of = {key: _short_safe_head(*key) for key in dict.fromkeys(heads)}
         plain, add, blake2b = _PLAIN_TAIL.fullmatch, self._taken.add, hashlib.blake2b
         out: list[tuple[str, int]] = []
-        for info, prefix, (head, safe) in zip(infos, map(prefix_of.__getitem__, studies),
-                                              map(head_of.__getitem__, heads), strict=True):
-            if prefix is not None and safe and len(head) < _SAFE_HEAD:
+        for info, prefix, head in zip(infos, map(prefix_of.__getitem__, studies),
+                                      map(head_of.__getitem__, heads), strict=True):
+            if prefix is not None and head is not None:
                 tail = info.series_uid.strip()[-UID_SUFFIX_LENGTH:]
                 if plain(tail) is not None:
                     path = f"{prefix}/{head}-{tail}"
                     # The clash check, as take() does it (an ASCII key is its lower case).
-                    if len(path) <= MAX_SERIES_PATH and path.isascii() and add(
+                    if len(path) <= MAX_SERIES_PATH and add(
                             blake2b(path.lower().encode(), digest_size=8).digest()):
                         out.append((path, 0))
                         continue
