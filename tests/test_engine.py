@@ -417,3 +417,42 @@ def test_journal_rows_written_in_the_background_meet_other_writes(tmp_path: Path
         again.ensure(["9.8"], SeriesState.NOT_STARTED, wait=False)  # read-only: fails
         with pytest.raises(JournalError):
             again.wait()
+
+
+def test_what_fails_writing_rows_in_the_background_is_raised(tmp_path: Path) -> None:
+    """Nothing a background write meets is lost: wait() raises it, and planning ends with
+    it (the run stops, as a failed journal write always stopped it)."""
+    import gc
+
+    from nbia_retriever.api import MetadataBatch
+    from nbia_retriever.engine.plan import Planner, bulk
+    from nbia_retriever.errors import JournalError
+    from nbia_retriever.layout import Layout
+    from nbia_retriever.ondisk import DownloadRoot
+
+    journal = Journal(tmp_path / "j.db")
+    journal.ensure([1, 2], SeriesState.NOT_STARTED, wait=False)  # type: ignore[list-item]
+    with pytest.raises(JournalError):
+        journal.wait()
+    journal.close()
+
+    class NoMetadata:
+        def metadata_batches(self, uids):
+            yield MetadataBatch(list(uids))
+
+        def unavailable(self, uid):
+            return SeriesState.NO_DATA, "none"
+
+    planner = Planner(DownloadRoot(tmp_path / "root"), tmp_path / "j.db", Layout.DESCRIPTIVE)
+    planner.journal = Journal(tmp_path / "j.db", readonly=True)
+    planner.journal.ensure(["1.2.3"], SeriesState.NOT_STARTED, wait=False)
+    with pytest.raises(JournalError):
+        list(planner.batches(NoMetadata(), ["1.2.3"]))  # type: ignore[arg-type]
+    planner.close()
+
+    gc.freeze()  # the host application's own frozen objects stay frozen
+    frozen = gc.get_freeze_count()
+    with bulk():
+        pass
+    assert gc.get_freeze_count() == frozen
+    gc.unfreeze()

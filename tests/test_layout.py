@@ -480,3 +480,15 @@ def test_number_and_date_formatting_never_crash(text: str) -> None:
     assert len(out) <= len(text) + 64  # never a thousand-digit expansion
     date = normalise_date(text)
     assert date == "" or (len(date) == 10 and date[2] == date[5] == "-")
+
+
+def test_a_crowded_digest_bucket_becomes_a_set() -> None:
+    """Digests a hostile server aims at one bucket: still a set, and no longer a bucket
+    that every add copies and searches."""
+    from nbia_retriever.layout import _BUCKET_BYTES, _DigestSet
+
+    packed = _DigestSet()
+    crowd = [b"\0\0" + n.to_bytes(6, "big") for n in range(_BUCKET_BYTES // 6 * 3)]
+    assert all(packed.add(d) for d in crowd)
+    assert not any(packed.add(d) for d in crowd)
+    assert packed._buckets[0] is None and packed.add(b"\0\1" + b"\0" * 6)

@@ -87,3 +87,13 @@ def test_it_behaves_like_a_frozen_dataclass() -> None:
     assert repr(SeriesInfo("1.2")).endswith(", annotation_size=None, extra={})")
     assert list(info.to_dict()) == [*INFO_FIELDS, "extra"]
     assert SeriesInfo("1").extra is NO_EXTRA
+
+
+def test_a_subclass_keeps_its_class() -> None:
+    class Mine(SeriesInfo):
+        __slots__ = ()
+
+    mine = Mine("1.2", collection="C")
+    assert mine == Mine("1.2", collection="C") and mine != SeriesInfo("1.2", collection="C")
+    assert type(mine.replace(collection="D")) is Mine
+    assert type(copy.copy(mine)) is Mine

@@ -619,6 +619,11 @@ def _digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
+#: A bucket of :class:`_DigestSet` holds 512 digests before it becomes a set (honest
+#: manifests put about 15 in each, 1,000,000 series).
+_BUCKET_BYTES = 6 * 512
+
+
 class _DigestSet:
     """A set of 64-bit digests in about 10 bytes each (a ``set`` of ints takes 80).
 
@@ -627,21 +632,35 @@ class _DigestSet:
     90-byte ``find``). 70 MB of a 1,000,000-series plan, at the same speed.
     """
 
-    __slots__ = ("_buckets",)
+    __slots__ = ("_buckets", "_full")
 
     def __init__(self) -> None:
-        self._buckets: list[bytes] = [b""] * 65536
+        self._buckets: list[bytes | None] = [b""] * 65536
+        # Buckets past _BUCKET_BYTES, as sets: a server that crafts descriptions so
+        # that many folders fall in one bucket must not make each add copy and search
+        # an ever longer bucket (quadratic). None in _buckets marks them.
+        self._full: dict[int, set[bytes]] = {}
 
     def add(self, digest: bytes) -> bool:
         """Add ``digest``; False if it was there already."""
         index, rest = digest[0] << 8 | digest[1], digest[2:]
         bucket = self._buckets[index]
+        if bucket is None:
+            full = self._full[index]
+            if rest in full:
+                return False
+            full.add(rest)
+            return True
         at = bucket.find(rest)
         while at >= 0:
             if at % 6 == 0:
                 return False
             at = bucket.find(rest, at + 1)  # a match across two entries is none
-        self._buckets[index] = bucket + rest
+        if len(bucket) < _BUCKET_BYTES:
+            self._buckets[index] = bucket + rest
+        else:
+            self._full[index] = {bucket[i:i + 6] for i in range(0, len(bucket), 6)} | {rest}
+            self._buckets[index] = None
         return True
 
 

@@ -295,17 +295,18 @@ class SeriesInfo:
         return data
 
     def replace(self, **changes: object) -> SeriesInfo:
-        """A copy with ``changes`` (what :func:`dataclasses.replace` does)."""
+        """A copy with ``changes``, of the same class (what :func:`dataclasses.replace`
+        does)."""
         unknown = set(changes) - _FIELD_SET
         if unknown:
             raise TypeError(f"SeriesInfo has no field {sorted(unknown)[0]!r}")
         values: dict[str, object] = dict(zip(INFO_FIELDS, self.values(), strict=True))
         values["extra"] = self.extra
         values.update(changes)
-        return SeriesInfo(**values)  # type: ignore[arg-type]
+        return type(self)(**values)  # type: ignore[arg-type]
 
     def __eq__(self, other: object) -> bool:
-        if other.__class__ is not SeriesInfo:
+        if other.__class__ is not self.__class__:
             return NotImplemented
         return self.values() == other.values()
 
@@ -319,7 +320,7 @@ class SeriesInfo:
         return f"SeriesInfo({shown})"
 
     def __reduce__(self) -> tuple[type[SeriesInfo], tuple[object, ...]]:
-        return SeriesInfo, (*self.values(), self.extra)
+        return type(self), (*self.values(), self.extra)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise FrozenInstanceError(f"cannot assign to field {name!r}")

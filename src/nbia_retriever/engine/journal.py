@@ -343,6 +343,8 @@ class Journal:
                 write()
             except JournalError as exc:
                 self._ensure_error = exc
+            except Exception as exc:  # never lost in a thread: wait() raises it
+                self._ensure_error = JournalError(write_failed_message(self.path, exc))
 
         self._ensure_thread = threading.Thread(target=background, daemon=True,
                                                name="nbia-journal-rows")

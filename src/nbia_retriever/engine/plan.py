@@ -68,8 +68,9 @@ def bulk() -> Iterator[None]:
         # What planning made is long-lived: aged at once into the oldest generation
         # (freeze then unfreeze moves it there without a traversal). Otherwise the first
         # collection after this would walk every object made since, millions of them.
-        gc.freeze()
-        gc.unfreeze()
+        if gc.get_freeze_count() == 0:  # (never thaw what the host application froze)
+            gc.freeze()
+            gc.unfreeze()
         if was:
             gc.enable()
 
@@ -274,6 +275,14 @@ class Planner:
                         planned.ready.append((uid, info, mode))
             self._record(planned)
             yield planned
+        self.wait_rows()
+
+    def wait_rows(self) -> None:
+        """Wait for the journal rows being written in the background (raises
+        JournalError when they could not be: the run must stop, as a failed write
+        would stop it)."""
+        if self.journal is not None:
+            self.journal.wait()
 
     def _record(self, planned: PlanBatch) -> None:
         """Journal what a batch found, or keep it for :meth:`commit` (nothing is written

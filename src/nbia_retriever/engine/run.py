@@ -544,7 +544,7 @@ class Engine:
 
     def _plan_remote(self) -> None:
         todo = self._todo
-        if len(todo) != len(self.results):  # some complete, or removed: keep those left
+        if len(todo) + len(self._complete) != len(self.results):  # some were removed
             todo = [u for u in todo if u in self.results]
         if not todo:
             self._emit(Event(EventKind.PLANNED, count=0, message=self._planned_text(True)))
@@ -641,6 +641,9 @@ class Engine:
                 self._end_plan()
             for w in workers:
                 w.join()
+            if self._planner is not None and not self.report.fatal:
+                # Rows written in the background (a started run's, after prepare()).
+                self._plan_step(self._planner.wait_rows)
             if self._cancel.is_set():
                 self.report.cancelled = True
                 for result in self.results.values():
