@@ -91,3 +91,19 @@ def test_the_limit_stays_between_one_and_the_maximum(maximum: int, rates: list[f
         limiter.succeeded()
         assert 1 <= limiter.limit <= maximum
         assert limiter.limit <= limiter.target or limiter.limit <= maximum
+
+
+def test_a_dip_in_the_first_window_after_a_raise_is_not_the_verdict() -> None:
+    """On a wide link the window just after a raise can dip (streams ending, new ones
+    still starting): the raise gets one more window, and the climb goes on."""
+    limiter = ConcurrencyLimiter(16, explore=True)
+    judged = {"dips": 0}
+
+    def turnover(streams: int) -> float:
+        if streams == 8 and judged["dips"] < 2:  # the settle window and the first judged
+            judged["dips"] += 1
+            return per_connection_cap(4)
+        return per_connection_cap(streams)
+
+    seen = drive(limiter, turnover, 12)
+    assert seen[-1] == 16 and seen == sorted(seen)

@@ -7,8 +7,9 @@
   - **Finding the link's concurrency** (``explore=True``, the default for a run without
     ``--workers``): start small, and every sampling window compare the aggregate
     throughput of the streams with the previous window. While adding streams makes it
-    rise, add more (doubling, like TCP's slow start); when it does not, step back to the
-    last level that helped and hold, probing one level up now and then. A loopback
+    rise, add more (doubling, like TCP's slow start); when it does not, two windows in a
+    row (the first after a raise may dip as streams end and new ones start), step back
+    to the last level that helped and hold, probing one level up now and then. A loopback
     download on two cores settles at a few streams; a wide link with a per-connection
     cap climbs to ``maximum``.
   - **Politeness** (AIMD, like TCP congestion control): a server that answers 429 or
@@ -64,6 +65,7 @@ class ConcurrencyLimiter:
         self._previous = self.target  # the level before the last raise
         self._settle = 1  # windows to wait before judging a change
         self._raising = explore
+        self._doubt = False  # a raise's first judged window showed no gain
         self._windows = 0
 
     def __repr__(self) -> str:
@@ -162,6 +164,12 @@ class ConcurrencyLimiter:
                         self._raising = False
                         return None
                     return self._set(min(self.maximum, level * 2), previous=level)
+                if not self._doubt:
+                    # One window more before the verdict: a window in which streams end
+                    # and new ones start (a request's latency, TCP's slow start) dips
+                    # whatever the level; the next one is averaged with it.
+                    self._doubt = True
+                    return None
                 # The raise did not pay for itself: back to the level that did. (Holding
                 # a level "about as good" would let every probe ratchet the count up.)
                 self._raising = False
@@ -175,6 +183,7 @@ class ConcurrencyLimiter:
         level = max(1, min(self.maximum, level))
         self._previous = previous
         self._settle = 1
+        self._doubt = False
         if level == self.target:
             return None
         self.target = self.limit = level
