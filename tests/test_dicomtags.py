@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
@@ -74,3 +77,20 @@ def test_declines_what_it_cannot_be_sure_of(tmp_path):
         "a header cut inside InstanceNumber must not guess"
     assert fast_tags(data[:200]) is None
     assert fast_tags(b"not dicom at all" * 20) is None
+
+
+def test_sop_class_names_are_pydicoms_without_importing_it() -> None:
+    """The SOP class name comes from pydicom's own table, but a download never pays the
+    ~150 ms (GIL held) of ``import pydicom`` for it."""
+    from pydicom.uid import UID_dictionary
+
+    from nbia_retriever._dicomtags import sop_class_name
+
+    for uid, row in UID_dictionary.items():
+        assert sop_class_name(uid) == row[0]
+    assert sop_class_name("1.2.3.4") == ""
+    assert sop_class_name("") == ""
+    code = ("import sys\nfrom nbia_retriever._dicomtags import sop_class_name\n"
+            "assert sop_class_name('1.2.840.10008.5.1.4.1.1.2') == 'CT Image Storage'\n"
+            "assert 'pydicom' not in sys.modules, 'pydicom was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

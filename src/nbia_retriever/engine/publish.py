@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .._dicomtags import series_uid_of
+from .._dicomtags import series_uid_of, sop_class_name
 from ..errors import DestinationError
 from ..layout import Layout, series_relpath_mode
 from ..models import SeriesInfo
@@ -64,16 +64,6 @@ def license_text(info: SeriesInfo, from_zip: bytes | None) -> bytes | None:
     if name and name != "null":
         return JAVA_LICENSE.format(info.collection, name, info.license_url.strip()).encode()
     return from_zip or None
-
-
-def sop_class_name(uid: str) -> str:
-    """The name of a SOP class UID (pydicom's dictionary), ``""`` when unknown."""
-    if not uid:
-        return ""
-    from pydicom.uid import UID
-
-    name = UID(uid).name
-    return "" if name == uid else str(name)
 
 
 def complete_info(info: SeriesInfo, staged: StagedSeries) -> SeriesInfo:
