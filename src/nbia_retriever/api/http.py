@@ -318,13 +318,24 @@ class Transport:
                  verify: bool = True) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self._context = ssl.create_default_context()
-        if not verify:
-            self._context.check_hostname = False
-            self._context.verify_mode = ssl.CERT_NONE
+        self.verify = verify
+        self._context_made: ssl.SSLContext | None = None
         self._local = threading.local()
         self._all: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
+
+    @property
+    def _context(self) -> ssl.SSLContext:
+        """Made at the first https connection: loading the CA store costs ~20 ms, which
+        a loopback or plain-http run (and every worker process) need not pay."""
+        with self._lock:
+            if self._context_made is None:
+                context = ssl.create_default_context()
+                if not self.verify:
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                self._context_made = context
+            return self._context_made
 
     def close(self) -> None:
         with self._lock:
