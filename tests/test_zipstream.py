@@ -53,6 +53,25 @@ class Unseekable:
         return self._buf.getvalue()
 
 
+@pytest.fixture(scope="module", autouse=True, params=["isal", "zlib"])
+def inflate_library(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs with ISA-L (the default where installed) and with the stdlib zlib
+    (the fallback): the two differ in how far they read past a deflate stream's end."""
+    import nbia_retriever._zipstream as zs
+
+    if request.param == "isal":
+        pytest.importorskip("isal")
+        assert zs.INFLATE_LIBRARY == "isal"
+        yield "isal"
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(zs, "_deflate", zlib)
+        mp.setattr(zs, "_crc32", zlib.crc32)
+        mp.setattr(zs, "_INFLATE_ERRORS", (zlib.error,))
+        mp.setattr(zs, "_PARSE_ERRORS", (zlib.error, struct.error, ValueError, IndexError))
+        yield "zlib"
+
+
 def python_zip(
     entries: Sequence[tuple[str, bytes]],
     *,
