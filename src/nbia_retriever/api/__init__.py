@@ -32,10 +32,13 @@ from .client import (
     ApiMismatch,
     MetadataBatch,
     NbiaClient,
+    SeriesRequest,
+    StaleToken,
     check_status,
+    open_series_request,
     parse_retry_after,
 )
-from .http import MAX_ANSWER_BYTES, USER_AGENT, Origin, SeriesStream, is_loopback
+from .http import MAX_ANSWER_BYTES, USER_AGENT, Origin, SeriesStream, Transport, is_loopback
 
 __all__ = [
     "API_VERSIONS",
@@ -51,13 +54,17 @@ __all__ = [
     "MetadataBatch",
     "NbiaClient",
     "Origin",
+    "SeriesRequest",
     "SeriesStream",
+    "StaleToken",
     "TlsError",
     "TokenManager",
+    "Transport",
     "backoff_delay",
     "check_status",
     "is_loopback",
     "keyring_service",
+    "open_series_request",
     "parse_retry_after",
     "stored_password",
     "token_url_for",

@@ -31,7 +31,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ApiError, AuthError, NetworkError, NotPublicError, TlsError, UsageError
+from ..errors import (
+    ApiError,
+    AuthError,
+    NbiaError,
+    NetworkError,
+    NotPublicError,
+    TlsError,
+    UsageError,
+)
 from ..models import SeriesInfo, normalise_records
 from ..retry import RetryPolicy
 from ..untrusted import quote
@@ -130,6 +138,56 @@ class _ImageWay:
     def __str__(self) -> str:
         extra = "".join(f"&{k}={v}" for k, v in self.params)
         return f"{self.version}/{self.endpoint}{'?' + extra[1:] if extra else ''}"
+
+
+class StaleToken(AuthError):
+    """A 401 on a request that carried a token: the token went stale (not the series'
+    fault); :meth:`NbiaClient.series_answer_failed` refreshes it for one more try."""
+
+
+@dataclass(frozen=True)
+class SeriesRequest:
+    """One series' image request, complete and picklable: what a worker process needs
+    to open the stream on its own connection (see :func:`open_series_request`)."""
+
+    uid: str
+    url: str
+    params: tuple[tuple[str, str], ...]
+    headers: tuple[tuple[str, str], ...]
+    what: str
+    way: _ImageWay
+    timeout: float
+    connect_timeout: float
+    verify: bool
+    #: a 401 means "refresh the token and retry" rather than "not authorised"
+    stale_401: bool = False
+
+    def __repr__(self) -> str:  # the Authorization header never reaches a log
+        return f"SeriesRequest({self.what}, {self.way})"
+
+
+def check_series_answer(stream: SeriesStream, what: str, *, stale_401: bool = False) -> None:
+    """Raise what a series answer that is not a zip means (status, then content type)."""
+    if stream.status == 401 and stale_401:
+        stream.read_text()
+        raise StaleToken(f"{what}: HTTP 401 (the token went stale)")
+    if stream.status >= 400:
+        text = stream.read_text()
+        check_status(stream.status, text, stream.header, what,
+                     endpoint_missing_is_mismatch=True)
+    ctype = stream.content_type
+    if ctype.startswith(("text/html", "application/json")):
+        raise ApiError(f"{what}: the server sent {ctype.split(';')[0]} instead of "
+                       "a zip", status=stream.status)
+
+
+@contextlib.contextmanager
+def open_series_request(transport: Transport, request: SeriesRequest) -> Iterator[SeriesStream]:
+    """Open the stream ``request`` describes on ``transport`` (a worker process's)."""
+    with transport.open("GET", request.url, params=dict(request.params),
+                        headers=dict(request.headers), what=request.what) as stream:
+        check_series_answer(stream, request.what, stale_401=request.stale_401)
+        yield stream
 
 
 class NbiaClient:
@@ -456,18 +514,45 @@ class NbiaClient:
                     tried_401 = True
                     self.tokens.invalidate(headers.get("Authorization"))
                     continue
-                if stream.status >= 400:
-                    text = stream.read_text()
-                    try:
-                        check_status(stream.status, text, stream.header, what,
-                                     endpoint_missing_is_mismatch=True)
-                    except ApiMismatch:
-                        if self._drop_way(way):
-                            continue
-                        raise
-                ctype = stream.content_type
-                if ctype.startswith(("text/html", "application/json")):
-                    raise ApiError(f"{what}: the server sent {ctype.split(';')[0]} instead of "
-                                   "a zip", status=stream.status)
+                try:
+                    check_series_answer(stream, what)
+                except ApiMismatch:
+                    if self._drop_way(way):
+                        continue
+                    raise
                 yield stream
                 return
+
+    def series_request(self, uid: str, *, md5: bool = True,
+                       retry_401: bool = True) -> SeriesRequest | None:
+        """What another process needs to open ``uid``'s stream itself, as
+        :meth:`open_series` would; None while the way is unproven (the first request
+        of a way is made here, one at a time, so a build that refuses it answers once).
+
+        The request carries the current ``Authorization`` header (for the process that
+        sends it, over a private socket: never argv, environment or a file).
+        :meth:`series_answer_failed` says what its failure means.
+        """
+        way = self._image_ways(md5)[0]
+        if way not in self._ways_ok:
+            return None
+        headers = self._headers() if way.version != "v4" else {}
+        return SeriesRequest(
+            uid=uid, url=self._url(way.endpoint, way.version),
+            params=(("SeriesInstanceUID", uid), *way.params),
+            headers=tuple(headers.items()), what=f"series {uid}", way=way,
+            timeout=self.transport.timeout, connect_timeout=self.transport.connect_timeout,
+            verify=self.transport.verify,
+            stale_401=retry_401 and bool(headers) and self.tokens is not None)
+
+    def series_answer_failed(self, request: SeriesRequest, error: NbiaError) -> bool:
+        """After ``request`` failed with ``error`` elsewhere: True if a fresh request is
+        worth making at once (the token was stale; the build refused this way and
+        another is left), as :meth:`open_series` does in its own loop."""
+        if isinstance(error, StaleToken):
+            if self.tokens is not None:
+                self.tokens.invalidate(dict(request.headers).get("Authorization"))
+            return True
+        if isinstance(error, ApiMismatch):
+            return self._drop_way(request.way)
+        return False

@@ -53,6 +53,9 @@ QUIET_REASONS = 20
 @click.option("--max-connections", type=click.IntRange(1, 64), default=16, show_default=True,
               help="Most concurrent series streams to one server; the number also halves "
                    "by itself when the server answers 429/503 and recovers after.")
+@click.option("--processes", type=click.IntRange(0, 64), default=None,
+              help="Worker processes that stream and unpack series (default: one per core; "
+                   "0: threads of this process only).")
 @click.option("--retries", type=click.IntRange(0, 100), default=None,
               help="Retries per series (default: the manifest's noOfrRetry, else 4).")
 @click.option("--layout", type=click.Choice(["descriptive", "classic"]), default="descriptive",
@@ -70,7 +73,8 @@ QUIET_REASONS = 20
               hidden=True, help="Base of the exponential retry backoff, seconds.")
 @with_api_options
 def download(manifest: str, dest: str, workers: int | None, max_connections: int,
-             retries: int | None, layout: str, no_md5: bool, only_failed: bool,
+             processes: int | None, retries: int | None, layout: str, no_md5: bool,
+             only_failed: bool,
              error_report: str | None, shard: str | None, quiet: bool, as_json: bool,
              backoff: float, api: str, api_url: str | None, user: str | None, insecure: bool,
              timeout: float) -> None:
@@ -104,8 +108,9 @@ def download(manifest: str, dest: str, workers: int | None, max_connections: int
         credentials = get_credentials(user, host_of(server), interactive=interactive)
     try:
         options = DownloadOptions(
-            workers=workers, max_connections=max_connections, retries=retries,
-            timeout=timeout, api=api, api_url=api_url, layout=layout, md5=not no_md5,
+            workers=workers, max_connections=max_connections, processes=processes,
+            retries=retries, timeout=timeout, api=api, api_url=api_url, layout=layout,
+            md5=not no_md5,
             only_failed=only_failed, verify_tls=not insecure, backoff_base=backoff,
             shard=parse_shard(shard), credentials=credentials, trusted_hosts=trusted)
         engine = Engine(parsed, dest, options)

@@ -96,6 +96,8 @@ class Stats:
     elapsed: float = 0.0
     progress_bytes: int = 0
     bytes_received: int = 0  # off the wire, discarded attempts included: for speeds
+    processes: int = 0  # worker processes ready to stream (engine.procs)
+    worker_attempts: int = 0  # attempts those processes ran (the others ran on threads)
 
     @property
     def bytes_done(self) -> int:

@@ -42,6 +42,9 @@ class DownloadOptions:
     shard: tuple[int, int] | None = None  # (k, n), 1-based k
     adaptive: bool = True  # halve concurrency on 429/503, creep back up on success
     trusted_hosts: tuple[str, ...] = ()
+    #: Worker processes that stream and stage series (None: one per core, see
+    #: ``engine.procs``); 0 keeps every stream on threads of this process.
+    processes: int | None = None
 
     def __post_init__(self) -> None:
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
@@ -52,6 +55,10 @@ class DownloadOptions:
         if not isinstance(self.timeout, int | float) or not math.isfinite(self.timeout) \
                 or self.timeout <= 0:
             raise UsageError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
+        if self.processes is not None and (not isinstance(self.processes, int)
+                                           or isinstance(self.processes, bool)
+                                           or self.processes < 0):
+            raise UsageError(f"processes must be 0 or more, not {self.processes!r}")
         if self.retries is not None and (not isinstance(self.retries, int) or self.retries < 0):
             raise UsageError(f"retries must be 0 or more, not {self.retries!r}")
         if self.api not in API_CHOICES:

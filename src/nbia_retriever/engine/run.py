@@ -62,9 +62,10 @@ from .events import Event, EventKind, Stats
 from .journal import FileRecord, Journal
 from .options import DownloadOptions
 from .plan import PlanBatch, Planner, bulk
+from .procs import RemoteAttempt, WorkerPool, default_processes
 from .publish import Publisher
 from .scheduler import ConcurrencyLimiter, WorkQueue
-from .source import ByteStream, NbiaSource, Source, Verdict
+from .source import ByteStream, NbiaSource, RemoteSource, Source, Verdict
 from .staging import (
     NoRoomError,
     Progress,
@@ -192,7 +193,11 @@ class Engine:
         self._policies: dict[str, RetryPolicy] = {}
         self._paused_attempts: set[str] = set()
         self._progress: dict[str, Progress] = {}
-        self._streams: dict[str, ByteStream] = {}  # open series streams, for cancel()
+        # Open series streams (in this process or a worker's), for cancel().
+        self._streams: dict[str, ByteStream | RemoteAttempt] = {}
+        self._pool: WorkerPool | None = None
+        self._pool_lock = threading.Lock()
+        self._worker_attempts = 0
         # Threads inflating/hashing/writing at once (see stage_series): one per core, and
         # one more to cover the moments a thread is in a system call.
         self._cpu = threading.BoundedSemaphore((os.cpu_count() or 2) + 1)
@@ -403,6 +408,8 @@ class Engine:
             planning=self.planning, concurrency=self.limiter.limit,
             elapsed=(time.monotonic() - self._t0) if self._t0 else 0.0,
             progress_bytes=high, bytes_received=received,
+            processes=pool.ready() if (pool := self._pool) is not None else 0,
+            worker_attempts=self._worker_attempts,
         )
 
     # -- planning -----------------------------------------------------------------------
@@ -616,6 +623,7 @@ class Engine:
         workers: list[threading.Thread] = []
         monitor: threading.Thread | None = None
         try:
+            self.start_workers()
             plan_here = self._claim_plan()
             if plan_here:
                 if not self._plan_step(lambda: self._plan_local(create=True)):
@@ -662,6 +670,22 @@ class Engine:
             self._emit(Event(EventKind.FINISHED, message=self.report.summary()))
             self._done.set()
 
+    def start_workers(self) -> None:
+        """Start the worker processes (``engine.procs``) now; :meth:`start` does it
+        first thing. They import while this process plans, and streams use them as they
+        become ready (threads stage until then): :meth:`stats` counts them. Idempotent;
+        nothing happens with ``processes=0`` or a source that cannot hand out requests."""
+        count = self.options.processes
+        if count is None:
+            count = default_processes()
+        count = min(count, self.options.streams_cap)
+        with self._pool_lock:
+            if self._pool is not None or count <= 0 or \
+                    not isinstance(self.source, RemoteSource):
+                return
+            self._pool = WorkerPool(count)
+            self._pool.start()
+
     def _queue_prepared(self) -> None:
         """Series prepare() planned before start(): they are queued now."""
         for uid, result in list(self.results.items()):
@@ -670,6 +694,9 @@ class Engine:
                 self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.QUEUED))
 
     def _release(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         for journal in self._others:
             with contextlib.suppress(Exception):
                 journal.close()
@@ -845,7 +872,13 @@ class Engine:
         from ..models import SeriesInfo
 
         assert isinstance(info, SeriesInfo)
-        with self.source.open(info) as stream:
+        pool, source = self._pool, self.source
+        if pool is not None and isinstance(source, RemoteSource):
+            staged = source.remote(info, lambda request: self._stage_remote(
+                pool, uid, request, info, staging, progress))
+            if staged is not None:
+                return staged
+        with source.open(info) as stream:
             with self._lock:
                 self._streams[uid] = stream
             try:
@@ -858,6 +891,32 @@ class Engine:
             finally:
                 with self._lock:
                     self._streams.pop(uid, None)
+
+    def _stage_remote(self, pool: WorkerPool, uid: str, request: object, info: SeriesInfo,
+                      staging: Path, progress: Progress) -> StagedSeries | None:
+        """One attempt in a worker process (``engine.procs``); None if none is ready."""
+
+        def opened(attempt: RemoteAttempt) -> None:
+            with self._lock:
+                self._streams[uid] = attempt
+            if self._cancel.is_set():
+                attempt.abort()
+
+        def opened_counted(attempt: RemoteAttempt) -> None:
+            with self._lock:
+                self._worker_attempts += 1
+            opened(attempt)
+
+        try:
+            staged = pool.stage(request, info, staging, self.root, progress=progress,
+                                on_progress=lambda n: self._on_progress(uid, n),
+                                checkpoint=lambda: self._checkpoint(uid),
+                                on_open=opened_counted, cancelled=Cancelled)
+        finally:
+            with self._lock:
+                self._streams.pop(uid, None)
+        assert staged is None or isinstance(staged, StagedSeries)
+        return staged
 
     def _failed(self, uid: str, result: SeriesResult, policy: RetryPolicy,
                 exc: NbiaError) -> None:

@@ -13,12 +13,12 @@ a folder, or from a mirror, fits without touching the rest (the tests have one).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
-from ..api import MetadataBatch, NbiaClient
+from ..api import ApiMismatch, MetadataBatch, NbiaClient, SeriesRequest, StaleToken
 from ..errors import (
     ApiError,
     AuthError,
@@ -30,7 +30,9 @@ from ..errors import (
 )
 from ..models import SeriesInfo, SeriesState
 
-__all__ = ["ByteStream", "MetadataBatch", "NbiaSource", "Source", "Verdict"]
+__all__ = ["ByteStream", "MetadataBatch", "NbiaSource", "RemoteSource", "Source", "Verdict"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,17 @@ class Source(Protocol):
         """Release connections."""
 
 
+@runtime_checkable
+class RemoteSource(Protocol):
+    """A source whose streams a worker process can open itself (see
+    :mod:`~nbia_retriever.engine.procs`): it hands out a picklable request."""
+
+    def remote(self, info: SeriesInfo, run: Callable[[SeriesRequest], T | None]) -> T | None:
+        """``run(request)`` for ``info``'s stream, again at once when the failure says a
+        fresh request works (a stale token); None when this series must be streamed
+        in-process (``run`` returned None, or no request can be handed out yet)."""
+
+
 class NbiaSource:
     """Series from an NBIA server (any build: see :mod:`nbia_retriever.api.client`)."""
 
@@ -124,6 +137,21 @@ class NbiaSource:
     def open(self, info: SeriesInfo) -> Iterator[ByteStream]:
         with self.client.open_series(info.series_uid, md5=self.md5) as stream:
             yield stream
+
+    def remote(self, info: SeriesInfo, run: Callable[[SeriesRequest], T | None]) -> T | None:
+        retry_401 = True
+        while True:
+            request = self.client.series_request(info.series_uid, md5=self.md5,
+                                                 retry_401=retry_401)
+            if request is None:
+                return None
+            try:
+                return run(request)
+            except (StaleToken, ApiMismatch) as exc:
+                if isinstance(exc, StaleToken):
+                    retry_401 = False  # a second 401 is "not authorised", as in open()
+                if not self.client.series_answer_failed(request, exc):
+                    raise
 
     def verdict(self, error: NbiaError) -> Verdict:
         if isinstance(error, TlsError | UntrustedHostError):

@@ -1,0 +1,448 @@
+"""Worker processes: series streamed, inflated, hashed and staged outside the GIL.
+
+Why: on a fast link the client is CPU-bound, and one Python process shares one GIL
+among all its streams: measured on 2 cores (BENCHMARKS.md), a quarter of the CPU of a
+download is Python holding the GIL (zip parsing, HTTP framing, file bookkeeping), so 16
+threads were slower than 4 and the whole run stayed below the curl+unzip floor. A worker
+process per core, each running several streams on threads, has a GIL per core.
+
+What moves and what stays. A worker does only the byte work of one attempt: it opens the
+series request it is given on its own keep-alive connections, and runs
+:func:`~nbia_retriever.engine.staging.stage_series` into the run's staging folder (the
+same code, the same checks, the same caps). Everything that decides stays in the
+engine's process: planning, the journal, retries and their verdicts, the scheduler,
+pause and cancel, checks, publishing, events. So a worker holds no journal, no lock file
+and no credentials beyond the one ``Authorization`` header of the request it runs,
+received over a private socket (never argv, environment or a file).
+
+The conversation, one socket pair per attempt (length-prefixed pickles, parent and its
+own children only):
+
+* parent -> worker: ``("job", request, info, staging, root)``; then ``("go",)`` after each
+  progress report, or ``("cancel",)`` at any time;
+* worker -> parent: ``("progress", received, written)`` every
+  :data:`~nbia_retriever.engine.staging.PROGRESS_STEP` bytes, and waits for the answer
+  (so pause holds the stream, as it does in-process, and cancel stops it); then one of
+  ``("done", staged, received)``, ``("error", error, received)``, ``("cancelled",)``.
+
+A worker that dies mid-attempt is an attempt that failed (retried like a dropped
+connection) and is replaced. A worker that cannot start leaves the engine on its own
+threads, which is also the path for a source that cannot hand out requests, and for the
+first request of each image endpoint (made in-process, one at a time, so a build that
+refuses it answers once). Workers ignore SIGINT and SIGTERM and run in their own session:
+the engine stops them, and they exit when its socket closes, even if it was killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import NbiaError
+
+__all__ = ["WorkerPool", "default_processes"]
+
+_LEN = 4
+#: Variables a worker's environment does not inherit.
+SECRET_ENV = frozenset({"NBIA_PASSWORD"})
+#: A worker that died this many times in one run is not replaced: threads take over.
+MAX_RESPAWNS = 3
+
+
+def default_processes() -> int:
+    """Worker processes at defaults: one per core, none on one core (no gain) or where
+    sockets cannot carry file descriptors."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    if cores < 2 or not hasattr(socket, "send_fds") or sys.platform == "win32":
+        return 0
+    return cores
+
+
+# -- framing ---------------------------------------------------------------------------
+def _send(sock: socket.socket, lock: threading.Lock, message: tuple[Any, ...]) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    with lock:
+        sock.sendall(len(data).to_bytes(_LEN, "big") + data)
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes | None:
+    parts = bytearray()
+    while len(parts) < n:
+        piece = sock.recv(n - len(parts))
+        if not piece:
+            return None
+        parts += piece
+    return bytes(parts)
+
+
+def _recv(sock: socket.socket) -> tuple[Any, ...] | None:
+    """The next message, or None when the other side is gone."""
+    try:
+        head = _exactly(sock, _LEN)
+        if head is None:
+            return None
+        body = _exactly(sock, int.from_bytes(head, "big"))
+    except OSError:
+        return None
+    if body is None:
+        return None
+    message = pickle.loads(body)
+    assert isinstance(message, tuple)
+    return message
+
+
+def _pack_error(exc: BaseException) -> tuple[Any, ...]:
+    """An exception as (class, args, attributes), rebuilt as the same class without
+    calling its ``__init__`` (ours format their message there, and take keyword
+    arguments plain pickling loses). OSError keeps its own pickling (errno, filename)."""
+    if isinstance(exc, OSError):
+        with contextlib.suppress(Exception):
+            return ("pickle", pickle.dumps(exc))
+    return ("rebuild", type(exc), exc.args, dict(getattr(exc, "__dict__", {})))
+
+
+def _unpack_error(packed: tuple[Any, ...]) -> BaseException:
+    if packed[0] == "pickle":
+        exc = pickle.loads(packed[1])
+        assert isinstance(exc, BaseException)
+        return exc
+    cls, args, attrs = packed[1], packed[2], packed[3]
+    try:
+        rebuilt: BaseException = cls.__new__(cls)
+        rebuilt.args = tuple(args)
+        rebuilt.__dict__.update(attrs)
+        return rebuilt
+    except Exception:
+        return NbiaError(str(args[0]) if args else cls.__name__)
+
+
+# -- the engine's side -----------------------------------------------------------------
+class _Child:
+    def __init__(self, proc: subprocess.Popen[bytes], control: socket.socket) -> None:
+        self.proc = proc
+        self.control = control
+        self.lock = threading.Lock()
+        self.ready = False
+        self.jobs = 0
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def poll_ready(self) -> bool:
+        if not self.ready:
+            try:
+                self.ready = self.control.recv(1, socket.MSG_DONTWAIT) == b"r"
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                pass
+        return self.ready
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.control.close()
+
+
+class RemoteAttempt:
+    """The engine's handle on an attempt running in a worker: :meth:`abort` is what
+    ``Engine.cancel`` calls on every open stream."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._aborted = False
+
+    def abort(self) -> None:
+        if not self._aborted:
+            self._aborted = True
+            with contextlib.suppress(OSError):
+                _send(self._sock, self._lock, ("cancel",))
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        _send(self._sock, self._lock, message)
+
+
+class WorkerPool:
+    """``size`` worker processes, started at once, used as they become ready.
+
+    :meth:`stage` runs one attempt in the least busy ready worker and returns what
+    ``stage_series`` would have; None when no worker is ready (the caller stages it
+    itself). Thread-safe.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._children: list[_Child] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._respawns = 0
+
+    def start(self) -> None:
+        with self._lock:
+            while len(self._children) < self.size:
+                child = self._spawn()
+                if child is None:
+                    break
+                self._children.append(child)
+
+    def _spawn(self) -> _Child | None:
+        parent, child_end = socket.socketpair()
+        path = os.pathsep.join(p for p in sys.path if p)
+        # The same package (PYTHONPATH); not the password a user may keep in the
+        # environment: a worker only ever gets the one header of its request.
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        env["PYTHONPATH"] = path
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from nbia_retriever.engine.procs import _main; _main()",
+                 str(child_end.fileno())],
+                pass_fds=(child_end.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                close_fds=True)
+        except OSError:
+            parent.close()
+            return None
+        finally:
+            child_end.close()
+        return _Child(proc, parent)
+
+    def _pick(self) -> _Child | None:
+        with self._lock:
+            if self._closed:
+                return None
+            for i, child in enumerate(self._children):
+                if not child.alive():
+                    child.close()
+                    replacement = self._spawn() if self._respawns < MAX_RESPAWNS else None
+                    self._respawns += 1
+                    if replacement is None:
+                        self._children[i] = child  # dead: never ready again
+                        child.ready = False
+                        continue
+                    self._children[i] = replacement
+            ready = [c for c in self._children if c.alive() and c.poll_ready()]
+            if not ready:
+                return None
+            best = min(ready, key=lambda c: c.jobs)
+            best.jobs += 1
+            return best
+
+    def ready(self) -> int:
+        """How many workers are up and taking attempts."""
+        with self._lock:
+            return sum(1 for c in self._children if c.alive() and c.poll_ready())
+
+    def _done(self, child: _Child) -> None:
+        with self._lock:
+            child.jobs -= 1
+
+    def stage(self, request: object, info: object, staging: Path, root: Path, *,
+              progress: Any, on_progress: Callable[[int], None],
+              checkpoint: Callable[[], None], on_open: Callable[[RemoteAttempt], None],
+              cancelled: Callable[[], BaseException]) -> Any:
+        """One attempt in a worker (see the module docstring); None if none is ready.
+
+        Raises what the attempt raised there (the same classes as in-process), or
+        ``cancelled()`` when it was cancelled.
+        """
+        child = self._pick()
+        if child is None:
+            return None
+        try:
+            mine, theirs = socket.socketpair()
+            try:
+                with child.lock:
+                    socket.send_fds(child.control, [b"j"], [theirs.fileno()])
+            except OSError:
+                mine.close()
+                return None
+            finally:
+                theirs.close()
+            with mine:
+                attempt = RemoteAttempt(mine)
+                attempt.send(("job", request, info, str(staging), str(root)))
+                on_open(attempt)
+                return self._converse(mine, attempt, request, progress, on_progress,
+                                      checkpoint, cancelled)
+        finally:
+            self._done(child)
+
+    @staticmethod
+    def _converse(sock: socket.socket, attempt: RemoteAttempt, request: object,
+                  progress: Any, on_progress: Callable[[int], None],
+                  checkpoint: Callable[[], None],
+                  cancelled: Callable[[], BaseException]) -> Any:
+        stop: BaseException | None = None
+        while True:
+            message = _recv(sock)
+            if message is None:
+                if stop is not None:
+                    raise stop
+                what = getattr(request, "what", "series")
+                raise NbiaError(f"{what}: the worker process ended during the download")
+            kind = message[0]
+            if kind == "progress":
+                progress.received, progress.written = message[1], message[2]
+                if stop is not None:
+                    continue
+                try:
+                    on_progress(message[2])
+                    checkpoint()  # holds while paused; raises on cancel
+                except BaseException as exc:
+                    stop = exc
+                    attempt.abort()
+                    continue
+                with contextlib.suppress(OSError):
+                    attempt.send(("go",))
+            elif kind == "done":
+                progress.received = message[2]
+                if stop is not None:
+                    raise stop
+                return message[1]
+            elif kind == "cancelled":
+                raise stop if stop is not None else cancelled()
+            else:  # "error"
+                progress.received = message[2]
+                if stop is not None:
+                    raise stop
+                raise _unpack_error(message[1])
+
+    def close(self) -> None:
+        """Stop the workers (each exits when its socket closes)."""
+        with self._lock:
+            self._closed = True
+            children, self._children = self._children, []
+        for child in children:
+            child.close()
+        for child in children:
+            try:
+                child.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
+
+# -- the worker's side -----------------------------------------------------------------
+class _Stop(Exception):
+    """The engine cancelled this attempt."""
+
+
+def _main() -> None:
+    """A worker process: take attempts from the engine until its socket closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    control = socket.socket(fileno=int(sys.argv[1]))
+    from ..api import Transport  # the imports a worker needs, before it says it is ready
+
+    transports: dict[tuple[float, float, bool], Transport] = {}
+    jobs: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+    idle = [0]
+    idle_lock = threading.Lock()
+
+    def serve() -> None:
+        while True:
+            job = jobs.get()
+            try:
+                _run_job(job, transports)
+            finally:
+                with idle_lock:
+                    idle[0] += 1
+
+    control.sendall(b"r")
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(control, 1, 1)
+        except OSError:
+            break
+        if not fds:
+            break  # the engine closed its end (or died)
+        jobs.put(socket.socket(fileno=fds[0]))
+        with idle_lock:
+            if idle[0] > 0:
+                idle[0] -= 1
+                continue
+        # Long-lived threads, so each keeps its keep-alive connection between series.
+        threading.Thread(target=serve, daemon=True).start()
+    os._exit(0)
+
+
+def _run_job(sock: socket.socket, transports: dict[tuple[float, float, bool], Any]) -> None:
+    from ..api import Transport, open_series_request
+    from .staging import Progress, stage_series
+
+    lock = threading.Lock()
+    with sock:
+        first = _recv(sock)
+        if first is None or first[0] != "job":
+            return
+        _, request, info, staging, root = first
+        key = (request.timeout, request.connect_timeout, request.verify)
+        transport = transports.get(key)
+        if transport is None:
+            transport = transports.setdefault(
+                key, Transport(timeout=key[0], connect_timeout=key[1], verify=key[2]))
+        answers: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        cancel = threading.Event()
+        # The stream while it is being read, under a lock: once it is done its connection
+        # goes back to this thread's pool for the next series, and a late cancel must
+        # not abort that one.
+        live: list[Any] = []
+        live_lock = threading.Lock()
+
+        def listen() -> None:
+            while True:
+                message = _recv(sock)
+                if message is None or message[0] == "cancel":
+                    cancel.set()
+                    with live_lock:
+                        for s in live:
+                            with contextlib.suppress(Exception):
+                                s.abort()
+                    answers.put(False)
+                    return
+                answers.put(True)
+
+        threading.Thread(target=listen, daemon=True).start()
+        progress = Progress()
+
+        def checkpoint() -> None:
+            if cancel.is_set():
+                raise _Stop
+
+        def on_progress(written: int) -> None:
+            _send(sock, lock, ("progress", progress.received, written))
+            if not answers.get():
+                raise _Stop
+
+        reply: tuple[Any, ...]
+        try:
+            with open_series_request(transport, request) as opened:
+                with live_lock:
+                    live.append(opened)
+                try:
+                    checkpoint()
+                    staged = stage_series(request.uid, info, opened.chunks(), Path(staging),
+                                          root=Path(root), checkpoint=checkpoint,
+                                          progress=progress, on_progress=on_progress)
+                finally:
+                    with live_lock:
+                        live.clear()
+            reply = ("done", staged, progress.received)
+        except _Stop:
+            reply = ("cancelled",)
+        except BaseException as exc:
+            reply = ("cancelled",) if cancel.is_set() else \
+                ("error", _pack_error(exc), progress.received)
+        with contextlib.suppress(OSError):
+            _send(sock, lock, reply)
