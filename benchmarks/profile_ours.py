@@ -26,7 +26,7 @@ RATE = 250  # samples per second
 #: Keywords of the source line an innermost frame of ours is executing: such a line is a
 #: C call (zlib, hashlib, file I/O) that py-spy cannot see into without --native.
 LINE_CENTRES: list[tuple[str, tuple[str, ...]]] = [
-    ("inflate (zlib decompress)", ("decompress(",)),
+    ("inflate (ISA-L or zlib decompress)", ("decompress(",)),
     ("CRC-32", ("crc32(",)),
     ("MD5 of each image", ('["md5"].update(', "md5.update(", ".hexdigest(")),
     ("write image bytes to staging", (".write(",)),
@@ -42,6 +42,7 @@ LIB_CENTRES: list[tuple[str, tuple[str, ...]]] = [
 ]
 FILE_CENTRES = {
     "_zipstream.py": "zip reader bookkeeping (Python)",
+    "procs.py": "worker process messages (Python)",
     "engine.py": "engine bookkeeping (Python)",
     "journal.py": "journal/report (sqlite, csv)",
     "report.py": "journal/report (sqlite, csv)",
@@ -141,9 +142,10 @@ def profile_download(ours: Path, manifest: Path, out: Path, log_dir: Path,
     ):
         raw = log_dir / f"py-spy-{mode}.txt"
         shutil.rmtree(out, ignore_errors=True)
+        # --subprocesses: the worker processes (engine.procs) do the byte work.
         cmd = [spy, "record", "-r", str(RATE), "-f", "raw", "-o", str(raw), "--threads",
-               *flags, "--", sys.executable, str(ours), "download", str(manifest), "-d",
-               str(out), "-q"]
+               "--subprocesses", *flags, "--", sys.executable, str(ours), "download",
+               str(manifest), "-d", str(out), "-q"]
         if workers is not None:
             cmd += ["--workers", str(workers)]
         start = time.perf_counter()

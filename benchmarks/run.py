@@ -56,6 +56,7 @@ from harness import (
 )
 from profile_ours import profile_download
 
+from nbia_retriever._zipstream import INFLATE_LIBRARY
 from nbia_retriever.engine import DownloadOptions
 
 HERE = Path(__file__).resolve().parent
@@ -68,6 +69,7 @@ MAX_STREAMS = DownloadOptions().max_connections
 #: The floor's concurrency per scenario: the issue's reference points.
 FLOOR_STREAMS = {"lan": 8, "stored": 8, "wan": 16, "small": 8, "huge": 8}
 WAN_FAULTS = "bandwidth=80mbit,latency=0.1"
+INFLATE = {"isal": "ISA-L (isal)", "zlib": "zlib"}.get(INFLATE_LIBRARY, INFLATE_LIBRARY)
 MB = 1e6
 SCENARIOS = ("lan", "stored", "wan", "small", "huge", "transports", "scale")
 
@@ -112,13 +114,15 @@ class Client:
     kind: str  # ours | tcia-utils | nbiatoolkit | floor
     workers: int | None
     repeats: int
-    roles: set[str] = field(default_factory=set)  # "default", "equal", "sweep"
+    roles: set[str] = field(default_factory=set)  # "default", "sweep", "design", "floor"
+    extra: tuple[str, ...] = ()  # more flags for ours
+    note: str = ""  # what the flags change, for the label
 
     @property
     def label(self) -> str:
         if self.kind == "floor":
             return "floor (curl+unzip)"
-        return self.kind
+        return f"{self.kind} ({self.note})" if self.note else self.kind
 
     @property
     def workers_text(self) -> str:
@@ -136,14 +140,20 @@ class Client:
 
     @property
     def slug(self) -> str:
-        return f"{self.kind}-{self.workers if self.workers is not None else 'default'}"
+        tail = "-" + "".join(c if c.isalnum() else "-" for c in self.note) if self.note else ""
+        return f"{self.kind}-{self.workers if self.workers is not None else 'default'}{tail}"
 
 
 def transfer_clients(settings: Settings, peers: bool, sweep: Sequence[int],
-                     floor_streams: int) -> list[Client]:
+                     floor_streams: int, design: bool = False) -> list[Client]:
     """Ours at its default and pinned at each sweep point, the floor, the peers at their
     defaults."""
     clients = [Client("ours", None, settings.repeat, {"default"})]
+    if design:
+        # The design's other half: the same defaults with every stream on threads of one
+        # process (no worker processes).
+        clients.append(Client("ours", None, settings.repeat, {"design"},
+                              extra=("--processes", "0"), note="threads only"))
     clients += [Client("ours", n, settings.repeat, {"sweep"}) for n in sweep]
     clients.append(Client("floor", floor_streams, settings.repeat, {"floor"}))
     if peers:
@@ -199,13 +209,14 @@ class Runner:
         self.wanted: set[str] = set()
         self.transports: list[dict[str, object]] | None = None
         self.profile: dict[str, object] | None = None
+        self.inflate: list[str] | None = None
 
     def command(self, client: Client, server: ServerProcess, manifest: Path, uid_file: Path,
                 out: Path) -> tuple[list[str], Path | None]:
         """The command line for ``client`` and the file its stdin reads, if any."""
         n = client.workers
         if client.kind == "ours":
-            cmd = [str(OURS), "download", str(manifest), "-d", str(out), "-q"]
+            cmd = [str(OURS), "download", str(manifest), "-d", str(out), "-q", *client.extra]
             return ([*cmd, "--workers", str(n)] if n is not None else cmd), None
         if client.kind == "floor":
             return ["sh", str(FLOOR), server.v1_url, str(out), str(n)], uid_file
@@ -259,6 +270,10 @@ class Runner:
                 uid_file = runs_dir / "uids.txt"
                 self.transports = compare(server.v1_url, uid_file, archive.total_bytes,
                                           repeat=self.settings.repeat)
+            if name == "lan":
+                from transports import inflate_comparison
+
+                self.inflate = inflate_comparison(sorted(archive.root.rglob("*.dcm")))
         return list(aggregates.values())
 
 
@@ -708,7 +723,8 @@ def sweep_lines(results: dict[str, list[Aggregate]]) -> list[str]:
 def render(settings: Settings, results: dict[str, list[Aggregate]], sizes: dict[str, str],
            scale: dict[str, object] | None, profile: dict[str, object] | None,
            load: dict[str, list[float]],
-           transports_table: list[str] | None = None) -> str:
+           transports_table: list[str] | None = None,
+           inflate_table: list[str] | None = None) -> str:
     vm = psutil.virtual_memory()
     cpu_model = ""
     try:
@@ -733,7 +749,9 @@ def render(settings: Settings, results: dict[str, list[Aggregate]], sizes: dict[
         f"curl {_version(['curl', '--version'])}, unzip {_version(['unzip', '-v'])}",
         "- Peers: tcia-utils 3.3.5, nbiatoolkit 1.3.1 (benchmarks/peers-requirements.txt)",
         "- Ours at its defaults: the number of streams is found at run time (from 4, up to "
-        f"{MAX_STREAMS}); \"pinned\" rows use `--workers N`. Peers at their defaults "
+        f"{MAX_STREAMS}), staged by one worker process per core (`--processes`; \"threads "
+        f"only\" rows: `--processes 0`), inflating with {INFLATE}; \"pinned\" rows use "
+        "`--workers N`. Peers at their defaults "
         "(tcia-utils 10 threads, nbiatoolkit 1 process). The floor is `curl -s -o x.zip` of "
         "v1 `getImage` + `unzip -q`, N at a time (xargs -P): 8 on loopback, 16 on the wide "
         "link.",
@@ -765,6 +783,14 @@ def render(settings: Settings, results: dict[str, list[Aggregate]], sizes: dict[
                 "cell: MB/s, CPU seconds of the process tree, peak RSS; best of the repeats. "
                 "The last column is what the design needs: many streams no slower than two.",
                 "", *transports_table, ""]
+    if inflate_table:
+        out += ["## Inflate library (what chose ISA-L)", "",
+                "Inflating is most of a download's CPU on a fast link. Each library the zip "
+                "reader can use inflates the LAN archive's images (deflated at level 6, fed "
+                "in 256 KiB pieces as the reader does) and computes their CRC-32 "
+                "(`benchmarks/transports.py`); the last column is the same work on two "
+                "threads at once against one (1.00: the GIL is released, two cores add up).",
+                "", *inflate_table, ""]
     if scale:
         out += scale_section(scale)
     targets = evaluate(results, scale)
@@ -887,7 +913,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         announce(name)
         results[name] = runner.transfer(
             name, lan_archive, lan_archive.uids,
-            transfer_clients(settings, peers, settings.sweep, FLOOR_STREAMS[name]), None,
+            transfer_clients(settings, peers, settings.sweep, FLOOR_STREAMS[name],
+                             design=True), None,
             server_args)
         sizes[name] = f"{lan_size}; {what} on 127.0.0.1."
 
@@ -960,7 +987,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from transports import table as transport_table
 
     report = render(settings, results, sizes, scale, runner.profile, load,
-                    transport_table(runner.transports) if runner.transports else None)
+                    transport_table(runner.transports) if runner.transports else None,
+                    runner.inflate)
     out_path.write_text(report + "\n", encoding="utf-8")
     dump_json(work / "results.json", {
         "scenarios": {k: [r.as_dict() for a in v for r in a.runs] for k, v in results.items()},

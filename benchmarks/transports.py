@@ -251,6 +251,69 @@ def table(results: list[dict[str, object]]) -> list[str]:
     return lines
 
 
+def inflate_comparison(files: Iterable[Path], limit: int = 64 << 20) -> list[str]:
+    """Inflate and CRC-32 of the archive's images with each library the zip reader can
+    use: CPU seconds per GB of output, one thread, and the wall time of the same work on
+    two threads at once against one (1.00: the GIL is released, the cores add up)."""
+    import zlib
+
+    libraries: list[tuple[str, object]] = [("zlib (stdlib)", zlib)]
+    try:
+        from isal import isal_zlib
+
+        libraries.append(("ISA-L (isal)", isal_zlib))
+    except ImportError:
+        pass
+    data: list[bytes] = []
+    total = 0
+    for path in files:
+        blob = path.read_bytes()
+        data.append(blob)
+        total += len(blob)
+        if total >= limit:
+            break
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    packed = [packer.compress(d) + packer.flush(zlib.Z_FULL_FLUSH) for d in data]
+
+    def inflate(lib: object) -> None:
+        for blob in packed:
+            d = lib.decompressobj(-15)  # type: ignore[attr-defined]
+            view = memoryview(blob)
+            pos = 0
+            while pos < len(view):
+                piece = view[pos:pos + READ]
+                d.decompress(piece, READ)
+                pos += len(piece) - len(d.unconsumed_tail)
+
+    def crc(lib: object) -> None:
+        for blob in data:
+            lib.crc32(blob)  # type: ignore[attr-defined]
+
+    def timed(work: Callable[[], None]) -> tuple[float, float]:
+        cpu, wall = time.process_time(), time.perf_counter()
+        work()
+        return time.process_time() - cpu, time.perf_counter() - wall
+
+    def two(work: Callable[[], None]) -> float:
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - start
+
+    lines = ["| library | inflate CPU s/GB | CRC-32 CPU s/GB | 2 threads vs 1 (inflate) |",
+             "|---|---:|---:|---:|"]
+    for name, lib in libraries:
+        inflate_cpu, inflate_wall = min(timed(lambda lib=lib: inflate(lib)) for _ in range(2))
+        crc_cpu, _ = min(timed(lambda lib=lib: crc(lib)) for _ in range(2))
+        both = two(lambda lib=lib: inflate(lib))
+        lines.append(f"| {name} | {inflate_cpu / total * 1e9:.2f} | {crc_cpu / total * 1e9:.2f} "
+                     f"| {both / inflate_wall:.2f} |")
+    return lines
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
         candidate, streams, base, uid_file, out = sys.argv[2:7]
