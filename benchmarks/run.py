@@ -749,9 +749,9 @@ def render(settings: Settings, results: dict[str, list[Aggregate]], sizes: dict[
         f"curl {_version(['curl', '--version'])}, unzip {_version(['unzip', '-v'])}",
         "- Peers: tcia-utils 3.3.5, nbiatoolkit 1.3.1 (benchmarks/peers-requirements.txt)",
         "- Ours at its defaults: the number of streams is found at run time (from 4, up to "
-        f"{MAX_STREAMS}), staged by one worker process per core (`--processes`; \"threads "
-        f"only\" rows: `--processes 0`), inflating with {INFLATE}; \"pinned\" rows use "
-        "`--workers N`. Peers at their defaults "
+        f"{MAX_STREAMS}), staged by worker processes (one per core but one, "
+        "`--processes`; \"threads only\" rows: `--processes 0`), inflating with "
+        f"{INFLATE}; \"pinned\" rows use `--workers N`. Peers at their defaults "
         "(tcia-utils 10 threads, nbiatoolkit 1 process). The floor is `curl -s -o x.zip` of "
         "v1 `getImage` + `unzip -q`, N at a time (xargs -P): 8 on loopback, 16 on the wide "
         "link.",

@@ -54,7 +54,7 @@ QUIET_REASONS = 20
               help="Most concurrent series streams to one server; the number also halves "
                    "by itself when the server answers 429/503 and recovers after.")
 @click.option("--processes", type=click.IntRange(0, 64), default=None,
-              help="Worker processes that stream and unpack series (default: one per core; "
+              help="Worker processes that stream and unpack series (default: one per core but one; "
                    "0: threads of this process only).")
 @click.option("--retries", type=click.IntRange(0, 100), default=None,
               help="Retries per series (default: the manifest's noOfrRetry, else 4).")

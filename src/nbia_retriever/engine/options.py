@@ -42,7 +42,7 @@ class DownloadOptions:
     shard: tuple[int, int] | None = None  # (k, n), 1-based k
     adaptive: bool = True  # halve concurrency on 429/503, creep back up on success
     trusted_hosts: tuple[str, ...] = ()
-    #: Worker processes that stream and stage series (None: one per core, see
+    #: Worker processes that stream and stage series (None: one per core but one, see
     #: ``engine.procs``); 0 keeps every stream on threads of this process.
     processes: int | None = None
 

@@ -3,8 +3,9 @@
 Why: on a fast link the client is CPU-bound, and one Python process shares one GIL
 among all its streams: measured on 2 cores (BENCHMARKS.md), a quarter of the CPU of a
 download is Python holding the GIL (zip parsing, HTTP framing, file bookkeeping), so 16
-threads were slower than 4 and the whole run stayed below the curl+unzip floor. A worker
-process per core, each running several streams on threads, has a GIL per core.
+threads were slower than 4 and the whole run stayed below the curl+unzip floor. A
+worker process with several streams on threads has a GIL of its own, and the engine's
+process keeps its GIL for planning, publishing and events.
 
 What moves and what stays. A worker does only the byte work of one attempt: it opens the
 series request it is given on its own keep-alive connections, and runs
@@ -55,18 +56,26 @@ __all__ = ["WorkerPool", "default_processes"]
 _LEN = 4
 #: Variables a worker's environment does not inherit.
 SECRET_ENV = frozenset({"NBIA_PASSWORD"})
+#: Most worker processes at defaults (each costs ~25 MB; 16 streams need no more).
+MAX_DEFAULT = 4
 #: A worker that died this many times in one run is not replaced: threads take over.
 MAX_RESPAWNS = 3
 
 
 def default_processes() -> int:
-    """Worker processes at defaults: one per core, none on one core (no gain) or where
-    sockets cannot carry file descriptors."""
+    """Worker processes at defaults: one per core but one (the engine's own process is
+    busy too: planning, publishing, relaying), at most :data:`MAX_DEFAULT`; none on one
+    core or where sockets cannot carry file descriptors.
+
+    Measured on 2 cores (BENCHMARKS.md): one worker makes 16 streams as fast as 2 (on
+    threads of one process 16 were 0.86x of 2); a second worker adds no speed there and
+    ~25 MB, which would take the client past 100 MB.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         (os.cpu_count() or 1)
     if cores < 2 or not hasattr(socket, "send_fds") or sys.platform == "win32":
         return 0
-    return cores
+    return min(cores - 1, MAX_DEFAULT)
 
 
 # -- framing ---------------------------------------------------------------------------
