@@ -26,6 +26,8 @@ RATE = 250  # samples per second
 #: Keywords of the source line an innermost frame of ours is executing: such a line is a
 #: C call (zlib, hashlib, file I/O) that py-spy cannot see into without --native.
 LINE_CENTRES: list[tuple[str, tuple[str, ...]]] = [
+    # A worker process's socket and queues: blocked, not working.
+    ("waiting (locks, events)", ("sock.recv(", "recv_fds(", "jobs.get()", "answers.get()")),
     ("inflate (ISA-L or zlib decompress)", ("decompress(",)),
     ("CRC-32", ("crc32(",)),
     ("MD5 of each image", ('["md5"].update(', "md5.update(", ".hexdigest(")),

@@ -154,6 +154,9 @@ def transfer_clients(settings: Settings, peers: bool, sweep: Sequence[int],
         # process (no worker processes).
         clients.append(Client("ours", None, settings.repeat, {"design"},
                               extra=("--processes", "0"), note="threads only"))
+        clients += [Client("ours", n, settings.repeat, {"design"},
+                           extra=("--processes", "0"), note="threads only")
+                    for n in (2, 16) if n in sweep]
     clients += [Client("ours", n, settings.repeat, {"sweep"}) for n in sweep]
     clients.append(Client("floor", floor_streams, settings.repeat, {"floor"}))
     if peers:
@@ -524,7 +527,8 @@ def evaluate(results: dict[str, list[Aggregate]], scale: dict[str, object] | Non
                           "; ".join(details) or "not run"))
 
     lan = results.get("lan")
-    pinned = [a for a in lan or [] if a.client.kind == "ours" and a.client.workers]
+    pinned = [a for a in lan or [] if a.client.kind == "ours" and a.client.workers
+              and not a.client.extra]
     sixteen = next((a for a in pinned if a.client.workers == 16), None)
     if sixteen and pinned:
         best = max(pinned, key=lambda a: a.best.throughput)
@@ -556,7 +560,9 @@ def evaluate(results: dict[str, list[Aggregate]], scale: dict[str, object] | Non
             if agg.client.kind == "ours":
                 any_run = True
                 ok_all &= agg.peak_rss <= 100 * MB
-                details.append(f"{scen} {agg.client.workers_text}: {fmt_mb(agg.peak_rss)} MB")
+                note = f" ({agg.client.note})" if agg.client.note else ""
+                details.append(f"{scen} {agg.client.workers_text}{note}: "
+                               f"{fmt_mb(agg.peak_rss)} MB")
     targets.append(Target("Peak RSS of ours <= 100 MB in every run", ok_all if any_run else None,
                           "; ".join(dict.fromkeys(details)) or "not run"))
 
@@ -707,7 +713,17 @@ def sweep_lines(results: dict[str, list[Aggregate]]) -> list[str]:
         aggs = results.get(scen)
         if not aggs:
             continue
-        ours = [a for a in aggs if a.client.kind == "ours" and a.client.workers is not None]
+        ours = [a for a in aggs if a.client.kind == "ours" and a.client.workers is not None
+                and not a.client.extra]
+        threads = {a.client.workers: a for a in aggs if a.client.kind == "ours"
+                   and a.client.workers is not None and a.client.extra}
+        if len(threads) >= 2:
+            low, high = min(threads), max(threads)
+            r = threads[high].best.throughput / threads[low].best.throughput
+            lines.append(f"- {scen.upper()}, threads only (`--processes 0`): "
+                         + ", ".join(f"{n}: {a.best.throughput:.1f} MB/s ({fmt_mb(a.peak_rss)} MB)"
+                                     for n, a in sorted(threads.items()))
+                         + f"; {high} vs {low}: {r:.2f}x.")
         if len(ours) < 2:
             continue
         best = max(ours, key=lambda a: a.best.throughput)

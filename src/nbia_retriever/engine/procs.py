@@ -73,7 +73,8 @@ def default_processes() -> int:
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         (os.cpu_count() or 1)
-    if cores < 2 or not hasattr(socket, "send_fds") or sys.platform == "win32":
+    if cores < 2 or not hasattr(socket, "send_fds") or sys.platform == "win32" \
+            or getattr(sys, "frozen", False):  # a frozen app's executable is not Python
         return 0
     return min(cores - 1, MAX_DEFAULT)
 
