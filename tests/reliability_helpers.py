@@ -32,7 +32,9 @@ def metadata_rows(root: Path) -> list[list[str]]:
     if not path.exists():
         return []
     data = path.read_bytes()
-    assert not data or data.endswith(b"\n"), "metadata.csv ends in a torn row"
+    if not data:  # killed between creating it and its first write: no rows yet
+        return []
+    assert data.endswith(b"\n"), "metadata.csv ends in a torn row"
     rows = list(csv.reader(data.decode("utf-8-sig").splitlines()))
     assert tuple(rows[0]) == METADATA_HEADER, "metadata.csv header missing or repeated"
     body = rows[1:]
