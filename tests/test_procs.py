@@ -25,7 +25,13 @@ import pytest
 from enginehelpers import downloaded_series, expected_series, write_manifest
 from nbia_retriever import make_engine
 from nbia_retriever.engine import EventKind
-from nbia_retriever.engine.procs import _pack_error, _unpack_error, default_processes
+from nbia_retriever.engine.procs import (
+    WorkerPool,
+    _pack_error,
+    _unpack_error,
+    default_processes,
+)
+from nbia_retriever.engine.staging import Progress
 from nbia_retriever.errors import (
     ApiError,
     DiskFullError,
@@ -173,7 +179,7 @@ def test_cancel_ends_a_worker_read_stalled_on_a_silent_server(tmp_path, archive,
 
 def test_pause_holds_a_worker_stream_and_resume_finishes_it(tmp_path, archive, serve,
                                                            public, expected):
-    server = serve(archive.root, faults=FaultPlan(bandwidth=300_000))
+    server = serve(archive.root)
     uid = public[-1]
     cart = write_manifest(tmp_path / "cart.tcia", public, server.download_url)
     engine = ready_engine(cart, tmp_path / "dl", server, timeout=60)
@@ -183,9 +189,10 @@ def test_pause_holds_a_worker_stream_and_resume_finishes_it(tmp_path, archive, s
     def on_event(event) -> None:
         if event.kind == EventKind.STATE and event.uid == uid:
             states.append(event.state)
-        if event.kind == EventKind.PROGRESS and event.uid == uid and not paused_once:
+        if event.kind == EventKind.STATE and event.uid == uid and \
+                event.state == SeriesState.DOWNLOADING and not paused_once:
             paused_once.append(True)
-            engine.pause()
+            engine.pause()  # the worker's stream holds at its next chunk
 
     engine.subscribe(on_event)
     engine.start()
@@ -221,7 +228,7 @@ def test_a_worker_killed_mid_series_costs_one_attempt(tmp_path, archive, serve, 
     report = engine.wait(120)
     assert report.ok, report.summary()
     assert report.results[uid].attempts == 2
-    assert any("worker process ended" in m for m in retries), retries
+    assert any("lost the worker process" in m for m in retries), retries
     assert downloaded_series(report.root) == {u: expected[u] for u in public}
 
 
@@ -338,3 +345,94 @@ def test_errors_cross_the_process_boundary_as_themselves(error):
     assert getattr(again, "__dict__", {}) == getattr(error, "__dict__", {})
     if isinstance(error, OSError):
         assert again.errno == errno.ENOSPC  # type: ignore[attr-defined]
+
+
+def test_an_attempt_a_worker_cannot_even_read_fails_at_once_and_the_worker_goes_on(
+        tmp_path, archive, serve, public, monkeypatch):
+    """A job the worker cannot unpickle (a class it cannot import) must come back as an
+    error, not hang the engine, and must not cost the worker its thread."""
+    server = serve(archive.root)
+    pool = WorkerPool(1)
+    pool.start()
+    try:
+        deadline = time.monotonic() + 60
+        while pool.ready() < 1:
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.01)
+        # A module only this process can import (the worker's path was fixed at spawn).
+        (tmp_path / "alien_module.py").write_text("class Alien:\n    what = 'series x'\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import alien_module
+
+        opened: list[object] = []
+        for _ in range(2):  # twice: the first failure must leave the worker serving
+            with pytest.raises(Exception) as caught:
+                pool.stage(alien_module.Alien(), None, tmp_path / "staging", tmp_path,
+                           progress=Progress(), on_progress=lambda n: None,
+                           checkpoint=lambda: None, on_open=opened.append,
+                           cancelled=lambda: AssertionError("not cancelled"))
+            assert "alien_module" in str(caught.value)
+        assert len(opened) == 2 and pool.ready() == 1
+    finally:
+        pool.close()
+    del server
+
+
+def test_worker_processes_are_refused_in_one_line_where_they_cannot_run(monkeypatch):
+    from nbia_retriever.engine import DownloadOptions
+    from nbia_retriever.errors import UsageError
+
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert default_processes() == 0
+    with pytest.raises(UsageError, match="frozen"):
+        DownloadOptions(processes=1)
+    DownloadOptions(processes=0)  # threads only: fine
+
+
+def test_a_worker_that_does_not_stop_after_cancel_is_killed_before_staging_is_freed(
+        tmp_path, monkeypatch):
+    """A worker stuck where a cancel cannot reach (waiting for the answer's first byte
+    from a server that accepted and went silent) is killed after CANCEL_GRACE: the
+    engine never waits forever, and nothing writes into staging after it returns."""
+    import socket
+    import threading
+
+    import nbia_retriever.engine.procs as procs
+    from nbia_retriever.api.client import SeriesRequest, _ImageWay
+
+    monkeypatch.setattr(procs, "CANCEL_GRACE", 0.5)
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    port = silent.getsockname()[1]
+    request = SeriesRequest(
+        uid="1.2.3", url=f"http://127.0.0.1:{port}/nbia-api/services/v1/getImage",
+        params=(("SeriesInstanceUID", "1.2.3"),), headers=(), what="series 1.2.3",
+        way=_ImageWay("v1", "getImage"), timeout=600.0, connect_timeout=600.0, verify=True)
+    pool = WorkerPool(1)
+    pool.start()
+    try:
+        deadline = time.monotonic() + 60
+        while pool.ready() < 1:
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.01)
+        victim = workers_of(os.getpid())[0]
+
+        def cancel_when_asked(attempt) -> None:
+            while not accepted:  # the worker's request reached the silent server
+                time.sleep(0.01)
+            attempt.abort()
+
+        class Cancelled(Exception):
+            pass
+
+        with pytest.raises(Cancelled):
+            pool.stage(request, None, tmp_path / "staging", tmp_path, progress=Progress(),
+                       on_progress=lambda n: None, checkpoint=lambda: None,
+                       on_open=cancel_when_asked, cancelled=Cancelled)
+        assert not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE
+    finally:
+        pool.close()
+        silent.close()
+        for conn in accepted:
+            conn.close()

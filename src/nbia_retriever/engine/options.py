@@ -59,6 +59,12 @@ class DownloadOptions:
                                            or isinstance(self.processes, bool)
                                            or self.processes < 0):
             raise UsageError(f"processes must be 0 or more, not {self.processes!r}")
+        if self.processes:
+            from .procs import processes_supported
+
+            why = processes_supported()
+            if why is not None:
+                raise UsageError(f"worker processes cannot run here ({why}): use processes=0")
         if self.retries is not None and (not isinstance(self.retries, int) or self.retries < 0):
             raise UsageError(f"retries must be 0 or more, not {self.retries!r}")
         if self.api not in API_CHOICES:

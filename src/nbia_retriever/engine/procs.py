@@ -19,19 +19,23 @@ received over a private socket (never argv, environment or a file).
 The conversation, one socket pair per attempt (length-prefixed pickles, parent and its
 own children only):
 
-* parent -> worker: ``("job", request, info, staging, root)``; then ``("go",)`` after each
-  progress report, or ``("cancel",)`` at any time;
-* worker -> parent: ``("progress", received, written)`` every
-  :data:`~nbia_retriever.engine.staging.PROGRESS_STEP` bytes, and waits for the answer
-  (so pause holds the stream, as it does in-process, and cancel stops it); then one of
+* parent -> worker: ``("job", request, info, staging, root)``; ``("hold", on)`` when the
+  run is paused or resumed; ``("go",)`` answering ``held``; ``("cancel",)`` at any time;
+* worker -> parent: ``("rx", received)`` every :data:`RX_STEP` bytes off the wire (for the
+  scheduler's throughput samples), ``("progress", received, written)`` every
+  :data:`~nbia_retriever.engine.staging.PROGRESS_STEP` bytes written, ``("held", ...)``
+  when its checkpoint (between chunks, as in-process) finds the run paused: it waits for
+  ``go`` (the engine's own checkpoint returned: resumed) or ``cancel``; then one of
   ``("done", staged, received)``, ``("error", error, received)``, ``("cancelled",)``.
 
 A worker that dies mid-attempt is an attempt that failed (retried like a dropped
-connection) and is replaced. A worker that cannot start leaves the engine on its own
-threads, which is also the path for a source that cannot hand out requests, and for the
-first request of each image endpoint (made in-process, one at a time, so a build that
-refuses it answers once). Workers ignore SIGINT and SIGTERM and run in their own session:
-the engine stops them, and they exit when its socket closes, even if it was killed.
+connection) and is replaced; one that does not stop within :data:`CANCEL_GRACE` of a
+cancel is killed before the engine discards the attempt's staging folder. A worker that
+cannot start leaves the engine on its own threads, which is also the path for a source
+that cannot hand out requests, and for the first request of each image endpoint (made
+in-process, one at a time, so a build that refuses it answers once). Workers ignore
+SIGINT and SIGTERM and run in their own session: the engine stops them, and they exit
+when its socket closes, even if it was killed.
 """
 
 from __future__ import annotations
@@ -45,13 +49,15 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import NbiaError
 
-__all__ = ["WorkerPool", "default_processes"]
+__all__ = ["RemoteAttempt", "WorkerPool", "available_cores", "default_processes",
+           "processes_supported"]
 
 _LEN = 4
 #: Variables a worker's environment does not inherit.
@@ -60,23 +66,52 @@ SECRET_ENV = frozenset({"NBIA_PASSWORD"})
 MAX_DEFAULT = 4
 #: A worker that died this many times in one run is not replaced: threads take over.
 MAX_RESPAWNS = 3
+#: Bytes off the wire between two ``rx`` reports of a worker.
+RX_STEP = 256 << 10
+#: Seconds a cancelled attempt's worker has to stop before it is killed.
+CANCEL_GRACE = 10.0
+#: How often the engine's side of a conversation looks up from a silent socket.
+_POLL = 1.0
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity (SLURM's cpuset) and, in a container,
+    the cgroup CPU quota (``cpu.max``: Docker ``--cpus``, Kubernetes limits)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as handle:
+            quota, period = handle.read().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def processes_supported() -> str | None:
+    """Why worker processes cannot run here, or None when they can."""
+    if sys.platform == "win32" or not hasattr(socket, "send_fds"):
+        return "this platform cannot pass sockets between processes"
+    if getattr(sys, "frozen", False):
+        return "a frozen application's executable is not a Python interpreter"
+    if not sys.executable:
+        return "no Python interpreter to start (sys.executable is empty)"
+    return None
 
 
 def default_processes() -> int:
     """Worker processes at defaults: one per core but one (the engine's own process is
     busy too: planning, publishing, relaying), at most :data:`MAX_DEFAULT`; none on one
-    core or where sockets cannot carry file descriptors.
+    core or where :func:`processes_supported` says no.
 
     Measured on 2 cores (BENCHMARKS.md): one worker makes 16 streams as fast as 2 (on
     threads of one process 16 were 0.86x of 2); a second worker adds no speed there and
     ~25 MB, which would take the client past 100 MB.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        (os.cpu_count() or 1)
-    if cores < 2 or not hasattr(socket, "send_fds") or sys.platform == "win32" \
-            or getattr(sys, "frozen", False):  # a frozen app's executable is not Python
+    if processes_supported() is not None:
         return 0
-    return min(cores - 1, MAX_DEFAULT)
+    return min(available_cores() - 1, MAX_DEFAULT)
 
 
 # -- framing ---------------------------------------------------------------------------
@@ -86,23 +121,37 @@ def _send(sock: socket.socket, lock: threading.Lock, message: tuple[Any, ...]) -
         sock.sendall(len(data).to_bytes(_LEN, "big") + data)
 
 
-def _exactly(sock: socket.socket, n: int) -> bytes | None:
+class _GaveUp(Exception):
+    """The engine stopped waiting for a worker that does not answer."""
+
+
+def _exactly(sock: socket.socket, n: int,
+             give_up: Callable[[], bool] | None = None) -> bytes | None:
     parts = bytearray()
     while len(parts) < n:
-        piece = sock.recv(n - len(parts))
+        try:
+            piece = sock.recv(n - len(parts))
+        except TimeoutError:  # only with a give-up test: the socket has a timeout
+            if give_up is not None and give_up():
+                raise _GaveUp from None
+            continue
         if not piece:
             return None
         parts += piece
     return bytes(parts)
 
 
-def _recv(sock: socket.socket) -> tuple[Any, ...] | None:
-    """The next message, or None when the other side is gone."""
+def _recv(sock: socket.socket,
+          give_up: Callable[[], bool] | None = None) -> tuple[Any, ...] | None:
+    """The next message, or None when the other side is gone. With ``give_up`` (and a
+    socket timeout) a silent peer raises :class:`_GaveUp` once ``give_up()`` says so."""
     try:
-        head = _exactly(sock, _LEN)
+        head = _exactly(sock, _LEN, give_up)
         if head is None:
             return None
-        body = _exactly(sock, int.from_bytes(head, "big"))
+        body = _exactly(sock, int.from_bytes(head, "big"), give_up)
+    except _GaveUp:
+        raise
     except OSError:
         return None
     if body is None:
@@ -115,10 +164,13 @@ def _recv(sock: socket.socket) -> tuple[Any, ...] | None:
 def _pack_error(exc: BaseException) -> tuple[Any, ...]:
     """An exception as (class, args, attributes), rebuilt as the same class without
     calling its ``__init__`` (ours format their message there, and take keyword
-    arguments plain pickling loses). OSError keeps its own pickling (errno, filename)."""
-    if isinstance(exc, OSError):
+    arguments plain pickling loses). Others keep their own pickling when it round-trips
+    (OSError's errno and filename, UnicodeDecodeError's text)."""
+    if not isinstance(exc, NbiaError):
         with contextlib.suppress(Exception):
-            return ("pickle", pickle.dumps(exc))
+            data = pickle.dumps(exc)
+            if type(pickle.loads(data)) is type(exc):
+                return ("pickle", data)
     return ("rebuild", type(exc), exc.args, dict(getattr(exc, "__dict__", {})))
 
 
@@ -151,13 +203,15 @@ class _Child:
 
     def poll_ready(self) -> bool:
         if not self.ready:
-            try:
+            with contextlib.suppress(OSError):
                 self.ready = self.control.recv(1, socket.MSG_DONTWAIT) == b"r"
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                pass
         return self.ready
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -166,21 +220,31 @@ class _Child:
 
 class RemoteAttempt:
     """The engine's handle on an attempt running in a worker: :meth:`abort` is what
-    ``Engine.cancel`` calls on every open stream."""
+    ``Engine.cancel`` calls on every open stream, :meth:`hold` what pause and resume
+    call."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._lock = threading.Lock()
-        self._aborted = False
+        self.aborted_at: float | None = None
 
     def abort(self) -> None:
-        if not self._aborted:
-            self._aborted = True
+        if self.aborted_at is None:
+            self.aborted_at = time.monotonic()
             with contextlib.suppress(OSError):
                 _send(self._sock, self._lock, ("cancel",))
 
+    def hold(self, on: bool) -> None:
+        with contextlib.suppress(OSError):
+            _send(self._sock, self._lock, ("hold", on))
+
     def send(self, message: tuple[Any, ...]) -> None:
         _send(self._sock, self._lock, message)
+
+    def overdue(self) -> bool:
+        """Cancelled longer ago than the worker may take to stop."""
+        return self.aborted_at is not None and \
+            time.monotonic() - self.aborted_at > CANCEL_GRACE
 
 
 class WorkerPool:
@@ -207,20 +271,25 @@ class WorkerPool:
                 self._children.append(child)
 
     def _spawn(self) -> _Child | None:
+        """A new worker, or None if one cannot be started (threads do the work then)."""
+        if processes_supported() is not None:
+            return None
         parent, child_end = socket.socketpair()
-        path = os.pathsep.join(p for p in sys.path if p)
-        # The same package (PYTHONPATH); not the password a user may keep in the
-        # environment: a worker only ever gets the one header of its request.
+        path = os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
+        # The same package (PYTHONPATH, and -P: nothing from the working directory);
+        # not the password a user may keep in the environment: a worker only ever gets
+        # the one header of its request.
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env["PYTHONPATH"] = path
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", "from nbia_retriever.engine.procs import _main; _main()",
+                [sys.executable, "-P", "-c",
+                 "from nbia_retriever.engine.procs import _main; _main()",
                  str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),), env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                 close_fds=True)
-        except OSError:
+        except Exception:  # no worker is not an error: threads stage
             parent.close()
             return None
         finally:
@@ -232,14 +301,14 @@ class WorkerPool:
             if self._closed:
                 return None
             for i, child in enumerate(self._children):
-                if not child.alive():
+                if child.alive():
+                    continue
+                if self._respawns >= MAX_RESPAWNS:
+                    continue  # dead for good: never ready again
+                self._respawns += 1
+                replacement = self._spawn()
+                if replacement is not None:
                     child.close()
-                    replacement = self._spawn() if self._respawns < MAX_RESPAWNS else None
-                    self._respawns += 1
-                    if replacement is None:
-                        self._children[i] = child  # dead: never ready again
-                        child.ready = False
-                        continue
                     self._children[i] = replacement
             ready = [c for c in self._children if c.alive() and c.poll_ready()]
             if not ready:
@@ -264,7 +333,8 @@ class WorkerPool:
         """One attempt in a worker (see the module docstring); None if none is ready.
 
         Raises what the attempt raised there (the same classes as in-process), or
-        ``cancelled()`` when it was cancelled.
+        ``cancelled()`` when it was cancelled. Returns or raises only once the worker
+        is done with ``staging`` (or was killed): the caller may discard it then.
         """
         child = self._pick()
         if child is None:
@@ -280,11 +350,17 @@ class WorkerPool:
             finally:
                 theirs.close()
             with mine:
+                mine.settimeout(_POLL)
                 attempt = RemoteAttempt(mine)
-                attempt.send(("job", request, info, str(staging), str(root)))
+                attempt.send(("job", request, info, str(Path(staging).absolute()),
+                              str(Path(root).absolute())))
                 on_open(attempt)
-                return self._converse(mine, attempt, request, progress, on_progress,
-                                      checkpoint, cancelled)
+                try:
+                    return self._converse(mine, attempt, request, progress, on_progress,
+                                          checkpoint, cancelled)
+                except _GaveUp:
+                    child.kill()  # it must not write into staging once that is discarded
+                    raise cancelled() from None
         finally:
             self._done(child)
 
@@ -295,25 +371,32 @@ class WorkerPool:
                   cancelled: Callable[[], BaseException]) -> Any:
         stop: BaseException | None = None
         while True:
-            message = _recv(sock)
+            message = _recv(sock, attempt.overdue)
             if message is None:
                 if stop is not None:
                     raise stop
                 what = getattr(request, "what", "series")
-                raise NbiaError(f"{what}: the worker process ended during the download")
+                raise NbiaError(f"{what}: lost the worker process streaming it")
             kind = message[0]
-            if kind == "progress":
+            if kind == "rx":
+                progress.received = message[1]
+            elif kind == "progress":
+                progress.received, progress.written = message[1], message[2]
+                if stop is None:
+                    on_progress(message[2])
+            elif kind == "held":
                 progress.received, progress.written = message[1], message[2]
                 if stop is not None:
                     continue
                 try:
-                    on_progress(message[2])
                     checkpoint()  # holds while paused; raises on cancel
                 except BaseException as exc:
                     stop = exc
                     attempt.abort()
                     continue
                 with contextlib.suppress(OSError):
+                    # Running again: a "hold" that raced with resume is taken back too.
+                    attempt.send(("hold", False))
                     attempt.send(("go",))
             elif kind == "done":
                 progress.received = message[2]
@@ -339,8 +422,7 @@ class WorkerPool:
             try:
                 child.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+                child.kill()
 
 
 # -- the worker's side -----------------------------------------------------------------
@@ -363,96 +445,138 @@ def _main() -> None:
     def serve() -> None:
         while True:
             job = jobs.get()
-            try:
+            with contextlib.suppress(BaseException):
                 _run_job(job, transports)
-            finally:
-                with idle_lock:
-                    idle[0] += 1
+            with contextlib.suppress(OSError):
+                job.close()
+            with idle_lock:
+                idle[0] += 1
 
     control.sendall(b"r")
     while True:
         try:
-            _, fds, _, _ = socket.recv_fds(control, 1, 1)
+            message, fds, _, _ = socket.recv_fds(control, 1, 1)
         except OSError:
             break
-        if not fds:
+        if not message:
             break  # the engine closed its end (or died)
-        jobs.put(socket.socket(fileno=fds[0]))
+        if not fds:
+            continue  # a descriptor lost on the way (the fd limit): the engine sees EOF
+        job = socket.socket(fileno=fds[0])
         with idle_lock:
-            if idle[0] > 0:
+            spare = idle[0] > 0
+            if spare:
                 idle[0] -= 1
-                continue
+        jobs.put(job)
+        if spare:
+            continue
         # Long-lived threads, so each keeps its keep-alive connection between series.
-        threading.Thread(target=serve, daemon=True).start()
+        try:
+            threading.Thread(target=serve, daemon=True).start()
+        except RuntimeError:  # no thread to be had (a pids limit): drop this attempt
+            with contextlib.suppress(Exception):
+                jobs.get_nowait().close()
     os._exit(0)
 
 
 def _run_job(sock: socket.socket, transports: dict[tuple[float, float, bool], Any]) -> None:
+    """One attempt; always ends with a final message (unless the engine is gone)."""
     from ..api import Transport, open_series_request
     from .staging import Progress, stage_series
 
     lock = threading.Lock()
-    with sock:
+    progress = Progress()
+    answers: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    cancel = threading.Event()
+    hold = threading.Event()
+    # The stream while it is being read, under a lock: once it is done its connection
+    # goes back to this thread's pool for the next series, and a late cancel must not
+    # abort that one.
+    live: list[Any] = []
+    live_lock = threading.Lock()
+
+    def listen() -> None:
+        while True:
+            message = _recv(sock)
+            if message is None or message[0] == "cancel":
+                cancel.set()
+                with live_lock:
+                    for s in live:
+                        with contextlib.suppress(Exception):
+                            s.abort()
+                answers.put(False)
+                return
+            if message[0] == "hold":
+                if message[1]:
+                    hold.set()
+                else:
+                    hold.clear()
+            else:  # "go"
+                answers.put(True)
+
+    rx_sent = [0]
+
+    def checkpoint() -> None:
+        """Between chunks, as in-process: honour cancel, hold while paused."""
+        if cancel.is_set():
+            raise _Stop
+        if progress.received - rx_sent[0] >= RX_STEP:
+            rx_sent[0] = progress.received
+            _send(sock, lock, ("rx", progress.received))
+        if hold.is_set():
+            _send(sock, lock, ("held", progress.received, progress.written))
+            if not answers.get():
+                raise _Stop
+
+    def on_progress(written: int) -> None:
+        _send(sock, lock, ("progress", progress.received, written))
+
+    listener: threading.Thread | None = None
+    reply: tuple[Any, ...]
+    try:
         first = _recv(sock)
         if first is None or first[0] != "job":
             return
         _, request, info, staging, root = first
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
         key = (request.timeout, request.connect_timeout, request.verify)
         transport = transports.get(key)
         if transport is None:
             transport = transports.setdefault(
                 key, Transport(timeout=key[0], connect_timeout=key[1], verify=key[2]))
-        answers: queue.SimpleQueue[bool] = queue.SimpleQueue()
-        cancel = threading.Event()
-        # The stream while it is being read, under a lock: once it is done its connection
-        # goes back to this thread's pool for the next series, and a late cancel must
-        # not abort that one.
-        live: list[Any] = []
-        live_lock = threading.Lock()
-
-        def listen() -> None:
-            while True:
-                message = _recv(sock)
-                if message is None or message[0] == "cancel":
-                    cancel.set()
-                    with live_lock:
-                        for s in live:
-                            with contextlib.suppress(Exception):
-                                s.abort()
-                    answers.put(False)
-                    return
-                answers.put(True)
-
-        threading.Thread(target=listen, daemon=True).start()
-        progress = Progress()
-
-        def checkpoint() -> None:
-            if cancel.is_set():
-                raise _Stop
-
-        def on_progress(written: int) -> None:
-            _send(sock, lock, ("progress", progress.received, written))
-            if not answers.get():
-                raise _Stop
-
-        reply: tuple[Any, ...]
-        try:
-            with open_series_request(transport, request) as opened:
+        with open_series_request(transport, request) as opened:
+            with live_lock:
+                live.append(opened)
+            try:
+                checkpoint()
+                staged = stage_series(request.uid, info, opened.chunks(), Path(staging),
+                                      root=Path(root), checkpoint=checkpoint,
+                                      progress=progress, on_progress=on_progress)
+            finally:
                 with live_lock:
-                    live.append(opened)
-                try:
-                    checkpoint()
-                    staged = stage_series(request.uid, info, opened.chunks(), Path(staging),
-                                          root=Path(root), checkpoint=checkpoint,
-                                          progress=progress, on_progress=on_progress)
-                finally:
-                    with live_lock:
-                        live.clear()
-            reply = ("done", staged, progress.received)
-        except _Stop:
-            reply = ("cancelled",)
-        except BaseException as exc:
-            reply = ("cancelled",) if cancel.is_set() else \
-                ("error", _pack_error(exc), progress.received)
-        with contextlib.suppress(OSError):
+                    live.clear()
+        reply = ("done", staged, progress.received)
+    except _Stop:
+        reply = ("cancelled",)
+    except BaseException as exc:
+        reply = ("cancelled",) if cancel.is_set() else \
+            ("error", _pack_error(exc), progress.received)
+    try:
+        try:
             _send(sock, lock, reply)
+        except OSError:
+            return
+        except Exception as exc:  # a reply that does not pickle: still say what failed
+            _send(sock, lock, ("error", ("rebuild", NbiaError,
+                                         (f"worker process: {type(exc).__name__}: {exc}",),
+                                         {}), progress.received))
+    except Exception:  # the engine is gone: nobody to tell
+        return
+    finally:
+        # The listener must be off this socket before it is closed (its number could be
+        # the next attempt's).
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        if listener is not None:
+            listener.join(timeout=5)

@@ -62,7 +62,7 @@ from .events import Event, EventKind, Stats
 from .journal import FileRecord, Journal
 from .options import DownloadOptions
 from .plan import PlanBatch, Planner, bulk
-from .procs import RemoteAttempt, WorkerPool, default_processes
+from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
 from .publish import Publisher
 from .scheduler import ConcurrencyLimiter, WorkQueue
 from .source import ByteStream, NbiaSource, RemoteSource, Source, Verdict
@@ -200,7 +200,7 @@ class Engine:
         self._worker_attempts = 0
         # Threads inflating/hashing/writing at once (see stage_series): one per core, and
         # one more to cover the moments a thread is in a system call.
-        self._cpu = threading.BoundedSemaphore((os.cpu_count() or 2) + 1)
+        self._cpu = threading.BoundedSemaphore(available_cores() + 1)
         self._planner: Planner | None = None
         self._staging: RunStaging | None = None
         self._publisher: Publisher | None = None
@@ -349,12 +349,21 @@ class Engine:
     def pause(self) -> None:
         """Stop taking new series; running ones hold at their next chunk."""
         self._running.clear()
+        self._hold_remote(True)
         self._emit(Event(EventKind.MESSAGE, message="paused"))
 
     def resume(self) -> None:
         self._running.set()
+        self._hold_remote(False)
         self.queue.wake()
         self._emit(Event(EventKind.MESSAGE, message="resumed"))
+
+    def _hold_remote(self, on: bool) -> None:
+        """Tell the attempts in worker processes (they hold at their next chunk)."""
+        with self._lock:
+            remote = [s for s in self._streams.values() if isinstance(s, RemoteAttempt)]
+        for attempt in remote:
+            attempt.hold(on)
 
     def cancel(self) -> None:
         """Stop as soon as possible; staged data is discarded, published data is kept."""
@@ -899,6 +908,8 @@ class Engine:
         def opened(attempt: RemoteAttempt) -> None:
             with self._lock:
                 self._streams[uid] = attempt
+            if not self._running.is_set():
+                attempt.hold(True)
             if self._cancel.is_set():
                 attempt.abort()
 
