@@ -49,7 +49,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,12 +65,11 @@ SECRET_ENV = frozenset({"NBIA_PASSWORD"})
 MAX_DEFAULT = 4
 #: A worker that died this many times in one run is not replaced: threads take over.
 MAX_RESPAWNS = 3
-#: Bytes off the wire between two ``rx`` reports of a worker.
-RX_STEP = 256 << 10
+#: Bytes off the wire between two ``rx`` reports of a worker (the scheduler samples
+#: throughput every 0.25 s; each report costs both processes a message).
+RX_STEP = 512 << 10
 #: Seconds a cancelled attempt's worker has to stop before it is killed.
 CANCEL_GRACE = 10.0
-#: How often the engine's side of a conversation looks up from a silent socket.
-_POLL = 1.0
 
 
 def available_cores() -> int:
@@ -121,37 +119,23 @@ def _send(sock: socket.socket, lock: threading.Lock, message: tuple[Any, ...]) -
         sock.sendall(len(data).to_bytes(_LEN, "big") + data)
 
 
-class _GaveUp(Exception):
-    """The engine stopped waiting for a worker that does not answer."""
-
-
-def _exactly(sock: socket.socket, n: int,
-             give_up: Callable[[], bool] | None = None) -> bytes | None:
+def _exactly(sock: socket.socket, n: int) -> bytes | None:
     parts = bytearray()
     while len(parts) < n:
-        try:
-            piece = sock.recv(n - len(parts))
-        except TimeoutError:  # only with a give-up test: the socket has a timeout
-            if give_up is not None and give_up():
-                raise _GaveUp from None
-            continue
+        piece = sock.recv(n - len(parts))
         if not piece:
             return None
         parts += piece
     return bytes(parts)
 
 
-def _recv(sock: socket.socket,
-          give_up: Callable[[], bool] | None = None) -> tuple[Any, ...] | None:
-    """The next message, or None when the other side is gone. With ``give_up`` (and a
-    socket timeout) a silent peer raises :class:`_GaveUp` once ``give_up()`` says so."""
+def _recv(sock: socket.socket) -> tuple[Any, ...] | None:
+    """The next message, or None when the other side is gone."""
     try:
-        head = _exactly(sock, _LEN, give_up)
+        head = _exactly(sock, _LEN)
         if head is None:
             return None
-        body = _exactly(sock, int.from_bytes(head, "big"), give_up)
-    except _GaveUp:
-        raise
+        body = _exactly(sock, int.from_bytes(head, "big"))
     except OSError:
         return None
     if body is None:
@@ -223,16 +207,37 @@ class RemoteAttempt:
     ``Engine.cancel`` calls on every open stream, :meth:`hold` what pause and resume
     call."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, kill: Callable[[], None] = lambda: None) -> None:
         self._sock = sock
         self._lock = threading.Lock()
-        self.aborted_at: float | None = None
+        self._kill = kill
+        self._timer: threading.Timer | None = None
+        self.expired = False
 
     def abort(self) -> None:
-        if self.aborted_at is None:
-            self.aborted_at = time.monotonic()
-            with contextlib.suppress(OSError):
-                _send(self._sock, self._lock, ("cancel",))
+        """Ask the worker to stop; one that has not within :data:`CANCEL_GRACE` is killed
+        and the conversation cut, so the engine's side never waits for it forever."""
+        with self._lock:
+            if self._timer is not None:
+                return
+            self._timer = threading.Timer(CANCEL_GRACE, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+        with contextlib.suppress(OSError):
+            _send(self._sock, self._lock, ("cancel",))
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._kill()  # it must not write into staging once that is discarded
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # the engine's recv returns at once
+
+    def finish(self) -> None:
+        """The conversation is over: no timer may fire after it."""
+        with self._lock:
+            timer, self._timer = self._timer, threading.Timer(0, lambda: None)
+        if timer is not None:
+            timer.cancel()
 
     def hold(self, on: bool) -> None:
         with contextlib.suppress(OSError):
@@ -240,11 +245,6 @@ class RemoteAttempt:
 
     def send(self, message: tuple[Any, ...]) -> None:
         _send(self._sock, self._lock, message)
-
-    def overdue(self) -> bool:
-        """Cancelled longer ago than the worker may take to stop."""
-        return self.aborted_at is not None and \
-            time.monotonic() - self.aborted_at > CANCEL_GRACE
 
 
 class WorkerPool:
@@ -350,17 +350,15 @@ class WorkerPool:
             finally:
                 theirs.close()
             with mine:
-                mine.settimeout(_POLL)
-                attempt = RemoteAttempt(mine)
-                attempt.send(("job", request, info, str(Path(staging).absolute()),
-                              str(Path(root).absolute())))
-                on_open(attempt)
+                attempt = RemoteAttempt(mine, kill=child.kill)
                 try:
+                    attempt.send(("job", request, info, str(Path(staging).absolute()),
+                                  str(Path(root).absolute())))
+                    on_open(attempt)
                     return self._converse(mine, attempt, request, progress, on_progress,
                                           checkpoint, cancelled)
-                except _GaveUp:
-                    child.kill()  # it must not write into staging once that is discarded
-                    raise cancelled() from None
+                finally:
+                    attempt.finish()
         finally:
             self._done(child)
 
@@ -371,8 +369,10 @@ class WorkerPool:
                   cancelled: Callable[[], BaseException]) -> Any:
         stop: BaseException | None = None
         while True:
-            message = _recv(sock, attempt.overdue)
+            message = _recv(sock)
             if message is None:
+                if attempt.expired:  # cancelled, and killed for not stopping
+                    raise stop if stop is not None else cancelled()
                 if stop is not None:
                     raise stop
                 what = getattr(request, "what", "series")
