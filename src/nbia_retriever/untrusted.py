@@ -12,6 +12,9 @@ quoting a server, zip entry names) and again where it leaves (files, terminals):
 * :data:`SECRETS` knows the password and tokens of this process and :func:`redact`
   removes them from any text before it is printed or stored: a hostile server that
   echoes the bearer token in an error page must not get it into a log or a journal.
+  Not even a piece of one: a message cut to length (an excerpt of an error page, cut
+  where a worker process did not know the token) may end inside a secret, so every run
+  of :data:`FRAGMENT` or more characters of a secret goes too.
 
 Rendering as plain text (never console markup) is the front ends' part: tables and
 progress lines build ``rich.text.Text`` objects, never markup strings.
@@ -30,6 +33,9 @@ _FORMULA_START = frozenset("=+-@\t\r")
 #: Secrets shorter than this are not redacted (the guest's empty password; replacing
 #: one or two characters everywhere would destroy the text for nothing).
 MIN_SECRET = 4
+#: No run of this many characters of a secret survives :func:`redact` (a piece left by a
+#: cut); shorter runs are too common in ordinary text to remove.
+FRAGMENT = 8
 
 
 def plain(text: str) -> str:
@@ -58,34 +64,65 @@ def csv_cell(text: str) -> str:
 class _Secrets:
     """The secrets this process holds, so that :func:`redact` can remove them.
 
-    Thread-safe; values live only in memory and are never printed by ``repr``.
+    Thread-safe; values live only in memory and are never printed by ``repr``. Besides
+    the values it keeps every :data:`FRAGMENT`-character run of them (a set, so finding
+    the pieces of a secret in a text costs one look-up per character, however long the
+    secret: a JWT is a kilobyte).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: frozenset[str] = frozenset()
+        # One tuple, replaced whole: a reader never sees values without their pieces.
+        self._state: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
 
     def __repr__(self) -> str:
-        return f"<secrets: {len(self._values)}>"
+        return f"<secrets: {len(self._state[0])}>"
+
+    def _set(self, values: set[str]) -> None:
+        pieces = frozenset(v[i:i + FRAGMENT] for v in values
+                           for i in range(len(v) - FRAGMENT + 1))
+        self._state = (tuple(sorted(values, key=len, reverse=True)), pieces)
 
     def add(self, *values: str | None) -> None:
         with self._lock:
             new = {v for v in values if v and len(v) >= MIN_SECRET}
-            if not new <= self._values:
-                self._values = self._values | new
+            if not new <= set(self._state[0]):
+                self._set(set(self._state[0]) | new)
 
     def discard(self, *values: str | None) -> None:
         with self._lock:
-            self._values = self._values - {v for v in values if v}
+            self._set(set(self._state[0]) - {v for v in values if v})
 
     def redact(self, text: str) -> str:
-        values = self._values
+        values, pieces = self._state
         if not values or not text:
             return text
-        for value in sorted(values, key=len, reverse=True):
+        for value in values:  # longest first: a secret inside another goes with it
             if value in text:
                 text = text.replace(value, "***")
+        if pieces and len(text) >= FRAGMENT:
+            text = _without_pieces(text, pieces)
         return text
+
+
+def _without_pieces(text: str, pieces: frozenset[str]) -> str:
+    """``text`` with every run covered by :data:`FRAGMENT`-character ``pieces`` replaced
+    by ``***`` (overlapping and touching pieces make one run)."""
+    hits = [i for i in range(len(text) - FRAGMENT + 1) if text[i:i + FRAGMENT] in pieces]
+    if not hits:
+        return text
+    runs: list[list[int]] = []
+    for i in hits:
+        if runs and i <= runs[-1][1]:
+            runs[-1][1] = i + FRAGMENT
+        else:
+            runs.append([i, i + FRAGMENT])
+    out, last = [], 0
+    for start, end in runs:
+        out += (text[last:start], "***")
+        last = end
+    out.append(text[last:])
+    return "".join(out)
 
 
 SECRETS = _Secrets()
@@ -99,5 +136,7 @@ def redact(text: str) -> str:
 def quote(text: str, limit: int = 200) -> str:
     """Server text fit to quote in a one-line message: plain, secret-free, one line,
     at most ``limit`` characters."""
-    cleaned = " ".join(plain(redact(text)).split())
+    # plain first: a control or bidi character inside a secret must not hide it from
+    # redact and then vanish; redact before the cut, so no piece of one is left.
+    cleaned = " ".join(redact(plain(text)).split())
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"

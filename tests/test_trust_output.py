@@ -1,0 +1,131 @@
+"""Trust, round 2 (issue 21): what the client prints and stores about untrusted text.
+
+Every test plays an attacker over real HTTP on loopback, or plants a file: a server that
+echoes the bearer token inside a long error page (so a message cut to length would cut
+the token in two), server or journal text with terminal escape sequences reaching every
+printer, and hosts that look like the archive's or cannot be hosts at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from enginehelpers import write_manifest
+from hostile_server import Crafted, HostileServer, files_of, record, series_zip
+from nbia_retriever import make_engine
+from nbia_retriever.engine.procs import default_processes
+from nbia_retriever.report import write_error_report
+from reliability_helpers import CLI, run_cli
+
+PASSWORD = "correct-horse-battery-staple"
+FAST = {"backoff_base": 0.01, "timeout": 5.0}
+#: The quoted excerpt of an error body is this long (``api.client.error_excerpt``).
+EXCERPT = 200
+#: No run of this many characters of a secret may be shown or stored.
+FRAGMENT = 8
+
+
+@pytest.fixture(scope="module")
+def archive(archive_factory):
+    return archive_factory(seed=93, collections=1, patients=1, studies=1, series=5, images=1,
+                           rows=8, columns=8, restricted=False, awkward=False)
+
+
+def env(**extra: str) -> dict[str, str]:
+    """No config file of the machine's user, and the test password."""
+    base = {k: v for k, v in os.environ.items() if k not in ("NBIA_PASSWORD",)}
+    base["NBIA_RETRIEVER_CONFIG"] = os.devnull + ".absent"
+    base.update(extra)
+    return base
+
+
+def fragments(secret: str) -> set[bytes]:
+    return {secret[i:i + FRAGMENT].encode() for i in range(len(secret) - FRAGMENT + 1)}
+
+
+def leaked(blob: bytes, secret: str) -> list[bytes]:
+    return sorted(f for f in fragments(secret) if f in blob)
+
+
+# ------------------------------------------------------------------ 6. secrets before cuts
+
+
+def echoing(archive, server: HostileServer) -> list[str]:
+    """The first series is served (it proves the image endpoint, in-process); every
+    other one answers 500 with a long page that echoes the token where the excerpt of
+    the message is cut (a few characters of it, or most of it, before the cut), or
+    with a mark inside it that the cleaning drops (a left-to-right mark: the token is
+    whole again once it is gone)."""
+    token = server.issued_token
+    first, *rest = archive.series
+    server.series[first.series_uid] = Crafted(record(first), series_zip(files_of(first)))
+    for i, series in enumerate(rest):
+        if i == len(rest) - 1:
+            body = f"EEEE token {token[:20]}\u200e{token[20:]} refused"
+        else:
+            kept = (12, 30, 45)[i % 3]  # characters of the token before the cut
+            body = "E" * (EXCERPT - 1 - kept) + token + " and more" * 20
+        server.series[series.series_uid] = Crafted(record(series), body.encode(), status=500,
+                                                   content_type="text/plain")
+    return [s.series_uid for s in archive.series]
+
+
+@pytest.mark.parametrize("processes", ["0", "1"])
+def test_a_token_cut_by_an_excerpt_is_redacted_everywhere(tmp_path, archive, processes):
+    with HostileServer() as server:
+        uids = echoing(archive, server)
+        # One retry each, after a backoff: with --processes 1 the retries find the
+        # worker up (the engine test below checks attempts really ran in one).
+        cart = write_manifest(tmp_path / "cart.tcia", uids, server.download_url, retries=1)
+        done = subprocess.run(
+            [*CLI, "download", str(cart), "-d", str(tmp_path / "dl"), "--user", "alice",
+             "--api-url", server.api_url, "--api", "v2", "--backoff", "0.5", "--json",
+             "-w", "1", "--processes", processes, "--error-report",
+             str(tmp_path / "errors.csv")],
+            capture_output=True, env=env(NBIA_PASSWORD=PASSWORD), timeout=120, check=False)
+        token = server.issued_token
+    assert done.returncode == 1, done.stderr
+    assert b"HTTP 500 EEEE" in done.stdout  # the excerpts are there...
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "cart.tcia"]
+    assert any(p.name == "journal.sqlite" for p in files)
+    assert (tmp_path / "errors.csv").exists()
+    for name, blob in [("stdout", done.stdout), ("stderr", done.stderr),
+                       *((str(p), p.read_bytes()) for p in files)]:
+        assert not leaked(blob, token), (name, leaked(blob, token))  # ...no bit of the token
+
+
+@pytest.mark.skipif(default_processes() == 0, reason="worker processes need 2 cores")
+def test_a_token_cut_in_a_worker_process_is_redacted_everywhere(tmp_path, archive):
+    """The same through the engine, checking the attempts really ran in a worker (which
+    knows no secret of the engine's process but the header it was given)."""
+    with HostileServer() as server:
+        uids = echoing(archive, server)
+        cart = write_manifest(tmp_path / "cart.tcia", uids, server.download_url, retries=1)
+        engine = make_engine(cart, tmp_path / "dl", api_url=server.api_url, api="v2",
+                             user="alice", password=PASSWORD, processes=1, workers=1, **FAST)
+        events: list[str] = []
+        engine.subscribe(lambda e: events.append(json.dumps(e.as_dict())))
+        engine.start_workers()
+        deadline = time.monotonic() + 60
+        while engine.stats().processes < 1:
+            assert time.monotonic() < deadline, "the worker process did not start"
+            time.sleep(0.01)
+        report = engine.run()
+        token = server.issued_token
+    assert engine.stats().worker_attempts >= len(uids) - 1
+    failed = [r for r in report.results.values() if r.error]
+    assert len(failed) == len(uids) - 1 and all("HTTP 500 EEE" in r.error for r in failed)
+    write_error_report(tmp_path / "errors.csv", report.results.values())
+    texts = [*events, *(r.error for r in failed), report.summary(), report.fatal or ""]
+    blobs = [("\n".join(texts).encode(), "events and results")]
+    blobs += [(p.read_bytes(), str(p)) for p in tmp_path.rglob("*") if p.is_file()
+              and p.name != "cart.tcia"]
+    for blob, name in blobs:
+        assert not leaked(blob, token), (name, leaked(blob, token))
+
