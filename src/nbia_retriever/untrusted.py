@@ -117,7 +117,8 @@ def _without_pieces(text: str, pieces: frozenset[str]) -> str:
             runs[-1][1] = i + FRAGMENT
         else:
             runs.append([i, i + FRAGMENT])
-    out, last = [], 0
+    out: list[str] = []
+    last = 0
     for start, end in runs:
         out += (text[last:start], "***")
         last = end
