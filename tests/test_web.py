@@ -279,7 +279,7 @@ def test_a_session_runs_the_view_and_ends_with_the_page(manifest: Path,
         browser.wait_for(b"manifest.tcia")
         assert TITLE.encode() in browser.screen  # the view drew its header
         argv = child.cmdline()
-        assert argv[1:4] == ["-m", "nbia_retriever.cli", "open"]
+        assert argv[1:5] == ["-P", "-m", "nbia_retriever.cli", "open"]
         assert argv[argv.index("--user") + 1] == "alice"
         assert argv[argv.index("--workers") + 1] == "2"
         assert argv[argv.index("--dest") + 1] == str(tmp_path)
@@ -397,7 +397,7 @@ def test_loopback_and_the_child_command(manifest: Path, tmp_path: Path) -> None:
         assert not is_loopback(host), host
     argv = child_argv(str(manifest), dest="out dir", api="v2", api_url=None, user="bob",
                       workers=3, layout="classic")
-    assert argv[1:4] == ["-m", "nbia_retriever.cli", "open"]
+    assert argv[1:5] == ["-P", "-m", "nbia_retriever.cli", "open"]
     assert "--api-url" not in argv and "--web" not in argv
     assert argv[argv.index("--dest") + 1] == os.path.abspath("out dir")
     if sys.platform != "win32":  # what /bin/sh runs is exactly these words

@@ -11,7 +11,10 @@ manifest, destination and options, and relays its screen. What this module adds 
   login, so only the address printed at start-up (``/?token=…``) opens it. The page then
   keeps the token in an HttpOnly, SameSite=Strict cookie, which the websocket must show
   (with a matching Origin): another user of the machine (loopback is shared) or a web
-  page open in the same browser cannot drive the view;
+  page open in the same browser cannot drive the view. The printed address works even
+  when the browser still holds an earlier run's cookie for the port;
+* children run nothing from the working directory (``python -P``, the server's own
+  ``sys.path``): it may be a folder someone else filled;
 * quiet, plain output: one line naming the address, no Rich markup made of paths, errors
   without the local variables (the children's environment holds NBIA_PASSWORD), and what
   a child prints on stderr (relayed by textual-serve) made inert;
@@ -65,8 +68,15 @@ QUIT_SECONDS = 10.0
 def child_argv(manifest: str, *, dest: str, api: str, api_url: str | None,
                user: str | None, workers: int, layout: str) -> list[str]:
     """The plain ``open`` command each browser session runs (absolute paths: the child
-    may start anywhere)."""
-    argv = [sys.executable, "-m", "nbia_retriever.cli", "open",
+    may start anywhere).
+
+    ``-P``: the child runs in the server's working directory, which may be a folder
+    someone else filled (a shared project folder, a download); ``python -m`` would put
+    it first on ``sys.path`` and run a planted ``nbia_retriever.py`` or ``textual.py``.
+    The package is found through the server's own ``sys.path`` instead
+    (:func:`child_environment`), as the download workers do.
+    """
+    argv = [sys.executable, "-P", "-m", "nbia_retriever.cli", "open",
             "--dest", os.path.abspath(dest), "--api", api, "--workers", str(workers),
             "--layout", layout]
     if api_url:
@@ -74,6 +84,20 @@ def child_argv(manifest: str, *, dest: str, api: str, api_url: str | None,
     if user:
         argv += ["--user", user]  # the name only: the child finds or asks the password
     return [*argv, "--", os.path.abspath(manifest)]
+
+
+def child_environment(base: dict[str, str]) -> dict[str, str]:
+    """``base`` with ``PYTHONPATH`` set to this process's ``sys.path`` made absolute: the
+    child imports exactly what the server did, whatever its working directory holds."""
+    path = os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
+    return {**base, "PYTHONPATH": path}
+
+
+class ChildService(AppService):
+    """textual-serve's child launcher, with :func:`child_environment`."""
+
+    def _build_environment(self, width: int = 80, height: int = 24) -> dict[str, str]:
+        return child_environment(super()._build_environment(width=width, height=height))
 
 
 def shell_command(argv: Sequence[str]) -> str:
@@ -184,10 +208,14 @@ class WebServer(Server):
                              return_exceptions=True)
 
     def _authorized(self, request: web.Request, *, allow_query: bool) -> bool:
-        offered = request.cookies.get(self.cookie, "")
-        if allow_query and not offered:
-            offered = request.query.get("token", "")
-        return hmac.compare_digest(offered.encode(), self.token.encode())
+        """The cookie or (the page only) ``?token=`` matches. Either suffices: a browser
+        still holding the cookie of an earlier run on this port must not be refused the
+        address this run printed (the page then replaces the stale cookie)."""
+        offered = [request.cookies.get(self.cookie, "")]
+        if allow_query:
+            offered.append(request.query.get("token", ""))
+        expected = self.token.encode()
+        return any(hmac.compare_digest(o.encode(), expected) for o in offered if o)
 
     def _same_origin(self, request: web.Request) -> bool:
         origin = request.headers.get("Origin")
@@ -239,7 +267,7 @@ class WebServer(Server):
         async def close() -> None:  # the child said exit: the page shows "Session ended"
             await websocket.close()
 
-        service = AppService(self.command, write_bytes=websocket.send_bytes,
+        service = ChildService(self.command, write_bytes=websocket.send_bytes,
                              write_str=websocket.send_str, close=close,
                              download_manager=self.download_manager)
         process: Process | None = None
