@@ -1,0 +1,284 @@
+"""Trust, round 2 (issue 21, items 4, 5 and 8): limits that do not trust the server.
+
+A server decides how many bytes and entries a series zip inflates to, how fast it sends
+them and what the entries are called. Here it lies about each: a bomb with no ``File
+Size`` on a small file system, a 2-image series of 10,000 entries, a stream of 1,100
+bytes a second, folder entries and empty names vouched for by ``md5hashes.csv``, and
+names too long for the file system once made unique. Every test plays the server over
+real HTTP on loopback (``hostile_server.py``); the disk tests use a real tmpfs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enginehelpers import write_manifest
+from hostile_server import (
+    Crafted,
+    HostileServer,
+    endless_deflate,
+    files_of,
+    record,
+    series_zip,
+    trickle,
+)
+from nbia_retriever import download
+import nbia_retriever.api.http as http_module
+from nbia_retriever.api.http import ProgressFloor
+from nbia_retriever.errors import NetworkError
+from nbia_retriever.models import SeriesState
+from reliability_helpers import run_cli
+
+FAST = {"backoff_base": 0.01, "timeout": 5.0, "api": "v1"}
+GiB = 1024**3
+MiB = 1024**2
+
+
+@pytest.fixture(scope="module")
+def archive(archive_factory):
+    return archive_factory(seed=93, collections=1, patients=1, studies=1, series=3, images=2,
+                           rows=16, columns=16, restricted=False, awkward=False)
+
+
+@pytest.fixture()
+def hostile(archive):
+    with HostileServer() as srv:
+        for series in archive.series:
+            srv.series[series.series_uid] = Crafted(record(series), series_zip(files_of(series)))
+        yield srv
+
+
+def cart(tmp_path: Path, server: HostileServer, uids: list[str], **kw: object) -> Path:
+    return write_manifest(tmp_path / "cart.tcia", uids, server.download_url, **kw)  # type: ignore[arg-type]
+
+
+def published(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and ".nbia" not in p.parts]
+
+
+# ------------------------------------------------------------ 4. disk and inode limits
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here ({exc})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+class LowestFree:
+    """The least free space seen on a file system while a download runs, sampled by a
+    thread (a measurement, not a synchronisation: with the limit in place the free space
+    never drops below the reserve, so no sample can see it there)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lowest = shutil.disk_usage(path).free
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.002):
+            self.lowest = min(self.lowest, shutil.disk_usage(self.path).free)
+
+    def __enter__(self) -> LowestFree:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@pytest.mark.parametrize("size", [None, 50_000_000], ids=["no-file-size", "lying-file-size"])
+def test_an_inflating_bomb_leaves_the_reserve_free(tmp_path, archive, hostile, size):
+    bomb, honest = archive.series[0], archive.series[1]
+    hostile.series[bomb.series_uid] = Crafted(record(bomb, size=size), endless_deflate())
+    manifest = cart(tmp_path, hostile, [bomb.series_uid, honest.series_uid], retries=0)
+    with tmpfs(tmp_path / "mnt", "1200m") as mnt, LowestFree(mnt) as watch:
+        report = download(manifest, mnt / "dl", **{**FAST, "workers": 1})
+    # The reserve is the larger of 1 GiB and 5% of the free space: 1 GiB here.
+    assert watch.lowest >= GiB, f"the bomb left only {watch.lowest / MiB:.0f} MiB free"
+    result = report.results[bomb.series_uid]
+    assert result.state == SeriesState.ERROR and "disk space" in result.error, result.error
+    assert "\n" not in result.error
+    # The series fails alone: the run goes on (other writers, our own included, had room).
+    assert not report.fatal, report.fatal
+    assert report.results[honest.series_uid].state == SeriesState.COMPLETE
+
+
+def test_a_two_image_series_never_creates_thousands_of_files(tmp_path, archive, hostile):
+    first = archive.series[0]
+    padding = [(f"note{i:05d}.txt", b"x") for i in range(10_000)]
+    hostile.series = {first.series_uid: Crafted(
+        record(first), series_zip(files_of(first), unlisted=padding))}
+    report = download(cart(tmp_path, hostile, [first.series_uid], retries=0),
+                      tmp_path / "dl", **FAST)
+    result = report.results[first.series_uid]
+    assert result.state == SeriesState.ERROR, result.error
+    # The attempt ends at a small multiple of the 2 images, before the 20th file or so.
+    assert "entries" in result.error and "2 images" in result.error, result.error
+    limit = int(result.error.split("more than ")[1].split()[0])
+    assert limit <= 64, result.error
+
+
+# --------------------------------------------------------------- 5. the progress floor
+
+
+def feed(floor: ProgressFloor, clock: list[float], rate: float, seconds: float,
+         *, step: float = 1.0) -> None:
+    """``rate`` bytes a second for ``seconds``, one read every ``step`` seconds."""
+    t = 0.0
+    while t < seconds:
+        clock[0] += step
+        t += step
+        floor.add(int(rate * step))
+
+
+@pytest.mark.parametrize("window", [1.0, 60.0, 600.0, 3600.0])
+def test_1100_bytes_a_second_never_passes_the_floor(window):
+    clock = [0.0]
+    floor = ProgressFloor(window, "series 1", clock=lambda: clock[0])
+    with pytest.raises(NetworkError, match="too slowly"):
+        feed(floor, clock, 1100, 10 * window, step=min(1.0, window / 4))
+
+
+@pytest.mark.parametrize("window", [1.0, 60.0, 600.0])
+def test_an_honest_link_never_meets_the_floor(window):
+    clock = [0.0]
+    # A real 80 Mbit/s link, read in 256 KiB pieces.
+    fast = ProgressFloor(window, "series 1", clock=lambda: clock[0])
+    feed(fast, clock, 10_000_000, 5 * window, step=(256 << 10) / 10_000_000)
+    # A slow but honest server: it thinks for nearly the whole window before its first
+    # byte (within the read timeout), then sends 50 KB/s with pauses under the timeout.
+    slow = ProgressFloor(window, "series 1", clock=lambda: clock[0])
+    clock[0] += window * 0.95
+    for _ in range(5):
+        feed(slow, clock, 50_000, window * 0.5)
+        clock[0] += window * 0.9  # a pause (the read timeout would end a longer one)
+        slow.add(100)
+
+
+def test_1100_bytes_a_second_is_cut_over_http(tmp_path, archive, hostile):
+    first = archive.series[0]
+    body = series_zip(files_of(first))
+    hostile.series = {first.series_uid: Crafted(
+        record(first), trickle(body, every=0.1, step=110, head=110))}
+    report = download(cart(tmp_path, hostile, [first.series_uid], retries=0),
+                      tmp_path / "dl", **{**FAST, "timeout": 1.0})
+    result = report.results[first.series_uid]
+    assert result.state == SeriesState.ERROR and "too slowly" in result.error, result.error
+    assert hostile.sent.get(first.series_uid, 0) < len(body)
+
+
+def test_the_floor_is_stated_in_help():
+    done = run_cli(["download", "--help"], timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    rate = getattr(http_module, "FLOOR_RATE", None)
+    assert rate is not None and f"{rate // 1024} KiB/s" in text, text
+    assert rate > 1100
+
+
+# ------------------------------------------------------------------- 8. entry names
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["00000001.dcm/", "00000001\\", "/"])
+def test_a_folder_entry_vouched_for_by_an_empty_name_is_never_an_image(tmp_path, archive,
+                                                                        hostile, name):
+    first = archive.series[0]
+    (_, one), two = files_of(first)
+    body = series_zip([(name, one), two], md5_names=["", two[0]])
+    hostile.series = {first.series_uid: Crafted(record(first), body)}
+    report = download(cart(tmp_path, hostile, [first.series_uid], retries=0),
+                      tmp_path / "dl", **FAST)
+    result = report.results[first.series_uid]
+    assert result.state == SeriesState.ERROR, "a folder entry was published as an image"
+    assert "\n" not in result.error
+    assert not published(report.root) or not [p for p in published(report.root)
+                                              if p.suffix == ".dcm"]
+
+
+def test_an_empty_name_in_md5hashes_is_refused(tmp_path, archive, hostile):
+    first = archive.series[0]
+    files = files_of(first)
+    body = series_zip(files, md5_names=[files[0][0], files[1][0]],
+                      unlisted=[("notes.txt", b"x")])
+    # Add a row with no file name (the attack's half that needs no folder entry).
+    hostile.series = {first.series_uid: Crafted(record(first), body.replace(
+        b"Filename,MD5Hash\n", b"Filename,MD5Hash\n," + _md5(b"x").encode() + b"\n"))}
+    report = download(cart(tmp_path, hostile, [first.series_uid], retries=0),
+                      tmp_path / "dl", **FAST)
+    result = report.results[first.series_uid]
+    assert result.state == SeriesState.ERROR, "md5hashes.csv with an empty name was accepted"
+    assert "md5hashes.csv line 2 names no file" in result.error, result.error
+
+
+def test_a_dcm_entry_that_is_not_dicom_is_never_an_image(tmp_path, archive, hostile):
+    first = archive.series[0]
+    files = files_of(first)
+    page = b"<html><body>Internal error</body></html>"
+    body = series_zip([*files, ("00000003.dcm", page)])
+    hostile.series = {first.series_uid: Crafted(record(first), body)}
+    report = download(cart(tmp_path, hostile, [first.series_uid], retries=0),
+                      tmp_path / "dl", **FAST)
+    result = report.results[first.series_uid]
+    assert result.state == SeriesState.ERROR and "not a DICOM file" in result.error
+
+
+def test_verify_flags_an_adopted_dcm_that_is_not_dicom(tmp_path, archive, hostile):
+    first = archive.series[0]
+    dest = tmp_path / "dl"
+    report = download(cart(tmp_path, hostile, [first.series_uid]), dest, **FAST)
+    assert report.ok, report.summary()
+    root = report.root
+    image = sorted((root / report.results[first.series_uid].relpath).glob("*.dcm"))[0]
+    # A tree from another tool, without our journal, where one ".dcm" is an error page.
+    shutil.rmtree(root / ".nbia")
+    image.write_bytes(b"<html>Service Unavailable</html>")
+    again = download(cart(tmp_path, hostile, [first.series_uid]), dest, **FAST)
+    assert again.ok, again.summary()
+    assert hostile.image_requests(first.series_uid) == 1, "the tree was not adopted"
+    done = run_cli(["verify", str(root)], timeout=60)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert f"not a DICOM file {again.results[first.series_uid].relpath}/{image.name}" \
+        in done.stdout + done.stderr
+
+
+def test_names_made_unique_stay_within_255_bytes(tmp_path, archive, hostile):
+    first = archive.series[0]
+    long = "x" * 300
+    notes = [(f"a/{long}.xml", b"<a/>"), (f"b/{long}.xml", b"<a/>"), (f"c/{long}.xml", b"<a/>"),
+             ("y" * 251 + ".dcm.", b"not an image"), ("é" * 200 + ".txt", b"t"),
+             ("d/" + "é" * 200 + ".txt", b"t")]
+    body = series_zip([*files_of(first), *notes])
+    hostile.series = {first.series_uid: Crafted(record(first), body)}
+    report = download(cart(tmp_path, hostile, [first.series_uid], retries=0),
+                      tmp_path / "dl", **FAST)
+    result = report.results[first.series_uid]
+    assert result.state == SeriesState.COMPLETE, result.error
+    names = [p.name for p in (report.root / result.relpath).iterdir()]
+    assert len(names) == 2 + len(notes), names
+    assert max(len(n.encode()) for n in names) <= 255
+    assert not [n for n in names if n.endswith(".dcm") and not n[0].isdigit()], names
