@@ -64,12 +64,33 @@
 #SBATCH --output=nbia-download-%A_%a.log
 
 set -euo pipefail
+# An exported CDPATH makes cd go to a folder of the same name elsewhere (and print it).
+unset CDPATH
 
 NBIA=${NBIA_RETRIEVER:-nbia-retriever}
 
 usage() {
     echo "usage: $0 MANIFEST.tcia DEST [TASKS]" >&2
     exit 2
+}
+
+# absolute VAR PATH: VAR = PATH made absolute (its folder resolved, its name kept as is).
+# Names are data: no word splitting, no option parsing, no trailing newline lost to $().
+absolute() {
+    local dir=. name=$2 found
+    if [[ $2 == */* ]]; then
+        dir=${2%/*} name=${2##*/}
+        dir=${dir:-/}
+    fi
+    if [[ -z $name || $name == . || $name == .. ]]; then  # a folder: resolve all of it
+        dir=$2 name=
+    fi
+    found=$(cd -- "$dir" && pwd && echo .) || exit 2
+    found=${found%$'\n.'}
+    if [[ -n $name ]]; then
+        found=${found%/}/$name
+    fi
+    printf -v "$1" '%s' "$found"
 }
 
 if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
@@ -103,15 +124,15 @@ fi
 tasks=${3:-8}
 [[ $tasks =~ ^[1-9][0-9]*$ ]] || { echo "TASKS must be a positive number" >&2; exit 2; }
 [[ -f $1 ]] || { echo "$1: no such manifest" >&2; exit 2; }
-mkdir -p "$2/slurm-logs"
-manifest=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
-dest=$(cd "$2" && pwd)
+mkdir -p -- "$2/slurm-logs"
+absolute manifest "$1"
+absolute dest "$2/."
 logs=$dest/slurm-logs
-script=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
+absolute script "$0"
 if [[ $NBIA == */* ]]; then  # a path: the jobs run elsewhere, so make it absolute
     [[ -f $NBIA && -x $NBIA ]] \
         || { echo "NBIA_RETRIEVER=$NBIA: not an executable file" >&2; exit 2; }
-    NBIA=$(cd "$(dirname "$NBIA")" && pwd)/$(basename "$NBIA")
+    absolute NBIA "$NBIA"
 else
     command -v "$NBIA" >/dev/null \
         || { echo "$NBIA: not on PATH (install it, or set NBIA_RETRIEVER)" >&2; exit 2; }
@@ -122,14 +143,21 @@ extra=(${NBIA_SBATCH_ARGS:-})
 
 # Submitted from $logs: that is the jobs' working directory, where their --output files
 # go (a folder on DEST's filesystem, which the compute nodes write anyway).
-array_id=$(cd "$logs" && sbatch --parsable ${extra[@]+"${extra[@]}"} --array="1-$tasks" \
+array_id=$(cd -- "$logs" && sbatch --parsable ${extra[@]+"${extra[@]}"} --array="1-$tasks" \
     "$script" "$manifest" "$dest")
 array_id=${array_id%%;*}  # --parsable prints "id" or "id;cluster"
-merge_cmd=$(printf '%q ' "$NBIA" merge-reports "$dest" --manifest "$manifest")
-merge_id=$(cd "$logs" && sbatch --parsable ${extra[@]+"${extra[@]}"} \
+# The check: a batch script that runs its arguments, given to sbatch as arguments. Never
+# a command line for --wrap: that is run by /bin/sh (often dash, which reads bash's
+# $'...' quoting of a name with a tab as code), so names must not be shell text at all.
+check=$(mktemp "${TMPDIR:-/tmp}/nbia-merge-reports.XXXXXX")
+trap 'rm -f -- "$check"' EXIT  # sbatch keeps its own copy of a batch script
+printf '%s\n' '#!/bin/sh' '# nbia-retriever merge-reports, from slurm-array.sh' \
+    'exec "$@"' >"$check"
+merge_id=$(cd -- "$logs" && sbatch --parsable ${extra[@]+"${extra[@]}"} \
     --dependency="afterany:$array_id" \
     --job-name=nbia-merge-reports --time=01:00:00 --mem=1G \
-    --output="nbia-merge-reports-%j.log" --wrap="$merge_cmd")
+    --output="nbia-merge-reports-%j.log" \
+    "$check" "$NBIA" merge-reports "$dest" --manifest "$manifest")
 merge_id=${merge_id%%;*}
 echo "submitted download array $array_id ($tasks tasks) and check $merge_id"
 echo "progress: squeue -j $array_id; result: $logs/nbia-merge-reports-$merge_id.log"
