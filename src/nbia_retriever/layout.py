@@ -71,6 +71,7 @@ __all__ = [
     "FolderPlanner",
     "Layout",
     "collision_key",
+    "fit_component",
     "format_series_number",
     "java_clean",
     "java_clean_uri",
@@ -206,6 +207,20 @@ def sanitize_component(text: str, *, fallback: str = FALLBACK, max_len: int | No
     if result or not fallback:
         return result
     return _finish(_clean(fallback)) or FALLBACK
+
+
+def fit_component(head: str, tail: str) -> str:
+    """``head + tail`` in at most :data:`MAX_COMPONENT_BYTES` bytes, ``head`` cut to make
+    room: a suffix that makes a name unique (``_2.xml``) or marks it must never push a
+    name the file system took past what it takes. Both parts are already sanitised;
+    ``tail`` is short. With no ``tail``, the cut end is trimmed like any component's."""
+    room = MAX_COMPONENT_BYTES - len(tail.encode("utf-8"))
+    if len(head.encode("utf-8")) <= room:
+        return head + tail
+    head = _cut_bytes(head, max(room, 0))
+    if not unicodedata.is_normalized("NFC", head):  # a cut can split a composable pair
+        head = unicodedata.normalize("NFC", head)
+    return head + tail if tail else _trim(head)
 
 
 def root_folder_name(manifest_root_name: str) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 from .errors import UnsafeArchiveError
-from .layout import sanitize_component
+from .layout import fit_component, sanitize_component
 
 __all__ = [
     "LICENSE_ENTRY",
@@ -153,10 +153,11 @@ def safe_entry_name(name: str) -> str:
     base = segments[-1] if segments else ""
     base = _DRIVE.sub("", base)
     result = sanitize_component(base, fallback=UNNAMED_ENTRY)
+    # Marks are added within the 255 bytes a name may have (a full-length name is cut).
     if result.casefold() == MD5_ENTRY or _IMAGE_NAME.fullmatch(result):
-        result = "_" + result
+        result = fit_component("_" + result, "")
     if result.casefold().endswith(".dcm") and not base.strip().casefold().endswith(".dcm"):
         # Sanitising dropped what followed ".dcm" (e.g. "x.dcm."): a non-image must not
         # come out looking like a DICOM file.
-        result += "_"
+        result = fit_component(result, "_")
     return result

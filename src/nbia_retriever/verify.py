@@ -27,6 +27,8 @@ class VerifyResult:
     files: int = 0
     problems: list[str] = field(default_factory=list)
     unhashed: int = 0
+    #: One line per journal whose rows named folders outside the root (not checked).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -47,9 +49,24 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def complete_entries(root: Path) -> Iterator[JournalEntry]:
+def _starts_like_dicom(path: Path) -> bool:
+    """Whether a ``.dcm`` file starts like DICOM: an adopted tree's files were never
+    hashed, and an error page saved as ``.dcm`` (by another tool, or planted) would
+    otherwise pass on its size alone. (``--quick`` reads it only for such files.)"""
+    from .engine.staging import looks_like_dicom
+
+    try:
+        with path.open("rb") as handle:
+            return looks_like_dicom(handle.read(132))
+    except OSError:
+        return False
+
+
+def complete_entries(root: Path, warnings: list[str] | None = None
+                     ) -> Iterator[JournalEntry]:
     """Every complete series of every journal of ``root``, each series once (the entry
-    completed last wins)."""
+    completed last wins). Rows naming a folder outside the root never come out: one line
+    per journal that had some goes to ``warnings``."""
     paths = journal_paths(root)
     if not paths:
         raise FileNotFoundError(f"{root}: no download journal here (expected {STATE_DIR}/)")
@@ -60,6 +77,9 @@ def complete_entries(root: Path) -> Iterator[JournalEntry]:
                 known = latest.get(entry.uid)
                 if known is None or entry.completed >= known.completed:
                     latest[entry.uid] = entry
+            message = journal.refused_message()
+            if message and warnings is not None:
+                warnings.append(message)
     yield from latest.values()
 
 
@@ -67,7 +87,7 @@ def verify_root(root: Path, *, quick: bool = False,
                 on_series: Callable[[str], None] | None = None) -> VerifyResult:
     """Check every complete series of every journal under ``root/.nbia``."""
     result = VerifyResult()
-    for entry in complete_entries(root):
+    for entry in complete_entries(root, result.warnings):
         result.series += 1
         if on_series:
             on_series(entry.uid)
@@ -84,6 +104,9 @@ def verify_root(root: Path, *, quick: bool = False,
                 result.problems.append(f"missing file {entry.relpath}/{name}")
             elif file.stat().st_size != record.size:
                 result.problems.append(f"altered file (size) {entry.relpath}/{name}")
+            elif name.lower().endswith(".dcm") and (not quick or not record.md5) \
+                    and not _starts_like_dicom(file):
+                result.problems.append(f"not a DICOM file {entry.relpath}/{name}")
             elif not record.md5:
                 result.unhashed += 1
             elif not quick and _md5(file) != record.md5:

@@ -12,9 +12,15 @@ login) use the same transport, so one set of rules covers every request:
 * **Redirects** are followed only within one origin (scheme, host, port; an upgrade from
   http to https on the same host is allowed). A redirect elsewhere is an error and is
   never followed, so a password or token cannot be carried to another host.
-* **Progress floor**: a transfer must move :data:`FLOOR_BYTES` per ``timeout`` seconds,
-  counted on every ``recv``. A per-read timeout alone lets a server that trickles a byte a
-  second hold a worker forever; here it is cut within one or two windows.
+* **Progress floor**: a transfer must move :data:`FLOOR_RATE` bytes a second (2 KiB/s)
+  on average over every window of ``timeout`` seconds, counted on every ``recv``. A
+  per-read timeout alone lets a server that trickles a byte a second hold a worker
+  forever, and a fixed number of bytes per window lets it trickle slower the longer the
+  timeout (1 KB per 600 s). A rate does not: 1,100 bytes a second is cut at any timeout,
+  within one or two windows, while the slowest honest link (a few streams sharing 256
+  kbit/s) moves ten times the floor. The first window starts at the first byte, not at
+  the request: a server may think for up to ``timeout`` (the read timeout) before it
+  answers, then stream, without that silence counting against its rate.
 * **Bounded answers**: an API answer larger than :data:`MAX_ANSWER_BYTES` is refused.
 * **Errors** come out as our own (:class:`~nbia_retriever.errors.NetworkError`,
   :class:`~nbia_retriever.errors.TlsError`, :class:`~nbia_retriever.errors.ApiError`):
@@ -50,8 +56,9 @@ log = logging.getLogger("nbia_retriever.http")
 #: Largest metadata/query answer we accept (a v4 batch of 10,000 series is ~5 MB; the
 #: biggest collection's getSeries is ~100 MB).
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
-#: A transfer that moves less than this per ``timeout`` seconds is abandoned.
-FLOOR_BYTES = 1024
+#: A transfer that moves less than this many bytes a second, averaged over a window of
+#: ``timeout`` seconds, is abandoned (the module docstring says why a rate).
+FLOOR_RATE = 2048
 #: Bytes handed to the zip reader per read of a series stream.
 READ_SIZE = 256 << 10
 MAX_REDIRECTS = 5
@@ -105,32 +112,42 @@ def is_loopback(host: str) -> bool:
 
 
 class ProgressFloor:
-    """At least ``floor`` bytes per ``window`` seconds, or :class:`NetworkError`.
+    """At least ``rate`` bytes a second over each ``window`` seconds, or :class:`NetworkError`.
 
     Fed from inside the read loop (every ``recv``), so a trickling server is caught
-    while it trickles, not after its next full read.
+    while it trickles, not after its next full read. A window is checked at the first
+    ``recv`` that ends it, against the time that really passed (a read may return late,
+    up to one read timeout): a server cannot send its bytes just after each check and
+    average half the floor. The first window opens with the first bytes received.
     """
 
-    __slots__ = ("_clock", "_floor", "_mark", "_start", "_what", "_window", "total")
+    __slots__ = ("_clock", "_mark", "_rate", "_start", "_what", "_window", "total")
 
-    def __init__(self, window: float, what: str, *, floor: int = FLOOR_BYTES,
+    def __init__(self, window: float, what: str, *, rate: int = FLOOR_RATE,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._window = window
-        self._floor = floor
+        self._rate = rate
         self._clock = clock
         self._what = what
-        self._start = clock()
+        self._start: float | None = None
         self._mark = 0
         self.total = 0
 
     def add(self, n: int) -> None:
         self.total += n
         now = self._clock()
-        if now - self._start >= self._window:
-            if self.total - self._mark < self._floor:
+        start = self._start
+        if start is None:
+            if n:
+                self._start = now
+            return
+        elapsed = now - start
+        if elapsed >= self._window:
+            if self.total - self._mark < self._rate * elapsed:
                 raise NetworkError(
-                    f"{self._what}: timed out (under {self._floor} bytes in "
-                    f"{self._window:g} s: the server is sending too slowly)", timeout=True)
+                    f"{self._what}: timed out ({self.total - self._mark:,} bytes in "
+                    f"{elapsed:.0f} s, under {self._rate // 1024} KiB/s: the server is "
+                    "sending too slowly)", timeout=True)
             self._start, self._mark = now, self.total
 
 

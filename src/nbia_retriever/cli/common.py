@@ -20,10 +20,42 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def inert(text: str) -> str:
-    """Messages quote servers (zip entry names, error pages): no control character (no
-    terminal escape) and no known secret reaches the terminal."""
-    text = redact(text)
-    return "\n".join(plain(line) for line in text.split("\n"))
+    """The one sanitiser of everything printed: messages quote servers (zip entry names,
+    error pages), manifests and journals of shared folders; no control character (no
+    terminal escape) and no known secret, nor a piece of one, reaches the terminal.
+    Line breaks stay (multi-line summaries); each line is plain before it is redacted,
+    so a character that ``plain`` drops cannot hide a secret from ``redact``."""
+    return "\n".join(redact(plain(line)) for line in text.split("\n"))
+
+
+def say(text: str, *, err: bool = False) -> None:
+    """Print ``text`` through :func:`inert`: how every command prints anything that may
+    hold a server's, a manifest's or a journal's text."""
+    click.echo(inert(text), err=err)
+
+
+def cell(text: str) -> Any:
+    """A table cell through :func:`inert`, shown verbatim (a ``rich`` Text: server
+    strings are never console markup)."""
+    from rich.text import Text
+
+    return Text(inert(text))
+
+
+def _inert_values(data: Any) -> Any:
+    if isinstance(data, str):
+        return inert(data)
+    if isinstance(data, dict):
+        return {k: _inert_values(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_inert_values(v) for v in data]
+    return data
+
+
+def say_json(data: Any) -> None:
+    """One JSON line, every string in it through :func:`inert` (JSON escapes C0 controls
+    but neither C1 ones nor bidirectional overrides, and a log is read on a terminal)."""
+    click.echo(json.dumps(_inert_values(data), ensure_ascii=False))
 
 
 def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
@@ -148,8 +180,8 @@ api_options = [
     click.option("--insecure", is_flag=True, help="Do not verify TLS certificates (unsafe)."),
     click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
                  show_default=True,
-                 help="Seconds in which an attempt must receive data (a server sending "
-                      "less than 1 KB per timeout is cut off)."),
+                 help="Seconds in which an attempt must receive data; a server sending "
+                      "under 2 KiB/s on average over any such window is cut off too."),
 ]
 
 

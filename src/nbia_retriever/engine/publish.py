@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from .._dicomtags import series_uid_of, sop_class_name
 from ..errors import DestinationError
-from ..layout import Layout, series_relpath_mode
+from ..layout import Layout, fit_component, series_relpath_mode
 from ..models import SeriesInfo
 from ..naming import ImageKey, assign_names, safe_entry_name
 from ..ondisk import (
@@ -50,6 +50,7 @@ from ..ondisk import (
 from ..report import MetadataCsv, metadata_row
 from .checks import StagedEntry
 from .journal import FileRecord, Journal
+from .rows import folder_stamp
 from .staging import StagedSeries
 
 #: The Java Data Retriever's LICENSE text (``license_text`` in its config.properties).
@@ -266,19 +267,27 @@ def _safe(uid: str) -> str:
 
 
 def _mtime(path: Path) -> int:
+    """The folder's stamp for the journal (:func:`~.rows.folder_stamp`); 0: unknown."""
     with contextlib.suppress(OSError):
-        return os.stat(path, follow_symlinks=False).st_mtime_ns
+        return folder_stamp(os.stat(path, follow_symlinks=False))
     return 0
 
 
+#: Longest extension kept whole when a name is made unique (``x_2.xml``); a longer
+#: "extension" is part of the name (``x.<300 bytes>_2``).
+_MAX_EXT = 16
+
+
 def _unique(name: str, used: set[str]) -> str:
+    """``name``, or ``stem_N.ext`` for the first N free, within 255 bytes (the stem is
+    cut to make room for the suffix)."""
     stem, dot, ext = name.rpartition(".")
-    if not dot:
-        stem, ext = name, ""
+    if not dot or not stem or len(ext) > _MAX_EXT:
+        stem, dot, ext = name, "", ""
     candidate, n = name, 1
     while candidate.lower() in used:
         n += 1
-        candidate = f"{stem}_{n}.{ext}" if dot else f"{name}_{n}"
+        candidate = fit_component(stem, f"_{n}{dot}{ext}")
     used.add(candidate.lower())
     return candidate
 

@@ -9,8 +9,18 @@ like DICOM at all is decided here, by content, whatever its name says: the serve
 entries ``%08d`` plus the stored file's own extension, not always ``.dcm``.
 
 Free disk space is checked before a series starts (its metadata says how big it is)
-and again every :data:`SPACE_CHECK_BYTES` while it inflates, so a bomb or a lying
-``File Size`` fills nothing: the run stops with a "disk space" error instead.
+and again every :data:`SPACE_CHECK_BYTES` while it inflates, so a download bigger than
+the disk stops the run with a "disk space" error before the disk is full. Bytes the
+metadata did not announce (a bomb, a lying or missing ``File Size``) are held to a
+stricter rule, because other programs share the disk: past the announced size (plus
+slack) free space is checked every :data:`UNPLANNED_CHECK_BYTES`, and the series fails
+(:class:`NoRoomError`, the run goes on) before free space falls under its reserve, the
+larger of :data:`RESERVE_MIN` and :data:`RESERVE_SHARE` of what was free when it began.
+
+The server decides how many entries a zip holds too: more than
+:func:`entry_cap` (a small multiple of the images the metadata promises) ends the
+attempt before they become files. An entry whose name ends in ``/`` or ``\\`` (or names
+``.``/``..``) is a folder: never written, and an error if it has content.
 """
 
 from __future__ import annotations
@@ -43,6 +53,24 @@ SMALL_ENTRY_CAP = 16 * 1024 * 1024
 SPACE_CHECK_BYTES = 16 * 1024 * 1024
 #: Space that must stay free beside what a series needs (the journal, metadata.csv).
 SPACE_MARGIN = 4 * 1024 * 1024
+#: Beyond what its metadata announced, a series checks free space this often...
+UNPLANNED_CHECK_BYTES = 1024 * 1024
+#: ... and stops before leaving less than the larger of these free: 1 GiB, or 5% of the
+#: space free when it started (other programs' share of the disk, not ours to take).
+RESERVE_MIN = 1024**3
+RESERVE_SHARE = 0.05
+#: Kept on top of the reserve: up to 64 streams (``-w 64``) may each write one check
+#: interval between two looks, so the reserve itself is never touched.
+RESERVE_GUARD = 64 * UNPLANNED_CHECK_BYTES
+#: Zip entries allowed per image the metadata promises (an annotation beside each)...
+ENTRIES_PER_IMAGE = 2
+#: ... plus these (LICENSE, md5hashes.csv, a few more annotations).
+EXTRA_ENTRIES = 16
+#: Entries allowed when the metadata gives no image count.
+DEFAULT_MAX_ENTRIES = 65_536
+#: Bytes past the announced ``File Size`` still treated as announced: sizes in the
+#: metadata can be a little stale; this keeps an honest series on the fast checks.
+ANNOUNCED_SLACK = 16 * 1024 * 1024
 #: Progress events for a series come at most once per this many bytes.
 PROGRESS_STEP = 1024 * 1024
 
@@ -124,15 +152,39 @@ def _pydicom_tags(prefix: bytes, path: Path, size: int) -> dict[str, str | None]
     return values
 
 
+#: Bytes one image may inflate to when the metadata gives no ``File Size`` (the largest
+#: multi-frame objects are a few hundred MB), and the whole cap when it gives no count.
+UNSIZED_IMAGE_CAP = 2 * 1024**3
+
+
 def inflation_cap(info: SeriesInfo) -> int:
     """Zip-bomb cap from the metadata: far above any honest series, far below "fill the
     disk" (free space is checked on its own while inflating)."""
     expected = info.file_size
     if expected:
         return max(expected * 4, expected + 256 * 1024 * 1024)
+    return (info.image_count or 1) * UNSIZED_IMAGE_CAP
+
+
+def announced_bytes(info: SeriesInfo) -> int:
+    """What the metadata said the series inflates to, with slack (0: it did not say)."""
+    expected = info.file_size
+    return expected + expected // 8 + ANNOUNCED_SLACK if expected else 0
+
+
+def entry_cap(info: SeriesInfo) -> int:
+    """Most zip entries the series may hold: a 2-image series never makes 10,000 files."""
     if info.image_count:
-        return info.image_count * 2 * 1024**3
-    return 256 * 1024**3
+        return info.image_count * ENTRIES_PER_IMAGE + EXTRA_ENTRIES
+    return DEFAULT_MAX_ENTRIES
+
+
+def reserve_for(root: Path) -> int | None:
+    """Free space below which unannounced bytes stop (None: free space is unknown)."""
+    free = free_bytes(root)
+    if free is None:
+        return None
+    return max(RESERVE_MIN, int(free * RESERVE_SHARE)) + RESERVE_GUARD
 
 
 class NoRoomError(IntegrityError):
@@ -156,6 +208,21 @@ def check_space(root: Path, need: int, uid: str) -> None:
         + "; free some space and re-run the same command to resume")
 
 
+def check_reserve(root: Path, reserve: int | None, uid: str, written: int,
+                  info: SeriesInfo) -> None:
+    """Past the announced size: :class:`NoRoomError` once free space is under
+    ``reserve`` (the series is the problem, not the disk: the run goes on)."""
+    free = free_bytes(root) if reserve is not None else None
+    if free is None or reserve is None or free >= reserve:
+        return
+    said = (f"the {info.file_size / 1e6:,.1f} MB its metadata announces" if info.file_size
+            else "a size its metadata does not give")
+    raise NoRoomError(
+        f"series {uid}: disk space: the zip inflates beyond {said} ({written / 1e6:,.1f} MB "
+        f"so far) and {root} is down to {free / 1e6:,.1f} MB free; stopped to leave "
+        f"{(reserve - RESERVE_GUARD) / 1e9:,.1f} GB to other programs")
+
+
 def disk_full(root: Path, exc: OSError) -> DiskFullError | None:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return DiskFullError(f"disk full writing to {root} ({exc.strerror}): free some space "
@@ -166,10 +233,11 @@ def disk_full(root: Path, exc: OSError) -> DiskFullError | None:
 class _Entry:
     """The entry being written: its file, MD5 and first bytes."""
 
-    __slots__ = ("file", "header", "md5", "name", "part", "path", "small")
+    __slots__ = ("file", "folder", "header", "md5", "name", "part", "path", "small")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.folder = False
         self.part = ""
         self.path: Path | None = None
         self.file: object = None
@@ -199,24 +267,43 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     check_space(root, info.file_size or 0, uid)
-    reader = ZipStreamReader(max_total_size=inflation_cap(info))
+    announced = announced_bytes(info)
+    reserve = reserve_for(root)
+    max_entries = entry_cap(info)
+    reader = ZipStreamReader(max_total_size=inflation_cap(info), max_entries=max_entries + 1)
     staged = StagedSeries(uid, folder)
     small: dict[str, bytearray] = {}
     names: set[str] = set()
     current: _Entry | None = None
     written = 0
     next_report = PROGRESS_STEP
-    next_space = SPACE_CHECK_BYTES
+    next_space = min(SPACE_CHECK_BYTES, announced) or UNPLANNED_CHECK_BYTES
     count = 0
+    seen = 0
+
+    def look() -> None:
+        """Free space, at most one inflate piece (256 KiB) after each check interval:
+        one network chunk of a bomb inflates to hundreds of MB."""
+        nonlocal next_space
+        if written < announced:
+            next_space = min(written + SPACE_CHECK_BYTES, announced)
+            check_space(root, 0, uid)
+        else:
+            next_space = written + UNPLANNED_CHECK_BYTES
+            check_reserve(root, reserve, uid, written, info)
 
     def handle(events: Iterable[object]) -> None:
-        nonlocal current, written, count
+        nonlocal current, written, count, seen
         for ev in events:
             if type(ev) is EntryData:
                 data = ev.data
                 entry = current
                 assert entry is not None
                 if entry.small is not None:
+                    if entry.folder and data:
+                        raise UnsafeArchiveError(
+                            f"series {uid}: folder entry {quote(entry.name, 80)!r} has "
+                            "content")
                     entry.small += data
                     if len(entry.small) > SMALL_ENTRY_CAP:
                         raise UnsafeArchiveError(
@@ -228,16 +315,30 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
                     if len(entry.header) < HEADER_BYTES:
                         entry.header += data[: HEADER_BYTES - len(entry.header)]
                 written += len(data)
+                if written >= next_space:
+                    look()
             elif type(ev) is EntryStart:
                 name = ev.name
                 if name in names:
                     raise UnsafeArchiveError(
                         f"series {uid}: duplicate zip entry {quote(name, 80)!r}")
                 names.add(name)
+                seen += 1
+                if seen > max_entries:
+                    promised = (f"for the {info.image_count} images its metadata "
+                                "promises" if info.image_count else
+                                "(its metadata gives no image count)")
+                    raise UnsafeArchiveError(
+                        f"series {uid}: the zip holds more than {max_entries} entries "
+                        f"{promised}")
                 entry = current = _Entry(name)
                 base = basename(name)
                 if base in (MD5_ENTRY, LICENSE_ENTRY):
                     entry.small = small.setdefault(base, bytearray())
+                elif base.strip() in ("", ".", ".."):
+                    # A folder (or a name for none): nothing to write, never an image.
+                    entry.folder = True
+                    entry.small = bytearray()
                 else:
                     count += 1
                     entry.part = f"{count:08d}.part"
@@ -266,9 +367,6 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
             if written >= next_report:
                 next_report = written + PROGRESS_STEP
                 on_progress(written)
-            if written >= next_space:
-                next_space = written + SPACE_CHECK_BYTES
-                check_space(root, 0, uid)
         handle(reader.close())
     except IntegrityError as exc:
         if str(exc).startswith("series "):
