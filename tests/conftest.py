@@ -9,6 +9,7 @@ the archive's ``.nbia-server-cache`` after the first server.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +17,21 @@ import pytest
 
 from nbia_retriever.server import ReferenceServer
 from nbia_retriever.server.synth import ArchiveSummary, generate_archive
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The key that signs journal rows (``engine.rows``) lives in a folder of the test
+    session's, never in the real user's data folder; subprocesses inherit it."""
+    from nbia_retriever.engine.rows import ENV_DATA
+
+    saved = os.environ.get(ENV_DATA)
+    os.environ[ENV_DATA] = str(tmp_path_factory.mktemp("user-data"))
+    yield
+    if saved is None:
+        os.environ.pop(ENV_DATA, None)
+    else:
+        os.environ[ENV_DATA] = saved
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import NbiaError
 from .models import FAILED_STATES, SeriesInfo, SeriesState
-from .ondisk import atomic_write_text, lock_file, open_nofollow, unlock_file
+from .ondisk import atomic_write_text, lock_file, open_regular, unlock_file
 from .untrusted import csv_cell, plain, redact
 
 METADATA_HEADER = (
@@ -126,7 +126,8 @@ class MetadataCsv:
     last looked (never the whole file twice), and writes the header, if the file is
     empty, and the row in one step. A last row without its line end (power lost
     mid-append) is cut first: the engine re-adds that series' row from its journal.
-    The file is opened without following a symbolic link.
+    The file is opened without following a symbolic link, and only if it is a regular
+    file (a FIFO planted there would block the reader forever).
     """
 
     def __init__(self, path: Path) -> None:
@@ -144,7 +145,7 @@ class MetadataCsv:
         """Catch up with rows other processes appended."""
         with self._lock:
             try:
-                fd = open_nofollow(self.path, os.O_RDONLY)
+                fd = open_regular(self.path, os.O_RDONLY)
             except FileNotFoundError:
                 return
             try:
@@ -189,7 +190,7 @@ class MetadataCsv:
         with self._lock:
             if row[0] in self._seen:
                 return False
-            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = open_regular(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 lock_file(fd)
                 try:
@@ -281,6 +282,9 @@ class Report:
     fatal: str = ""
     auth_failed: bool = False
     usage_error: bool = False
+    #: One line each for what the user should know but did not stop the run (journal
+    #: rows in the root that named folders outside it).
+    warnings: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         done = self.count(SeriesState.COMPLETE)

@@ -508,6 +508,9 @@ class MergeReport:
     csv_bad_lines: int = 0
     csv_added: int = 0
     csv_rewritten: bool = False
+    #: One line per journal whose rows named folders outside the root: those series are
+    #: not taken as complete (and their folders never named).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -589,6 +592,9 @@ def merge_reports(root: str | os.PathLike[str], *,
         with Journal(path, readonly=True) as journal:
             for entry in journal.entries():
                 entries.setdefault(entry.uid, []).append((path.name, entry))
+            message = journal.refused_message()
+            if message:
+                result.warnings.append(message)
     if not result.journals and parsed is None:
         raise NbiaError(f"{base}: no journals in {STATE_DIR}/ and no --manifest given")
 

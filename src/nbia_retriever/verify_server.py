@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +29,10 @@ from pathlib import Path
 from ._dicomtags import series_uid_of
 from .api import ApiMismatch, NbiaClient
 from .engine.journal import Journal
-from .errors import ApiError
+from .engine.rows import SERIES_DEPTH, safe_relpath
+from .errors import ApiError, DestinationError
 from .models import SeriesInfo, SeriesState
-from .ondisk import STATE_DIR, DownloadRoot, journal_paths
-
-#: How deep series folders sit below the root (Collection/Patient/Study/Series).
-SERIES_DEPTH = 4
+from .ondisk import STATE_DIR, DownloadRoot, ensure_dir, journal_paths, open_dir
 
 
 class Verdict(StrEnum):
@@ -68,6 +65,8 @@ class SeriesCheck:
 class ServerVerifyResult:
     root: Path
     checks: list[SeriesCheck] = field(default_factory=list)
+    #: One line per journal whose rows named folders outside the root (not checked).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def bad(self) -> list[SeriesCheck]:
@@ -109,15 +108,19 @@ def _series_uid_of(path: Path) -> str | None:
         return None
 
 
-def find_series_folders(root: Path) -> dict[str, str]:
+def find_series_folders(root: Path, warnings: list[str] | None = None) -> dict[str, str]:
     """uid -> relpath of every series folder below ``root``: from the journals, then from
-    the tree itself (Java-made folders have no journal)."""
+    the tree itself (Java-made folders have no journal). Journal rows naming a folder
+    outside the root are left out: one line per journal that had some to ``warnings``."""
     found: dict[str, str] = {}
     for path in journal_paths(root):
         with Journal(path, readonly=True) as journal:
             for uid, relpath in journal.completed().items():
                 if relpath and (root / relpath).is_dir():
                     found.setdefault(uid, relpath)
+            message = journal.refused_message()
+            if message and warnings is not None:
+                warnings.append(message)
     known = set(found.values())
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
@@ -158,8 +161,8 @@ def verify_against_server(root: Path, client: NbiaClient, *, workers: int = 4,
                           on_series: Callable[[SeriesCheck], None] | None = None
                           ) -> ServerVerifyResult:
     """Check every series folder of ``root`` (see the module docstring)."""
-    folders = find_series_folders(root)
     result = ServerVerifyResult(root)
+    folders = find_series_folders(root, result.warnings)
     if not folders:
         return result
     errors: dict[str, str] = {}
@@ -220,13 +223,28 @@ def detect_layout(root: Path, result: ServerVerifyResult) -> str:
 
 def set_aside(root: Path, checks: Iterable[SeriesCheck]) -> Path:
     """Move the folders of ``checks`` to ``.nbia/repair-<time>/`` and forget them in the
-    journals, so a download fetches them again. Returns where they went."""
-    aside = root / STATE_DIR / f"repair-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(parents=True, exist_ok=True)
+    journals, so a download fetches them again. Returns where they went.
+
+    Each folder is moved by one ``rename`` relative to its parent, opened component by
+    component without following a link (:func:`~.ondisk.open_dir`): a folder swapped
+    for a link since it was checked is never followed out of the root. One that cannot
+    be moved so is left where it is (and its series is not forgotten)."""
+    aside = ensure_dir(root, [STATE_DIR, f"repair-{time.strftime('%Y%m%d-%H%M%S')}"])
     uids = []
     for n, check in enumerate(checks):
-        target = aside / f"{n:04d}"
-        shutil.move(str(root / check.relpath), target)
+        relpath = safe_relpath(check.relpath)
+        if relpath is None:
+            continue
+        try:
+            parent = open_dir(root, relpath.parts[:-1], create=False)
+        except (OSError, DestinationError):
+            continue
+        try:
+            os.rename(relpath.name, aside / f"{n:04d}", src_dir_fd=parent)
+        except OSError:
+            continue
+        finally:
+            os.close(parent)
         uids.append(check.uid)
     for path in journal_paths(root):
         with Journal(path) as journal:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -14,6 +12,7 @@ from .common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    cell,
     check_api_url,
     fail,
     get_credentials,
@@ -21,16 +20,11 @@ from .common import (
     human,
     inert,
     load_manifest,
+    say,
+    say_json,
     warn_insecure,
     with_api_options,
 )
-
-
-def _text(value: str) -> Any:
-    """A table cell shown verbatim: server strings are never console markup."""
-    from rich.text import Text
-
-    return Text(value)
 
 
 @click.command("list")
@@ -77,7 +71,7 @@ def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: st
             info = infos.get(uid)
             record: dict[str, object] = ({f: getattr(info, f) for f in INFO_FIELDS} if info
                                          else {"series_uid": uid, "status": "Not available"})
-            click.echo(json.dumps(record, ensure_ascii=False))
+            say_json(record)
         return
     from rich.console import Console
     from rich.table import Table
@@ -85,7 +79,7 @@ def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: st
     def uid_text(uid: str) -> str:
         return uid if wide else short_uid(uid)
 
-    table = Table(title=_text(f"{Path(manifest).name}: {len(parsed.series_uids):,} series"))
+    table = Table(title=cell(f"{Path(manifest).name}: {len(parsed.series_uids):,} series"))
     for column in ("Collection", "Patient ID", "Study UID", "Series UID"):
         table.add_column(column, overflow="fold" if wide else "ellipsis",
                          max_width=None if wide else 18, no_wrap=not wide)
@@ -95,12 +89,12 @@ def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: st
     for uid in parsed.series_uids:
         info = infos.get(uid)
         if info is None:
-            table.add_row("", "", "", _text(uid_text(uid)), "", "n/a")
+            table.add_row("", "", "", cell(uid_text(uid)), "", "n/a")
             continue
         images += info.image_count or 0
         size += info.file_size or 0
-        table.add_row(_text(info.collection), _text(info.patient_id),
-                      _text(uid_text(info.study_uid)), _text(uid_text(uid)),
+        table.add_row(cell(info.collection), cell(info.patient_id),
+                      cell(uid_text(info.study_uid)), cell(uid_text(uid)),
                       str(info.image_count or ""), human(info.file_size))
     table.add_section()
     missing = len(parsed.series_uids) - len(infos)
@@ -157,7 +151,9 @@ def verify(root: str, quick: bool, against_server: bool, repair: bool,
         fail(str(exc), EXIT_FAILED)
     except OSError as exc:
         fail(f"{root}: {exc.strerror or exc}", EXIT_FAILED)
+    for warning in result.warnings:
+        click.echo(inert(warning), err=True)
     for problem in result.problems:
-        click.echo(inert(problem))
-    click.echo(result.summary())
+        say(problem)
+    say(result.summary())
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)

@@ -148,6 +148,8 @@ def download(manifest: str, dest: str, workers: int | None, max_connections: int
         fail(report.fatal, exit_code(report))
     else:
         if quiet:
+            for warning in report.warnings:
+                click.echo(inert(warning), err=True)
             _quiet_reasons(report)
         click.echo(inert(report.summary()), err=quiet)
     sys.exit(exit_code(report))
@@ -231,7 +233,8 @@ def plain_printer() -> Any:
             click.echo(inert(f"{'Retrying':<14} {event.uid} (attempt {event.attempt}: "
                              f"{event.message})"), err=True)
         elif kind in (EventKind.THROTTLE, EventKind.ERROR) or (
-                kind is EventKind.PLANNED and "so far" not in event.message):
+                kind is EventKind.PLANNED and "so far" not in event.message) or (
+                kind is EventKind.MESSAGE and not event.uid):  # warnings of the run
             click.echo(inert(event.message), err=True)
 
     return printer

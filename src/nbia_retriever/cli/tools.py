@@ -9,7 +9,6 @@ module only turns errors into one line and an exit code, and results into tables
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -22,9 +21,12 @@ from .common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    cell,
     fail,
     get_credentials,
     host_of,
+    say,
+    say_json,
     with_api_options,
 )
 from .common import human as _human
@@ -112,10 +114,9 @@ def collections_command(counts: bool, as_json: bool, api: str, api_url: str | No
     unanswered = [item for item in items if item.get("error")]
     if as_json:
         for item in items:
-            click.echo(json.dumps(item, ensure_ascii=False))
+            say_json(item)
     else:
         from rich.table import Table
-        from rich.text import Text
 
         table = Table(title=f"{len(items)} collections",
                       caption="?: the server did not answer this count (see the warnings)"
@@ -127,12 +128,12 @@ def collections_command(counts: bool, as_json: bool, api: str, api_url: str | No
         for item in items:
             if counts:
                 mark = "?" if item.get("error") else ""
-                table.add_row(Text(item["collection"]), _int(item.get("patients"), mark),
+                table.add_row(cell(item["collection"]), _int(item.get("patients"), mark),
                               _int(item.get("series"), mark), _int(item.get("images"), mark),
                               _human(item.get("size")) if item.get("size") is not None
                               else mark)
             else:
-                table.add_row(Text(item["collection"]))
+                table.add_row(cell(item["collection"]))
         _console().print(table)
     if unanswered:
         _warn_unanswered(items, unanswered, as_json=as_json)
@@ -145,8 +146,8 @@ def _warn_unanswered(items: list[dict[str, Any]], unanswered: list[dict[str, Any
     from .run import QUIET_REASONS
 
     for item in unanswered[:QUIET_REASONS]:
-        click.echo(f"nbia-retriever: warning: {item['collection']}: counts not available "
-                   f"(?): {item['error']}", err=True)
+        say(f"nbia-retriever: warning: {item['collection']}: counts not available "
+            f"(?): {item['error']}", err=True)
     if len(unanswered) > QUIET_REASONS:
         click.echo(f"nbia-retriever: warning: ... and {len(unanswered) - QUIET_REASONS:,} "
                    "more collections without counts (--json gives every error)", err=True)
@@ -221,10 +222,9 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
     size = sum(r.file_size or 0 for r in records)
     if as_json:
         for record in records:
-            click.echo(json.dumps(record.to_dict(), ensure_ascii=False))
+            say_json(record.to_dict())
     else:
         from rich.table import Table
-        from rich.text import Text
 
         title = f"{len(records):,} series, {images:,} images, {_human(size)}"
         table = Table(title=title)
@@ -235,8 +235,8 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
         table.add_column("Size", justify="right")
         shown = records if show == 0 else records[:show]
         for r in shown:
-            table.add_row(Text(r.collection), Text(r.patient_id), Text(r.series_uid),
-                          Text(r.modality), Text(r.series_description), _int(r.image_count),
+            table.add_row(cell(r.collection), cell(r.patient_id), cell(r.series_uid),
+                          cell(r.modality), cell(r.series_description), _int(r.image_count),
                           _human(r.file_size))
         if len(shown) < len(records):
             table.add_row("", "", f"... {len(records) - len(shown):,} more (--show 0: all)",
@@ -308,8 +308,8 @@ def info_command(manifest: str, offline: bool, as_json: bool, api: str, api_url:
         _fail_for(exc)
     except OSError as exc:
         fail(f"{manifest}: {exc.strerror or exc}", EXIT_USAGE)
-    if as_json:
-        click.echo(json.dumps(info, ensure_ascii=False))
+    if as_json:  # a manifest's headers and a server's collection names: sanitised
+        say_json(info)
         return
     dropped = info["duplicates_dropped"]
     lines = [
@@ -334,7 +334,7 @@ def info_command(manifest: str, offline: bool, as_json: bool, api: str, api_url:
         if missing:
             lines.append(f"not available:   {len(missing):,} series (unknown, or not public: "
                          "log in with --user)")
-    click.echo("\n".join(lines))
+    say("\n".join(lines))
 
 
 # ---------------------------------------------------------------------- merge-reports
@@ -360,6 +360,11 @@ def merge_reports_command(root: str, manifest: str | None, check: bool,
         result = merge_reports(root, manifest=manifest, fix=not check)
     except NbiaError as exc:
         fail(str(exc), EXIT_USAGE)
+    from .common import inert
+
+    for warning in result.warnings:
+        click.echo(inert(warning), err=True)
+    # Journals and rows of every shard (a shared folder): printed through the sanitiser.
     if as_json:
         data = {
             "root": str(result.root), "expected": result.expected, "complete": result.complete,
@@ -370,13 +375,13 @@ def merge_reports_command(root: str, manifest: str | None, check: bool,
                     "bad_lines": result.csv_bad_lines, "added": result.csv_added,
                     "rewritten": result.csv_rewritten},
         }
-        click.echo(json.dumps(data, ensure_ascii=False))
+        say_json(data)
     else:
         for conflict in result.conflicts:
-            click.echo(f"conflict: {conflict}")
+            say(f"conflict: {conflict}")
         for m in result.missing:
             where = f" [shard {m.shard}]" if m.shard else ""
             detail = f": {m.error}" if m.error else ""
-            click.echo(f"missing {m.uid}{where} ({m.state}){detail}")
-        click.echo(result.summary())
+            say(f"missing {m.uid}{where} ({m.state}){detail}")
+        say(result.summary())
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)

@@ -20,6 +20,7 @@ from .common import (
     host_of,
     inert,
     load_manifest,
+    say,
     warn_insecure,
 )
 
@@ -57,12 +58,14 @@ def run_server_verify(root: Path, *, repair: bool, manifest_path: str | None, ap
         fail(str(exc), EXIT_FAILED)
     except OSError as exc:
         fail(f"{root}: {exc.strerror or exc}", EXIT_FAILED)
+    for warning in result.warnings:
+        say(warning, err=True)
     for check in result.checks:
         if check.bad:
-            click.echo(inert(check.line()))
+            say(check.line())
     if not result.checks:
         fail(f"{root}: no series folders here (Collection/Patient/Study/Series)", EXIT_USAGE)
-    click.echo(result.summary())
+    say(result.summary())
     if result.ok or not repair:
         sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
     _repair(root, result, server=server, api=api, api_url=api_url, credentials=credentials,
@@ -74,6 +77,7 @@ def _repair(root: Path, result: object, *, server: str, api: str, api_url: str |
             timeout: float) -> None:
     """Download the bad series again, into the same root, with its own layout."""
     from ..engine import DownloadOptions, Engine
+    from ..errors import NbiaError
     from ..manifest import Manifest
     from ..verify_server import ServerVerifyResult, detect_layout, set_aside
     from .run import exit_code, run_plain
@@ -81,18 +85,21 @@ def _repair(root: Path, result: object, *, server: str, api: str, api_url: str |
     assert isinstance(result, ServerVerifyResult)
     bad = [c for c in result.bad]
     layout = detect_layout(root, result)
-    aside = set_aside(root, bad)
+    try:
+        aside = set_aside(root, bad)
+    except NbiaError as exc:  # .nbia/ itself planted as a link: refused, one line
+        fail(str(exc), EXIT_FAILED)
     manifest = Manifest(series_uids=tuple(c.uid for c in bad),
                         headers={"databasketId": root.name + ".tcia",
                                  "downloadServerUrl": ""}, source=None, duplicates_dropped=0)
     options = DownloadOptions(api=api, api_url=server, layout=layout, timeout=timeout,
                               verify_tls=not insecure, credentials=credentials,  # type: ignore[arg-type]
                               trusted_hosts=trusted)
-    click.echo(f"repairing {len(bad)} series (their old folders are in {aside})", err=True)
+    say(f"repairing {len(bad)} series (their old folders are in {aside})", err=True)
     report = run_plain(Engine(manifest, root.parent, options))
-    click.echo(inert(report.summary()), err=True)
+    say(report.summary(), err=True)
     if report.ok:
         shutil.rmtree(aside, ignore_errors=True)
     else:
-        click.echo(f"the old folders stay in {aside}", err=True)
+        say(f"the old folders stay in {aside}", err=True)
     sys.exit(exit_code(report))

@@ -12,6 +12,14 @@ that turned out to be unavailable, adopted folders) are one transaction each, wi
 prepared statements: planning 200,000 series must cost milliseconds here, not minutes.
 Metadata is stored when a series ends (complete or failed), not while planning.
 
+Rows are input like a manifest (a shared root is a group folder: anyone of the group can
+plant a journal in ``.nbia/`` or add rows to a group-writable one). Every read checks the
+folder a row names (:mod:`.rows`): a row naming one outside the root, or through a
+symbolic link, is never handed out as Complete; such rows are counted per journal
+(:attr:`Journal.refused`, :meth:`Journal.refused_message`) for one warning each. Rows
+this user wrote carry a MAC (column ``mac``) that lets a re-run believe them by one
+``stat``; :meth:`Journal.completed_index` says which do.
+
 The journal never stores credentials: it has no column that could hold one, and every
 error text is redacted (:func:`~nbia_retriever.untrusted.redact`) before it is written.
 """
@@ -19,6 +27,7 @@ error text is redacted (:func:`~nbia_retriever.untrusted.redact`) before it is w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import sqlite3
@@ -31,8 +40,9 @@ from typing import Any, TypeVar
 
 from ..errors import JournalError
 from ..models import INFO_FIELDS, SeriesInfo, SeriesState
-from ..ondisk import check_no_link
+from ..ondisk import check_database
 from ..untrusted import plain, redact
+from .rows import REFUSED, FolderCheck, folder_stamp, refused_message, row_key, sign, signed
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
@@ -49,7 +59,8 @@ CREATE TABLE IF NOT EXISTS series (
     nfiles INTEGER NOT NULL DEFAULT 0,
     folder_mtime INTEGER NOT NULL DEFAULT 0,
     adopted INTEGER NOT NULL DEFAULT 0,
-    checked REAL NOT NULL DEFAULT 0
+    checked REAL NOT NULL DEFAULT 0,
+    mac TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -59,6 +70,7 @@ ADDED_COLUMNS = (
     ("folder_mtime", "INTEGER NOT NULL DEFAULT 0"),
     ("adopted", "INTEGER NOT NULL DEFAULT 0"),
     ("checked", "REAL NOT NULL DEFAULT 0"),
+    ("mac", "TEXT NOT NULL DEFAULT ''"),
 )
 #: A folder mtime recorded less than this long after the mtime itself may hide a change
 #: made in the same clock tick (file systems keep coarse timestamps): not trusted alone.
@@ -83,19 +95,31 @@ class FileRecord:
 class CompleteRecord:
     """What a re-run needs to skip a finished series without opening anything.
 
-    ``folder_mtime`` is the folder's mtime when it was last seen complete, at time
-    ``checked``. Only a record checked well after that mtime proves, by an equal mtime
-    alone, that nothing changed (the "racy timestamp" problem git's index knows).
+    ``folder_mtime`` is the folder's stamp (:func:`~.rows.folder_stamp`, its ctime on
+    POSIX) when it was last seen complete, at time ``checked``. Only a record checked
+    well after that stamp proves, by an equal stamp alone, that nothing changed (the
+    "racy timestamp" problem git's index knows), and only if this user wrote it
+    (``trusted``: its MAC holds). ``stamp`` is the folder's stamp now (None: no folder
+    there), read when the journal was; ``images`` the image count of the row's
+    metadata for rows not ``trusted`` (their folders are counted against it).
     """
 
     relpath: str
     nfiles: int
     folder_mtime: int
     checked: float = 0.0
+    trusted: bool = False
+    stamp: int | None = None
+    images: int = 0
 
     def unchanged(self, mtime: int) -> bool:
-        return (self.folder_mtime != 0 and mtime == self.folder_mtime
+        return (self.trusted and self.folder_mtime != 0 and mtime == self.folder_mtime
                 and self.checked - mtime / 1e9 > RACY_SECONDS)
+
+    @property
+    def needs(self) -> int:
+        """The files its folder must hold at least to be believed by a count."""
+        return max(self.nfiles, 1) if self.trusted else max(self.nfiles, self.images, 1)
 
 
 #: UIDs per statement of :meth:`Journal.ensure` (its JSON text stays about a megabyte).
@@ -175,10 +199,14 @@ class Journal:
         self._lock = threading.Lock()
         self._ensure_thread: threading.Thread | None = None
         self._ensure_error: JournalError | None = None
-        check_no_link(self.path)
+        #: uids of rows that named a folder outside the root (never handed out Complete)
+        self.refused: set[str] = set()
+        self._folders = FolderCheck(self.path.parent.parent)  # <root>/.nbia/<journal>
+        check_database(self.path)  # no link, FIFO or device: SQLite opens by name
         try:
             if readonly:
-                uri = f"file:{self.path}?mode=ro"
+                # as_uri escapes what a URI would read otherwise ('#', '?', '%' in a name)
+                uri = self.path.absolute().as_uri() + "?mode=ro"
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False,
                                            isolation_level=None)
                 self._db.execute("PRAGMA busy_timeout=30000")
@@ -258,31 +286,77 @@ class Journal:
         """uid -> state for every series, in one query (the fast path of a no-op re-run)."""
         return self._run(lambda db: dict(db.execute("SELECT uid, state FROM series")))
 
+    def refused_message(self) -> str | None:
+        """One warning naming this journal when rows read so far named folders outside
+        the root; None when none did."""
+        return refused_message(self.path, len(self.refused)) if self.refused else None
+
+    def _inside(self, uid: str, relpath: object) -> bool:
+        """The row's folder is inside the root (absent is fine: just not there)."""
+        if self._folders.folder(relpath) is REFUSED:
+            self.refused.add(uid)
+            return False
+        return True
+
     def completed(self) -> dict[str, str]:
-        """uid -> relpath of every complete series."""
-        return self._run(lambda db: dict(db.execute(
-            "SELECT uid, relpath FROM series WHERE state = ?", (COMPLETE,))))
+        """uid -> relpath of every complete series whose folder is inside the root."""
+        rows = self._run(lambda db: db.execute(
+            "SELECT uid, relpath FROM series WHERE state = ?", (COMPLETE,)).fetchall())
+        return {uid: relpath for uid, relpath in rows if self._inside(uid, relpath)}
 
     def completed_index(self) -> dict[str, CompleteRecord]:
-        """uid -> (relpath, number of files, folder mtime) of every complete series, in
-        one query; the file count is a column of its own, never parsed from the list."""
+        """uid -> :class:`CompleteRecord` of every complete series whose folder is inside
+        the root, in one query and one ``lstat`` per folder; the file count is a column
+        of its own, never parsed from the list. Types are forced in SQL: a planted row
+        may hold anything in any column."""
         has_mtime = "checked" in self._columns
         has_nfiles = "nfiles" in self._columns
+        has_mac = "mac" in self._columns
+        key = row_key()
 
-        def work(db: sqlite3.Connection) -> dict[str, CompleteRecord]:
-            cols = ("uid, relpath, " + ("nfiles" if has_nfiles else "files") + ", "
-                    + ("folder_mtime, checked" if has_mtime else "0, 0"))
-            rows = db.execute(f"SELECT {cols} FROM series WHERE state = ?", (COMPLETE,))
-            return {uid: CompleteRecord(relpath,
-                                        n if has_nfiles else len(_files(n)), mtime, checked)
-                    for uid, relpath, n, mtime, checked in rows}
+        def work(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            cols = ("uid, CASE WHEN typeof(relpath) = 'text' THEN relpath ELSE '' END, "
+                    + ("CAST(nfiles AS INTEGER)" if has_nfiles else "files") + ", "
+                    + ("CAST(folder_mtime AS INTEGER), CAST(checked AS REAL)" if has_mtime
+                       else "0, 0.0") + ", " + ("mac" if has_mac else "''"))
+            return db.execute(f"SELECT {cols} FROM series WHERE state = ?",
+                              (COMPLETE,)).fetchall()
 
-        return self._run(work)
+        folder = self._folders.folder
+        index: dict[str, CompleteRecord] = {}
+        doubted: list[str] = []
+        for uid, relpath, n, mtime, checked, mac in self._run(work):
+            st = folder(relpath)
+            if st is REFUSED:
+                self.refused.add(uid)
+                continue
+            nfiles = n if has_nfiles else len(_files(n))
+            trusted = signed(key, mac, uid, COMPLETE, relpath, nfiles, mtime, checked)
+            if not trusted:
+                doubted.append(uid)
+            index[uid] = CompleteRecord(relpath, nfiles, mtime, checked, trusted,
+                                        folder_stamp(st) if st else None)  # type: ignore[arg-type]
+        if doubted:
+            self._add_images(index, doubted)
+        return index
+
+    def _add_images(self, index: dict[str, CompleteRecord], uids: list[str]) -> None:
+        """The image counts of rows not believed without a count, from their metadata
+        (parsed only for them: a re-run of our own rows parses none)."""
+        wanted = set(uids)
+        rows = self._run(lambda db: db.execute(
+            "SELECT uid, metadata FROM series WHERE state = ?", (COMPLETE,)).fetchall())
+        for uid, metadata in rows:
+            if uid in wanted:
+                info = info_from_json(metadata) if isinstance(metadata, str) else None
+                images = info.image_count if info is not None else None
+                if isinstance(images, int) and images > 0:
+                    index[uid] = dataclasses.replace(index[uid], images=images)
 
     def get(self, uid: str) -> JournalEntry | None:
         row = self._run(lambda db: db.execute(
             f"SELECT {self._select()} FROM series WHERE uid = ?", (uid,)).fetchone())
-        return _entry(row) if row else None
+        return self._entry(row) if row else None
 
     def entries(self, state: str | None = None) -> Iterator[JournalEntry]:
         query = f"SELECT {self._select()} FROM series"
@@ -292,7 +366,19 @@ class Journal:
             args = (state,)
         rows = self._run(lambda db: db.execute(query, args).fetchall())
         for row in rows:
-            yield _entry(row)
+            entry = self._entry(row)
+            if state is None or entry.state == state:
+                yield entry
+
+    def _entry(self, row: tuple[Any, ...]) -> JournalEntry:
+        """A row as an entry; one naming a folder outside the root comes out not done,
+        without its folder (and is counted in :attr:`refused`)."""
+        entry = _entry(row)
+        if entry.relpath and not self._inside(entry.uid, entry.relpath):
+            return dataclasses.replace(
+                entry, state=SeriesState.NOT_STARTED.value, relpath="",
+                last_error="its journal row named a folder outside the download root")
+        return entry
 
     def _select(self) -> str:
         if "nfiles" in self._columns:
@@ -417,21 +503,32 @@ class Journal:
 
     def mark_complete_many(self, rows: Iterable[tuple[str, str, tuple[FileRecord, ...], int,
                                                       int, SeriesInfo, int, bool]]) -> None:
+        """Series published or adopted now; ``folder_mtime`` is the folder's stamp
+        (:func:`~.rows.folder_stamp`). Each row is signed with this user's key."""
         now = time.time()
+        key = row_key(create=True)
         self._many(
             "INSERT OR REPLACE INTO series (uid, state, attempts, last_error, relpath,"
             " metadata, files, bytes, updated, completed, nfiles, folder_mtime, adopted,"
-            " checked) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " checked, mac) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             ((uid, COMPLETE, attempts, "", relpath, info_to_json(info),
               json.dumps([[f.name, f.size, f.md5] for f in files], separators=(",", ":")),
-              nbytes, now, now, len(files), folder_mtime, int(adopted), now)
+              nbytes, now, now, len(files), folder_mtime, int(adopted), now,
+              sign(key, uid, COMPLETE, relpath, len(files), folder_mtime, now) if key else "")
              for uid, relpath, files, nbytes, attempts, info, folder_mtime, adopted in rows))
 
-    def set_folder_mtimes(self, rows: Iterable[tuple[str, int]]) -> None:
-        """Folders seen complete now: (uid, mtime) in one transaction."""
+    def set_folder_mtimes(self, rows: Iterable[tuple[str, str, int, int]]) -> None:
+        """Folders seen complete now, (uid, relpath, nfiles, stamp), in one transaction:
+        each row signed anew, with the number of files its folder was found to hold at
+        least. A row changed meanwhile (another relpath, no longer Complete) is left
+        alone."""
         now = time.time()
-        self._many("UPDATE series SET folder_mtime = ?, checked = ? WHERE uid = ?",
-                   ((mtime, now, uid) for uid, mtime in rows))
+        key = row_key(create=True)
+        self._many("UPDATE series SET folder_mtime = ?, checked = ?, nfiles = ?, mac = ?"
+                   " WHERE uid = ? AND state = ? AND relpath = ?",
+                   ((stamp, now, nfiles,
+                     sign(key, uid, COMPLETE, relpath, nfiles, stamp, now) if key else "",
+                     uid, COMPLETE, relpath) for uid, relpath, nfiles, stamp in rows))
 
 
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:

@@ -5,8 +5,12 @@ Two phases, because a manifest can hold 200,000 series:
 * :meth:`Planner.open` is local and bulk: create the root (refusing planted links),
   check the layout it was made with, open this run's journal and read every journal of
   the root once (a series completed by any shard is complete), skip finished series
-  with one ``stat`` each (the folder's mtime says whether anything changed since it was
-  published), add journal rows for the rest in one transaction.
+  with one ``stat`` each (the folder's stamp says whether anything changed since it was
+  published), add journal rows for the rest in one transaction. Journal rows are
+  untrusted (:mod:`.rows`): a row naming a folder outside the root is never believed
+  (one warning per journal, :attr:`Planner.warnings`), and only rows this user signed
+  are believed by that one ``stat``; any other is believed when its folder holds at
+  least its image count.
 * :meth:`Planner.batches` asks the source for metadata batch by batch, in manifest
   order, and yields each batch planned: its folders chosen (:class:`FolderPlanner`,
   deterministic whatever order the answers arrive in), the series that cannot be
@@ -33,6 +37,7 @@ from ..layout import FolderPlanner, Layout, java_clean, series_relpath_mode
 from ..models import SeriesInfo, SeriesState
 from ..ondisk import STATE_DIR, DownloadRoot
 from .journal import CompleteRecord, FileRecord, Journal
+from .rows import file_count, folder_stamp
 from .source import Source
 
 
@@ -110,7 +115,9 @@ class Planner:
         self.journal: Journal | None = None
         self.folders = FolderPlanner(layout)
         self.todo: list[str] = []
-        self._seen: list[tuple[str, int]] = []
+        self._seen: list[tuple[str, str, int, int]] = []
+        #: One line per journal whose rows named folders outside the root.
+        self.warnings: list[str] = []
         self._listing: dict[str, frozenset[str] | None] = {}
         self._deferred: list[PlanBatch] = []
         self._lock = threading.Lock()
@@ -125,9 +132,11 @@ class Planner:
             self.commit()
         index: dict[str, CompleteRecord] = {}
         mine: dict[str, CompleteRecord] = {}
+        self.warnings = []
         for path in self.root.journal_paths():
             if path == self.journal_path and self.journal is not None:
                 mine = self.journal.completed_index()
+                self._warn(self.journal)
                 continue
             try:
                 other = Journal(path, readonly=True)
@@ -141,6 +150,7 @@ class Planner:
                 found = {}
             finally:
                 other.close()
+            self._warn(other)
             if path == self.journal_path:
                 mine = found
             else:
@@ -149,7 +159,7 @@ class Planner:
         self.folders.reserve(r.relpath for r in index.values() if r.relpath)
         states = self._states() if self.only_failed else {}
         opened = Opened()
-        seen: list[tuple[str, int]] = []
+        seen: list[tuple[str, str, int, int]] = []
         if not index and not self.only_failed:
             opened.todo = list(uids)  # nothing done yet: one C-level copy
             uids = ()
@@ -217,26 +227,28 @@ class Planner:
         if info.get("layout") != self.layout.value:
             self.root.write_info(layout=self.layout.value, format=1)
 
+    def _warn(self, journal: Journal) -> None:
+        message = journal.refused_message()
+        if message:
+            self.warnings.append(message)
+
     def _still_there(self, uid: str, record: CompleteRecord,
-                     seen: list[tuple[str, int]] | None) -> bool:
-        """A finished series' folder still holds its files: one ``stat`` when its mtime
-        proves nothing changed, a count of its files when not (``seen`` collects the
-        folders of this run's own journal to record as checked)."""
-        folder = self.root.path / record.relpath
-        try:
-            mtime = os.stat(folder, follow_symlinks=False).st_mtime_ns
-        except OSError:
+                     seen: list[tuple[str, str, int, int]] | None) -> bool:
+        """A finished series' folder still holds its files: no further ``stat`` when its
+        stamp (read with the journal) proves nothing changed since this user signed the
+        row, a count of its files when not (``seen`` collects the folders of this run's
+        own journal to record as checked, and sign)."""
+        stamp = record.stamp
+        if stamp is None:
             return False
-        if record.unchanged(mtime):
+        if record.unchanged(stamp):
             return True
-        try:
-            count = sum(1 for e in os.scandir(folder) if e.is_file(follow_symlinks=False))
-        except OSError:
-            return False
-        if count < record.nfiles:
+        needs = record.needs
+        count = file_count(self.root.path / record.relpath)
+        if count is None or count < needs:
             return False
         if seen is not None:
-            seen.append((uid, mtime))
+            seen.append((uid, record.relpath, needs, stamp))
         return True
 
     # -- with the source ---------------------------------------------------------------------
@@ -304,7 +316,8 @@ class Planner:
             for uid, info, relpath, files in planned.adopted:
                 mtime = 0
                 with contextlib.suppress(OSError):
-                    mtime = os.stat(self.root.path / relpath, follow_symlinks=False).st_mtime_ns
+                    mtime = folder_stamp(os.stat(self.root.path / relpath,
+                                                 follow_symlinks=False))
                 rows.append((uid, relpath, files, sum(f.size for f in files), 0, info, mtime,
                              True))
             journal.mark_complete_many(rows)

@@ -59,11 +59,12 @@ from ..retry import RetryPolicy
 from ..untrusted import quote, redact
 from . import checks
 from .events import Event, EventKind, Stats
-from .journal import FileRecord, Journal
+from .journal import FileRecord, Journal, JournalEntry
 from .options import DownloadOptions
 from .plan import PlanBatch, Planner, bulk
 from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
 from .publish import Publisher
+from .rows import file_count
 from .scheduler import ConcurrencyLimiter, WorkQueue
 from .source import ByteStream, NbiaSource, RemoteSource, Source, Verdict
 from .staging import (
@@ -492,6 +493,10 @@ class Engine:
                           only_failed=self.options.only_failed)
         self._planner = planner
         opened = planner.open(self.results, create=create)
+        for warning in planner.warnings:  # journal rows naming folders outside the root
+            if warning not in self.report.warnings:
+                self.report.warnings.append(warning)
+                self._emit(Event(EventKind.MESSAGE, message=warning))
         self._complete = opened.complete
         self._todo = opened.todo
         if not opened.complete and len(opened.todo) == len(self.results):
@@ -555,7 +560,9 @@ class Engine:
             if entry and entry.info:
                 if uid in self.results:
                     self.results[uid].info = entry.info
-                publisher.adopt_row(uid, entry.info, entry.relpath, entry.completed,
+                # The folder planning believed (checked inside the root), whichever
+                # journal the metadata came from.
+                publisher.adopt_row(uid, entry.info, complete[uid], entry.completed,
                                     entry.files)
 
     def _plan_remote(self) -> None:
@@ -796,8 +803,8 @@ class Engine:
             except DestinationError:
                 continue
             if entry is not None and entry.state == SeriesState.COMPLETE and entry.relpath \
-                    and entry.completed >= self._plan_wall and \
-                    (self.root / entry.relpath).is_dir():
+                    and entry.completed >= self._plan_wall and _holds_its_images(
+                        self.root / entry.relpath, entry):
                 result = self.results[uid]
                 result.state, result.relpath = SeriesState.COMPLETE, entry.relpath
                 result.files = entry.nfiles
@@ -1024,6 +1031,14 @@ class Engine:
         for callback in list(self._subscribers):
             with contextlib.suppress(Exception):
                 callback(event)
+
+
+def _holds_its_images(folder: Path, entry: JournalEntry) -> bool:
+    """A row another run wrote (or someone planted) is believed when its folder, inside
+    the root (the journal checked that), holds at least its files and its images."""
+    images = entry.info.image_count if entry.info is not None else None
+    count = file_count(folder)
+    return count is not None and count >= max(entry.nfiles, images or 0, 1)
 
 
 def make_engine(

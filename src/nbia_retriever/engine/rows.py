@@ -1,0 +1,215 @@
+"""What a journal row may be believed to say (issue 21: a shared root is untrusted).
+
+A download root on a cluster is a group folder: anyone of the group can plant a journal
+in ``.nbia/`` or add rows to a group-writable one. So a row is input, like a manifest:
+
+* its folder (``relpath``) must be one the layouts could have made, inside the root:
+  :func:`safe_relpath` is the lexical rule (four components, none empty, none starting
+  with a dot, so never ``.``, ``..`` or ``.nbia``; no ``\\``, NUL, control character or
+  ``:``; not absolute), and :class:`FolderCheck` the physical one (every component a real
+  folder, no symbolic link anywhere, checked with ``lstat`` and never followed);
+* a Complete row is believed by one ``stat`` only when it carries a MAC under a key only
+  this user holds (:func:`row_key`, ``0600`` in the user's data folder) over what it
+  says (:func:`sign`); any other row is re-checked by counting the folder's files.
+
+The MAC covers the folder's *stamp*, :func:`folder_stamp`: its ``st_ctime`` on POSIX.
+Unlike the mtime, no one can set a ctime (``utime`` makes it "now"), so a folder someone
+swapped in under the same name, with the mtime copied, is never taken as unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import stat
+import tempfile
+from pathlib import Path, PurePosixPath
+
+#: How deep series folders sit below the root (Collection/Patient/Study/Series).
+SERIES_DEPTH = 4
+#: ``NBIA_RETRIEVER_DATA`` names the folder of the row key (tests; several accounts).
+ENV_DATA = "NBIA_RETRIEVER_DATA"
+KEY_NAME = "journal-rows.key"
+_KEY_BYTES = 32
+
+# One component as the layouts write it: no leading dot (so never "." or ".." or
+# ".nbia"), no "/" "\\" ":" NUL or other control character, at most 255 characters
+# (the byte limit is checked apart, for the rare non-ASCII name).
+_PART = r"[^./\\:\x00-\x1f\x7f][^/\\:\x00-\x1f\x7f]{0,254}"
+_RELPATH = re.compile(rf"{_PART}(?:/{_PART}){{{SERIES_DEPTH - 1}}}")
+
+
+def is_safe_relpath(text: object) -> bool:
+    """:func:`safe_relpath` as a bool, without building a path (200,000 rows a re-run)."""
+    if not isinstance(text, str) or _RELPATH.fullmatch(text) is None:
+        return False
+    if text.isascii():
+        return True
+    try:
+        return all(len(part.encode("utf-8")) <= 255 for part in text.split("/"))
+    except UnicodeEncodeError:  # a lone surrogate: never a name the layouts make
+        return False
+
+
+def safe_relpath(text: object) -> PurePosixPath | None:
+    """``text`` as a series folder relative to the root, or None when a layout could
+    never have written it (module docstring): absolute, ``..``, ``.``, empty components,
+    ``.nbia``, backslashes, NUL, control characters, another depth."""
+    return PurePosixPath(text) if is_safe_relpath(text) else None  # type: ignore[arg-type]
+
+
+def folder_stamp(st: os.stat_result) -> int:
+    """What says a folder is unchanged: its ctime (ns) on POSIX, which no one can set;
+    its mtime elsewhere (Windows' ``st_ctime`` is a creation time)."""
+    return st.st_ctime_ns if os.name == "posix" else st.st_mtime_ns
+
+
+#: :meth:`FolderCheck.folder` for a row that names something other than a folder below
+#: the root (through a link, or a link, file or device itself).
+REFUSED = False
+
+
+class FolderCheck:
+    """Where journal rows point, checked without following any link.
+
+    Series share their collection, patient and study folders, so those are checked once
+    each (cached): a re-run of 200,000 series costs one ``lstat`` per series folder and a
+    few per study, not four per series.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self._parents: dict[str, bool] = {}
+
+    def _parent_ok(self, prefix: str) -> bool:
+        """A real folder or absent (then the series simply is not there): not a link."""
+        ok = self._parents.get(prefix)
+        if ok is None:
+            try:
+                ok = stat.S_ISDIR(os.lstat(os.path.join(self.root, prefix)).st_mode)
+            except OSError:
+                ok = True
+            self._parents[prefix] = ok
+        return ok
+
+    def folder(self, relpath: object) -> os.stat_result | bool | None:
+        """The ``lstat`` of a row's series folder; None when it is absent; :data:`REFUSED`
+        when the row names anything but a folder inside the root."""
+        if not is_safe_relpath(relpath):
+            return REFUSED
+        assert isinstance(relpath, str)
+        # Top down: lstat follows every component but the last, so each parent is
+        # known to be a real folder before the next is looked at through it.
+        head = relpath.find("/")
+        second = relpath.find("/", head + 1)
+        third = relpath.find("/", second + 1)
+        if not (self._parent_ok(relpath[:head]) and self._parent_ok(relpath[:second])
+                and self._parent_ok(relpath[:third])):
+            return REFUSED
+        try:
+            st = os.lstat(os.path.join(self.root, relpath))
+        except OSError:
+            return None
+        return st if stat.S_ISDIR(st.st_mode) else REFUSED
+
+
+def file_count(folder: Path) -> int | None:
+    """Regular files in ``folder`` (links are not counted, nor followed); None when it
+    cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return sum(1 for e in entries if e.is_file(follow_symlinks=False))
+    except OSError:
+        return None
+
+
+def refused_message(journal: Path, count: int) -> str:
+    """The one warning per journal file that names folders outside the root."""
+    rows = "1 row names a folder" if count == 1 else f"{count:,} rows name folders"
+    return (f"warning: {journal}: {rows} outside the download root (or through a "
+            "symbolic link); those series are not taken as done")
+
+
+# ----------------------------------------------------------------------------- the MAC
+
+
+def key_path() -> Path:
+    override = os.environ.get(ENV_DATA)
+    if override:
+        return Path(override).expanduser() / KEY_NAME
+    from platformdirs import user_data_dir
+
+    from ..config import APP_NAME
+
+    return Path(user_data_dir(APP_NAME, appauthor=False)) / KEY_NAME
+
+
+_KEYS: dict[Path, bytes] = {}
+
+
+def _load_key(path: Path, create: bool) -> bytes | None:
+    key = _KEYS.get(path) or _read_key(path)
+    if key is not None or not create:
+        if key is not None:
+            _KEYS[path] = key
+        return key
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Written whole to a private temp file, then linked to its name: two runs that
+        # start at once never see half a key, and the first one's key wins (link fails
+        # on an existing name where rename would replace it).
+        fd, tmp = tempfile.mkstemp(prefix=".key-", dir=path.parent)
+        try:
+            os.write(fd, secrets.token_bytes(_KEY_BYTES))
+            os.fsync(fd)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    key = _read_key(path)
+    if key is not None:
+        _KEYS[path] = key
+    return key
+
+
+def _read_key(path: Path) -> bytes | None:
+    """The key, if the file is this user's own, private and whole; None otherwise (then
+    no row is believed without a count: slower, never wrong)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != _KEY_BYTES:
+            return None
+        if os.name == "posix" and (st.st_uid != os.geteuid() or st.st_mode & 0o077):
+            return None
+        key = os.read(fd, _KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    return key if len(key) == _KEY_BYTES else None
+
+
+def row_key(*, create: bool = False) -> bytes | None:
+    """This user's key for journal rows (created when ``create`` and absent)."""
+    return _load_key(key_path(), create)
+
+
+def sign(key: bytes, uid: str, state: str, relpath: str, nfiles: int, stamp: int,
+         checked: float) -> str:
+    """The MAC of what a Complete row says (hex; 128 bits are plenty)."""
+    message = f"{uid}\0{state}\0{relpath}\0{nfiles}\0{stamp}\0{checked!r}"
+    return hashlib.blake2b(message.encode("utf-8", "surrogatepass"), key=key,
+                           digest_size=16).hexdigest()
+
+
+def signed(key: bytes | None, mac: object, uid: str, state: str, relpath: str,
+           nfiles: int, stamp: int, checked: float) -> bool:
+    return key is not None and isinstance(mac, str) and hmac.compare_digest(
+        mac, sign(key, uid, state, relpath, nfiles, stamp, checked))

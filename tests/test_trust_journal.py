@@ -1,0 +1,263 @@
+"""Trust, round 2 (issue 21, item 1): a journal in a shared download root is untrusted.
+
+A download root on a cluster is a group folder: anyone of the group can plant a journal
+in ``.nbia/`` (``journal-0-of-1.sqlite`` sorts before ``journal.sqlite``), or add rows to
+a group-writable one. Every test here plants such rows and runs the real command against
+the reference server on loopback:
+
+* rows naming a folder outside the root (``..``, an absolute path, a path through a
+  planted symbolic link) are refused, with one warning naming the journal file: no
+  command reads, moves, deletes or names the folder they point at, and the series is
+  downloaded again;
+* a Complete row for a folder that does not hold its images is not believed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from enginehelpers import write_manifest
+from nbia_retriever import download
+from nbia_retriever.engine.journal import SCHEMA
+from reliability_helpers import metadata_rows, run_cli
+
+BASKET = "manifest-1700000000000"
+FAST = {"backoff_base": 0.01, "timeout": 10.0}
+PLANTED = "journal-0-of-1.sqlite"
+KINDS = ("dotdot", "absolute", "symlink")
+
+
+@pytest.fixture(scope="module")
+def archive(archive_factory):
+    return archive_factory(seed=211, collections=1, patients=1, studies=1, series=3,
+                           images=2, rows=16, columns=16, restricted=False, awkward=False)
+
+
+@pytest.fixture()
+def server(archive, serve):
+    return serve(archive.root)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def seeded(tmp_path: Path, archive, server) -> tuple[Path, list[str]]:
+    """A root holding every series of the archive but the last (downloaded for real)."""
+    uids = [s.series_uid for s in archive.series]
+    report = download(write_manifest(tmp_path / "first.tcia", uids[:-1], server.download_url),
+                      tmp_path / "dl", **FAST)
+    assert report.ok, report.summary()
+    return report.root, uids
+
+
+def precious(tmp_path: Path) -> Path:
+    """A folder outside the root, as a victim's data: must never be touched."""
+    outside = tmp_path / "precious"
+    (outside / "victim").mkdir(parents=True)
+    (outside / "victim" / "notes.txt").write_bytes(b"keep me\n")
+    (outside / "victim" / "1-1.dcm").write_bytes(b"not yours")
+    (outside / "other.txt").write_bytes(b"and me\n")
+    return outside
+
+
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every name below ``folder`` with its bytes (links by their target), no following."""
+    found: dict[str, bytes | str] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                found[rel] = "-> " + os.readlink(path)
+            elif path.is_dir():
+                found[rel] = "dir"
+            else:
+                found[rel] = path.read_bytes()
+    return found
+
+
+def attack_relpath(kind: str, root: Path, outside: Path) -> tuple[str, str]:
+    """(the relpath a planted row names, a word of it output must never show)."""
+    if kind == "dotdot":
+        return os.path.relpath(outside / "victim", root), "precious"
+    if kind == "absolute":
+        return str(outside / "victim"), "precious"
+    (root / "Evil" / "Pat").mkdir(parents=True)
+    (root / "Evil" / "Pat" / "Study").symlink_to(outside)
+    return "Evil/Pat/Study/victim", "Evil"
+
+
+def plant(root: Path, uid: str, relpath: str, *, name: str = PLANTED, nfiles: int = 2,
+          files: list[tuple[str, int, str]] | None = None, folder_mtime: int = 0,
+          checked: float = 0.0, images: int = 2) -> Path:
+    """A Complete row written the way an attacker would: plain SQLite, no help from us."""
+    path = root / ".nbia" / name
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    if files is None:
+        data = b"keep me\n"
+        files = [("notes.txt", len(data), hashlib.md5(data).hexdigest()),
+                 ("1-1.dcm", 9, hashlib.md5(b"not yours").hexdigest()),
+                 ("1-2.dcm", 5, "0" * 32)]
+    info = {"series_uid": uid, "collection": "Planted", "patient_id": "P",
+            "image_count": images, "file_size": 14}
+    now = time.time()
+    db.execute("INSERT OR REPLACE INTO series (uid, state, attempts, last_error, relpath, "
+               "metadata, files, bytes, updated, completed, nfiles, folder_mtime, adopted, "
+               "checked) VALUES (?, 'Complete', 1, '', ?, ?, ?, 14, ?, ?, ?, ?, 0, ?)",
+               (uid, relpath, json.dumps(info), json.dumps([list(f) for f in files]),
+                now + 50, now + 50, nfiles, folder_mtime, checked or now + 100))
+    db.commit()
+    db.close()
+    return path
+
+
+def image_requests(server) -> list[str]:
+    return [r.series_uid for r in server.requests
+            if "getImage" in r.path and r.series_uid and r.status == 200]
+
+
+def warnings_naming(text: str, journal: str = PLANTED) -> list[str]:
+    return [line for line in text.splitlines() if journal in line]
+
+
+def assert_refused(done, word: str) -> None:
+    """One warning line naming the planted journal; nothing names the outside folder."""
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output, output
+    assert word not in output, output
+    lines = warnings_naming(done.stderr)
+    assert len(lines) == 1 and "warning" in lines[0], done.stderr
+    assert "outside the download root" in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- relpaths
+
+
+@pytest.mark.parametrize("text", [
+    "../x/y/z", "a/../b/c", "/etc/a/b/c", "a/b/c/..", "a/./b/c", "a//b/c", "a/b/c/d/",
+    ".nbia/staging/x/y", "a\\..\\b/c/d", "a/b\x00/c/d", "", ".", "a/b/c", "a/b/c/d/e",
+    "C:/a/b/c", "a/b/c:/d",
+])
+def test_unsafe_relpaths_are_refused(text):
+    from nbia_retriever.engine.rows import safe_relpath
+
+    assert safe_relpath(text) is None
+
+
+def test_the_folders_the_layouts_make_are_safe():
+    from nbia_retriever.engine.rows import safe_relpath
+
+    text = "TCGA-BRCA/TCGA-A1 x/01-01-2000-NA-Breast 3-12345/1.000000-Axial T1-67890"
+    relpath = safe_relpath(text)
+    assert relpath is not None and relpath.as_posix() == text
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_never_reads_outside_the_root(tmp_path, archive, server, kind):
+    root, uids = seeded(tmp_path, archive, server)
+    outside = precious(tmp_path)
+    relpath, word = attack_relpath(kind, root, outside)
+    plant(root, uids[-1], relpath)
+    before = snapshot(outside)
+    done = run_cli(["verify", str(root)], timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_refused(done, word)
+    assert "verified 2 series" in done.stdout
+    assert snapshot(outside) == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_server_repair_never_moves_a_folder_outside(tmp_path, archive, server, kind):
+    root, uids = seeded(tmp_path, archive, server)
+    outside = precious(tmp_path)
+    relpath, word = attack_relpath(kind, root, outside)
+    plant(root, uids[-1], relpath)
+    before = snapshot(outside)
+    done = run_cli(["verify", str(root), "--server", "--api-url", server.api_url,
+                    "--repair"], timeout=120)
+    assert snapshot(outside) == before
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_refused(done, word)
+    assert "checked 2 series against the server: all match" in done.stdout
+    assert not list((root / ".nbia").glob("repair-*"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_reports_never_names_outside(tmp_path, archive, server, kind):
+    root, uids = seeded(tmp_path, archive, server)
+    outside = precious(tmp_path)
+    relpath, word = attack_relpath(kind, root, outside)
+    plant(root, uids[-1], relpath)
+    (root / "metadata.csv").unlink()  # to be rebuilt from the journals
+    before = snapshot(outside)
+    done = run_cli(["merge-reports", str(root)], timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr  # the planted series is missing
+    assert_refused(done, word)
+    assert any(line.startswith(f"missing {uids[-1]}") for line in done.stdout.splitlines())
+    rows = metadata_rows(root)
+    assert sorted(r[0] for r in rows) == sorted(uids[:-1])
+    assert word not in (root / "metadata.csv").read_text(encoding="utf-8")
+    assert snapshot(outside) == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_download_rerun_fetches_the_series_again(tmp_path, archive, server, kind):
+    root, uids = seeded(tmp_path, archive, server)
+    outside = precious(tmp_path)
+    relpath, word = attack_relpath(kind, root, outside)
+    plant(root, uids[-1], relpath)
+    before = snapshot(outside)
+    server.clear_requests()
+    manifest = write_manifest(tmp_path / "all.tcia", uids, server.download_url)
+    done = run_cli(["download", str(manifest), "-d", str(tmp_path / "dl")], timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_refused(done, word)
+    assert image_requests(server) == [uids[-1]]
+    assert snapshot(outside) == before
+    rows = {r[0]: r for r in metadata_rows(root)}
+    assert sorted(rows) == sorted(uids)
+    where = root / rows[uids[-1]][15]
+    assert word not in rows[uids[-1]][15] and len(list(where.glob("*.dcm"))) == 2
+    # The next run believes its own row and still refuses the planted one, quietly
+    # fetching nothing.
+    server.clear_requests()
+    again = run_cli(["download", str(manifest), "-d", str(tmp_path / "dl")], timeout=120)
+    assert again.returncode == 0 and image_requests(server) == [], again.stderr
+    assert word not in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("journal", [PLANTED, "journal.sqlite"])
+@pytest.mark.parametrize("present", [0, 1])
+def test_a_complete_row_for_a_folder_without_its_images_is_not_believed(
+        tmp_path, archive, server, journal, present):
+    """A row planted in another journal, or added to our own group-writable one, saying
+    a folder inside the root that holds none or some of the images is complete; its
+    folder mtime copied so that one ``stat`` would take it as unchanged."""
+    root, uids = seeded(tmp_path, archive, server)
+    folder = root / "Planted" / "P" / "S" / "series"
+    folder.mkdir(parents=True)
+    for n in range(present):
+        (folder / f"1-{n + 1}.dcm").write_bytes(b"partial")
+    mtime = os.stat(folder).st_mtime_ns
+    plant(root, uids[-1], "Planted/P/S/series", name=journal, nfiles=present,
+          files=[(f"1-{n + 1}.dcm", 7, "") for n in range(present)], folder_mtime=mtime,
+          checked=mtime / 1e9 + 100)
+    server.clear_requests()
+    manifest = write_manifest(tmp_path / "all.tcia", uids, server.download_url)
+    report = download(manifest, tmp_path / "dl", **FAST)
+    assert report.ok, report.summary()
+    assert image_requests(server) == [uids[-1]], (report.summary(), server.requests)
+    got = report.results[uids[-1]]
+    assert got.relpath != "Planted/P/S/series"
+    assert len(list((root / got.relpath).glob("*.dcm"))) == 2
