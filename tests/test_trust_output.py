@@ -129,3 +129,85 @@ def test_a_token_cut_in_a_worker_process_is_redacted_everywhere(tmp_path, archiv
     for blob, name in blobs:
         assert not leaked(blob, token), (name, leaked(blob, token))
 
+
+
+# ------------------------------------------------------------- 7. every printer is plain
+
+#: Terminal escapes a journal in a shared folder or a server can carry: OSC (set the
+#: window title), CSI (clear the screen, colours), an 8-bit CSI, a right-to-left override.
+ESCAPES = "\x1b]0;owned\x07\x1b[2J\x1b[31m\x9b2J\u202e"
+ROOT_NAME = "manifest-1700000000000"
+
+
+def assert_inert(output: bytes, what: str) -> None:
+    """No control character but newlines, no C1 control, no bidi override."""
+    text = output.decode("utf-8", "replace")
+    bad = sorted({c for c in text if (ord(c) < 0x20 and c != "\n") or 0x7f <= ord(c) <= 0x9f
+                  or c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"})
+    assert not bad, (what, bad, text[:2000])
+
+
+def planted_root(tmp_path: Path) -> Path:
+    """A sharded download root whose journals (a collaborator's, in a shared folder)
+    carry escape sequences in a UID, a state, an error and folder names."""
+    from nbia_retriever.engine.journal import FileRecord, Journal
+    from nbia_retriever.models import SeriesInfo
+
+    root = tmp_path / "dest" / ROOT_NAME
+    (root / ".nbia").mkdir(parents=True)
+    with Journal(root / ".nbia" / "journal-1-of-2.sqlite") as journal:
+        journal.set_state("1.2.3" + ESCAPES, "Error", error="HTTP 500 " + ESCAPES,
+                          attempts=2)
+        journal.set_state("1.2.4", "Error" + ESCAPES, error="x", attempts=1)
+        for uid in ("1.2.5", "1.2.6"):  # two series in one folder: a conflict is printed
+            journal.mark_complete(uid, relpath="C/P/St/S", nbytes=1, attempts=1,
+                                  files=[FileRecord("1-1" + ESCAPES + ".dcm", 1, "0" * 32)],
+                                  info=SeriesInfo(series_uid=uid))
+    with Journal(root / ".nbia" / "journal-2-of-2.sqlite") as journal:
+        journal.set_state("1.2.7", "Failed", error=ESCAPES * 3, attempts=1)
+    folder = root / "C" / "P" / "St" / "S"
+    folder.mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize("mode", ["text", "--json", "--check"])
+def test_merge_reports_prints_no_escape_from_a_planted_journal(tmp_path, mode):
+    root = planted_root(tmp_path)
+    done = run_cli(["merge-reports", str(root.parent), *([mode] if mode != "text" else [])],
+                   env=env())
+    assert done.returncode == 1, done.stderr
+    assert "1.2.3" in done.stdout and "HTTP 500" in done.stdout  # reported...
+    assert_inert(done.stdout.encode() + done.stderr.encode(), mode)  # ...inert
+
+
+def test_verify_prints_no_escape_from_a_planted_journal(tmp_path):
+    """A file planted in a series folder, with escapes in its name, is reported inertly."""
+    from nbia_retriever.engine.journal import FileRecord, Journal
+    from nbia_retriever.models import SeriesInfo
+
+    root = tmp_path / "dest" / ROOT_NAME
+    (root / ".nbia").mkdir(parents=True)
+    (root / "C" / "P" / "St" / "S").mkdir(parents=True)
+    (root / "C" / "P" / "St" / "S" / ("planted" + ESCAPES)).write_bytes(b"x")
+    with Journal(root / ".nbia" / "journal.sqlite") as journal:
+        journal.mark_complete("1.2.5", relpath="C/P/St/S", nbytes=1, attempts=1,
+                              files=[FileRecord("1-1.dcm", 1, "0" * 32)],
+                              info=SeriesInfo(series_uid="1.2.5"))
+    for args in (["verify", str(root)], ["verify", "--quick", str(root)]):
+        done = run_cli(args, env=env())
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "missing file C/P/St/S/1-1" in done.stdout and "planted" in done.stdout
+        assert_inert(done.stdout.encode() + done.stderr.encode(), " ".join(args))
+
+
+@pytest.mark.parametrize("mode", ["text", "--json"])
+def test_manifest_info_prints_no_escape_from_a_shared_manifest(tmp_path, mode):
+    cart = tmp_path / "cart.tcia"
+    cart.write_text("downloadServerUrl=http://127.0.0.1:9/nbia-api/services/v1\n"
+                    f"databasketId=evil{ESCAPES}.tcia\nmanifestVersion=3.0{ESCAPES}\n"
+                    "ListOfSeriesToDownload=\n1.2.3\n", encoding="utf-8")
+    done = run_cli(["manifest", "info", "--offline", str(cart),
+                    *([mode] if mode != "text" else [])], env=env())
+    assert done.returncode == 0, done.stderr
+    assert "evil" in done.stdout and "3.0" in done.stdout
+    assert_inert(done.stdout.encode() + done.stderr.encode(), mode)
