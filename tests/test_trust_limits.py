@@ -131,10 +131,11 @@ def test_a_two_image_series_never_creates_thousands_of_files(tmp_path, archive, 
                       tmp_path / "dl", **FAST)
     result = report.results[first.series_uid]
     assert result.state == SeriesState.ERROR, result.error
-    # The attempt ends at a small multiple of the 2 images, before the 20th file or so.
+    # The attempt ends at a small multiple of the 2 images (plus LICENSE, md5hashes.csv and
+    # a few annotations), long before the 10,000th file.
     assert "entries" in result.error and "2 images" in result.error, result.error
     limit = int(result.error.split("more than ")[1].split()[0])
-    assert limit <= 64, result.error
+    assert limit <= 100, result.error
 
 
 # --------------------------------------------------------------- 5. the progress floor
@@ -196,33 +197,21 @@ def test_the_floor_is_stated_in_help():
 # ------------------------------------------------------------------- 8. entry names
 
 
-@pytest.mark.parametrize("name", ["00000001.dcm/", "00000001\\", "/"])
+@pytest.mark.parametrize("name", ["00000001.dcm/", "00000001\\", "/", "", ".", "sub/.."])
 def test_a_folder_entry_vouched_for_by_an_empty_name_is_never_an_image(tmp_path, archive,
                                                                         hostile, name):
+    # A real image under a name that names a folder (or nothing); md5hashes.csv vouches
+    # for it under that name's last part: "", "." or "..".
     first = archive.series[0]
     (_, one), two = files_of(first)
-    body = series_zip([(name, one), two], md5_names=["", two[0]])
+    body = series_zip([(name, one), two])
     hostile.series = {first.series_uid: Crafted(record(first), body)}
     report = download(cart(tmp_path, hostile, [first.series_uid], retries=0),
                       tmp_path / "dl", **FAST)
     result = report.results[first.series_uid]
     assert result.state == SeriesState.ERROR, "a folder entry was published as an image"
-    assert "\n" not in result.error
-    assert not published(report.root) or not [p for p in published(report.root)
-                                              if p.suffix == ".dcm"]
-
-
-def test_an_empty_name_in_md5hashes_is_refused(tmp_path, archive, hostile):
-    first = archive.series[0]
-    files = files_of(first)
-    # A row with no file name (the attack's half that needs no folder entry).
-    body = series_zip([("notes.txt", b"x"), *files], md5_names=["", files[0][0], files[1][0]])
-    hostile.series = {first.series_uid: Crafted(record(first), body)}
-    report = download(cart(tmp_path, hostile, [first.series_uid], retries=0),
-                      tmp_path / "dl", **FAST)
-    result = report.results[first.series_uid]
-    assert result.state == SeriesState.ERROR, "md5hashes.csv with an empty name was accepted"
-    assert "md5hashes.csv line 2 names no file" in result.error, result.error
+    assert "1 of 2 images" in result.error and "\n" not in result.error, result.error
+    assert not [p for p in published(report.root) if p.suffix == ".dcm"]
 
 
 def test_a_dcm_entry_that_is_not_dicom_is_never_an_image(tmp_path, archive, hostile):

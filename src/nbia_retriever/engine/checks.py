@@ -73,19 +73,13 @@ def parse_md5_list(data: bytes, uid: str) -> dict[str, str]:
         raise IntegrityError(f"series {uid}: {MD5_ENTRY} is not text") from None
     listed: dict[str, str] = {}
     try:
-        rows = csv.reader(io.StringIO(text))
-        for row in rows:
+        for row in csv.reader(io.StringIO(text)):
             if len(row) < 2:
                 continue
             name, digest = row[0].strip(), row[1].strip().lower()
             if name.lower() == "filename":
                 continue
-            base = basename(name)
-            if base.strip() in ("", ".", ".."):
-                # It would vouch for a folder entry (whose basename is empty too).
-                raise IntegrityError(f"series {uid}: {MD5_ENTRY} line {rows.line_num} "
-                                     "names no file")
-            listed[base] = digest
+            listed[basename(name)] = digest
     except csv.Error as exc:
         raise IntegrityError(f"series {uid}: {MD5_ENTRY} is malformed ({exc})") from None
     return listed

@@ -19,8 +19,10 @@ larger of :data:`RESERVE_MIN` and :data:`RESERVE_SHARE` of what was free when it
 
 The server decides how many entries a zip holds too: more than
 :func:`entry_cap` (a small multiple of the images the metadata promises) ends the
-attempt before they become files. An entry whose name ends in ``/`` or ``\\`` (or names
-``.``/``..``) is a folder: never written, and an error if it has content.
+attempt before they become files. An entry whose name ends in ``/`` or ``\\`` (or
+whose last part is ``.`` or ``..``) names a folder, not a file: whatever it holds is
+never an image (a non-image the checks accept only if ``md5hashes.csv`` vouches for it,
+and then under a harmless name), so an empty name in that list cannot vouch for one.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ RESERVE_SHARE = 0.05
 RESERVE_GUARD = 64 * UNPLANNED_CHECK_BYTES
 #: Zip entries allowed per image the metadata promises (an annotation beside each)...
 ENTRIES_PER_IMAGE = 2
-#: ... plus these (LICENSE, md5hashes.csv, a few more annotations).
-EXTRA_ENTRIES = 16
+#: ... plus these (LICENSE, md5hashes.csv, annotations of the whole series).
+EXTRA_ENTRIES = 64
 #: Entries allowed when the metadata gives no image count.
 DEFAULT_MAX_ENTRIES = 65_536
 #: Bytes past the announced ``File Size`` still treated as announced: sizes in the
@@ -300,10 +302,6 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
                 entry = current
                 assert entry is not None
                 if entry.small is not None:
-                    if entry.folder and data:
-                        raise UnsafeArchiveError(
-                            f"series {uid}: folder entry {quote(entry.name, 80)!r} has "
-                            "content")
                     entry.small += data
                     if len(entry.small) > SMALL_ENTRY_CAP:
                         raise UnsafeArchiveError(
@@ -335,11 +333,9 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
                 base = basename(name)
                 if base in (MD5_ENTRY, LICENSE_ENTRY):
                     entry.small = small.setdefault(base, bytearray())
-                elif base.strip() in ("", ".", ".."):
-                    # A folder (or a name for none): nothing to write, never an image.
-                    entry.folder = True
-                    entry.small = bytearray()
                 else:
+                    # A folder's name (or none): whatever it holds is never an image.
+                    entry.folder = base.strip() in ("", ".", "..")
                     count += 1
                     entry.part = f"{count:08d}.part"
                     entry.path = folder / entry.part
@@ -355,7 +351,8 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
                 staged.entries.append(StagedEntry(
                     name=entry.name, part=entry.part, size=ev.size,
                     md5=entry.md5.hexdigest(),
-                    tags=read_tags(entry.name, header, entry.path, ev.size)))
+                    tags=None if entry.folder else read_tags(entry.name, header, entry.path,
+                                                             ev.size)))
 
     try:
         for chunk in chunks:
