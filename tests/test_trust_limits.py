@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from hostile_server import (
     series_zip,
     trickle,
 )
-from nbia_retriever import download
+from nbia_retriever import download, make_engine
 from nbia_retriever.api.http import FLOOR_RATE, ProgressFloor
 from nbia_retriever.errors import NetworkError
 from nbia_retriever.models import SeriesState
@@ -104,14 +105,35 @@ class LowestFree:
         self._thread.join()
 
 
+def ready_engine(manifest: Path, dest: Path, server: HostileServer, *, processes: int,
+                 **options: object):
+    """An engine whose worker process is up (attempts wait for none: they run on threads
+    until one is ready, so a test that needs a worker waits for it first)."""
+    engine = make_engine(manifest, dest, api_url=server.api_url, processes=processes,
+                         workers=1, **{**FAST, **options})
+    if processes:
+        engine.start_workers()
+        deadline = time.monotonic() + 60
+        while engine.stats().processes < 1:
+            assert time.monotonic() < deadline, "the worker process did not start"
+            engine.wait(0.02)
+    return engine
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-@pytest.mark.parametrize("size", [None, 50_000_000], ids=["no-file-size", "lying-file-size"])
-def test_an_inflating_bomb_leaves_the_reserve_free(tmp_path, archive, hostile, size):
-    bomb, honest = archive.series[0], archive.series[1]
+@pytest.mark.parametrize(("size", "processes"), [(None, 0), (50_000_000, 0), (None, 1)],
+                         ids=["no-file-size", "lying-file-size", "in-a-worker"])
+def test_an_inflating_bomb_leaves_the_reserve_free(tmp_path, archive, hostile, size,
+                                                   processes):
+    honest, bomb = archive.series[0], archive.series[1]
     hostile.series[bomb.series_uid] = Crafted(record(bomb, size=size), endless_deflate())
-    manifest = cart(tmp_path, hostile, [bomb.series_uid, honest.series_uid], retries=0)
+    # The honest series first: it proves the endpoint in this process, then the bomb
+    # runs in the worker when there is one.
+    manifest = cart(tmp_path, hostile, [honest.series_uid, bomb.series_uid], retries=0)
     with tmpfs(tmp_path / "mnt", "1200m") as mnt, LowestFree(mnt) as watch:
-        report = download(manifest, mnt / "dl", **{**FAST, "workers": 1})
+        engine = ready_engine(manifest, mnt / "dl", hostile, processes=processes)
+        report = engine.run()
+    assert engine.stats().worker_attempts == processes
     # The reserve is the larger of 1 GiB and 5% of the free space: 1 GiB here.
     assert watch.lowest >= GiB, f"the bomb left only {watch.lowest / MiB:.0f} MiB free"
     result = report.results[bomb.series_uid]
@@ -136,6 +158,24 @@ def test_a_two_image_series_never_creates_thousands_of_files(tmp_path, archive, 
     assert "entries" in result.error and "2 images" in result.error, result.error
     limit = int(result.error.split("more than ")[1].split()[0])
     assert limit <= 100, result.error
+
+
+def test_the_limits_hold_in_worker_processes(tmp_path, archive, hostile):
+    honest, many, slow = archive.series
+    padding = [(f"note{i:05d}.txt", b"x") for i in range(10_000)]
+    hostile.series[many.series_uid] = Crafted(
+        record(many), series_zip(files_of(many), unlisted=padding))
+    hostile.series[slow.series_uid] = Crafted(
+        record(slow), trickle(series_zip(files_of(slow)), every=0.1, step=110, head=110))
+    manifest = cart(tmp_path, hostile, [honest.series_uid, many.series_uid,
+                                        slow.series_uid], retries=0)
+    engine = ready_engine(manifest, tmp_path / "dl", hostile, processes=1, timeout=1.0)
+    report = engine.run()
+    # The first series proves the endpoint in this process; the other two ran in a worker.
+    assert engine.stats().worker_attempts == 2
+    assert report.results[honest.series_uid].state == SeriesState.COMPLETE
+    assert "more than" in report.results[many.series_uid].error
+    assert "too slowly" in report.results[slow.series_uid].error
 
 
 # --------------------------------------------------------------- 5. the progress floor
@@ -239,10 +279,11 @@ def test_verify_flags_an_adopted_dcm_that_is_not_dicom(tmp_path, archive, hostil
     again = download(cart(tmp_path, hostile, [first.series_uid]), dest, **FAST)
     assert again.ok, again.summary()
     assert hostile.image_requests(first.series_uid) == 1, "the tree was not adopted"
-    done = run_cli(["verify", str(root)], timeout=60)
-    assert done.returncode != 0, done.stdout + done.stderr
-    assert f"not a DICOM file {again.results[first.series_uid].relpath}/{image.name}" \
-        in done.stdout + done.stderr
+    for quick in ([], ["--quick"]):  # the file was never hashed: --quick reads it too
+        done = run_cli(["verify", str(root), *quick], timeout=60)
+        assert done.returncode != 0, done.stdout + done.stderr
+        assert f"not a DICOM file {again.results[first.series_uid].relpath}/{image.name}" \
+            in done.stdout + done.stderr
 
 
 def test_names_made_unique_stay_within_255_bytes(tmp_path, archive, hostile):
