@@ -261,3 +261,23 @@ def test_a_complete_row_for_a_folder_without_its_images_is_not_believed(
     got = report.results[uids[-1]]
     assert got.relpath != "Planted/P/S/series"
     assert len(list((root / got.relpath).glob("*.dcm"))) == 2
+
+
+def test_a_row_of_the_wrong_types_is_neither_believed_nor_a_traceback(tmp_path, archive,
+                                                                       server):
+    """SQLite keeps whatever type a planter writes: texts for numbers, a number for the
+    folder. Each command still answers in lines, and the series is fetched again."""
+    root, uids = seeded(tmp_path, archive, server)
+    path = plant(root, uids[-1], "x/y/z/w")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE series SET relpath = 123, nfiles = 'many', completed = 'soon', "
+                   "checked = 'x', folder_mtime = 'y', bytes = 'z', attempts = 'w'")
+    for args in (["verify", str(root)], ["merge-reports", str(root), "--check"]):
+        done = run_cli(args, timeout=60)
+        assert "Traceback" not in done.stdout + done.stderr, done.stderr
+        assert len(warnings_naming(done.stderr)) == 1, done.stderr
+    server.clear_requests()
+    report = download(write_manifest(tmp_path / "all.tcia", uids, server.download_url),
+                      tmp_path / "dl", **FAST)
+    assert report.ok and image_requests(server) == [uids[-1]], report.summary()
+    assert len(report.warnings) == 1 and PLANTED in report.warnings[0]

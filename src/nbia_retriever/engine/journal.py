@@ -75,8 +75,10 @@ ADDED_COLUMNS = (
 #: A folder mtime recorded less than this long after the mtime itself may hide a change
 #: made in the same clock tick (file systems keep coarse timestamps): not trusted alone.
 RACY_SECONDS = 2.0
-_COLUMNS = ("uid, state, attempts, last_error, relpath, metadata, files, bytes, completed,"
-            " nfiles, adopted")
+#: Numbers and texts cast in SQL: a planted row may hold any type in any column.
+_COLUMNS = ("uid, CAST(state AS TEXT), CAST(attempts AS INTEGER), CAST(last_error AS TEXT),"
+            " relpath, metadata, files, CAST(bytes AS INTEGER), CAST(completed AS REAL),"
+            " CAST(nfiles AS INTEGER), CAST(adopted AS INTEGER)")
 COMPLETE = SeriesState.COMPLETE.value
 T = TypeVar("T")
 
@@ -383,7 +385,7 @@ class Journal:
     def _select(self) -> str:
         if "nfiles" in self._columns:
             return _COLUMNS
-        return _COLUMNS.replace(" nfiles, adopted", " 0, 0")
+        return _COLUMNS.replace(" CAST(nfiles AS INTEGER), CAST(adopted AS INTEGER)", " 0, 0")
 
     def get_info(self, key: str) -> str | None:
         row = self._run(lambda db: db.execute(
