@@ -33,8 +33,9 @@ from hostile_server import (
 )
 from nbia_retriever import download, make_engine
 from nbia_retriever.api.http import FLOOR_RATE, ProgressFloor
+from nbia_retriever.engine.staging import inflation_cap
 from nbia_retriever.errors import NetworkError
-from nbia_retriever.models import SeriesState
+from nbia_retriever.models import SeriesInfo, SeriesState
 from reliability_helpers import run_cli
 
 FAST = {"backoff_base": 0.01, "timeout": 5.0, "api": "v1"}
@@ -142,6 +143,16 @@ def test_an_inflating_bomb_leaves_the_reserve_free(tmp_path, archive, hostile, s
     # The series fails alone: the run goes on (other writers, our own included, had room).
     assert not report.fatal, report.fatal
     assert report.results[honest.series_uid].state == SeriesState.COMPLETE
+
+
+def test_a_series_without_a_file_size_is_capped_by_its_images_or_small():
+    # What the zip may inflate to at most, whatever the free space: from the image count
+    # (2 GiB an image, the largest multi-frame objects being far smaller), else one
+    # image's worth. (Free space is guarded on its own: the test above.)
+    assert inflation_cap(SeriesInfo("1.2.3", image_count=2)) == 4 * GiB
+    assert inflation_cap(SeriesInfo("1.2.3")) <= 2 * GiB
+    assert inflation_cap(SeriesInfo("1.2.3", image_count=0)) <= 2 * GiB
+    assert inflation_cap(SeriesInfo("1.2.3", file_size=10**6)) < GiB
 
 
 def test_a_two_image_series_never_creates_thousands_of_files(tmp_path, archive, hostile):

@@ -169,9 +169,12 @@ def inflation_cap(info: SeriesInfo) -> int:
 
 
 def announced_bytes(info: SeriesInfo) -> int:
-    """What the metadata said the series inflates to, with slack (0: it did not say)."""
-    expected = info.file_size
-    return expected + expected // 8 + ANNOUNCED_SLACK if expected else 0
+    """What the metadata said the series inflates to (its images, and its annotations
+    when it names their size), with slack; 0 when it gives no ``File Size``."""
+    if not info.file_size:
+        return 0
+    expected = info.file_size + (info.annotation_size or 0)
+    return expected + expected // 8 + ANNOUNCED_SLACK
 
 
 def entry_cap(info: SeriesInfo) -> int:
