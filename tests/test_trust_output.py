@@ -211,3 +211,93 @@ def test_manifest_info_prints_no_escape_from_a_shared_manifest(tmp_path, mode):
     assert done.returncode == 0, done.stderr
     assert "evil" in done.stdout and "3.0" in done.stdout
     assert_inert(done.stdout.encode() + done.stderr.encode(), mode)
+
+
+# -------------------------------------------------------------------------------- 11. hosts
+
+#: The archive's domain with a Cyrillic "а" (U+0430) for the Latin "a": it looks the same.
+LOOKALIKE = "cancerim\u0430gingarchive.net"
+#: Its ASCII form, what DNS is asked for (worked out once: IDNA, RFC 3490).
+LOOKALIKE_ASCII = "xn--cancerimgingarchive-xop.net"
+
+
+def test_a_lookalike_host_is_named_in_its_ascii_form(tmp_path):
+    """Refusals, config hints and the prompt name the host as DNS sees it, so a
+    lookalike of cancerimagingarchive.net shows as the other host it is."""
+    from test_trust import _pty_run
+
+    host = "services." + LOOKALIKE_ASCII
+    cart = write_manifest(tmp_path / "cart.tcia", ["1.2.3"],
+                          f"https://services.{LOOKALIKE}/nbia-download/servlet/DownloadServlet")
+    args = ["download", str(cart), "-d", str(tmp_path / "dl"), "--user", "alice"]
+    done = run_cli(args, env=env(NBIA_PASSWORD=PASSWORD))
+    assert done.returncode == 3, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert f"to {host}:" in line and f'add "{host}" to trusted_hosts' in line, line
+    assert f"--api-url https://{host}/nbia-api/services" in line, line
+    assert LOOKALIKE not in line
+    code, seen = _pty_run(args, [(f"Send your password to {host}?", "n")], env())
+    assert code == 3 and LOOKALIKE not in seen, seen
+    # A lookalike typed as --api-url over plain http: refused, named in ASCII too.
+    done = run_cli([*args, "--api-url", f"http://{LOOKALIKE}/nbia-api/services"],
+                   env=env(NBIA_PASSWORD=PASSWORD))
+    assert done.returncode == 3, done.stderr
+    assert f"to {LOOKALIKE_ASCII} over plain http" in done.stderr, done.stderr
+    assert LOOKALIKE not in done.stderr
+    # What the manifest says is shown as the same host.
+    done = run_cli(["manifest", "info", "--offline", str(cart)], env=env())
+    assert f"server:          https://{host}/nbia-download" in done.stdout, done.stdout
+    assert LOOKALIKE not in done.stdout
+
+
+def test_an_ipv6_host_is_named_in_brackets(tmp_path):
+    from nbia_retriever.api import HostPolicy
+
+    cart = write_manifest(tmp_path / "cart.tcia", ["1.2.3"],
+                          "http://[::1]:8089/nbia-download/servlet/DownloadServlet")
+    done = run_cli(["download", str(cart), "-d", str(tmp_path / "dl"), "--user", "alice"],
+                   env=env(NBIA_PASSWORD=PASSWORD))
+    assert done.returncode == 3, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert "to [::1]:8089:" in line and 'add "[::1]:8089" to trusted_hosts' in line, line
+    # What the hint says to add is what the policy then trusts (and the bare address).
+    for entry in ("[::1]:8089", "[::1]", "::1"):
+        assert HostPolicy(trusted_hosts=[entry]).trusts("http://[::1]:8089/x"), entry
+
+
+BAD_HOSTS = {
+    "space": "exa mple.org",
+    "DEL": "exa\x7fmple.org",
+    "empty label": "exa..mple.org",
+    "label of 64": "a" * 64 + ".org",
+    "NUL": "exa\x00mple.org",
+}
+
+
+@pytest.mark.parametrize("where", ["--api-url", "manifest"])
+@pytest.mark.parametrize("what", list(BAD_HOSTS))
+def test_a_host_that_cannot_be_is_refused_in_one_line(tmp_path, what, where):
+    if where == "--api-url" and what == "NUL":
+        pytest.skip("a command line cannot hold a NUL")
+    host = BAD_HOSTS[what]
+    with HostileServer() as proxy:  # any request to any http host would arrive here
+        if where == "manifest":
+            cart = write_manifest(tmp_path / "cart.tcia", ["1.2.3"],
+                                  f"http://{host}/nbia-download/servlet/DownloadServlet")
+            extra: list[str] = []
+        else:
+            cart = write_manifest(tmp_path / "cart.tcia", ["1.2.3"], proxy.download_url)
+            extra = ["--api-url", f"http://{host}/nbia-api/services"]
+        for user in ([], ["--user", "alice"]):
+            done = run_cli(["download", str(cart), "-d", str(tmp_path / "dl"), "--retries",
+                            "0", *extra, *user],
+                           env=env(NBIA_PASSWORD=PASSWORD, HTTP_PROXY=proxy.url,
+                                   http_proxy=proxy.url, NO_PROXY="", no_proxy=""),
+                           timeout=60)
+            assert done.returncode == 2, (user, done.stdout, done.stderr)
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+            assert (where == "manifest") == ("cart.tcia" in lines[0]), lines[0]
+            assert_inert(done.stderr.encode(), what)
+        assert proxy.requests == []
+    assert not (tmp_path / "dl").exists()

@@ -7,7 +7,9 @@ Linux; ``NBIA_RETRIEVER_CONFIG`` names another file)::
     # (always trusted over https) and the host of --api-url.
     trusted_hosts = ["nbia.example.org", "imaging.lab.internal:8443"]
 
-A host entry matches any port; ``host:port`` matches that port only. The file is the
+A host entry matches any port; ``host:port`` matches that port only (``[::1]:8443`` for
+an IPv6 address; an international name in either form, it is kept in its ASCII ``xn--``
+form). The file is the
 user's, never a manifest's: that is the point. A malformed file is an error naming it,
 not a silently empty trust list.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .untrusted import host_entry
 
 APP_NAME = "nbia-retriever"
 ENV_CONFIG = "NBIA_RETRIEVER_CONFIG"
@@ -60,4 +63,10 @@ def load_user_config(path: Path | None = None) -> UserConfig:
     unknown = sorted(set(data) - {"trusted_hosts"})
     if unknown:
         raise UsageError(f"{path}: unknown setting {unknown[0]!r}")
-    return UserConfig(trusted_hosts=tuple(h.strip().lower() for h in hosts), path=path)
+    entries = []
+    for host in hosts:
+        try:  # the form messages name hosts in: what they tell the user to add
+            entries.append(host_entry(host))
+        except ValueError as exc:
+            raise UsageError(f"{path}: trusted_hosts entry {host!r} {exc}") from None
+    return UserConfig(trusted_hosts=tuple(entries), path=path)

@@ -32,10 +32,11 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ManifestError, NbiaError
 from .ondisk import atomic_write_text
+from .untrusted import ascii_host
 
 __all__ = [
     "DEFAULT_DOWNLOAD_URL",
@@ -112,8 +113,10 @@ class Manifest:
 
     @property
     def download_server_url(self) -> str | None:
-        """``downloadServerUrl``, or ``None`` (callers then use :data:`DEFAULT_DOWNLOAD_URL`)."""
-        return self._present("downloadServerUrl")
+        """``downloadServerUrl``, or ``None`` (callers then use :data:`DEFAULT_DOWNLOAD_URL`);
+        an international host in its ASCII form (:func:`ascii_url`)."""
+        value = self._present("downloadServerUrl")
+        return None if value is None else ascii_url(value)
 
     @property
     def retries(self) -> int:
@@ -787,6 +790,27 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{netloc}{slash}{tail}"
 
 
+def ascii_url(url: str) -> str:
+    """``url`` with an international host in its ASCII ``xn--`` form, so that wherever
+    it is shown a lookalike of a known host shows as the other host it is. Any other URL
+    comes back as it is (one whose host cannot be is refused where it is used:
+    :func:`api_base_from_download_url`)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return url
+    if not host or host.isascii():
+        return url
+    try:
+        host = ascii_host(host)
+    except ValueError:
+        return url
+    user, at, _ = parts.netloc.rpartition("@")
+    netloc = f"{user}{at}{host}" + ("" if port is None else f":{port}")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def api_base_from_download_url(url: str) -> str:
     """The REST API base (``<scheme>://<host>[:port][/prefix]/nbia-api/services/``).
 
@@ -807,9 +831,16 @@ def api_base_from_download_url(url: str) -> str:
         raise NbiaError(
             f"download server URL {_redact(text)!r} is not an http(s) URL with a host"
         )
-    host = parts.netloc.rpartition("@")[2]
-    if port is None and host.endswith(":"):
-        host = host[:-1]
+    try:  # a host that cannot be is refused here, before any request
+        ascii_form = ascii_host(parts.hostname)
+    except ValueError as exc:
+        raise NbiaError(f"download server URL {_redact(text)!r}: the host {exc}") from None
+    if parts.hostname.isascii():
+        host = parts.netloc.rpartition("@")[2]
+        if port is None and host.endswith(":"):
+            host = host[:-1]
+    else:  # shown from here on in its ASCII (xn--) form
+        host = ascii_form + ("" if port is None else f":{port}")
     path = parts.path
     lowered = path.lower()
     prefix = ""

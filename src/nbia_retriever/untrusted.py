@@ -18,10 +18,19 @@ quoting a server, zip entry names) and again where it leaves (files, terminals):
 
 Rendering as plain text (never console markup) is the front ends' part: tables and
 progress lines build ``rich.text.Text`` objects, never markup strings.
+
+Host names come from manifests too: :func:`ascii_host` is the one form a host is shown,
+compared and stored in (IDNA's ASCII ``xn--`` form, so a lookalike of
+``cancerimagingarchive.net`` written with a Cyrillic letter shows as the other host it
+is), and refuses what cannot be a host at all; :func:`host_entry` does the same for a
+``host[:port]`` the user writes in ``trusted_hosts``.
 """
 
 from __future__ import annotations
 
+import encodings.idna
+import functools
+import ipaddress
 import re
 import threading
 
@@ -141,3 +150,85 @@ def quote(text: str, limit: int = 200) -> str:
     # redact and then vanish; redact before the cut, so no piece of one is left.
     cleaned = " ".join(redact(plain(text)).split())
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+
+
+# ----------------------------------------------------------------------------- hosts
+
+#: The label separators IDNA reads as dots (the ideographic and full-width ones too).
+_DOTS = re.compile("[.\u3002\uff0e\uff61]")
+#: An ASCII label: letters, digits, hyphens (and the underscore of some internal hosts).
+_LABEL = re.compile(r"[a-z0-9_-]+", re.ASCII)
+
+
+@functools.lru_cache(maxsize=256)  # every request's origin: a handful of hosts per run
+def ascii_host(host: str) -> str:
+    """``host`` as DNS and TLS see it: lower case, every international label in its
+    ASCII ``xn--`` form (the stdlib IDNA codec, what ``socket`` itself encodes with), an
+    IPv6 address compressed and without brackets.
+
+    Raises ValueError, saying what is wrong, for what cannot be a host: a NUL, space,
+    DEL or other control or invisible character, an empty label (``a..b``, a trailing
+    dot), a label over 63 characters, a character no host name holds.
+
+    >>> ascii_host("Services.CancerImagingArchive.NET"), ascii_host("[::0:1]")
+    ('services.cancerimagingarchive.net', '::1')
+    >>> ascii_host("cancerim\u0430gingarchive.net")  # a Cyrillic "a"
+    'xn--cancerimgingarchive-xop.net'
+    """
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in text:
+        try:
+            return ipaddress.IPv6Address(text).compressed
+        except ValueError:
+            raise ValueError("is not an IPv6 address") from None
+    for char, what in (("\x00", "a NUL"), (" ", "a space"), ("\x7f", "a DEL")):
+        if char in text:
+            raise ValueError(f"holds {what}")
+    if not text.isprintable():
+        raise ValueError("holds a control or invisible character")
+    labels = []
+    for label in _DOTS.split(text):
+        if not label:
+            raise ValueError("has an empty label (two dots in a row, or one at an end)")
+        if len(label) > 63:
+            raise ValueError("has a label over 63 characters")
+        if not label.isascii():
+            try:
+                label = encodings.idna.ToASCII(label).decode("ascii")
+            except UnicodeError as exc:
+                raise ValueError(f"has a label that is no international name ({exc})"
+                                 ) from None
+        label = label.lower()
+        if len(label) > 63:  # its xn-- form
+            raise ValueError("has a label over 63 characters")
+        if _LABEL.fullmatch(label) is None:
+            raise ValueError("holds a character no host name holds")
+        labels.append(label)
+    joined = ".".join(labels)
+    if len(joined) > 253:
+        raise ValueError("is longer than 253 characters")
+    return joined
+
+
+def host_entry(text: str) -> str:
+    """A ``host`` or ``host:port`` the user wrote (``trusted_hosts``), in the form the
+    messages print: :func:`ascii_host`, an IPv6 address in brackets
+    (``[::1]``, ``[::1]:8443``; a bare ``::1`` is taken as a host without a port).
+    ValueError as :func:`ascii_host`, or for a port that is not a number."""
+    text = text.strip()
+    port = ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("has text after the ']' of its address")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host = text
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"has a port that is not a number from 1 to 65535 ({port!r})")
+    ascii_form = ascii_host(host)
+    shown = f"[{ascii_form}]" if ":" in ascii_form else ascii_form
+    return f"{shown}:{int(port)}" if port else shown

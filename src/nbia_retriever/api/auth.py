@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ApiError, AuthError, TlsError, UntrustedHostError
-from ..untrusted import SECRETS
+from ..untrusted import SECRETS, host_entry
 from .http import Origin, Transport, is_loopback
 from .records import json_records
 
@@ -87,8 +87,16 @@ def token_url_for(api_url: str) -> str:
 
 
 def _host_label(origin: Origin) -> str:
-    default = 443 if origin.scheme == "https" else 80
-    return origin.host if origin.port == default else f"{origin.host}:{origin.port}"
+    return origin.label  # ASCII (xn--) form, IPv6 in brackets: as the config takes it
+
+
+def _entry(text: str) -> str:
+    """A ``trusted_hosts`` entry in the form labels take (the config file's loader has
+    refused what cannot be a host; one that slips through matches nothing)."""
+    try:
+        return host_entry(text)
+    except ValueError:
+        return text.strip().lower()
 
 
 class HostPolicy:
@@ -104,7 +112,7 @@ class HostPolicy:
                  confirm: Callable[[str], bool] | None = None,
                  config_path: Path | None = None) -> None:
         self._chosen = {Origin.of(u) for u in chosen if u}
-        self._hosts = {h.strip().lower() for h in trusted_hosts if h.strip()}
+        self._hosts = {_entry(h) for h in trusted_hosts if h.strip()}
         self._confirm = confirm
         self._confirmed: set[str] = set()
         self._refused: set[str] = set()
@@ -117,7 +125,8 @@ class HostPolicy:
         tcia = origin.host == TCIA_DOMAIN or origin.host.endswith("." + TCIA_DOMAIN)
         if tcia and origin.scheme == "https":
             return True
-        return (origin in self._chosen or origin.host in self._hosts or label in self._hosts
+        bare = f"[{origin.host}]" if ":" in origin.host else origin.host
+        return (origin in self._chosen or bare in self._hosts or label in self._hosts
                 or label in self._confirmed)
 
     def check(self, url: str, user: str) -> None:

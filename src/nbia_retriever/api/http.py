@@ -48,7 +48,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 from .. import __version__
 from ..errors import ApiError, NetworkError, TlsError
-from ..untrusted import quote
+from ..untrusted import ascii_host, quote
 
 USER_AGENT = f"nbia-retriever/{__version__}"
 #: Requests and their statuses at DEBUG (URLs only: secrets travel in headers and bodies).
@@ -82,13 +82,21 @@ class Origin:
             port = parts.port
         except ValueError:
             port = None
-        return cls(scheme, (parts.hostname or "").lower(),
-                   port or (443 if scheme == "https" else 80))
+        host = (parts.hostname or "").lower()
+        with contextlib.suppress(ValueError):  # one that cannot be is refused before
+            host = ascii_host(host)  # the xn-- form: what is shown, compared, connected to
+        return cls(scheme, host, port or (443 if scheme == "https" else 80))
 
-    def __str__(self) -> str:
+    @property
+    def label(self) -> str:
+        """How messages name it: the host (IPv6 in brackets), ``:port`` when not the
+        scheme's default."""
         default = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}" + ("" if self.port == default else f":{self.port}")
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.label}"
 
 
 def same_origin_or_upgrade(src: str, dst: str) -> bool:

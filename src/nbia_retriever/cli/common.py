@@ -119,9 +119,7 @@ def check_api_url(url: str | None, *, as_json: bool = False) -> None:
 def host_of(api_url: str) -> str:
     from ..api import Origin
 
-    origin = Origin.of(api_url)
-    default = 443 if origin.scheme == "https" else 80
-    return origin.host if origin.port == default else f"{origin.host}:{origin.port}"
+    return Origin.of(api_url).label  # ASCII (xn--) form, IPv6 in brackets
 
 
 def get_credentials(user: str | None, host: str, *, interactive: bool = True) -> Any:

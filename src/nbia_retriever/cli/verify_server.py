@@ -7,8 +7,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import click
-
 from .common import (
     EXIT_AUTH,
     EXIT_FAILED,
@@ -18,7 +16,6 @@ from .common import (
     fail,
     get_credentials,
     host_of,
-    inert,
     load_manifest,
     say,
     warn_insecure,

@@ -51,7 +51,7 @@ from ..errors import (
     UsageError,
 )
 from ..layout import Layout, root_folder_name, sanitize_component, series_relpath_mode
-from ..manifest import Manifest, api_base_from_download_url
+from ..manifest import Manifest, api_base_from_download_url, ascii_url
 from ..models import FAILED_STATES, FINAL_STATES, SeriesInfo, SeriesState
 from ..ondisk import DownloadRoot, RunStaging, SeriesLock
 from ..report import MetadataCsv, Report, SeriesResult
@@ -115,7 +115,7 @@ def resolve_api_url(manifest: Manifest, api_url: str | None) -> str:
             api_base_from_download_url(api_url)
         except NbiaError as exc:
             raise UsageError(str(exc).replace("download server URL", "--api-url")) from None
-        return api_url
+        return ascii_url(api_url)  # shown in messages: a lookalike host as the xn-- it is
     if manifest.download_server_url:
         try:
             return api_base_from_download_url(manifest.download_server_url)
