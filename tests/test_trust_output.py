@@ -301,3 +301,27 @@ def test_a_host_that_cannot_be_is_refused_in_one_line(tmp_path, what, where):
             assert_inert(done.stderr.encode(), what)
         assert proxy.requests == []
     assert not (tmp_path / "dl").exists()
+
+
+def test_trusted_hosts_are_kept_in_the_form_messages_name_them(tmp_path):
+    from nbia_retriever.api import HostPolicy
+    from nbia_retriever.config import load_user_config
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'trusted_hosts = ["{LOOKALIKE}", "[::1]:8443", "Lab.Example"]\n',
+                      encoding="utf-8")
+    hosts = load_user_config(config).trusted_hosts
+    assert hosts == (LOOKALIKE_ASCII, "[::1]:8443", "lab.example")
+    policy = HostPolicy(trusted_hosts=hosts)
+    for url in (f"https://{LOOKALIKE}/x", f"https://{LOOKALIKE_ASCII}/x",
+                "http://[::1]:8443/x", "https://lab.example:9/x"):
+        assert policy.trusts(url), url
+    assert not policy.trusts("http://[::1]:8444/x")
+    # An entry that cannot be a host: exit 2, one line naming the file and the entry.
+    config.write_text('trusted_hosts = ["exa mple.org"]\n', encoding="utf-8")
+    cart = write_manifest(tmp_path / "cart.tcia", ["1.2.3"], "http://127.0.0.1:9/x")
+    done = run_cli(["download", str(cart), "-d", str(tmp_path / "dl"), "--user", "alice"],
+                   env=env(NBIA_PASSWORD=PASSWORD, NBIA_RETRIEVER_CONFIG=str(config)))
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert str(config) in line and "'exa mple.org' holds a space" in line, line

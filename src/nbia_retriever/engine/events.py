@@ -62,7 +62,7 @@ class Event:
         if self.state:
             data["state"] = str(self.state)
         if self.message:
-            data["message"] = plain(redact(self.message))
+            data["message"] = redact(plain(self.message))  # plain first: see untrusted.quote
         if self.attempt:
             data["attempt"] = self.attempt
         if self.kind is EventKind.PROGRESS:
