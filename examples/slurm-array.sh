@@ -139,7 +139,9 @@ else
 fi
 export NBIA_RETRIEVER=$NBIA  # what the tasks run (sbatch exports the environment)
 # shellcheck disable=SC2206  # word splitting of the extra options is intended
+set -f  # ...but not globbing: "--comment=*" stays as written
 extra=(${NBIA_SBATCH_ARGS:-})
+set +f
 
 # Submitted from $logs: that is the jobs' working directory, where their --output files
 # go (a folder on DEST's filesystem, which the compute nodes write anyway).
