@@ -281,3 +281,45 @@ def test_a_row_of_the_wrong_types_is_neither_believed_nor_a_traceback(tmp_path, 
                       tmp_path / "dl", **FAST)
     assert report.ok and image_requests(server) == [uids[-1]], report.summary()
     assert len(report.warnings) == 1 and PLANTED in report.warnings[0]
+
+
+# --------------------------------------------------------------------------- our own rows
+
+
+def trusted_rows(root: Path) -> dict[str, bool]:
+    from nbia_retriever.engine.journal import Journal
+
+    with Journal(root / ".nbia" / "journal.sqlite", readonly=True) as journal:
+        return {uid: record.trusted for uid, record in journal.completed_index().items()}
+
+
+def test_our_rows_are_signed_and_an_edited_one_is_not_believed_by_a_stat(
+        tmp_path, archive, server):
+    root, uids = seeded(tmp_path, archive, server)
+    assert trusted_rows(root) == dict.fromkeys(uids[:-1], True)
+    # Someone of the group edits our row (fewer files, the folder emptied): the MAC no
+    # longer holds, so the folder is counted against the row's image count, and the
+    # series is fetched again.
+    victim = uids[0]
+    with sqlite3.connect(root / ".nbia" / "journal.sqlite") as db:
+        relpath = db.execute("SELECT relpath FROM series WHERE uid = ?", (victim,)).fetchone()[0]
+        db.execute("UPDATE series SET nfiles = 1 WHERE uid = ?", (victim,))
+    assert trusted_rows(root)[victim] is False
+    for image in sorted((root / relpath).glob("*.dcm"))[1:]:
+        image.unlink()
+    server.clear_requests()
+    report = download(write_manifest(tmp_path / "first.tcia", uids[:-1], server.download_url),
+                      tmp_path / "dl", **FAST)
+    assert report.ok and image_requests(server) == [victim], report.summary()
+
+
+def test_rows_of_an_older_version_are_counted_once_then_signed(tmp_path, archive, server):
+    root, uids = seeded(tmp_path, archive, server)
+    with sqlite3.connect(root / ".nbia" / "journal.sqlite") as db:
+        db.execute("ALTER TABLE series DROP COLUMN mac")  # as an older version made it
+    server.clear_requests()
+    manifest = write_manifest(tmp_path / "first.tcia", uids[:-1], server.download_url)
+    report = download(manifest, tmp_path / "dl", **FAST)
+    assert report.ok and report.skipped == 2 and image_requests(server) == []
+    assert report.warnings == []
+    assert trusted_rows(root) == dict.fromkeys(uids[:-1], True)

@@ -82,7 +82,7 @@ class FolderCheck:
     """
 
     def __init__(self, root: Path) -> None:
-        self.root = str(root)
+        self.root = str(root) + os.sep
         self._parents: dict[str, bool] = {}
 
     def _parent_ok(self, prefix: str) -> bool:
@@ -90,7 +90,7 @@ class FolderCheck:
         ok = self._parents.get(prefix)
         if ok is None:
             try:
-                ok = stat.S_ISDIR(os.lstat(os.path.join(self.root, prefix)).st_mode)
+                ok = stat.S_ISDIR(os.lstat(self.root + prefix).st_mode)
             except OSError:
                 ok = True
             self._parents[prefix] = ok
@@ -102,19 +102,29 @@ class FolderCheck:
         if not is_safe_relpath(relpath):
             return REFUSED
         assert isinstance(relpath, str)
-        # Top down: lstat follows every component but the last, so each parent is
-        # known to be a real folder before the next is looked at through it.
-        head = relpath.find("/")
-        second = relpath.find("/", head + 1)
-        third = relpath.find("/", second + 1)
-        if not (self._parent_ok(relpath[:head]) and self._parent_ok(relpath[:second])
-                and self._parent_ok(relpath[:third])):
+        study = relpath[:relpath.rfind("/")]
+        ok = self._parents.get(study)
+        if ok is None:
+            # Top down: lstat follows every component but the last, so each parent is
+            # known to be a real folder before the next is looked at through it. A
+            # study folder is cached only once its parents were checked, so the common
+            # case (a study seen before) costs one lookup.
+            head = study.find("/")
+            ok = (self._parent_ok(study[:head])
+                  and self._parent_ok(study[:study.find("/", head + 1)])
+                  and self._parent_ok(study))
+            self._parents[study] = ok
+        if not ok:
             return REFUSED
         try:
-            st = os.lstat(os.path.join(self.root, relpath))
+            st = os.lstat(self.root + relpath)
         except OSError:
             return None
         return st if stat.S_ISDIR(st.st_mode) else REFUSED
+
+    def forget(self) -> None:
+        """Drop the cache (a folder may become a link later; and it is memory)."""
+        self._parents = {}
 
 
 def file_count(folder: Path) -> int | None:
