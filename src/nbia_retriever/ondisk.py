@@ -51,6 +51,10 @@ LOCKS_DIR = "locks"
 _JOURNAL_RE = re.compile(r"^journal(?:-(\d+)-of-(\d+))?\.sqlite$")
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_NOCTTY = getattr(os, "O_NOCTTY", 0)
+#: Bytes of ``.nbia/root.json`` read at most: it holds a few settings.
+ROOT_INFO_MAX = 1 << 16
 _FD_OK = os.mkdir in os.supports_dir_fd and os.open in os.supports_dir_fd and bool(_NOFOLLOW)
 
 
@@ -109,8 +113,50 @@ def journal_paths(root: Path) -> list[Path]:
 
 
 def _refuse(path: Path | str, what: str = "is a symbolic link") -> DestinationError:
+    if "symbolic link" not in what:
+        return DestinationError(f"{path} {what}: refusing to use it (planted inside the "
+                                "download root?); remove it and re-run")
     return DestinationError(f"{path} {what}: refusing to follow it (someone else's link "
                             "inside the download root?); remove it and re-run")
+
+
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` is, for messages: ``"a FIFO"``, ``"a socket"``, ..."""
+    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _not_a_file(path: Path | str, mode: int) -> DestinationError:
+    return _refuse(path, f"is {file_kind(mode)}, not a file")
+
+
+def check_regular(path: Path) -> None:
+    """Raise :class:`DestinationError` unless ``path`` is absent or a regular file (a
+    symbolic link, a FIFO, a socket, a device or a folder is refused).
+
+    For files opened by name elsewhere (SQLite): a FIFO planted as the journal would
+    block its opener forever, a device would be read (or written) as a database.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise _refuse(path)
+    if not stat.S_ISREG(mode):
+        raise _not_a_file(path, mode)
+
+
+def check_database(path: Path) -> None:
+    """:func:`check_regular` for an SQLite file and the companions SQLite opens beside it
+    (``-wal``, ``-shm``, ``-journal``), before SQLite sees the path."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        check_regular(path.with_name(path.name + suffix))
 
 
 def open_dir(base: Path, parts: Sequence[str], *, create: bool = True) -> int:
@@ -144,8 +190,14 @@ def open_dir(base: Path, parts: Sequence[str], *, create: bool = True) -> int:
                 if exc.errno in (errno.ELOOP, errno.EMLINK):
                     raise _refuse(path) from None
                 if exc.errno == errno.ENOTDIR:
-                    kind = "is a symbolic link" if os.path.islink(path) else "is not a folder"
-                    raise _refuse(path, kind) from None
+                    try:
+                        mode: int | None = os.lstat(path).st_mode
+                    except OSError:
+                        mode = None
+                    if mode is not None and stat.S_ISLNK(mode):
+                        raise _refuse(path) from None
+                    raise _refuse(path, "is not a folder" if mode is None
+                                  else f"is {file_kind(mode)}, not a folder") from None
                 raise
             os.close(fd)
             fd = child
@@ -179,6 +231,35 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
         if exc.errno in (errno.ELOOP, errno.EMLINK):
             raise _refuse(path) from None
         raise
+
+
+def open_regular(path: Path, flags: int, mode: int = 0o666) -> int:
+    """:func:`open_nofollow` for a regular file only: anything else someone planted under
+    that name (a FIFO, a socket, a device, a folder) is a :class:`DestinationError`
+    naming the path and what it is, at once.
+
+    The type is checked before opening (opening a device can act on it) and again on the
+    descriptor (the name may change in between). The open itself is non-blocking, so a
+    FIFO that appears meanwhile cannot hang it; the descriptor returned is blocking, as
+    from :func:`os.open`.
+    """
+    check_regular(path)
+    try:
+        fd = open_nofollow(path, flags | _NONBLOCK | _NOCTTY, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EISDIR):  # not a file after all
+            check_regular(path)
+        raise
+    try:
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):
+            raise _not_a_file(path, kind)
+        if _NONBLOCK and not flags & _NONBLOCK:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def entry_kind(dir_fd: int, name: str) -> str | None:
@@ -251,10 +332,17 @@ class DownloadRoot:
 
     # -- what the root was made with ----------------------------------------------------
     def read_info(self) -> dict[str, Any]:
+        """The settings in ``.nbia/root.json``; ``{}`` when absent or unreadable as JSON.
+
+        Raises :class:`DestinationError` when the name is a link, a FIFO, a socket or a
+        device (planted: a FIFO would block the read forever, ``/dev/zero`` never end
+        it). A file larger than :data:`ROOT_INFO_MAX` is not read whole: not JSON.
+        """
         path = self.state_dir / ROOT_INFO
         try:
-            check_no_link(path)
-            data = json.loads(path.read_text(encoding="utf-8"))
+            with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as handle:
+                raw = handle.read(ROOT_INFO_MAX + 1)
+            data = json.loads(raw) if len(raw) <= ROOT_INFO_MAX else None
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
@@ -298,8 +386,8 @@ class RunStaging:
     def __init__(self, staging_dir: Path) -> None:
         run = f"{_host_tag()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.path = ensure_dir(staging_dir, [run])
-        self._lock_fd: int | None = open_nofollow(self.path / ".lock",
-                                                  os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd: int | None = open_regular(self.path / ".lock",
+                                                 os.O_RDWR | os.O_CREAT, 0o644)
         _flock(self._lock_fd, blocking=True)
 
     def series_dir(self, name: str) -> Path:
@@ -341,7 +429,7 @@ def _flock(fd: int, *, blocking: bool) -> bool:
 
 @contextlib.contextmanager
 def _try_flock(path: Path) -> Iterator[bool]:
-    fd = open_nofollow(path, os.O_RDWR)
+    fd = open_regular(path, os.O_RDWR)
     try:
         yield _flock(fd, blocking=False)
     finally:
@@ -380,7 +468,7 @@ class SeriesLock:
 
     def acquire(self) -> bool:
         while True:
-            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if not _flock(fd, blocking=False):
                 os.close(fd)
                 return False

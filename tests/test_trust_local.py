@@ -1,0 +1,311 @@
+"""Issue 21, local files: a download root's special files and a served archive's cache.
+
+* A FIFO, a socket or a device planted in a download root under a name the tool opens
+  (``metadata.csv``, ``.nbia/root.json``, the journal and its WAL, the staging and lock
+  folders, a series lock) is one clear error naming it, at once: never a hang (a FIFO
+  blocks whoever opens it for reading), never an endless read (``/dev/zero``), never a
+  misleading "disk full".
+* ``serve ARCHIVE`` trusts nothing in ``ARCHIVE/.nbia-server-cache``: a link planted as a
+  blob folder, a blob or the written manifest is not followed, an index row naming a
+  file outside the cache (or one not matching its image) is rebuilt, never served.
+
+Real CLI subprocesses (with a timeout: a hang fails the test instead of blocking the
+suite) against ``hostile_server`` and the reference server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from enginehelpers import write_manifest
+from hostile_server import Crafted, HostileServer, files_of, record, series_zip
+from reliability_helpers import CLI, run_cli
+
+ROOT_NAME = "manifest-1700000000000"
+#: Seconds a run may take to refuse a planted special file; a hang runs into it.
+PROMPT = 60
+
+
+@pytest.fixture(scope="module")
+def archive(archive_factory):  # type: ignore[no-untyped-def]
+    return archive_factory(seed=121, collections=1, patients=1, studies=1, series=2,
+                           images=2, rows=16, columns=16, restricted=False, awkward=False)
+
+
+@pytest.fixture()
+def hostile(archive) -> Iterator[HostileServer]:  # type: ignore[no-untyped-def]
+    with HostileServer() as srv:
+        for series in archive.series:
+            srv.series[series.series_uid] = Crafted(record(series), series_zip(files_of(series)))
+        yield srv
+
+
+def env() -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k != "NBIA_PASSWORD"}
+    base["NBIA_RETRIEVER_CONFIG"] = os.devnull + ".absent"
+    return base
+
+
+def plant(path: Path, kind: str) -> None:
+    """A FIFO, a bound UNIX socket or a character device (/dev/zero's numbers) at path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        # bound in a short folder (a socket's path is limited to ~100 bytes), then moved
+        with tempfile.TemporaryDirectory(dir="/tmp") as short:
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.bind(os.path.join(short, "s"))
+                os.rename(os.path.join(short, "s"), path)
+            finally:
+                sock.close()
+    else:
+        try:
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+        except PermissionError:
+            pytest.skip("creating a device needs CAP_MKNOD")
+
+
+KINDS = {"fifo": "a FIFO", "socket": "a socket", "device": "a character device"}
+ROOT_FILES = ["metadata.csv", ".nbia/root.json", ".nbia/journal.sqlite",
+              ".nbia/journal.sqlite-wal", ".nbia/staging", ".nbia/locks"]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("place", ROOT_FILES)
+def test_a_special_file_in_the_roots_own_files_is_one_clear_error(tmp_path, archive, hostile,
+                                                                  place, kind):
+    uid = archive.series[0].series_uid
+    root = tmp_path / "dl" / ROOT_NAME
+    target = root / place
+    plant(target, kind)
+    cart = write_manifest(tmp_path / "cart.tcia", [uid], hostile.download_url)
+    done = run_cli(["download", str(cart), "-d", str(tmp_path / "dl"), "--api", "v1",
+                    "--quiet"], env=env(), timeout=PROMPT)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert str(target) in lines[0] and f"is {KINDS[kind]}" in lines[0], lines[0]
+    assert "disk full" not in lines[0] and "Traceback" not in done.stderr
+    assert hostile.image_requests(uid) == 0
+    assert stat.S_IFMT(os.lstat(target).st_mode) != stat.S_IFREG  # left as it was
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_special_file_as_a_series_lock_fails_that_series_only(tmp_path, archive, hostile,
+                                                                kind):
+    from nbia_retriever.layout import sanitize_component
+
+    first, second = (s.series_uid for s in archive.series)
+    root = tmp_path / "dl" / ROOT_NAME
+    lock = root / ".nbia" / "locks" / f"{sanitize_component(first, fallback='series')}.lock"
+    plant(lock, kind)
+    cart = write_manifest(tmp_path / "cart.tcia", [first, second], hostile.download_url)
+    done = run_cli(["download", str(cart), "-d", str(tmp_path / "dl"), "--api", "v1"],
+                   env=env(), timeout=PROMPT)
+    assert done.returncode == 1, done.stderr
+    assert str(lock) in done.stdout + done.stderr
+    assert f"is {KINDS[kind]}, not a file" in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert hostile.image_requests(first) == 0 and hostile.image_requests(second) == 1
+    assert stat.S_IFMT(os.lstat(lock).st_mode) != stat.S_IFREG
+
+
+# ----------------------------------------------------------------------------- serve's cache
+
+#: What a planted blob or a tampered row would make the server send: text from outside
+#: the cache, as raw DEFLATE (the form the server streams blobs in).
+SECRET = b"SECRET-FROM-OUTSIDE-THE-SERVER-CACHE\n" * 64
+
+
+def _deflate(data: bytes) -> bytes:
+    import zlib
+
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.fixture()
+def local_archive(tmp_path, archive_factory):  # type: ignore[no-untyped-def]
+    """A copy of a small archive with its cache built, as its author hands it over."""
+    import shutil
+
+    from nbia_retriever.server import ArchiveIndex
+
+    summary = archive_factory(seed=122, collections=1, patients=1, studies=1, series=1,
+                              images=3, rows=16, columns=16, restricted=False, awkward=False)
+    root = tmp_path / "archive"
+    shutil.copytree(summary.root, root,
+                    ignore=shutil.ignore_patterns(".nbia-server-cache"))
+    ArchiveIndex.load(root)
+    series = summary.series[0]
+    return root, series.series_uid, [root / p.relative_to(summary.root) for p in series.files]
+
+
+def _tamper(root: Path, how: str) -> bytes:
+    """Point the first image's blob outside the cache (``how``); returns the bytes the
+    server would send for it."""
+    import sqlite3
+
+    cache = root / ".nbia-server-cache"
+    outside = root.parent / "outside"
+    outside.mkdir()
+    planted = _deflate(SECRET)
+    db = sqlite3.connect(cache / "index.sqlite")
+    try:
+        relpath, md5 = db.execute("SELECT relpath, md5 FROM files ORDER BY relpath").fetchone()
+        (outside / "secret.z").write_bytes(planted)
+        (outside / f"{md5}.z").write_bytes(planted)
+        blob = f"blobs/{md5[:2]}/{md5}.z"
+        if how == "row-relative":
+            blob = "../../outside/secret.z"
+        elif how == "row-absolute":
+            blob = str(outside / "secret.z")
+        elif how == "row-other-file":  # inside the cache, but not a blob
+            blob = "index.sqlite"
+            planted = (cache / "index.sqlite").read_bytes()[:4096]
+        elif how == "blob-folder-link":
+            import shutil
+
+            shutil.rmtree(cache / "blobs" / md5[:2])
+            (cache / "blobs" / md5[:2]).symlink_to(outside, target_is_directory=True)
+        elif how == "blob-link":
+            (cache / blob).unlink()
+            (cache / blob).symlink_to(outside / "secret.z")
+        db.execute("UPDATE files SET blob = ?, compressed_size = ? WHERE relpath = ?",
+                   (blob, len(planted), relpath))
+        db.commit()
+    finally:
+        db.close()
+    return planted
+
+
+@pytest.mark.parametrize("how", ["row-relative", "row-absolute", "row-other-file",
+                                 "blob-folder-link", "blob-link"])
+def test_serve_never_sends_bytes_from_outside_its_cache(local_archive, serve, how):
+    import hashlib
+    import io
+    import zipfile
+
+    import httpx
+
+    root, uid, files = local_archive
+    planted = _tamper(root, how)
+    server = serve(root)
+    response = httpx.get(f"{server.api_url}/v1/getImageWithMD5Hash",
+                         params={"SeriesInstanceUID": uid}, timeout=30)
+    assert response.status_code == 200
+    body = response.content
+    assert planted[:256] not in body, "served bytes from outside the cache"
+    # the tampered row was rebuilt from the archive: the series is exactly its images
+    got = zipfile.ZipFile(io.BytesIO(body))
+    assert got.testzip() is None
+    served = {hashlib.md5(got.read(n)).hexdigest() for n in got.namelist()
+              if n != "md5hashes.csv"}
+    assert served == {hashlib.md5(p.read_bytes()).hexdigest() for p in files}
+    assert len(list((root.parent / "outside").iterdir())) == 2  # left alone
+
+
+@pytest.mark.parametrize("name", ["zz", "prefix"])
+def test_a_planted_blob_folder_link_is_never_written_through(local_archive, tmp_path, name):
+    """The cache refreshes (an image changed): nothing is written into, or collected
+    from, the folder a planted ``blobs/<name>`` link points to."""
+    import hashlib
+
+    from nbia_retriever.server import ArchiveIndex
+
+    root, _uid, files = local_archive
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me", encoding="utf-8")
+    changed = files[0]
+    if name == "prefix":  # where the changed image's new blob goes
+        data = changed.read_bytes()
+        name = hashlib.md5(data + b"\0").hexdigest()[:2]
+    blobs = root / ".nbia-server-cache" / "blobs"
+    if (blobs / name).exists():
+        import shutil
+
+        shutil.rmtree(blobs / name)
+    (blobs / name).symlink_to(victim, target_is_directory=True)
+    with open(changed, "ab") as handle:  # one trailing byte: re-read, new blob
+        handle.write(b"\0")
+    index = ArchiveIndex.load(root)
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+    assert (victim / "precious.txt").read_text(encoding="utf-8") == "keep me"
+    assert len(index.series) == 1
+    assert all(not p.is_symlink() for p in blobs.iterdir())
+
+
+def _serve_cli(root: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    """``nbia-retriever serve ROOT`` until it says it serves (or exits); its stdout lines."""
+    proc = subprocess.Popen([*CLI, "serve", str(root), "--port", "0"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Press Ctrl+C"):
+            break
+    return proc, lines
+
+
+@pytest.mark.parametrize("place", ["manifest", "index-link", "index-fifo", "lock-link",
+                                   "lock-fifo"])
+def test_serve_follows_no_link_and_opens_no_fifo_in_its_cache(local_archive, tmp_path, place):
+    root, _uid, _files = local_archive
+    cache = root / ".nbia-server-cache"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me", encoding="utf-8")
+    names = {"manifest": "manifest-reference-server.tcia", "index": "index.sqlite",
+             "lock": "lock"}
+    target = cache / names[place.split("-")[0]]
+    target.unlink(missing_ok=True)
+    if place == "manifest":
+        target.symlink_to(victim / "precious.txt")
+    elif place.endswith("-link"):  # a link to a file that does not exist yet
+        target.symlink_to(victim / "made-by-the-server")
+    else:
+        os.mkfifo(target)
+    proc, lines = _serve_cli(root)
+    try:
+        assert lines and lines[-1].startswith("Press Ctrl+C"), proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(timeout=PROMPT)
+        finally:
+            proc.kill()
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+    assert (victim / "precious.txt").read_text(encoding="utf-8") == "keep me"
+    assert stat.S_ISREG(os.lstat(target).st_mode)  # the cache's own file again
+    if place == "manifest":
+        assert "ListOfSeriesToDownload=" in target.read_text(encoding="utf-8")
+
+
+def test_a_linked_cache_folder_is_refused_in_one_line(local_archive, tmp_path):
+    import shutil
+
+    root, _uid, _files = local_archive
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me", encoding="utf-8")
+    shutil.rmtree(root / ".nbia-server-cache")
+    (root / ".nbia-server-cache").symlink_to(victim, target_is_directory=True)
+    done = subprocess.run([*CLI, "serve", str(root), "--port", "0"], capture_output=True,
+                          text=True, env=env(), timeout=PROMPT)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and ".nbia-server-cache" in lines[0], done.stderr
+    assert "symbolic link" in lines[0] and "Traceback" not in done.stderr
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
