@@ -247,29 +247,48 @@ def test_a_planted_blob_folder_link_is_never_written_through(local_archive, tmp_
 
 
 def _serve_cli(root: Path) -> tuple[subprocess.Popen[str], list[str]]:
-    """``nbia-retriever serve ROOT`` until it says it serves (or exits); its stdout lines."""
+    """``nbia-retriever serve ROOT`` until it says it serves, exits or :data:`PROMPT`
+    seconds pass (a hang); its stdout lines so far."""
+    import queue
+    import threading
+    import time
+
     proc = subprocess.Popen([*CLI, "serve", str(root), "--port", "0"], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    said: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            said.put(line)
+        said.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
     lines: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("Press Ctrl+C"):
+    deadline = time.monotonic() + PROMPT
+    while not (lines and lines[-1].startswith("Press Ctrl+C")):
+        try:
+            line = said.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            break  # a hang: the caller's assertion says so
+        if line is None:
             break
+        lines.append(line)
     return proc, lines
 
 
 @pytest.mark.parametrize("place", ["manifest", "index-link", "index-fifo", "lock-link",
-                                   "lock-fifo"])
+                                   "lock-fifo", "image-fifo"])
 def test_serve_follows_no_link_and_opens_no_fifo_in_its_cache(local_archive, tmp_path, place):
-    root, _uid, _files = local_archive
+    root, _uid, files = local_archive
     cache = root / ".nbia-server-cache"
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me", encoding="utf-8")
     names = {"manifest": "manifest-reference-server.tcia", "index": "index.sqlite",
              "lock": "lock"}
-    target = cache / names[place.split("-")[0]]
+    target = (files[0].with_name("planted.dcm") if place == "image-fifo"
+              else cache / names[place.split("-")[0]])
     target.unlink(missing_ok=True)
     if place == "manifest":
         target.symlink_to(victim / "precious.txt")
@@ -279,16 +298,17 @@ def test_serve_follows_no_link_and_opens_no_fifo_in_its_cache(local_archive, tmp
         os.mkfifo(target)
     proc, lines = _serve_cli(root)
     try:
-        assert lines and lines[-1].startswith("Press Ctrl+C"), proc.stderr.read()  # type: ignore[union-attr]
-    finally:
+        assert lines and lines[-1].startswith("Press Ctrl+C"), lines
         proc.send_signal(2)
-        try:
-            proc.wait(timeout=PROMPT)
-        finally:
-            proc.kill()
+        proc.wait(timeout=PROMPT)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
     assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
     assert (victim / "precious.txt").read_text(encoding="utf-8") == "keep me"
-    assert stat.S_ISREG(os.lstat(target).st_mode)  # the cache's own file again
+    if place != "image-fifo":
+        assert stat.S_ISREG(os.lstat(target).st_mode)  # the cache's own file again
     if place == "manifest":
         assert "ListOfSeriesToDownload=" in target.read_text(encoding="utf-8")
 

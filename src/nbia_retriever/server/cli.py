@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import NbiaError
+from ..ondisk import atomic_write_text
 from .app import format_manifest
 from .builds import BUILDS
 from .faults import FaultPlan
@@ -48,9 +49,8 @@ def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, 
         manifest: Path | None = index.cache_dir / "manifest-reference-server.tcia"
         public = sorted(uid for uid, s in index.series.items()
                         if not server.config.is_restricted(s.collection))
-        try:
-            manifest.write_text(format_manifest(server.download_url, public),  # type: ignore[union-attr]
-                                encoding="utf-8")
+        try:  # a new file renamed into place: a link planted there is replaced, not followed
+            atomic_write_text(manifest, format_manifest(server.download_url, public))  # type: ignore[arg-type]
         except OSError:
             manifest = None
         click.echo(f"Serving {archive}: {len(index.collections)} collections, "

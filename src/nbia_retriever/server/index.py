@@ -10,6 +10,13 @@ server's ``ZipOutputStream`` produces). All of it lives in ``ROOT/.nbia-server-c
 
 A file is re-read only when its size or mtime changed; vanished files drop out. The
 cache is rebuilt from scratch when the schema or compression level changes.
+
+An archive may come from someone else, cache included, so nothing in the cache is
+trusted (:func:`_prepare_cache`): a link or special file where the cache keeps a file or
+folder is removed (a link, never its target) and the cache rebuilt around it; an index row
+whose blob is not ``blobs/<md5[:2]>/<md5>.z``, not a regular file of the recorded size,
+is indexed again from the archive's image, never served. A link planted as the cache
+folder itself is refused: it is not ours to remove.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
+import shutil
 import sqlite3
+import stat
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -29,6 +39,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ..ondisk import file_kind, open_regular
 from .config import ArchiveError
 
 log = logging.getLogger(__name__)
@@ -37,6 +48,10 @@ CACHE_DIRNAME = ".nbia-server-cache"
 SCHEMA_VERSION = 2
 COMPRESSION_LEVEL = 6
 _READ_BLOCK = 1 << 20
+_MD5 = re.compile(r"[0-9a-f]{32}")
+#: The files the cache keeps at its top (SQLite's companions included).
+_CACHE_FILES = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm",
+                "index.sqlite-journal", "lock")
 
 #: DICOM keyword -> column. Read with ``specific_tags``: headers only, never pixels.
 HEADER_TAGS: dict[str, str] = {
@@ -154,10 +169,11 @@ class ArchiveIndex:
                                "files, one sub-folder per collection)")
         cache = Path(cache_dir) if cache_dir is not None else root / CACHE_DIRNAME
         try:
-            (cache / "blobs").mkdir(parents=True, exist_ok=True)
+            _prepare_cache(cache, inside_archive=cache_dir is None)
         except OSError as exc:
             raise ArchiveError(f"{cache}: cannot create the index cache: {exc}") from None
         with _locked(cache / "lock"):
+            _own_blob_folders(cache / "blobs")
             rows, skipped = _refresh(root, cache, workers, progress)
         return cls(root, cache, _group(rows), skipped)
 
@@ -165,6 +181,77 @@ class ArchiveIndex:
 #: File names served as images (any case): the server names entries after their own
 #: extension, so an archive of ``.dicom`` files yields ``00000001.dicom`` entries.
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def _discard(path: Path, what: str) -> None:
+    """Remove what someone else left in the cache (a link itself, never its target)."""
+    log.warning("%s: %s in the index cache, removed (rebuilt)", path, what)
+    if what == "a folder":
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _own_dir(path: Path) -> None:
+    """``path`` is a real folder of the cache: anything else there is removed first."""
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode):
+            return
+        _discard(path, file_kind(mode))
+    with contextlib.suppress(FileExistsError):  # another thread or server made it
+        os.mkdir(path)
+
+
+def _prepare_cache(cache: Path, *, inside_archive: bool) -> None:
+    """The cache folder and ``blobs/``, with no link or special file where the cache
+    keeps its own files. Raises :class:`ArchiveError` for a link (or a file) planted as
+    the archive's cache folder itself."""
+    if inside_archive:
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.lstat(cache).st_mode
+            if not stat.S_ISDIR(mode):
+                raise ArchiveError(
+                    f"{cache} is {file_kind(mode)}, not the server's cache folder: "
+                    "refusing to use it (planted in the archive?); remove it and re-run")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(cache)
+    else:  # the caller's own choice of folder, created as asked
+        cache.mkdir(parents=True, exist_ok=True)
+    _own_dir(cache / "blobs")
+    for name in _CACHE_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.lstat(cache / name).st_mode
+            if not stat.S_ISREG(mode):
+                _discard(cache / name, file_kind(mode))
+
+
+def _own_blob_folders(blobs: Path) -> None:
+    """Only real folders below ``blobs/``: a link there (``blobs/ab -> /home/you``) would
+    be written through by indexing and emptied by garbage collection."""
+    for entry in os.scandir(blobs):
+        if not entry.is_dir(follow_symlinks=False) and not (
+                entry.name.startswith(".tmp-") and entry.is_file(follow_symlinks=False)):
+            _discard(Path(entry.path), file_kind(entry.stat(follow_symlinks=False).st_mode))
+
+
+def blob_name(md5: str) -> str:
+    """Where the cache keeps an image's blob, relative to the cache folder."""
+    return f"blobs/{md5[:2]}/{md5}.z"
+
+
+def _blob_ok(cache: Path, row: dict[str, object]) -> bool:
+    """A cached row's blob is its own, in the cache, complete: anything else (a row
+    naming ``../../etc/passwd``, another file, a link) is indexed again."""
+    md5, blob = row["md5"], row["blob"]
+    if not (isinstance(md5, str) and _MD5.fullmatch(md5) and blob == blob_name(md5)):
+        return False
+    try:
+        st = os.lstat(cache / blob)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == row["compressed_size"]
 
 
 def _scan(root: Path) -> Iterator[tuple[str, str, int, int]]:
@@ -182,6 +269,9 @@ def _scan(root: Path) -> Iterator[tuple[str, str, int, int]]:
                 try:
                     st = os.stat(full)
                 except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):  # a FIFO would block the header read
+                    log.warning("%s: skipped, %s", name, file_kind(st.st_mode))
                     continue
                 rel = Path(os.path.relpath(full, root)).as_posix()
                 yield top.name, rel, st.st_size, st.st_mtime_ns
@@ -222,7 +312,7 @@ def _refresh(
                 or row["size"] != size
                 or row["mtime_ns"] != mtime
                 or row["collection"] != collection
-                or not (cache / str(row["blob"])).is_file()
+                or not _blob_ok(cache, row)
             ):
                 todo.append((collection, rel, size, mtime))
         gone = [rel for rel in cached if rel not in present]
@@ -329,10 +419,10 @@ def _compress(path: Path, cache: Path) -> tuple[str, int, int, str]:
             csize += len(data)
             out.write(data)
         md5 = digest.hexdigest()
-        blob = f"blobs/{md5[:2]}/{md5}.z"
+        blob = blob_name(md5)
         target = cache / blob
-        target.parent.mkdir(exist_ok=True)
-        os.replace(tmp, target)
+        _own_dir(target.parent)
+        os.replace(tmp, target)  # replaces a link planted as the blob, never follows it
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -343,13 +433,13 @@ def _compress(path: Path, cache: Path) -> tuple[str, int, int, str]:
 def _collect_garbage(cache: Path, referenced: set[str]) -> None:
     """Drop blobs no indexed file uses any more (edited or deleted images)."""
     blobs = cache / "blobs"
-    for sub in blobs.iterdir():
-        if not sub.is_dir():
+    for sub in os.scandir(blobs):
+        if not sub.is_dir(follow_symlinks=False):  # never into a linked folder
             continue
-        for blob in sub.iterdir():
+        for blob in os.scandir(sub.path):
             if f"blobs/{sub.name}/{blob.name}" not in referenced:
                 with contextlib.suppress(OSError):
-                    blob.unlink()
+                    os.unlink(blob.path)
 
 
 def _group(rows: list[dict[str, object]]) -> dict[str, SeriesRecord]:
@@ -391,7 +481,8 @@ def _locked(path: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows: no lock, last writer wins
         yield
         return
-    with open(path, "a") as handle:
+    # Not followed if a link (or a FIFO) was planted since _prepare_cache removed one.
+    with os.fdopen(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -14,11 +14,14 @@ series size: only the small central-directory records are kept.
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..ondisk import open_regular
 
 CHUNK = 64 * 1024
 _ZIP64_LIMIT = 0xFFFFFFFF
@@ -57,7 +60,13 @@ class ZipEntry:
         if self.blob is None:
             return
         remaining = self.compressed_size
-        with open(self.blob, "rb") as handle:
+        # A cache blob (DEFLATED) is opened without following a link, and only if it is
+        # a regular file: the index checked it, this closes the gap since. A STORED entry
+        # is the archive's own image, which may be a link the archive's owner made.
+        flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+        fd = (open_regular(self.blob, flags) if self.method == _DEFLATED
+              else os.open(self.blob, flags))
+        with os.fdopen(fd, "rb") as handle:
             while remaining > 0:
                 block = handle.read(min(CHUNK, remaining))
                 if not block:
