@@ -318,8 +318,8 @@ class DownloadRoot:
             raise
         except OSError as exc:
             raise DestinationError(f"cannot create {self.path}: {exc.strerror or exc}") from None
-        for name in (METADATA_CSV,):
-            check_no_link(self.path / name)
+        for name in (METADATA_CSV,):  # refused before any download, not after the first
+            check_regular(self.path / name)
 
     def exists(self) -> bool:
         return (self.state_dir).is_dir()
