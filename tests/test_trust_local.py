@@ -329,3 +329,20 @@ def test_a_linked_cache_folder_is_refused_in_one_line(local_archive, tmp_path):
     assert len(lines) == 1 and ".nbia-server-cache" in lines[0], done.stderr
     assert "symbolic link" in lines[0] and "Traceback" not in done.stderr
     assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_merge_reports_refuses_a_special_metadata_csv(tmp_path, archive, hostile, kind):
+    uid = archive.series[0].series_uid
+    cart = write_manifest(tmp_path / "cart.tcia", [uid], hostile.download_url)
+    done = run_cli(["download", str(cart), "-d", str(tmp_path / "dl"), "--api", "v1",
+                    "--quiet"], env=env(), timeout=PROMPT)
+    assert done.returncode == 0, done.stderr
+    root = tmp_path / "dl" / ROOT_NAME
+    (root / "metadata.csv").unlink()
+    plant(root / "metadata.csv", kind)
+    done = run_cli(["merge-reports", str(root)], env=env(), timeout=PROMPT)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(root / "metadata.csv") in lines[0], done.stderr
+    assert f"is {KINDS[kind]}" in lines[0]

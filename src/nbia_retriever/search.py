@@ -643,12 +643,14 @@ def merge_reports(root: str | os.PathLike[str], *,
 
 
 def _merge_csv(path: Path, done: Mapping[str, Any], result: MergeReport, *, fix: bool) -> None:
+    from .ondisk import check_regular
     from .report import METADATA_HEADER as header
     from .report import metadata_row
 
     rows: list[list[str]] = []
     seen: set[str] = set()
     changed = False
+    check_regular(path)  # no link, FIFO or device: a FIFO blocks the read, /dev/zero never ends
     if path.exists():
         try:
             text = path.read_text(encoding="utf-8-sig")
