@@ -244,7 +244,7 @@ class Planner:
         if record.unchanged(stamp):
             return True
         needs = record.needs
-        count = file_count(self.root.path / record.relpath)
+        count = file_count(os.path.join(self.root.path, record.relpath))
         if count is None or count < needs:
             return False
         if seen is not None:

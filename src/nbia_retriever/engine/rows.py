@@ -20,6 +20,7 @@ swapped in under the same name, with the mtime copied, is never taken as unchang
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import os
@@ -27,6 +28,7 @@ import re
 import secrets
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 #: How deep series folders sit below the root (Collection/Patient/Study/Series).
@@ -98,9 +100,9 @@ class FolderCheck:
 
     def folder(self, relpath: object) -> os.stat_result | bool | None:
         """The ``lstat`` of a row's series folder; None when it is absent; :data:`REFUSED`
-        when the row names anything but a folder inside the root."""
+        when the row names anything but a folder inside the root ("": no folder)."""
         if not is_safe_relpath(relpath):
-            return REFUSED
+            return None if relpath == "" else REFUSED
         assert isinstance(relpath, str)
         study = relpath[:relpath.rfind("/")]
         ok = self._parents.get(study)
@@ -122,12 +124,83 @@ class FolderCheck:
             return None
         return st if stat.S_ISDIR(st.st_mode) else REFUSED
 
+    def stamps(self, relpaths: Iterable[str]) -> dict[str, int | bool | None]:
+        """relpath -> the :func:`folder_stamp` of its folder, None when absent,
+        :data:`REFUSED` as :meth:`folder` says, for many rows at once.
+
+        In path order, each collection, patient and study folder opened once, relative
+        to its parent's descriptor with ``O_NOFOLLOW`` (a link anywhere is refused, and
+        nothing can be swapped in between), and each series folder looked at relative
+        to its study's: a fraction of the path walks of one ``lstat`` per row, which is
+        what a no-op re-run of 200,000 series spends its time on.
+        """
+        if not _FD_OK:  # pragma: no cover - Windows: one row at a time
+            return {r: (folder_stamp(st) if isinstance(st, os.stat_result) else st)
+                    for r in relpaths for st in (self.folder(r),)}
+        found: dict[str, int | bool | None] = {}
+        # (name, descriptor or None for absent or REFUSED) of the open collection,
+        # patient and study folders.
+        open_: list[tuple[str, int | bool | None]] = []
+        root = os.open(self.root, _DIR_FLAGS)
+        try:
+            for relpath in sorted(set(relpaths)):
+                if not is_safe_relpath(relpath):
+                    found[relpath] = None if relpath == "" else REFUSED
+                    continue
+                *parents, name = relpath.split("/")
+                depth = 0
+                while depth < len(open_) and open_[depth][0] == parents[depth]:
+                    depth += 1
+                for _, fd in open_[depth:]:
+                    if type(fd) is int:  # (not None, not REFUSED: a bool)
+                        os.close(fd)
+                del open_[depth:]
+                for part in parents[depth:]:
+                    above = open_[-1][1] if open_ else root
+                    open_.append((part, _open_below(above, part)))
+                where = open_[-1][1]
+                if where is None or where is REFUSED:
+                    found[relpath] = where
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=where, follow_symlinks=False)
+                except OSError:
+                    found[relpath] = None
+                    continue
+                found[relpath] = folder_stamp(st) if stat.S_ISDIR(st.st_mode) else REFUSED
+        finally:
+            for _, fd in open_:
+                if type(fd) is int:
+                    os.close(fd)
+            os.close(root)
+        return found
+
     def forget(self) -> None:
         """Drop the cache (a folder may become a link later; and it is memory)."""
         self._parents = {}
 
 
-def file_count(folder: Path) -> int | None:
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+_FD_OK = (os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd
+          and bool(_NOFOLLOW))
+
+
+def _open_below(above: int | bool | None, name: str) -> int | bool | None:
+    """``name`` in the folder ``above`` (a descriptor), opened without following a
+    link; None when it (or ``above``) is absent, :data:`REFUSED` when it (or ``above``)
+    is a link or no folder."""
+    if above is None or above is REFUSED:
+        return above
+    try:
+        return os.open(name, _DIR_FLAGS | _NOFOLLOW, dir_fd=above)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            return REFUSED
+        return None
+
+
+def file_count(folder: str | Path) -> int | None:
     """Regular files in ``folder`` (links are not counted, nor followed); None when it
     cannot be listed."""
     try:
