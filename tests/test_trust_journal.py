@@ -323,3 +323,22 @@ def test_rows_of_an_older_version_are_counted_once_then_signed(tmp_path, archive
     assert report.ok and report.skipped == 2 and image_requests(server) == []
     assert report.warnings == []
     assert trusted_rows(root) == dict.fromkeys(uids[:-1], True)
+
+
+def test_the_row_key_is_private_or_not_used(tmp_path, monkeypatch):
+    """The key is created 0600 in the user's data folder; a key file others can read
+    (or one of the wrong size) is not used: no row is then believed without a count."""
+    from nbia_retriever.engine.rows import ENV_DATA, KEY_NAME, row_key
+
+    monkeypatch.setenv(ENV_DATA, str(tmp_path / "fresh"))
+    assert row_key() is None  # never created by a reader
+    key = row_key(create=True)
+    path = tmp_path / "fresh" / KEY_NAME
+    assert key is not None and len(key) == 32 and path.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv(ENV_DATA, str(tmp_path / "shared"))
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / KEY_NAME).write_bytes(b"k" * 32)
+    os.chmod(tmp_path / "shared" / KEY_NAME, 0o644)
+    assert row_key() is None and row_key(create=True) is None
+    os.chmod(tmp_path / "shared" / KEY_NAME, 0o600)
+    assert row_key() == b"k" * 32
