@@ -342,3 +342,24 @@ def test_the_row_key_is_private_or_not_used(tmp_path, monkeypatch):
     assert row_key() is None and row_key(create=True) is None
     os.chmod(tmp_path / "shared" / KEY_NAME, 0o600)
     assert row_key() == b"k" * 32
+
+
+def test_our_own_rows_through_a_planted_link_are_not_believed(tmp_path, archive, server):
+    """Someone moves our collection folder out of the root and links it back: our own
+    signed rows now lead outside, so they are refused (named in one warning), and the
+    folder outside is neither read nor written."""
+    root, uids = seeded(tmp_path, archive, server)
+    collection = next(p for p in root.iterdir() if p.is_dir() and p.name != ".nbia")
+    moved = tmp_path / "precious"
+    collection.rename(moved)
+    collection.symlink_to(moved)
+    before = snapshot(moved)
+    manifest = write_manifest(tmp_path / "first.tcia", uids[:-1], server.download_url)
+    done = run_cli(["download", str(manifest), "-d", str(tmp_path / "dl")], timeout=120)
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output and "precious" not in output, output
+    lines = warnings_naming(done.stderr, "journal.sqlite")
+    assert len(lines) == 1 and "2 rows" in lines[0], done.stderr
+    assert done.returncode != 0  # it cannot publish through the link either: refused
+    assert "symbolic link" in done.stderr
+    assert snapshot(moved) == before
