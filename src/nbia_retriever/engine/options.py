@@ -45,6 +45,8 @@ class DownloadOptions:
     #: Worker processes that stream and stage series (None: one per core but one, see
     #: ``engine.procs``); 0 keeps every stream on threads of this process.
     processes: int | None = None
+    #: Where series come from: a name in the source registry (``engine.source.SOURCES``).
+    source: str = "nbia"
 
     def __post_init__(self) -> None:
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
@@ -79,6 +81,8 @@ class DownloadOptions:
             if not (n >= 1 and 1 <= k <= n):
                 raise UsageError(f"shard must be K/N with 1 <= K <= N, not {k}/{n}")
         self.trusted_hosts = tuple(self.trusted_hosts)
+        if not isinstance(self.source, str) or not self.source:
+            raise UsageError(f"source must be the name of a source, not {self.source!r}")
 
     @property
     def streams_cap(self) -> int:

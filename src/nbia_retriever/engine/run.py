@@ -1062,6 +1062,8 @@ def make_engine(
                             duplicates_dropped=len(uids) - len(set(uids)))
     user, password = options.pop("user", None), options.pop("password", None)
     source = options.pop("source", None)
+    if isinstance(source, str):  # a registry name is an option; an object is the source
+        options["source"], source = source, None
     confirm = options.pop("confirm_host", None)
     known = set(DownloadOptions.__dataclass_fields__)
     unknown = sorted(set(options) - known)
