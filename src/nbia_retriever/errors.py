@@ -12,20 +12,49 @@ library to catch them. Anything else that escapes is a bug.
     NbiaError
     ├── ManifestError          a manifest, spreadsheet or UID list cannot be read
     ├── UsageError             a bad option value (URL, timeout, layout mismatch)
+    │   └── LayoutMismatchError  the destination was made with another layout
     ├── ApiError               the server answered something we cannot use
     │   ├── NotPublicError     ... and refuses the series for good (never retried)
+    │   ├── ApiMismatch        ... this build lacks that endpoint (try the next way)
     │   ├── NetworkError       no answer: reset, refused, timed out, stalled
     │   └── TlsError           the certificate cannot be verified (stops the run)
     ├── AuthError              login failed or is not allowed (exit code 3)
+    │   ├── StaleToken         a token went stale under us (refreshed, tried again)
     │   └── UntrustedHostError a password would go to a host the user did not choose
     ├── IntegrityError         a downloaded series failed verification
-    │   └── UnsafeArchiveError the zip stream tried something hostile
-    └── DestinationError       the download folder cannot be used safely
-        ├── DiskFullError      no room left (stops the run)
-        └── JournalError       the journal cannot be read or written (stops the run)
+    │   ├── UnsafeArchiveError the zip stream tried something hostile
+    │   └── NoRoomError        this series does not fit in the free space left
+    ├── DestinationError       the download folder cannot be used safely
+    │   ├── DiskFullError      no room left (stops the run)
+    │   └── JournalError       the journal cannot be read or written (stops the run)
+    ├── SeriesFailedError      some series of a run did not complete (raise_for_failures)
+    ├── MissingDependencyError an optional package (pandas) is missing (also an ImportError)
+    └── ServerError            the reference server (``serve``, ``synth``) cannot start
+        ├── ArchiveError       the archive folder or its nbia-archive.toml is unusable
+        ├── FaultSpecError     a --faults spec cannot be understood
+        └── SynthError         parameters that cannot make a synthetic archive
+
+Every class is defined here, once; the modules that raise them re-export their own
+(``from nbia_retriever.api.client import StaleToken`` keeps working).
+
+What a failure means is decided here too, in two functions and nowhere else:
+:func:`exit_code` (the CLI's exit status for an exception) and
+:func:`nbia_retriever.retry.classify` (retried or final, for every retry loop).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .report import SeriesResult
+
+#: CLI exit codes (stable, for scripts and job schedulers): every series complete; some
+#: series failed (or the run stopped); bad usage or an unreadable manifest; login failed
+#: or not allowed; interrupted (Ctrl-C: re-run the same command to resume).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class NbiaError(Exception):
@@ -54,6 +83,16 @@ class UsageError(NbiaError):
     that differs from the one the download root was made with (CLI exit code 2)."""
 
 
+class LayoutMismatchError(UsageError):
+    """The destination was made with another layout (``made``); one root never mixes
+    two. Front ends word the remedy their own way (a flag, a key)."""
+
+    def __init__(self, root: Path, made: str) -> None:
+        self.root, self.made = root, made
+        super().__init__(f"{root} was made with --layout {made}; re-run with --layout {made} "
+                         "(or choose another destination): one root never mixes two layouts")
+
+
 class ApiError(NbiaError):
     """The NBIA server answered something we cannot use (status, body or shape)."""
 
@@ -68,6 +107,11 @@ class ApiError(NbiaError):
 class NotPublicError(ApiError):
     """The server refuses a series for good (400 "not in public domain", 460 "login
     needed", 462 "insufficient privilege"): never retried."""
+
+
+class ApiMismatch(ApiError):
+    """This server build does not take that endpoint or parameter (400 "Invalid query
+    parameter", 404 on an endpoint): try the next way, never report it as a refusal."""
 
 
 class NetworkError(ApiError):
@@ -92,6 +136,12 @@ class AuthError(NbiaError):
     """Login failed or a token could not be obtained or refreshed (CLI exit code 3)."""
 
 
+class StaleToken(AuthError):
+    """A 401 on a request that carried a token: the token went stale (not the series'
+    fault); :meth:`~nbia_retriever.api.NbiaClient.series_answer_failed` refreshes it for
+    one more try."""
+
+
 class UntrustedHostError(AuthError):
     """A password or token would go to a host the user did not choose (one that only a
     manifest names, or plain http to a remote host). Nothing was sent."""
@@ -103,6 +153,11 @@ class IntegrityError(NbiaError):
 
 class UnsafeArchiveError(IntegrityError):
     """A zip stream tried something hostile: path tricks, bombs, absurd sizes."""
+
+
+class NoRoomError(IntegrityError):
+    """This series does not fit in the free space left (others may): the series fails,
+    the run goes on."""
 
 
 class DestinationError(NbiaError):
@@ -117,3 +172,60 @@ class DiskFullError(DestinationError):
 class JournalError(DestinationError):
     """The download journal is unreadable or unwritable (stops the run; the message says
     how to recover)."""
+
+
+class SeriesFailedError(NbiaError):
+    """Some series of a run did not complete (:meth:`Report.raise_for_failures`)."""
+
+    def __init__(self, message: str, failed: list[SeriesResult]) -> None:
+        self.failed = failed
+        super().__init__(message)
+
+
+class MissingDependencyError(NbiaError, ImportError):
+    """An optional package (pandas) is needed for this call; ``pip install`` it."""
+
+
+class ServerError(NbiaError):
+    """The reference server or the synthetic archive generator cannot do what was
+    asked (``serve`` and ``synth`` print it as one line)."""
+
+
+class ArchiveError(ServerError):
+    """The archive folder or its ``nbia-archive.toml`` cannot be served as it is."""
+
+
+class FaultSpecError(ServerError):
+    """A ``--faults`` spec or a fault script entry cannot be understood."""
+
+
+class SynthError(ServerError):
+    """Parameters that cannot make an archive, or an output folder already in use."""
+
+
+def exit_code(error: BaseException | None) -> int:
+    """The CLI exit code for a run or command that ended with ``error`` (None: success).
+
+    The one place that decides it; commands print ``str(error)`` and exit with this.
+
+    >>> exit_code(None), exit_code(AuthError("401")), exit_code(ManifestError("bad"))
+    (0, 3, 2)
+    >>> exit_code(DestinationError("a planted link")), exit_code(DiskFullError("full"))
+    (2, 1)
+    >>> exit_code(KeyboardInterrupt()), exit_code(NetworkError("reset"))
+    (130, 1)
+    """
+    if error is None:
+        return EXIT_OK
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, AuthError):
+        return EXIT_AUTH
+    if isinstance(error, UsageError | ManifestError):
+        return EXIT_USAGE
+    # A destination that cannot be used is a usage problem; one that filled up or whose
+    # journal broke mid-run is a failed run (re-run to resume).
+    if isinstance(error, DestinationError) and not isinstance(error, DiskFullError
+                                                              | JournalError):
+        return EXIT_USAGE
+    return EXIT_FAILED

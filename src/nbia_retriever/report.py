@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import NbiaError
+from .errors import SeriesFailedError as SeriesFailedError  # re-export
 from .models import FAILED_STATES, SeriesInfo, SeriesState
 from .ondisk import atomic_write_text, lock_file, open_regular, unlock_file
 from .untrusted import csv_cell, plain, redact
@@ -258,14 +258,6 @@ class SeriesResult:
     @property
     def expected_bytes(self) -> int | None:
         return self.info.file_size if self.info else None
-
-
-class SeriesFailedError(NbiaError):
-    """Some series of a run did not complete (:meth:`Report.raise_for_failures`)."""
-
-    def __init__(self, message: str, failed: list[SeriesResult]) -> None:
-        self.failed = failed
-        super().__init__(message)
 
 
 @dataclass

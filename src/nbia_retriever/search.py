@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from .api import DEFAULT_API_URL, NbiaClient
 from .errors import AuthError, ManifestError, NbiaError, NotPublicError, TlsError
+from .errors import MissingDependencyError as MissingDependencyError  # re-export
 from .models import ALIASES, INFO_FIELDS, SeriesInfo, SeriesState, normalise_series_metadata
 
 __all__ = [
@@ -83,10 +84,6 @@ CSV_COLUMNS: tuple[tuple[str, str], ...] = (
     ("FileSize", "file_size"),
     ("LicenseName", "license_name"),
 )
-
-
-class MissingDependencyError(NbiaError, ImportError):
-    """An optional package (pandas) is needed for this call; ``pip install`` it."""
 
 
 # ------------------------------------------------------------------------------- clients

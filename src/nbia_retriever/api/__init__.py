@@ -13,7 +13,7 @@ needs to import an HTTP library.
 
 from __future__ import annotations
 
-from ..errors import TlsError
+from ..errors import ApiMismatch, StaleToken, TlsError
 from ..retry import backoff_delay
 from .auth import (
     GUEST_USER,
@@ -29,11 +29,9 @@ from .client import (
     API_VERSIONS,
     DEFAULT_API_URL,
     V4_BATCH,
-    ApiMismatch,
     MetadataBatch,
     NbiaClient,
     SeriesRequest,
-    StaleToken,
     check_status,
     open_series_request,
     parse_retry_after,

@@ -40,6 +40,8 @@ from ..errors import (
     TlsError,
     UsageError,
 )
+from ..errors import ApiMismatch as ApiMismatch  # re-export
+from ..errors import StaleToken as StaleToken  # re-export
 from ..models import SeriesInfo, normalise_records
 from ..retry import RetryPolicy
 from ..untrusted import quote
@@ -54,11 +56,6 @@ API_VERSIONS = ("auto", "v1", "v2", "v4")
 V4_BATCH = 10_000
 #: v1/v2 series whose metadata is requested before a batch is handed out.
 V1_BATCH = 64
-
-
-class ApiMismatch(ApiError):
-    """This server build does not take that endpoint or parameter (400 "Invalid query
-    parameter", 404 on an endpoint): try the next way, never report it as a refusal."""
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -138,11 +135,6 @@ class _ImageWay:
     def __str__(self) -> str:
         extra = "".join(f"&{k}={v}" for k, v in self.params)
         return f"{self.version}/{self.endpoint}{'?' + extra[1:] if extra else ''}"
-
-
-class StaleToken(AuthError):
-    """A 401 on a request that carried a token: the token went stale (not the series'
-    fault); :meth:`NbiaClient.series_answer_failed` refreshes it for one more try."""
 
 
 @dataclass(frozen=True)

@@ -32,24 +32,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DestinationError, UsageError
+from ..errors import DestinationError
+from ..errors import LayoutMismatchError as LayoutMismatchError  # re-export
 from ..layout import FolderPlanner, Layout, java_clean, series_relpath_mode
 from ..models import SeriesInfo, SeriesState
 from ..ondisk import STATE_DIR, DownloadRoot
 from .journal import CompleteRecord, FileRecord, Journal
 from .rows import file_count, folder_stamp
 from .source import Source
-
-
-class LayoutMismatchError(UsageError):
-    """The destination was made with another layout (``made``); one root never mixes
-    two. Front ends word the remedy their own way (a flag, a key)."""
-
-    def __init__(self, root: Path, made: str) -> None:
-        self.root, self.made = root, made
-        super().__init__(f"{root} was made with --layout {made}; re-run with --layout {made} "
-                         "(or choose another destination): one root never mixes two layouts")
-
 
 #: Placeholder StudyID used to find a Java study folder when the metadata has none.
 _STUDY_MARK = "QQQQSTUDYIDQQQQ"

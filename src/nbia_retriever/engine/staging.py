@@ -39,6 +39,7 @@ from pathlib import Path
 from .._dicomtags import TAGS, fast_tags
 from .._zipstream import EntryData, EntryEnd, EntryStart, ZipStreamReader
 from ..errors import DiskFullError, IntegrityError, UnsafeArchiveError
+from ..errors import NoRoomError as NoRoomError  # re-export
 from ..layout import sanitize_component
 from ..models import SeriesInfo
 from ..naming import LICENSE_ENTRY, MD5_ENTRY
@@ -190,11 +191,6 @@ def reserve_for(root: Path) -> int | None:
     if free is None:
         return None
     return max(RESERVE_MIN, int(free * RESERVE_SHARE)) + RESERVE_GUARD
-
-
-class NoRoomError(IntegrityError):
-    """This series does not fit in the free space left (others may): the series fails,
-    the run goes on."""
 
 
 def check_space(root: Path, need: int, uid: str) -> None:

@@ -8,10 +8,11 @@ breaks on purpose, deterministically, in the ways real servers break (see
 
 from __future__ import annotations
 
+from ..errors import ArchiveError, FaultSpecError
 from .app import RequestRecord, format_manifest
 from .cli import serve_command
-from .config import ArchiveError, CollectionConfig, ServerConfig, UserConfig, load_config
-from .faults import Fault, FaultPlan, FaultSpecError, parse_rate
+from .config import CollectionConfig, ServerConfig, UserConfig, load_config
+from .faults import Fault, FaultPlan, parse_rate
 from .index import ArchiveIndex
 from .runner import ReferenceServer, run_server
 

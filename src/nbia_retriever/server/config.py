@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import NbiaError
+from ..errors import ArchiveError as ArchiveError  # re-export
 
 CONFIG_NAME = "nbia-archive.toml"
 GUEST_USER = "nbia_guest"
@@ -40,10 +40,6 @@ DEFAULT_LICENSE_NAME = "Creative Commons Attribution 4.0 International License"
 DEFAULT_LICENSE_URL = "https://creativecommons.org/licenses/by/4.0/"
 DEFAULT_TOKEN_LIFETIME = 7200.0
 DEFAULT_REFRESH_LIFETIME = 86400.0
-
-
-class ArchiveError(NbiaError):
-    """The archive folder or its ``nbia-archive.toml`` cannot be served as it is."""
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import NbiaError
+from ..errors import FaultSpecError as FaultSpecError  # re-export
 
 HTTP_KINDS = ("http500", "http503", "http429")
 STREAM_KINDS = ("reset", "short", "corrupt", "stall")
@@ -67,10 +67,6 @@ SCRIPT_KINDS = ("http460", "http462")
 #: Every kind answered with a status instead of a stream.
 STATUS_KINDS = HTTP_KINDS + SCRIPT_KINDS
 _ALIASES = {"500": "http500", "503": "http503", "429": "http429"}
-
-
-class FaultSpecError(NbiaError):
-    """A ``--faults`` spec or a fault script entry cannot be understood."""
 
 
 @dataclass(frozen=True)

@@ -17,19 +17,28 @@ folder is removed (a link, never its target) and the cache rebuilt around it; an
 whose blob is not ``blobs/<md5[:2]>/<md5>.z``, not a regular file of the recorded size,
 is indexed again from the archive's image, never served. A link planted as the cache
 folder itself is refused: it is not ours to remove.
+
+Every row carries a MAC over all its columns under this user's key (the journal's row
+key, :func:`~nbia_retriever.engine.rows.row_key`): a row someone edited (its CRC, its
+series, the blob it names) fails it and is indexed again, never served.
+:class:`BlobStore` does every file operation below ``blobs/`` relative to folder
+descriptors opened without following a link, so a folder swapped for a link while the
+cache is written or cleaned is never written through or emptied.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import hmac
 import logging
 import os
 import re
+import secrets
 import shutil
 import sqlite3
 import stat
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,13 +48,14 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ..engine.rows import row_key
+from ..errors import ArchiveError
 from ..ondisk import file_kind, open_regular
-from .config import ArchiveError
 
 log = logging.getLogger(__name__)
 
 CACHE_DIRNAME = ".nbia-server-cache"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: every row carries its MAC
 COMPRESSION_LEVEL = 6
 _READ_BLOCK = 1 << 20
 _MD5 = re.compile(r"[0-9a-f]{32}")
@@ -173,8 +183,14 @@ class ArchiveIndex:
         except OSError as exc:
             raise ArchiveError(f"{cache}: cannot create the index cache: {exc}") from None
         with _locked(cache / "lock"):
-            _own_blob_folders(cache / "blobs")
-            rows, skipped = _refresh(root, cache, workers, progress)
+            try:
+                store = BlobStore(cache / "blobs")
+            except OSError as exc:  # swapped for a link since _prepare_cache
+                raise ArchiveError(f"{cache / 'blobs'}: cannot open the index cache's "
+                                   f"blob folder: {exc}") from None
+            with store:
+                store.own_folders()
+                rows, skipped = _refresh(root, cache, store, workers, progress)
         return cls(root, cache, _group(rows), skipped)
 
 
@@ -227,13 +243,210 @@ def _prepare_cache(cache: Path, *, inside_archive: bool) -> None:
                 _discard(cache / name, file_kind(mode))
 
 
-def _own_blob_folders(blobs: Path) -> None:
-    """Only real folders below ``blobs/``: a link there (``blobs/ab -> /home/you``) would
-    be written through by indexing and emptied by garbage collection."""
-    for entry in os.scandir(blobs):
-        if not entry.is_dir(follow_symlinks=False) and not (
-                entry.name.startswith(".tmp-") and entry.is_file(follow_symlinks=False)):
-            _discard(Path(entry.path), file_kind(entry.stat(follow_symlinks=False).st_mode))
+_DIR_FLAGS = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+              | getattr(os, "O_CLOEXEC", 0))
+#: Descriptor-relative file operations (POSIX); elsewhere (Windows) by path.
+_FD_OK = (os.open in os.supports_dir_fd and os.unlink in os.supports_dir_fd
+          and os.rename in os.supports_dir_fd and os.mkdir in os.supports_dir_fd
+          and os.scandir in os.supports_fd)
+#: What opening a link or a file with :data:`_DIR_FLAGS` raises.
+_NOT_A_FOLDER = (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)
+
+
+def _open_dir(name: str | Path, dir_fd: int | None = None) -> int:
+    """A folder's descriptor, never through a link at its name (ELOOP/ENOTDIR then)."""
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+class BlobFolder:
+    """One ``blobs/<xx>`` folder, held by a descriptor opened without following a link.
+
+    Listing, removing and renaming here act on this very folder, whatever its name is
+    swapped for after it was opened (a link to ``/home/you`` planted mid-clean-up is
+    never entered: the clean-up deletes by name only inside the folder it opened)."""
+
+    def __init__(self, store: BlobStore, name: str, fd: int | None) -> None:
+        self.store = store
+        self.name = name
+        self._fd = fd
+
+    def __enter__(self) -> BlobFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _at(self, name: str) -> tuple[str, int | None]:
+        if self._fd is None:
+            return os.path.join(self.store.path, self.name, name), None
+        return name, self._fd
+
+    def adopt(self, blob: Compressed) -> str:
+        """Move a freshly written blob (:meth:`BlobStore.compress`) to its name here;
+        a link planted as that name is replaced, never followed. Returns its cache name."""
+        target, dst_fd = self._at(f"{blob.md5}.z")
+        source, src_fd = self.store._at(blob.tmp)
+        os.replace(source, target, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        return blob_name(blob.md5)
+
+    def sweep(self, referenced: set[str]) -> None:
+        """Remove every entry no index row uses (links themselves, never their targets)."""
+        listing = os.scandir(self._fd if self._fd is not None
+                             else os.path.join(self.store.path, self.name))
+        with listing:
+            names = [e.name for e in listing if not e.is_dir(follow_symlinks=False)]
+        for name in names:
+            if f"blobs/{self.name}/{name}" not in referenced:
+                path, fd = self._at(name)
+                with contextlib.suppress(OSError):
+                    os.unlink(path, dir_fd=fd)
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """An image's MD5, CRC-32 and DEFLATE blob, written to ``blobs/<tmp>`` so far."""
+
+    tmp: str
+    md5: str
+    crc32: int
+    compressed_size: int
+
+
+class BlobStore:
+    """The cache's ``blobs/`` folder, opened once without following a link.
+
+    Everything below it goes through descriptors (``dir_fd=``): a name swapped for a
+    link between two steps here is never followed, because no step resolves a path
+    through a folder's name after opening it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = _open_dir(path) if _FD_OK else None
+
+    def __enter__(self) -> BlobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _at(self, name: str) -> tuple[str, int | None]:
+        if self._fd is None:
+            return os.path.join(self.path, name), None
+        return name, self._fd
+
+    def _discard(self, name: str, what: str) -> None:
+        log.warning("%s: %s in the index cache, removed (rebuilt)", self.path / name, what)
+        path, fd = self._at(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path, dir_fd=fd)
+
+    def own_folders(self) -> None:
+        """Only real folders below ``blobs/``: a link there (``blobs/ab -> /home/you``)
+        is removed (the link, not its target), and so is any other file but our own
+        temporary ones."""
+        with os.scandir(self._fd if self._fd is not None else self.path) as listing:
+            strays = [(e.name, file_kind(e.stat(follow_symlinks=False).st_mode))
+                      for e in listing
+                      if not e.is_dir(follow_symlinks=False)
+                      and not (e.name.startswith(".tmp-") and e.is_file(follow_symlinks=False))]
+        for name, what in strays:
+            self._discard(name, what)
+
+    def folder_names(self) -> list[str]:
+        """The sub-folders, as listed now (each opened later by :meth:`folder`)."""
+        with os.scandir(self._fd if self._fd is not None else self.path) as listing:
+            return sorted(e.name for e in listing if e.is_dir(follow_symlinks=False))
+
+    def folder(self, name: str, *, create: bool = False) -> BlobFolder | None:
+        """``blobs/<name>``, opened without following a link; None if it is absent (or
+        not a folder) and not ``create``. With ``create`` a link or file there is removed
+        and a real folder made."""
+        if self._fd is None:
+            folder = self.path / name
+            if create:
+                _own_dir(folder)
+            return BlobFolder(self, name, None) if folder.is_dir() else None
+        for _ in range(3):  # each round removes what someone planted since the last
+            try:
+                return BlobFolder(self, name, _open_dir(name, self._fd))
+            except FileNotFoundError:
+                if not create:
+                    return None
+            except OSError as exc:
+                if exc.errno not in _NOT_A_FOLDER:
+                    raise
+                if not create:  # a link or a file: nothing of ours to open
+                    return None
+                with contextlib.suppress(FileNotFoundError):
+                    self._discard(name, file_kind(
+                        os.stat(name, dir_fd=self._fd, follow_symlinks=False).st_mode))
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_fd=self._fd)
+        raise OSError(errno.ELOOP, f"{self.path / name}: keeps being replaced by a link")
+
+    def compress(self, source: Path) -> Compressed:
+        """MD5, CRC-32 and a raw DEFLATE blob of ``source``, in one streaming pass (flat
+        memory), to a new temporary file here (created, never opened through a link)."""
+        digest = hashlib.md5(usedforsecurity=False)
+        crc = 0
+        csize = 0
+        deflate = zlib.compressobj(COMPRESSION_LEVEL, zlib.DEFLATED, -15)
+        tmp = f".tmp-{secrets.token_hex(8)}"
+        path, dir_fd = self._at(tmp)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0), 0o600,
+                     dir_fd=dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                while block := src.read(_READ_BLOCK):
+                    digest.update(block)
+                    crc = zlib.crc32(block, crc)
+                    data = deflate.compress(block)
+                    csize += len(data)
+                    out.write(data)
+                data = deflate.flush()
+                csize += len(data)
+                out.write(data)
+        except BaseException:
+            self.remove_tmp(tmp)
+            raise
+        return Compressed(tmp, digest.hexdigest(), crc, csize)
+
+    def remove_tmp(self, tmp: str) -> None:
+        path, fd = self._at(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(path, dir_fd=fd)
+
+    def put(self, source: Path) -> tuple[str, int, int, str]:
+        """(md5, crc32, compressed size, cache name) of ``source``, its blob in place."""
+        blob = self.compress(source)
+        try:
+            folder = self.folder(blob.md5[:2], create=True)
+            assert folder is not None  # created
+            with folder:
+                name = folder.adopt(blob)
+        except BaseException:
+            self.remove_tmp(blob.tmp)
+            raise
+        return blob.md5, blob.crc32, blob.compressed_size, name
+
+    def collect_garbage(self, referenced: set[str]) -> None:
+        """Drop blobs no indexed file uses any more (edited or deleted images)."""
+        for name in self.folder_names():
+            folder = self.folder(name)  # None: swapped for a link since the listing
+            if folder is not None:
+                with folder:
+                    folder.sweep(referenced)
 
 
 def blob_name(md5: str) -> str:
@@ -252,6 +465,25 @@ def _blob_ok(cache: Path, row: dict[str, object]) -> bool:
     except OSError:
         return False
     return stat.S_ISREG(st.st_mode) and st.st_size == row["compressed_size"]
+
+
+#: Sets the index's MACs apart from the journal's, which use the same key.
+_MAC_PERSON = b"nbia-srv-index"
+
+
+def _row_mac(key: bytes, row: dict[str, object]) -> str:
+    """The MAC of all a row says (hex, 128 bits). Columns are joined by NUL, which no
+    value holds (:func:`_text` drops it), so no two rows share a message."""
+    message = "\0".join([str(row[c]) for c in _FILE_COLUMNS])
+    return hashlib.blake2b(message.encode("utf-8", "surrogatepass"), key=key,
+                           digest_size=16, person=_MAC_PERSON).hexdigest()
+
+
+def _row_signed(key: bytes | None, row: dict[str, object]) -> bool:
+    """The row is as this user's server wrote it (no key: nothing is believed)."""
+    mac = row.get("mac")
+    return key is not None and isinstance(mac, str) and hmac.compare_digest(
+        mac, _row_mac(key, row))
 
 
 def _scan(root: Path) -> Iterator[tuple[str, str, int, int]]:
@@ -290,14 +522,20 @@ def _connect(cache: Path) -> sqlite3.Connection:
         f"{c} {'INTEGER' if c in ('size', 'mtime_ns', 'crc32', 'compressed_size') else 'TEXT'}"
         for c in _FILE_COLUMNS
     )
-    db.execute(f"CREATE TABLE IF NOT EXISTS files ({columns}, PRIMARY KEY (relpath))")
+    db.execute(f"CREATE TABLE IF NOT EXISTS files ({columns}, mac TEXT, "
+               "PRIMARY KEY (relpath))")
     db.commit()
     return db
 
 
 def _refresh(
-    root: Path, cache: Path, workers: int | None, progress: Callable[[int, int], None] | None
+    root: Path, cache: Path, store: BlobStore, workers: int | None,
+    progress: Callable[[int, int], None] | None
 ) -> tuple[list[dict[str, object]], list[str]]:
+    key = row_key(create=True)
+    if key is None:
+        log.warning("no private key for the index cache's rows (%s): every image is "
+                    "indexed again", "see NBIA_RETRIEVER_DATA")
     db = _connect(cache)
     try:
         db.row_factory = sqlite3.Row
@@ -312,13 +550,14 @@ def _refresh(
                 or row["size"] != size
                 or row["mtime_ns"] != mtime
                 or row["collection"] != collection
+                or not _row_signed(key, row)  # edited: its CRC, series, blob ...
                 or not _blob_ok(cache, row)
             ):
                 todo.append((collection, rel, size, mtime))
         gone = [rel for rel in cached if rel not in present]
         skipped: list[str] = []
         if todo:
-            fresh = _process(root, cache, todo, workers, progress)
+            fresh = _process(root, store, todo, workers, progress)
             for (_, rel, _, _), row in zip(todo, fresh, strict=True):
                 if row is None:
                     skipped.append(rel)
@@ -326,10 +565,12 @@ def _refresh(
                     gone.append(rel)
                 else:
                     cached[rel] = row
-            placeholders = ", ".join("?" for _ in _FILE_COLUMNS)
+            placeholders = ", ".join("?" for _ in range(len(_FILE_COLUMNS) + 1))
             db.executemany(
                 f"INSERT OR REPLACE INTO files VALUES ({placeholders})",
-                [[row[c] for c in _FILE_COLUMNS] for row in fresh if row is not None],
+                [[*(row[c] for c in _FILE_COLUMNS),
+                  _row_mac(key, row) if key is not None else None]
+                 for row in fresh if row is not None],
             )
         if gone:
             db.executemany("DELETE FROM files WHERE relpath = ?", [(rel,) for rel in gone])
@@ -337,7 +578,7 @@ def _refresh(
                 cached.pop(rel, None)
         db.commit()
         if todo or gone:
-            _collect_garbage(cache, {str(row["blob"]) for row in cached.values()})
+            store.collect_garbage({str(row["blob"]) for row in cached.values()})
         return [cached[rel] for rel in sorted(cached)], skipped
     finally:
         db.close()
@@ -345,7 +586,7 @@ def _refresh(
 
 def _process(
     root: Path,
-    cache: Path,
+    store: BlobStore,
     todo: list[tuple[str, str, int, int]],
     workers: int | None,
     progress: Callable[[int, int], None] | None,
@@ -354,7 +595,7 @@ def _process(
 
     def one(item: tuple[str, str, int, int]) -> dict[str, object] | None:
         collection, rel, size, mtime = item
-        return _index_file(root, cache, collection, rel, size, mtime)
+        return _index_file(root, store, collection, rel, size, mtime)
 
     results: list[dict[str, object] | None] = []
     count = workers or min(4, os.cpu_count() or 1)
@@ -370,12 +611,12 @@ def _text(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)  # type: ignore[attr-defined]
-    return str(value).strip()
+        return "\\".join(str(v) for v in value).replace("\0", "")  # type: ignore[attr-defined]
+    return str(value).replace("\0", "").strip()  # no NUL: it separates a MAC's columns
 
 
 def _index_file(
-    root: Path, cache: Path, collection: str, rel: str, size: int, mtime: int
+    root: Path, store: BlobStore, collection: str, rel: str, size: int, mtime: int
 ) -> dict[str, object] | None:
     path = root / rel
     try:
@@ -390,56 +631,13 @@ def _index_file(
         log.warning("%s: skipped, no SeriesInstanceUID", rel)
         return None
     try:
-        md5, crc, csize, blob = _compress(path, cache)
+        md5, crc, csize, blob = store.put(path)
     except OSError as exc:
         log.warning("%s: skipped, cannot read: %s", rel, exc)
         return None
     row.update(relpath=rel, size=size, mtime_ns=mtime, md5=md5, crc32=crc,
                compressed_size=csize, blob=blob, collection=collection)
     return row
-
-
-def _compress(path: Path, cache: Path) -> tuple[str, int, int, str]:
-    """MD5, CRC-32 and a raw DEFLATE blob, in one streaming pass (flat memory)."""
-    blobs = cache / "blobs"
-    digest = hashlib.md5(usedforsecurity=False)
-    crc = 0
-    csize = 0
-    deflate = zlib.compressobj(COMPRESSION_LEVEL, zlib.DEFLATED, -15)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=blobs)
-    try:
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-            while block := src.read(_READ_BLOCK):
-                digest.update(block)
-                crc = zlib.crc32(block, crc)
-                data = deflate.compress(block)
-                csize += len(data)
-                out.write(data)
-            data = deflate.flush()
-            csize += len(data)
-            out.write(data)
-        md5 = digest.hexdigest()
-        blob = blob_name(md5)
-        target = cache / blob
-        _own_dir(target.parent)
-        os.replace(tmp, target)  # replaces a link planted as the blob, never follows it
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return md5, crc, csize, blob
-
-
-def _collect_garbage(cache: Path, referenced: set[str]) -> None:
-    """Drop blobs no indexed file uses any more (edited or deleted images)."""
-    blobs = cache / "blobs"
-    for sub in os.scandir(blobs):
-        if not sub.is_dir(follow_symlinks=False):  # never into a linked folder
-            continue
-        for blob in os.scandir(sub.path):
-            if f"blobs/{sub.name}/{blob.name}" not in referenced:
-                with contextlib.suppress(OSError):
-                    os.unlink(blob.path)
 
 
 def _group(rows: list[dict[str, object]]) -> dict[str, SeriesRecord]:

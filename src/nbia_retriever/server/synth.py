@@ -48,6 +48,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ..errors import NbiaError
+from ..errors import SynthError as SynthError  # re-export
 
 __all__ = [
     "AWKWARD_SERIES_KINDS",
@@ -121,10 +122,6 @@ _PLAIN_SERIES_DESCRIPTIONS = (
 _PLAIN_STUDY_DESCRIPTIONS = ("CT CHEST WITHOUT CONTRAST", "CT THORAX", "LUNG SCREENING LOW DOSE")
 _MANUFACTURERS = ("SIEMENS", "GE MEDICAL SYSTEMS", "Philips", "TOSHIBA")
 _THICKNESSES = ("0.625", "1.0", "1.25", "2.5", "5.0")
-
-
-class SynthError(NbiaError):
-    """Parameters that cannot make an archive, or an output folder already in use."""
 
 
 @dataclass(frozen=True)
