@@ -395,8 +395,11 @@ def test_loopback_and_the_child_command(manifest: Path, tmp_path: Path) -> None:
         assert is_loopback(host), host
     for host in ("0.0.0.0", "::", "192.168.1.10", "example.org", ""):
         assert not is_loopback(host), host
-    argv = child_argv(str(manifest), dest="out dir", api="v2", api_url=None, user="bob",
-                      workers=3, layout="classic")
+    from nbia_retriever.engine import DownloadOptions
+
+    argv = child_argv(str(manifest), dest="out dir", user="bob",
+                      options=DownloadOptions(api="v2", api_url=None, workers=3,
+                                              layout="classic"))
     assert argv[1:5] == ["-P", "-m", "nbia_retriever.cli", "open"]
     assert "--api-url" not in argv and "--web" not in argv
     assert argv[argv.index("--dest") + 1] == os.path.abspath("out dir")

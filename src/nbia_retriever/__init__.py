@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     ApiError,
     AuthError,
@@ -17,18 +19,31 @@ from .errors import (
 from .models import SeriesInfo, SeriesState
 from .report import Report, SeriesFailedError, SeriesResult
 
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+    from typing import Unpack
+
+    from .engine import Engine
+    from .engine.options import DownloadKwargs
+    from .manifest import Manifest
+
 __version__ = "0.1.0"
 
 
-def download(manifest, dest=".", *, progress=None, **options):  # type: ignore[no-untyped-def]
+def download(manifest: Manifest | str | os.PathLike[str] | Sequence[str],
+             dest: str | os.PathLike[str] = ".", *, progress: bool | None = None,
+             **options: Unpack[DownloadKwargs]) -> Report:
     """Download every series of ``manifest`` into ``dest`` and return the :class:`Report`.
 
     ``manifest`` is a path (``.tcia``, CSV/TSV, UID list), a parsed ``Manifest`` or a list
     of Series Instance UIDs. ``options`` are the fields of
     :class:`~nbia_retriever.engine.DownloadOptions` (``workers``, ``retries``,
-    ``api_url``, ``layout``, ``md5``, ``only_failed``, ...) plus ``user``/``password``
-    for limited-access collections. Blocks until done; for start/pause/resume use
-    :func:`make_engine` (an :class:`~nbia_retriever.engine.Engine`).
+    ``api_url``, ``layout``, ``md5``, ``only_failed``, ...), with its defaults, plus
+    ``user``/``password`` for limited-access collections: typed keyword parameters
+    (:class:`~nbia_retriever.engine.options.DownloadKwargs`), so mypy checks a call. Blocks
+    until done; for start/pause/resume use :func:`make_engine` (an
+    :class:`~nbia_retriever.engine.Engine`).
 
     ``progress``: a progress bar (rich) is drawn in a notebook or an interactive
     terminal; ``False`` never draws one, ``True`` always does.
@@ -51,7 +66,7 @@ def download(manifest, dest=".", *, progress=None, **options):  # type: ignore[n
     from .progress import run_with_bar, wanted
 
     engine = make_engine(manifest, dest, **options)
-    report = run_with_bar(engine) if wanted(progress) else engine.run()
+    report: Report = run_with_bar(engine) if wanted(progress) else engine.run()
     fatal = engine.fatal_error
     if fatal is not None:
         fatal.report = report  # type: ignore[attr-defined]
@@ -59,9 +74,12 @@ def download(manifest, dest=".", *, progress=None, **options):  # type: ignore[n
     return report
 
 
-def make_engine(manifest, dest=".", **options):  # type: ignore[no-untyped-def]
+def make_engine(manifest: Manifest | str | os.PathLike[str] | Sequence[str],
+                dest: str | os.PathLike[str] = ".",
+                **options: Unpack[DownloadKwargs]) -> Engine:
     """An :class:`~nbia_retriever.engine.Engine` with ``start``, ``pause``, ``resume``,
-    ``cancel``, ``wait`` and ``subscribe`` (progress events), not yet started."""
+    ``cancel``, ``wait`` and ``subscribe`` (progress events), not yet started; the same
+    keyword parameters as :func:`download`."""
     from .engine import make_engine as _make
 
     return _make(manifest, dest, **options)

@@ -164,29 +164,13 @@ def warn_insecure(insecure: bool) -> None:
                    "anyone on the way can pose as the server", err=True)
 
 
-api_options = [
-    click.option("--api", "api", type=click.Choice(["auto", "v1", "v2", "v4"]), default="auto",
-                 show_default=True, help="API version (auto: v4, v1 if absent, v2 if logged in)."),
-    click.option("--api-url", metavar="URL",
-                 help="Services root, e.g. https://nbia.example.org/nbia-api/services "
-                      "(default: from the manifest's downloadServerUrl). A server you name "
-                      "here may receive your password."),
-    click.option("--user", metavar="NAME",
-                 help="Log in for limited-access collections (password: NBIA_PASSWORD, "
-                      "keyring, or prompt). Sent only to TCIA hosts, --api-url, or a "
-                      "trusted_hosts entry of your config file."),
-    click.option("--insecure", is_flag=True, help="Do not verify TLS certificates (unsafe)."),
-    click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
-                 show_default=True,
-                 help="Seconds in which an attempt must receive data; a server sending "
-                      "under 2 KiB/s on average over any such window is cut off too."),
-]
-
-
 def with_api_options(func: Any) -> Any:
-    for option in reversed(api_options):
-        func = option(func)
-    return func
+    """``--api``, ``--api-url``, ``--user``, ``--insecure``, ``--timeout``, declared once
+    with the download options (:mod:`.options`)."""
+    # Imported here: ``nbia-retriever --help`` loads this module, not the options.
+    from .options import connection_flags
+
+    return connection_flags(func)
 
 
 def human(size: int | None) -> str:

@@ -33,10 +33,10 @@ from .common import (
     host_of,
     inert,
     load_manifest,
-    parse_shard,
     warn_insecure,
     with_api_options,
 )
+from .options import download_flags, options_from_params
 
 #: With -q, failed series beyond this many are summarised as a count.
 QUIET_REASONS = 20
@@ -47,37 +47,15 @@ QUIET_REASONS = 20
 @click.option("-d", "--dest", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Destination folder; the download goes into a folder named after the "
                    "manifest's databasketId.")
-@click.option("-w", "--workers", type=click.IntRange(1, 64), default=None,
-              help="Pin the number of series downloaded at once (default: found at run "
-                   "time, up to --max-connections).")
-@click.option("--max-connections", type=click.IntRange(1, 64), default=16, show_default=True,
-              help="Most concurrent series streams to one server; the number also halves "
-                   "by itself when the server answers 429/503 and recovers after.")
-@click.option("--processes", type=click.IntRange(0, 64), default=None,
-              help="Worker processes that stream and unpack series (default: one per core but one; "
-                   "0: threads of this process only).")
-@click.option("--retries", type=click.IntRange(0, 100), default=None,
-              help="Retries per series (default: the manifest's noOfrRetry, else 4).")
-@click.option("--layout", type=click.Choice(["descriptive", "classic"]), default="descriptive",
-              show_default=True, help="Folder layout below Collection/Patient.")
-@click.option("--no-md5", is_flag=True, help="Do not ask for or check MD5 hashes.")
-@click.option("--only-failed", is_flag=True,
-              help="Retry only the series that failed in an earlier run.")
+@download_flags("download")
 @click.option("--error-report", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the failed series (table columns + error) to this CSV.")
-@click.option("--shard", metavar="K/N", help="Download only part K of N (cluster job arrays).")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress display: one line per failed series and the summary.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line on stdout.")
-@click.option("--backoff", type=click.FloatRange(min=0), default=2.0, show_default=True,
-              hidden=True, help="Base of the exponential retry backoff, seconds.")
 @with_api_options
-def download(manifest: str, dest: str, workers: int | None, max_connections: int,
-             processes: int | None, retries: int | None, layout: str, no_md5: bool,
-             only_failed: bool,
-             error_report: str | None, shard: str | None, quiet: bool, as_json: bool,
-             backoff: float, api: str, api_url: str | None, user: str | None, insecure: bool,
-             timeout: float) -> None:
+def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as_json: bool,
+             user: str | None, **flags: Any) -> None:
     """Download every series of MANIFEST (a .tcia file, spreadsheet or list of UIDs).
 
     Re-running the same command resumes: finished series are skipped in milliseconds.
@@ -88,6 +66,8 @@ def download(manifest: str, dest: str, workers: int | None, max_connections: int
     from ..report import write_error_report
 
     parsed = load_manifest(manifest, as_json=as_json)
+    values = options_from_params(flags)  # the DownloadOptions the flags say
+    api_url, insecure = values["api_url"], not values["verify_tls"]
     check_api_url(api_url, as_json=as_json)
     if error_report:
         # Find out now, not after a day of downloading, that the report cannot be written.
@@ -107,12 +87,7 @@ def download(manifest: str, dest: str, workers: int | None, max_connections: int
                                 as_json=as_json)
         credentials = get_credentials(user, host_of(server), interactive=interactive)
     try:
-        options = DownloadOptions(
-            workers=workers, max_connections=max_connections, processes=processes,
-            retries=retries, timeout=timeout, api=api, api_url=api_url, layout=layout,
-            md5=not no_md5,
-            only_failed=only_failed, verify_tls=not insecure, backoff_base=backoff,
-            shard=parse_shard(shard), credentials=credentials, trusted_hosts=trusted)
+        options = DownloadOptions(**values, credentials=credentials, trusted_hosts=trusted)
         engine = Engine(parsed, dest, options)
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE, as_json=as_json)

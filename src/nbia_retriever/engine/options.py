@@ -1,20 +1,84 @@
-"""Everything a run can be told; the defaults are what a user gets without flags."""
+"""Everything a run can be told, declared once; the defaults are what a user gets without
+flags.
+
+:class:`DownloadOptions` is the one declaration of the download options: each field's
+type, its default and, in its metadata, the :class:`Flag` that sets it on the command
+line. Everything else is derived from it, so that a new option is one field here (and its
+line in :class:`DownloadKwargs`) and no front end can drift from another:
+
+* the flags of ``download`` and ``open``, and the connection flags (``--api``,
+  ``--api-url``, ``--insecure``, ``--timeout``) of every command that talks to a server
+  (:mod:`nbia_retriever.cli.options`);
+* the web view's child command line, which is an options value written back as flags
+  (:func:`nbia_retriever.cli.options.to_argv`);
+* the keyword parameters of :func:`nbia_retriever.download` and ``make_engine``
+  (:class:`DownloadKwargs`, which mypy checks; a test holds it equal to the fields).
+
+No click here: the engine is imported where click is not (a notebook, a worker).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import Field, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from ..errors import UsageError
 from ..layout import Layout
 
 if TYPE_CHECKING:
     from ..api import Credentials
+    from .source import Source
 
 #: Polite ceiling on concurrent series streams to one host (``--max-connections``).
 DEFAULT_MAX_CONNECTIONS = 16
 API_CHOICES = ("auto", "v1", "v2", "v4")
+
+#: What a flag takes: a bounded number, one of ``choices``, nothing (a switch), any text,
+#: or ``K/N`` (a shard).
+FlagKind = Literal["int", "float", "choice", "switch", "text", "shard"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one option is spelled on the command line (plain data, read by ``cli.options``)."""
+
+    decls: tuple[str, ...]
+    help: str
+    kind: FlagKind
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] = ()
+    #: The command's parameter name when it is not the field's (``--insecure``: insecure).
+    param: str | None = None
+    #: A switch that turns the field off (``--no-md5`` sets ``md5=False``).
+    negate: bool = False
+    metavar: str | None = None
+    show_default: bool = False
+    hidden: bool = False
+    #: Also a flag of every other command that talks to a server (``list``, ``search``...).
+    connection: bool = False
+    #: Not a flag of ``open``: the view has its own way to do it (``f`` retries the failed
+    #: series) or no use for it (shards are for cluster job arrays).
+    download_only: bool = False
+
+    @property
+    def name(self) -> str:
+        """The command's parameter name (click's, from the longest declaration)."""
+        return self.param or max(self.decls, key=len).lstrip("-").replace("-", "_")
+
+
+def flag(*decls: str, help: str, kind: FlagKind, **how: Any) -> dict[str, Flag]:
+    """A field's metadata naming its flag."""
+    return {"flag": Flag(decls, help, kind, **how)}
+
+
+def flag_of(option: Field[Any]) -> Flag | None:
+    """The flag that sets a field of :class:`DownloadOptions`; None: Python API only."""
+    found = option.metadata.get("flag")
+    return found if isinstance(found, Flag) else None
 
 
 @dataclass
@@ -27,24 +91,56 @@ class DownloadOptions:
     host of ``api_url``: only those ever see a password or token.
     """
 
-    workers: int | None = None
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    retries: int | None = None  # None: the manifest's noOfrRetry (default 4)
-    timeout: float = 60.0  # seconds in which an attempt must move at least a few bytes
-    api: str = "auto"
-    api_url: str | None = None  # None: derived from the manifest's downloadServerUrl
-    layout: Layout | str = Layout.DESCRIPTIVE
-    md5: bool = True
-    only_failed: bool = False
-    credentials: Credentials | None = None
-    verify_tls: bool = True
-    backoff_base: float = 2.0
-    shard: tuple[int, int] | None = None  # (k, n), 1-based k
-    adaptive: bool = True  # halve concurrency on 429/503, creep back up on success
-    trusted_hosts: tuple[str, ...] = ()
+    workers: int | None = field(default=None, metadata=flag(
+        "-w", "--workers", kind="int", low=1, high=64,
+        help="Pin the number of series downloaded at once (default: found at run "
+             "time, up to --max-connections)."))
+    max_connections: int = field(default=DEFAULT_MAX_CONNECTIONS, metadata=flag(
+        "--max-connections", kind="int", low=1, high=64, show_default=True,
+        help="Most concurrent series streams to one server; the number also halves "
+             "by itself when the server answers 429/503 and recovers after."))
     #: Worker processes that stream and stage series (None: one per core but one, see
     #: ``engine.procs``); 0 keeps every stream on threads of this process.
-    processes: int | None = None
+    processes: int | None = field(default=None, metadata=flag(
+        "--processes", kind="int", low=0, high=64,
+        help="Worker processes that stream and unpack series (default: one per core but "
+             "one; 0: threads of this process only)."))
+    retries: int | None = field(default=None, metadata=flag(  # None: noOfrRetry, else 4
+        "--retries", kind="int", low=0, high=100,
+        help="Retries per series (default: the manifest's noOfrRetry, else 4)."))
+    layout: Layout | str = field(default=Layout.DESCRIPTIVE, metadata=flag(
+        "--layout", kind="choice", choices=tuple(kind.value for kind in Layout),
+        show_default=True, help="Folder layout below Collection/Patient."))
+    md5: bool = field(default=True, metadata=flag(
+        "--no-md5", kind="switch", negate=True, help="Do not ask for or check MD5 hashes."))
+    only_failed: bool = field(default=False, metadata=flag(
+        "--only-failed", kind="switch", download_only=True,
+        help="Retry only the series that failed in an earlier run."))
+    shard: tuple[int, int] | None = field(default=None, metadata=flag(  # (k, n), 1-based k
+        "--shard", kind="shard", metavar="K/N", download_only=True,
+        help="Download only part K of N (cluster job arrays)."))
+    backoff_base: float = field(default=2.0, metadata=flag(
+        "--backoff", kind="float", low=0, show_default=True, hidden=True,
+        help="Base of the exponential retry backoff, seconds."))
+    api: str = field(default="auto", metadata=flag(
+        "--api", kind="choice", choices=API_CHOICES, show_default=True, connection=True,
+        help="API version (auto: v4, v1 if absent, v2 if logged in)."))
+    api_url: str | None = field(default=None, metadata=flag(  # None: the manifest's server
+        "--api-url", kind="text", metavar="URL", connection=True,
+        help="Services root, e.g. https://nbia.example.org/nbia-api/services "
+             "(default: from the manifest's downloadServerUrl). A server you name "
+             "here may receive your password."))
+    verify_tls: bool = field(default=True, metadata=flag(
+        "--insecure", kind="switch", negate=True, connection=True,
+        help="Do not verify TLS certificates (unsafe)."))
+    #: Seconds in which an attempt must move at least a few bytes.
+    timeout: float = field(default=60.0, metadata=flag(
+        "--timeout", kind="float", low=0, low_open=True, show_default=True, connection=True,
+        help="Seconds in which an attempt must receive data; a server sending "
+             "under 2 KiB/s on average over any such window is cut off too."))
+    credentials: Credentials | None = None
+    adaptive: bool = True  # halve concurrency on 429/503, creep back up on success
+    trusted_hosts: tuple[str, ...] = ()
     #: Where series come from: a name in the source registry (``engine.source.SOURCES``).
     source: str = "nbia"
 
@@ -95,3 +191,36 @@ class DownloadOptions:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "credentials"}
         user = self.credentials.username if self.credentials else None
         return f"DownloadOptions(user={user!r}, {shown})"
+
+
+class DownloadKwargs(TypedDict, total=False):
+    """The keyword parameters of :func:`nbia_retriever.download` and ``make_engine``.
+
+    The fields of :class:`DownloadOptions`, name for name and type for type (a test holds
+    them equal: a field added there without its line here fails it), so that mypy checks
+    every call; the defaults are the dataclass's, never repeated here. Besides them:
+    ``user`` and ``password`` (they become ``credentials``), a :class:`~.source.Source`
+    object in place of a source name, and ``confirm_host`` (asked before a password goes
+    to a host only the manifest names; None: never sent).
+    """
+
+    workers: int | None
+    max_connections: int
+    processes: int | None
+    retries: int | None
+    layout: Layout | str
+    md5: bool
+    only_failed: bool
+    shard: tuple[int, int] | None
+    backoff_base: float
+    api: str
+    api_url: str | None
+    verify_tls: bool
+    timeout: float
+    credentials: Credentials | None
+    adaptive: bool
+    trusted_hosts: tuple[str, ...]
+    source: str | Source
+    user: str | None
+    password: str | None
+    confirm_host: Callable[[str], bool] | None

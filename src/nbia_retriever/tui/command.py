@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 from click.core import ParameterSource
+
+from ..api import Credentials
+from ..cli.common import (
+    EXIT_USAGE,
+    check_api_url,
+    fail,
+    host_of,
+    load_manifest,
+    warn_insecure,
+    with_api_options,
+)
+from ..cli.options import download_flags, options_from_params
+from ..engine.options import DownloadOptions
+from ..engine.run import resolve_api_url
+from ..errors import UsageError
+from .app import RetrieverApp
 
 
 def stored_password(host: str, user: str) -> str | None:
@@ -24,17 +41,8 @@ def stored_password(host: str, user: str) -> str | None:
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("-d", "--dest", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Destination folder (changeable in the window).")
-@click.option("--api", type=click.Choice(["auto", "v1", "v2", "v4"]), default="auto",
-              show_default=True, help="API version.")
-@click.option("--api-url", metavar="URL",
-              help="Services root (default: from the manifest's downloadServerUrl).")
-@click.option("--user", metavar="NAME",
-              help="Log in for limited-access collections (password: NBIA_PASSWORD, keyring, "
-                   "or the window's login dialog).")
-@click.option("-w", "--workers", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Series downloaded at once.")
-@click.option("--layout", type=click.Choice(["descriptive", "classic"]), default="descriptive",
-              show_default=True, help="Folder layout below Collection/Patient.")
+@download_flags("open")
+@with_api_options
 @click.option("--web", is_flag=True,
               help="Serve the window to a browser instead, one window per page "
                    "(pip install 'nbia-retriever[web]').")
@@ -47,58 +55,45 @@ def stored_password(host: str, user: str) -> str | None:
               help="With --web: the address browsers use, behind a reverse proxy "
                    "(default: the one they opened).")
 @click.pass_context
-def open_command(ctx: click.Context, manifest: str, dest: str, api: str, api_url: str | None,
-                 user: str | None, workers: int, layout: str, web: bool, host: str, port: int,
-                 public_url: str | None) -> None:
+def open_command(ctx: click.Context, /, manifest: str, dest: str, user: str | None, web: bool,
+                 host: str, port: int, public_url: str | None, **flags: Any) -> None:
     """Open MANIFEST in the interactive downloads window (any terminal, SSH, or a browser
     with --web): choose rows and destination, then Start, Pause, Resume."""
-    from ..api import Credentials
-    from ..cli.common import EXIT_USAGE, check_api_url, fail, host_of, load_manifest
-    from ..engine import DownloadOptions
-    from ..engine.run import resolve_api_url
-    from ..errors import UsageError
-    from .app import RetrieverApp
-
     web_only = [f"--{name.replace('_', '-')}" for name in ("host", "port", "public_url")
                 if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
     if web_only and not web:
         fail(f"{', '.join(web_only)}: only with --web", EXIT_USAGE)
     parsed = load_manifest(manifest)
-    check_api_url(api_url)
+    values = options_from_params(flags)  # the same options as ``download``, same defaults
+    check_api_url(values["api_url"])
     try:
-        server = resolve_api_url(parsed, api_url)
+        server = resolve_api_url(parsed, values["api_url"])
+        options = DownloadOptions(**values)
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE)
+    warn_insecure(not options.verify_tls)
     if web:
         serve_web(manifest, host=host, port=port, public_url=public_url,
                   host_given=ctx.get_parameter_source("host") is ParameterSource.COMMANDLINE,
-                  dest=dest, api=api, api_url=api_url, user=user, workers=workers,
-                  layout=layout)
+                  dest=dest, options=options, user=user)
         return
-    credentials = None
     ask_login = None
     if user:
         password = stored_password(host_of(server), user)
         if password is None:
             ask_login = user
         else:
-            credentials = Credentials(user, password)
-    options = DownloadOptions(workers=workers, api=api, api_url=api_url, layout=layout,
-                              credentials=credentials)
+            options.credentials = Credentials(user, password)
     app = RetrieverApp(parsed, dest, options, manifest_name=os.path.basename(manifest),
                        ask_login=ask_login)
     app.run()
 
 
 def serve_web(manifest: str, *, host: str, port: int, public_url: str | None,
-              host_given: bool, dest: str, api: str, api_url: str | None, user: str | None,
-              workers: int, layout: str) -> None:
+              host_given: bool, dest: str, options: DownloadOptions, user: str | None) -> None:
     """``open --web``: textual-serve runs the plain ``open`` (same manifest, destination
     and options; the user name, never a password) for each browser session."""
     from urllib.parse import urlsplit
-
-    from ..cli.common import EXIT_USAGE, fail
-    from .app import RetrieverApp
 
     try:
         from .web import WebServer, child_argv, is_loopback, shell_command
@@ -114,8 +109,7 @@ def serve_web(manifest: str, *, host: str, port: int, public_url: str | None,
                  EXIT_USAGE)
         click.echo(f"warning: listening on {host}: whoever has the printed address can start "
                    "downloads, change the destination and use the login", err=True)
-    argv = child_argv(manifest, dest=dest, api=api, api_url=api_url, user=user,
-                      workers=workers, layout=layout)
+    argv = child_argv(manifest, dest=dest, options=options, user=user)
     title = f"{RetrieverApp.TITLE} \N{EM DASH} {os.path.basename(manifest)}"
     server = WebServer(shell_command(argv), host=host, port=port, title=title,
                        public_url=public_url)

@@ -56,6 +56,8 @@ from textual_serve.app_service import AppService
 from textual_serve.server import Server, to_int
 
 from ..cli.common import inert
+from ..cli.options import to_argv
+from ..engine.options import DownloadOptions
 from ..untrusted import SECRETS
 
 log = logging.getLogger("nbia_retriever.web")
@@ -65,10 +67,11 @@ log = logging.getLogger("nbia_retriever.web")
 QUIT_SECONDS = 10.0
 
 
-def child_argv(manifest: str, *, dest: str, api: str, api_url: str | None,
-               user: str | None, workers: int, layout: str) -> list[str]:
-    """The plain ``open`` command each browser session runs (absolute paths: the child
-    may start anywhere).
+def child_argv(manifest: str, *, dest: str, options: DownloadOptions,
+               user: str | None) -> list[str]:
+    """The plain ``open`` command each browser session runs: the server's options written
+    back as ``open``'s flags (:func:`~nbia_retriever.cli.options.to_argv`, which parse to
+    the same options), absolute paths (the child may start anywhere).
 
     ``-P``: the child runs in the server's working directory, which may be a folder
     someone else filled (a shared project folder, a download); ``python -m`` would put
@@ -77,10 +80,7 @@ def child_argv(manifest: str, *, dest: str, api: str, api_url: str | None,
     (:func:`child_environment`), as the download workers do.
     """
     argv = [sys.executable, "-P", "-m", "nbia_retriever.cli", "open",
-            "--dest", os.path.abspath(dest), "--api", api, "--workers", str(workers),
-            "--layout", layout]
-    if api_url:
-        argv += ["--api-url", api_url]
+            "--dest", os.path.abspath(dest), *to_argv(options, "open")]
     if user:
         argv += ["--user", user]  # the name only: the child finds or asks the password
     return [*argv, "--", os.path.abspath(manifest)]

@@ -1,0 +1,144 @@
+"""The download options as click flags, and back, derived from their one declaration.
+
+Every flag here is built from a field of
+:class:`~nbia_retriever.engine.options.DownloadOptions` (its :class:`Flag` metadata: names,
+help, bounds; its default): ``download`` and ``open`` carry the same flags with the same
+defaults, every command that talks to a server the same connection flags, and the web
+view's child command line is an options value written back as those flags
+(:func:`to_argv`), which parse to the same value.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, Field, fields
+from typing import Any, Literal, TypeVar
+
+import click
+
+from ..engine.options import DownloadOptions, Flag, flag_of
+from .common import parse_shard
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The commands that take the download options (``open`` lacks the ``download_only`` ones).
+Command = Literal["download", "open"]
+
+USER_HELP = ("Log in for limited-access collections (password: NBIA_PASSWORD, keyring, or "
+             "prompt). Sent only to TCIA hosts, --api-url, or a trusted_hosts entry of your "
+             "config file.")
+
+
+class ShardType(click.ParamType):  # type: ignore[type-arg]  # generic in click 8.2+ only
+    """``K/N`` on the command line, ``(k, n)`` in :class:`DownloadOptions`."""
+
+    name = "K/N"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_shard(value)
+        except click.BadParameter as exc:
+            self.fail(exc.message, param, ctx)
+
+
+def flagged(*, connection: bool, command: Command = "download",
+            ) -> Iterator[tuple[Field[Any], Flag]]:
+    """The fields with a flag (in declaration order): the connection ones, or the others
+    that ``command`` takes."""
+    for option in fields(DownloadOptions):
+        how = flag_of(option)
+        if how is None or how.connection != connection:
+            continue
+        if how.download_only and command != "download":
+            continue
+        yield option, how
+
+
+def default_of(option: Field[Any], how: Flag) -> Any:
+    """The flag's default: the field's, as the command line spells it."""
+    assert option.default is not MISSING, f"{option.name}: a flag needs a default"
+    if how.kind == "switch":
+        assert option.default is how.negate, f"{option.name}: a switch sets what is not default"
+        return False
+    if isinstance(option.default, enum.Enum):
+        return option.default.value
+    return option.default
+
+
+def click_option(option: Field[Any], how: Flag) -> Callable[[F], F]:
+    """The click option of one field."""
+    kinds: dict[str, Any] = {
+        "int": lambda: click.IntRange(None if how.low is None else int(how.low),
+                                      None if how.high is None else int(how.high)),
+        "float": lambda: click.FloatRange(how.low, how.high, min_open=how.low_open),
+        "choice": lambda: click.Choice(how.choices),
+        "shard": ShardType,
+        "text": lambda: None,
+    }
+    default = default_of(option, how)
+    extra: dict[str, Any] = ({"is_flag": True} if how.kind == "switch"
+                             else {"type": kinds[how.kind](), "default": default})
+    if how.show_default:
+        extra["show_default"] = True
+    return click.option(*how.decls, how.name, help=how.help, hidden=how.hidden,
+                        metavar=how.metavar, **extra)
+
+
+def _apply(func: F, decorators: list[Callable[[F], F]]) -> F:
+    for decorator in reversed(decorators):  # the first declared is listed first in --help
+        func = decorator(func)
+    return func
+
+
+def download_flags(command: Command) -> Callable[[F], F]:
+    """The flags of ``command`` that set how it downloads (``--workers``, ``--layout``...)."""
+    def decorate(func: F) -> F:
+        return _apply(func, [click_option(o, h) for o, h in flagged(connection=False,
+                                                                    command=command)])
+    return decorate
+
+
+def connection_flags(func: F) -> F:
+    """``--api``, ``--api-url``, ``--user``, ``--insecure``, ``--timeout``: every command
+    that talks to a server."""
+    options: list[Callable[[F], F]] = [click_option(o, h) for o, h in flagged(connection=True)]
+    user = click.option("--user", metavar="NAME", help=USER_HELP)
+    at = next(i for i, (o, _) in enumerate(flagged(connection=True)) if o.name == "api_url")
+    return _apply(func, [*options[:at + 1], user, *options[at + 1:]])
+
+
+def options_from_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Take every flag's value out of a command's ``params``: the matching
+    :class:`DownloadOptions` keyword arguments (``--no-md5`` becomes ``md5=False``)."""
+    values: dict[str, Any] = {}
+    for option in fields(DownloadOptions):
+        how = flag_of(option)
+        if how is not None and how.name in params:
+            value = params.pop(how.name)
+            values[option.name] = not value if how.negate else value
+    return values
+
+
+def to_argv(options: DownloadOptions, command: Command = "open") -> list[str]:
+    """The flags that make ``command`` parse back to ``options`` (those that differ from
+    the defaults; fields without a flag, credentials among them, are never written)."""
+    argv: list[str] = []
+    for connection in (False, True):
+        for option, how in flagged(connection=connection, command="download"):
+            value = getattr(options, option.name)
+            if value == option.default:
+                continue
+            if how.download_only and command != "download":
+                raise ValueError(f"{option.name}: not an option of {command}")
+            name = max(how.decls, key=len)
+            if how.kind == "switch":
+                argv.append(name)
+            elif how.kind == "shard":
+                argv += [name, "/".join(map(str, value))]
+            else:
+                argv += [name, str(value)]
+    return argv
