@@ -399,16 +399,17 @@ def test_a_worker_that_does_not_stop_after_cancel_is_killed_before_staging_is_fr
 
     import nbia_retriever.engine.procs as procs
     from nbia_retriever.api.client import SeriesRequest, _ImageWay
+    from nbia_retriever.engine.source import NbiaOpener
 
     monkeypatch.setattr(procs, "CANCEL_GRACE", 0.5)
     silent = socket.create_server(("127.0.0.1", 0))
     accepted: list[socket.socket] = []
     threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
     port = silent.getsockname()[1]
-    request = SeriesRequest(
+    request = NbiaOpener(SeriesRequest(
         uid="1.2.3", url=f"http://127.0.0.1:{port}/nbia-api/services/v1/getImage",
         params=(("SeriesInstanceUID", "1.2.3"),), headers=(), what="series 1.2.3",
-        way=_ImageWay("v1", "getImage"), timeout=600.0, connect_timeout=600.0, verify=True)
+        way=_ImageWay("v1", "getImage"), timeout=600.0, connect_timeout=600.0, verify=True))
     pool = WorkerPool(1)
     pool.start()
     try:

@@ -8,7 +8,8 @@ worker process with several streams on threads has a GIL of its own, and the eng
 process keeps its GIL for planning, publishing and events.
 
 What moves and what stays. A worker does only the byte work of one attempt: it opens the
-series request it is given on its own keep-alive connections, and runs
+stream its source's picklable opener (:class:`~.source.StreamOpener`) describes, on
+its own keep-alive connections, and runs
 :func:`~nbia_retriever.engine.staging.stage_series` into the run's staging folder (the
 same code, the same checks, the same caps). Everything that decides stays in the
 engine's process: planning, the journal, retries and their verdicts, the scheduler,
@@ -19,7 +20,7 @@ received over a private socket (never argv, environment or a file).
 The conversation, one socket pair per attempt (length-prefixed pickles, parent and its
 own children only):
 
-* parent -> worker: ``("job", request, info, staging, root)``; ``("hold", on)`` when the
+* parent -> worker: ``("job", opener, info, staging, root)``; ``("hold", on)`` when the
   run is paused or resumed; ``("go",)`` answering ``held``; ``("cancel",)`` at any time;
 * worker -> parent: ``("rx", received)`` every :data:`RX_STEP` bytes off the wire (for the
   scheduler's throughput samples), ``("progress", received, written)`` every
@@ -435,9 +436,11 @@ def _main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     control = socket.socket(fileno=int(sys.argv[1]))
-    from ..api import Transport  # the imports a worker needs, before it says it is ready
+    # The imports a worker needs, before it says it is ready (the NBIA source's opener
+    # and its transport).
+    from . import source  # noqa: F401
 
-    transports: dict[tuple[float, float, bool], Transport] = {}
+    cache: dict[Any, Any] = {}
     jobs: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
     idle = [0]
     idle_lock = threading.Lock()
@@ -446,7 +449,7 @@ def _main() -> None:
         while True:
             job = jobs.get()
             with contextlib.suppress(BaseException):
-                _run_job(job, transports)
+                _run_job(job, cache)
             with contextlib.suppress(OSError):
                 job.close()
             with idle_lock:
@@ -479,20 +482,20 @@ def _main() -> None:
     os._exit(0)
 
 
-def _know_secrets(request: Any) -> None:
-    """This process's :data:`~nbia_retriever.untrusted.SECRETS` learn the credential of
-    ``request``: an error page that echoes it is cut to an excerpt here, and a token cut
+def _know_secrets(opener: Any) -> None:
+    """This process's :data:`~nbia_retriever.untrusted.SECRETS` learn the credentials of
+    ``opener``: an error page that echoes one is cut to an excerpt here, and a token cut
     in two would escape the engine's redaction of the whole token."""
     from ..untrusted import SECRETS
 
-    for name, value in request.headers:
-        if name.lower() == "authorization":
-            SECRETS.add(value, value.partition(" ")[2])
+    SECRETS.add(*opener.secrets())
 
 
-def _run_job(sock: socket.socket, transports: dict[tuple[float, float, bool], Any]) -> None:
-    """One attempt; always ends with a final message (unless the engine is gone)."""
-    from ..api import Transport, open_series_request
+def _run_job(sock: socket.socket, cache: dict[Any, Any]) -> None:
+    """One attempt; always ends with a final message (unless the engine is gone).
+
+    The attempt's :class:`~.source.StreamOpener` (whichever source made it) opens the
+    stream; ``cache`` keeps what it wants kept between attempts (connections)."""
     from .staging import Progress, stage_series
 
     lock = threading.Lock()
@@ -548,21 +551,16 @@ def _run_job(sock: socket.socket, transports: dict[tuple[float, float, bool], An
         first = _recv(sock)
         if first is None or first[0] != "job":
             return
-        _, request, info, staging, root = first
-        _know_secrets(request)
+        _, opener, info, staging, root = first
+        _know_secrets(opener)
         listener = threading.Thread(target=listen, daemon=True)
         listener.start()
-        key = (request.timeout, request.connect_timeout, request.verify)
-        transport = transports.get(key)
-        if transport is None:
-            transport = transports.setdefault(
-                key, Transport(timeout=key[0], connect_timeout=key[1], verify=key[2]))
-        with open_series_request(transport, request) as opened:
+        with opener.open_stream(cache) as opened:
             with live_lock:
                 live.append(opened)
             try:
                 checkpoint()
-                staged = stage_series(request.uid, info, opened.chunks(), Path(staging),
+                staged = stage_series(info.series_uid, info, opened.chunks(), Path(staging),
                                       root=Path(root), checkpoint=checkpoint,
                                       progress=progress, on_progress=on_progress)
             finally:

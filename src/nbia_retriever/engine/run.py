@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     AuthError,
@@ -51,11 +51,12 @@ from ..errors import (
     UsageError,
 )
 from ..layout import Layout, root_folder_name, sanitize_component, series_relpath_mode
-from ..manifest import Manifest, api_base_from_download_url, ascii_url
+from ..manifest import Manifest
 from ..models import FAILED_STATES, FINAL_STATES, SeriesInfo, SeriesState
 from ..ondisk import DownloadRoot, RunStaging, SeriesLock
 from ..report import MetadataCsv, Report, SeriesResult
 from ..retry import RetryPolicy
+from ..session import Session, resolve_server, session_for
 from ..untrusted import quote, redact
 from . import checks
 from .events import Event, EventKind, Stats
@@ -66,7 +67,7 @@ from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
 from .publish import Publisher
 from .rows import file_count
 from .scheduler import ConcurrencyLimiter, WorkQueue
-from .source import ByteStream, NbiaSource, RemoteSource, Source, Verdict
+from .source import ByteStream, RemoteSource, Source, Verdict
 from .staging import (
     NoRoomError,
     Progress,
@@ -78,7 +79,10 @@ from .staging import (
 )
 
 if TYPE_CHECKING:
+    from typing import Unpack
+
     from ..api import NbiaClient
+    from .options import DownloadKwargs
 
 #: Seconds between two throughput samples of the monitor.
 SAMPLE_WINDOW = 0.25
@@ -108,22 +112,9 @@ def select_shard(uids: Sequence[str], shard: tuple[int, int] | None) -> list[str
 
 
 def resolve_api_url(manifest: Manifest, api_url: str | None) -> str:
-    """The services root a run talks to: ``--api-url``, else the manifest's server, else
-    public TCIA. A malformed URL is a :class:`UsageError` naming where it came from."""
-    if api_url:
-        try:
-            api_base_from_download_url(api_url)
-        except NbiaError as exc:
-            raise UsageError(str(exc).replace("download server URL", "--api-url")) from None
-        return ascii_url(api_url)  # shown in messages: a lookalike host as the xn-- it is
-    if manifest.download_server_url:
-        try:
-            return api_base_from_download_url(manifest.download_server_url)
-        except NbiaError as exc:
-            raise UsageError(f"{manifest.source or 'the manifest'}: {exc}") from None
-    from ..api import DEFAULT_API_URL
-
-    return DEFAULT_API_URL
+    """The services root a run talks to (see :func:`nbia_retriever.session.resolve_server`,
+    where the server is decided: this name stays for callers of the engine)."""
+    return resolve_server(manifest, api_url)
 
 
 _STATE = operator.attrgetter("state")
@@ -137,9 +128,12 @@ class Engine:
     >>> engine.subscribe(print)                                    # doctest: +SKIP
     >>> report = engine.run()                                      # doctest: +SKIP
 
-    ``source`` replaces the NBIA server (any :class:`~.source.Source`); ``client`` an
-    :class:`~nbia_retriever.api.NbiaClient` of the caller's; ``confirm_host`` is asked
-    (with the host's name) before a password goes to a host the user has not chosen.
+    ``session`` is who the run talks to (:mod:`nbia_retriever.session`: the server, the
+    host policy, the credentials), opened by the front end; without one the engine opens
+    it from ``options``. ``source`` replaces the source ``options.source`` names (any
+    :class:`~.source.Source`); ``client`` an :class:`~nbia_retriever.api.NbiaClient` of
+    the caller's; ``confirm_host`` is asked (with the host's name) before a password goes
+    to a host the user has not chosen (with a session, the session's own asks).
     """
 
     def __init__(
@@ -151,6 +145,7 @@ class Engine:
         client: NbiaClient | None = None,
         source: Source | None = None,
         confirm_host: Callable[[str], bool] | None = None,
+        session: Session | None = None,
     ) -> None:
         self.manifest = manifest
         self.options = options or DownloadOptions()
@@ -162,10 +157,14 @@ class Engine:
         self.retries = (
             self.options.retries if self.options.retries is not None else manifest.retries
         )
-        self.api_url = resolve_api_url(manifest, self.options.api_url)
+        if session is None:
+            session = session_for(manifest, self.options, confirm=confirm_host, client=client)
+        elif client is not None:
+            session = replace(session, client=client)
+        self.session = session
+        self.api_url = session.api_url
         self._client = client
         self._source = source
-        self._confirm_host = confirm_host
         with bulk():
             uids = select_shard(manifest.series_uids, self.options.shard)
             self.results: dict[str, SeriesResult] = dict(zip(uids, map(SeriesResult, uids),
@@ -230,32 +229,21 @@ class Engine:
 
     @property
     def client(self) -> NbiaClient:
+        """The NBIA client of this run (the session's; the source's, once built)."""
         if self._client is None:
-            from ..api import HostPolicy, NbiaClient
-            from ..config import load_user_config
-
-            config = load_user_config()
-            chosen = [self.options.api_url] if self.options.api_url else []
-            policy = HostPolicy(chosen=chosen,
-                                trusted_hosts=(*self.options.trusted_hosts,
-                                               *config.trusted_hosts),
-                                confirm=self._confirm_host, config_path=config.path)
-            self._client = NbiaClient(
-                self.api_url,
-                version=self.options.api,
-                credentials=self.options.credentials,
-                timeout=self.options.timeout,
-                verify=self.options.verify_tls,
-                backoff_base=min(self.options.backoff_base, 1.0),
-                policy=policy,
-            )
+            client: NbiaClient | None = getattr(self.source, "client", None)
+            self._client = client or self.session.open_client()
         return self._client
 
     @property
     def source(self) -> Source:
+        """Where this run's series come from: ``options.source`` through the registry
+        (:data:`~.source.SOURCES`), unless the caller gave one."""
         if self._source is None:
-            self._source = NbiaSource(self.client, md5=self.options.md5,
-                                      metadata_workers=max(4, min(16, self.options.streams_cap)))
+            session = self.session
+            if self._client is not None:
+                session = replace(session, client=self._client)
+            self._source = session.source(self.options)
         return self._source
 
     @property
@@ -1044,12 +1032,13 @@ def _holds_its_images(folder: Path, entry: JournalEntry) -> bool:
 def make_engine(
     manifest: Manifest | str | os.PathLike[str] | Sequence[str],
     dest: str | os.PathLike[str] = ".",
-    **options: object,
+    **kwargs: Unpack[DownloadKwargs],
 ) -> Engine:
     """Build an :class:`Engine` from a manifest (object, path, or list of UIDs).
 
-    ``options`` are :class:`DownloadOptions` fields plus ``user``/``password``; an
-    unknown name is a :class:`UsageError` naming it.
+    ``kwargs`` are :class:`DownloadOptions` fields plus ``user``/``password``
+    (:class:`~.options.DownloadKwargs`, which mypy checks); an unknown name is a
+    :class:`UsageError` naming it, for callers mypy does not see.
     """
     from ..api import Credentials
     from ..manifest import read_manifest
@@ -1060,6 +1049,7 @@ def make_engine(
         uids = list(manifest)
         manifest = Manifest(series_uids=tuple(dict.fromkeys(uids)), headers={}, source=None,
                             duplicates_dropped=len(uids) - len(set(uids)))
+    options: dict[str, Any] = dict(kwargs)
     user, password = options.pop("user", None), options.pop("password", None)
     source = options.pop("source", None)
     if isinstance(source, str):  # a registry name is an option; an object is the source
@@ -1073,6 +1063,5 @@ def make_engine(
     opts = DownloadOptions()
     if user:
         opts.credentials = Credentials(str(user), str(password or ""))
-    opts = replace(opts, **options)  # type: ignore[arg-type]
-    return Engine(manifest, dest, opts, source=source,  # type: ignore[arg-type]
-                  confirm_host=confirm)  # type: ignore[arg-type]
+    opts = replace(opts, **options)
+    return Engine(manifest, dest, opts, source=source, confirm_host=confirm)

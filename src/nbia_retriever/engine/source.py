@@ -8,17 +8,32 @@ engine imports no HTTP library and knows no status code. A source that reads zip
 a folder, or from a mirror, fits without touching the rest (the tests have one).
 
 :class:`NbiaSource` is the NBIA server, through :class:`~nbia_retriever.api.NbiaClient`.
+
+The registry (:data:`SOURCES`, :func:`register_source`) maps a source's name
+(``DownloadOptions.source``) to the function that builds it from the run's
+:class:`~nbia_retriever.session.Session` and options. Adding a source is one module (a
+class with the :class:`Source` methods, and, to run in worker processes, a
+:meth:`RemoteSource.remote` handing out a picklable :class:`StreamOpener`) plus one line
+here, or one :func:`register_source` call from the code that ships it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from ..api import ApiMismatch, MetadataBatch, NbiaClient, SeriesRequest, StaleToken
+from ..api import (
+    ApiMismatch,
+    MetadataBatch,
+    NbiaClient,
+    SeriesRequest,
+    StaleToken,
+    Transport,
+    open_series_request,
+)
 from ..errors import (
     ApiError,
     AuthError,
@@ -27,10 +42,17 @@ from ..errors import (
     NotPublicError,
     TlsError,
     UntrustedHostError,
+    UsageError,
 )
 from ..models import SeriesInfo, SeriesState
 
-__all__ = ["ByteStream", "MetadataBatch", "NbiaSource", "RemoteSource", "Source", "Verdict"]
+if TYPE_CHECKING:
+    from ..session import Session
+    from .options import DownloadOptions
+
+__all__ = ["SOURCES", "ByteStream", "MetadataBatch", "NbiaOpener", "NbiaSource",
+           "RemoteSource", "Source", "SourceFactory", "StreamOpener", "Verdict", "make_source",
+           "register_source"]
 
 T = TypeVar("T")
 
@@ -95,14 +117,62 @@ class Source(Protocol):
 
 
 @runtime_checkable
+class StreamOpener(Protocol):
+    """One series' stream as a worker process opens it: picklable (it crosses a socket
+    to the worker), so its class must live in an importable module, and it holds no
+    more secrets than the one stream needs."""
+
+    @property
+    def what(self) -> str:
+        """For messages ("series 1.2.3")."""
+
+    def secrets(self) -> tuple[str, ...]:
+        """Credentials it carries: the worker's redaction learns them (an error page
+        that echoes one is cut there, before it crosses back)."""
+
+    def open_stream(self, cache: dict[Hashable, Any]) -> AbstractContextManager[ByteStream]:
+        """Open the stream in the worker. ``cache`` lives as long as the worker (its
+        keep-alive connections, keyed as the source likes)."""
+
+
+@runtime_checkable
 class RemoteSource(Protocol):
     """A source whose streams a worker process can open itself (see
-    :mod:`~nbia_retriever.engine.procs`): it hands out a picklable request."""
+    :mod:`~nbia_retriever.engine.procs`): it hands out a :class:`StreamOpener`."""
 
-    def remote(self, info: SeriesInfo, run: Callable[[SeriesRequest], T | None]) -> T | None:
-        """``run(request)`` for ``info``'s stream, again at once when the failure says a
-        fresh request works (a stale token); None when this series must be streamed
-        in-process (``run`` returned None, or no request can be handed out yet)."""
+    def remote(self, info: SeriesInfo, run: Callable[[StreamOpener], T | None]) -> T | None:
+        """``run(opener)`` for ``info``'s stream, again at once when the failure says a
+        fresh opener works (a stale token); None when this series must be streamed
+        in-process (``run`` returned None, or no opener can be handed out yet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NbiaOpener:
+    """An NBIA series request, opened in a worker on that worker's keep-alive
+    connections (one :class:`~nbia_retriever.api.Transport` per timeout/TLS setting)."""
+
+    request: SeriesRequest
+
+    @property
+    def what(self) -> str:
+        return self.request.what
+
+    def secrets(self) -> tuple[str, ...]:
+        found: list[str] = []
+        for name, value in self.request.headers:
+            if name.lower() == "authorization":
+                found += [value, value.partition(" ")[2]]
+        return tuple(found)
+
+    def open_stream(self, cache: dict[Hashable, Any]) -> AbstractContextManager[ByteStream]:
+        request = self.request
+        key = ("nbia", request.timeout, request.connect_timeout, request.verify)
+        transport = cache.get(key)
+        if transport is None:
+            transport = cache.setdefault(key, Transport(
+                timeout=request.timeout, connect_timeout=request.connect_timeout,
+                verify=request.verify))
+        return open_series_request(transport, request)
 
 
 class NbiaSource:
@@ -138,7 +208,7 @@ class NbiaSource:
         with self.client.open_series(info.series_uid, md5=self.md5) as stream:
             yield stream
 
-    def remote(self, info: SeriesInfo, run: Callable[[SeriesRequest], T | None]) -> T | None:
+    def remote(self, info: SeriesInfo, run: Callable[[StreamOpener], T | None]) -> T | None:
         retry_401 = True
         while True:
             request = self.client.series_request(info.series_uid, md5=self.md5,
@@ -146,7 +216,7 @@ class NbiaSource:
             if request is None:
                 return None
             try:
-                return run(request)
+                return run(NbiaOpener(request))
             except (StaleToken, ApiMismatch) as exc:
                 if isinstance(exc, StaleToken):
                     retry_401 = False  # a second 401 is "not authorised", as in open()
@@ -178,3 +248,34 @@ class NbiaSource:
     def close(self) -> None:
         if self._own:
             self.client.close()
+
+
+#: Builds a source from the run's session and options.
+SourceFactory = Callable[["Session", "DownloadOptions"], Source]
+
+
+def _nbia(session: Session, options: DownloadOptions) -> Source:
+    return NbiaSource(session.open_client(), md5=options.md5,
+                      metadata_workers=max(4, min(16, options.streams_cap)))
+
+
+#: Every source by name (``DownloadOptions.source``). One line per source.
+SOURCES: dict[str, SourceFactory] = {
+    "nbia": _nbia,
+}
+
+
+def register_source(name: str, factory: SourceFactory) -> None:
+    """Add (or replace) the source called ``name``: how a package that ships a source
+    makes it known without editing this file."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"a source needs a name, not {name!r}")
+    SOURCES[name] = factory
+
+
+def make_source(name: str, session: Session, options: DownloadOptions) -> Source:
+    """The source ``name`` for one run; an unknown name is a :class:`UsageError`."""
+    factory = SOURCES.get(name)
+    if factory is None:
+        raise UsageError(f"unknown source {name!r}; known: {', '.join(sorted(SOURCES))}")
+    return factory(session, options)
