@@ -346,3 +346,116 @@ def test_merge_reports_refuses_a_special_metadata_csv(tmp_path, archive, hostile
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(root / "metadata.csv") in lines[0], done.stderr
     assert f"is {KINDS[kind]}" in lines[0]
+
+
+# ------------------------------------------------ a cache swapped or edited under serve
+
+
+def _swap_for_link(folder: Path, victim: Path) -> Path:
+    """Move ``folder`` aside (the real one, still open in the store) and plant a link to
+    ``victim`` under its name; returns where the real folder went."""
+    moved = folder.with_name(folder.name + "-real")
+    folder.rename(moved)
+    folder.symlink_to(victim, target_is_directory=True)
+    return moved
+
+
+@pytest.fixture()
+def victim(tmp_path) -> Path:  # type: ignore[no-untyped-def]
+    """A folder of someone else's files, one named like a blob."""
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("keep me", encoding="utf-8")
+    (folder / ("f" * 32 + ".z")).write_bytes(b"not a blob")
+    return folder
+
+
+def test_clean_up_never_empties_a_blob_folder_swapped_for_a_link(local_archive, victim):
+    """Garbage collection opened ``blobs/ff`` as a real folder; it is swapped for a link
+    before anything is removed: the clean-up removes only in the folder it opened, and
+    a link already there when a folder is opened is not entered at all."""
+    from nbia_retriever.server.index import BlobStore
+
+    root, _uid, _files = local_archive
+    blobs = root / ".nbia-server-cache" / "blobs"
+    (blobs / "ff").mkdir(exist_ok=True)
+    (blobs / "ff" / "stale.z").write_bytes(b"no row uses me")
+    with BlobStore(blobs) as store:
+        assert "ff" in store.folder_names()
+        folder = store.folder("ff")
+        assert folder is not None
+        moved = _swap_for_link(blobs / "ff", victim)
+        with folder:
+            folder.sweep(set())
+        assert store.folder("ff") is None  # a link: nothing to open
+        store.collect_garbage(set())
+    assert sorted(p.name for p in victim.iterdir()) == ["f" * 32 + ".z", "precious.txt"]
+    assert not (moved / "stale.z").exists()  # the folder it opened was the one cleaned
+
+
+def test_a_new_blob_never_lands_in_a_folder_swapped_for_a_link(local_archive, tmp_path,
+                                                               victim):
+    """The blob's folder was made and opened; it is swapped for a link before the blob
+    is moved in: the blob lands in the real folder, nothing is written into the link's."""
+    import zlib
+
+    from nbia_retriever.server.index import BlobStore
+
+    root, _uid, _files = local_archive
+    blobs = root / ".nbia-server-cache" / "blobs"
+    image = tmp_path / "image.dcm"
+    image.write_bytes(b"a new image " * 500)
+    with BlobStore(blobs) as store:
+        blob = store.compress(image)
+        folder = store.folder(blob.md5[:2], create=True)
+        assert folder is not None
+        moved = _swap_for_link(blobs / blob.md5[:2], victim)
+        with folder:
+            name = folder.adopt(blob)
+    assert name == f"blobs/{blob.md5[:2]}/{blob.md5}.z"
+    assert sorted(p.name for p in victim.iterdir()) == ["f" * 32 + ".z", "precious.txt"]
+    assert zlib.decompress((moved / f"{blob.md5}.z").read_bytes(), -15) == image.read_bytes()
+
+
+@pytest.mark.parametrize("edit", ["crc32", "series_uid", "other-image"])
+def test_an_edited_index_row_is_indexed_again_never_served(local_archive, serve, edit):
+    """A row of ``index.sqlite`` edited by hand (its CRC, its series, or pointed at
+    another image's blob) fails its MAC: the image is indexed again from the archive and
+    the series served is exactly the archive's images, byte for byte."""
+    import hashlib
+    import io
+    import sqlite3
+    import zipfile
+
+    import httpx
+
+    root, uid, files = local_archive
+    db = sqlite3.connect(root / ".nbia-server-cache" / "index.sqlite")
+    try:
+        rows = db.execute("SELECT relpath, size, md5, blob, compressed_size, crc32 "
+                          "FROM files ORDER BY relpath").fetchall()
+        first, other = rows[0], rows[1]
+        if edit == "crc32":
+            db.execute("UPDATE files SET crc32 = 12345 WHERE relpath = ?", (first[0],))
+        elif edit == "series_uid":
+            db.execute("UPDATE files SET series_uid = '1.2.3.4.5' WHERE relpath = ?",
+                       (first[0],))
+        else:  # same size, so only the MAC tells
+            assert first[1] == other[1] and first[2] != other[2]
+            db.execute("UPDATE files SET md5 = ?, blob = ?, compressed_size = ?, crc32 = ? "
+                       "WHERE relpath = ?", (*other[2:], first[0]))
+        db.commit()
+    finally:
+        db.close()
+    server = serve(root)
+    response = httpx.get(f"{server.api_url}/v1/getImageWithMD5Hash",
+                         params={"SeriesInstanceUID": uid}, timeout=30)
+    assert response.status_code == 200
+    got = zipfile.ZipFile(io.BytesIO(response.content))
+    assert got.testzip() is None  # every CRC right
+    served = sorted(hashlib.md5(got.read(n)).hexdigest() for n in got.namelist()
+                    if n != "md5hashes.csv")
+    assert served == sorted(hashlib.md5(p.read_bytes()).hexdigest() for p in files)
+    gone = httpx.get(f"{server.api_url}/v1/getImageWithMD5Hash",
+                     params={"SeriesInstanceUID": "1.2.3.4.5"}, timeout=30)
+    assert gone.status_code != 200 or not gone.content.startswith(b"PK")

@@ -375,7 +375,8 @@ class BlobStore:
             folder = self.path / name
             if create:
                 _own_dir(folder)
-            return BlobFolder(self, name, None) if folder.is_dir() else None
+            real = folder.is_dir() and not folder.is_symlink()
+            return BlobFolder(self, name, None) if real else None
         for _ in range(3):  # each round removes what someone planted since the last
             try:
                 return BlobFolder(self, name, _open_dir(name, self._fd))
