@@ -24,6 +24,7 @@ import nbia_retriever
 from nbia_retriever.api import Credentials
 from nbia_retriever.cli import main
 from nbia_retriever.cli.options import Command, flagged, options_from_params, to_argv
+from nbia_retriever.engine import run as engine_run
 from nbia_retriever.engine.options import DownloadKwargs, DownloadOptions, Flag
 from nbia_retriever.engine.source import Source
 
@@ -133,6 +134,14 @@ def test_the_connection_flags_are_the_same_on_every_command() -> None:
             assert mine == theirs, (name, param_name)
 
 
+def test_the_layout_choices_are_the_layouts() -> None:
+    from nbia_retriever.engine.options import LAYOUT_CHOICES
+    from nbia_retriever.layout import Layout
+
+    assert tuple(kind.value for kind in Layout) == LAYOUT_CHOICES
+    assert DownloadOptions().layout is Layout.DESCRIPTIVE
+
+
 def test_a_bad_shard_names_the_flag() -> None:
     for value, why in (("x", "use K/N"), ("4/3", "K must be between 1 and N")):
         with pytest.raises(click.BadParameter) as caught:
@@ -180,7 +189,10 @@ def test_the_web_child_runs_open_with_the_same_options(tmp_path: Path) -> None:
 def test_the_keyword_parameters_are_the_fields() -> None:
     """:class:`DownloadKwargs` (what mypy checks a call against) has every field of
     :class:`DownloadOptions`, type for type; its defaults are the dataclass's alone."""
-    names = {"Credentials": Credentials, "Source": Source, "Callable": Callable}
+    from nbia_retriever.layout import Layout
+
+    names = {"Credentials": Credentials, "Source": Source, "Callable": Callable,
+             "Layout": Layout}
     field_types = typing.get_type_hints(DownloadOptions, localns=names)
     kwarg_types = typing.get_type_hints(DownloadKwargs, localns=names)
     assert not DownloadKwargs.__required_keys__
@@ -193,7 +205,8 @@ def test_the_keyword_parameters_are_the_fields() -> None:
         assert kwarg_types[option.name] == expected, option.name
 
 
-@pytest.mark.parametrize("function", [nbia_retriever.download, nbia_retriever.make_engine])
+@pytest.mark.parametrize("function", [nbia_retriever.download, nbia_retriever.make_engine,
+                                      engine_run.make_engine])
 def test_the_api_signature_is_typed(function: Callable[..., Any]) -> None:
     signature = inspect.signature(function)
     *named, options = signature.parameters.values()

@@ -25,15 +25,18 @@ from dataclasses import Field, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from ..errors import UsageError
-from ..layout import Layout
 
 if TYPE_CHECKING:
     from ..api import Credentials
+    from ..layout import Layout
     from .source import Source
 
 #: Polite ceiling on concurrent series streams to one host (``--max-connections``).
 DEFAULT_MAX_CONNECTIONS = 16
 API_CHOICES = ("auto", "v1", "v2", "v4")
+#: The values of :class:`~nbia_retriever.layout.Layout` (a test holds them equal), spelled
+#: out: the flags are built without importing ``layout`` (10 ms of a command's start-up).
+LAYOUT_CHOICES = ("descriptive", "classic")
 
 #: What a flag takes: a bounded number, one of ``choices``, nothing (a switch), any text,
 #: or ``K/N`` (a shard).
@@ -108,9 +111,9 @@ class DownloadOptions:
     retries: int | None = field(default=None, metadata=flag(  # None: noOfrRetry, else 4
         "--retries", kind="int", low=0, high=100,
         help="Retries per series (default: the manifest's noOfrRetry, else 4)."))
-    layout: Layout | str = field(default=Layout.DESCRIPTIVE, metadata=flag(
-        "--layout", kind="choice", choices=tuple(kind.value for kind in Layout),
-        show_default=True, help="Folder layout below Collection/Patient."))
+    layout: Layout | str = field(default="descriptive", metadata=flag(  # a Layout after init
+        "--layout", kind="choice", choices=LAYOUT_CHOICES, show_default=True,
+        help="Folder layout below Collection/Patient."))
     md5: bool = field(default=True, metadata=flag(
         "--no-md5", kind="switch", negate=True, help="Do not ask for or check MD5 hashes."))
     only_failed: bool = field(default=False, metadata=flag(
@@ -167,6 +170,8 @@ class DownloadOptions:
             raise UsageError(f"retries must be 0 or more, not {self.retries!r}")
         if self.api not in API_CHOICES:
             raise UsageError(f"api must be one of {', '.join(API_CHOICES)}, not {self.api!r}")
+        from ..layout import Layout  # here: a command's --help need not import it (10 ms)
+
         try:
             self.layout = Layout(self.layout)
         except ValueError:
