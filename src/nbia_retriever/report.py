@@ -254,6 +254,8 @@ class SeriesResult:
     #: name; see ``layout.series_relpath_mode``); None while it is not planned for
     #: download (the engine keeps this here, not in a dict: 40 MB for 1,000,000 series).
     variant: int | None = None
+    #: Where it comes from (``DownloadOptions.source``; the journal keeps it per row).
+    source: str = "nbia"
 
     @property
     def expected_bytes(self) -> int | None:
@@ -358,7 +360,7 @@ class Report:
 FRAME_COLUMNS = (
     "SeriesInstanceUID", "Collection", "PatientID", "StudyInstanceUID", "Modality",
     "SeriesDescription", "SeriesNumber", "images", "bytes", "state", "attempts", "error",
-    "folder",
+    "folder", "source",
 )
 
 
@@ -374,6 +376,7 @@ def frame_row(r: SeriesResult, root: Path) -> dict[str, object]:
         "images": info.image_count, "bytes": r.bytes_done or info.file_size,
         "state": str(r.state), "attempts": r.attempts, "error": r.error,
         "folder": str(root / r.relpath) if r.relpath else "",
+        "source": r.source,
     }
 
 
@@ -392,7 +395,7 @@ def write_error_report(path: Path, results: Iterable[SeriesResult]) -> int:
     writer.writerow(ERROR_REPORT_HEADER)
     for r in rows:
         info = r.info or SeriesInfo(series_uid=r.uid)
-        writer.writerow([csv_cell(plain(redact(str(v)))) for v in (
+        writer.writerow([csv_cell(redact(plain(str(v)))) for v in (
             info.collection, info.patient_id, info.study_uid, r.uid,
             _num(info.file_size), _num(info.image_count), r.state, r.attempts, r.error,
         )])

@@ -53,12 +53,16 @@ class Event:
     count: int = 0
     message: str = ""
     time: float = field(default_factory=time.time)
+    #: The source of the series (``DownloadOptions.source``) in a series' events.
+    source: str = ""
 
     def as_dict(self) -> dict[str, object]:
         """The JSON form: server text in ``message`` is plain and secret-free."""
         data: dict[str, object] = {"event": self.kind.value, "time": round(self.time, 3)}
         if self.uid:
             data["uid"] = self.uid
+        if self.source:
+            data["source"] = self.source
         if self.state:
             data["state"] = str(self.state)
         if self.message:

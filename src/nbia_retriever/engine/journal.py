@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS series (
     folder_mtime INTEGER NOT NULL DEFAULT 0,
     adopted INTEGER NOT NULL DEFAULT 0,
     checked REAL NOT NULL DEFAULT 0,
-    mac TEXT NOT NULL DEFAULT ''
+    mac TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT 'nbia'
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -71,6 +72,9 @@ ADDED_COLUMNS = (
     ("adopted", "INTEGER NOT NULL DEFAULT 0"),
     ("checked", "REAL NOT NULL DEFAULT 0"),
     ("mac", "TEXT NOT NULL DEFAULT ''"),
+    # Where the series came from (``DownloadOptions.source``); every row older than
+    # this column came from an NBIA server, the only source there was.
+    ("source", "TEXT NOT NULL DEFAULT 'nbia'"),
 )
 #: A folder mtime recorded less than this long after the mtime itself may hide a change
 #: made in the same clock tick (file systems keep coarse timestamps): not trusted alone.
@@ -78,7 +82,7 @@ RACY_SECONDS = 2.0
 #: Numbers and texts cast in SQL: a planted row may hold any type in any column.
 _COLUMNS = ("uid, CAST(state AS TEXT), CAST(attempts AS INTEGER), CAST(last_error AS TEXT),"
             " relpath, metadata, files, CAST(bytes AS INTEGER), CAST(completed AS REAL),"
-            " CAST(nfiles AS INTEGER), CAST(adopted AS INTEGER)")
+            " CAST(nfiles AS INTEGER), CAST(adopted AS INTEGER), CAST(source AS TEXT)")
 COMPLETE = SeriesState.COMPLETE.value
 T = TypeVar("T")
 
@@ -154,6 +158,7 @@ class JournalEntry:
     completed: float
     nfiles: int = 0
     adopted: bool = False
+    source: str = "nbia"
 
 
 def info_to_json(info: SeriesInfo) -> str:
@@ -199,9 +204,11 @@ class Journal:
     ``sqlite3`` exception.
     """
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False, source: str = "nbia") -> None:
         self.path = Path(path)
         self.readonly = readonly
+        #: The source this run downloads from: written on every row it adds or changes.
+        self.source = source
         self._lock = threading.Lock()
         self._ensure_thread: threading.Thread | None = None
         self._ensure_error: JournalError | None = None
@@ -401,9 +408,12 @@ class Journal:
         return entry
 
     def _select(self) -> str:
+        columns = _COLUMNS
+        if "source" not in self._columns:  # a read-only look at an older journal
+            columns = columns.replace("CAST(source AS TEXT)", "'nbia'")
         if "nfiles" in self._columns:
-            return _COLUMNS
-        return _COLUMNS.replace(" CAST(nfiles AS INTEGER), CAST(adopted AS INTEGER)", " 0, 0")
+            return columns
+        return columns.replace(" CAST(nfiles AS INTEGER), CAST(adopted AS INTEGER)", " 0, 0")
 
     def get_info(self, key: str) -> str | None:
         row = self._run(lambda db: db.execute(
@@ -437,7 +447,7 @@ class Journal:
             for start in range(0, len(ordered), _ENSURE_BLOCK):
                 block = ordered[start:start + _ENSURE_BLOCK]
                 self._run(functools.partial(self._ensure_block, block=block, state=state,
-                                            now=now), write=True)
+                                            now=now, source=self.source), write=True)
 
         self.wait()
         if wait:
@@ -467,18 +477,18 @@ class Journal:
 
     @staticmethod
     def _ensure_block(db: sqlite3.Connection, *, block: list[str], state: str,
-                      now: float) -> None:
+                      now: float, source: str) -> None:
         db.execute("BEGIN")
         try:  # one parameter that SQLite walks in C: a third faster than executemany
-            db.execute("INSERT OR IGNORE INTO series (uid, state, updated) "
-                       "SELECT value, ?, ? FROM json_each(?)",
-                       (state, now, _json_strings(block)))
+            db.execute("INSERT OR IGNORE INTO series (uid, state, updated, source) "
+                       "SELECT value, ?, ?, ? FROM json_each(?)",
+                       (state, now, source, _json_strings(block)))
         except sqlite3.OperationalError as exc:
             if "json_each" not in str(exc):
                 raise
             # An SQLite without JSON1 (older than 3.38 and built without it).
-            db.executemany("INSERT OR IGNORE INTO series (uid, state, updated) "
-                           "VALUES (?, ?, ?)", ((uid, state, now) for uid in block))
+            db.executemany("INSERT OR IGNORE INTO series (uid, state, updated, source) "
+                           "VALUES (?, ?, ?, ?)", ((uid, state, now, source) for uid in block))
         db.execute("COMMIT")
 
     def set_state(self, uid: str, state: str, *, error: str | None = None,
@@ -497,14 +507,15 @@ class Journal:
         ]
         if not prepared:
             return
+        source = self.source
 
         def work(db: sqlite3.Connection) -> None:
             db.execute("BEGIN")
             db.executemany(
-                "INSERT INTO series (uid, state, updated) VALUES (?, ?, ?)"
+                "INSERT INTO series (uid, state, updated, source) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT(uid) DO UPDATE SET state = excluded.state,"
-                " updated = excluded.updated",
-                ((p[0], p[1], p[2]) for p in prepared))
+                " updated = excluded.updated, source = excluded.source",
+                ((p[0], p[1], p[2], source) for p in prepared))
             db.executemany("UPDATE series SET last_error = ? WHERE uid = ?",
                            ((p[3], p[0]) for p in prepared if p[4]))
             db.executemany("UPDATE series SET attempts = ? WHERE uid = ?",
@@ -527,14 +538,16 @@ class Journal:
         (:func:`~.rows.folder_stamp`). Each row is signed with this user's key."""
         now = time.time()
         key = row_key(create=True)
+        source = self.source
         self._many(
             "INSERT OR REPLACE INTO series (uid, state, attempts, last_error, relpath,"
             " metadata, files, bytes, updated, completed, nfiles, folder_mtime, adopted,"
-            " checked, mac) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " checked, mac, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             ((uid, COMPLETE, attempts, "", relpath, info_to_json(info),
               json.dumps([[f.name, f.size, f.md5] for f in files], separators=(",", ":")),
               nbytes, now, now, len(files), folder_mtime, int(adopted), now,
-              sign(key, uid, COMPLETE, relpath, len(files), folder_mtime, now) if key else "")
+              sign(key, uid, COMPLETE, relpath, len(files), folder_mtime, now) if key else "",
+              source)
              for uid, relpath, files, nbytes, attempts, info, folder_mtime, adopted in rows))
 
     def set_folder_mtimes(self, rows: Iterable[tuple[str, str, int, int]]) -> None:
@@ -568,7 +581,8 @@ def _files(payload: str) -> tuple[FileRecord, ...]:
 
 def _entry(row: tuple[Any, ...]) -> JournalEntry:
     uid, state, attempts, last_error, relpath, metadata, files, nbytes, completed, nfiles, \
-        adopted = row
+        adopted, source = row
     records = _files(files)
     return JournalEntry(uid, state, attempts, last_error, relpath, info_from_json(metadata),
-                        records, nbytes, completed, int(nfiles or len(records)), bool(adopted))
+                        records, nbytes, completed, int(nfiles or len(records)), bool(adopted),
+                        source or "nbia")

@@ -97,8 +97,9 @@ class Planner:
     """Plans one run over one root; see the module docstring."""
 
     def __init__(self, root: DownloadRoot, journal_path: Path, layout: Layout, *,
-                 only_failed: bool = False) -> None:
+                 only_failed: bool = False, source: str = "nbia") -> None:
         self.root = root
+        self.source = source  # written on this run's journal rows
         self.journal_path = journal_path
         self.layout = layout
         self.only_failed = only_failed
@@ -188,7 +189,7 @@ class Planner:
                 return
             self.root.create()
             self._check_layout()
-            journal = Journal(self.journal_path)
+            journal = Journal(self.journal_path, source=self.source)
             journal.set_info("layout", self.layout.value)
             if self.todo:
                 journal.ensure(self.todo, SeriesState.NOT_STARTED, wait=False)

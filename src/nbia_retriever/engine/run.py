@@ -169,6 +169,11 @@ class Engine:
             uids = select_shard(manifest.series_uids, self.options.shard)
             self.results: dict[str, SeriesResult] = dict(zip(uids, map(SeriesResult, uids),
                                                              strict=True))
+        #: The registry name of this run's source: on its events, results, journal rows.
+        self.source_name = self.options.source
+        if self.source_name != "nbia":  # SeriesResult's default: no loop for it
+            for result in self.results.values():
+                result.source = self.source_name
         self.report = Report(root=self.root, results=self.results)
         self._subscribers: list[Callable[[Event], None]] = []
         self._lock = threading.Lock()
@@ -309,6 +314,7 @@ class Engine:
                     result.info = entry.info
                     result.files = entry.nfiles or len(entry.files)
                     result.bytes_done = entry.bytes
+                    result.source = entry.source
                     missing.discard(entry.uid)
                     filled += 1
         return filled
@@ -478,7 +484,7 @@ class Engine:
         self.source.check()  # an untrusted host is refused before anything is created
         journal_path = self.disk.journal_path(self.options.shard)
         planner = Planner(self.disk, journal_path, self.layout,
-                          only_failed=self.options.only_failed)
+                          only_failed=self.options.only_failed, source=self.options.source)
         self._planner = planner
         opened = planner.open(self.results, create=create)
         for warning in planner.warnings:  # journal rows naming folders outside the root
@@ -518,7 +524,8 @@ class Engine:
         csv = MetadataCsv(self.disk.metadata_csv)
         self._publisher = Publisher(self.disk, self._staging, self.layout, self._journal, csv,
                                     note=lambda uid, text: self._emit(
-                                        Event(EventKind.MESSAGE, uid=uid, message=text)))
+                                        Event(EventKind.MESSAGE, uid=uid, source=self.source_name,
+                                              message=text)))
         self._open_other_journals(planner.journal_path)
         self._reconcile_csv(self._complete)
         with self._lock:
@@ -591,7 +598,8 @@ class Engine:
             if result is None:
                 continue
             result.info, result.state, result.error = info, failed_state, why
-            self._emit(Event(EventKind.STATE, uid=uid, state=failed_state, message=why))
+            self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
+                             state=failed_state, message=why))
         for uid, info, relpath, files in batch.adopted:
             result = self.results.get(uid)
             if result is None:
@@ -605,11 +613,13 @@ class Engine:
                     self._owed_rows.append((uid, info, relpath, files))
             if publisher is not None:
                 publisher.adopt_row(uid, info, relpath, time.time(), files)
-            self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.COMPLETE,
+            self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
+                             state=SeriesState.COMPLETE,
                              message="found on disk: adopted without downloading"))
         if self._started:
             for uid in ready:
-                self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.QUEUED))
+                self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
+                                 state=SeriesState.QUEUED))
         self._emit(Event(EventKind.PLANNED, count=self._planned,
                          message=self._planned_text(False)))
 
@@ -695,7 +705,8 @@ class Engine:
         for uid, result in list(self.results.items()):
             if result.variant is not None and result.state == SeriesState.NOT_STARTED:
                 result.state = SeriesState.QUEUED
-                self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.QUEUED))
+                self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
+                                 state=SeriesState.QUEUED))
 
     def _release(self) -> None:
         if self._pool is not None:
@@ -799,7 +810,8 @@ class Engine:
                 self.report.skipped += 1
                 with self._lock:
                     self.total_bytes -= (result.info.file_size or 0) if result.info else 0
-                self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.COMPLETE,
+                self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
+                                 state=SeriesState.COMPLETE,
                                  message="completed by another run of this root"))
                 return True
         return False
@@ -939,10 +951,10 @@ class Engine:
             self._finish(uid, SeriesState.ERROR, error)
             raise _Fatal(error)
         if verdict.throttle and (shrunk := self.limiter.throttled()) is not None:
-            self._emit(Event(EventKind.THROTTLE, uid=uid, count=shrunk,
+            self._emit(Event(EventKind.THROTTLE, uid=uid, source=self.source_name, count=shrunk,
                              message=f"server busy: concurrency down to {shrunk}"))
         if verdict.timeout and (shrunk := self.limiter.timed_out()) is not None:
-            self._emit(Event(EventKind.THROTTLE, uid=uid, count=shrunk,
+            self._emit(Event(EventKind.THROTTLE, uid=uid, source=self.source_name, count=shrunk,
                              message=f"repeated timeouts: concurrency down to {shrunk}"))
         if not verdict.retry:
             self._finish(uid, verdict.state, error)
@@ -958,10 +970,12 @@ class Engine:
         self._policies[uid] = policy
         result.error = error
         self._set_progress(uid, 0)
-        self._emit(Event(EventKind.RETRY, uid=uid, attempt=result.attempts, message=error))
+        self._emit(Event(EventKind.RETRY, uid=uid, source=self.source_name,
+                         attempt=result.attempts, message=error))
         delay = 0.0 if paused else policy.backoff(verdict.retry_after)
         result.state = SeriesState.QUEUED
-        self._emit(Event(EventKind.STATE, uid=uid, state=SeriesState.QUEUED,
+        self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
+                         state=SeriesState.QUEUED,
                          attempt=result.attempts, message=error))
         self.queue.retry_later(uid, delay)
 
@@ -1006,14 +1020,15 @@ class Engine:
                 journal.set_state(uid, state, error=error,
                                   attempts=result.attempts or None,
                                   info=result.info if state in FAILED_STATES else None)
-        self._emit(Event(EventKind.STATE, uid=uid, state=state, attempt=attempt,
+        self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
+                         state=state, attempt=attempt,
                          message=error or ""))
 
     def _set_progress(self, uid: str, nbytes: int) -> None:
         result = self.results.get(uid)
         if result is not None:
             result.bytes_done = nbytes
-        self._emit(Event(EventKind.PROGRESS, uid=uid, series_bytes=nbytes))
+        self._emit(Event(EventKind.PROGRESS, uid=uid, source=self.source_name, series_bytes=nbytes))
 
     def _emit(self, event: Event) -> None:
         for callback in list(self._subscribers):
