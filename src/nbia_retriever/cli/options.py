@@ -10,7 +10,6 @@ view's child command line is an options value written back as those flags
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, Field, fields
 from typing import Any, Literal, TypeVar
@@ -64,8 +63,6 @@ def default_of(option: Field[Any], how: Flag) -> Any:
     if how.kind == "switch":
         assert option.default is how.negate, f"{option.name}: a switch sets what is not default"
         return False
-    if isinstance(option.default, enum.Enum):
-        return option.default.value
     return option.default
 
 
@@ -106,6 +103,7 @@ def connection_flags(func: F) -> F:
     """``--api``, ``--api-url``, ``--user``, ``--insecure``, ``--timeout``: every command
     that talks to a server."""
     options: list[Callable[[F], F]] = [click_option(o, h) for o, h in flagged(connection=True)]
+    # Not a field (it becomes ``credentials`` once the password is found): after --api-url.
     user = click.option("--user", metavar="NAME", help=USER_HELP)
     at = next(i for i, (o, _) in enumerate(flagged(connection=True)) if o.name == "api_url")
     return _apply(func, [*options[:at + 1], user, *options[at + 1:]])
