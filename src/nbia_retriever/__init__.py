@@ -62,6 +62,8 @@ def download(manifest: Manifest | str | os.PathLike[str] | Sequence[str],
     <Report 12/12 complete, 0 failed, 840.3 MB in 41.2 s>
     >>> report.to_dataframe()                                    # doctest: +SKIP
     """
+    # Imported here: ``import nbia_retriever`` (and every CLI command) need not load the
+    # engine and rich.
     from .engine import make_engine
     from .progress import run_with_bar, wanted
 
@@ -80,9 +82,10 @@ def make_engine(manifest: Manifest | str | os.PathLike[str] | Sequence[str],
     """An :class:`~nbia_retriever.engine.Engine` with ``start``, ``pause``, ``resume``,
     ``cancel``, ``wait`` and ``subscribe`` (progress events), not yet started; the same
     keyword parameters as :func:`download`."""
-    from .engine import make_engine as _make
+    from .engine import make_engine as _make  # here: see download()
 
     return _make(manifest, dest, **options)
+
 
 __all__ = [
     "ApiError",

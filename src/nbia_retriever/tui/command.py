@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 from click.core import ParameterSource
 
 from ..api import Credentials
+from ..api import stored_password as lookup_password
 from ..cli.common import (
     EXIT_USAGE,
     check_api_url,
@@ -32,9 +34,7 @@ def stored_password(host: str, user: str) -> str | None:
     Never from argv (visible to every user of a shared node through ``ps``) and never a
     terminal prompt: the window has its own masked password field.
     """
-    from ..api import stored_password as lookup
-
-    return lookup(host, user)
+    return lookup_password(host, user)
 
 
 @click.command("open")
@@ -93,9 +93,7 @@ def serve_web(manifest: str, *, host: str, port: int, public_url: str | None,
               host_given: bool, dest: str, options: DownloadOptions, user: str | None) -> None:
     """``open --web``: textual-serve runs the plain ``open`` (same manifest, destination
     and options; the user name, never a password) for each browser session."""
-    from urllib.parse import urlsplit
-
-    try:
+    try:  # here: textual-serve is an extra, and only --web needs it
         from .web import WebServer, child_argv, is_loopback, shell_command
     except ImportError:
         fail("--web needs textual-serve: pip install 'nbia-retriever[web]'", EXIT_USAGE)
