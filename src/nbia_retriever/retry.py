@@ -1,4 +1,9 @@
-"""One retry policy for every retry loop: series downloads, API calls, the version probe.
+"""One retry table and one retry policy for every retry loop: series downloads, API
+calls, the version probe.
+
+:func:`classify` says what a failure means (retried or final, in which state, whether
+the server asked to slow down, whether the whole run must stop): the one table of what
+is retried. :class:`RetryPolicy` says how often and how long to wait.
 
 Modelled on urllib3's ``Retry``: an immutable value. A loop holds one, and each failure
 replaces it with ``policy.increment(error)``; the new value knows how many attempts are
@@ -21,8 +26,83 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
+from .errors import (
+    ApiError,
+    AuthError,
+    IntegrityError,
+    NetworkError,
+    NotPublicError,
+    TlsError,
+    UntrustedHostError,
+)
+from .models import SeriesState
+
 #: Longest wait between two attempts, whatever the backoff or the server's Retry-After.
 BACKOFF_MAX = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do after a failed attempt.
+
+    ``retry``: try again (after a backoff of at least ``retry_after``); otherwise the
+    series ends in ``state``. ``throttle``: the server asked clients to slow down.
+    ``timeout``: the attempt timed out or stalled. ``fatal``: stop the whole run
+    (a certificate that cannot be verified, a login that cannot work).
+    """
+
+    retry: bool
+    state: SeriesState = SeriesState.ERROR
+    retry_after: float | None = None
+    throttle: bool = False
+    timeout: bool = False
+    fatal: bool = False
+
+
+def classify(error: BaseException, *, logged_in: bool = False) -> Verdict:
+    """The one table of what is retried, for every retry loop.
+
+    ``logged_in``: an :class:`AuthError` on a run that holds a token is the token going
+    stale under us, worth another attempt; without a login it means the series needs
+    one. A loop that already refreshes the token itself (``NbiaClient.call``) passes
+    False. Statuses: 429 and 503 are the server asking to slow down; any other status
+    below 500 (a refused redirect, a 4xx) is an answer that will not change; 5xx and
+    no status at all (malformed or oversized answers) are worth another try.
+
+    >>> verdict = classify(NetworkError("stalled", timeout=True))
+    >>> verdict.retry, verdict.timeout, verdict.fatal
+    (True, True, False)
+    >>> classify(ApiError("busy", status=503, retry_after=30.0)).throttle
+    True
+    >>> classify(ApiError("gone", status=404)).retry, classify(ApiError("oops", status=500)).retry
+    (False, True)
+    >>> print(classify(NotPublicError("460", status=460)).state)
+    Not Authorized
+    >>> classify(TlsError("self-signed")).fatal
+    True
+    >>> classify(AuthError("401")).retry, classify(AuthError("401"), logged_in=True).retry
+    (False, True)
+    """
+    if isinstance(error, TlsError | UntrustedHostError):
+        return Verdict(retry=False, fatal=True)
+    if isinstance(error, NotPublicError):
+        return Verdict(retry=False, state=SeriesState.NOT_AUTHORIZED)
+    if isinstance(error, AuthError):
+        if logged_in:
+            return Verdict(retry=True)
+        return Verdict(retry=False, state=SeriesState.NOT_AUTHORIZED)
+    if isinstance(error, IntegrityError):  # a short or corrupt stream: the next may be whole
+        return Verdict(retry=True)
+    if isinstance(error, NetworkError):
+        return Verdict(retry=True, timeout=error.timeout)
+    if isinstance(error, ApiError):
+        status = error.status
+        if status in (429, 503):
+            return Verdict(retry=True, retry_after=error.retry_after, throttle=True)
+        if status is not None and status < 500:
+            return Verdict(retry=False)
+        return Verdict(retry=True, retry_after=error.retry_after)
+    return Verdict(retry=True)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from ..errors import (
 from ..errors import ApiMismatch as ApiMismatch  # re-export
 from ..errors import StaleToken as StaleToken  # re-export
 from ..models import SeriesInfo, normalise_records
-from ..retry import RetryPolicy
+from ..retry import RetryPolicy, classify
 from ..untrusted import quote
 from .auth import Credentials, HostPolicy, TokenManager, token_url_for
 from .http import Answer, SeriesStream, Transport
@@ -263,7 +263,6 @@ class NbiaClient:
         unreachable server is retried like any call, never mistaken for an answer."""
         policy = self.retry
         while True:
-            retry_after = None
             try:
                 answer = self.transport.call("POST", f"{self.api_url}/v4/getSeriesMetadata",
                                            data={"list": ""}, what="API version probe",
@@ -273,16 +272,17 @@ class NbiaClient:
                     return "v1"
                 if status < 500 and status != 429:
                     return "v4"
-                problem = f"HTTP {status}"
-                retry_after = parse_retry_after(answer.header("retry-after"))
-            except TlsError:
-                raise
+                error = ApiError(f"HTTP {status}", status=status,
+                                 retry_after=parse_retry_after(answer.header("retry-after")))
             except ApiError as exc:
-                problem = str(exc)
-            policy = policy.increment(problem)
-            if policy.exhausted:
-                raise NetworkError(f"cannot reach {self.api_url}: {problem}")
-            time.sleep(policy.backoff(retry_after))
+                error = exc
+            verdict = classify(error)
+            if verdict.fatal:  # a certificate that cannot be verified
+                raise error
+            policy = policy.increment(str(error))
+            if not verdict.retry or policy.exhausted:
+                raise NetworkError(f"cannot reach {self.api_url}: {error}")
+            time.sleep(policy.backoff(error.retry_after))
 
     def _url(self, endpoint: str, version: str | None = None) -> str:
         return f"{self.api_url}/{version or self.version()}/{endpoint}"
@@ -311,12 +311,12 @@ class NbiaClient:
                 check_status(answer.status, answer.text, answer.headers, what,
                              endpoint_missing_is_mismatch=mismatch)
                 return answer
-            except (NotPublicError, ApiMismatch, TlsError, AuthError):
-                raise
             except ApiError as exc:
-                retryable = exc.status is None or exc.status == 429 or exc.status >= 500
+                # logged_in=False: a 401 was refreshed above; an AuthError here is final.
+                if not classify(exc).retry:
+                    raise
                 policy = policy.increment(str(exc))
-                if not retryable or policy.exhausted:
+                if policy.exhausted:
                     raise
                 delay = policy.backoff(exc.retry_after)
             time.sleep(delay)

@@ -34,17 +34,9 @@ from ..api import (
     Transport,
     open_series_request,
 )
-from ..errors import (
-    ApiError,
-    AuthError,
-    NbiaError,
-    NetworkError,
-    NotPublicError,
-    TlsError,
-    UntrustedHostError,
-    UsageError,
-)
+from ..errors import NbiaError, UsageError
 from ..models import SeriesInfo, SeriesState
+from ..retry import Verdict, classify
 
 if TYPE_CHECKING:
     from ..session import Session
@@ -55,24 +47,6 @@ __all__ = ["SOURCES", "ByteStream", "MetadataBatch", "NbiaOpener", "NbiaSource",
            "register_source"]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What to do after a failed attempt.
-
-    ``retry``: try again (after a backoff of at least ``retry_after``); otherwise the
-    series ends in ``state``. ``throttle``: the server asked clients to slow down.
-    ``timeout``: the attempt timed out or stalled. ``fatal``: stop the whole run
-    (a certificate that cannot be verified, a login that cannot work).
-    """
-
-    retry: bool
-    state: SeriesState = SeriesState.ERROR
-    retry_after: float | None = None
-    throttle: bool = False
-    timeout: bool = False
-    fatal: bool = False
 
 
 @runtime_checkable
@@ -224,26 +198,9 @@ class NbiaSource:
                     raise
 
     def verdict(self, error: NbiaError) -> Verdict:
-        if isinstance(error, TlsError | UntrustedHostError):
-            return Verdict(retry=False, fatal=True)
-        if isinstance(error, NotPublicError):
-            return Verdict(retry=False, state=SeriesState.NOT_AUTHORIZED)
-        if isinstance(error, AuthError):
-            # Logged in: the token went stale under us, worth another attempt. Not
-            # logged in: the series needs a login.
-            if self.client.logged_in:
-                return Verdict(retry=True)
-            return Verdict(retry=False, state=SeriesState.NOT_AUTHORIZED)
-        if isinstance(error, NetworkError):
-            return Verdict(retry=True, timeout=error.timeout)
-        if isinstance(error, ApiError):
-            status = error.status
-            if status in (429, 503):
-                return Verdict(retry=True, retry_after=error.retry_after, throttle=True)
-            if status is not None and 400 <= status < 500:
-                return Verdict(retry=False)
-            return Verdict(retry=True, retry_after=error.retry_after)
-        return Verdict(retry=True)
+        """The one retry table (:func:`~nbia_retriever.retry.classify`); logged in, a
+        401 is a token gone stale under us, worth another attempt."""
+        return classify(error, logged_in=self.client.logged_in)
 
     def close(self) -> None:
         if self._own:
