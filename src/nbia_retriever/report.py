@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import MissingDependencyError
 from .errors import SeriesFailedError as SeriesFailedError  # re-export
 from .models import FAILED_STATES, SeriesInfo, SeriesState
 from .ondisk import atomic_write_text, lock_file, open_regular, unlock_file
@@ -346,10 +347,8 @@ class Report:
     def to_dataframe(self) -> Any:
         """One flat row per series (pandas, optional): the columns of :data:`FRAME_COLUMNS`."""
         try:
-            import pandas
+            import pandas  # optional, and slow to import: only when a frame is asked for
         except ImportError:
-            from .search import MissingDependencyError
-
             raise MissingDependencyError(
                 "Report.to_dataframe() needs pandas: pip install pandas") from None
         return pandas.DataFrame([frame_row(r, self.root) for r in self.results.values()],

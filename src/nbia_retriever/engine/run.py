@@ -42,13 +42,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import (
-    AuthError,
+    EXIT_AUTH,
+    EXIT_USAGE,
     DestinationError,
     DiskFullError,
     IntegrityError,
     JournalError,
     NbiaError,
     UsageError,
+    exit_code,
 )
 from ..layout import Layout, root_folder_name, sanitize_component, series_relpath_mode
 from ..manifest import Manifest
@@ -470,12 +472,11 @@ class Engine:
     def _set_fatal(self, exc: NbiaError) -> None:
         self._fatal_error = exc
         self.report.fatal = redact(str(exc))
-        if isinstance(exc, AuthError):
+        code = exit_code(exc)  # the one mapping: 3 login, 2 usage or an unusable root
+        if code == EXIT_AUTH:
             self.report.auth_failed = True
-        unusable = isinstance(exc, DestinationError) and not isinstance(
-            exc, DiskFullError | JournalError)
-        if isinstance(exc, UsageError) or unusable:
-            self.report.usage_error = True  # a destination that cannot be used: exit 2
+        elif code == EXIT_USAGE:
+            self.report.usage_error = True
         self._emit(Event(EventKind.ERROR, message=self.report.fatal))
         self.cancel()
 
@@ -1079,4 +1080,5 @@ def make_engine(
     if user:
         opts.credentials = Credentials(str(user), str(password or ""))
     opts = replace(opts, **options)
-    return Engine(manifest, dest, opts, source=source, confirm_host=confirm)
+    session = session_for(manifest, opts, confirm=confirm)  # the Python API's one session
+    return Engine(manifest, dest, opts, source=source, session=session)
