@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._version import __version__
 from .errors import (
     ApiError,
     AuthError,
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .engine.options import DownloadKwargs
     from .manifest import Manifest
-
-__version__ = "0.1.0"
 
 
 def download(manifest: Manifest | str | os.PathLike[str] | Sequence[str],

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ApiError, NetworkError, TlsError
 from ..untrusted import ascii_host, quote
 

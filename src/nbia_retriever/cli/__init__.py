@@ -17,7 +17,7 @@ import importlib
 
 import click
 
-from .. import __version__
+from .._version import __version__
 from .common import EXIT_AUTH, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail
 
 #: command name -> (module, attribute), imported on first use.
@@ -36,17 +36,22 @@ LAZY_COMMANDS = {
 
 
 class LazyGroup(click.Group):
+    """A group whose commands are imported on first use (:data:`LAZY_COMMANDS`).
+
+    A command module that fails to import raises its ``ImportError`` (a broken install
+    must say which package is missing, not "No such command").
+    """
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in LAZY_COMMANDS:
             module, attr = LAZY_COMMANDS[cmd_name]
-            try:
-                command = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError):
-                return None
-            return command if isinstance(command, click.Command) else None
+            command = getattr(importlib.import_module(module), attr)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{module}.{attr} is not a click command")
+            return command
         return super().get_command(ctx, cmd_name)
 
 

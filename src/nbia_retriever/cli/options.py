@@ -17,7 +17,6 @@ from typing import Any, Literal, TypeVar
 import click
 
 from ..engine.options import DownloadOptions, Flag, flag_of
-from .common import parse_shard
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,6 +26,20 @@ Command = Literal["download", "open"]
 USER_HELP = ("Log in for limited-access collections (password: NBIA_PASSWORD, keyring, or "
              "prompt). Sent only to TCIA hosts, --api-url, or a trusted_hosts entry of your "
              "config file.")
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``--shard K/N`` as ``(k, n)`` (1 <= k <= n); a click usage error otherwise."""
+    if not value:
+        return None
+    try:
+        k_text, n_text = value.split("/", 1)
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise click.BadParameter("use K/N, e.g. 3/10") from None
+    if not (n >= 1 and 1 <= k <= n):
+        raise click.BadParameter("K must be between 1 and N")
+    return k, n
 
 
 class ShardType(click.ParamType):  # type: ignore[type-arg]  # generic in click 8.2+ only
