@@ -131,6 +131,74 @@ def test_a_token_cut_in_a_worker_process_is_redacted_everywhere(tmp_path, archiv
 
 
 
+
+#: Passwords whose 8-character pieces are ordinary words, and a message holding them.
+WORDY = [("Collection2024!", "see collection list"),
+         ("password123", "wrong password for user")]
+
+
+def _cut_prefixes(password: str) -> list[str]:
+    """A password's starts as a cut excerpt would end with them (in JSON too)."""
+    return [password[:k] + end for k in range(4, len(password))
+            for end in ("\u2026", "\\u2026")]
+
+
+@pytest.mark.parametrize("processes", ["0", "1"])
+@pytest.mark.parametrize(("password", "phrase"), WORDY)
+def test_a_password_is_redacted_whole_and_ordinary_words_stay(tmp_path, archive, password,
+                                                              phrase, processes):
+    """A password is no random token: the server's message that shares 8 characters
+    with it prints intact; the password echoed whole goes; echoed where an excerpt is
+    cut (in a worker process the password is unknown), its start goes too."""
+    with HostileServer() as server:
+        first, words, whole, cut, *_ = archive.series
+        server.series[first.series_uid] = Crafted(record(first), series_zip(files_of(first)))
+        kept = 6  # characters of the password before the excerpt's cut
+        for series, body in ((words, phrase), (whole, f"bad login {password} here"),
+                             (cut, "E" * (EXCERPT - 1 - kept) + password + " more" * 20)):
+            server.series[series.series_uid] = Crafted(record(series), body.encode(),
+                                                       status=500, content_type="text/plain")
+        uids = [s.series_uid for s in (first, words, whole, cut)]
+        # One retry, after a backoff: with --processes 1 it finds the worker up.
+        cart = write_manifest(tmp_path / "cart.tcia", uids, server.download_url, retries=1)
+        done = subprocess.run(
+            [*CLI, "download", str(cart), "-d", str(tmp_path / "dl"), "--user", "alice",
+             "--api-url", server.api_url, "--api", "v2", "--json", "-w", "1",
+             "--backoff", "0.5", "--processes", processes,
+             "--error-report", str(tmp_path / "errors.csv")],
+            capture_output=True, env=env(NBIA_PASSWORD=password), timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert f"HTTP 500 {phrase}".encode() in done.stdout, done.stdout[-2000:]
+    assert b"bad login *** here" in done.stdout
+    assert b"EEEE***" in done.stdout  # the cut excerpt, its piece of the password gone
+    assert phrase.encode() in (tmp_path / "errors.csv").read_bytes()
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "cart.tcia"]
+    for name, blob in [("stdout", done.stdout), ("stderr", done.stderr),
+                       *((str(p), p.read_bytes()) for p in files)]:
+        text = blob.decode("utf-8", "replace")
+        assert password not in text, name
+        assert not [c for c in _cut_prefixes(password) if c in text], name
+
+
+def test_the_error_report_cleans_before_it_redacts(tmp_path):
+    """A control character inside a secret must not hide it from redaction and then
+    vanish, leaving the secret whole in the file."""
+    from nbia_retriever.models import SeriesState
+    from nbia_retriever.report import SeriesResult
+    from nbia_retriever.untrusted import SECRETS
+
+    password = "Collection2024!"
+    SECRETS.add_password(password)
+    try:
+        result = SeriesResult("1.2.3", state=SeriesState.ERROR,
+                              error="HTTP 500 you sent Collection\x1b2024! to us")
+        write_error_report(tmp_path / "errors.csv", [result])
+    finally:
+        SECRETS.discard(password)
+    text = (tmp_path / "errors.csv").read_text(encoding="utf-8")
+    assert password not in text and "you sent *** to us" in text, text
+
+
 # ------------------------------------------------------------- 7. every printer is plain
 
 #: Terminal escapes a journal in a shared folder or a server can carry: OSC (set the

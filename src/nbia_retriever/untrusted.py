@@ -12,9 +12,13 @@ quoting a server, zip entry names) and again where it leaves (files, terminals):
 * :data:`SECRETS` knows the password and tokens of this process and :func:`redact`
   removes them from any text before it is printed or stored: a hostile server that
   echoes the bearer token in an error page must not get it into a log or a journal.
-  Not even a piece of one: a message cut to length (an excerpt of an error page, cut
-  where a worker process did not know the token) may end inside a secret, so every run
-  of :data:`FRAGMENT` or more characters of a secret goes too.
+  Not even a piece of a token: a message cut to length (an excerpt of an error page,
+  cut where a worker process did not know the token) may end inside one, so every run
+  of :data:`FRAGMENT` or more characters of a token (anything random) goes too. A
+  password is a person's words (``Collection2024!``): its pieces are ordinary text
+  ("see collection list"), so it goes whole, and our own cuts (:func:`quote`) happen
+  after redaction; a cut made where the password was not known (a worker process)
+  ends in ``…``, and a piece of a password right before one goes as well.
 
 Rendering as plain text (never console markup) is the front ends' part: tables and
 progress lines build ``rich.text.Text`` objects, never markup strings.
@@ -70,40 +74,66 @@ def csv_cell(text: str) -> str:
     return text
 
 
+#: What :func:`quote` ends a cut message with.
+CUT = "\u2026"
+
+
 class _Secrets:
     """The secrets this process holds, so that :func:`redact` can remove them.
 
     Thread-safe; values live only in memory and are never printed by ``repr``. Besides
-    the values it keeps every :data:`FRAGMENT`-character run of them (a set, so finding
-    the pieces of a secret in a text costs one look-up per character, however long the
-    secret: a JWT is a kilobyte).
+    the values it keeps every :data:`FRAGMENT`-character run of its random ones, the
+    tokens (a set, so finding the pieces of a token in a text costs one look-up per
+    character, however long the token: a JWT is a kilobyte).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._random: set[str] = set()
+        self._passwords: set[str] = set()
         # One tuple, replaced whole: a reader never sees values without their pieces.
-        self._state: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
+        self._state: tuple[tuple[str, ...], frozenset[str], tuple[str, ...]] = (
+            (), frozenset(), ())
 
     def __repr__(self) -> str:
         return f"<secrets: {len(self._state[0])}>"
 
-    def _set(self, values: set[str]) -> None:
-        pieces = frozenset(v[i:i + FRAGMENT] for v in values
+    def _publish(self) -> None:
+        pieces = frozenset(v[i:i + FRAGMENT] for v in self._random
                            for i in range(len(v) - FRAGMENT + 1))
-        self._state = (tuple(sorted(values, key=len, reverse=True)), pieces)
+        values = self._random | self._passwords
+        self._state = (tuple(sorted(values, key=len, reverse=True)), pieces,
+                       tuple(sorted(self._passwords, key=len, reverse=True)))
 
     def add(self, *values: str | None) -> None:
+        """Random secrets (tokens, API keys): redacted whole and by any piece of
+        :data:`FRAGMENT` characters."""
         with self._lock:
             new = {v for v in values if v and len(v) >= MIN_SECRET}
-            if not new <= set(self._state[0]):
-                self._set(set(self._state[0]) | new)
+            if not new <= self._random:
+                self._random |= new
+                self._publish()
+
+    def add_password(self, *values: str | None) -> None:
+        """Passwords: redacted whole (also with its runs of white space made one space,
+        as :func:`quote` shows text), and a piece of one cut off by :data:`CUT`."""
+        with self._lock:
+            new = {v for v in values if v and len(v) >= MIN_SECRET}
+            new |= {" ".join(v.split()) for v in new} - {""}
+            if not new <= self._passwords:
+                self._passwords |= new
+                self._publish()
 
     def discard(self, *values: str | None) -> None:
         with self._lock:
-            self._set(set(self._state[0]) - {v for v in values if v})
+            gone = {v for v in values if v}
+            gone |= {" ".join(v.split()) for v in gone}
+            self._random -= gone
+            self._passwords -= gone
+            self._publish()
 
     def redact(self, text: str) -> str:
-        values, pieces = self._state
+        values, pieces, passwords = self._state
         if not values or not text:
             return text
         for value in values:  # longest first: a secret inside another goes with it
@@ -111,7 +141,30 @@ class _Secrets:
                 text = text.replace(value, "***")
         if pieces and len(text) >= FRAGMENT:
             text = _without_pieces(text, pieces)
+        if passwords and CUT in text:
+            text = _without_cut_prefixes(text, passwords)
         return text
+
+
+def _without_cut_prefixes(text: str, passwords: tuple[str, ...]) -> str:
+    """``text`` without the start of a password that a cut (:data:`CUT`) ended: what a
+    worker process, which never knows the password, leaves when it cuts an excerpt of
+    a page echoing it. Only right before a cut, so ordinary words stay."""
+    out: list[str] = []
+    last = 0
+    at = text.find(CUT)
+    while at >= 0:
+        longest = 0
+        for password in passwords:
+            for k in range(min(len(password) - 1, at - last), MIN_SECRET - 1, -1):
+                if text.startswith(password[:k], at - k):
+                    longest = max(longest, k)
+                    break
+        out += (text[last:at - longest], "***" if longest else "", CUT)
+        last = at + len(CUT)
+        at = text.find(CUT, last)
+    out.append(text[last:])
+    return "".join(out)
 
 
 def _without_pieces(text: str, pieces: frozenset[str]) -> str:
@@ -149,7 +202,7 @@ def quote(text: str, limit: int = 200) -> str:
     # plain first: a control or bidi character inside a secret must not hide it from
     # redact and then vanish; redact before the cut, so no piece of one is left.
     cleaned = " ".join(redact(plain(text)).split())
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + CUT
 
 
 # ----------------------------------------------------------------------------- hosts

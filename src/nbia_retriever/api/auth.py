@@ -43,7 +43,7 @@ class Credentials:
     password: str = field(repr=False)
 
     def __post_init__(self) -> None:
-        SECRETS.add(self.password)
+        SECRETS.add_password(self.password)  # whole: its pieces are ordinary words
 
     def __repr__(self) -> str:
         return f"Credentials(username={self.username!r}, password=***)"

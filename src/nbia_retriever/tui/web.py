@@ -175,7 +175,7 @@ class WebServer(Server):
 
     def serve(self, debug: bool = False) -> None:
         """Serve until Ctrl+C or SIGTERM (blocking); every child has ended on return."""
-        SECRETS.add(os.environ.get("NBIA_PASSWORD"))  # the children inherit it
+        SECRETS.add_password(os.environ.get("NBIA_PASSWORD"))  # the children inherit it
         original = sys.stdout
         sys.stdout = InertStream(original)
         try:
