@@ -459,3 +459,42 @@ def test_an_edited_index_row_is_indexed_again_never_served(local_archive, serve,
     gone = httpx.get(f"{server.api_url}/v1/getImageWithMD5Hash",
                      params={"SeriesInstanceUID": "1.2.3.4.5"}, timeout=30)
     assert gone.status_code != 200 or not gone.content.startswith(b"PK")
+
+
+def test_serve_never_sends_through_a_blob_folder_swapped_after_indexing(local_archive, serve,
+                                                                         tmp_path):
+    """The server indexed its cache; then ``blobs/<xx>`` is swapped for a link to a
+    folder holding a planted ``<md5>.z``: no byte of it is sent (the request fails)."""
+    import sqlite3
+
+    import httpx
+
+    root, uid, _files = local_archive
+    server = serve(root)
+    db = sqlite3.connect(root / ".nbia-server-cache" / "index.sqlite")
+    try:
+        md5s = [m for (m,) in db.execute("SELECT md5 FROM files")]
+        sizes = dict(db.execute("SELECT md5, compressed_size FROM files"))
+    finally:
+        db.close()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    blobs = root / ".nbia-server-cache" / "blobs"
+    planted = b""
+    for md5 in md5s:
+        planted = (SECRET * 4)[:sizes[md5]]  # as long as the blob it stands for
+        (outside / f"{md5}.z").write_bytes(planted)
+        if not (blobs / md5[:2]).is_symlink():
+            _swap_for_link(blobs / md5[:2], outside)
+    body = b""
+    complete = False
+    try:
+        with httpx.stream("GET", f"{server.api_url}/v1/getImageWithMD5Hash",
+                          params={"SeriesInstanceUID": uid}, timeout=30) as response:
+            for chunk in response.iter_bytes():
+                body += chunk
+            complete = response.status_code == 200
+    except httpx.RemoteProtocolError:
+        pass  # the stream broke off where the blob could not be opened
+    assert planted[:64] not in body, "served bytes through a swapped blob folder"
+    assert not complete

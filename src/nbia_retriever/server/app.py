@@ -13,6 +13,8 @@ import asyncio
 import collections
 import contextlib
 import csv
+import datetime
+import functools
 import hashlib
 import io
 import json
@@ -675,7 +677,8 @@ class NbiaService:
         else:
             images = [
                 ZipEntry(name, image.crc32, image.compressed_size, image.size,
-                         blob=self.index.blob_path(image))
+                         blob=self.index.blob_path(image),
+                         opener=functools.partial(self.index.open_blob, image))
                 for name, image in zip(names, order, strict=True)
             ]
         if fault is not None and fault.kind == "short" and images:
@@ -901,7 +904,6 @@ def _extension(relpath: str) -> str:
 
 def _java_date(raw: str) -> str:
     """``java.util.Date.toString()`` of a date: ``Thu Sep 01 00:00:00 CDT 2011``."""
-    import datetime
 
     digits = raw.replace("-", "")
     if len(digits) != 8 or not digits.isdigit():

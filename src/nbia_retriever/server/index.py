@@ -160,6 +160,37 @@ class ArchiveIndex:
     def blob_path(self, image: ImageRecord) -> Path:
         return self.cache_dir / image.blob
 
+    def open_blob(self, image: ImageRecord) -> int:
+        """A read descriptor of ``image``'s blob, opened one folder at a time without
+        following a link (``blobs``, ``blobs/<xx>``, the blob; the cache folder too when
+        it is the archive's): a folder swapped for a link since :meth:`load` is an
+        OSError, never a file from elsewhere sent. Only a regular file is opened."""
+        parts = image.blob.split("/")
+        if not _FD_OK:
+            return open_regular(self.blob_path(image), os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        inside = self.cache_dir == self.root / CACHE_DIRNAME
+        fd = os.open(self.cache_dir, _DIR_FLAGS if inside else
+                     os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            for name in parts[:-1]:
+                below = _open_dir(name, fd)
+                os.close(fd)
+                fd = below
+            blob = os.open(parts[-1], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                           | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0),
+                           dir_fd=fd)
+        finally:
+            os.close(fd)
+        try:
+            mode = os.fstat(blob).st_mode
+            if not stat.S_ISREG(mode):
+                raise OSError(f"{self.blob_path(image)}: {file_kind(mode)}, not a cache blob")
+            os.set_blocking(blob, True)
+        except BaseException:
+            os.close(blob)
+            raise
+        return blob
+
     def image_path(self, image: ImageRecord) -> Path:
         return self.root / image.relpath
 
@@ -676,7 +707,7 @@ def _group(rows: list[dict[str, object]]) -> dict[str, SeriesRecord]:
 def _locked(path: Path) -> Iterator[None]:
     """Serialise index updates between servers sharing one archive (POSIX only)."""
     try:
-        import fcntl
+        import fcntl  # POSIX only: a Windows server runs without the lock
     except ImportError:  # pragma: no cover - Windows: no lock, last writer wins
         yield
         return

@@ -44,6 +44,9 @@ class ZipEntry:
     blob: Path | None = None  # a raw DEFLATE file (the file itself when stored) ...
     data: bytes | None = None  # ... or the compressed bytes themselves
     method: int = _DEFLATED  # 8 DEFLATED (with a descriptor) or 0 STORED
+    #: Opens ``blob`` (a cache blob: :meth:`~.index.ArchiveIndex.open_blob`, which
+    #: follows no link below the cache), instead of opening it by its path.
+    opener: Callable[[], int] | None = None
 
     @property
     def descriptor(self) -> bool:
@@ -64,8 +67,11 @@ class ZipEntry:
         # a regular file: the index checked it, this closes the gap since. A STORED entry
         # is the archive's own image, which may be a link the archive's owner made.
         flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
-        fd = (open_regular(self.blob, flags) if self.method == _DEFLATED
-              else os.open(self.blob, flags))
+        if self.opener is not None:
+            fd = self.opener()
+        else:
+            fd = (open_regular(self.blob, flags) if self.method == _DEFLATED
+                  else os.open(self.blob, flags))
         with os.fdopen(fd, "rb") as handle:
             while remaining > 0:
                 block = handle.read(min(CHUNK, remaining))
