@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import os
 import struct
 
@@ -138,9 +139,8 @@ def series_uid_of(head: bytes) -> str | None:
     uid = tags.get("SeriesInstanceUID") if tags else None
     if uid:
         return uid
-    import io
 
-    import pydicom
+    import pydicom  # pydicom costs 150 ms: only for what the fast parser is unsure of
 
     try:
         ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True, force=True,
@@ -171,6 +171,7 @@ def _uid_names() -> dict[str, str]:
         loader_spec.loader.exec_module(module)
         table = module.UID_dictionary
     except Exception:
+        # pydicom costs 150 ms: only when a UID is named
         from pydicom._uid_dict import UID_dictionary as table
     return {str(uid): str(row[0]) for uid, row in table.items()}
 

@@ -86,7 +86,7 @@ def atomic_write_text(path: Path, text: str, *, newline: str | None = None) -> P
     (``""`` for text the csv module already terminated). Raises :class:`OSError`;
     callers turn it into their own one-line error.
     """
-    import tempfile
+    import tempfile  # not at start-up of a worker process (which imports ondisk): writers only
 
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
@@ -413,7 +413,7 @@ def _host_tag() -> str:
 
 def _flock(fd: int, *, blocking: bool) -> bool:
     try:
-        import fcntl
+        import fcntl  # POSIX only (Windows: no lock)
     except ImportError:  # pragma: no cover - Windows: one run per root there
         return True
     try:
@@ -444,7 +444,7 @@ def lock_file(handle: IO[Any] | int) -> None:
 
 def unlock_file(handle: IO[Any] | int) -> None:
     try:
-        import fcntl
+        import fcntl  # POSIX only (Windows: no lock)
     except ImportError:  # pragma: no cover
         return
     fd = handle if isinstance(handle, int) else handle.fileno()

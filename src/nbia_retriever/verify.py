@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine.journal import Journal, JournalEntry
+from .engine.staging import looks_like_dicom
 from .models import SeriesState
 from .ondisk import STATE_DIR, journal_paths
 
@@ -53,7 +54,6 @@ def _starts_like_dicom(path: Path) -> bool:
     """Whether a ``.dcm`` file starts like DICOM: an adopted tree's files were never
     hashed, and an error page saved as ``.dcm`` (by another tool, or planted) would
     otherwise pass on its size alone. (``--quick`` reads it only for such files.)"""
-    from .engine.staging import looks_like_dicom
 
     try:
         with path.open("rb") as handle:

@@ -69,7 +69,7 @@ def stored_password(host: str, user: str) -> str | None:
     if password is not None:
         return password
     try:
-        import keyring
+        import keyring  # optional dependency
 
         found = keyring.get_password(keyring_service(host), user)
     except Exception:

