@@ -498,3 +498,38 @@ def test_serve_never_sends_through_a_blob_folder_swapped_after_indexing(local_ar
         pass  # the stream broke off where the blob could not be opened
     assert planted[:64] not in body, "served bytes through a swapped blob folder"
     assert not complete
+
+
+@pytest.mark.parametrize("damage", ["not-a-database", "a-column-dropped", "a-table-replaced"])
+def test_a_damaged_index_database_is_rebuilt_not_a_traceback(local_archive, serve, damage):
+    """``index.sqlite`` garbage, or its table not the one this version writes (the
+    schema number kept): the index starts afresh and the series is served whole."""
+    import hashlib
+    import io
+    import sqlite3
+    import zipfile
+
+    import httpx
+
+    root, uid, files = local_archive
+    path = root / ".nbia-server-cache" / "index.sqlite"
+    if damage == "not-a-database":
+        path.write_bytes(b"not SQLite at all\n" * 512)
+    else:
+        db = sqlite3.connect(path)
+        if damage == "a-column-dropped":
+            db.execute("ALTER TABLE files DROP COLUMN mac")
+        else:
+            db.execute("DROP TABLE files")
+            db.execute("CREATE TABLE files (relpath TEXT PRIMARY KEY, size INTEGER)")
+            db.execute("INSERT INTO files VALUES ('x/y.dcm', 1)")
+        db.commit()
+        db.close()
+    server = serve(root)
+    response = httpx.get(f"{server.api_url}/v1/getImageWithMD5Hash",
+                         params={"SeriesInstanceUID": uid}, timeout=30)
+    assert response.status_code == 200
+    got = zipfile.ZipFile(io.BytesIO(response.content))
+    served = sorted(hashlib.md5(got.read(n)).hexdigest() for n in got.namelist()
+                    if n != "md5hashes.csv")
+    assert served == sorted(hashlib.md5(p.read_bytes()).hexdigest() for p in files)

@@ -541,12 +541,37 @@ def _scan(root: Path) -> Iterator[tuple[str, str, int, int]]:
                 yield top.name, rel, st.st_size, st.st_mtime_ns
 
 
+def _read_index(cache: Path) -> tuple[sqlite3.Connection, dict[str, dict[str, object]]]:
+    """The index database and its rows by relpath. One that is no SQLite database, or
+    whose tables are not the ones this version writes, is started afresh (every image
+    indexed again), never a traceback."""
+    for attempt in (1, 2):
+        db = None
+        try:
+            db = _connect(cache)
+            db.row_factory = sqlite3.Row
+            return db, {row["relpath"]: dict(row) for row in db.execute("SELECT * FROM files")}
+        except sqlite3.DatabaseError as exc:
+            if db is not None:
+                db.close()
+            if attempt == 2:
+                raise ArchiveError(f"{cache / 'index.sqlite'}: cannot rebuild the index "
+                                   f"cache: {exc}") from None
+            log.warning("%s: %s; the index is rebuilt", cache / "index.sqlite", exc)
+            for name in _CACHE_FILES:
+                if name.startswith("index.sqlite"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(cache / name)
+    raise AssertionError("unreachable")
+
+
 def _connect(cache: Path) -> sqlite3.Connection:
     db = sqlite3.connect(cache / "index.sqlite", timeout=60)
     db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
     found = dict(db.execute("SELECT key, value FROM meta").fetchall())
     wanted = {"schema": str(SCHEMA_VERSION), "level": str(COMPRESSION_LEVEL)}
-    if found != wanted:
+    have = [row[1] for row in db.execute("PRAGMA table_info(files)")]
+    if found != wanted or have not in ([], [*_FILE_COLUMNS, "mac"]):
         db.execute("DROP TABLE IF EXISTS files")
         db.execute("DELETE FROM meta")
         db.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
@@ -568,10 +593,8 @@ def _refresh(
     if key is None:
         log.warning("no private key for the index cache's rows (%s): every image is "
                     "indexed again", "see NBIA_RETRIEVER_DATA")
-    db = _connect(cache)
+    db, cached = _read_index(cache)
     try:
-        db.row_factory = sqlite3.Row
-        cached = {row["relpath"]: dict(row) for row in db.execute("SELECT * FROM files")}
         present: dict[str, tuple[str, int, int]] = {}
         todo: list[tuple[str, str, int, int]] = []
         for collection, rel, size, mtime in _scan(root):
