@@ -15,15 +15,16 @@ import hashlib
 import io
 import threading
 import zipfile
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pydicom
 
+from nbia_retriever.engine import checks
 from nbia_retriever.engine.source import MetadataBatch, Verdict
-from nbia_retriever.errors import NbiaError, NetworkError
+from nbia_retriever.errors import IntegrityError, NbiaError, NetworkError
 from nbia_retriever.models import SeriesInfo, SeriesState
 
 T = TypeVar("T")
@@ -81,6 +82,8 @@ class FolderSource:
         self.name = str(self.root)
         self._folders = {d.name: d for d in self.root.rglob("*")
                          if d.is_dir() and any(d.glob("*.dcm"))}
+        #: Series this source's rules checked (the engine asks the source).
+        self.checked: list[str] = []
 
     def check(self) -> None:
         pass
@@ -118,6 +121,17 @@ class FolderSource:
     def remote(self, info: SeriesInfo, run: Callable[[FolderOpener], T | None]) -> T | None:
         return run(FolderOpener(str(self._folders[info.series_uid]),
                                 f"series {info.series_uid}"))
+
+    def check_series(self, uid: str, info: SeriesInfo, entries: Sequence[checks.StagedEntry],
+                     md5_list: Mapping[str, str] | None, *, md5_required: bool) -> None:
+        """Its own rules: NBIA's (its zips carry an MD5 list too), and the file count of
+        the folder exactly."""
+        checks.check_series(uid, info, entries, md5_list, md5_required=md5_required)
+        images = [e for e in entries if e.is_image]
+        if len(images) != info.image_count:
+            raise IntegrityError(f"series {uid}: {len(images)} images, the folder has "
+                                 f"{info.image_count}")
+        self.checked.append(uid)
 
     def verdict(self, error: NbiaError) -> Verdict:
         return Verdict(retry=isinstance(error, NetworkError))

@@ -61,6 +61,8 @@ def test_a_source_added_in_one_module_downloads_on_threads_and_in_worker_process
     with Journal(journal_path, readonly=True) as journal:
         entries = list(journal.entries())
     assert len(entries) == len(uids) and {e.source for e in entries} == {"folder"}
+    # The source's own rules checked every series (in the engine's process, either way).
+    assert sorted(engine.source.checked) == sorted(uids)  # type: ignore[attr-defined]
 
 
 def test_an_nbia_run_says_nbia_and_an_unknown_source_is_refused_naming_the_known_ones(

@@ -31,7 +31,18 @@ from urllib.parse import urlsplit
 from .api import DEFAULT_API_URL, NbiaClient
 from .errors import AuthError, ManifestError, NbiaError, NotPublicError, TlsError
 from .errors import MissingDependencyError as MissingDependencyError  # re-export
+from .layout import root_folder_name
+from .manifest import (
+    _STANDARD_KEYS,
+    DEFAULT_DOWNLOAD_URL,
+    api_base_from_download_url,
+    read_manifest,
+    write_manifest,
+)
 from .models import ALIASES, INFO_FIELDS, SeriesInfo, SeriesState, normalise_series_metadata
+from .ondisk import STATE_DIR, atomic_write_text, check_regular
+from .report import CSV_NEWLINE, METADATA_HEADER, metadata_row
+from .session import open_session, resolve_server
 
 __all__ = [
     "CSV_COLUMNS",
@@ -96,7 +107,7 @@ def _client(api_url: str | None, client: NbiaClient | None,
     if client is not None:
         yield client
         return
-    with NbiaClient(api_url or DEFAULT_API_URL, **options) as fresh:
+    with NbiaClient(resolve_server(None, api_url), **options) as fresh:
         yield fresh
 
 
@@ -108,7 +119,6 @@ def download_url_for(api_url: str | None) -> str:
     public TCIA API maps to the URL the TCIA portal writes, since its API host
     (``services.``) is not the host the portal's manifests name.
     """
-    from .manifest import DEFAULT_DOWNLOAD_URL
 
     if not api_url or api_url.rstrip("/") == DEFAULT_API_URL:
         return DEFAULT_DOWNLOAD_URL
@@ -306,7 +316,6 @@ def write_cart(records: Iterable[SeriesInfo | Mapping[str, Any] | str],
     derived from the API URL (:func:`download_url_for`), ``databasketId`` is the file
     name, so the download lands in a folder named like the file.
     """
-    from .manifest import write_manifest
 
     uids = _uids(records)
     if not uids:
@@ -336,7 +345,7 @@ def to_dataframe(records: Iterable[SeriesInfo]) -> Any:
     :class:`MissingDependencyError`, an ``ImportError`` saying what to install.
     """
     try:
-        import pandas
+        import pandas  # optional, and slow to import: only when a frame is asked for
     except ImportError:
         raise MissingDependencyError(
             "to_dataframe needs pandas, which is not installed: pip install pandas"
@@ -347,7 +356,6 @@ def to_dataframe(records: Iterable[SeriesInfo]) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    from .ondisk import atomic_write_text
 
     try:
         return atomic_write_text(path, text, newline="")
@@ -362,7 +370,6 @@ def _server_key(url: str | None) -> str | None:
     """Two download URLs name the same server when they give the same API base."""
     if not url:
         return None
-    from .manifest import api_base_from_download_url
 
     try:
         return api_base_from_download_url(url).lower()
@@ -381,12 +388,6 @@ def merge_manifests(sources: Sequence[str | os.PathLike[str]], out: str | os.Pat
     as unknown. Spreadsheets and plain lists name no server and merge with anything.
     Returns ``(path, series written, duplicates dropped)``.
     """
-    from .manifest import (
-        _STANDARD_KEYS,
-        DEFAULT_DOWNLOAD_URL,
-        read_manifest,
-        write_manifest,
-    )
 
     if not sources:
         raise ManifestError("no manifests to merge", source=str(out))
@@ -429,7 +430,6 @@ def manifest_summary(path: str | os.PathLike[str], *, offline: bool = False,
 
     The server is ``api_url``, else the one the manifest names, else the public TCIA API.
     """
-    from .manifest import api_base_from_download_url, read_manifest
 
     manifest = read_manifest(path)
     summary: dict[str, Any] = {
@@ -446,16 +446,12 @@ def manifest_summary(path: str | os.PathLike[str], *, offline: bool = False,
     }
     if offline:
         return summary
-    url = api_url or (api_base_from_download_url(manifest.download_server_url)
-                      if manifest.download_server_url else None)
+    session = open_session(manifest, api_url=api_url)
     if api_url is None and client is None and "policy" not in client_options:
         # The manifest's server is its claim, not the caller's choice: no password to it
         # unless the caller's config trusts it.
-        from .api import HostPolicy
-        from .config import load_user_config
-
-        client_options["policy"] = HostPolicy(trusted_hosts=load_user_config().trusted_hosts)
-    with _client(url, client, client_options) as api:
+        client_options["policy"] = session.policy
+    with _client(session.api_url, client, client_options) as api:
         infos = api.series_metadata(list(manifest.series_uids))
         summary["api_url"] = api.api_url
     per: dict[str, dict[str, int]] = {}
@@ -535,8 +531,6 @@ class MergeReport:
 
 def find_root(path: str | os.PathLike[str], manifest_root_name: str | None = None) -> Path:
     """The download root (the folder holding ``.nbia/``) given it or its destination."""
-    from .layout import root_folder_name
-    from .ondisk import STATE_DIR
 
     base = Path(path)
     if (base / STATE_DIR).is_dir():
@@ -568,10 +562,10 @@ def merge_reports(root: str | os.PathLike[str], *,
     A series is complete when some journal says so and its folder exists. The expected
     series are the manifest's when given, else every series any journal knows.
     """
+    # The engine (and sqlite3) only for merge-reports: search, collections and manifest
+    # commands never load it.
     from .engine import shard_of
     from .engine.journal import Journal, JournalEntry
-    from .manifest import read_manifest
-    from .ondisk import STATE_DIR
 
     parsed = read_manifest(manifest) if manifest is not None else None
     base = find_root(root, parsed.root_name if parsed else None)
@@ -640,9 +634,6 @@ def merge_reports(root: str | os.PathLike[str], *,
 
 
 def _merge_csv(path: Path, done: Mapping[str, Any], result: MergeReport, *, fix: bool) -> None:
-    from .ondisk import check_regular
-    from .report import METADATA_HEADER as header
-    from .report import metadata_row
 
     rows: list[list[str]] = []
     seen: set[str] = set()
@@ -658,7 +649,7 @@ def _merge_csv(path: Path, done: Mapping[str, Any], result: MergeReport, *, fix:
         for row in reader:
             if not row:
                 continue
-            if list(row) == list(header):
+            if list(row) == list(METADATA_HEADER):
                 if not first:
                     result.csv_headers_removed += 1
                     changed = True
@@ -667,7 +658,7 @@ def _merge_csv(path: Path, done: Mapping[str, Any], result: MergeReport, *, fix:
             if first:  # the header itself was lost: the rewrite restores it
                 changed = True
             first = False
-            if len(row) != len(header) or not row[0]:
+            if len(row) != len(METADATA_HEADER) or not row[0]:
                 result.csv_bad_lines += 1
                 changed = True
                 continue
@@ -688,11 +679,10 @@ def _merge_csv(path: Path, done: Mapping[str, Any], result: MergeReport, *, fix:
         changed = True
     result.csv_rows = len(rows)
     if changed and fix and (rows or path.exists()):
-        from .report import CSV_NEWLINE
 
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator=CSV_NEWLINE)
-        writer.writerow(header)
+        writer.writerow(METADATA_HEADER)
         writer.writerows(rows)
         _atomic_write(path, buf.getvalue())
         result.csv_rewritten = True

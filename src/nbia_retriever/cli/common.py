@@ -3,20 +3,34 @@
 Exit codes (stable, for scripts and job schedulers): 0 every series complete, 1 some
 series failed (or the run stopped), 2 bad usage or an unreadable manifest, 3 login
 failed or not allowed, 130 interrupted (Ctrl-C; re-run the same command to resume).
+Which exception gets which code is decided once, by
+:func:`nbia_retriever.errors.exit_code`: commands call :func:`fail_for` (an exception)
+or :func:`run_exit_code` (a finished run), never pick a code for an exception themselves.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from ..errors import EXIT_AUTH as EXIT_AUTH  # re-export: the codes live in errors.py
+from ..errors import EXIT_FAILED as EXIT_FAILED
+from ..errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from ..errors import EXIT_OK as EXIT_OK
+from ..errors import EXIT_USAGE as EXIT_USAGE
+from ..errors import ManifestError, NbiaError, UsageError, exit_code
+from ..manifest import read_manifest
+from ..report import human_size
 from ..untrusted import plain, redact
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+if TYPE_CHECKING:
+    from ..session import Session
 
 
 def inert(text: str) -> str:
@@ -37,7 +51,7 @@ def say(text: str, *, err: bool = False) -> None:
 def cell(text: str) -> Any:
     """A table cell through :func:`inert`, shown verbatim (a ``rich`` Text: server
     strings are never console markup)."""
-    from rich.text import Text
+    from rich.text import Text  # rich (13 ms) only for the commands that draw tables
 
     return Text(inert(text))
 
@@ -70,25 +84,38 @@ def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
     sys.exit(code)
 
 
-def parse_shard(value: str | None) -> tuple[int, int] | None:
-    if not value:
-        return None
-    try:
-        k_text, n_text = value.split("/", 1)
-        k, n = int(k_text), int(n_text)
-    except ValueError:
-        raise click.BadParameter("use K/N, e.g. 3/10") from None
-    if not (n >= 1 and 1 <= k <= n):
-        raise click.BadParameter("K must be between 1 and N")
-    return k, n
+def fail_for(error: BaseException, *, as_json: bool = False) -> NoReturn:
+    """:func:`fail` with ``str(error)`` and the exit code :func:`~..errors.exit_code`
+    gives it (3 login, 2 bad input, 1 anything else)."""
+    fail(str(error), exit_code(error), as_json=as_json)
+
+
+def run_exit_code(report: Any) -> int:
+    """A finished run's exit code: that of what stopped it (the engine records it from
+    :func:`~..errors.exit_code`), 130 when the user interrupted it, else 0 or 1."""
+    if report.auth_failed:
+        return EXIT_AUTH
+    if report.usage_error:
+        return EXIT_USAGE
+    if report.cancelled and not report.fatal:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def exit_at_once(signum: int, frame: object) -> None:
+    """An impatient second Ctrl-C: stop now, still with exit code 130 and no traceback.
+
+    Safe: nothing is published before it is verified and journaled, and a re-run clears
+    whatever staging the workers leave. ``os._exit`` skips joining them. (Here, not in
+    :mod:`.run`: both output modes, :mod:`.run` and :mod:`.progress`, install it.)
+    """
+    os.write(2, b"interrupted again: stopped at once (re-run the same command to resume)\n")
+    os._exit(EXIT_INTERRUPTED)
 
 
 def load_manifest(path: str, *, as_json: bool = False) -> Any:
     """The parsed manifest, or exit 2 with one line naming the file (and line)."""
-    from pathlib import Path
 
-    from ..errors import ManifestError
-    from ..manifest import read_manifest
 
     if Path(path).is_dir():
         fail(f"{path}: is a folder, not a manifest", EXIT_USAGE, as_json=as_json)
@@ -107,17 +134,39 @@ def check_api_url(url: str | None, *, as_json: bool = False) -> None:
     """A malformed ``--api-url`` (``ftp://``, no host, bad port) is exit 2, at once."""
     if not url:
         return
-    from ..errors import NbiaError
-    from ..manifest import api_base_from_download_url
+    from ..session import check_api_url as check  # start-up time: not for --help
 
     try:
-        api_base_from_download_url(url)
+        check(url)
+    except UsageError as exc:
+        fail(str(exc), EXIT_USAGE, as_json=as_json)
+
+
+def open_cli_session(manifest: Any, *, api: str, api_url: str | None, user: str | None,
+                     insecure: bool, timeout: float, interactive: bool = True,
+                     as_json: bool = False) -> Session:
+    """A command's :class:`~nbia_retriever.session.Session`, opened once: the server
+    resolved (a malformed URL is exit 2), and with ``--user`` the login allowed to go
+    there (exit 3 otherwise, asking first when someone can answer) before the password
+    is asked for; then the password."""
+    from ..session import open_session  # start-up time: not for --help
+
+    try:
+        session = open_session(manifest, api_url=api_url, version=api, timeout=timeout,
+                               verify=not insecure,
+                               confirm=confirm_host_prompt(interactive and not as_json))
+        if user:  # a config file that cannot be read is exit 2, an untrusted host exit 3
+            session.check_login(user)
     except NbiaError as exc:
-        fail(str(exc).replace("download server URL", "--api-url"), EXIT_USAGE, as_json=as_json)
+        fail_for(exc, as_json=as_json)
+    if user:
+        session.credentials = get_credentials(user, host_of(session.api_url),
+                                              interactive=interactive and not as_json)
+    return session
 
 
 def host_of(api_url: str) -> str:
-    from ..api import Origin
+    from ..api import Origin  # the API client (35 ms) only for commands that talk to a server
 
     return Origin.of(api_url).label  # ASCII (xn--) form, IPv6 in brackets
 
@@ -129,6 +178,7 @@ def get_credentials(user: str | None, host: str, *, interactive: bool = True) ->
     The password never comes from argv: command lines are visible to every user of a
     shared HPC node through ``ps``.
     """
+    # the API client (35 ms): only with --user
     from ..api import Credentials, keyring_service, stored_password
 
     if not user:
@@ -174,6 +224,5 @@ def with_api_options(func: Any) -> Any:
 
 
 def human(size: int | None) -> str:
-    from ..report import human_size
 
     return human_size(size)

@@ -7,19 +7,21 @@ from pathlib import Path
 
 import click
 
+from ..errors import NbiaError
+from ..models import INFO_FIELDS
+from ..report import short_uid
 from .common import (
-    EXIT_AUTH,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     cell,
     check_api_url,
     fail,
-    get_credentials,
-    host_of,
+    fail_for,
     human,
     inert,
     load_manifest,
+    open_cli_session,
     say,
     say_json,
     warn_insecure,
@@ -35,37 +37,17 @@ from .common import (
 def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: str | None,
                  user: str | None, insecure: bool, timeout: float) -> None:
     """Show the downloads table of MANIFEST (with totals) without downloading."""
-    from ..api import NbiaClient
-    from ..engine.run import resolve_api_url
-    from ..errors import AuthError, NbiaError, UsageError
-    from ..models import INFO_FIELDS
-    from ..report import short_uid
-    from .run import trust_or_exit
 
     parsed = load_manifest(manifest, as_json=as_json)
     check_api_url(api_url, as_json=as_json)
-    try:
-        server = resolve_api_url(parsed, api_url)
-    except UsageError as exc:
-        fail(str(exc), EXIT_USAGE, as_json=as_json)
-    credentials = None
-    policy_hosts: tuple[str, ...] = ()
-    if user:
-        policy_hosts = trust_or_exit(server, api_url, user, interactive=not as_json,
-                                     as_json=as_json)
-        credentials = get_credentials(user, host_of(server), interactive=not as_json)
+    session = open_cli_session(parsed, api=api, api_url=api_url, user=user, insecure=insecure,
+                               timeout=timeout, as_json=as_json)
     warn_insecure(insecure)
-    from ..api import HostPolicy
-
-    policy = HostPolicy(chosen=[api_url] if api_url else [], trusted_hosts=policy_hosts)
     try:
-        with NbiaClient(server, version=api, credentials=credentials, timeout=timeout,
-                        verify=not insecure, policy=policy) as client:
+        with session.open_client() as client:
             infos = client.series_metadata(list(parsed.series_uids), errors={})
-    except AuthError as exc:
-        fail(str(exc), EXIT_AUTH, as_json=as_json)
     except NbiaError as exc:
-        fail(str(exc), EXIT_FAILED, as_json=as_json)
+        fail_for(exc, as_json=as_json)
     if as_json:
         for uid in parsed.series_uids:
             info = infos.get(uid)
@@ -73,7 +55,7 @@ def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: st
                                          else {"series_uid": uid, "status": "Not available"})
             say_json(record)
         return
-    from rich.console import Console
+    from rich.console import Console  # rich (20 ms) only for list's table: verify prints lines
     from rich.table import Table
 
     def uid_text(uid: str) -> str:
@@ -131,14 +113,13 @@ def verify(root: str, quick: bool, against_server: bool, repair: bool,
     """Re-check a finished download (ROOT: the folder with metadata.csv): against its
     journal (every file missing, altered or unexpected), or with --server against the
     server itself."""
-    from ..errors import NbiaError
-    from ..verify import verify_root
+    from ..verify import verify_root  # the checker (and the staging code) only for verify
 
     if repair and not against_server:
         fail("--repair needs --server (it re-downloads what the server check finds)",
              EXIT_USAGE)
     if against_server:
-        from .verify_server import run_server_verify
+        from .verify_server import run_server_verify  # only for verify --server
 
         run_server_verify(Path(root), repair=repair, manifest_path=manifest_path, api=api,
                           api_url=api_url, user=user, insecure=insecure, timeout=timeout)

@@ -8,6 +8,7 @@ constant however fast the workers go.
 
 from __future__ import annotations
 
+import signal
 from collections import deque
 from typing import Any
 
@@ -18,7 +19,7 @@ from rich.text import Text
 from ..engine import EventKind
 from ..models import FAILED_STATES, SeriesState
 from ..progress import new_bar
-from .common import inert
+from .common import exit_at_once, inert
 
 MAX_LINES = 8
 
@@ -83,10 +84,6 @@ def run_with_progress(engine: Any) -> Any:
                 refresh()
                 live.update(Group(overall, active_lines()))
         except KeyboardInterrupt:
-            import signal
-
-            from .run import exit_at_once
-
             signal.signal(signal.SIGINT, exit_at_once)  # a second Ctrl-C stops at once
             live.console.print("interrupted: stopping (re-run the same command to resume)")
             engine.cancel()

@@ -20,19 +20,20 @@ from typing import Any
 
 import click
 
+from ..engine import DownloadOptions, Engine, EventKind
+from ..errors import NbiaError, UsageError
+from ..models import FINAL_STATES, SeriesState
+from ..report import write_error_report
 from .common import (
-    EXIT_AUTH,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
     EXIT_USAGE,
     check_api_url,
-    confirm_host_prompt,
+    exit_at_once,
     fail,
-    get_credentials,
-    host_of,
+    fail_for,
     inert,
     load_manifest,
+    open_cli_session,
+    run_exit_code,
     warn_insecure,
     with_api_options,
 )
@@ -60,10 +61,6 @@ def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as
 
     Re-running the same command resumes: finished series are skipped in milliseconds.
     """
-    from ..engine import DownloadOptions, Engine
-    from ..engine.run import resolve_api_url
-    from ..errors import NbiaError, UsageError
-    from ..report import write_error_report
 
     parsed = load_manifest(manifest, as_json=as_json)
     values = options_from_params(flags)  # the DownloadOptions the flags say
@@ -75,22 +72,16 @@ def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             fail(f"--error-report {error_report}: folder {folder} is missing or not writable",
                  EXIT_USAGE, as_json=as_json)
-    interactive = not as_json
-    try:
-        server = resolve_api_url(parsed, api_url)
-    except UsageError as exc:
-        fail(str(exc), EXIT_USAGE, as_json=as_json)
-    trusted: tuple[str, ...] = ()
-    credentials = None
-    if user:
-        trusted = trust_or_exit(server, api_url, user, interactive=interactive,
-                                as_json=as_json)
-        credentials = get_credentials(user, host_of(server), interactive=interactive)
+    session = open_cli_session(parsed, api=values["api"], api_url=api_url, user=user,
+                               insecure=insecure, timeout=values["timeout"], as_json=as_json)
+    credentials = session.credentials
+    trusted = session.policy.trusted_hosts if user else ()
     try:
         options = DownloadOptions(**values, credentials=credentials, trusted_hosts=trusted)
-        engine = Engine(parsed, dest, options)
+        session.backoff_base = min(options.backoff_base, 1.0)
+        engine = Engine(parsed, dest, options, session=session)
     except UsageError as exc:
-        fail(str(exc), EXIT_USAGE, as_json=as_json)
+        fail_for(exc, as_json=as_json)
     warn_insecure(insecure)
     if parsed.duplicates_dropped and not as_json:
         click.echo(f"note: {parsed.duplicates_dropped} duplicate series dropped from {manifest}",
@@ -103,7 +94,7 @@ def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as
             engine.subscribe(plain_printer())
         report = run_plain(engine)
     else:
-        from .progress import run_with_progress
+        from .progress import run_with_progress  # the live display (rich, 25 ms) only on a terminal
 
         report = run_with_progress(engine)
     if error_report:
@@ -120,49 +111,17 @@ def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as
                                     ensure_ascii=False) + "\n")
     elif (report.usage_error or report.auth_failed) and not report.bytes_downloaded:
         # Nothing was done: the one line that says why is the whole answer.
-        fail(report.fatal, exit_code(report))
+        fail(report.fatal, run_exit_code(report))
     else:
         if quiet:
             for warning in report.warnings:
                 click.echo(inert(warning), err=True)
             _quiet_reasons(report)
         click.echo(inert(report.summary()), err=quiet)
-    sys.exit(exit_code(report))
-
-
-def exit_code(report: Any) -> int:
-    if report.auth_failed:
-        return EXIT_AUTH
-    if report.usage_error:
-        return EXIT_USAGE
-    if report.cancelled and not report.fatal:
-        return EXIT_INTERRUPTED
-    return EXIT_OK if report.ok else EXIT_FAILED
-
-
-def trust_or_exit(api_url: str, chosen_url: str | None, user: str, *, interactive: bool,
-                  as_json: bool) -> tuple[str, ...]:
-    """The hosts trusted for this run, or exit 3 before any password is asked or sent."""
-    from ..api import HostPolicy, token_url_for
-    from ..config import load_user_config
-    from ..errors import UntrustedHostError, UsageError
-
-    try:
-        config = load_user_config()
-    except UsageError as exc:
-        fail(str(exc), EXIT_USAGE, as_json=as_json)
-    policy = HostPolicy(chosen=[chosen_url] if chosen_url else [],
-                        trusted_hosts=config.trusted_hosts,
-                        confirm=confirm_host_prompt(interactive), config_path=config.path)
-    try:
-        policy.check(token_url_for(api_url), user)
-    except UntrustedHostError as exc:
-        fail(str(exc), EXIT_AUTH, as_json=as_json)
-    return policy.trusted_hosts
+    sys.exit(run_exit_code(report))
 
 
 def summary_dict(report: Any) -> dict[str, Any]:
-    from ..models import SeriesState
 
     return {
         "root": str(report.root),
@@ -196,8 +155,6 @@ def _json_printer() -> Any:
 
 def plain_printer() -> Any:
     """Line-per-event output for logs and non-terminals (HPC batch jobs)."""
-    from ..engine import EventKind
-    from ..models import FINAL_STATES
 
     def printer(event: Any) -> None:
         kind = event.kind
@@ -236,13 +193,3 @@ def run_plain(engine: Any) -> Any:
         engine.cancel()
         engine.wait()
     return engine.report
-
-
-def exit_at_once(signum: int, frame: object) -> None:
-    """An impatient second Ctrl-C: stop now, still with exit code 130 and no traceback.
-
-    Safe: nothing is published before it is verified and journaled, and a re-run clears
-    whatever staging the workers leave. ``os._exit`` skips joining them.
-    """
-    os.write(2, b"interrupted again: stopped at once (re-run the same command to resume)\n")
-    os._exit(EXIT_INTERRUPTED)

@@ -14,60 +14,51 @@ from dataclasses import asdict
 from typing import Any
 
 import click
+from rich.console import Console
+from rich.table import Table
 
-from ..errors import AuthError, ManifestError, NbiaError
+from ..errors import NbiaError, UsageError
 from .common import (
-    EXIT_AUTH,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     cell,
+    check_api_url,
     fail,
-    get_credentials,
-    host_of,
+    fail_for,
+    inert,
+    load_manifest,
+    open_cli_session,
     say,
     say_json,
+    warn_insecure,
     with_api_options,
 )
 from .common import human as _human
 
 
 def _client_options(api: str, user: str | None, insecure: bool, timeout: float, *,
-                    server: str | None = None, chosen: str | None = None) -> dict[str, Any]:
-    """Client settings; with ``--user`` the server must be trusted (exit 3 otherwise)
-    before the password is asked for."""
-    from ..api import DEFAULT_API_URL, HostPolicy
-    from .common import warn_insecure
-    from .run import trust_or_exit
+                    manifest: Any = None, chosen: str | None = None) -> dict[str, Any]:
+    """Client settings of the command's session (:mod:`nbia_retriever.session`); with
+    ``--user`` the server must be trusted (exit 3 otherwise) before the password is
+    asked for, and the session's host policy goes with the password."""
 
     warn_insecure(insecure)
-    server = server or chosen or DEFAULT_API_URL
-    options: dict[str, Any] = {"version": api, "timeout": timeout, "verify": not insecure}
-    trusted: tuple[str, ...] = ()
+    session = open_cli_session(manifest, api=api, api_url=chosen, user=user,
+                               insecure=insecure, timeout=timeout)
+    options: dict[str, Any] = {"version": session.version, "timeout": session.timeout,
+                               "verify": session.verify}
     if user:
-        trusted = trust_or_exit(server, chosen, user, interactive=True, as_json=False)
-        options["credentials"] = get_credentials(user, host_of(server))
-    options["policy"] = HostPolicy(chosen=[chosen] if chosen else
-                                   ([server] if server == DEFAULT_API_URL else []),
-                                   trusted_hosts=trusted)
+        options["credentials"] = session.credentials
+        options["policy"] = session.policy
     return options
 
 
 def _console() -> Any:
     """A rich console; wide when piped, so logs get whole UIDs instead of folded ones."""
-    from rich.console import Console
 
     console = Console()
     return console if console.is_terminal else Console(width=200)
-
-
-def _fail_for(exc: NbiaError) -> None:
-    """The exit code a scheduler can act on: 3 login, 2 bad input, 1 anything else."""
-    if isinstance(exc, AuthError):
-        fail(str(exc), EXIT_AUTH)
-    if isinstance(exc, ManifestError):
-        fail(str(exc), EXIT_USAGE)
-    fail(str(exc), EXIT_FAILED)
 
 
 def query_api_options(func: Any) -> Any:
@@ -99,15 +90,14 @@ def collections_command(counts: bool, as_json: bool, api: str, api_url: str | No
     with "?" in place of the missing numbers and one warning line on stderr saying why
     (exit 0: the rest of the table is right). Exit 1 when no count came at all.
     """
-    from ..search import collections
-    from .common import check_api_url, inert
+    from ..search import collections  # search (11 ms more) not at --help: only when a command runs
 
     check_api_url(api_url)
     try:
         items = collections(api_url, counts=counts,
                             **_client_options(api, user, insecure, timeout, chosen=api_url))
     except NbiaError as exc:
-        _fail_for(exc)
+        fail_for(exc)
     for item in items:
         if item.get("error"):
             item["error"] = inert(item["error"])
@@ -116,7 +106,6 @@ def collections_command(counts: bool, as_json: bool, api: str, api_url: str | No
         for item in items:
             say_json(item)
     else:
-        from rich.table import Table
 
         table = Table(title=f"{len(items)} collections",
                       caption="?: the server did not answer this count (see the warnings)"
@@ -143,7 +132,7 @@ def _warn_unanswered(items: list[dict[str, Any]], unanswered: list[dict[str, Any
                      as_json: bool) -> None:
     """One warning line per collection whose counts did not come (capped like ``-q``);
     exit 1 when not a single count came."""
-    from .run import QUIET_REASONS
+    from .run import QUIET_REASONS  # cli.run: only merge-reports -q needs its constant
 
     for item in unanswered[:QUIET_REASONS]:
         say(f"nbia-retriever: warning: {item['collection']}: counts not available "
@@ -193,8 +182,7 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
     The server is the public TCIA API unless --api-url names another. Exit 1 when
     nothing matches.
     """
-    from ..search import search_series, write_cart, write_csv
-    from .common import check_api_url
+    from ..search import search_series, write_cart, write_csv  # search: not at --help
 
     check_api_url(api_url)
     filters = {"collection": collection, "patient": patient, "study": study,
@@ -207,7 +195,7 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
                                 **_client_options(api, user, insecure, timeout,
                                                   chosen=api_url))
     except NbiaError as exc:
-        _fail_for(exc)
+        fail_for(exc)
     if not records:
         wanted = ", ".join(f"{k}={v}" for k, v in filters.items() if v)
         fail(f"no series match {wanted}", EXIT_FAILED)
@@ -217,14 +205,13 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
         if csv_path:
             write_csv(records, csv_path)
     except NbiaError as exc:
-        _fail_for(exc)
+        fail_for(exc)
     images = sum(r.image_count or 0 for r in records)
     size = sum(r.file_size or 0 for r in records)
     if as_json:
         for record in records:
             say_json(record.to_dict())
     else:
-        from rich.table import Table
 
         title = f"{len(records):,} series, {images:,} images, {_human(size)}"
         table = Table(title=title)
@@ -269,12 +256,12 @@ def manifest_group() -> None:
 def merge_command(sources: tuple[str, ...], output: str, force: bool) -> None:
     """Merge SOURCES (manifests, spreadsheets, UID lists) into one manifest: union in
     order, duplicates dropped, headers from the first."""
-    from ..search import merge_manifests
+    from ..search import merge_manifests  # search: not at --help
 
     try:
         path, written, dropped = merge_manifests(sources, output, force=force)
     except NbiaError as exc:
-        _fail_for(exc)
+        fail_for(exc)
     note = f" ({dropped:,} duplicates dropped)" if dropped else ""
     click.echo(f"wrote {path}: {written:,} series from {len(sources)} manifests{note}")
 
@@ -288,24 +275,22 @@ def info_command(manifest: str, offline: bool, as_json: bool, api: str, api_url:
                  user: str | None, insecure: bool, timeout: float) -> None:
     """Describe MANIFEST: series, server, and (from the server's metadata) collections,
     images and total size."""
-    from ..engine.run import resolve_api_url
-    from ..errors import UsageError
-    from ..search import manifest_summary
-    from .common import check_api_url, load_manifest
+    from ..search import manifest_summary  # search and the session: not at --help
+    from ..session import resolve_server
 
     check_api_url(api_url)
     parsed = load_manifest(manifest)
     try:
-        server = resolve_api_url(parsed, api_url)
+        resolve_server(parsed, api_url)  # a malformed server URL is exit 2, offline too
     except UsageError as exc:
-        fail(str(exc), EXIT_USAGE)
+        fail_for(exc)
     try:
         info = manifest_summary(manifest, offline=offline, api_url=api_url,
                                 **({} if offline else
                                    _client_options(api, user, insecure, timeout,
-                                                   server=server, chosen=api_url)))
+                                                   manifest=parsed, chosen=api_url)))
     except NbiaError as exc:
-        _fail_for(exc)
+        fail_for(exc)
     except OSError as exc:
         fail(f"{manifest}: {exc.strerror or exc}", EXIT_USAGE)
     if as_json:  # a manifest's headers and a server's collection names: sanitised
@@ -354,13 +339,12 @@ def merge_reports_command(root: str, manifest: str | None, check: bool,
     ROOT is the download root (the folder with metadata.csv), or its destination folder.
     Run it once every shard has finished. Exit 1 if anything is missing.
     """
-    from ..search import merge_reports
+    from ..search import merge_reports  # search: not at --help
 
     try:
         result = merge_reports(root, manifest=manifest, fix=not check)
     except NbiaError as exc:
         fail(str(exc), EXIT_USAGE)
-    from .common import inert
 
     for warning in result.warnings:
         click.echo(inert(warning), err=True)

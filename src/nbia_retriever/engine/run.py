@@ -41,6 +41,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..api import Credentials
 from ..errors import (
     EXIT_AUTH,
     EXIT_USAGE,
@@ -53,12 +54,12 @@ from ..errors import (
     exit_code,
 )
 from ..layout import Layout, root_folder_name, sanitize_component, series_relpath_mode
-from ..manifest import Manifest
+from ..manifest import Manifest, read_manifest
 from ..models import FAILED_STATES, FINAL_STATES, SeriesInfo, SeriesState
 from ..ondisk import DownloadRoot, RunStaging, SeriesLock
 from ..report import MetadataCsv, Report, SeriesResult
 from ..retry import RetryPolicy
-from ..session import Session, resolve_server, session_for
+from ..session import Session, session_for
 from ..untrusted import quote, redact
 from . import checks
 from .events import Event, EventKind, Stats
@@ -111,12 +112,6 @@ def select_shard(uids: Sequence[str], shard: tuple[int, int] | None) -> list[str
         return list(uids)
     k, n = shard
     return [u for u in uids if shard_of(u, n) == k]
-
-
-def resolve_api_url(manifest: Manifest, api_url: str | None) -> str:
-    """The services root a run talks to (see :func:`nbia_retriever.session.resolve_server`,
-    where the server is decided: this name stays for callers of the engine)."""
-    return resolve_server(manifest, api_url)
 
 
 _STATE = operator.attrgetter("state")
@@ -834,8 +829,9 @@ class Engine:
             self._busy += 1
         try:
             staged = self._stage(uid, info, staging, progress)
-            checks.check_series(uid, info, staged.entries, staged.md5_list,
-                                md5_required=self.options.md5)
+            # The source's own rules when it has them (see Source), else the NBIA ones.
+            check = getattr(self.source, "check_series", checks.check_series)
+            check(uid, info, staged.entries, staged.md5_list, md5_required=self.options.md5)
             assert self._publisher is not None
             published = self._publisher.publish(uid, info, staged, mode=mode,
                                                 attempts=attempt)
@@ -886,7 +882,6 @@ class Engine:
         return True
 
     def _stage(self, uid: str, info: object, staging: Path, progress: Progress) -> StagedSeries:
-        from ..models import SeriesInfo
 
         assert isinstance(info, SeriesInfo)
         pool, source = self._pool, self.source
@@ -1056,8 +1051,6 @@ def make_engine(
     (:class:`~.options.DownloadKwargs`, which mypy checks); an unknown name is a
     :class:`UsageError` naming it, for callers mypy does not see.
     """
-    from ..api import Credentials
-    from ..manifest import read_manifest
 
     if isinstance(manifest, str | os.PathLike):
         manifest = read_manifest(manifest)

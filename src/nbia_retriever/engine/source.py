@@ -63,7 +63,13 @@ class ByteStream(Protocol):
 
 
 class Source(Protocol):
-    """Everything the engine needs from where series come from."""
+    """Everything the engine needs from where series come from.
+
+    Optional: ``check_series(uid, info, entries, md5_list, *, md5_required)``, what a
+    staged series must satisfy to be published, when the source's rules differ from
+    :func:`~.checks.check_series` (NBIA's, used otherwise); and :meth:`RemoteSource.remote`,
+    to stream in worker processes.
+    """
 
     #: For messages ("nbia.example.org").
     name: str

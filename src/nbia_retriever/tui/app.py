@@ -19,6 +19,7 @@ the latest state any engine reported for it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import operator
 import threading
@@ -27,6 +28,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from rich.text import Text
 from textual import events, on
@@ -54,6 +56,7 @@ from ..layout import Layout, format_series_number
 from ..manifest import Manifest
 from ..models import ALL_STATES, FAILED_STATES, SeriesState
 from ..report import SeriesResult, human_size, write_error_report
+from ..session import Session, session_for
 from .cells import COLUMNS, EMPTY, Cell, row_cells, speed_and_eta
 from .screens import ConfirmQuitScreen, DestinationScreen, LoginScreen, SaveReportScreen
 from .table import PAGE, PagedTable
@@ -122,11 +125,15 @@ class RetrieverApp(App[None]):
         manifest_name: str | None = None,
         show_rates: bool = True,
         ask_login: str | None = None,
+        session: Session | None = None,
     ) -> None:
         super().__init__()
         self.manifest = manifest
         self.dest = Path(dest)
         self.options = options or DownloadOptions()
+        #: Who the window talks to (opened once; each engine gets it, with the login of
+        #: the moment): see :mod:`nbia_retriever.session`.
+        self.session = session or session_for(manifest, self.options)
         self.layout_name = Layout(self.options.layout).value
         self.credentials: Credentials | None = self.options.credentials
         self.show_rates = show_rates
@@ -263,7 +270,8 @@ class RetrieverApp(App[None]):
     def _make_engine(self, *, only_failed: bool = False) -> Engine:
         options = replace(self.options, layout=self.layout_name, credentials=self.credentials,
                           only_failed=only_failed)
-        engine = Engine(self.manifest, self.dest, options)
+        engine = Engine(self.manifest, self.dest, options,
+                        session=replace(self.session, credentials=self.credentials))
         engine.remove(self.removed)
         engine.subscribe(self._on_engine_event)
         return engine
@@ -785,7 +793,6 @@ class RetrieverApp(App[None]):
 
     def _login_host(self) -> str:
         """The host the password would go to, named in the dialog (never a guess)."""
-        from urllib.parse import urlsplit
 
         try:
             return urlsplit(self.engine.api_url).netloc
@@ -848,7 +855,6 @@ class RetrieverApp(App[None]):
                 return
             engine.cancel()
             self._set_message("Stopping the downloads…")
-            import asyncio
 
             await asyncio.to_thread(engine.wait, 10.0)
             self.exit()

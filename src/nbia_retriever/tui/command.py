@@ -22,8 +22,8 @@ from ..cli.common import (
 )
 from ..cli.options import download_flags, options_from_params
 from ..engine.options import DownloadOptions
-from ..engine.run import resolve_api_url
 from ..errors import UsageError
+from ..session import session_for
 from .app import RetrieverApp
 
 
@@ -67,8 +67,8 @@ def open_command(ctx: click.Context, /, manifest: str, dest: str, user: str | No
     values = options_from_params(flags)  # the same options as ``download``, same defaults
     check_api_url(values["api_url"])
     try:
-        server = resolve_api_url(parsed, values["api_url"])
         options = DownloadOptions(**values)
+        session = session_for(parsed, options)  # the window's one session
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE)
     warn_insecure(not options.verify_tls)
@@ -79,13 +79,13 @@ def open_command(ctx: click.Context, /, manifest: str, dest: str, user: str | No
         return
     ask_login = None
     if user:
-        password = stored_password(host_of(server), user)
+        password = stored_password(host_of(session.api_url), user)
         if password is None:
             ask_login = user
         else:
-            options.credentials = Credentials(user, password)
+            options.credentials = session.credentials = Credentials(user, password)
     app = RetrieverApp(parsed, dest, options, manifest_name=os.path.basename(manifest),
-                       ask_login=ask_login)
+                       ask_login=ask_login, session=session)
     app.run()
 
 
