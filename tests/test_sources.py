@@ -71,7 +71,7 @@ def test_an_nbia_run_says_nbia_and_an_unknown_source_is_refused_naming_the_known
     assert engine.source_name == "nbia" and engine.results["1.2.3"].source == "nbia"
     engine.close()
     with pytest.raises(UsageError, match=r"unknown source 'nope'; known: .*nbia"):
-        make_engine(["1.2.3"], tmp_path, source="nope").source  # noqa: B018
+        make_engine(["1.2.3"], tmp_path, source="nope")  # at once, not at the first download
 
 
 def test_a_journal_from_before_the_source_column_reads_as_nbia_and_gets_the_column(

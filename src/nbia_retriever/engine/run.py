@@ -70,7 +70,7 @@ from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
 from .publish import Publisher
 from .rows import file_count
 from .scheduler import ConcurrencyLimiter, WorkQueue
-from .source import ByteStream, RemoteSource, Source, Verdict
+from .source import ByteStream, RemoteSource, Source, Verdict, source_factory
 from .staging import (
     NoRoomError,
     Progress,
@@ -168,6 +168,8 @@ class Engine:
                                                              strict=True))
         #: The registry name of this run's source: on its events, results, journal rows.
         self.source_name = self.options.source
+        if source is None:
+            source_factory(self.source_name)  # an unknown name is refused here, at once
         if self.source_name != "nbia":  # SeriesResult's default: no loop for it
             for result in self.results.values():
                 result.source = self.source_name

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SOURCES", "ByteStream", "MetadataBatch", "NbiaOpener", "NbiaSource",
            "RemoteSource", "Source", "SourceFactory", "StreamOpener", "Verdict", "make_source",
-           "register_source"]
+           "register_source", "source_factory"]
 
 T = TypeVar("T")
 
@@ -236,9 +236,14 @@ def register_source(name: str, factory: SourceFactory) -> None:
     SOURCES[name] = factory
 
 
-def make_source(name: str, session: Session, options: DownloadOptions) -> Source:
-    """The source ``name`` for one run; an unknown name is a :class:`UsageError`."""
+def source_factory(name: str) -> SourceFactory:
+    """The registry entry of ``name``; an unknown name is a :class:`UsageError`."""
     factory = SOURCES.get(name)
     if factory is None:
         raise UsageError(f"unknown source {name!r}; known: {', '.join(sorted(SOURCES))}")
-    return factory(session, options)
+    return factory
+
+
+def make_source(name: str, session: Session, options: DownloadOptions) -> Source:
+    """The source ``name`` for one run; an unknown name is a :class:`UsageError`."""
+    return source_factory(name)(session, options)
