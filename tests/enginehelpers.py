@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 
 from nbia_retriever.naming import ImageKey, assign_names
 from nbia_retriever.report import Report
+
+if TYPE_CHECKING:
+    from nbia_retriever.engine import Engine
 
 
 def md5(path: Path) -> str:
@@ -133,3 +138,15 @@ def download_report(*args: object, **kwargs: object) -> Report:
         if report is None:
             raise
         return report  # type: ignore[no-any-return]
+
+
+def start_workers(engine: Engine, count: int = 1) -> Engine:
+    """Start ``engine``'s worker processes and wait until ``count`` take attempts
+    (attempts do not wait for a worker: they run on threads until one is ready, so a
+    test that needs workers waits for them first)."""
+    engine.start_workers()
+    deadline = time.monotonic() + 60
+    while engine.stats().processes < count:
+        assert time.monotonic() < deadline, "the worker processes did not start"
+        engine.wait(0.02)
+    return engine

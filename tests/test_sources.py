@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import folder_source
-from enginehelpers import downloaded_series, expected_series
+from enginehelpers import downloaded_series, expected_series, start_workers
 from nbia_retriever import make_engine
 from nbia_retriever.engine import EventKind
 from nbia_retriever.engine.journal import Journal
@@ -37,11 +36,7 @@ def test_a_source_added_in_one_module_downloads_on_threads_and_in_worker_process
     uids = [s.series_uid for s in folder.series]
     engine = make_engine(uids, tmp_path, source="folder", processes=processes, workers=2)
     if processes:
-        engine.start_workers()
-        deadline = time.monotonic() + 60
-        while engine.stats().processes < 1:
-            assert time.monotonic() < deadline, "the worker process did not start"
-            time.sleep(0.01)
+        start_workers(engine)
     events: list[dict[str, object]] = []
     engine.subscribe(lambda e: events.append(json.loads(json.dumps(e.as_dict()))))
     report = engine.run()
