@@ -69,7 +69,7 @@ def host_policy(*, chosen: str | None = None, trusted_hosts: Iterable[str] = (),
     """The one place a :class:`~nbia_retriever.api.HostPolicy` is built: the URL the
     user chose, the hosts they trust (``trusted_hosts`` and their config file's), and
     who to ask about any other host (None: nobody, the answer is no)."""
-    from .api import HostPolicy
+    from .api import HostPolicy  # the HTTP stack (35 ms) only once it is used
     from .config import load_user_config
 
     config = load_user_config() if use_config else None
@@ -112,7 +112,7 @@ class Session:
         """Raise :class:`~nbia_retriever.errors.UntrustedHostError` unless ``user``'s
         password may go to this server's login (asking, if the session can ask), before
         any password is asked for; the hosts trusted now."""
-        from .api import token_url_for
+        from .api import token_url_for  # the HTTP stack only once it is used
 
         self.policy.check(token_url_for(self.api_url), user)
         return self.policy.trusted_hosts
@@ -122,7 +122,7 @@ class Session:
         the caller closes it."""
         if self.client is not None:
             return self.client
-        from .api import NbiaClient
+        from .api import NbiaClient  # the HTTP stack only once it is used
 
         return NbiaClient(self.api_url, version=self.version, credentials=self.credentials,
                           timeout=self.timeout, verify=self.verify,
@@ -130,7 +130,7 @@ class Session:
 
     def source(self, options: DownloadOptions) -> Source:
         """The source ``options.source`` names, built by its registry entry."""
-        from .engine.source import make_source
+        from .engine.source import make_source  # the engine only when a run is built
 
         return make_source(options.source, self, options)
 

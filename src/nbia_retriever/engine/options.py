@@ -161,6 +161,7 @@ class DownloadOptions:
                                            or self.processes < 0):
             raise UsageError(f"processes must be 0 or more, not {self.processes!r}")
         if self.processes:
+            # not at --help: the worker-process module only when processes are asked for
             from .procs import processes_supported
 
             why = processes_supported()

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NbiaError
+from ..untrusted import SECRETS
 
 __all__ = ["RemoteAttempt", "WorkerPool", "available_cores", "default_processes",
            "processes_supported"]
@@ -486,8 +487,6 @@ def _know_secrets(opener: Any) -> None:
     """This process's :data:`~nbia_retriever.untrusted.SECRETS` learn the credentials of
     ``opener``: an error page that echoes one is cut to an excerpt here, and a token cut
     in two would escape the engine's redaction of the whole token."""
-    from ..untrusted import SECRETS
-
     SECRETS.add(*opener.secrets())
 
 
@@ -496,6 +495,8 @@ def _run_job(sock: socket.socket, cache: dict[Any, Any]) -> None:
 
     The attempt's :class:`~.source.StreamOpener` (whichever source made it) opens the
     stream; ``cache`` keeps what it wants kept between attempts (connections)."""
+    # Here, not at the top: a worker is ready (and the pool up) before the staging code
+    # (isal, the zip reader: ~20 ms) loads; the first attempt pays it once.
     from .staging import Progress, stage_series
 
     lock = threading.Lock()

@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from .._dicomtags import series_uid_of, sop_class_name
 from ..errors import DestinationError
-from ..layout import Layout, fit_component, series_relpath_mode
+from ..layout import Layout, fit_component, sanitize_component, series_relpath_mode
 from ..models import SeriesInfo
 from ..naming import ImageKey, assign_names, safe_entry_name
 from ..ondisk import (
@@ -261,7 +261,6 @@ class Publisher:
 
 
 def _safe(uid: str) -> str:
-    from ..layout import sanitize_component
 
     return sanitize_component(uid, fallback="series")
 
