@@ -244,10 +244,7 @@ class Engine:
         """Where this run's series come from: ``options.source`` through the registry
         (:data:`~.source.SOURCES`), unless the caller gave one."""
         if self._source is None:
-            session = self.session
-            if self._client is not None:
-                session = replace(session, client=self._client)
-            self._source = session.source(self.options)
+            self._source = self.session.source(self.options)  # a given client is in it
         return self._source
 
     @property
