@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,7 @@ from hostile_server import (
     trickle,
 )
 from nbia_retriever import download, make_engine
-from nbia_retriever.api.http import FLOOR_RATE, ProgressFloor
+from nbia_retriever.api.http import FLOOR_RATE, READ_SIZE, ProgressFloor
 from nbia_retriever.engine.staging import inflation_cap
 from nbia_retriever.errors import NetworkError
 from nbia_retriever.models import SeriesInfo, SeriesState
@@ -134,6 +134,7 @@ def test_an_inflating_bomb_leaves_the_reserve_free(tmp_path, archive, hostile, s
     with tmpfs(tmp_path / "mnt", "1200m") as mnt, LowestFree(mnt) as watch:
         engine = ready_engine(manifest, mnt / "dl", hostile, processes=processes)
         report = engine.run()
+    print(f"lowest free: {watch.lowest / MiB:.0f} MiB")
     assert engine.stats().worker_attempts == processes
     # The reserve is the larger of 1 GiB and 5% of the free space: 1 GiB here.
     assert watch.lowest >= GiB, f"the bomb left only {watch.lowest / MiB:.0f} MiB free"
@@ -313,3 +314,207 @@ def test_names_made_unique_stay_within_255_bytes(tmp_path, archive, hostile):
     assert len(names) == 2 + len(notes), names
     assert max(len(n.encode()) for n in names) <= 255
     assert not [n for n in names if n.endswith(".dcm") and not n[0].isdigit()], names
+
+
+# ----------------------------------------- round 2 (review of items 4 and 5): the reserve
+
+
+def figures(error: str) -> dict[str, float]:
+    """The sizes a disk-space error states (MB): ``needs``, ``free`` and ``kept`` (the
+    free space it keeps for other programs)."""
+    import re
+
+    found = {key: re.search(pattern, error) for key, pattern in (
+        ("needs", r"needs ([\d,.]+) MB"), ("free", r"([\d,.]+) MB free"),
+        ("kept", r"([\d,.]+) MB kept"))}
+    assert found["free"] and found["kept"], error
+    return {k: float(m[1].replace(",", "")) for k, m in found.items() if m}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@pytest.mark.parametrize("lie", ["all-but-64-MiB", "just-fits"])
+def test_a_lying_file_size_never_fills_the_disk(tmp_path, archive, hostile, lie):
+    # The metadata announces nearly all the free space (or just what fits beside the
+    # reserve): the announced bytes must keep the reserve too, not only the extra ones.
+    honest, bomb = archive.series[0], archive.series[1]
+    with tmpfs(tmp_path / "mnt", "1200m") as mnt:
+        free = shutil.disk_usage(mnt).free
+        # The reserve on a disk with less than 2 GiB free: half of it.
+        size = free - 64 * MiB if lie == "all-but-64-MiB" else free // 2 - 96 * MiB
+        hostile.series[bomb.series_uid] = Crafted(record(bomb, size=size), endless_deflate())
+        manifest = cart(tmp_path, hostile, [honest.series_uid, bomb.series_uid], retries=0)
+        with LowestFree(mnt) as watch:
+            report = ready_engine(manifest, mnt / "dl", hostile, processes=0).run()
+    print(f"lowest free: {watch.lowest / MiB:.0f} MiB of {free / MiB:.0f}")
+    assert watch.lowest >= free // 2 - MiB, \
+        f"the bomb left only {watch.lowest / MiB:.0f} MiB of {free / MiB:.0f} free"
+    result = report.results[bomb.series_uid]
+    assert result.state == SeriesState.ERROR and "disk space" in result.error, result.error
+    assert "\n" not in result.error
+    said = figures(result.error)
+    if lie == "all-but-64-MiB":  # refused before a byte is written, saying why
+        assert watch.lowest >= free - 16 * MiB, result.error
+        assert said["needs"] + said["kept"] > said["free"], result.error
+    else:  # stopped on the way, at the line it states (a message that holds together)
+        assert said["free"] < said["kept"], result.error
+    assert not report.fatal, report.fatal
+    assert report.results[honest.series_uid].state == SeriesState.COMPLETE
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@pytest.mark.parametrize("size", [None, "honest"], ids=["no-file-size", "file-size"])
+def test_an_honest_series_completes_on_a_small_disk(tmp_path, archive, hostile, size):
+    # 600 MiB free: less than the 1 GiB reserve, yet a 5 MB series fits with room to spare.
+    first = archive.series[0]
+    note = b"<a>" + b"x" * (5 * MiB) + b"</a>"
+    body = series_zip([*files_of(first), ("notes.xml", note)])
+    nbytes = None if size is None else first.nbytes + len(note)
+    hostile.series = {first.series_uid: Crafted(record(first, size=nbytes), body)}
+    manifest = cart(tmp_path, hostile, [first.series_uid], retries=0)
+    with tmpfs(tmp_path / "mnt", "600m") as mnt:
+        report = ready_engine(manifest, mnt / "dl", hostile, processes=0).run()
+        result = report.results[first.series_uid]
+        assert result.state == SeriesState.COMPLETE, result.error
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_bomb_without_file_size_keeps_half_of_a_small_disk(tmp_path, archive, hostile):
+    honest, bomb = archive.series[0], archive.series[1]
+    hostile.series[bomb.series_uid] = Crafted(record(bomb, size=None), endless_deflate())
+    manifest = cart(tmp_path, hostile, [honest.series_uid, bomb.series_uid], retries=0)
+    with tmpfs(tmp_path / "mnt", "600m") as mnt:
+        free = shutil.disk_usage(mnt).free
+        with LowestFree(mnt) as watch:
+            report = ready_engine(manifest, mnt / "dl", hostile, processes=0).run()
+    print(f"lowest free: {watch.lowest / MiB:.0f} MiB of {free / MiB:.0f}")
+    assert watch.lowest >= free // 2 - MiB
+    result = report.results[bomb.series_uid]
+    assert result.state == SeriesState.ERROR and "disk space" in result.error, result.error
+    said = figures(result.error)
+    assert said["free"] < said["kept"], result.error
+    assert report.results[honest.series_uid].state == SeriesState.COMPLETE
+
+
+@pytest.mark.parametrize("count", [None, 0], ids=["no-image-count", "zero-images"])
+@pytest.mark.parametrize("size", [None, "small"], ids=["no-file-size", "file-size"])
+def test_a_series_without_an_image_count_never_creates_20000_files(tmp_path, archive, hostile,
+                                                                    count, size):
+    first = archive.series[0]
+    padding = [(f"note{i:05d}.txt", b"x") for i in range(20_000)]
+    hostile.series = {first.series_uid: Crafted(
+        record(first, images=count, size=None if size is None else first.nbytes),
+        series_zip(files_of(first), unlisted=padding))}
+    report = download(cart(tmp_path, hostile, [first.series_uid], retries=0),
+                      tmp_path / "dl", **FAST)
+    result = report.results[first.series_uid]
+    assert result.state == SeriesState.ERROR and "entries" in result.error, result.error
+    limit = int(result.error.split("more than ")[1].split()[0])
+    # A few thousand at most (real series without a count); none beyond the non-image
+    # allowance when the metadata says there are no images.
+    assert limit <= (100 if count == 0 or size else 10_000), result.error
+    made = sum(1 for p in (tmp_path / "dl").rglob("*") if p.is_file())
+    assert made <= limit + 10, made
+
+
+# ------------------------------------------------ round 2: the floor and the engine's pause
+
+
+class HeldServer(HostileServer):
+    """Serves one series (``held_uid``) in pieces, pausing the engine (``on_request``) as
+    its request arrives, so the stream holds at the end of its first read (256 KiB):
+    all but the last 4 KiB of that read at once, a little more every fifth of a window
+    (never a silence the read timeout would end), the rest of the read once more than a
+    window has passed (so the floor's window starts again there, just before the hold),
+    and the last KiB of the body once ``rest`` is set."""
+
+    def __init__(self, window: float) -> None:
+        super().__init__()
+        self.window = window
+        self.held_uid = ""
+        self.on_request: Callable[[], None] = lambda: None
+        self.rest = threading.Event()
+
+    async def _image(self, request, crafted, uid):
+        if uid == self.held_uid:
+            self.on_request()
+            self.on_request = lambda: None  # the first attempt only
+        return await super()._image(request, crafted, uid)
+
+    def held(self, data: bytes) -> Callable[[], AsyncIterator[bytes]]:
+        first, last = READ_SIZE - 4096, len(data) - 1024
+        assert last > READ_SIZE
+
+        async def body() -> AsyncIterator[bytes]:
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            yield data[:first]
+            began, sent = loop.time(), first
+            for _ in range(6):  # six sleeps of a fifth: past the window by then
+                await asyncio.sleep(self.window / 5)
+                if loop.time() - began >= 1.1 * self.window:
+                    break
+                yield data[sent:sent + 512]
+                sent += 512
+            yield data[sent:last]
+            while not self.rest.is_set():
+                await asyncio.sleep(0.01)
+            yield data[last:]
+
+        return body
+
+
+def body_of_size(series, size: int) -> bytes:
+    """The series zip with an incompressible annotation making it ``size`` bytes long."""
+    import random
+
+    note = size
+    for _ in range(5):
+        body = series_zip([*files_of(series),
+                           ("notes.bin", random.Random(21).randbytes(note))])
+        if len(body) == size:
+            break
+        note -= len(body) - size
+    return body
+
+
+@pytest.mark.parametrize("processes", [0, 1], ids=["in-process", "in-a-worker"])
+def test_a_long_pause_is_not_the_servers_slowness(tmp_path, archive, processes):
+    honest, held = archive.series[0], archive.series[1]
+    window = 1.0
+    body = body_of_size(held, READ_SIZE + 1536)
+    with HeldServer(window) as server:
+        server.series[honest.series_uid] = Crafted(record(honest),
+                                                   series_zip(files_of(honest)))
+        server.series[held.series_uid] = Crafted(record(held), server.held(body))
+        manifest = cart(tmp_path, server, [honest.series_uid, held.series_uid], retries=0)
+        engine = ready_engine(manifest, tmp_path / "dl", server, processes=processes,
+                              timeout=window)
+        server.held_uid, server.on_request = held.series_uid, engine.pause
+        states: list[str] = []
+        retries: list[str] = []
+        engine.subscribe(lambda event: states.append(event.state)
+                         if event.kind == "state" and event.uid == held.series_uid else None)
+        engine.subscribe(lambda event: retries.append(event.message)
+                         if event.kind == "retry" else None)
+        engine.start()
+        deadline = time.monotonic() + 60
+        while SeriesState.PAUSED not in states:
+            assert time.monotonic() < deadline, (states, engine.results[held.series_uid])
+            engine.wait(0.01)
+        # Held longer than the floor allows the bytes of the window it held in (at most
+        # all those after the first piece), and than two windows: the stream was ours,
+        # not the server's, while it waited.
+        hold = max(2.5 * window, 1.5 * (len(body) - READ_SIZE + 4096) / FLOOR_RATE)
+        held_since = time.monotonic()
+        while time.monotonic() - held_since < hold:
+            engine.wait(0.05)
+        server.rest.set()
+        engine.resume()
+        report = engine.wait(60)
+    assert engine.finished
+    result = report.results[held.series_uid]
+    assert result.state == SeriesState.COMPLETE, result.error
+    assert retries == [] and result.attempts == 1 and states[-3:] == [
+        SeriesState.PAUSED, SeriesState.DOWNLOADING, SeriesState.COMPLETE], states
+    assert engine.stats().worker_attempts == processes

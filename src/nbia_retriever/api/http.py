@@ -17,10 +17,13 @@ login) use the same transport, so one set of rules covers every request:
   per-read timeout alone lets a server that trickles a byte a second hold a worker
   forever, and a fixed number of bytes per window lets it trickle slower the longer the
   timeout (1 KB per 600 s). A rate does not: 1,100 bytes a second is cut at any timeout,
-  within one or two windows, while the slowest honest link (a few streams sharing 256
-  kbit/s) moves ten times the floor. The first window starts at the first byte, not at
-  the request: a server may think for up to ``timeout`` (the read timeout) before it
-  answers, then stream, without that silence counting against its rate.
+  within one or two windows, while a slow honest link (256 kbit/s shared by three
+  streams, about 10.7 kB/s each) still moves five times the floor. The first window
+  starts at the first byte, not at the request: a server may think for up to
+  ``timeout`` (the read timeout) before it answers, then stream, without that silence
+  counting against its rate. Only the server's time counts: while we are not reading
+  (inflating and writing a chunk, waiting for a core, or held by a pause of the run,
+  in a thread or a worker process) the window's clock stands still.
 * **Bounded answers**: an API answer larger than :data:`MAX_ANSWER_BYTES` is refused.
 * **Errors** come out as our own (:class:`~nbia_retriever.errors.NetworkError`,
   :class:`~nbia_retriever.errors.TlsError`, :class:`~nbia_retriever.errors.ApiError`):
@@ -127,9 +130,12 @@ class ProgressFloor:
     ``recv`` that ends it, against the time that really passed (a read may return late,
     up to one read timeout): a server cannot send its bytes just after each check and
     average half the floor. The first window opens with the first bytes received.
+
+    ``since`` (when the ``recv`` began) leaves out of the window the time since the
+    previous ``recv`` ended: that time was ours (processing, a pause), not the server's.
     """
 
-    __slots__ = ("_clock", "_mark", "_rate", "_start", "_what", "_window", "total")
+    __slots__ = ("_clock", "_last", "_mark", "_rate", "_start", "_what", "_window", "total")
 
     def __init__(self, window: float, what: str, *, rate: int = FLOOR_RATE,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -138,17 +144,25 @@ class ProgressFloor:
         self._clock = clock
         self._what = what
         self._start: float | None = None
+        self._last = 0.0
         self._mark = 0
         self.total = 0
 
-    def add(self, n: int) -> None:
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
+    def add(self, n: int, since: float | None = None) -> None:
         self.total += n
         now = self._clock()
         start = self._start
+        last, self._last = self._last, now
         if start is None:
             if n:
                 self._start = now
             return
+        if since is not None and since > last:
+            start = self._start = start + (since - last)
         elapsed = now - start
         if elapsed >= self._window:
             if self.total - self._mark < self._rate * elapsed:
@@ -198,9 +212,12 @@ class _CountingSocketIO(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        floor = self.floor
+        if floor is None:
+            return self._sock.recv_into(buffer)
+        since = floor.clock()
         n = self._sock.recv_into(buffer)
-        if self.floor is not None:
-            self.floor.add(n)
+        floor.add(n, since)
         return n
 
 

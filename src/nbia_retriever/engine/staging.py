@@ -8,14 +8,19 @@ scanner; pydicom reads the file when the scanner declines). Whether the entry st
 like DICOM at all is decided here, by content, whatever its name says: the server names
 entries ``%08d`` plus the stored file's own extension, not always ``.dcm``.
 
-Free disk space is checked before a series starts (its metadata says how big it is)
-and again every :data:`SPACE_CHECK_BYTES` while it inflates, so a download bigger than
-the disk stops the run with a "disk space" error before the disk is full. Bytes the
-metadata did not announce (a bomb, a lying or missing ``File Size``) are held to a
-stricter rule, because other programs share the disk: past the announced size (plus
-slack) free space is checked every :data:`UNPLANNED_CHECK_BYTES`, and the series fails
-(:class:`NoRoomError`, the run goes on) before free space falls under its reserve, the
-larger of :data:`RESERVE_MIN` and :data:`RESERVE_SHARE` of what was free when it began.
+Other programs share the disk, and a server may lie about sizes (a bomb, a lying or
+missing ``File Size``), so every byte a series writes leaves a reserve free
+(:class:`SpaceGuard`). With ``free`` measured when the series starts, the reserve ``R``
+is the larger of :data:`RESERVE_MIN` and :data:`RESERVE_SHARE` of ``free``, and a
+small disk keeps at least half of what it had: ``min(R, free / 2)``. A series whose
+announced size does not fit beside that is refused before its first byte
+(:class:`NoRoomError`: it fails alone, the run goes on). While it inflates, free space
+is checked every :data:`SPACE_CHECK_BYTES`: the bytes its metadata announced (with
+slack; without a ``File Size``, a guess from its image count) keep ``min(R, free / 2)``
+free, any byte beyond keeps ``R`` (the two differ only with less than ``2 R`` free).
+Crossing the line inside the announced size means the disk filled under us: the run
+stops (:class:`DiskFullError`, "free some space and re-run"); beyond it, the series
+overstepped what it announced and fails alone.
 
 The server decides how many entries a zip holds too: more than
 :func:`entry_cap` (a small multiple of the images the metadata promises) ends the
@@ -30,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import shutil
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -52,25 +58,31 @@ HEADER_BYTES = 64 * 1024
 #: Non-image entries kept in memory (md5 list, licence) are capped: a hostile server
 #: must not be able to exhaust memory with a huge "LICENSE".
 SMALL_ENTRY_CAP = 16 * 1024 * 1024
-#: How often (bytes written) free space is checked while a series inflates.
-SPACE_CHECK_BYTES = 16 * 1024 * 1024
-#: Space that must stay free beside what a series needs (the journal, metadata.csv).
+#: How often (bytes written) free space is checked while a series inflates: a look
+#: (statvfs) costs about 2 µs, a thousandth of inflating, hashing and writing a MiB.
+SPACE_CHECK_BYTES = 1024 * 1024
+#: Below this much free space the disk itself is full: the run stops.
 SPACE_MARGIN = 4 * 1024 * 1024
-#: Beyond what its metadata announced, a series checks free space this often...
-UNPLANNED_CHECK_BYTES = 1024 * 1024
-#: ... and stops before leaving less than the larger of these free: 1 GiB, or 5% of the
-#: space free when it started (other programs' share of the disk, not ours to take).
+#: The reserve: the larger of 1 GiB and 5% of the space free when a series starts (other
+#: programs' share of the disk, not ours to take); at most half of it on a small disk.
 RESERVE_MIN = 1024**3
 RESERVE_SHARE = 0.05
 #: Kept on top of the reserve: up to 64 streams (``-w 64``) may each write one check
-#: interval between two looks, so the reserve itself is never touched.
-RESERVE_GUARD = 64 * UNPLANNED_CHECK_BYTES
+#: interval between two looks, so the reserve itself is never touched (an eighth of the
+#: reserve when that is less, on a small disk).
+RESERVE_GUARD = 64 * SPACE_CHECK_BYTES
 #: Zip entries allowed per image the metadata promises (an annotation beside each)...
 ENTRIES_PER_IMAGE = 2
 #: ... plus these (LICENSE, md5hashes.csv, annotations of the whole series).
 EXTRA_ENTRIES = 64
-#: Entries allowed when the metadata gives no image count.
-DEFAULT_MAX_ENTRIES = 65_536
+#: Images assumed when the metadata gives no count: real series stop at a few thousand
+#: (and NBIA's metadata nearly always gives the count)...
+UNCOUNTED_IMAGES = 4096
+#: ... or fewer when it gives a ``File Size``: no DICOM image is smaller than this.
+MIN_IMAGE_BYTES = 1024
+#: What one image of a series without ``File Size`` is expected to take at most, for
+#: the lighter (small-disk) reserve; past that guess its bytes keep the full reserve.
+UNSIZED_IMAGE_BYTES = 32 * 1024 * 1024
 #: Bytes past the announced ``File Size`` still treated as announced: sizes in the
 #: metadata can be a little stale; this keeps an honest series on the fast checks.
 ANNOUNCED_SLACK = 16 * 1024 * 1024
@@ -129,8 +141,8 @@ def read_tags(name: str, prefix: bytes, path: Path, size: int) -> ImageTags | No
 
 
 def _pydicom_tags(prefix: bytes, path: Path, size: int) -> dict[str, str | None]:
-    import io
 
+    # 150 ms off every worker's start-up: only for headers the fast parser is unsure of
     import pydicom
 
     values: dict[str, str | None] = dict.fromkeys(TAGS)
@@ -169,59 +181,97 @@ def inflation_cap(info: SeriesInfo) -> int:
     return (info.image_count or 1) * UNSIZED_IMAGE_CAP
 
 
-def announced_bytes(info: SeriesInfo) -> int:
-    """What the metadata said the series inflates to (its images, and its annotations
-    when it names their size), with slack; 0 when it gives no ``File Size``."""
+def needed_bytes(info: SeriesInfo) -> int:
+    """What the metadata says the series inflates to (its images, and its annotations
+    when it names their size); 0 when it gives no ``File Size``."""
     if not info.file_size:
         return 0
-    expected = info.file_size + (info.annotation_size or 0)
+    return info.file_size + (info.annotation_size or 0)
+
+
+def planned_bytes(info: SeriesInfo) -> int:
+    """Bytes held to the lighter reserve: the announced size with slack (sizes in the
+    metadata can be a little stale), or without ``File Size`` a guess from the image
+    count (one image's worth when it gives none)."""
+    expected = needed_bytes(info) or max(1, info.image_count or 0) * UNSIZED_IMAGE_BYTES
     return expected + expected // 8 + ANNOUNCED_SLACK
 
 
+def expected_images(info: SeriesInfo) -> int:
+    """The images the metadata promises; without a count, what its ``File Size`` can
+    hold, at most :data:`UNCOUNTED_IMAGES`."""
+    if info.image_count is not None:
+        return info.image_count
+    if info.file_size:
+        return max(1, min(UNCOUNTED_IMAGES, info.file_size // MIN_IMAGE_BYTES))
+    return UNCOUNTED_IMAGES
+
+
 def entry_cap(info: SeriesInfo) -> int:
-    """Most zip entries the series may hold: a 2-image series never makes 10,000 files."""
-    if info.image_count:
-        return info.image_count * ENTRIES_PER_IMAGE + EXTRA_ENTRIES
-    return DEFAULT_MAX_ENTRIES
+    """Most zip entries the series may hold: a 2-image series never makes 10,000 files,
+    a series of 0 images only its few non-image entries."""
+    return expected_images(info) * ENTRIES_PER_IMAGE + EXTRA_ENTRIES
 
 
-def reserve_for(root: Path) -> int | None:
-    """Free space below which unannounced bytes stop (None: free space is unknown)."""
-    free = free_bytes(root)
-    if free is None:
-        return None
-    return max(RESERVE_MIN, int(free * RESERVE_SHARE)) + RESERVE_GUARD
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
-def check_space(root: Path, need: int, uid: str) -> None:
-    """Before a series: :class:`NoRoomError` unless ``need`` bytes plus the margin are
-    free; while inflating (``need`` 0): :class:`DiskFullError` when the margin is gone."""
-    free = free_bytes(root)
-    if free is None or free >= need + SPACE_MARGIN:
-        return
-    if need and free >= SPACE_MARGIN:
+@dataclass(frozen=True, slots=True)
+class SpaceGuard:
+    """The free space one series must leave (module docstring), fixed when it starts."""
+
+    root: Path
+    uid: str
+    need: int  # bytes its metadata announces (0: no File Size)
+    planned: int  # bytes held to ``keep`` (announced with slack, or guessed)
+    keep: int  # free space those leave: min(R, free / 2), plus a guard
+    keep_beyond: int  # free space any further byte leaves: R, plus a guard
+
+    @classmethod
+    def start(cls, root: Path, uid: str, info: SeriesInfo) -> SpaceGuard | None:
+        """The series' rule, or :class:`NoRoomError` when its announced size does not fit
+        beside the reserve (:class:`DiskFullError` when the disk is full already).
+        None when free space cannot be known."""
+        free = free_bytes(root)
+        if free is None:
+            return None
+        need = needed_bytes(info)
+        if free < SPACE_MARGIN:
+            raise DiskFullError(
+                f"disk space: {_mb(free)} free in {root}"
+                + (f", series {uid} needs {_mb(need)}" if need else "")
+                + "; free some space and re-run the same command to resume")
+        reserve = max(RESERVE_MIN, int(free * RESERVE_SHARE))
+        share = min(reserve, free // 2)
+        keep = share + min(RESERVE_GUARD, share // 8)
+        if need and free < need + keep:
+            raise NoRoomError(
+                f"series {uid}: disk space: it needs {_mb(need)} and {root} has "
+                f"{_mb(free)} free, with {_mb(keep)} kept free for other programs; "
+                "free some space and re-run the same command")
+        return cls(root, uid, need, planned_bytes(info), keep, reserve + RESERVE_GUARD)
+
+    def look(self, written: int) -> None:
+        """After ``written`` bytes: :class:`DiskFullError` when free space fell under
+        the line within the announced size (the disk filled under us: the run stops),
+        :class:`NoRoomError` when beyond it (the series fails alone)."""
+        free = free_bytes(self.root)
+        keep = self.keep if written <= self.planned else self.keep_beyond
+        if free is None or free >= keep:
+            return
+        if written <= self.need or free < SPACE_MARGIN:
+            raise DiskFullError(
+                f"disk space: {self.root} is down to {_mb(free)} free, under the "
+                f"{_mb(keep)} kept free for other programs, and series {self.uid} needs "
+                f"{_mb(max(0, self.need - written))} more; free some space and re-run the "
+                "same command to resume")
+        said = f"its metadata announces {_mb(self.need)}" if self.need else \
+            "its metadata gives no size"
         raise NoRoomError(
-            f"series {uid}: disk space: it needs {need / 1e6:,.1f} MB and {root} has "
-            f"{free / 1e6:,.1f} MB free; free some space and re-run the same command")
-    raise DiskFullError(
-        f"disk space: {free / 1e6:,.1f} MB free in {root}"
-        + (f", series {uid} needs {need / 1e6:,.1f} MB" if need else "")
-        + "; free some space and re-run the same command to resume")
-
-
-def check_reserve(root: Path, reserve: int | None, uid: str, written: int,
-                  info: SeriesInfo) -> None:
-    """Past the announced size: :class:`NoRoomError` once free space is under
-    ``reserve`` (the series is the problem, not the disk: the run goes on)."""
-    free = free_bytes(root) if reserve is not None else None
-    if free is None or reserve is None or free >= reserve:
-        return
-    said = (f"the {info.file_size / 1e6:,.1f} MB its metadata announces" if info.file_size
-            else "a size its metadata does not give")
-    raise NoRoomError(
-        f"series {uid}: disk space: the zip inflates beyond {said} ({written / 1e6:,.1f} MB "
-        f"so far) and {root} is down to {free / 1e6:,.1f} MB free; stopped to leave "
-        f"{(reserve - RESERVE_GUARD) / 1e9:,.1f} GB to other programs")
+            f"series {self.uid}: disk space: the zip inflated to {_mb(written)} ({said}) "
+            f"and {self.root} is down to {_mb(free)} free, under the {_mb(keep)} kept free "
+            "for other programs; stopped there")
 
 
 def disk_full(root: Path, exc: OSError) -> DiskFullError | None:
@@ -267,9 +317,7 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
     work = cpu if cpu is not None else contextlib.nullcontext()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    check_space(root, info.file_size or 0, uid)
-    announced = announced_bytes(info)
-    reserve = reserve_for(root)
+    space = SpaceGuard.start(root, uid, info)
     max_entries = entry_cap(info)
     reader = ZipStreamReader(max_total_size=inflation_cap(info), max_entries=max_entries + 1)
     staged = StagedSeries(uid, folder)
@@ -278,7 +326,7 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
     current: _Entry | None = None
     written = 0
     next_report = PROGRESS_STEP
-    next_space = min(SPACE_CHECK_BYTES, announced) or UNPLANNED_CHECK_BYTES
+    next_space = SPACE_CHECK_BYTES if space is not None else 1 << 62
     count = 0
     seen = 0
 
@@ -286,12 +334,9 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
         """Free space, at most one inflate piece (256 KiB) after each check interval:
         one network chunk of a bomb inflates to hundreds of MB."""
         nonlocal next_space
-        if written < announced:
-            next_space = min(written + SPACE_CHECK_BYTES, announced)
-            check_space(root, 0, uid)
-        else:
-            next_space = written + UNPLANNED_CHECK_BYTES
-            check_reserve(root, reserve, uid, written, info)
+        next_space = written + SPACE_CHECK_BYTES
+        assert space is not None
+        space.look(written)
 
     def handle(events: Iterable[object]) -> None:
         nonlocal current, written, count, seen
@@ -323,7 +368,7 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
                 seen += 1
                 if seen > max_entries:
                     promised = (f"for the {info.image_count} images its metadata "
-                                "promises" if info.image_count else
+                                "promises" if info.image_count is not None else
                                 "(its metadata gives no image count)")
                     raise UnsafeArchiveError(
                         f"series {uid}: the zip holds more than {max_entries} entries "
