@@ -108,6 +108,14 @@ class Session:
                                            confirm=self.confirm)
             return self._policy
 
+    @property
+    def host(self) -> str:
+        """The server's host as passwords are filed under it (keyring entries, prompts):
+        its ASCII (xn--) form, IPv6 in brackets."""
+        from .api import Origin  # the HTTP stack only once it is used
+
+        return Origin.of(self.api_url).label
+
     def check_login(self, user: str) -> tuple[str, ...]:
         """Raise :class:`~nbia_retriever.errors.UntrustedHostError` unless ``user``'s
         password may go to this server's login (asking, if the session can ask), before

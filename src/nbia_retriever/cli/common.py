@@ -122,7 +122,7 @@ def load_manifest(path: str, *, as_json: bool = False) -> Any:
     try:
         return read_manifest(path)
     except ManifestError as exc:
-        fail(str(exc), EXIT_USAGE, as_json=as_json)
+        fail_for(exc, as_json=as_json)
     except OSError as exc:
         fail(f"{path}: {exc.strerror or exc}", EXIT_USAGE, as_json=as_json)
     except (ValueError, csv.Error) as exc:
@@ -139,7 +139,7 @@ def check_api_url(url: str | None, *, as_json: bool = False) -> None:
     try:
         check(url)
     except UsageError as exc:
-        fail(str(exc), EXIT_USAGE, as_json=as_json)
+        fail_for(exc, as_json=as_json)
 
 
 def open_cli_session(manifest: Any, *, api: str, api_url: str | None, user: str | None,
@@ -160,15 +160,9 @@ def open_cli_session(manifest: Any, *, api: str, api_url: str | None, user: str 
     except NbiaError as exc:
         fail_for(exc, as_json=as_json)
     if user:
-        session.credentials = get_credentials(user, host_of(session.api_url),
+        session.credentials = get_credentials(user, session.host,
                                               interactive=interactive and not as_json)
     return session
-
-
-def host_of(api_url: str) -> str:
-    from ..api import Origin  # the API client (35 ms) only for commands that talk to a server
-
-    return Origin.of(api_url).label  # ASCII (xn--) form, IPv6 in brackets
 
 
 def get_credentials(user: str | None, host: str, *, interactive: bool = True) -> Any:

@@ -15,7 +15,7 @@ from ..cli.common import (
     EXIT_USAGE,
     check_api_url,
     fail,
-    host_of,
+    fail_for,
     load_manifest,
     warn_insecure,
     with_api_options,
@@ -70,7 +70,7 @@ def open_command(ctx: click.Context, /, manifest: str, dest: str, user: str | No
         options = DownloadOptions(**values)
         session = session_for(parsed, options)  # the window's one session
     except UsageError as exc:
-        fail(str(exc), EXIT_USAGE)
+        fail_for(exc)
     warn_insecure(not options.verify_tls)
     if web:
         serve_web(manifest, host=host, port=port, public_url=public_url,
@@ -79,7 +79,7 @@ def open_command(ctx: click.Context, /, manifest: str, dest: str, user: str | No
         return
     ask_login = None
     if user:
-        password = stored_password(host_of(session.api_url), user)
+        password = stored_password(session.host, user)
         if password is None:
             ask_login = user
         else:
