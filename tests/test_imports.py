@@ -163,7 +163,7 @@ def _function_local_imports() -> list[tuple[str, int, str, bool]]:
                 first -= 1
             run = lines[first:node.end_lineno or node.lineno]
             above = lines[first - 1].strip() if first > 0 else ""
-            commented = any("#" in line for line in run + [above])
+            commented = any("#" in line for line in [*run, above])
             found.append((module, node.lineno, ast.unparse(node), commented))
     return found
 

@@ -63,8 +63,8 @@ def download(manifest: Manifest | str | os.PathLike[str] | Sequence[str],
     """
     # Imported here: ``import nbia_retriever`` (and every CLI command) need not load the
     # engine and rich.
+    from .bar import run_with_bar, wanted
     from .engine import make_engine
-    from .progress import run_with_bar, wanted
 
     engine = make_engine(manifest, dest, **options)
     report: Report = run_with_bar(engine) if wanted(progress) else engine.run()

@@ -4,7 +4,7 @@ A package of small modules, each imported only when its command runs (a ``downlo
 a cluster node never pays for the server stack or the interactive view):
 
 * ``common``: exit codes, one-line errors, the API options, logging in;
-* ``run``: ``download`` and its output modes (``progress``: the live display);
+* ``run``: ``download`` and its output modes (``live``: the display in a terminal);
 * ``inspect``: ``list`` and ``verify``;
 * ``tools``: ``collections``, ``search``, ``manifest merge|info``, ``merge-reports``.
 

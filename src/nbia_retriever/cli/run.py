@@ -1,6 +1,6 @@
 """``nbia-retriever download``: the main job, in a terminal, a log file or a pipeline.
 
-Three output modes: a live display in a terminal (:mod:`.progress`), one line per event
+Three output modes: a live display in a terminal (:mod:`.live`), one line per event
 for logs and batch jobs, and ``--json`` (one JSON event per line on stdout). Before
 anything is sent, the command checks what would be unsafe: a malformed URL or timeout
 is exit 2, and a password is sent only to a host the user chose (exit 3 otherwise, with
@@ -94,7 +94,7 @@ def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as
             engine.subscribe(plain_printer())
         report = run_plain(engine)
     else:
-        from .progress import run_with_progress  # the live display (rich, 25 ms) only on a terminal
+        from .live import run_with_progress  # the live display (rich, 25 ms) only on a terminal
 
         report = run_with_progress(engine)
     if error_report:

@@ -1,5 +1,8 @@
 """The progress bar of :func:`nbia_retriever.download` (a notebook, a terminal).
 
+(``bar``, not ``progress``: the word names the engine's progress events; the ``download``
+command's own display is :mod:`nbia_retriever.cli.live`.)
+
 One rich bar: bytes verified and in flight (never going backwards when a retry throws
 bytes away), speed, time left, series done and failed. rich draws it as a live widget in
 Jupyter and as an updating line in a terminal; elsewhere (a log file, a pipe) nothing is

@@ -1,4 +1,4 @@
-"""The rich progress display of ``download`` in a terminal.
+"""The live display of ``download`` in a terminal (rich).
 
 One overall bar (bytes, speed, ETA, series done/failed) plus one line per active series,
 capped so that 32 workers still fit on a laptop screen. The engine is polled from the
@@ -16,9 +16,9 @@ from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
+from ..bar import new_bar
 from ..engine import EventKind
 from ..models import FAILED_STATES, SeriesState
-from ..progress import new_bar
 from .common import exit_at_once, inert
 
 MAX_LINES = 8
