@@ -420,25 +420,19 @@ def test_a_series_without_an_image_count_never_creates_20000_files(tmp_path, arc
 
 
 class HeldServer(HostileServer):
-    """Serves one series (``held_uid``) in pieces, pausing the engine (``on_request``) as
-    its request arrives, so the stream holds at the end of its first read (256 KiB):
-    all but the last 4 KiB of that read at once, a little more every fifth of a window
-    (never a silence the read timeout would end), the rest of the read once more than a
-    window has passed (so the floor's window starts again there, just before the hold),
-    and the last KiB of the body once ``rest`` is set."""
+    """Serves a body (:meth:`held`) in pieces and pauses the engine (``on_request``) in the
+    middle of its first read (256 KiB), so the stream holds at the end of that read: all
+    but the last 4 KiB of it at once, then a little more every fifth of a window (never a
+    silence the read timeout would end; the pause comes with the first of these, once
+    the reader is well inside the read), the rest of the read once more than a window
+    has passed (so the floor's window starts again there, just before the hold), and
+    the last KiB of the body once ``rest`` is set."""
 
     def __init__(self, window: float) -> None:
         super().__init__()
         self.window = window
-        self.held_uid = ""
         self.on_request: Callable[[], None] = lambda: None
         self.rest = threading.Event()
-
-    async def _image(self, request, crafted, uid):
-        if uid == self.held_uid:
-            self.on_request()
-            self.on_request = lambda: None  # the first attempt only
-        return await super()._image(request, crafted, uid)
 
     def held(self, data: bytes) -> Callable[[], AsyncIterator[bytes]]:
         first, last = READ_SIZE - 4096, len(data) - 1024
@@ -452,6 +446,8 @@ class HeldServer(HostileServer):
             began, sent = loop.time(), first
             for _ in range(6):  # six sleeps of a fifth: past the window by then
                 await asyncio.sleep(self.window / 5)
+                self.on_request()
+                self.on_request = lambda: None  # once, on the first attempt
                 if loop.time() - began >= 1.1 * self.window:
                     break
                 yield data[sent:sent + 512]
@@ -490,7 +486,7 @@ def test_a_long_pause_is_not_the_servers_slowness(tmp_path, archive, processes):
         manifest = cart(tmp_path, server, [honest.series_uid, held.series_uid], retries=0)
         engine = ready_engine(manifest, tmp_path / "dl", server, processes=processes,
                               timeout=window)
-        server.held_uid, server.on_request = held.series_uid, engine.pause
+        server.on_request = engine.pause
         states: list[str] = []
         retries: list[str] = []
         engine.subscribe(lambda event: states.append(event.state)
