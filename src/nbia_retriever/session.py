@@ -64,18 +64,17 @@ def resolve_server(manifest: Manifest | None, api_url: str | None) -> str:
 
 
 def host_policy(*, chosen: str | None = None, trusted_hosts: Iterable[str] = (),
-                confirm: Callable[[str], bool] | None = None,
-                use_config: bool = True) -> HostPolicy:
+                confirm: Callable[[str], bool] | None = None) -> HostPolicy:
     """The one place a :class:`~nbia_retriever.api.HostPolicy` is built: the URL the
     user chose, the hosts they trust (``trusted_hosts`` and their config file's), and
     who to ask about any other host (None: nobody, the answer is no)."""
     from .api import HostPolicy  # the HTTP stack (35 ms) only once it is used
     from .config import load_user_config
 
-    config = load_user_config() if use_config else None
+    config = load_user_config()
     return HostPolicy(chosen=[chosen] if chosen else [],
-                      trusted_hosts=(*trusted_hosts, *(config.trusted_hosts if config else ())),
-                      confirm=confirm, config_path=config.path if config else None)
+                      trusted_hosts=(*trusted_hosts, *config.trusted_hosts),
+                      confirm=confirm, config_path=config.path)
 
 
 @dataclass
