@@ -128,8 +128,8 @@ def verify(root: str, quick: bool, against_server: bool, repair: bool,
         result = verify_root(Path(root), quick=quick)
     except FileNotFoundError as exc:
         fail(str(exc), EXIT_USAGE)
-    except NbiaError as exc:
-        fail(str(exc), EXIT_FAILED)
+    except NbiaError as exc:  # not errors.exit_code: for verify, a folder it cannot
+        fail(str(exc), EXIT_FAILED)  # check (a planted link) is a folder that fails (1)
     except OSError as exc:
         fail(f"{root}: {exc.strerror or exc}", EXIT_FAILED)
     for warning in result.warnings:

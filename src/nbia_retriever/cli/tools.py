@@ -343,8 +343,8 @@ def merge_reports_command(root: str, manifest: str | None, check: bool,
 
     try:
         result = merge_reports(root, manifest=manifest, fix=not check)
-    except NbiaError as exc:
-        fail(str(exc), EXIT_USAGE)
+    except NbiaError as exc:  # not errors.exit_code: whatever stops a merge, ROOT or the
+        fail(str(exc), EXIT_USAGE)  # manifest given is what cannot be used (2)
 
     for warning in result.warnings:
         click.echo(inert(warning), err=True)

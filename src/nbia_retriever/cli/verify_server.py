@@ -69,8 +69,8 @@ def _repair(root: Path, result: object, session: Session) -> None:
     layout = detect_layout(root, result)
     try:
         aside = set_aside(root, bad)
-    except NbiaError as exc:  # .nbia/ itself planted as a link: refused, one line
-        fail(str(exc), EXIT_FAILED)
+    except NbiaError as exc:  # .nbia/ itself planted as a link: refused, one line; the
+        fail(str(exc), EXIT_FAILED)  # repair failed (1), as verify's own checks do
     manifest = Manifest(series_uids=tuple(c.uid for c in bad),
                         headers={"databasketId": root.name + ".tcia",
                                  "downloadServerUrl": ""}, source=None, duplicates_dropped=0)
