@@ -57,6 +57,8 @@ RETRY = Verdict(retry=True)
     (ApiError("HTTP 410", status=410), FINAL_ERROR),
     (ApiMismatch("HTTP 400 invalid query parameter", status=400), FINAL_ERROR),
     (ApiError("a redirect to another host; not followed", status=302), FINAL_ERROR),
+    # A 200 that is an HTML or JSON page instead of a zip: the next answer may be the zip.
+    (ApiError("the server sent text/html instead of a zip", status=200), RETRY),
     (ApiError("malformed JSON"), RETRY),
     (IntegrityError("MD5 mismatch"), RETRY),
     (UnsafeArchiveError("a path outside the series"), RETRY),

@@ -66,8 +66,9 @@ def classify(error: BaseException, *, logged_in: bool = False) -> Verdict:
     stale under us, worth another attempt; without a login it means the series needs
     one. A loop that already refreshes the token itself (``NbiaClient.call``) passes
     False. Statuses: 429 and 503 are the server asking to slow down; any other status
-    below 500 (a refused redirect, a 4xx) is an answer that will not change; 5xx and
-    no status at all (malformed or oversized answers) are worth another try.
+    from 300 to 499 (a refused redirect, a 4xx) is an answer that will not change; 5xx,
+    a 200 that is not what was asked for (an HTML page instead of a zip) and no status at
+    all (malformed or oversized answers) are worth another try.
 
     >>> verdict = classify(NetworkError("stalled", timeout=True))
     >>> verdict.retry, verdict.timeout, verdict.fatal
@@ -76,6 +77,8 @@ def classify(error: BaseException, *, logged_in: bool = False) -> Verdict:
     True
     >>> classify(ApiError("gone", status=404)).retry, classify(ApiError("oops", status=500)).retry
     (False, True)
+    >>> classify(ApiError("an HTML page instead of a zip", status=200)).retry
+    True
     >>> print(classify(NotPublicError("460", status=460)).state)
     Not Authorized
     >>> classify(TlsError("self-signed")).fatal
@@ -99,7 +102,7 @@ def classify(error: BaseException, *, logged_in: bool = False) -> Verdict:
         status = error.status
         if status in (429, 503):
             return Verdict(retry=True, retry_after=error.retry_after, throttle=True)
-        if status is not None and status < 500:
+        if status is not None and 300 <= status < 500:
             return Verdict(retry=False)
         return Verdict(retry=True, retry_after=error.retry_after)
     return Verdict(retry=True)
