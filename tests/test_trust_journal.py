@@ -119,6 +119,16 @@ def plant(root: Path, uid: str, relpath: str, *, name: str = PLANTED, nfiles: in
     return path
 
 
+def attacked(tmp_path: Path, archive, server, kind: str) -> tuple[Path, list[str], Path, str]:
+    """A seeded root whose last series has a planted row of ``kind`` naming a folder
+    outside: (root, uids, the outside folder, the word output must never show)."""
+    root, uids = seeded(tmp_path, archive, server)
+    outside = precious(tmp_path)
+    relpath, word = attack_relpath(kind, root, outside)
+    plant(root, uids[-1], relpath)
+    return root, uids, outside, word
+
+
 def image_requests(server) -> list[str]:
     return [r.series_uid for r in server.requests
             if "getImage" in r.path and r.series_uid and r.status == 200]
@@ -165,10 +175,7 @@ def test_the_folders_the_layouts_make_are_safe():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_verify_never_reads_outside_the_root(tmp_path, archive, server, kind):
-    root, uids = seeded(tmp_path, archive, server)
-    outside = precious(tmp_path)
-    relpath, word = attack_relpath(kind, root, outside)
-    plant(root, uids[-1], relpath)
+    root, _uids, outside, word = attacked(tmp_path, archive, server, kind)
     before = snapshot(outside)
     done = run_cli(["verify", str(root)], timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -179,10 +186,7 @@ def test_verify_never_reads_outside_the_root(tmp_path, archive, server, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_verify_server_repair_never_moves_a_folder_outside(tmp_path, archive, server, kind):
-    root, uids = seeded(tmp_path, archive, server)
-    outside = precious(tmp_path)
-    relpath, word = attack_relpath(kind, root, outside)
-    plant(root, uids[-1], relpath)
+    root, _uids, outside, word = attacked(tmp_path, archive, server, kind)
     before = snapshot(outside)
     done = run_cli(["verify", str(root), "--server", "--api-url", server.api_url,
                     "--repair"], timeout=120)
@@ -195,10 +199,7 @@ def test_verify_server_repair_never_moves_a_folder_outside(tmp_path, archive, se
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_merge_reports_never_names_outside(tmp_path, archive, server, kind):
-    root, uids = seeded(tmp_path, archive, server)
-    outside = precious(tmp_path)
-    relpath, word = attack_relpath(kind, root, outside)
-    plant(root, uids[-1], relpath)
+    root, uids, outside, word = attacked(tmp_path, archive, server, kind)
     (root / "metadata.csv").unlink()  # to be rebuilt from the journals
     before = snapshot(outside)
     done = run_cli(["merge-reports", str(root)], timeout=60)
@@ -213,10 +214,7 @@ def test_merge_reports_never_names_outside(tmp_path, archive, server, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_download_rerun_fetches_the_series_again(tmp_path, archive, server, kind):
-    root, uids = seeded(tmp_path, archive, server)
-    outside = precious(tmp_path)
-    relpath, word = attack_relpath(kind, root, outside)
-    plant(root, uids[-1], relpath)
+    root, uids, outside, word = attacked(tmp_path, archive, server, kind)
     before = snapshot(outside)
     server.clear_requests()
     manifest = write_manifest(tmp_path / "all.tcia", uids, server.download_url)
