@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ..models import SeriesState
 from ..untrusted import plain, redact
 
 
@@ -47,7 +48,8 @@ class Event:
 
     kind: EventKind
     uid: str = ""
-    state: str = ""
+    #: The series' new state, in ``state`` events (written by :class:`~.ledger.Ledger`).
+    state: SeriesState | None = None
     attempt: int = 0
     series_bytes: int = 0
     count: int = 0
@@ -63,7 +65,7 @@ class Event:
             data["uid"] = self.uid
         if self.source:
             data["source"] = self.source
-        if self.state:
+        if self.state is not None:
             data["state"] = str(self.state)
         if self.message:
             data["message"] = redact(plain(self.message))  # plain first: see untrusted.quote

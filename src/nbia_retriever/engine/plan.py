@@ -30,6 +30,7 @@ import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from ..errors import DestinationError
@@ -91,6 +92,15 @@ class Opened:
 
     complete: dict[str, str] = field(default_factory=dict)  # uid -> relpath
     todo: list[str] = field(default_factory=list)
+
+
+class PlanPhase(StrEnum):
+    """Where a run's planning is: not claimed yet, being done by one caller (``prepare()``
+    or the engine thread), or over (``Engine._claim_plan``)."""
+
+    NEW = "new"
+    RUNNING = "running"
+    DONE = "done"
 
 
 class Planner:

@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import operator
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -64,8 +62,9 @@ from ..untrusted import quote, redact
 from . import checks
 from .events import Event, EventKind, Stats
 from .journal import FileRecord, Journal, JournalEntry
+from .ledger import Ledger
 from .options import DownloadOptions
-from .plan import PlanBatch, Planner, bulk
+from .plan import PlanBatch, Planner, PlanPhase, bulk
 from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
 from .publish import Publisher
 from .rows import file_count
@@ -112,9 +111,6 @@ def select_shard(uids: Sequence[str], shard: tuple[int, int] | None) -> list[str
         return list(uids)
     k, n = shard
     return [u for u in uids if shard_of(u, n) == k]
-
-
-_STATE = operator.attrgetter("state")
 
 
 class Engine:
@@ -175,14 +171,17 @@ class Engine:
                 result.source = self.source_name
         self.report = Report(root=self.root, results=self.results)
         self._subscribers: list[Callable[[Event], None]] = []
-        self._lock = threading.Lock()
+        #: The one writer of the series' states and their counts (engine.ledger); its
+        #: lock is this engine's lock.
+        self.ledger = Ledger(self.results, self.report, self._emit, self.source_name)
+        self._lock = self.ledger.lock
         self._running = threading.Event()
         self._running.set()
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._plan_done = threading.Event()
         self._plan_lock = threading.Lock()
-        self._plan_state = "new"
+        self._plan_state = PlanPhase.NEW
         self._started = False
         self._thread: threading.Thread | None = None
         pinned = self.options.workers is not None
@@ -193,7 +192,6 @@ class Engine:
         # Series planned for download (each result's ``variant`` says which variant of its
         # folder name; the folder itself is worked out again when it is published: a
         # string per series is memory a 1,000,000-series run does not need).
-        self._to_download = 0
         self._policies: dict[str, RetryPolicy] = {}
         self._paused_attempts: set[str] = set()
         self._progress: dict[str, Progress] = {}
@@ -211,12 +209,10 @@ class Engine:
         self._journal: Journal | None = None
         self._others: list[Journal] = []
         self._t0 = 0.0
-        self.total_bytes = 0
         self._verified = 0
         self._received_done = 0
         self._high_water = 0
         self._busy = 0
-        self._planned = 0
         self._todo: list[str] = []
         self._complete: dict[str, str] = {}
         self._plan_wall = 0.0
@@ -268,13 +264,12 @@ class Engine:
             raise RuntimeError("cannot remove series once the run has started")
         gone = set(uids)
         self.queue.drop(gone)
-        with self._lock:
-            for uid in gone:
-                result = self.results.pop(uid, None)
-                if result is not None and result.variant is not None:
-                    self._to_download -= 1
-                    if result.info:
-                        self.total_bytes -= result.info.file_size or 0
+        self.ledger.drop(gone)
+
+    @property
+    def total_bytes(self) -> int:
+        """The bytes of the series planned for download (the ledger counts them)."""
+        return self.ledger.total_bytes
 
     @property
     def cancelled(self) -> bool:
@@ -396,15 +391,15 @@ class Engine:
             done = self._verified + in_flight
             self._high_water = max(self._high_water, min(done, self.total_bytes or done))
             high = self._high_water
-        # Counted in C (attrgetter, Counter): a 200,000-series run asks several times a
-        # second.
-        counts = Counter(map(_STATE, list(self.results.values())))
+        # Kept by the ledger at each transition: a 200,000-series run asks several times
+        # a second.
+        counts = self.ledger.counts()
         return Stats(
             bytes_verified=self._verified, bytes_in_flight=in_flight,
             bytes_total=self.total_bytes, series_total=len(self.results),
             complete=counts[SeriesState.COMPLETE],
             failed=sum(counts[s] for s in FAILED_STATES),
-            active=counts[SeriesState.DOWNLOADING], planned=self._planned,
+            active=counts[SeriesState.DOWNLOADING], planned=self.ledger.planned,
             planning=self.planning, concurrency=self.limiter.limit,
             elapsed=(time.monotonic() - self._t0) if self._t0 else 0.0,
             progress_bytes=high, bytes_received=received,
@@ -436,9 +431,9 @@ class Engine:
     def _claim_plan(self) -> bool:
         """True for the one caller that plans (prepare() or the engine thread)."""
         with self._plan_lock:
-            if self._plan_state != "new":
+            if self._plan_state is not PlanPhase.NEW:
                 return False
-            self._plan_state = "running"
+            self._plan_state = PlanPhase.RUNNING
             return True
 
     def _plan_step(self, step: Callable[[], None]) -> bool:
@@ -459,7 +454,7 @@ class Engine:
         return False
 
     def _end_plan(self) -> None:
-        self._plan_state = "done"
+        self._plan_state = PlanPhase.DONE
         self.queue.close()
         self._plan_done.set()
 
@@ -493,17 +488,20 @@ class Engine:
                 self._commit()
             return
         todo = set(opened.todo)
-        for uid in list(self.results):
-            if uid in opened.complete:
+        complete = opened.complete
+        drop: list[str] = []
+        done: list[str] = []
+        for uid, result in list(self.results.items()):
+            if uid in complete:
                 if self.options.only_failed:
-                    self.results.pop(uid)  # --only-failed: finished series are not shown
+                    drop.append(uid)  # --only-failed: finished series are not shown
                     continue
-                result = self.results[uid]
-                result.state = SeriesState.COMPLETE
-                result.relpath = opened.complete[uid]
-                self.report.skipped += 1
+                result.relpath = complete[uid]
+                done.append(uid)
             elif uid not in todo:
-                self.results.pop(uid)  # --only-failed: never part of an earlier run
+                drop.append(uid)  # --only-failed: never part of an earlier run
+        self.ledger.drop(drop)
+        self.ledger.move_many(done, SeriesState.COMPLETE, emit=False, tally="skipped")
         if create:
             self._commit()
 
@@ -569,62 +567,37 @@ class Engine:
             self._take_batch(batch)
             if self._cancel.is_set():
                 break
-        self._emit(Event(EventKind.PLANNED, count=self._planned,
+        self._emit(Event(EventKind.PLANNED, count=self.ledger.planned,
                          message=self._planned_text(True)))
 
     def _take_batch(self, batch: PlanBatch) -> None:
-        ready: list[str] = []
-        state = SeriesState.QUEUED if self._started else SeriesState.NOT_STARTED
-        with self._lock:
-            results, total = self.results, 0
-            for uid, meta, variant in batch.ready:
-                result = results.get(uid)
-                if result is None:
-                    continue
-                result.info, result.state, result.variant = meta, state, variant
-                total += meta.file_size or 0
-                ready.append(uid)
-            self.total_bytes += total
-            self._to_download += len(ready)
-            self._planned += len(batch.ready) + len(batch.unavailable) + len(batch.adopted)
-        self.queue.put(ready)
+        seen = len(batch.ready) + len(batch.unavailable) + len(batch.adopted)
+        self.queue.put(self.ledger.plan(batch.ready, seen, started=self._started))
         for uid, failed_state, why, info in batch.unavailable:
             result = self.results.get(uid)
             if result is None:
                 continue
-            result.info, result.state, result.error = info, failed_state, why
-            self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
-                             state=failed_state, message=why))
+            result.info, result.error = info, why
+            self.ledger.move(uid, failed_state, message=why)
         for uid, info, relpath, files in batch.adopted:
             result = self.results.get(uid)
             if result is None:
                 continue
-            result.info, result.state, result.relpath = info, SeriesState.COMPLETE, relpath
+            result.info, result.relpath = info, relpath
             result.files = len(files)
-            self.report.adopted += 1
             with self._lock:
                 publisher = self._publisher
                 if publisher is None:
                     self._owed_rows.append((uid, info, relpath, files))
             if publisher is not None:
                 publisher.adopt_row(uid, info, relpath, time.time(), files)
-            self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
-                             state=SeriesState.COMPLETE,
-                             message="found on disk: adopted without downloading"))
-        if self._started:
-            for uid in ready:
-                self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
-                                 state=SeriesState.QUEUED))
-        self._emit(Event(EventKind.PLANNED, count=self._planned,
+            self.ledger.move(uid, SeriesState.COMPLETE, tally="adopted",
+                             message="found on disk: adopted without downloading")
+        self._emit(Event(EventKind.PLANNED, count=self.ledger.planned,
                          message=self._planned_text(False)))
 
     def _planned_text(self, final: bool) -> str:
-        todo = self._to_download
-        done = self.report.skipped + self.report.adopted
-        head = f"{todo} series to download, {done} already complete"
-        if not final:
-            return f"{head} ({self._planned} of {len(self._todo)} planned so far)"
-        return head
+        return self.ledger.planned_text(final, len(self._todo))
 
     # -- the run ------------------------------------------------------------------------
     def _main(self) -> None:
@@ -699,9 +672,7 @@ class Engine:
         """Series prepare() planned before start(): they are queued now."""
         for uid, result in list(self.results.items()):
             if result.variant is not None and result.state == SeriesState.NOT_STARTED:
-                result.state = SeriesState.QUEUED
-                self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
-                                 state=SeriesState.QUEUED))
+                self.ledger.move(uid, SeriesState.QUEUED)
 
     def _release(self) -> None:
         if self._pool is not None:
@@ -800,14 +771,9 @@ class Engine:
                     and entry.completed >= self._plan_wall and _holds_its_images(
                         self.root / entry.relpath, entry):
                 result = self.results[uid]
-                result.state, result.relpath = SeriesState.COMPLETE, entry.relpath
-                result.files = entry.nfiles
-                self.report.skipped += 1
-                with self._lock:
-                    self.total_bytes -= (result.info.file_size or 0) if result.info else 0
-                self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
-                                 state=SeriesState.COMPLETE,
-                                 message="completed by another run of this root"))
+                result.relpath, result.files = entry.relpath, entry.nfiles
+                self.ledger.move(uid, SeriesState.COMPLETE, tally="skipped",
+                                 message="completed by another run of this root")
                 return True
         return False
 
@@ -968,10 +934,7 @@ class Engine:
         self._emit(Event(EventKind.RETRY, uid=uid, source=self.source_name,
                          attempt=result.attempts, message=error))
         delay = 0.0 if paused else policy.backoff(verdict.retry_after)
-        result.state = SeriesState.QUEUED
-        self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
-                         state=SeriesState.QUEUED,
-                         attempt=result.attempts, message=error))
+        self.ledger.move(uid, SeriesState.QUEUED, attempt=result.attempts, message=error)
         self.queue.retry_later(uid, delay)
 
     def _finish(self, uid: str, state: SeriesState, error: str) -> None:
@@ -1004,20 +967,20 @@ class Engine:
 
     def _set_state(self, uid: str, state: SeriesState, *, error: str | None = None,
                    attempt: int = 0) -> None:
-        result = self.results.get(uid)
-        if result is None:
-            return
-        result.state = state
+        """A worker's transition: the ledger writes it, the journal records it (a
+        start, or an end other than a publish, which writes its own row)."""
         journal = self._journal
-        if state != SeriesState.COMPLETE and journal is not None and (
-                state == SeriesState.DOWNLOADING or state in FINAL_STATES):
+
+        def record(result: SeriesResult) -> None:
+            assert journal is not None
             with contextlib.suppress(NbiaError):
-                journal.set_state(uid, state, error=error,
-                                  attempts=result.attempts or None,
+                journal.set_state(uid, state, error=error, attempts=result.attempts or None,
                                   info=result.info if state in FAILED_STATES else None)
-        self._emit(Event(EventKind.STATE, uid=uid, source=self.source_name,
-                         state=state, attempt=attempt,
-                         message=error or ""))
+
+        journaled = state != SeriesState.COMPLETE and journal is not None and (
+            state == SeriesState.DOWNLOADING or state in FINAL_STATES)
+        self.ledger.move(uid, state, attempt=attempt, message=error or "",
+                         record=record if journaled else None)
 
     def _set_progress(self, uid: str, nbytes: int) -> None:
         result = self.results.get(uid)

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -61,8 +62,19 @@ from .cells import COLUMNS, EMPTY, Cell, row_cells, speed_and_eta
 from .screens import ConfirmQuitScreen, DestinationScreen, LoginScreen, SaveReportScreen
 from .table import PAGE, PagedTable
 
-#: Phases of the window (``RetrieverApp.phase``); tests wait on them.
-LOADING, READY, RUNNING, FINISHED = "loading", "ready", "running", "finished"
+
+class ViewPhase(StrEnum):
+    """Phases of the window (``RetrieverApp.phase``); tests wait on them."""
+
+    LOADING = "loading"
+    READY = "ready"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+#: The phases by their old names (tests import them).
+LOADING, READY = ViewPhase.LOADING, ViewPhase.READY
+RUNNING, FINISHED = ViewPhase.RUNNING, ViewPhase.FINISHED
 TICK = 0.25
 #: Seconds of history behind the speed figure: long enough to be steady, short enough
 #: to follow a server that slows down.
@@ -148,7 +160,7 @@ class RetrieverApp(App[None]):
         self._shown: dict[str, int] = {}
         self.removed: set[str] = set()
         self.engine: Engine = self._make_engine()
-        self.phase = LOADING
+        self.phase: ViewPhase = LOADING
         self.message = ""
         self.last_error = ""
         self._preparing: set[Engine] = set()
