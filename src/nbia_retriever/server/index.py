@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -289,7 +290,33 @@ def _open_dir(name: str | Path, dir_fd: int | None = None) -> int:
     return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
 
 
-class BlobFolder:
+class _HeldFolder:
+    """A folder held by a descriptor (``None`` where ``dir_fd=`` is not supported): a
+    name below it is reached through the descriptor, or through the folder's path."""
+
+    _fd: int | None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _folder(self) -> str:
+        raise NotImplementedError
+
+    def _at(self, name: str) -> tuple[str, int | None]:
+        if self._fd is None:
+            return os.path.join(self._folder(), name), None
+        return name, self._fd
+
+
+class BlobFolder(_HeldFolder):
     """One ``blobs/<xx>`` folder, held by a descriptor opened without following a link.
 
     Listing, removing and renaming here act on this very folder, whatever its name is
@@ -301,21 +328,8 @@ class BlobFolder:
         self.name = name
         self._fd = fd
 
-    def __enter__(self) -> BlobFolder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def _at(self, name: str) -> tuple[str, int | None]:
-        if self._fd is None:
-            return os.path.join(self.store.path, self.name, name), None
-        return name, self._fd
+    def _folder(self) -> str:
+        return os.path.join(self.store.path, self.name)
 
     def adopt(self, blob: Compressed) -> str:
         """Move a freshly written blob (:meth:`BlobStore.compress`) to its name here;
@@ -327,8 +341,7 @@ class BlobFolder:
 
     def sweep(self, referenced: set[str]) -> None:
         """Remove every entry no index row uses (links themselves, never their targets)."""
-        listing = os.scandir(self._fd if self._fd is not None
-                             else os.path.join(self.store.path, self.name))
+        listing = os.scandir(self._fd if self._fd is not None else self._folder())
         with listing:
             names = [e.name for e in listing if not e.is_dir(follow_symlinks=False)]
         for name in names:
@@ -348,7 +361,7 @@ class Compressed:
     compressed_size: int
 
 
-class BlobStore:
+class BlobStore(_HeldFolder):
     """The cache's ``blobs/`` folder, opened once without following a link.
 
     Everything below it goes through descriptors (``dir_fd=``): a name swapped for a
@@ -359,21 +372,8 @@ class BlobStore:
         self.path = path
         self._fd = _open_dir(path) if _FD_OK else None
 
-    def __enter__(self) -> BlobStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def _at(self, name: str) -> tuple[str, int | None]:
-        if self._fd is None:
-            return os.path.join(self.path, name), None
-        return name, self._fd
+    def _folder(self) -> str:
+        return str(self.path)
 
     def _discard(self, name: str, what: str) -> None:
         log.warning("%s: %s in the index cache, removed (rebuilt)", self.path / name, what)
