@@ -135,6 +135,18 @@ def _not_a_file(path: Path | str, mode: int) -> DestinationError:
     return _refuse(path, f"is {file_kind(mode)}, not a file")
 
 
+def _mode_unless_link(path: Path) -> int | None:
+    """``path``'s own ``st_mode`` (``None`` when it is absent); a symbolic link there
+    (not in its parents) raises :class:`DestinationError`."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        raise _refuse(path)
+    return mode
+
+
 def check_regular(path: Path) -> None:
     """Raise :class:`DestinationError` unless ``path`` is absent or a regular file (a
     symbolic link, a FIFO, a socket, a device or a folder is refused).
@@ -142,13 +154,8 @@ def check_regular(path: Path) -> None:
     For files opened by name elsewhere (SQLite): a FIFO planted as the journal would
     block its opener forever, a device would be read (or written) as a database.
     """
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(mode):
-        raise _refuse(path)
-    if not stat.S_ISREG(mode):
+    mode = _mode_unless_link(path)
+    if mode is not None and not stat.S_ISREG(mode):
         raise _not_a_file(path, mode)
 
 
@@ -215,12 +222,7 @@ def ensure_dir(base: Path, parts: Sequence[str]) -> Path:
 
 def check_no_link(path: Path) -> None:
     """Raise :class:`DestinationError` if ``path`` (not its parents) is a symbolic link."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(mode):
-        raise _refuse(path)
+    _mode_unless_link(path)
 
 
 def open_nofollow(path: Path, flags: int, mode: int = 0o666) -> int:
