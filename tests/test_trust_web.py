@@ -11,10 +11,6 @@ Real ``open --web`` processes on a free loopback port, driven over HTTP and webs
 from __future__ import annotations
 
 import asyncio
-import queue
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,17 +46,7 @@ class SafeWebProcess(WebProcess):
     """``open --web`` started with ``-P`` itself: only its children can import from the
     working directory, so what is imported there is theirs."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "nbia_retriever.cli", "open", "--web", *args],
-            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append),
-                         daemon=True).start()
+    python_options = ("-P",)
 
 
 def test_the_views_children_run_no_code_from_the_working_directory(manifest: Path,

@@ -57,9 +57,13 @@ def environment(**extra: str) -> dict[str, str]:
 class WebProcess:
     """``open --web`` in a subprocess: its output lines, read as they come."""
 
+    #: Options of the Python that runs it (before ``-m``).
+    python_options: tuple[str, ...] = ()
+
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nbia_retriever.cli", "open", "--web", *args],
+            [sys.executable, *self.python_options, "-m", "nbia_retriever.cli", "open", "--web",
+             *args],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
