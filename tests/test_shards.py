@@ -310,6 +310,19 @@ def fake_tools(tmp_path: Path) -> tuple[Path, Path]:
     return bin_dir, log
 
 
+def submit_cart(tmp_path: Path, sbatch_args: str,
+                tasks: str) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+    """The Slurm script run from ``tmp_path`` on a one-series cart with the fake tools
+    (:func:`fake_tools`) and ``NBIA_SBATCH_ARGS``: (its run, the manifest, the calls log)."""
+    bin_dir, log = fake_tools(tmp_path)
+    manifest = write_manifest(tmp_path / "cart.tcia", ["1.2.3"], "http://127.0.0.1:9/x")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", NBIA_SBATCH_ARGS=sbatch_args)
+    done = subprocess.run(["bash", str(SCRIPT), str(manifest), str(tmp_path / "out"), tasks],
+                          env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    return done, manifest, log
+
+
 def calls(log: Path) -> list[list[str]]:
     result: list[list[str]] = []
     for line in log.read_text(encoding="utf-8").splitlines():
@@ -322,12 +335,7 @@ def calls(log: Path) -> list[list[str]]:
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_slurm_script_submits_the_array_then_the_check(tmp_path):
-    bin_dir, log = fake_tools(tmp_path)
-    manifest = write_manifest(tmp_path / "cart.tcia", ["1.2.3"], "http://127.0.0.1:9/x")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", NBIA_SBATCH_ARGS="--account=lab")
-    done = subprocess.run(["bash", str(SCRIPT), str(manifest), str(tmp_path / "out"), "5"],
-                          env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    done, manifest, log = submit_cart(tmp_path, "--account=lab", "5")
     assert done.returncode == 0, done.stderr
     array, check = calls(log)
     dest = str((tmp_path / "out").resolve())

@@ -200,15 +200,10 @@ def test_hostile_names_are_data_on_a_real_cluster(tmp_path, uids_and_server):
 
 def test_extra_sbatch_options_are_not_globbed(tmp_path):
     """NBIA_SBATCH_ARGS is split into words, never expanded against the submit folder."""
-    from test_shards import calls, fake_tools
+    from test_shards import calls, submit_cart
 
-    bin_dir, log = fake_tools(tmp_path)
     (tmp_path / "--comment=planted").write_text("", encoding="utf-8")
-    manifest = write_manifest(tmp_path / "cart.tcia", ["1.2.3"], "http://127.0.0.1:9/x")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", NBIA_SBATCH_ARGS="--comment=*")
-    done = subprocess.run(["bash", str(SCRIPT), str(manifest), str(tmp_path / "out"), "2"],
-                          env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    done, _manifest, log = submit_cart(tmp_path, "--comment=*", "2")
     assert done.returncode == 0, done.stderr
     array, check = calls(log)
     assert "--comment=*" in array and "--comment=*" in check
