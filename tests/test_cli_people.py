@@ -23,7 +23,7 @@ import pytest
 from aiohttp import ClientSession, web
 
 from enginehelpers import write_manifest
-from nbia_retriever.cli.run import QUIET_REASONS
+from nbia_retriever.cli.download_command import QUIET_REASONS
 from nbia_retriever.manifest import parse_manifest
 from nbia_retriever.report import UID_TAIL
 from nbia_retriever.server import FaultPlan, ReferenceServer

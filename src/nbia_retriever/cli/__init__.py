@@ -4,7 +4,8 @@ A package of small modules, each imported only when its command runs (a ``downlo
 a cluster node never pays for the server stack or the interactive view):
 
 * ``common``: exit codes, one-line errors, the API options, logging in;
-* ``run``: ``download`` and its output modes (``live``: the display in a terminal);
+* ``download_command``: ``download`` and its output modes (``live``: its terminal
+  display);
 * ``inspect``: ``list`` and ``verify``;
 * ``tools``: ``collections``, ``search``, ``manifest merge|info``, ``merge-reports``.
 
@@ -22,7 +23,7 @@ from .common import EXIT_AUTH, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAG
 
 #: command name -> (module, attribute), imported on first use.
 LAZY_COMMANDS = {
-    "download": ("nbia_retriever.cli.run", "download"),
+    "download": ("nbia_retriever.cli.download_command", "download"),
     "list": ("nbia_retriever.cli.inspect", "list_command"),
     "verify": ("nbia_retriever.cli.inspect", "verify"),
     "serve": ("nbia_retriever.server", "serve_command"),

@@ -107,7 +107,7 @@ def exit_at_once(signum: int, frame: object) -> None:
 
     Safe: nothing is published before it is verified and journaled, and a re-run clears
     whatever staging the workers leave. ``os._exit`` skips joining them. (Here, not in
-    :mod:`.run`: both output modes, :mod:`.run` and :mod:`.progress`, install it.)
+    :mod:`.download_command`: both output modes, it and :mod:`.live`, install it.)
     """
     os.write(2, b"interrupted again: stopped at once (re-run the same command to resume)\n")
     os._exit(EXIT_INTERRUPTED)

@@ -132,7 +132,7 @@ def _warn_unanswered(items: list[dict[str, Any]], unanswered: list[dict[str, Any
                      as_json: bool) -> None:
     """One warning line per collection whose counts did not come (capped like ``-q``);
     exit 1 when not a single count came."""
-    from .run import QUIET_REASONS  # cli.run: only merge-reports -q needs its constant
+    from .download_command import QUIET_REASONS  # only merge-reports -q needs it
 
     for item in unanswered[:QUIET_REASONS]:
         say(f"nbia-retriever: warning: {item['collection']}: counts not available "

@@ -62,7 +62,7 @@ def _repair(root: Path, result: object, session: Session) -> None:
     """Download the bad series again, into the same root, with its own layout, through
     the session the verification used."""
     from ..engine import DownloadOptions, Engine  # the engine only for --repair
-    from .run import run_plain
+    from .download_command import run_plain
 
     assert isinstance(result, ServerVerifyResult)
     bad = [c for c in result.bad]
