@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from hostile_server import Crafted, HostileServer, files_of, record, series_zip
 from nbia_retriever.server import ReferenceServer
 from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 
@@ -96,3 +97,13 @@ def module_serve() -> Iterator[Callable[..., ReferenceServer]]:
     servers = _Servers()
     yield servers
     servers.stop_all()
+
+
+@pytest.fixture()
+def hostile(archive: ArchiveSummary) -> Iterator[HostileServer]:
+    """A hostile server (``hostile_server.py``) serving every series of the module's own
+    ``archive`` fixture honestly, for a test to make lie; stopped at the test's end."""
+    with HostileServer() as srv:
+        for series in archive.series:
+            srv.series[series.series_uid] = Crafted(record(series), series_zip(files_of(series)))
+        yield srv

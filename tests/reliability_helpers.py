@@ -9,14 +9,17 @@ torn ``metadata.csv`` row) is a leftover of a fault the engine did not clean up.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
+
+import pytest
 
 from enginehelpers import downloaded_series
 from nbia_retriever.engine.journal import Journal
@@ -156,3 +159,19 @@ def run_cli(args: Sequence[str], *, env: dict[str, str] | None = None, timeout: 
 def exit_signal(code: int) -> str:
     """A readable exit code for assertion messages (``-9`` -> ``SIGKILL``)."""
     return signal.Signals(-code).name if code < 0 else str(code)
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted on a new folder ``where`` (skips the test where
+    mounting is not allowed), unmounted at the end."""
+    where.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here ({exc})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from enginehelpers import downloaded_series, expected_series, write_manifest
+from enginehelpers import downloaded_series, expected_series, start_workers, write_manifest
 from nbia_retriever import make_engine
 from nbia_retriever.engine import EventKind
 from nbia_retriever.engine.procs import (
@@ -101,12 +101,7 @@ def ready_engine(manifest: Path, dest: Path, server, processes: int = 2, **optio
     workers = options.pop("workers", 1)
     engine = make_engine(manifest, dest, api_url=server.api_url, processes=processes,
                          workers=workers, **{**FAST, **options})
-    engine.start_workers()
-    deadline = time.monotonic() + 60
-    while engine.stats().processes < min(processes, workers):
-        assert time.monotonic() < deadline, "the worker processes did not start"
-        time.sleep(0.01)
-    return engine
+    return start_workers(engine, min(processes, workers))
 
 
 def test_a_download_through_workers_is_the_same_as_on_threads(tmp_path, archive, serve,

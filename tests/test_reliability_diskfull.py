@@ -11,14 +11,13 @@ LICENSE, an image, at fill levels that move the failure across all of them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from nbia_retriever import download
 from nbia_retriever.report import METADATA_HEADER, MetadataCsv
 from nbia_retriever.server import ReferenceServer
 from nbia_retriever.server.synth import ArchiveSummary
-from reliability_helpers import CLI, assert_root_clean, metadata_rows
+from reliability_helpers import CLI, assert_root_clean, metadata_rows, tmpfs
 
 ROOT_NAME = "manifest-1700000000000"
 IMAGE_LIMIT = 512 * 1024  # RLIMIT_FSIZE: the 512x512 images (~513 KiB) cannot be written
@@ -137,20 +136,6 @@ def test_a_torn_last_row_from_a_power_cut_is_repaired(tmp_path):
 
 
 # --------------------------------------------------------------------------- real tmpfs
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                       check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here ({exc})")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
 
 
 def fill(folder: Path, leave: int) -> Path:

@@ -45,14 +45,6 @@ def archive(archive_factory):
 
 
 @pytest.fixture()
-def hostile(archive):
-    with HostileServer() as srv:
-        for series in archive.series:
-            srv.series[series.series_uid] = Crafted(record(series), series_zip(files_of(series)))
-        yield srv
-
-
-@pytest.fixture()
 def other():
     """A second server: another origin, where nothing may ever arrive."""
     with HostileServer() as srv:

@@ -10,18 +10,16 @@ real HTTP on loopback (``hostile_server.py``); the disk tests use a real tmpfs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from enginehelpers import write_manifest
+from enginehelpers import start_workers, write_manifest
 from hostile_server import (
     Crafted,
     HostileServer,
@@ -36,7 +34,7 @@ from nbia_retriever.api.http import FLOOR_RATE, READ_SIZE, ProgressFloor
 from nbia_retriever.engine.staging import inflation_cap
 from nbia_retriever.errors import NetworkError
 from nbia_retriever.models import SeriesInfo, SeriesState
-from reliability_helpers import run_cli
+from reliability_helpers import run_cli, tmpfs
 
 FAST = {"backoff_base": 0.01, "timeout": 5.0, "api": "v1"}
 GiB = 1024**3
@@ -49,14 +47,6 @@ def archive(archive_factory):
                            rows=16, columns=16, restricted=False, awkward=False)
 
 
-@pytest.fixture()
-def hostile(archive):
-    with HostileServer() as srv:
-        for series in archive.series:
-            srv.series[series.series_uid] = Crafted(record(series), series_zip(files_of(series)))
-        yield srv
-
-
 def cart(tmp_path: Path, server: HostileServer, uids: list[str], **kw: object) -> Path:
     return write_manifest(tmp_path / "cart.tcia", uids, server.download_url, **kw)  # type: ignore[arg-type]
 
@@ -66,20 +56,6 @@ def published(root: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------ 4. disk and inode limits
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                       check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here ({exc})")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
 
 
 class LowestFree:
@@ -113,11 +89,7 @@ def ready_engine(manifest: Path, dest: Path, server: HostileServer, *, processes
     engine = make_engine(manifest, dest, api_url=server.api_url, processes=processes,
                          workers=1, **{**FAST, **options})
     if processes:
-        engine.start_workers()
-        deadline = time.monotonic() + 60
-        while engine.stats().processes < 1:
-            assert time.monotonic() < deadline, "the worker process did not start"
-            engine.wait(0.02)
+        start_workers(engine)
     return engine
 
 

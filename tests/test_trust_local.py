@@ -20,14 +20,16 @@ import socket
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from enginehelpers import write_manifest
-from hostile_server import Crafted, HostileServer, files_of, record, series_zip
 from reliability_helpers import CLI, run_cli
+
+if TYPE_CHECKING:
+    import zipfile
 
 ROOT_NAME = "manifest-1700000000000"
 #: Seconds a run may take to refuse a planted special file; a hang runs into it.
@@ -38,14 +40,6 @@ PROMPT = 60
 def archive(archive_factory):  # type: ignore[no-untyped-def]
     return archive_factory(seed=121, collections=1, patients=1, studies=1, series=2,
                            images=2, rows=16, columns=16, restricted=False, awkward=False)
-
-
-@pytest.fixture()
-def hostile(archive) -> Iterator[HostileServer]:  # type: ignore[no-untyped-def]
-    with HostileServer() as srv:
-        for series in archive.series:
-            srv.series[series.series_uid] = Crafted(record(series), series_zip(files_of(series)))
-        yield srv
 
 
 def env() -> dict[str, str]:
@@ -417,15 +411,31 @@ def test_a_new_blob_never_lands_in_a_folder_swapped_for_a_link(local_archive, tm
     assert zlib.decompress((moved / f"{blob.md5}.z").read_bytes(), -15) == image.read_bytes()
 
 
+def served_series(server, uid: str) -> tuple[zipfile.ZipFile, list[str]]:  # type: ignore[no-untyped-def]
+    """The series' zip as ``server`` sends it (it must answer 200), and the sorted MD5s
+    of its images."""
+    import hashlib
+    import io
+    import zipfile
+
+    import httpx
+
+    response = httpx.get(f"{server.api_url}/v1/getImageWithMD5Hash",
+                         params={"SeriesInstanceUID": uid}, timeout=30)
+    assert response.status_code == 200
+    got = zipfile.ZipFile(io.BytesIO(response.content))
+    served = sorted(hashlib.md5(got.read(n)).hexdigest() for n in got.namelist()
+                    if n != "md5hashes.csv")
+    return got, served
+
+
 @pytest.mark.parametrize("edit", ["crc32", "series_uid", "other-image"])
 def test_an_edited_index_row_is_indexed_again_never_served(local_archive, serve, edit):
     """A row of ``index.sqlite`` edited by hand (its CRC, its series, or pointed at
     another image's blob) fails its MAC: the image is indexed again from the archive and
     the series served is exactly the archive's images, byte for byte."""
     import hashlib
-    import io
     import sqlite3
-    import zipfile
 
     import httpx
 
@@ -448,13 +458,8 @@ def test_an_edited_index_row_is_indexed_again_never_served(local_archive, serve,
     finally:
         db.close()
     server = serve(root)
-    response = httpx.get(f"{server.api_url}/v1/getImageWithMD5Hash",
-                         params={"SeriesInstanceUID": uid}, timeout=30)
-    assert response.status_code == 200
-    got = zipfile.ZipFile(io.BytesIO(response.content))
+    got, served = served_series(server, uid)
     assert got.testzip() is None  # every CRC right
-    served = sorted(hashlib.md5(got.read(n)).hexdigest() for n in got.namelist()
-                    if n != "md5hashes.csv")
     assert served == sorted(hashlib.md5(p.read_bytes()).hexdigest() for p in files)
     gone = httpx.get(f"{server.api_url}/v1/getImageWithMD5Hash",
                      params={"SeriesInstanceUID": "1.2.3.4.5"}, timeout=30)
@@ -505,11 +510,8 @@ def test_a_damaged_index_database_is_rebuilt_not_a_traceback(local_archive, serv
     """``index.sqlite`` garbage, or its table not the one this version writes (the
     schema number kept): the index starts afresh and the series is served whole."""
     import hashlib
-    import io
     import sqlite3
-    import zipfile
 
-    import httpx
 
     root, uid, files = local_archive
     path = root / ".nbia-server-cache" / "index.sqlite"
@@ -526,10 +528,5 @@ def test_a_damaged_index_database_is_rebuilt_not_a_traceback(local_archive, serv
         db.commit()
         db.close()
     server = serve(root)
-    response = httpx.get(f"{server.api_url}/v1/getImageWithMD5Hash",
-                         params={"SeriesInstanceUID": uid}, timeout=30)
-    assert response.status_code == 200
-    got = zipfile.ZipFile(io.BytesIO(response.content))
-    served = sorted(hashlib.md5(got.read(n)).hexdigest() for n in got.namelist()
-                    if n != "md5hashes.csv")
+    _got, served = served_series(server, uid)
     assert served == sorted(hashlib.md5(p.read_bytes()).hexdigest() for p in files)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from enginehelpers import write_manifest
+from enginehelpers import start_workers, write_manifest
 from hostile_server import Crafted, HostileServer, files_of, record, series_zip
 from nbia_retriever import make_engine
 from nbia_retriever.engine.procs import default_processes
@@ -111,11 +110,7 @@ def test_a_token_cut_in_a_worker_process_is_redacted_everywhere(tmp_path, archiv
                              user="alice", password=PASSWORD, processes=1, workers=1, **FAST)
         events: list[str] = []
         engine.subscribe(lambda e: events.append(json.dumps(e.as_dict())))
-        engine.start_workers()
-        deadline = time.monotonic() + 60
-        while engine.stats().processes < 1:
-            assert time.monotonic() < deadline, "the worker process did not start"
-            time.sleep(0.01)
+        start_workers(engine)
         report = engine.run()
         token = server.issued_token
     assert engine.stats().worker_attempts >= len(uids) - 1
