@@ -79,7 +79,7 @@ __all__ = [
     "root_folder_name",
     "sanitize_component",
     "series_relpath",
-    "series_relpath_mode",
+    "series_relpath_variant",
     "series_relpaths",
 ]
 
@@ -356,12 +356,12 @@ def _uid_part(uid: str) -> str:
     return f"{head}-{digest}" if head else digest
 
 
-def _suffix(uid: str, mode: int) -> str:
+def _suffix(uid: str, variant: int) -> str:
     """Mode 0: last 5 characters (Java); 1: the whole UID; 2: the whole UID plus a hash."""
     uid = uid.strip()
-    if mode == 0:
+    if variant == 0:
         return _piece(uid[-UID_SUFFIX_LENGTH:])
-    if mode == 1:
+    if variant == 1:
         return _uid_part(uid)
     digest = hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{_uid_part(uid)}-{digest}"
@@ -451,8 +451,8 @@ def _fit(fields: _Fields, build: _Builder) -> tuple[str, str, str, str]:
             raise NbiaError(f"series {fields['uid']}: no folder name fits the path limits")
 
 
-def _relpath(info: SeriesInfo, layout: Layout, mode: int) -> PurePosixPath:
-    return PurePosixPath(_relpath_text(info, layout, mode))
+def _relpath(info: SeriesInfo, layout: Layout, variant: int) -> PurePosixPath:
+    return PurePosixPath(_relpath_text(info, layout, variant))
 
 
 #: Last five characters of a UID that need no cleaning at the end of a safe component.
@@ -511,16 +511,16 @@ def _short_safe_head(number: str, description: str) -> str | None:
     return head if safe and len(head) < _SAFE_HEAD else None
 
 
-def _series_component(info: SeriesInfo, mode: int) -> str:
+def _series_component(info: SeriesInfo, variant: int) -> str:
     """The series folder's name; unique per series, so not cached itself (its head is).
     A safe head plus a plain UID tail (digits and dots, ending in a digit) is safe as it
     stands; anything else goes through the component rules."""
     head, safe = _series_head(info.series_number, info.series_description)
-    if mode == 0 and safe:
+    if variant == 0 and safe:
         tail = info.series_uid.strip()[-UID_SUFFIX_LENGTH:]
         if _PLAIN_TAIL.fullmatch(tail) is not None:
             return f"{head}-{tail}"
-    return _component.__wrapped__(_join((head, _suffix(info.series_uid, mode))), 3)
+    return _component.__wrapped__(_join((head, _suffix(info.series_uid, variant))), 3)
 
 
 def _too_long(part: str) -> bool:
@@ -546,30 +546,30 @@ def _study_prefix(collection: str, patient_id: str, date: str, study_id: str,
 
 
 
-def _descriptive_fast(info: SeriesInfo, mode: int) -> str | None:
+def _descriptive_fast(info: SeriesInfo, variant: int) -> str | None:
     """The descriptive relpath when no limit is hit (nearly always), from cached parts;
     None when something must be shortened (the full rules of :func:`_fit` apply)."""
     prefix = _study_prefix(info.collection, info.patient_id, info.study_date, info.study_id,
                            info.study_description, info.study_uid)
     if prefix is None:
         return None
-    series = _series_component(info, mode)
+    series = _series_component(info, variant)
     if len(prefix) + len(series) >= MAX_SERIES_PATH or _too_long(series):
         return None
     return f"{prefix}/{series}"
 
 
-def _relpath_text(info: SeriesInfo, layout: Layout, mode: int) -> str:
+def _relpath_text(info: SeriesInfo, layout: Layout, variant: int) -> str:
     """The relpath as ``a/b/c/d`` text: what the engine keeps (a ``PurePosixPath`` per
     series would cost a third of planning a large manifest)."""
     if layout is Layout.DESCRIPTIVE:
-        fast = _descriptive_fast(info, mode)
+        fast = _descriptive_fast(info, variant)
         if fast is not None:
             return fast
-    return _relpath_rules(info, layout, mode)
+    return _relpath_rules(info, layout, variant)
 
 
-def _relpath_rules(info: SeriesInfo, layout: Layout, mode: int) -> str:
+def _relpath_rules(info: SeriesInfo, layout: Layout, variant: int) -> str:
     """The relpath by the full rules (:func:`_fit`); the fast path must agree with it."""
     fields: _Fields = {
         "uid": info.series_uid,
@@ -583,7 +583,7 @@ def _relpath_rules(info: SeriesInfo, layout: Layout, mode: int) -> str:
     }
     if layout is Layout.CLASSIC:
         fields["study_sfx"] = _uid_part(info.study_uid.strip())
-        fields["series_sfx"] = _suffix(info.series_uid, max(mode, 1))
+        fields["series_sfx"] = _suffix(info.series_uid, max(variant, 1))
         build: _Builder = _build_classic
     else:
         fields.update(
@@ -593,7 +593,7 @@ def _relpath_rules(info: SeriesInfo, layout: Layout, mode: int) -> str:
             study_sfx=_suffix(info.study_uid, 0),
             number=_series_number_part(info.series_number),
             series_desc=_java_desc(java_clean(info.series_description)),
-            series_sfx=_suffix(info.series_uid, mode),
+            series_sfx=_suffix(info.series_uid, variant),
         )
         build = _build_descriptive
     return "/".join(_fit(fields, build))
@@ -623,10 +623,10 @@ def collision_key(path: PurePosixPath | str) -> str:
     return unicodedata.normalize("NFC", text).casefold()
 
 
-def series_relpath_mode(info: SeriesInfo, layout: Layout | str, mode: int) -> PurePosixPath:
+def series_relpath_variant(info: SeriesInfo, layout: Layout | str, variant: int) -> PurePosixPath:
     """The folder of a series in one of its variants (0: the Java name; 1: the whole
     series UID instead of its last five characters; 2: the whole UID plus a hash)."""
-    return _relpath(info, Layout(layout), mode)
+    return _relpath(info, Layout(layout), variant)
 
 
 def _digest(key: str) -> bytes:
@@ -706,10 +706,10 @@ class FolderPlanner:
     def take(self, info: SeriesInfo) -> tuple[str, int]:
         """The folder for ``info`` (``a/b/c/d`` text) and the variant it needed (0 = the
         Java name)."""
-        for mode in (0, 1, 2):
-            path = _relpath_text(info, self.layout, mode)
+        for variant in (0, 1, 2):
+            path = _relpath_text(info, self.layout, variant)
             if self._taken.add(_digest(collision_key(path))):
-                return path, mode
+                return path, variant
         # Only an equal UID could still clash, and a manifest holds each UID once.
         raise NbiaError(f"series {info.series_uid}: every folder name for it is taken")
 

@@ -254,7 +254,7 @@ class SeriesResult:
     files: int = 0
     relpath: str = ""
     #: The variant of its folder name the plan chose for downloading it (0: the Java
-    #: name; see ``layout.series_relpath_mode``); None while it is not planned for
+    #: name; see ``layout.series_relpath_variant``); None while it is not planned for
     #: download (the engine keeps this here, not in a dict: 40 MB for 1,000,000 series).
     variant: int | None = None
     #: Where it comes from (``DownloadOptions.source``; the journal keeps it per row).

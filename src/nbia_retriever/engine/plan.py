@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..errors import DestinationError
 from ..errors import LayoutMismatchError as LayoutMismatchError  # re-export
-from ..layout import FolderPlanner, Layout, java_clean, series_relpath_mode
+from ..layout import FolderPlanner, Layout, java_clean, series_relpath_variant
 from ..models import SeriesInfo, SeriesState
 from ..ondisk import STATE_DIR, DownloadRoot
 from .journal import CompleteRecord, FileRecord, Journal
@@ -280,12 +280,12 @@ class Planner:
             if existing is None:  # the common case, without a Python loop per series
                 planned.ready = list(zip(uids, found, map(_VARIANT, folders), strict=True))
             else:
-                for uid, info, (relpath, mode) in zip(uids, found, folders, strict=True):
-                    there = existing(info, relpath, mode)
+                for uid, info, (relpath, variant) in zip(uids, found, folders, strict=True):
+                    there = existing(info, relpath, variant)
                     if there is not None:
                         planned.adopted.append((uid, info, there[0], there[1]))
                     else:
-                        planned.ready.append((uid, info, mode))
+                        planned.ready.append((uid, info, variant))
             self._record(planned)
             yield planned
         self.wait_rows()
@@ -325,13 +325,13 @@ class Planner:
 
     # -- adoption ------------------------------------------------------------------------------
     def _existing(self, info: SeriesInfo, relpath: str,
-                  mode: int) -> tuple[str, tuple[FileRecord, ...]] | None:
+                  variant: int) -> tuple[str, tuple[FileRecord, ...]] | None:
         """A folder at the series' place that holds exactly its number of images."""
         if not info.image_count:
             return None
         candidates = [relpath]
         if not info.study_id and self.layout is Layout.DESCRIPTIVE:
-            candidates = self._study_matches(info, mode) or candidates
+            candidates = self._study_matches(info, variant) or candidates
         for candidate in candidates:
             if not self._exists(candidate):
                 continue
@@ -368,10 +368,10 @@ class Planner:
         self._listing[relpath] = names
         return names
 
-    def _study_matches(self, info: SeriesInfo, mode: int) -> list[str]:
+    def _study_matches(self, info: SeriesInfo, variant: int) -> list[str]:
         """Java study folders of this study whatever its StudyID (the metadata of older
         builds has none): ``<date>-<any clean StudyID>-<desc>-<last 5>``."""
-        marked = series_relpath_mode(info.replace(study_id=_STUDY_MARK), self.layout, mode)
+        marked = series_relpath_variant(info.replace(study_id=_STUDY_MARK), self.layout, variant)
         study = marked.parts[2]
         if _STUDY_MARK not in study or java_clean(_STUDY_MARK) != _STUDY_MARK:
             return []

@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from .._dicomtags import series_uid_of, sop_class_name
 from ..errors import DestinationError
-from ..layout import Layout, fit_component, sanitize_component, series_relpath_mode
+from ..layout import Layout, fit_component, sanitize_component, series_relpath_variant
 from ..models import SeriesInfo
 from ..naming import ImageKey, assign_names, safe_entry_name
 from ..ondisk import (
@@ -181,12 +181,12 @@ class Publisher:
                 os.close(fd)
 
     # -- the series -------------------------------------------------------------------------
-    def publish(self, uid: str, info: SeriesInfo, staged: StagedSeries, *, mode: int,
+    def publish(self, uid: str, info: SeriesInfo, staged: StagedSeries, *, variant: int,
                 attempts: int) -> Published:
         info = complete_info(info, staged)
         files = self._name_files(staged)
         text = license_text(info, staged.license)
-        relpath = self._place(uid, info, staged, mode, text)
+        relpath = self._place(uid, info, staged, variant, text)
         nbytes = sum(f.size for f in files)
         mtime = _mtime(self.root.path / relpath)
         self.journal.mark_complete(uid, relpath=str(relpath), files=files, nbytes=nbytes,
@@ -206,15 +206,15 @@ class Publisher:
             reason = getattr(exc, "strerror", None) or str(exc)
             self._note(uid, f"could not update metadata.csv: {reason}")
 
-    def _place(self, uid: str, info: SeriesInfo, staged: StagedSeries, mode: int,
+    def _place(self, uid: str, info: SeriesInfo, staged: StagedSeries, planned: int,
                license_bytes: bytes | None) -> PurePosixPath:
         """Move the staging folder to the first variant of its name that is free or its
         own; returns the relpath used."""
         last_error: OSError | None = None
-        for variant in range(mode, MAX_VARIANT + 1):
-            relpath = series_relpath_mode(info, self.layout, variant)
+        for variant in range(planned, MAX_VARIANT + 1):
+            relpath = series_relpath_variant(info, self.layout, variant)
             parts = relpath.parts
-            if license_bytes and variant == mode:
+            if license_bytes and variant == planned:
                 self.write_license(parts[0], license_bytes)
             parent_fd = open_dir(self.root.path, list(parts[:-1]))
             try:

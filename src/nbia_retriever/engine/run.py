@@ -51,7 +51,7 @@ from ..errors import (
     UsageError,
     exit_code,
 )
-from ..layout import Layout, root_folder_name, sanitize_component, series_relpath_mode
+from ..layout import Layout, root_folder_name, sanitize_component, series_relpath_variant
 from ..manifest import Manifest, read_manifest
 from ..models import FAILED_STATES, FINAL_STATES, SeriesInfo, SeriesState
 from ..ondisk import DownloadRoot, RunStaging, SeriesLock
@@ -318,10 +318,10 @@ class Engine:
             return ""
         if result.relpath:
             return result.relpath
-        mode = result.variant
-        if mode is None or result.info is None:
+        variant = result.variant
+        if variant is None or result.info is None:
             return ""
-        return str(series_relpath_mode(result.info, self.layout, mode))
+        return str(series_relpath_variant(result.info, self.layout, variant))
 
     def close(self) -> None:
         """Release the journal and connections of an engine that will not be started.
@@ -730,8 +730,8 @@ class Engine:
     # -- one series ---------------------------------------------------------------------
     def _run_one(self, uid: str) -> None:
         result = self.results.get(uid)
-        mode = result.variant if result is not None else None
-        if result is None or mode is None or result.info is None:
+        variant = result.variant if result is not None else None
+        if result is None or variant is None or result.info is None:
             self.queue.done(uid)
             return
         lock = SeriesLock(self.disk.locks_dir, sanitize_component(uid, fallback="series"))
@@ -750,7 +750,7 @@ class Engine:
                 complete = True
                 self.queue.done(uid)
                 return
-            complete = self._attempt(uid, result, mode)
+            complete = self._attempt(uid, result, variant)
         finally:
             lock.release(remove=complete)
 
@@ -777,7 +777,7 @@ class Engine:
                 return True
         return False
 
-    def _attempt(self, uid: str, result: SeriesResult, mode: int) -> bool:
+    def _attempt(self, uid: str, result: SeriesResult, variant: int) -> bool:
         """One attempt; True if the series is complete."""
         info = result.info
         assert info is not None and self._staging is not None
@@ -798,7 +798,7 @@ class Engine:
             check = getattr(self.source, "check_series", checks.check_series)
             check(uid, info, staged.entries, staged.md5_list, md5_required=self.options.md5)
             assert self._publisher is not None
-            published = self._publisher.publish(uid, info, staged, mode=mode,
+            published = self._publisher.publish(uid, info, staged, variant=variant,
                                                 attempts=attempt)
         except Cancelled:
             discard(staging)
