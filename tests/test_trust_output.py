@@ -387,3 +387,24 @@ def test_trusted_hosts_are_kept_in_the_form_messages_name_them(tmp_path):
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert str(config) in line and "'exa mple.org' holds a space" in line, line
+
+
+def test_a_proxy_password_from_the_environment_is_a_secret(monkeypatch):
+    """HTTPS_PROXY=http://user:pass@host: the password (percent-decoded, as it is sent)
+    and the Basic header made of it are redacted like the user's own password."""
+    from nbia_retriever.api.http import Origin, _proxy_for
+    from nbia_retriever.untrusted import SECRETS, redact
+
+    password = "proxy-s3cret/pass"
+    monkeypatch.setenv("HTTPS_PROXY", "http://alice:proxy-s3cret%2Fpass@127.0.0.1:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        proxy = _proxy_for(Origin.of("https://example.org/x"))
+        assert proxy is not None
+        basic = proxy.headers["Proxy-Authorization"].split()[1]
+        text = redact(f"407 from proxy: you sent {password} as {basic}")
+        assert password not in text and basic not in text
+        assert "407 from proxy" in text
+    finally:
+        SECRETS.discard(password, basic)

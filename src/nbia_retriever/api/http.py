@@ -47,11 +47,11 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import unquote, urlencode, urljoin, urlsplit
 
 from .._version import __version__
 from ..errors import ApiError, NetworkError, TlsError
-from ..untrusted import ascii_host, quote
+from ..untrusted import SECRETS, ascii_host, quote
 
 USER_AGENT = f"nbia-retriever/{__version__}"
 #: Requests and their statuses at DEBUG (URLs only: secrets travel in headers and bodies).
@@ -333,8 +333,13 @@ def _proxy_for(origin: Origin) -> _Proxy | None:
         return None
     headers: dict[str, str] = {}
     if parts.username:
-        token = f"{parts.username}:{parts.password or ''}".encode()
-        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(token).decode()
+        token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        basic = base64.b64encode(token).decode()
+        headers["Proxy-Authorization"] = "Basic " + basic
+        # The proxy's password is a secret like the user's: a proxy or server that echoes
+        # it (or the header) never gets it printed or stored.
+        SECRETS.add_password(unquote(parts.password or "") or None)
+        SECRETS.add(basic)
     return _Proxy(parts.hostname, parts.port or 80, headers)
 
 
