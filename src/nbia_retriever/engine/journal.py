@@ -65,6 +65,10 @@ CREATE TABLE IF NOT EXISTS series (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: The covering index of :meth:`Journal.completed_index` (made after the columns exist).
+#: (``state`` is a column too: without it SQLite does not take the index as covering.)
+COMPLETE_INDEX = ("CREATE INDEX IF NOT EXISTS finished_rows ON series (state, uid, relpath, "
+                  "nfiles, folder_mtime, checked, mac) WHERE state = 'Complete'")
 #: Columns added after the first release: (name, definition). Old journals get them.
 ADDED_COLUMNS = (
     ("nfiles", "INTEGER NOT NULL DEFAULT 0"),
@@ -234,6 +238,11 @@ class Journal:
             self._db.executescript(SCHEMA)
             self._columns = self._column_names()
             self._migrate()
+            # What a re-run reads of each finished series, in an index of its own: the
+            # scan then reads ~30 bytes a row instead of the whole row (metadata, file
+            # list), 0.18 against 0.55 s for 200,000 series. Partial, so the rows of
+            # series still to do (a million written while planning) never touch it.
+            self._db.execute(COMPLETE_INDEX)
         except sqlite3.DatabaseError as exc:
             if getattr(self, "_db", None) is not None:
                 self._db.close()
@@ -333,7 +342,8 @@ class Journal:
                     + ("CAST(nfiles AS INTEGER)" if has_nfiles else "files") + ", "
                     + ("CAST(folder_mtime AS INTEGER), CAST(checked AS REAL)" if has_mtime
                        else "0, 0.0") + ", " + ("mac" if has_mac else "''"))
-            rows = db.execute(f"SELECT {cols} FROM series WHERE state = ?", (COMPLETE,))
+            # The state as a literal: only then may SQLite use the partial index.
+            rows = db.execute(f"SELECT {cols} FROM series WHERE state = '{COMPLETE}'")
             index: dict[str, CompleteRecord] = {}
             for uid, relpath, n, mtime, checked, mac in rows:  # streamed: no list of rows
                 nfiles = n if has_nfiles else len(_files(n))
