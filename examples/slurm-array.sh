@@ -44,6 +44,9 @@
 #                   the budget no longer applies: TASKS x NBIA_WORKERS streams at most
 #   NBIA_USER       log in as this user (limited-access collections); the password comes
 #                   from NBIA_PASSWORD or the keyring, never from the command line
+#   NBIA_SOURCE     auto (default), nbia or idc: where series come from (download
+#                   --source); NBIA_IDC_INDEX and NBIA_IDC_ENDPOINT as for download. With
+#                   idc and no NBIA_MAX_CONNECTIONS, each task uses IDC's own default
 #   NBIA_SBATCH_ARGS  extra sbatch options for both jobs, e.g. "--account=X --partition=Y"
 #                   (they override the #SBATCH lines below, e.g. "--cpus-per-task=1")
 #
@@ -107,6 +110,9 @@ if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     (( share >= 1 )) || share=1
     (( share <= 64 )) || share=64  # download's upper limit
     stream_args=(--max-connections "$share")
+    if [[ "${NBIA_SOURCE:-}" == idc && -z "${NBIA_MAX_CONNECTIONS:-}" ]]; then
+        stream_args=()  # IDC's buckets are not one polite server: each task its default
+    fi
     if [[ -n "${NBIA_WORKERS:-}" ]]; then
         stream_args+=(--workers "$NBIA_WORKERS")
     fi
@@ -116,7 +122,7 @@ if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     fi
     # exec: the download itself receives SLURM's SIGINT and stops cleanly.
     exec "$NBIA" download "$manifest" -d "$dest" --shard "$shard/$count" --quiet \
-        "${stream_args[@]}" ${user_args[@]+"${user_args[@]}"}
+        ${stream_args[@]+"${stream_args[@]}"} ${user_args[@]+"${user_args[@]}"}
 fi
 
 # ---- on the login node: submit the array and the check that follows it --------------

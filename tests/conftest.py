@@ -35,6 +35,44 @@ def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         os.environ[ENV_DATA] = saved
 
 
+def write_empty_idc_index(folder: os.PathLike[str] | str) -> None:
+    """IDC's three index files with idc-index-data's columns and no row."""
+    import json
+    from pathlib import Path
+
+    import duckdb
+    import idc_index_data
+
+    types = {"STRING": "VARCHAR", "INTEGER": "BIGINT", "FLOAT": "DOUBLE",
+             "BOOLEAN": "BOOLEAN", "RECORD": "VARCHAR", "DATE": "DATE",
+             "TIMESTAMP": "TIMESTAMP", "NUMERIC": "DOUBLE"}
+    package = Path(idc_index_data.__file__).parent
+    for name in ("idc_index", "collections_index", "prior_versions_index"):
+        schema = json.loads((package / f"{name}_schema.json").read_text())
+        columns = ", ".join(f'NULL::{types.get(c["type"], "VARCHAR")} AS "{c["name"]}"'
+                            for c in schema["columns"])
+        target = Path(folder) / f"{name}.parquet"
+        duckdb.connect().execute(f"COPY (SELECT {columns} WHERE false) TO '{target}' "
+                                 "(FORMAT parquet)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _empty_idc_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """``--source auto`` (the default) looks every series up in IDC's index: the suite's
+    synthetic series are in none, and the real idc-index-data (74 MB) would cost every
+    run a lookup. An empty index of the real columns keeps the default path exercised
+    at no cost; the IDC tests name their own (``--idc-index``)."""
+    saved = os.environ.get("NBIA_IDC_INDEX")
+    folder = tmp_path_factory.mktemp("idc-index-empty")
+    write_empty_idc_index(folder)
+    os.environ["NBIA_IDC_INDEX"] = str(folder)
+    yield
+    if saved is None:
+        os.environ.pop("NBIA_IDC_INDEX", None)
+    else:
+        os.environ["NBIA_IDC_INDEX"] = saved
+
+
 @pytest.fixture(scope="session")
 def synthetic_archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveSummary:
     """The session's small archive (read-only: copy it before changing anything)."""

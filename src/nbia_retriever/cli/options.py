@@ -94,6 +94,8 @@ def click_option(option: Field[Any], how: Flag) -> Callable[[F], F]:
                              else {"type": kinds[how.kind](), "default": default})
     if how.show_default:
         extra["show_default"] = True
+    if how.env:
+        extra["envvar"] = how.env
     return click.option(*how.decls, how.name, help=how.help, hidden=how.hidden,
                         metavar=how.metavar, **extra)
 

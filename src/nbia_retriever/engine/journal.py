@@ -20,6 +20,13 @@ symbolic link, is never handed out as Complete; such rows are counted per journa
 this user wrote carry a MAC (column ``mac``) that lets a re-run believe them by one
 ``stat``; :meth:`Journal.completed_index` says which do.
 
+Each run also leaves one row in the ``runs`` table (:class:`RunRecord`): the manifest it
+read (its path and a copy of its header lines), the server(s) and API it used, signed
+like a Complete row. So ``verify --server``, ``--repair``, ``list -d`` and the view ask
+the server the files came from (:func:`root_origin`), not the public default; a record
+this user did not sign is shown and asked about, never trusted with a password.
+Journals older than the table simply have no record (None).
+
 The journal never stores credentials: it has no column that could hold one, and every
 error text is redacted (:func:`~nbia_retriever.untrusted.redact`) before it is written.
 """
@@ -29,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import hmac
 import json
 import sqlite3
 import threading
@@ -38,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import JournalError
-from ..models import INFO_FIELDS, SeriesInfo, SeriesState
-from ..ondisk import check_database
+from ..errors import DestinationError, JournalError
+from ..models import INFO_FIELDS, LEGACY_CANCELLED, SeriesInfo, SeriesState
+from ..ondisk import check_database, journal_paths
 from ..untrusted import plain, redact
 from .rows import REFUSED, FolderCheck, refused_message, row_key, sign, signed
 
@@ -64,7 +73,20 @@ CREATE TABLE IF NOT EXISTS series (
     source TEXT NOT NULL DEFAULT 'nbia'
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    started REAL NOT NULL,
+    manifest TEXT NOT NULL DEFAULT '',
+    headers TEXT NOT NULL DEFAULT '',
+    servers TEXT NOT NULL DEFAULT '',
+    chosen INTEGER NOT NULL DEFAULT 0,
+    api TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT '',
+    mac TEXT NOT NULL DEFAULT ''
+);
 """
+#: Characters of a manifest's header lines kept in a run record (a manifest's header is
+#: a few hundred bytes; a planted one must not make every reader load megabytes).
+RUN_HEADERS_MAX = 8192
 #: The covering index of :meth:`Journal.completed_index` (made after the columns exist).
 #: (``state`` is a column too: without it SQLite does not take the index as covering.)
 COMPLETE_INDEX = ("CREATE INDEX IF NOT EXISTS finished_rows ON series (state, uid, relpath, "
@@ -89,6 +111,65 @@ _COLUMNS = ("uid, CAST(state AS TEXT), CAST(attempts AS INTEGER), CAST(last_erro
             " CAST(nfiles AS INTEGER), CAST(adopted AS INTEGER), CAST(source AS TEXT)")
 COMPLETE = SeriesState.COMPLETE.value
 T = TypeVar("T")
+
+
+def _state(value: object) -> str:
+    """A row's state as today's string: journals before issue 25 say "Cancelled" for
+    what is now "Interrupted"."""
+    text = value if isinstance(value, str) else str(value)
+    return SeriesState.INTERRUPTED.value if text == LEGACY_CANCELLED else text
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """Where one run's series came from (one row of the ``runs`` table).
+
+    ``manifest`` is the manifest's absolute path ("" for a list of UIDs given in Python
+    or a repair), ``headers`` a copy of its header lines (``key=value``, one a line),
+    ``servers`` the services root(s) it talked to, ``chosen`` whether the user named the
+    first (``--api-url``) rather than the manifest, ``api`` the API option (``auto``,
+    ``v1``, ``v4``...), ``source`` the source's registry name. ``trusted``: the row
+    carries this user's MAC (:func:`~.rows.row_key`), so this user wrote it; anything
+    else is a claim from whoever could write the folder, like a manifest's.
+    """
+
+    started: float
+    manifest: str = ""
+    headers: str = ""
+    servers: tuple[str, ...] = ()
+    chosen: bool = False
+    api: str = ""
+    source: str = ""
+    trusted: bool = False
+    journal: str = ""
+
+    @property
+    def server(self) -> str | None:
+        """The (first) services root the run talked to, if recorded."""
+        return self.servers[0] if self.servers else None
+
+    def _message(self) -> bytes:
+        text = "\0".join((repr(self.started), self.manifest, self.headers,
+                          "\n".join(self.servers), str(int(self.chosen)), self.api,
+                          self.source))
+        return text.encode("utf-8", "surrogatepass")
+
+    def mac(self, key: bytes) -> str:
+        return hashlib.blake2b(self._message(), key=key, digest_size=16,
+                               person=b"nbia-run").hexdigest()
+
+
+def header_lines(headers: dict[str, str]) -> str:
+    """A manifest's headers as the lines it had (``key=value``), without any
+    ``user:password@`` a URL value may carry, cut at :data:`RUN_HEADERS_MAX`."""
+    lines = []
+    for key, value in headers.items():
+        if "://" in value and "@" in value.partition("://")[2].partition("/")[0]:
+            scheme, _, rest = value.partition("://")
+            netloc, slash, tail = rest.partition("/")
+            value = f"{scheme}://{netloc.rpartition('@')[2]}{slash}{tail}"
+        lines.append(f"{key}={value}")
+    return "\n".join(lines)[:RUN_HEADERS_MAX]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +294,9 @@ class Journal:
         self.readonly = readonly
         #: The source this run downloads from: written on every row it adds or changes.
         self.source = source
+        #: Where one series came from, when the source routes series (``auto``: "nbia",
+        #: or IDC's bucket, version folder and release: ``verify --server`` reads it).
+        self.source_of: Callable[[str], str] | None = None
         self._lock = threading.Lock()
         self._ensure_thread: threading.Thread | None = None
         self._ensure_error: JournalError | None = None
@@ -306,7 +390,44 @@ class Journal:
     # -- reads --------------------------------------------------------------------------
     def states(self) -> dict[str, str]:
         """uid -> state for every series, in one query (the fast path of a no-op re-run)."""
-        return self._run(lambda db: dict(db.execute("SELECT uid, state FROM series")))
+        states: dict[str, str] = self._run(
+            lambda db: dict(db.execute("SELECT uid, state FROM series")))
+        old = [uid for uid, state in states.items() if state == LEGACY_CANCELLED]
+        for uid in old:
+            states[uid] = SeriesState.INTERRUPTED.value
+        return states
+
+    def runs(self) -> list[RunRecord]:
+        """Every run recorded in this journal, oldest first ([] for a journal older than
+        the ``runs`` table). Types are forced: a planted row may hold anything."""
+        def work(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            exists = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                "AND name = 'runs'").fetchone()
+            if not exists:
+                return []
+            return db.execute(
+                "SELECT CAST(started AS REAL), CAST(manifest AS TEXT), "
+                f"substr(CAST(headers AS TEXT), 1, {RUN_HEADERS_MAX}), "
+                "CAST(servers AS TEXT), CAST(chosen AS INTEGER), CAST(api AS TEXT), "
+                "CAST(source AS TEXT), CAST(mac AS TEXT) FROM runs "
+                "ORDER BY started LIMIT 1000").fetchall()
+
+        key = row_key()
+        records = []
+        for started, manifest, headers, servers, chosen, api, source, mac in self._run(work):
+            try:
+                urls = json.loads(servers or "[]")
+            except (ValueError, RecursionError):
+                urls = []
+            if not isinstance(urls, list):
+                urls = []
+            record = RunRecord(float(started or 0), manifest or "", headers or "",
+                               tuple(u for u in urls if isinstance(u, str))[:8],
+                               bool(chosen), api or "", source or "", journal=str(self.path))
+            trusted = key is not None and isinstance(mac, str) and hmac.compare_digest(
+                mac, record.mac(key))
+            records.append(dataclasses.replace(record, trusted=trusted))
+        return records
 
     def refused_message(self) -> str | None:
         """One warning naming this journal when rows read so far named folders outside
@@ -431,6 +552,17 @@ class Journal:
         return row[0] if row else None
 
     # -- writes -------------------------------------------------------------------------
+    def record_run(self, record: RunRecord) -> None:
+        """Add this run's record (once per run), signed with this user's key."""
+        key = row_key(create=True)
+        mac = record.mac(key) if key else ""
+        self._run(lambda db: db.execute(
+            "INSERT INTO runs (started, manifest, headers, servers, chosen, api, source, "
+            "mac) VALUES (?,?,?,?,?,?,?,?)",
+            (record.started, record.manifest, record.headers[:RUN_HEADERS_MAX],
+             json.dumps(list(record.servers)), int(record.chosen), record.api,
+             record.source, mac)), write=True)
+
     def set_info(self, key: str, value: str) -> None:
         self._run(lambda db: db.execute(
             "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)", (key, value)), write=True)
@@ -517,7 +649,7 @@ class Journal:
         ]
         if not prepared:
             return
-        source = self.source
+        source, source_of = self.source, self.source_of
 
         def work(db: sqlite3.Connection) -> None:
             db.execute("BEGIN")
@@ -525,7 +657,8 @@ class Journal:
                 "INSERT INTO series (uid, state, updated, source) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT(uid) DO UPDATE SET state = excluded.state,"
                 " updated = excluded.updated, source = excluded.source",
-                ((p[0], p[1], p[2], source) for p in prepared))
+                ((p[0], p[1], p[2], source if source_of is None else source_of(p[0]))
+                 for p in prepared))
             db.executemany("UPDATE series SET last_error = ? WHERE uid = ?",
                            ((p[3], p[0]) for p in prepared if p[4]))
             db.executemany("UPDATE series SET attempts = ? WHERE uid = ?",
@@ -548,7 +681,7 @@ class Journal:
         (:func:`~.rows.folder_stamp`). Each row is signed with this user's key."""
         now = time.time()
         key = row_key(create=True)
-        source = self.source
+        source, source_of = self.source, self.source_of
         self._many(
             "INSERT OR REPLACE INTO series (uid, state, attempts, last_error, relpath,"
             " metadata, files, bytes, updated, completed, nfiles, folder_mtime, adopted,"
@@ -557,7 +690,7 @@ class Journal:
               json.dumps([[f.name, f.size, f.md5] for f in files], separators=(",", ":")),
               nbytes, now, now, len(files), folder_mtime, int(adopted), now,
               sign(key, uid, COMPLETE, relpath, len(files), folder_mtime, now) if key else "",
-              source)
+              source if source_of is None else source_of(uid))
              for uid, relpath, files, nbytes, attempts, info, folder_mtime, adopted in rows))
 
     def set_folder_mtimes(self, rows: Iterable[tuple[str, str, int, int]]) -> None:
@@ -593,6 +726,36 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
     uid, state, attempts, last_error, relpath, metadata, files, nbytes, completed, nfiles, \
         adopted, source = row
     records = _files(files)
-    return JournalEntry(uid, state, attempts, last_error, relpath, info_from_json(metadata),
+    return JournalEntry(uid, _state(state), attempts, last_error, relpath, info_from_json(metadata),
                         records, nbytes, completed, int(nfiles or len(records)), bool(adopted),
                         source or "nbia")
+
+
+def root_origin(root: Path) -> RunRecord | None:
+    """Where the series of download root ``root`` came from: the newest run record of
+    its journals (with the manifest of the newest run that read one: a ``verify
+    --repair`` has none), or None when no journal has one (journals older than the
+    record, or no journal). Read-only: nothing is created or changed.
+
+    The record says ``trusted`` only if this user wrote it; otherwise its server is a
+    claim of whoever could write the folder: show it and ask before using it, and never
+    send a password there on its word (the caller's host policy decides).
+    """
+    records: list[RunRecord] = []
+    for path in journal_paths(Path(root)):
+        try:
+            with Journal(path, readonly=True) as journal:
+                records.extend(journal.runs())
+        except DestinationError:
+            continue
+    if not records:
+        return None
+    records.sort(key=lambda r: r.started)
+    newest = records[-1]
+    if not newest.manifest:
+        with_manifest = [r for r in records if r.manifest]
+        if with_manifest:
+            last = with_manifest[-1]
+            newest = dataclasses.replace(newest, manifest=last.manifest, headers=last.headers,
+                                         trusted=newest.trusted and last.trusted)
+    return newest

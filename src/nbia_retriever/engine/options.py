@@ -20,7 +20,7 @@ No click here: the engine is imported where click is not (a notebook, a worker).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
@@ -37,6 +37,11 @@ API_CHOICES = ("auto", "v1", "v2", "v4")
 #: The values of :class:`~nbia_retriever.layout.Layout` (a test holds them equal), spelled
 #: out: the flags are built without importing ``layout`` (10 ms of a command's start-up).
 LAYOUT_CHOICES = ("descriptive", "classic")
+#: The sources a user picks by name (the registry may hold more: tests add theirs).
+SOURCE_CHOICES = ("auto", "nbia", "idc")
+#: Concurrent series streams to IDC's buckets when ``--max-connections`` is left at its
+#: default: object storage is not a 16-connection server.
+IDC_MAX_STREAMS = 64
 
 #: What a flag takes: a bounded number, one of ``choices``, nothing (a switch), any text,
 #: or ``K/N`` (a shard).
@@ -66,6 +71,8 @@ class Flag:
     #: Not a flag of ``open``: the view has its own way to do it (``f`` retries the failed
     #: series) or no use for it (shards are for cluster job arrays).
     download_only: bool = False
+    #: The environment variable that sets it when the flag is not given.
+    env: str | None = None
 
     @property
     def name(self) -> str:
@@ -145,7 +152,26 @@ class DownloadOptions:
     adaptive: bool = True  # halve concurrency on 429/503, creep back up on success
     trusted_hosts: tuple[str, ...] = ()
     #: Where series come from: a name in the source registry (``engine.source.SOURCES``).
-    source: str = "nbia"
+    source: str = field(default="auto", metadata=flag(
+        "--source", kind="choice", choices=SOURCE_CHOICES, show_default=True,
+        help="Where series come from: auto (IDC's public buckets for the series IDC's "
+             "index holds, the manifest's NBIA server for the rest), nbia, or idc "
+             "(env NBIA_SOURCE).",
+        env="NBIA_SOURCE"))
+    idc_index: str | None = field(default=None, metadata=flag(
+        "--idc-index", kind="text", metavar="DIR",
+        help="Folder with IDC's idc_index.parquet, collections_index.parquet and "
+             "prior_versions_index.parquet (env NBIA_IDC_INDEX; default: the installed "
+             "idc-index-data package).",
+        env="NBIA_IDC_INDEX"))
+    idc_endpoint: str | None = field(default=None, metadata=flag(
+        "--idc-endpoint", kind="text", metavar="URL",
+        help="S3 endpoint of IDC's buckets, path-style and anonymous (env "
+             "NBIA_IDC_ENDPOINT; default: https://s3.amazonaws.com).",
+        env="NBIA_IDC_ENDPOINT"))
+    #: Series a ``.s5cmd`` manifest names by version (uid -> ``idc.index.IdcSeries``):
+    #: fetched as that version. Filled by the engine from the manifest, not a flag.
+    idc_pinned: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
@@ -191,6 +217,8 @@ class DownloadOptions:
         """The most streams this run may open at once."""
         if self.workers is not None:
             return self.workers
+        if self.source == "idc" and self.max_connections == DEFAULT_MAX_CONNECTIONS:
+            return IDC_MAX_STREAMS
         return self.max_connections
 
     def __repr__(self) -> str:  # never show credentials, even by accident
@@ -227,6 +255,9 @@ class DownloadKwargs(TypedDict, total=False):
     adaptive: bool
     trusted_hosts: tuple[str, ...]
     source: str | Source
+    idc_index: str | None
+    idc_endpoint: str | None
+    idc_pinned: Mapping[str, Any] | None
     user: str | None
     password: str | None
     confirm_host: Callable[[str], bool] | None

@@ -28,7 +28,7 @@ import operator
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -110,6 +110,8 @@ class Planner:
                  only_failed: bool = False, source: str = "nbia") -> None:
         self.root = root
         self.source = source  # written on this run's journal rows
+        #: Per series, when the source routes them (``Source.where``).
+        self.source_of: Callable[[str], str] | None = None
         self.journal_path = journal_path
         self.layout = layout
         self.only_failed = only_failed
@@ -200,6 +202,7 @@ class Planner:
             self.root.create()
             self._check_layout()
             journal = Journal(self.journal_path, source=self.source)
+            journal.source_of = self.source_of
             journal.set_info("layout", self.layout.value)
             if self.todo:
                 journal.ensure(self.todo, SeriesState.NOT_STARTED, wait=False)

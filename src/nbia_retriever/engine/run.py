@@ -158,18 +158,30 @@ class Engine:
         self.api_url = session.api_url
         self._client = client
         self._source = source
+        #: Lines about the manifest for the user (``.s5cmd`` lines IDC's index lacks).
+        self.manifest_notes: list[str] = []
+        if manifest.kind == "s5cmd" and source is None:
+            # not at --help: IDC's index only for a manifest that names IDC objects
+            from ..idc.source import resolve_for_run
+
+            manifest, self.options, self.manifest_notes = resolve_for_run(manifest,
+                                                                          self.options)
+            self.manifest = manifest
         with bulk():
             uids = select_shard(manifest.series_uids, self.options.shard)
             self.results: dict[str, SeriesResult] = dict(zip(uids, map(SeriesResult, uids),
                                                              strict=True))
         #: The registry name of this run's source: on its events, results, journal rows.
-        self.source_name = self.options.source
+        #: ``auto`` routes series one by one: its rows say "nbia" until a series is
+        #: routed to IDC (``Source.where``, on the journal row and the result).
+        self.source_name = "nbia" if self.options.source == "auto" else self.options.source
         if source is None:
-            source_factory(self.source_name)  # an unknown name is refused here, at once
+            source_factory(self.options.source)  # an unknown name is refused here, at once
         if self.source_name != "nbia":  # SeriesResult's default: no loop for it
             for result in self.results.values():
                 result.source = self.source_name
         self.report = Report(root=self.root, results=self.results)
+        self.report.warnings.extend(self.manifest_notes)
         self._subscribers: list[Callable[[Event], None]] = []
         #: The one writer of the series' states and their counts (engine.ledger); its
         #: lock is this engine's lock.
@@ -474,7 +486,8 @@ class Engine:
         self.source.check()  # an untrusted host is refused before anything is created
         journal_path = self.disk.journal_path(self.options.shard)
         planner = Planner(self.disk, journal_path, self.layout,
-                          only_failed=self.options.only_failed, source=self.options.source)
+                          only_failed=self.options.only_failed, source=self.source_name)
+        planner.source_of = getattr(self.source, "where", None)  # a routing source's
         self._planner = planner
         opened = planner.open(self.results, create=create)
         for warning in planner.warnings:  # journal rows naming folders outside the root
@@ -567,8 +580,18 @@ class Engine:
             self._take_batch(batch)
             if self._cancel.is_set():
                 break
+        self._source_notes()
         self._emit(Event(EventKind.PLANNED, count=self.ledger.planned,
                          message=self._planned_text(True)))
+
+    def _source_notes(self) -> None:
+        """Lines a source keeps for the user (``auto`` falling back to NBIA), each once."""
+        notes = getattr(self._source, "notes", None)
+        while notes:
+            note = notes.pop(0)
+            if note not in self.report.warnings:
+                self.report.warnings.append(note)
+                self._emit(Event(EventKind.MESSAGE, message=note))
 
     def _take_batch(self, batch: PlanBatch) -> None:
         seen = len(batch.ready) + len(batch.unavailable) + len(batch.adopted)
@@ -800,6 +823,9 @@ class Engine:
             assert self._publisher is not None
             published = self._publisher.publish(uid, info, staged, variant=variant,
                                                 attempts=attempt)
+            where = getattr(self.source, "where", None)
+            if where is not None:
+                result.source = where(uid)
         except Cancelled:
             discard(staging)
             self._finish(uid, SeriesState.CANCELLED, "cancelled")

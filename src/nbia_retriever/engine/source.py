@@ -222,9 +222,23 @@ def _nbia(session: Session, options: DownloadOptions) -> Source:
                       metadata_workers=max(4, min(16, options.streams_cap)))
 
 
+def _idc(session: Session, options: DownloadOptions) -> Source:
+    from ..idc.source import idc_factory  # duckdb and the S3 client only for IDC runs
+
+    return idc_factory(session, options)
+
+
+def _auto(session: Session, options: DownloadOptions) -> Source:
+    from ..idc.source import auto_factory  # (as above)
+
+    return auto_factory(session, options)
+
+
 #: Every source by name (``DownloadOptions.source``). One line per source.
 SOURCES: dict[str, SourceFactory] = {
     "nbia": _nbia,
+    "idc": _idc,
+    "auto": _auto,
 }
 
 
