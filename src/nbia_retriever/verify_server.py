@@ -158,18 +158,41 @@ def hierarchy_md5(files: Iterable[Path]) -> str:
 
 
 def verify_against_server(root: Path, client: NbiaClient, *, workers: int = 4,
-                          on_series: Callable[[SeriesCheck], None] | None = None
-                          ) -> ServerVerifyResult:
-    """Check every series folder of ``root`` (see the module docstring)."""
+                          on_series: Callable[[SeriesCheck], None] | None = None,
+                          idc_endpoint: str | None = None, timeout: float = 60.0,
+                          verify: bool = True) -> ServerVerifyResult:
+    """Check every series folder of ``root`` (see the module docstring). Series the
+    journal says came from IDC are checked against their bucket's listing instead
+    (:mod:`nbia_retriever.idc.verify`; ``idc_endpoint``: ``--idc-endpoint``)."""
     result = ServerVerifyResult(root)
     folders = find_series_folders(root, result.warnings)
     if not folders:
         return result
+    from .idc.verify import idc_rows  # a journal's source column, read only here
+
+    from_idc = {uid: where for uid, where in idc_rows(root).items() if uid in folders}
     errors: dict[str, str] = {}
-    infos = client.series_metadata(list(folders), errors=errors)
+    nbia = [uid for uid in folders if uid not in from_idc]
+    infos = client.series_metadata(nbia, errors=errors) if nbia else {}
     supported = [True]
 
+    def check_idc(uid: str) -> SeriesCheck:
+        import os
+
+        from .idc.source import DEFAULT_ENDPOINT, _check_endpoint
+        from .idc.verify import check_idc_series
+
+        relpath = folders[uid]
+        bucket, uuid = from_idc[uid]
+        endpoint = _check_endpoint(idc_endpoint or os.environ.get("NBIA_IDC_ENDPOINT")
+                                   or DEFAULT_ENDPOINT)
+        verdict, detail = check_idc_series(image_files(root / relpath), bucket, uuid,
+                                           endpoint=endpoint, timeout=timeout, verify=verify)
+        return SeriesCheck(uid, relpath, Verdict(verdict), detail)
+
     def check(uid: str) -> SeriesCheck:
+        if uid in from_idc:
+            return check_idc(uid)
         relpath = folders[uid]
         info: SeriesInfo | None = infos.get(uid)
         if info is None:

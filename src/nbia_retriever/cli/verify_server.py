@@ -40,7 +40,7 @@ def run_server_verify(root: Path, *, repair: bool, manifest_path: str | None, ap
     warn_insecure(insecure)
     try:
         with session.open_client() as client:
-            result = verify_against_server(root, client)
+            result = verify_against_server(root, client, timeout=timeout, verify=not insecure)
     except NbiaError as exc:
         fail_for(exc)
     except OSError as exc:
