@@ -1,12 +1,22 @@
 """Reading and writing the lists of series to download.
 
-Three inputs are accepted, told apart by content, not by file name:
+Four inputs are accepted, told apart by content, not by file name:
 
 * ``.tcia`` manifests as the TCIA portal writes them (reference section 1): Java-properties
   style ``key=value`` header lines, a ``ListOfSeriesToDownload=`` marker, one UID a line;
+* ``.s5cmd`` manifests as the IDC portal and idc-index write them (reference section 10 B):
+  ``cp s3://BUCKET/<crdc_series_uuid>/* DEST`` lines, one IDC series version each; they
+  name series by IDC's ``crdc_series_uuid``, which only the IDC index turns into a
+  SeriesInstanceUID (``nbia_retriever.idc.index.resolve_manifest``);
 * spreadsheets (CSV/TSV/semicolon, or ``.xlsx`` when openpyxl is installed) with a
   ``SeriesInstanceUID`` / ``Series Instance UID`` / ``Series UID`` column;
 * plain lists, one UID a line.
+
+Some lines are skipped instead of failing the whole file, as the Java retriever or s5cmd
+would skip them, and each is reported in :attr:`Manifest.skipped` (``"line 6: ..."``) so a
+front end can say so: a column header right after the ``.tcia`` marker, a UID above the
+marker, an ``.s5cmd`` line that names no IDC series folder (a ``gs://`` URI, another
+command). Sheets of other systems (CRDC DRS, PathDB) are named as such in the error.
 
 Every line that should hold a UID is checked, because a manifest that is silently read
 wrong (an HTML error page saved as ``.tcia``, a spreadsheet column of row numbers) turns
@@ -29,6 +39,8 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import re
+import shlex
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -42,10 +54,13 @@ __all__ = [
     "DEFAULT_DOWNLOAD_URL",
     "DEFAULT_RETRIES",
     "MARKER",
+    "MAX_SKIPPED",
     "UID_COLUMNS",
     "Manifest",
     "api_base_from_download_url",
     "format_manifest",
+    "is_crdc_uuid",
+    "is_s3_bucket",
     "is_valid_uid",
     "parse_manifest",
     "read_manifest",
@@ -72,6 +87,22 @@ _TRUE = frozenset({"true", "yes", "1", "on"})
 _FALSE = frozenset({"false", "no", "0", "off"})
 _STANDARD_KEYS = ("downloadServerUrl", "includeAnnotation", "noOfrRetry", "databasketId",
                   "manifestVersion")
+#: :attr:`Manifest.skipped` keeps this many reasons (a file of 100,000 ``gs://`` lines
+#: must not become 100,000 warnings); the last one then counts the rest.
+MAX_SKIPPED = 100
+#: What an S3 bucket name may be (AWS's rule, simplified to its character set and length):
+#: anything else in a manifest or an index is not used in a URL.
+_S3_BUCKET = re.compile(r"[a-z0-9.-]{3,63}", re.ASCII)
+#: IDC's ``crdc_series_uuid``: a lower-case UUID, as IDC writes every one.
+_CRDC_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+                        re.ASCII)
+#: The s5cmd commands whose source is a download (``mv`` and ``rm`` would change the bucket).
+_S5CMD_VERBS = frozenset({"cp", "sync"})
+_URI_SCHEMES = ("s3://", "gs://")
+#: Column names of sheets other systems write, for an error that names what the file is
+#: (compared as :func:`_column_key` does).
+_DRS_COLUMNS = ("drs_uri", "File ID", "guid")
+_PATHDB_COLUMNS = ("imageUrl",)
 
 
 def _column_key(name: str) -> str:
@@ -79,6 +110,52 @@ def _column_key(name: str) -> str:
 
 
 _UID_COLUMN_KEYS = frozenset(_column_key(c) for c in UID_COLUMNS)
+
+
+def is_s3_bucket(text: str) -> bool:
+    """Whether ``text`` is plainly an S3 bucket name (``[a-z0-9.-]{3,63}``).
+
+    Bucket names come from manifests and index files, both untrusted: only a name of this
+    shape is ever put into a URL (no ``/``, ``?``, ``@`` or ``..`` tricks)."""
+    return _S3_BUCKET.fullmatch(text) is not None and ".." not in text
+
+
+def is_crdc_uuid(text: str) -> bool:
+    """Whether ``text`` is an IDC ``crdc_series_uuid``: a lower-case 8-4-4-4-12 hex UUID."""
+    return _CRDC_UUID.fullmatch(text) is not None
+
+
+def _foreign_sheet(cells: Iterable[object]) -> str | None:
+    """What a sheet without a series column is, when its columns say so: a CRDC/Gen3 DRS
+    manifest or a PathDB image list. ``None`` for anything else."""
+    names = {_column_key(str(cell)): str(cell).strip() for cell in cells if cell is not None}
+    for columns, what, system in ((_DRS_COLUMNS, "a CRDC/Gen3 DRS manifest", "DRS"),
+                                  (_PATHDB_COLUMNS, "a PathDB image sheet", "PathDB")):
+        for column in columns:
+            name = names.get(_column_key(column))
+            if name is not None:
+                return (f"{what} (column {_shorten(name)!r}), not a list of TCIA series: "
+                        f"{system} downloads are not supported yet (issue 24)")
+    return None
+
+
+class _Skipped:
+    """The reasons for lines not read, at most :data:`MAX_SKIPPED` of them kept."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.count = 0
+
+    def add(self, line: int, reason: str) -> None:
+        self.count += 1
+        if len(self.reasons) < MAX_SKIPPED:
+            self.reasons.append(f"line {line}: {reason}")
+
+    def result(self) -> tuple[str, ...]:
+        if self.count <= MAX_SKIPPED:
+            return tuple(self.reasons)
+        kept = MAX_SKIPPED - 1
+        return (*self.reasons[:kept], f"{self.count - kept:,} more lines skipped")
 
 
 @dataclass(frozen=True)
@@ -94,8 +171,17 @@ class Manifest:
     headers: dict[str, str] = field(default_factory=dict, hash=False)
     source: str | None = None
     duplicates_dropped: int = 0
-    #: ``"tcia"``, ``"csv"``, ``"xlsx"`` or ``"list"``: what the input turned out to be.
+    #: ``"tcia"``, ``"csv"``, ``"xlsx"``, ``"list"`` or ``"s5cmd"``: what the input
+    #: turned out to be.
     kind: str = "tcia"
+    #: IDC series versions (``crdc_series_uuid``, lower-case) of an ``.s5cmd`` manifest,
+    #: in order, without duplicates; ``()`` for every other kind. Its ``series_uids``
+    #: hold only the bare UID lines s5cmd manifests may also carry (usually none).
+    crdc_uuids: tuple[str, ...] = ()
+    #: Lines not read, one short reason each, naming the line (``"line 6: ..."``): what
+    #: a front end shows as warnings. At most :data:`MAX_SKIPPED` entries (the last one
+    #: then counts the rest).
+    skipped: tuple[str, ...] = ()
 
     def header(self, key: str) -> str | None:
         """A header value, exact key first, then case-insensitively; ``None`` if absent."""
@@ -278,8 +364,8 @@ def _uid_error(text: str, source: str, line: int, *, first: bool = False) -> Man
     why = "longer than 64 characters" if len(text) > _MAX_UID else "not a DICOM UID"
     message = f"{why}: {shown!r}"
     if first:
-        message += (" (expected a .tcia manifest, a CSV/TSV with a SeriesInstanceUID column, "
-                    "or one series UID per line)")
+        message += (" (expected a .tcia manifest, an .s5cmd manifest, a CSV/TSV with a "
+                    "SeriesInstanceUID column, or one series UID per line)")
     return ManifestError(message, source=source, line=line)
 
 
@@ -395,12 +481,15 @@ def _unescape(value: str) -> str:
     return "".join(out)
 
 
-def parse_manifest(text: str, *, source: str = "<manifest>") -> Manifest:
+def parse_manifest(text: str, *, source: str = "<manifest>", kind: str | None = None,
+                   ) -> Manifest:
     """Parse manifest text of any supported kind (detected from the content).
 
-    Raises :class:`ManifestError` naming ``source`` and the 1-based line for anything that
-    is not a UID where one belongs, for a bad ``noOfrRetry``/``includeAnnotation``, and
-    when no series is listed at all.
+    ``kind="s5cmd"`` reads the text as an ``.s5cmd`` manifest whatever it looks like
+    (:func:`read_manifest` passes it for a ``.s5cmd`` file name); otherwise the content
+    decides. Raises :class:`ManifestError` naming ``source`` and the 1-based line for
+    anything that is not a UID where one belongs, for a bad
+    ``noOfrRetry``/``includeAnnotation``, and when no series is listed at all.
     """
     if "\x00" in text:
         # UTF-16 without a BOM that was decoded as UTF-8 or Latin-1 on the way here (e.g.
@@ -420,6 +509,8 @@ def parse_manifest(text: str, *, source: str = "<manifest>") -> Manifest:
     first = _first_meaningful(lines)
     if first is None:
         raise ManifestError("no series listed (the file is empty)", source=source)
+    if kind == "s5cmd" or _looks_s5cmd(lines, first):
+        return _parse_s5cmd(lines, source)
     stripped = lines[first].strip()
     if "=" in stripped.split("#", 1)[0]:
         return _parse_tcia(lines, first, source)
@@ -441,10 +532,34 @@ def _first_meaningful(lines: list[str]) -> int | None:
     return None
 
 
+def _find_marker(lines: list[str], start: int) -> int | None:
+    """The index of the ``ListOfSeriesToDownload=`` line at or after ``start``, if any."""
+    for index in range(start, len(lines)):
+        stripped = lines[index].lstrip()
+        if stripped[:1] in ("L", "l") and "=" in stripped \
+                and stripped.split("=", 1)[0].strip().lower() == _MARKER_KEY:
+            return index
+    return None
+
+
+_DIGIT = re.compile(r"[0-9]", re.ASCII)
+
+
 def _parse_tcia(lines: list[str], start: int, source: str) -> Manifest:
+    """A ``.tcia`` manifest, read as the Java retriever reads it where that is safe.
+
+    Java loads the whole file as properties and takes the series from the lines after
+    the marker, keeping only the digits and dots of each (``getSeriesList``). So a UID
+    above the marker (a hand-edited file) is ignored, and so is a column header right
+    after it (``Series ID``, CBIIT's own test manifest): both are skipped here too, and
+    reported in :attr:`Manifest.skipped`. Any other line that is not a UID stays an
+    error: keeping digits out of garbage would download the wrong thing silently.
+    """
     headers: dict[str, str] = {}
     collector = _Collector()
+    skipped = _Skipped()
     marker_line: int | None = None
+    marker_below: int | None = -1  # -1: not looked for yet
     body = len(lines)
     for index in range(start, len(lines)):
         stripped = lines[index].strip()
@@ -452,8 +567,14 @@ def _parse_tcia(lines: list[str], start: int, source: str) -> Manifest:
             continue
         if "=" not in stripped:
             if is_valid_uid(_clean_uid_line(stripped)):
-                body = index  # no marker: the list starts at the first UID
-                break
+                if marker_below == -1:
+                    marker_below = _find_marker(lines, index + 1)
+                if marker_below is None:
+                    body = index  # no marker: the list starts at the first UID
+                    break
+                skipped.add(index + 1, f"a series UID above {MARKER}; it is ignored, "
+                                       "as the Java retriever does")
+                continue
             raise ManifestError(
                 f"expected key=value or {MARKER}, got {_shorten(stripped)!r}",
                 source=source, line=index + 1,
@@ -470,8 +591,25 @@ def _parse_tcia(lines: list[str], start: int, source: str) -> Manifest:
         value = _unescape(value.strip().rstrip(",").rstrip())
         _check_header(key, value, source, index + 1)
         headers[key] = value
+    if marker_line is not None and not collector.seen:
+        body = _skip_column_header(lines, body, skipped)
     collector.add_lines(lines, body, source)
-    return _finish(collector, headers, source, "tcia", marker_line)
+    return _finish(collector, headers, source, "tcia", marker_line, skipped)
+
+
+def _skip_column_header(lines: list[str], body: int, skipped: _Skipped) -> int:
+    """Where the UIDs start after the marker: past lines that hold no digit at all (a
+    column header such as ``Series ID``), each reported. Only before the first UID: such
+    a line further down is an error, as any other line that is not a UID."""
+    while body < len(lines):
+        text = _clean_uid_line(lines[body])
+        if text and _DIGIT.search(text) is not None:
+            break
+        if text:
+            skipped.add(body + 1, f"{_shorten(text)!r} holds no series UID (a column "
+                                  "header?); skipped, as the Java retriever does")
+        body += 1
+    return body
 
 
 def _check_header(key: str, value: str, source: str, line: int) -> None:
@@ -485,7 +623,7 @@ def _check_header(key: str, value: str, source: str, line: int) -> None:
 
 
 def _finish(collector: _Collector, headers: dict[str, str], source: str, kind: str,
-            marker_line: int | None) -> Manifest:
+            marker_line: int | None, skipped: _Skipped | None = None) -> Manifest:
     if not collector.seen:
         problem = "no series listed"
         if marker_line is not None:
@@ -495,7 +633,116 @@ def _finish(collector: _Collector, headers: dict[str, str], source: str, kind: s
             problem += " (a legacy manifest whose list stayed on the server is not supported)"
         raise ManifestError(problem, source=source, line=marker_line)
     return Manifest(series_uids=collector.uids(), headers=headers, source=source,
-                    duplicates_dropped=collector.duplicates, kind=kind)
+                    duplicates_dropped=collector.duplicates, kind=kind,
+                    skipped=() if skipped is None else skipped.result())
+
+
+# ----------------------------------------------------------------------------- .s5cmd
+
+
+def _is_s5cmd_line(stripped: str) -> bool:
+    """A line of s5cmd's command file: ``cp``/``sync`` with arguments, or a bare URI."""
+    parts = stripped.split(None, 1)
+    head = parts[0].lower()
+    if head in _S5CMD_VERBS:
+        return len(parts) > 1
+    return head.startswith(_URI_SCHEMES) and len(parts) == 1
+
+
+def _looks_s5cmd(lines: list[str], first: int) -> bool:
+    """Whether the text is an ``.s5cmd`` manifest: its first line (after ``#`` comments
+    and blank lines) is a ``cp``/``sync``/``s3://`` line, or one title word (idc-index's
+    own test manifests start with ``study_manifest_cp_command``) followed by one."""
+    words = 0
+    for index in range(first, len(lines)):
+        stripped = lines[index].strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if _is_s5cmd_line(stripped):
+            return True
+        words += 1
+        if words > 1 or "=" in stripped or len(stripped.split()) != 1 \
+                or any(ch in stripped for ch in ",;\t") \
+                or is_valid_uid(_clean_uid_line(stripped)):
+            return False
+    return False
+
+
+def _series_folder(uri: str) -> tuple[str | None, str]:
+    """``(crdc_series_uuid, "")`` for ``s3://BUCKET/<uuid>/*`` (or ``.../<uuid>/`` or
+    ``.../<uuid>``), else ``(None, why)``."""
+    shown = repr(_shorten(uri))
+    scheme, _, rest = uri.partition("://")
+    if scheme.lower() != "s3":
+        return None, (f"{shown} is a Google Cloud Storage URI; only s3:// series folders "
+                      "are read")
+    bucket, _, path = rest.partition("/")
+    if not is_s3_bucket(bucket):
+        return None, f"{shown} does not start with an S3 bucket name"
+    if path.endswith("/*"):
+        path = path[:-2]
+    elif path.endswith("/"):
+        path = path[:-1]
+    if not is_crdc_uuid(path):
+        return None, (f"{shown} is not an IDC series folder "
+                      "(s3://BUCKET/<crdc_series_uuid>/*)")
+    return path, ""
+
+
+def _parse_s5cmd(lines: list[str], source: str) -> Manifest:
+    """An ``.s5cmd`` manifest (reference section 10 B): the IDC series folders its
+    ``cp``/``sync`` lines (any flags, any destination, quoted or not) or bare ``s3://``
+    lines copy, in order; lone UID lines too, as TCIA's Go retriever reads them.
+
+    Nothing else is fatal, because IDC's own tools skip it too: a ``gs://`` URI, another
+    command, a title line. Each is reported in :attr:`Manifest.skipped`. The bucket a
+    line names is not kept: the IDC index says where each version lives.
+    """
+    uuids: dict[str, None] = {}
+    bare = _Collector()
+    skipped = _Skipped()
+    duplicates = 0
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        number = index + 1
+        try:
+            tokens = shlex.split(stripped)  # quoted destinations with spaces
+        except ValueError:  # an unbalanced quote: s5cmd would refuse the line, we look on
+            tokens = stripped.split()
+        if not tokens:
+            continue
+        verb = tokens[0].lower()
+        uri: str | None
+        if verb in _S5CMD_VERBS and len(tokens) > 1:
+            uri = next((t for t in tokens[1:] if t.lower().startswith(_URI_SCHEMES)), None)
+            if uri is None:
+                skipped.add(number, f"a {verb} line without an s3:// source: "
+                                    f"{_shorten(stripped)!r}")
+                continue
+        elif len(tokens) == 1 and verb.startswith(_URI_SCHEMES):
+            uri = tokens[0]
+        elif len(tokens) == 1 and is_valid_uid(_clean_uid_line(tokens[0])):
+            bare.add(tokens[0], source, number)
+            continue
+        else:
+            skipped.add(number, f"not an s5cmd cp or sync line: {_shorten(stripped)!r}")
+            continue
+        uuid, why = _series_folder(uri)
+        if uuid is None:
+            skipped.add(number, why)
+        elif uuid in uuids:
+            duplicates += 1
+        else:
+            uuids[uuid] = None
+    if not uuids and not bare.seen:
+        first = f"; {skipped.reasons[0]}" if skipped.reasons else ""
+        raise ManifestError("no IDC series folder (cp s3://BUCKET/<crdc_series_uuid>/* DEST) "
+                            f"in this .s5cmd manifest{first}", source=source)
+    return Manifest(series_uids=bare.uids(), headers={}, source=source,
+                    duplicates_dropped=duplicates + bare.duplicates, kind="s5cmd",
+                    crdc_uuids=tuple(uuids), skipped=skipped.result())
 
 
 def _shorten(text: str) -> str:
@@ -551,6 +798,14 @@ def _parse_delimited(lines: list[str], header: int, source: str) -> Manifest | N
                                 source=source, line=header + 1)
         return Manifest(series_uids=collector.uids(), headers={}, source=source,
                         duplicates_dropped=collector.duplicates, kind="csv")
+    for delimiter in candidates:
+        try:
+            cells = next(csv.reader([header_text], delimiter=delimiter), [])
+        except csv.Error:
+            continue
+        foreign = _foreign_sheet(cells)
+        if foreign is not None:
+            raise ManifestError(foreign, source=source, line=header + 1)
     if any(d in header_text for d in "\t,;|"):
         raise ManifestError(
             "spreadsheet without a SeriesInstanceUID, 'Series Instance UID' or 'Series UID' "
@@ -580,8 +835,12 @@ def _read_xlsx(path: Path, source: str) -> Manifest:
         for number, cells in enumerate(sheet.iter_rows(values_only=True), start=1):
             if column is None:
                 column = _uid_column(cells)
-                if column is None and number >= 50:
-                    break
+                if column is None:
+                    foreign = _foreign_sheet(cells)
+                    if foreign is not None:
+                        raise ManifestError(foreign, source=source, line=number)
+                    if number >= 50:
+                        break
                 continue
             if column < len(cells) and cells[column] is not None:
                 value = cells[column]
@@ -652,7 +911,8 @@ def _decode(data: bytes, source: str) -> str:
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read a manifest, spreadsheet or UID list from disk (see :func:`parse_manifest`)."""
+    """Read a manifest, spreadsheet or UID list from disk (see :func:`parse_manifest`); a
+    ``.s5cmd`` file is read as an s5cmd manifest whatever its first lines look like."""
     file = Path(path)
     source = str(path)
     suffix = file.suffix.lower()
@@ -667,7 +927,8 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
         raise ManifestError(f"cannot read: {exc.strerror or exc}", source=source) from None
     text = _decode(data, source)
     del data  # a 1,000,000-line manifest: 63 MB not to keep twice while parsing
-    return parse_manifest(text, source=source)
+    return parse_manifest(text, source=source,
+                          kind="s5cmd" if suffix == ".s5cmd" else None)
 
 
 # ----------------------------------------------------------------------------- writing
