@@ -12,6 +12,7 @@ from .app import format_manifest
 from .builds import BUILDS
 from .faults import FaultPlan
 from .runner import ReferenceServer, run_server
+from .s3 import S3Faults
 
 
 @click.command("serve")
@@ -34,14 +35,45 @@ from .runner import ReferenceServer, run_server
 @click.option("--zip-stored", "stored", is_flag=True,
               help="Send images as STORED zip entries (sizes in the header) instead of "
                    "DEFLATED ones with data descriptors.")
+@click.option("--s3-port", type=click.IntRange(min=0), default=None, metavar="PORT",
+              help="Also serve the archive as Imaging Data Commons' public buckets: "
+                   "anonymous, path-style S3 at the root of this second port (0 picks a "
+                   "free one). Its URL is the endpoint for --idc-endpoint and s5cmd's "
+                   "--endpoint-url. Restricted collections and --idc-exclude series are "
+                   "left out.")
+@click.option("--s3-faults", "s3_faults_spec", default=None, metavar="SPEC",
+              help="S3 faults, e.g. 'latency=50ms,rate=10MB,slowdown=3,corrupt=UID:1,"
+                   "missing=UID,reset=UID,truncate=UID,multipart=UID' (UID: a "
+                   "SeriesInstanceUID, crdc_series_uuid or object key; see "
+                   "nbia_retriever.server.s3).")
+@click.option("--idc-index-out", type=click.Path(file_okay=False, path_type=Path),
+              default=None, metavar="DIR",
+              help="Write idc_index.parquet, collections_index.parquet and "
+                   "prior_versions_index.parquet for the same IDC view to DIR (for "
+                   "--idc-index).")
+@click.option("--idc-version", type=click.IntRange(min=2), default=22, show_default=True,
+              help="The IDC release the index files describe.")
+@click.option("--idc-revised", multiple=True, metavar="UID",
+              help="Give this series an older version too (prior_versions_index, served "
+                   "under its own crdc_series_uuid). Repeatable.")
+@click.option("--idc-exclude", multiple=True, metavar="UID",
+              help="Leave this series out of IDC (it then comes from NBIA). Repeatable.")
 def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, seed: int,
-                  token_lifetime: float | None, build: str, stored: bool) -> None:
+                  token_lifetime: float | None, build: str, stored: bool,
+                  s3_port: int | None, s3_faults_spec: str | None,
+                  idc_index_out: Path | None, idc_version: int,
+                  idc_revised: tuple[str, ...], idc_exclude: tuple[str, ...]) -> None:
     """Serve ARCHIVE (a folder of DICOM files, one sub-folder per collection) as an NBIA
-    server: the v1, v2 and v4 REST API, OAuth tokens and streamed series zips."""
+    server: the v1, v2 and v4 REST API, OAuth tokens and streamed series zips; with
+    --s3-port, also as IDC's S3 buckets."""
     try:
         plan = FaultPlan.parse(faults_spec, seed=seed) if faults_spec else None
     except NbiaError as exc:
         raise click.BadParameter(str(exc), param_hint="--faults") from None
+    try:
+        s3_plan = S3Faults.parse(s3_faults_spec)
+    except NbiaError as exc:
+        raise click.BadParameter(str(exc), param_hint="--s3-faults") from None
 
     def ready(server: ReferenceServer) -> None:
         index = server.index
@@ -64,11 +96,22 @@ def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, 
         if manifest is not None:
             click.echo(f"          also written to {manifest}")
         click.echo(f"Faults:   {plan.describe() if plan else 'none'}")
+        if server.s3 is not None:
+            view = server.s3.view
+            click.echo(f"S3:       {server.s3.url}  (IDC v{view.version}: "
+                       f"{len(view.current)} series, {len(view.prior)} prior versions, "
+                       f"{len(view.objects)} objects; anonymous, path-style)")
+            click.echo(f"S3 faults: {s3_plan.describe()}")
+        if server.idc_index is not None:
+            click.echo(f"IDC index: {server.idc_index}  (use with --idc-index)")
         click.echo("Press Ctrl+C to stop.")
 
     try:
         run_server(archive, host, port, faults_spec, seed, token_lifetime=token_lifetime,
-                   build=build, stored=stored, on_ready=ready)
+                   build=build, stored=stored, s3_port=s3_port,
+                   s3_faults_spec=s3_faults_spec, idc_index_out=idc_index_out,
+                   idc_version=idc_version, idc_revised=idc_revised,
+                   idc_exclude=idc_exclude, on_ready=ready)
     except NbiaError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

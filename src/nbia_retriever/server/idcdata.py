@@ -351,14 +351,23 @@ class IdcView:
     def write_index(self, folder: str | Path) -> Path:
         """Write the three parquet files into ``folder`` (created); each file appears
         whole (written beside, then renamed). Returns the folder."""
+        try:
+            import duckdb  # noqa: F401  (the optional 'idc' dependency; only the writer)
+        except ImportError:
+            raise ArchiveError("writing IDC index files needs duckdb: "
+                               "pip install 'nbia-retriever[idc]'") from None
         out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
         for name, columns, rows in (
             ("idc_index.parquet", IDC_INDEX_COLUMNS, self.idc_index_rows()),
             ("collections_index.parquet", COLLECTIONS_COLUMNS, self.collection_rows()),
             ("prior_versions_index.parquet", PRIOR_COLUMNS, self.prior_rows()),
         ):
-            _write_parquet(out / name, columns, rows)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                _write_parquet(out / name, columns, rows)
+            except OSError as exc:
+                raise ArchiveError(f"{out / name}: cannot write: {exc.strerror or exc}"
+                                   ) from None
         return out
 
 

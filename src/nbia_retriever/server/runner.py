@@ -11,10 +11,11 @@ import contextlib
 import signal
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -23,6 +24,9 @@ from .auth import ServerClock
 from .config import ServerConfig, load_config
 from .faults import FaultPlan
 from .index import ArchiveIndex
+
+if TYPE_CHECKING:  # s3 builds on this module's AppThread
+    from .s3 import S3Server
 
 
 class AppThread:
@@ -168,6 +172,10 @@ class ReferenceServer:
         self.service = NbiaService(self.index, config, faults=faults, seed=seed,
                                    clock=ServerClock(), build=build, stored=stored)
         self._serving: AppThread | None = None
+        #: The S3 mode beside it, when :func:`run_server` was asked for one.
+        self.s3: S3Server | None = None
+        #: Where :func:`run_server` wrote the IDC index files, if it did.
+        self.idc_index: Path | None = None
 
     def __repr__(self) -> str:
         where = self.url if self.port else "not started"
@@ -255,19 +263,45 @@ def run_server(
     token_lifetime: float | None = None,
     build: str = "current",
     stored: bool = False,
+    s3_port: int | None = None,
+    s3_faults_spec: str | None = None,
+    idc_index_out: str | Path | None = None,
+    idc_version: int = 22,
+    idc_revised: Iterable[str] = (),
+    idc_exclude: Iterable[str] = (),
     on_ready: Callable[[ReferenceServer], None] | None = None,
 ) -> None:
-    """Serve until Ctrl+C or SIGTERM (blocking). ``on_ready`` runs once it listens."""
+    """Serve until Ctrl+C or SIGTERM (blocking). ``on_ready`` runs once it listens.
+
+    ``s3_port`` (0: a free one) also serves the archive's IDC view (:mod:`.idcdata`) as
+    anonymous path-style S3 (:mod:`.s3`, faults ``s3_faults_spec``) at the root of that
+    port, as ``server.s3``; ``idc_index_out`` writes the parquet files describing the
+    same view (``idc_version``, ``idc_revised`` series with an older version,
+    ``idc_exclude`` series IDC does not hold) there, as ``server.idc_index``.
+    """
     plan = FaultPlan.parse(faults_spec, seed=seed) if faults_spec else FaultPlan(seed=seed)
     server = ReferenceServer(archive, faults=plan, host=host, port=port,
                              token_lifetime=token_lifetime, seed=seed, build=build,
                              stored=stored)
+    if s3_port is not None or idc_index_out is not None:
+        from .idcdata import IdcView
+        from .s3 import S3Faults, S3Server
+
+        view = IdcView.build(server.index, version=idc_version, prior=idc_revised,
+                             exclude=idc_exclude)
+        if idc_index_out is not None:
+            server.idc_index = view.write_index(idc_index_out)
+        if s3_port is not None:
+            server.s3 = S3Server(view, faults=S3Faults.parse(s3_faults_spec), host=host,
+                                 port=s3_port)
     stopped = threading.Event()
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     server.start()
     try:
+        if server.s3 is not None:
+            server.s3.start()
         if on_ready is not None:
             on_ready(server)
         while not stopped.wait(0.5):
@@ -275,6 +309,8 @@ def run_server(
     except KeyboardInterrupt:
         pass
     finally:
+        if server.s3 is not None:
+            server.s3.stop()
         server.stop()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
