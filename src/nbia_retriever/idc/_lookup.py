@@ -1,0 +1,155 @@
+"""The IDC index lookup, run as a short-lived child process (``python -P -m
+nbia_retriever.idc._lookup``): one JSON request on stdin, one JSON answer on stdout.
+
+Why a child: duckdb reads the 74 MB ``idc_index.parquet`` in a fraction of a second, but
+its engine and buffers take 150-200 MB that a long download would otherwise keep for
+hours (``free`` does not give it back to the system). The parent
+(:mod:`nbia_retriever.idc.index`) never imports duckdb; it validates every row this
+process returns, since the parquet files are input from a folder the user named.
+
+Request::
+
+    {"op": "schema" | "series" | "uuids",
+     "files": {"idc_index": PATH, "collections_index": PATH,
+               "prior_versions_index": PATH, "version_metadata_index": PATH | null},
+     "current": {COLUMN: "str" | "int" | "float", ...},  # idc_index columns to return
+     "prior": {COLUMN: KIND, ...},                        # prior_versions_index columns
+     "keys": [TEXT, ...]}                                 # SeriesInstanceUIDs or uuids
+
+Answer: ``{"error": ONE_LINE, "file": NAME}``, or for ``schema`` ``{"columns": {NAME:
+[COLUMN, ...]}, "version": INT | null}``, else ``{"current": [[...], ...], "prior":
+[[...], ...], "context": [[...], ...]}``: rows in the requested column order followed by
+the collection's ``collection_name``. ``series`` looks keys up as SeriesInstanceUID in
+``idc_index``, then in ``prior_versions_index`` only those not found there; ``uuids`` as
+``crdc_series_uuid`` likewise, and ``context`` holds the current rows of the series whose
+prior versions were found (the metadata ``prior_versions_index`` does not carry).
+
+Every value from the request reaches SQL as a parameter (paths, keys); column names are
+checked against a plain identifier pattern before they are quoted into the query.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}", re.ASCII)
+_CASTS = {"str": "VARCHAR", "int": "BIGINT", "float": "DOUBLE"}
+#: The index files, by the names the request and the answers use.
+FILES = ("idc_index", "collections_index", "prior_versions_index", "version_metadata_index")
+
+
+class _Failure(Exception):
+    """A one-line reason, naming the index file it concerns."""
+
+    def __init__(self, message: str, file: str = "") -> None:
+        super().__init__(message)
+        self.file = file
+
+
+def _columns(spec: dict[str, str], alias: str) -> str:
+    parts = []
+    for name, kind in spec.items():
+        if _IDENTIFIER.fullmatch(name) is None or kind not in _CASTS:
+            raise _Failure(f"bad column request {name!r}")
+        parts.append(f'TRY_CAST({alias}."{name}" AS {_CASTS[kind]}) AS "{name}"')
+    return ", ".join(parts)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _schema(con: Any, files: dict[str, str | None]) -> dict[str, Any]:
+    columns: dict[str, list[str]] = {}
+    for name in FILES:
+        path = files.get(name)
+        if path is None:
+            continue
+        try:
+            rows = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [path]).fetchall()
+        except Exception as exc:  # duckdb raises many types for a bad file
+            raise _Failure(_first_line(exc), name) from None
+        columns[name] = [str(row[0]) for row in rows]
+    version = None
+    path = files.get("version_metadata_index")
+    if path is not None and "idc_version" in columns.get("version_metadata_index", ()):
+        try:
+            row = con.execute("SELECT max(TRY_CAST(idc_version AS BIGINT)) "
+                              "FROM read_parquet(?)", [path]).fetchone()
+        except Exception as exc:
+            raise _Failure(_first_line(exc), "version_metadata_index") from None
+        version = row[0] if row else None
+    return {"columns": columns, "version": version}
+
+
+def _lookup(con: Any, request: dict[str, Any]) -> dict[str, Any]:
+    files: dict[str, str] = request["files"]
+    current: dict[str, str] = request["current"]
+    prior: dict[str, str] = request["prior"]
+    key = "SeriesInstanceUID" if request["op"] == "series" else "crdc_series_uuid"
+    keys = [str(k) for k in request["keys"]]
+    names = {"idx": files["idc_index"], "col": files["collections_index"],
+             "pri": files["prior_versions_index"]}
+    stage = "idc_index"
+    try:
+        con.execute("CREATE TEMP TABLE keys AS SELECT UNNEST(?::VARCHAR[]) AS k", [keys])
+        con.execute("CREATE TEMP TABLE col AS SELECT CAST(collection_id AS VARCHAR) AS cid, "
+                    "any_value(CAST(collection_name AS VARCHAR)) AS cname "
+                    "FROM read_parquet(?) GROUP BY 1", [names["col"]])
+        con.execute(f"CREATE TEMP TABLE cur AS SELECT {_columns(current, 'i')}, col.cname "
+                    f'FROM read_parquet(?) i JOIN keys ON i."{key}" = keys.k '
+                    "LEFT JOIN col ON col.cid = CAST(i.collection_id AS VARCHAR)",
+                    [names["idx"]])
+        found = con.execute("SELECT * FROM cur").fetchall()
+        stage = "prior_versions_index"
+        con.execute(f"CREATE TEMP TABLE pri AS SELECT {_columns(prior, 'p')}, col.cname "
+                    f'FROM read_parquet(?) p JOIN keys ON p."{key}" = keys.k '
+                    "LEFT JOIN col ON col.cid = CAST(p.collection_id AS VARCHAR) "
+                    f'WHERE keys.k NOT IN (SELECT "{key}" FROM cur WHERE "{key}" IS NOT NULL)',
+                    [names["pri"]])
+        older = con.execute("SELECT * FROM pri").fetchall()
+        context: list[Any] = []
+        if request["op"] == "uuids" and older:
+            stage = "idc_index"
+            context = con.execute(
+                f"SELECT {_columns(current, 'i')}, col.cname FROM read_parquet(?) i "
+                "JOIN (SELECT DISTINCT SeriesInstanceUID AS u FROM pri) s "
+                "ON i.SeriesInstanceUID = s.u "
+                "LEFT JOIN col ON col.cid = CAST(i.collection_id AS VARCHAR)",
+                [names["idx"]]).fetchall()
+    except _Failure:
+        raise
+    except Exception as exc:
+        raise _Failure(_first_line(exc), stage) from None
+    return {"current": [list(r) for r in found], "prior": [list(r) for r in older],
+            "context": [list(r) for r in context]}
+
+
+def main() -> int:
+    try:
+        request = json.load(sys.stdin)
+        import duckdb
+
+        con = duckdb.connect(":memory:")
+        if request["op"] == "schema":
+            answer = _schema(con, request["files"])
+        else:
+            answer = _lookup(con, request)
+    except _Failure as exc:
+        answer = {"error": str(exc), "file": exc.file}
+    except ImportError:
+        answer = {"error": "duckdb is not installed (pip install 'nbia-retriever[idc]')",
+                  "file": ""}
+    except (ValueError, KeyError, TypeError) as exc:
+        answer = {"error": f"bad request: {_first_line(exc)}", "file": ""}
+    json.dump(answer, sys.stdout, separators=(",", ":"), default=str)  # NaN: the parent checks
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
