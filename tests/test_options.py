@@ -28,10 +28,11 @@ from nbia_retriever.engine import run as engine_run
 from nbia_retriever.engine.options import DownloadKwargs, DownloadOptions, Flag
 from nbia_retriever.engine.source import Source
 
-#: What each command declares itself, besides the download options.
+#: What each command declares itself, besides the download options (``--proxy`` is set
+#: for the process as it is parsed, never a parameter: see ``cli.options.apply_proxy``).
 OWN = {
-    "download": {"manifest", "dest", "error_report", "quiet", "as_json", "user"},
-    "open": {"manifest", "dest", "user", "web", "host", "port", "public_url"},
+    "download": {"manifest", "dest", "error_report", "quiet", "as_json", "user", "proxy"},
+    "open": {"manifest", "dest", "user", "web", "host", "port", "public_url", "proxy"},
 }
 
 

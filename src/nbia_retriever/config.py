@@ -7,6 +7,10 @@ Linux; ``NBIA_RETRIEVER_CONFIG`` names another file)::
     # (always trusted over https) and the host of --api-url.
     trusted_hosts = ["nbia.example.org", "imaging.lab.internal:8443"]
 
+    # Every request through this proxy (http://, https://, socks5://, socks5h://), unless
+    # --proxy or NBIA_PROXY names another.
+    proxy = "socks5h://127.0.0.1:1080"
+
 A host entry matches any port; ``host:port`` matches that port only (``[::1]:8443`` for
 an IPv6 address; an international name in either form, it is kept in its ASCII ``xn--``
 form). The file is the
@@ -42,6 +46,8 @@ def config_path() -> Path:
 class UserConfig:
     trusted_hosts: tuple[str, ...] = ()
     path: Path | None = None
+    #: The proxy URL (``--proxy`` and ``NBIA_PROXY`` come first); checked where it is used.
+    proxy: str | None = None
 
 
 def load_user_config(path: Path | None = None) -> UserConfig:
@@ -60,7 +66,10 @@ def load_user_config(path: Path | None = None) -> UserConfig:
     hosts = data.get("trusted_hosts", [])
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
         raise UsageError(f"{path}: trusted_hosts must be a list of host names")
-    unknown = sorted(set(data) - {"trusted_hosts"})
+    proxy = data.get("proxy")
+    if proxy is not None and not isinstance(proxy, str):
+        raise UsageError(f"{path}: proxy must be a URL in quotes")
+    unknown = sorted(set(data) - {"trusted_hosts", "proxy"})
     if unknown:
         raise UsageError(f"{path}: unknown setting {unknown[0]!r}")
     entries = []
@@ -69,4 +78,4 @@ def load_user_config(path: Path | None = None) -> UserConfig:
             entries.append(host_entry(host))
         except ValueError as exc:
             raise UsageError(f"{path}: trusted_hosts entry {host!r} {exc}") from None
-    return UserConfig(trusted_hosts=tuple(entries), path=path)
+    return UserConfig(trusted_hosts=tuple(entries), path=path, proxy=proxy or None)

@@ -7,8 +7,18 @@ hands out a quarter megabyte per ``read`` with one C-level ``readinto`` per serv
 chunk: 16 concurrent streams run about as fast as 2. API calls (metadata, queries,
 login) use the same transport, so one set of rules covers every request:
 
-* **Connections**: one keep-alive connection per thread and origin; proxies from the
-  environment (``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``); TLS verified by default.
+* **Connections**: one keep-alive connection per thread and origin; TLS verified by
+  default.
+* **Proxies**: ``--proxy``/``NBIA_PROXY`` (or the config file's ``proxy``) first, else
+  the environment's ``HTTPS_PROXY``/``HTTP_PROXY``; ``NO_PROXY`` applies to both.
+  ``http://`` proxies speak HTTP to us (absolute-form requests for http origins, a
+  ``CONNECT`` tunnel for https ones); ``https://`` (TLS to the proxy, then ``CONNECT``),
+  ``socks5://`` (names resolved here) and ``socks5h://`` (names resolved by the proxy)
+  open the socket through python-socks, and ``http.client`` speaks over it as over any
+  socket: the floor, redirects and TLS rules stay the same. A proxy's password is a
+  secret like the user's (redacted from every message and log), and the chosen proxy
+  reaches child processes (worker processes, the web view's children) through the
+  environment, never their command line.
 * **Redirects** are followed only within one origin (scheme, host, port; an upgrade from
   http to https on the same host is allowed). A redirect elsewhere is an error and is
   never followed, so a password or token cannot be carried to another host.
@@ -39,6 +49,7 @@ import http.client
 import io
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -50,7 +61,7 @@ from typing import Any
 from urllib.parse import unquote, urlencode, urljoin, urlsplit
 
 from .._version import __version__
-from ..errors import ApiError, NetworkError, TlsError
+from ..errors import ApiError, NetworkError, TlsError, UsageError
 from ..untrusted import SECRETS, ascii_host, quote
 
 USER_AGENT = f"nbia-retriever/{__version__}"
@@ -250,8 +261,10 @@ class Response:
         """Make a read blocked in another thread return now (cancel during a stall):
         the connection is shut down, never reused."""
         if self._sock is not None:
+            # TLS inside a proxy's TLS: the socket is python-socks' wrapper; shut its own.
+            sock = getattr(self._sock, "socket", self._sock)
             with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
 
     def header(self, name: str) -> str | None:
         return self._response.getheader(name)
@@ -312,35 +325,154 @@ class Answer:
 # ----------------------------------------------------------------------------- proxies
 
 
+#: The proxy chosen for this process (``--proxy``, the config file's ``proxy``, the Python
+#: API's ``proxy=``): an environment variable, because that is how it reaches the child
+#: processes that download too (worker processes, the web view's children) without ever
+#: being on a command line, where any user of the machine could read its password.
+PROXY_ENV = "NBIA_PROXY"
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+_DEFAULT_PORTS = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}
+
+
 @dataclass(frozen=True)
 class _Proxy:
+    scheme: str
     host: str
     port: int
     headers: dict[str, str]
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name it: scheme, host and port, never its user or password."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def tunnels(self) -> bool:
+        """Whether python-socks opens the socket (every scheme but plain ``http``)."""
+        return self.scheme != "http"
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` without its ``user:password@`` part: how a proxy URL is ever shown. Up to
+    the last ``@``, not the first ``/``: a password with an unencoded ``/`` in it
+    (which makes the URL malformed) goes too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
+
+
+def parse_proxy(url: str) -> _Proxy:
+    """A proxy URL (``http``, ``https``, ``socks5``, ``socks5h``; no scheme means
+    ``http``, as curl reads it) as a :class:`_Proxy`, its password made a secret before
+    anything can print it; :class:`UsageError` naming it (without its password) if it
+    is not one."""
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    password = unquote(parts.password) if parts.password is not None else None
+    # First, before any message: a proxy or server that echoes it never gets it shown
+    # (and what a malformed URL holds where a password goes, as typed and decoded).
+    typed = text.partition("://")[2].rpartition("@")[0].partition(":")[2]
+    SECRETS.add_password(password or None, typed or None, unquote(typed) or None)
+    shown = without_userinfo(text)
+    scheme = parts.scheme.lower()
+    if scheme not in PROXY_SCHEMES:
+        raise UsageError(f"proxy {quote(shown, 120)}: use an http://, https://, socks5:// or "
+                         "socks5h:// URL")
+    try:
+        port = parts.port
+        host = ascii_host(parts.hostname or "")
+    except ValueError:
+        raise UsageError(f"proxy {quote(shown, 120)}: not a host and port") from None
+    if not host or (parts.path not in ("", "/")) or parts.query:
+        raise UsageError(f"proxy {quote(shown, 120)}: give scheme://[user:password@]host:port "
+                         "only")
+    headers: dict[str, str] = {}
+    username = unquote(parts.username) if parts.username is not None else None
+    if username is not None and scheme == "http":
+        token = f"{username}:{password or ''}".encode()
+        basic = base64.b64encode(token).decode()
+        headers["Proxy-Authorization"] = "Basic " + basic
+        SECRETS.add(basic)
+    return _Proxy(scheme, host, port or _DEFAULT_PORTS[scheme], headers, username, password)
+
+
+def use_proxy(url: str | None) -> None:
+    """Send this process's requests, and its children's, through ``url`` (checked first:
+    :class:`UsageError`); None or empty leaves things as they are. The setting is
+    process-wide (:data:`PROXY_ENV`): every transport, the IDC S3 client's too, reads
+    it when it opens a connection."""
+    if not url or not url.strip():
+        return
+    parse_proxy(url)
+    os.environ[PROXY_ENV] = url.strip()
 
 
 def _proxy_for(origin: Origin) -> _Proxy | None:
-    """The environment's proxy for ``origin`` (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)."""
+    """The proxy for ``origin``: :data:`PROXY_ENV` (``--proxy``), else the environment's
+    (HTTPS_PROXY, HTTP_PROXY); none for a host NO_PROXY names."""
     proxies = urllib.request.getproxies_environment()
-    url = proxies.get(origin.scheme)
+    chosen = os.environ.get(PROXY_ENV, "").strip()
+    url = chosen or proxies.get(origin.scheme)
     if not url or urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
             origin.host, proxies):
         return None
-    if "://" not in url:
-        url = "http://" + url
-    parts = urlsplit(url)
-    if not parts.hostname:
-        return None
-    headers: dict[str, str] = {}
-    if parts.username:
-        token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-        basic = base64.b64encode(token).decode()
-        headers["Proxy-Authorization"] = "Basic " + basic
-        # The proxy's password is a secret like the user's: a proxy or server that echoes
-        # it (or the header) never gets it printed or stored.
-        SECRETS.add_password(unquote(parts.password or "") or None)
-        SECRETS.add(basic)
-    return _Proxy(parts.hostname, parts.port or 80, headers)
+    try:
+        return parse_proxy(url)
+    except UsageError:
+        if chosen:  # ours is checked where it is set; one set by hand is still an error
+            raise
+        return None  # the environment's, as before: an unusable one is not used
+
+
+class _TunnelConnection(http.client.HTTPConnection):
+    """A connection to ``origin`` whose socket python-socks opens through a SOCKS5 proxy or
+    a ``CONNECT`` tunnel in TLS to an ``https://`` proxy; TLS to the origin (for https)
+    over it. Everything above the socket is ``http.client``'s, as without a proxy."""
+
+    def __init__(self, origin: Origin, proxy: _Proxy, *, timeout: float,
+                 context: Callable[[], ssl.SSLContext]) -> None:
+        super().__init__(origin.host, origin.port, timeout=timeout)
+        self._origin = origin
+        self._proxy = proxy
+        self._make_context = context
+
+    def connect(self) -> None:
+        from python_socks import ProxyError, ProxyType  # only when a proxy is used
+        from python_socks.sync.v2 import Proxy
+
+        proxy = self._proxy
+        kind = ProxyType.HTTP if proxy.scheme == "https" else ProxyType.SOCKS5
+        tunnel = Proxy(kind, proxy.host, proxy.port, username=proxy.username,
+                       password=proxy.password, rdns=proxy.scheme == "socks5h",
+                       proxy_ssl=self._make_context() if proxy.scheme == "https" else None)
+        dest_tls = self._make_context() if self._origin.scheme == "https" else None
+        try:
+            stream = tunnel.connect(self._origin.host, self._origin.port, dest_ssl=dest_tls,
+                                    timeout=self.timeout)
+        except ProxyError as exc:  # a refusal (auth, rules): ours, naming the proxy only
+            raise ConnectionError(f"the proxy {proxy.label} refused the connection to "
+                                  f"{self._origin.label}: {exc}") from None
+        self.sock = stream.socket
+
+
+def _named_proxy(exc: BaseException, conn: http.client.HTTPConnection) -> BaseException:
+    """http.client's "Tunnel connection failed: 407 ..." as a line that names the proxy
+    (not the server, which was never reached) and, for a 407, what to check."""
+    proxy: _Proxy | None = getattr(conn, "_nbia_proxy", None)
+    text = str(exc)
+    if proxy is None or not isinstance(exc, OSError) or \
+            not text.startswith("Tunnel connection failed"):
+        return exc
+    status = text.partition(":")[2].strip()
+    hint = " (check the user and password in the proxy URL)" if status.startswith("407") else ""
+    return ConnectionError(f"the proxy {proxy.label} refused the tunnel: {quote(status, 80)}"
+                           + hint)
 
 
 # ----------------------------------------------------------------------------- transport
@@ -400,7 +532,10 @@ class Transport:
             proxy = _proxy_for(origin)
             host, port = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
             conn: http.client.HTTPConnection
-            if origin.scheme == "https":
+            if proxy is not None and proxy.tunnels:
+                conn = _TunnelConnection(origin, proxy, timeout=self.connect_timeout,
+                                         context=lambda: self._context)
+            elif origin.scheme == "https":
                 conn = http.client.HTTPSConnection(host, port, timeout=self.connect_timeout,
                                                    context=self._context)
                 if proxy is not None:
@@ -409,6 +544,9 @@ class Transport:
                 conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
             conn.response_class = functools.partial(_Response, floor_ref=floor_ref)  # type: ignore[assignment]
             conn._nbia_proxy = proxy  # type: ignore[attr-defined]
+            # An http origin through an http proxy: requests name the whole URL.
+            conn._nbia_absolute = (  # type: ignore[attr-defined]
+                proxy is not None and not proxy.tunnels and origin.scheme == "http")
             found = pool[origin] = (conn, floor_ref)
             with self._lock:
                 self._all.add(conn)
@@ -468,7 +606,7 @@ class Transport:
             parts = urlsplit(current)
             target = parts.path + ("?" + parts.query if parts.query else "")
             conn, _ = self._conn(origin)
-            if getattr(conn, "_nbia_proxy", None) is not None and origin.scheme == "http":
+            if getattr(conn, "_nbia_absolute", False):
                 target = current
             request_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity",
                                **(headers or {})}
@@ -477,7 +615,7 @@ class Transport:
             try:
                 raw = self._send(origin, method, target, body, request_headers, floor)
             except BaseException as exc:
-                mapped = map_error(exc, what)
+                mapped = map_error(_named_proxy(exc, conn), what)
                 log.debug("%s %s failed: %s", method, _loggable(current), mapped or exc)
                 if mapped is None:
                     raise

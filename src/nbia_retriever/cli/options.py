@@ -10,6 +10,7 @@ view's child command line is an options value written back as those flags
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, Field, fields
 from typing import Any, Literal, TypeVar
@@ -114,14 +115,51 @@ def download_flags(command: Command) -> Callable[[F], F]:
     return decorate
 
 
+PROXY_HELP = ("Send every request through this proxy: http://, https://, socks5:// or "
+              "socks5h://[USER:PASSWORD@]HOST:PORT (env NBIA_PROXY; else the config file's "
+              "proxy; else HTTPS_PROXY/HTTP_PROXY). Its password is never shown.")
+
+
+def apply_proxy(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--proxy`` (or ``NBIA_PROXY``, else the config file's ``proxy``), set for this
+    process and its children (:func:`~nbia_retriever.api.http.use_proxy`) as soon as it
+    is parsed: every command that talks to a server, and the child processes it starts,
+    use it without the command passing it on; a bad URL is exit 2, naming it without
+    its password."""
+    if ctx.resilient_parsing:  # shell completion: nothing is run
+        return
+    from ..errors import EXIT_USAGE, UsageError
+    from .common import fail
+
+    if not value:
+        from ..config import load_user_config  # only without --proxy/NBIA_PROXY
+
+        # A config file that cannot be read is reported by what reads it for its trusted
+        # hosts (commands that log in); a local ``verify`` has no use for it.
+        with contextlib.suppress(UsageError):
+            value = load_user_config().proxy
+    try:
+        if value:
+            from ..api.http import use_proxy  # only when a proxy is asked for
+
+            use_proxy(value)
+    except UsageError as exc:
+        fail(f"--proxy: {exc}", EXIT_USAGE)
+
+
 def connection_flags(func: F) -> F:
-    """``--api``, ``--api-url``, ``--user``, ``--insecure``, ``--timeout``: every command
-    that talks to a server."""
+    """``--api``, ``--api-url``, ``--user``, ``--insecure``, ``--timeout``, ``--proxy``:
+    every command that talks to a server."""
     options: list[Callable[[F], F]] = [click_option(o, h) for o, h in flagged(connection=True)]
     # Not a field (it becomes ``credentials`` once the password is found): after --api-url.
     user = click.option("--user", metavar="NAME", help=USER_HELP)
+    # Not a flagged field: it is set for the process (and its children, through the
+    # environment) when parsed, so that it is never written on a child's command line
+    # (to_argv) and no command needs a parameter for it.
+    proxy = click.option("--proxy", metavar="URL", help=PROXY_HELP, envvar="NBIA_PROXY",
+                         expose_value=False, callback=apply_proxy)
     at = next(i for i, (o, _) in enumerate(flagged(connection=True)) if o.name == "api_url")
-    return _apply(func, [*options[:at + 1], user, *options[at + 1:]])
+    return _apply(func, [*options[:at + 1], user, *options[at + 1:], proxy])
 
 
 def options_from_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -151,6 +151,12 @@ class DownloadOptions:
     credentials: Credentials | None = None
     adaptive: bool = True  # halve concurrency on 429/503, creep back up on success
     trusted_hosts: tuple[str, ...] = ()
+    #: Every request through this proxy (``http://``, ``https://``, ``socks5://``,
+    #: ``socks5h://``; a password in it is a secret): for the whole process and the
+    #: processes it starts (``api.http.use_proxy``). Not a flag of this declaration: the
+    #: commands' ``--proxy`` is applied as it is parsed (``cli.options.apply_proxy``), so
+    #: it is never written on a child's command line.
+    proxy: str | None = None
     #: Where series come from: a name in the source registry (``engine.source.SOURCES``).
     source: str = field(default="auto", metadata=flag(
         "--source", kind="choice", choices=SOURCE_CHOICES, show_default=True,
@@ -222,7 +228,12 @@ class DownloadOptions:
         return self.max_connections
 
     def __repr__(self) -> str:  # never show credentials, even by accident
-        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "credentials"}
+        shown = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name not in ("credentials", "proxy")}
+        if self.proxy:  # scheme, host and port: never its user or password
+            from ..api.http import without_userinfo
+
+            shown["proxy"] = without_userinfo(self.proxy)
         user = self.credentials.username if self.credentials else None
         return f"DownloadOptions(user={user!r}, {shown})"
 
@@ -254,6 +265,7 @@ class DownloadKwargs(TypedDict, total=False):
     credentials: Credentials | None
     adaptive: bool
     trusted_hosts: tuple[str, ...]
+    proxy: str | None
     source: str | Source
     idc_index: str | None
     idc_endpoint: str | None

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..api import Credentials
+from ..api.http import use_proxy
 from ..errors import (
     EXIT_AUTH,
     EXIT_USAGE,
@@ -1061,5 +1062,6 @@ def make_engine(
     if user:
         opts.credentials = Credentials(str(user), str(password or ""))
     opts = replace(opts, **options)
+    use_proxy(opts.proxy)  # process-wide: the worker processes inherit it
     session = session_for(manifest, opts, confirm=confirm)  # the Python API's one session
     return Engine(manifest, dest, opts, source=source, session=session)
