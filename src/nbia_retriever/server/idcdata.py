@@ -155,6 +155,10 @@ class IdcSeriesVersion:
     objects: tuple[IdcObject, ...]  # key order
 
     @property
+    def series_uid(self) -> str:
+        return self.record.series_uid
+
+    @property
     def size_bytes(self) -> int:
         return sum(o.size for o in self.objects)
 
