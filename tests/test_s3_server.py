@@ -541,3 +541,29 @@ def test_serve_rejects_bad_s3_faults(s3_archive: S3Archive):  # noqa: F811
                                                 "corrupt=9.9.9"])
     assert result.exit_code == 1
     assert "not a series" in result.output and "Traceback" not in result.output
+
+
+def test_objects_stream_from_disk_with_flat_memory(
+        s3_serve: Callable[..., S3Server],  # noqa: F811
+        archive_factory: Callable[..., object], http: httpx.Client):
+    import tracemalloc
+
+    summary = archive_factory(seed=6, collections=1, patients=1, series=1, images=1,
+                              image_bytes=24 * 1024 * 1024, awkward=False, restricted=False)
+    server = s3_serve(summary, faults=S3Faults(rate=1e12))  # the paced path too
+    obj = server.view.objects[0]
+    assert obj.size > 20 * 1024 * 1024
+    for faults in (None, S3Faults(rate=1e12)):
+        server.set_faults(faults)
+        digest = hashlib.md5()
+        tracemalloc.start()
+        try:
+            with http.stream("GET", server.object_url(obj)) as response:
+                for chunk in response.iter_raw(64 * 1024):
+                    digest.update(chunk)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert digest.hexdigest() == obj.md5
+        # the server and this client share the process: both hold pieces, never the object
+        assert peak < 8 * 1024 * 1024, peak
