@@ -218,6 +218,19 @@ class _CountingSocketIO(io.RawIOBase):
         super().__init__()
         self._sock = sock
         self.floor = floor
+        # A reader of the socket, as socket.makefile()'s is: the descriptor stays open
+        # until this reader closes. http.client closes the connection as soon as an
+        # answer says "Connection: close" (moto, HTTP/1.0 proxies), handing the socket
+        # to the response; without the reference every read after the first buffer
+        # failed with EBADF.
+        # (TLS inside a proxy's TLS: python-socks' wrapper; the count is its socket's.)
+        self._owner: Any = getattr(sock, "socket", sock)
+        self._owner._io_refs += 1
+
+    def close(self) -> None:
+        if not self.closed:
+            self._owner._decref_socketios()
+        super().close()
 
     def readable(self) -> bool:
         return True

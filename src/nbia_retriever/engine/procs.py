@@ -563,7 +563,8 @@ def _run_job(sock: socket.socket, cache: dict[Any, Any]) -> None:
                 checkpoint()
                 staged = stage_series(info.series_uid, info, opened.chunks(), Path(staging),
                                       root=Path(root), checkpoint=checkpoint,
-                                      progress=progress, on_progress=on_progress)
+                                      progress=progress, on_progress=on_progress,
+                                      reader=getattr(opened, "reader", None))
             finally:
                 with live_lock:
                     live.clear()

@@ -891,7 +891,8 @@ class Engine:
                 return stage_series(
                     uid, info, stream.chunks(), staging, root=self.root,
                     checkpoint=lambda: self._checkpoint(uid), progress=progress,
-                    on_progress=lambda n: self._on_progress(uid, n), cpu=self._cpu)
+                    on_progress=lambda n: self._on_progress(uid, n), cpu=self._cpu,
+                    reader=getattr(stream, "reader", None))
             finally:
                 with self._lock:
                     self._streams.pop(uid, None)

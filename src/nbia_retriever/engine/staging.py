@@ -37,13 +37,14 @@ import errno
 import hashlib
 import io
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .._dicomtags import TAGS, fast_tags
-from .._zipstream import EntryData, EntryEnd, EntryStart, ZipStreamReader
+from .._zipstream import EntryData, EntryEnd, EntryStart, ZipEvent, ZipStreamReader
 from ..errors import DiskFullError, IntegrityError, UnsafeArchiveError
 from ..errors import NoRoomError as NoRoomError  # re-export
 from ..layout import sanitize_component
@@ -297,6 +298,24 @@ class _Entry:
         self.small: bytearray | None = None
 
 
+class EntryReader(Protocol):
+    """What cuts a series' byte stream into entries:
+    :class:`~nbia_retriever._zipstream.ZipStreamReader` for an NBIA zip, or a source's
+    own (IDC's objects, :meth:`nbia_retriever.idc.stream.IdcStream.reader`)."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[ZipEvent]: ...
+
+    def close(self) -> Iterator[ZipEvent]: ...
+
+
+#: Makes a series' reader from the caps stage_series sets (``max_total_size``,
+#: ``max_entries``, as keywords).
+ReaderFactory = Callable[..., EntryReader]
+
+
 def series_folder_name(uid: str) -> str:
     return sanitize_component(uid, fallback="series")
 
@@ -304,7 +323,8 @@ def series_folder_name(uid: str) -> str:
 def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Path, *,
                  root: Path, checkpoint: Callable[[], None], progress: Progress,
                  on_progress: Callable[[int], None],
-                 cpu: AbstractContextManager[object] | None = None) -> StagedSeries:
+                 cpu: AbstractContextManager[object] | None = None,
+                 reader: ReaderFactory | None = None) -> StagedSeries:
     """Stream one series zip into ``folder`` (created empty) and describe what arrived.
 
     Raises :class:`IntegrityError` (a broken or hostile zip), :class:`DiskFullError`, and
@@ -313,13 +333,17 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
     ``cpu``: held while a chunk is inflated, hashed and written (not while the next one
     is read from the socket), so that 16 streams on 2 cores do not all fight for the GIL
     at once: a few threads work, the others wait in the kernel or on the semaphore.
+
+    ``reader``: what cuts ``chunks`` into entries when they are not a zip (a stream's
+    own ``reader``, given the same caps); None, a :class:`ZipStreamReader`.
     """
     work = cpu if cpu is not None else contextlib.nullcontext()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     space = SpaceGuard.start(root, uid, info)
     max_entries = entry_cap(info)
-    reader = ZipStreamReader(max_total_size=inflation_cap(info), max_entries=max_entries + 1)
+    make: ReaderFactory = reader if reader is not None else ZipStreamReader
+    entry_reader = make(max_total_size=inflation_cap(info), max_entries=max_entries + 1)
     staged = StagedSeries(uid, folder)
     small: dict[str, bytearray] = {}
     names: set[str] = set()
@@ -403,12 +427,12 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
             checkpoint()
             progress.received += len(chunk)
             with work:
-                handle(reader.feed(chunk))
+                handle(entry_reader.feed(chunk))
             progress.written = written
             if written >= next_report:
                 next_report = written + PROGRESS_STEP
                 on_progress(written)
-        handle(reader.close())
+        handle(entry_reader.close())
     except IntegrityError as exc:
         if str(exc).startswith("series "):
             raise
@@ -422,7 +446,7 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
     finally:
         if current is not None and current.file is not None:
             current.file.close()  # type: ignore[attr-defined]
-    if not reader.finished:
+    if not entry_reader.finished:
         raise IntegrityError(f"series {uid}: the zip stream ended without its directory")
     progress.written = written
     staged.written = written

@@ -1,0 +1,426 @@
+"""One IDC series as a byte stream the engine stages without a zip.
+
+IDC keeps a series as one object per instance under ``<crdc_series_uuid>/``. The engine
+stages a series from one ordered stream of bytes and a reader that cuts it into entries
+(:func:`~nbia_retriever.engine.staging.stage_series`), so this module gives it both:
+
+* :class:`IdcStream` lists the series (:func:`~.s3.list_objects`), checks the listing
+  against the index (as many objects as ``instanceCount``, no two names alike), then
+  fetches the objects ``inflight`` at a time and yields their bytes in key order. S3
+  answers each GET alone and serves many at once, so per-instance requests in flight
+  hide each request's latency, which is most of the time of a ~500 KB CT slice.
+* :meth:`IdcStream.reader` cuts that stream back into the objects by their listed sizes
+  and emits the zip reader's events (:class:`~nbia_retriever._zipstream.EntryStart`,
+  ``EntryData``, ``EntryEnd``), then a synthetic ``md5hashes.csv`` holding each
+  object's ETag where the ETag is a plain MD5. The engine's own MD5 check then compares
+  the bytes it wrote with the ETags, exactly as it compares an NBIA zip's entries with
+  the server's list: one staging path, one set of checks, for both sources.
+
+Memory stays flat in object and series size: object ``j`` is requested only once the
+consumer finished object ``j - inflight``, and each object buffers at most
+:data:`SLOT_BYTES` ahead of the consumer (its fetcher waits, not reading its socket,
+while the slot is full), so a stream holds at most ``inflight`` x (1 MiB + one read).
+The cost is that one large object at the head of the queue holds the others to 1 MiB
+each until it is written: a series of big objects goes at about one connection's
+speed, and the engine's several series at once are what fill the link then.
+
+The fetchers are long-lived threads shared by every stream of one transport
+(:class:`Fetchers`, kept in the opener's ``cache``), so each keeps its keep-alive
+connection from object to object and series to series: a thread per object would open
+a connection per object, and a thread that ended would leave its socket open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .._zipstream import EntryData, EntryEnd, EntryStart, ZipEvent
+from ..api.http import Origin, Response, Transport
+from ..errors import IntegrityError, NbiaError, NetworkError, UnsafeArchiveError
+from ..naming import MD5_ENTRY
+from ..untrusted import quote
+from .s3 import S3Object, get_object, list_objects
+
+__all__ = ["INFLIGHT", "SLOT_BYTES", "Fetchers", "IdcOpener", "IdcStream", "ObjectReader"]
+
+#: Objects of one series requested at once, by default.
+INFLIGHT = 8
+#: Bytes of one object buffered ahead of the consumer (4 reads of 256 KiB).
+SLOT_BYTES = 1024 * 1024
+#: Largest piece handed out in one ``EntryData`` (as the zip reader's).
+PIECE_SIZE = 256 << 10
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", re.ASCII)
+
+
+class Fetchers:
+    """Long-lived threads that run fetch jobs on one :class:`Transport` (module
+    docstring). A job is handed to an idle thread, or a new one when none is idle, so a
+    job never waits behind another stream's: the threads are as many as the most
+    objects ever in flight at once. :meth:`close` closes the transport's connections."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+        self.threads = 0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            spare = self._idle > 0
+            if spare:
+                self._idle -= 1
+            else:
+                self.threads += 1
+        self._jobs.put(job)
+        if not spare:
+            threading.Thread(target=self._serve, name="idc-fetch", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            with contextlib.suppress(BaseException):
+                job()
+            with self._lock:
+                self._idle += 1
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+@dataclass(frozen=True, slots=True)
+class IdcOpener:
+    """One IDC series, opened in the engine or in a worker process (picklable: plain
+    values only, no credential: the buckets are anonymous)."""
+
+    endpoint: str
+    bucket: str
+    crdc_series_uuid: str
+    series_uid: str
+    instance_count: int
+    timeout: float = 60.0
+    connect_timeout: float = 30.0
+    verify: bool = True
+    inflight: int = INFLIGHT
+
+    @property
+    def what(self) -> str:
+        return f"series {self.series_uid}"
+
+    def secrets(self) -> tuple[str, ...]:
+        return ()
+
+    def open_stream(self, cache: dict[Hashable, Any]) -> contextlib.AbstractContextManager[
+            IdcStream]:
+        key = ("idc", self.timeout, self.connect_timeout, self.verify)
+        fetchers = cache.get(key)
+        if fetchers is None:
+            fetchers = cache.setdefault(key, Fetchers(Transport(
+                timeout=self.timeout, connect_timeout=self.connect_timeout,
+                verify=self.verify)))
+        return _opened(IdcStream(self, fetchers))
+
+
+@contextlib.contextmanager
+def _opened(stream: IdcStream) -> Iterator[IdcStream]:
+    try:
+        stream.list()
+        yield stream
+    finally:
+        stream.close()
+
+
+class _Slot:
+    """One object's bytes between its fetcher and the consumer."""
+
+    __slots__ = ("buffered", "chunks", "done", "obj", "ready")
+
+    def __init__(self, obj: S3Object, lock: threading.Lock) -> None:
+        self.obj = obj
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.done = False
+        self.ready = threading.Condition(lock)
+
+
+class _Stopped(Exception):
+    """The stream was aborted or failed: a fetcher stops quietly."""
+
+
+class IdcStream:
+    """The objects of one series, in key order, as one stream (module docstring)."""
+
+    def __init__(self, opener: IdcOpener, fetchers: Fetchers) -> None:
+        self.opener = opener
+        self._fetchers = fetchers
+        self.what = f"series {opener.series_uid} (IDC {Origin.of(opener.endpoint).label})"
+        self.objects: list[S3Object] = []
+        self._lock = threading.Lock()
+        self._slots: list[_Slot] = []
+        self._live: set[Response] = set()
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._received = 0
+        self._started = False
+
+    # -- listing -------------------------------------------------------------------------
+    def list(self) -> list[S3Object]:
+        """List the series and check the listing against the index (module docstring)."""
+        opener, what = self.opener, self.what
+        if not _UUID.fullmatch(opener.crdc_series_uuid):
+            raise IntegrityError(f"{what}: the index gives crdc_series_uuid "
+                                 f"{quote(opener.crdc_series_uuid, 60)!r}, not a UUID")
+        if not _BUCKET.fullmatch(opener.bucket):
+            raise IntegrityError(f"{what}: the index gives the bucket "
+                                 f"{quote(opener.bucket, 80)!r}, not a bucket name")
+        expected = opener.instance_count
+        objects = list_objects(self._fetchers.transport, opener.endpoint, opener.bucket,
+                               opener.crdc_series_uuid + "/", what=what,
+                               limit=max(2 * expected, expected + 1000))
+        if len(objects) != expected:
+            raise IntegrityError(f"{what}: the listing of s3://{opener.bucket}/"
+                                 f"{opener.crdc_series_uuid}/ has {len(objects)} objects, "
+                                 f"the index says {expected}")
+        names: set[str] = set()
+        for obj in objects:
+            folded = obj.name.casefold()
+            if folded in names:
+                raise IntegrityError(f"{what}: two objects are named {quote(obj.name, 80)} "
+                                     "(differing only in case)")
+            names.add(folded)
+        self.objects = objects
+        return objects
+
+    def reader(self, *, max_total_size: int | None = None,
+               max_entries: int = 1_000_000) -> ObjectReader:
+        """A reader of this stream's bytes with the zip reader's interface."""
+        return ObjectReader(self.objects, what=self.what, max_total_size=max_total_size,
+                            max_entries=max_entries)
+
+    # -- the ByteStream ------------------------------------------------------------------
+    @property
+    def bytes_received(self) -> int:
+        return self._received
+
+    def chunks(self) -> Iterator[bytes]:
+        """The objects' bytes in key order (fetched ``inflight`` objects ahead)."""
+        if self._started:
+            raise RuntimeError("IdcStream.chunks() twice")
+        self._started = True
+        lock = self._lock
+        with lock:
+            self._slots = [_Slot(obj, lock) for obj in self.objects]
+        slots = self._slots
+        window = max(1, self.opener.inflight)
+        for j in range(min(window, len(slots))):
+            self._submit(slots[j])
+        for i, slot in enumerate(slots):
+            while True:
+                with lock:
+                    while not slot.chunks and not slot.done and self._error is None \
+                            and not self._aborted:
+                        slot.ready.wait()
+                    if self._error is not None:
+                        raise self._error
+                    if self._aborted:
+                        raise NetworkError(f"{self.what}: stopped (cancelled)")
+                    if not slot.chunks:
+                        break  # done
+                    chunk = slot.chunks.popleft()
+                    slot.buffered -= len(chunk)
+                    slot.ready.notify_all()
+                yield chunk
+            if i + window < len(slots):
+                self._submit(slots[i + window])
+
+    def abort(self) -> None:
+        """From another thread: a blocked :meth:`chunks` ends at once, every object's
+        socket is shut down (never reused)."""
+        self._stop(None)
+
+    def close(self) -> None:
+        self._stop(None)
+
+    def _stop(self, error: BaseException | None) -> None:
+        with self._lock:
+            if error is None:
+                self._aborted = True
+            elif self._error is None:
+                self._error = error  # the attempt fails: the other objects stop too
+            for response in self._live:
+                response.abort()
+            self._live.clear()
+            for slot in self._slots:
+                slot.ready.notify_all()
+
+    # -- the fetchers' side --------------------------------------------------------------
+    def _submit(self, slot: _Slot) -> None:
+        self._fetchers.submit(lambda: self._fetch(slot))
+
+    def _fetch(self, slot: _Slot) -> None:
+        obj, lock = slot.obj, self._lock
+        try:
+            with lock:
+                if self._aborted or self._error is not None:
+                    return
+            with get_object(self._fetchers.transport, self.opener.endpoint,
+                            self.opener.bucket, obj, what=self.what) as response:
+                with lock:
+                    if self._aborted or self._error is not None:
+                        return
+                    self._live.add(response)
+                try:
+                    got = 0
+                    for chunk in response.chunks():
+                        got += len(chunk)
+                        if got > obj.size:
+                            raise IntegrityError(f"{self.what}: object {quote(obj.key, 120)} "
+                                                 f"is longer than the {obj.size} bytes listed")
+                        self._put(slot, chunk)
+                finally:
+                    with lock:
+                        self._live.discard(response)
+            if got != obj.size:
+                raise IntegrityError(f"{self.what}: object {quote(obj.key, 120)} ended after "
+                                     f"{got} of the {obj.size} bytes listed")
+        except _Stopped:
+            return
+        except NbiaError as exc:
+            self._stop(exc)
+        except BaseException as exc:  # a bug: still end the consumer's wait, and say so
+            self._stop(NbiaError(f"{self.what}: {type(exc).__name__}: {exc}"))
+        with lock:
+            slot.done = True
+            slot.ready.notify_all()
+
+    def _put(self, slot: _Slot, chunk: bytes) -> None:
+        with self._lock:
+            while slot.buffered and slot.buffered + len(chunk) > SLOT_BYTES \
+                    and not self._aborted and self._error is None:
+                slot.ready.wait()
+            if self._aborted or self._error is not None:
+                raise _Stopped
+            slot.chunks.append(chunk)
+            slot.buffered += len(chunk)
+            self._received += len(chunk)
+            slot.ready.notify_all()
+
+
+class ObjectReader:
+    """The objects' concatenated bytes cut back into entries by their listed sizes,
+    with :class:`~nbia_retriever._zipstream.ZipStreamReader`'s interface (``feed``,
+    ``close``, ``finished``) and caps (``max_total_size``, ``max_entries``). At
+    :meth:`close` it adds ``md5hashes.csv`` with the objects whose ETag is a plain MD5.
+
+    Not thread-safe: one reader per attempt. After an error it re-raises it forever.
+    """
+
+    def __init__(self, objects: Sequence[S3Object], *, what: str,
+                 max_total_size: int | None = None, max_entries: int = 1_000_000) -> None:
+        self._objects = objects
+        self._what = what
+        self.max_total_size = max_total_size
+        self.max_entries = max_entries
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._index = 0
+        self._left = objects[0].size if objects else 0
+        self._open = False  # EntryStart of the current object was emitted
+        self._checked = False
+        self._closed = False
+        self._done = False
+        self._error: NbiaError | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True once every object arrived whole and the MD5 list was emitted."""
+        return self._done
+
+    def _check_caps(self) -> None:
+        if self._checked:
+            return
+        self._checked = True
+        if len(self._objects) + 1 > self.max_entries:
+            self._fail(UnsafeArchiveError(f"{self._what}: {len(self._objects)} objects, more "
+                                          f"than the {self.max_entries - 1} allowed"))
+        total = sum(o.size for o in self._objects)
+        if self.max_total_size is not None and total > self.max_total_size:
+            self._fail(UnsafeArchiveError(f"{self._what}: the objects add up to {total:,} "
+                                          f"bytes, beyond the {self.max_total_size:,} allowed"))
+
+    def _fail(self, error: NbiaError) -> None:
+        self._error = error
+        raise error
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[ZipEvent]:
+        """The events ``data`` completes (lazily: run it to its end before the next)."""
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise RuntimeError("ObjectReader.feed() after close()")
+        self._check_caps()
+        view = memoryview(data)
+        if view.ndim != 1 or view.format not in ("B", "b", "c"):
+            view = view.cast("B")
+        self.bytes_in += len(view)
+        return self._events(view)
+
+    def _events(self, view: memoryview) -> Iterator[ZipEvent]:
+        try:
+            yield from self._cut(view)
+        except NbiaError as exc:
+            self._error = exc
+            raise
+
+    def _cut(self, view: memoryview) -> Iterator[ZipEvent]:
+        objects, pos, end = self._objects, 0, len(view)
+        while self._index < len(objects):
+            obj = objects[self._index]
+            if not self._open:
+                self._open = True
+                yield EntryStart(obj.name, False)
+            if self._left == 0:
+                yield EntryEnd(obj.name, 0, obj.size, obj.size)
+                self._index += 1
+                self._open = False
+                if self._index < len(objects):
+                    self._left = objects[self._index].size
+                continue
+            if pos >= end:
+                return
+            take = min(self._left, end - pos, PIECE_SIZE)
+            piece = view[pos:pos + take]
+            pos += take
+            self._left -= take
+            self.bytes_out += take
+            yield EntryData(piece)
+        if pos < end:
+            raise IntegrityError(f"{self._what}: {end - pos} bytes more than the objects' "
+                                 "listed sizes")
+
+    def close(self) -> Iterator[ZipEvent]:
+        """The end of the stream: the zero-byte objects still due, then the MD5 list;
+        :class:`IntegrityError` at once when an object is incomplete."""
+        if self._error is not None:
+            raise self._error
+        self._closed = True
+        self._check_caps()
+        tail = list(self._events(memoryview(b"")))
+        if self._index < len(self._objects):
+            obj = self._objects[self._index]
+            self._fail(IntegrityError(
+                f"{self._what}: the stream ended inside object {quote(obj.key, 120)} after "
+                f"{obj.size - self._left} of its {obj.size} bytes"))
+        rows = "".join(f"{o.name},{o.md5}\r\n" for o in self._objects if o.md5)
+        listing = ("Filename,MD5Hash\r\n" + rows).encode()
+        self._done = True
+        return iter([*tail, EntryStart(MD5_ENTRY, False), EntryData(listing),
+                     EntryEnd(MD5_ENTRY, 0, len(listing), len(listing))])

@@ -1,0 +1,580 @@
+"""IDC's objects as one series stream (``idc.s3``, ``idc.stream``), over real HTTP.
+
+moto's S3 server runs in a child process on 127.0.0.1 (its own GIL and memory, so the
+memory test measures the client alone), filled with DICOM files of the synthetic
+archive under IDC's layout (``<crdc_series_uuid>/<crdc_instance_uuid>.dcm``); a series
+is staged by the engine's own :func:`stage_series` through the stream's reader, and
+checked by the engine's own :func:`check_series`. Faults (a wrong byte, a missing
+object, 503 SlowDown, a reset, a truncated listing, a stall to abort) come from
+:class:`S3Stub`, a small aiohttp S3 of this file that serves what a test tells it to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import socket
+import subprocess
+import sys
+import threading
+import tracemalloc
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from nbia_retriever.engine import checks
+from nbia_retriever.engine.staging import Progress, StagedSeries, stage_series
+from nbia_retriever.errors import ApiError, IntegrityError, NetworkError
+from nbia_retriever.idc.s3 import S3Object, list_objects, list_page
+from nbia_retriever.idc.stream import IdcOpener, IdcStream
+from nbia_retriever.models import SeriesInfo
+from nbia_retriever.naming import MD5_ENTRY
+from nbia_retriever.retry import classify
+from nbia_retriever.server.runner import AppThread
+from nbia_retriever.server.synth import ArchiveSummary, SynthSeries
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto.server")
+
+BUCKET = "idc-open-data"
+
+
+def series_uuid(series_uid: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, "series:" + series_uid))
+
+
+def instance_uuid(sop_uid: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, "instance:" + sop_uid))
+
+
+def sop_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+# ----------------------------------------------------------------------------- moto
+
+
+_MOTO = """
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
+server.start()
+print("ready", flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Moto:
+    url: str
+    client: Any
+    proc: subprocess.Popen[str]
+
+    def put(self, key: str, body: bytes | Any) -> None:
+        self.client.put_object(Bucket=BUCKET, Key=key, Body=body, ACL="public-read")
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[Moto]:
+    """moto's S3 in a child process; it ends when its stdin closes."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _MOTO, str(port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        url = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=url, aws_access_key_id="test",
+                              aws_secret_access_key="test", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield Moto(url, client, proc)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class IdcSeriesFixture:
+    series: SynthSeries
+    uuid: str
+    objects: dict[str, bytes]  # key -> bytes
+
+
+def put_series(moto: Moto, series: SynthSeries) -> IdcSeriesFixture:
+    prefix = series_uuid(series.series_uid)
+    objects = {f"{prefix}/{instance_uuid(sop_uid(p))}.dcm": p.read_bytes() for p in series.files}
+    for key, data in objects.items():
+        moto.put(key, data)
+    return IdcSeriesFixture(series, prefix, objects)
+
+
+@pytest.fixture(scope="module")
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
+    return archive_factory(collections=1, patients=1, studies=1, series=2, images=5,
+                           awkward=False, restricted=False)
+
+
+@pytest.fixture(scope="module")
+def moto(archive: ArchiveSummary) -> Iterator[tuple[Moto, list[IdcSeriesFixture]]]:
+    with moto_server() as server:
+        yield server, [put_series(server, s) for s in archive.series]
+
+
+def opener(endpoint: str, uuid_: str, uid: str, count: int, **kw: Any) -> IdcOpener:
+    return IdcOpener(endpoint=endpoint, bucket=BUCKET, crdc_series_uuid=uuid_,
+                     series_uid=uid, instance_count=count, timeout=30.0,
+                     connect_timeout=10.0, **kw)
+
+
+def info_of(uid: str, count: int) -> SeriesInfo:
+    return SeriesInfo(uid, image_count=count)
+
+
+def stage(stream: IdcStream, uid: str, info: SeriesInfo, tmp_path: Path) -> StagedSeries:
+    return stage_series(uid, info, stream.chunks(), tmp_path / "staging" / "s", root=tmp_path,
+                        checkpoint=lambda: None, progress=Progress(),
+                        on_progress=lambda n: None, reader=stream.reader)
+
+
+@pytest.fixture
+def cache() -> Iterator[dict[Any, Any]]:
+    kept: dict[Any, Any] = {}
+    yield kept
+    for value in kept.values():
+        value.close()
+
+
+# ----------------------------------------------------------------------------- moto tests
+
+
+def test_a_series_is_staged_from_s3_with_etags_as_its_md5_list(
+        moto: tuple[Moto, list[IdcSeriesFixture]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    server, fixtures = moto
+    fx = fixtures[0]
+    uid, count = fx.series.series_uid, len(fx.objects)
+    with opener(server.url, fx.uuid, uid, count, inflight=3).open_stream(cache) as stream:
+        staged = stage(stream, uid, info_of(uid, count), tmp_path)
+        assert stream.bytes_received == sum(len(b) for b in fx.objects.values())
+    keys = sorted(fx.objects)
+    assert [e.name for e in staged.entries] == [k.rpartition("/")[2] for k in keys]
+    for entry, key in zip(staged.entries, keys, strict=True):
+        data = (staged.folder / entry.part).read_bytes()
+        assert data == fx.objects[key]
+        assert entry.md5 == hashlib.md5(data).hexdigest()
+        assert entry.tags is not None and entry.tags.series_uid == uid
+    assert staged.md5_list == {k.rpartition("/")[2]: hashlib.md5(v).hexdigest()
+                               for k, v in fx.objects.items()}
+    checks.check_series(uid, info_of(uid, count), staged.entries, staged.md5_list,
+                        md5_required=True)
+
+
+def test_a_listing_that_disagrees_with_the_index_is_retried(
+        moto: tuple[Moto, list[IdcSeriesFixture]], cache: dict[Any, Any]) -> None:
+    server, fixtures = moto
+    fx = fixtures[1]
+    uid, count = fx.series.series_uid, len(fx.objects)
+    wrong = opener(server.url, fx.uuid, uid, count + 1)
+    with pytest.raises(IntegrityError, match=rf"has {count} objects, the index says "
+                                             rf"{count + 1}") as caught, \
+            wrong.open_stream(cache):
+        pass
+    assert classify(caught.value).retry
+    assert str(caught.value).startswith(f"series {uid}")
+
+
+def test_a_listing_of_more_than_1000_keys_follows_continuation_tokens(
+        tmp_path: Path, cache: dict[Any, Any]) -> None:
+    prefix = str(uuid.uuid4())
+    with moto_server() as server:
+        keys = [f"{prefix}/{i:05d}.bin" for i in range(1005)]
+        for i, key in enumerate(keys):
+            server.put(key, i.to_bytes(2, "big"))
+        from nbia_retriever.api.http import Transport
+
+        transport = Transport(timeout=30.0)
+        try:
+            listed = list_objects(transport, server.url, BUCKET, prefix + "/", what="test")
+        finally:
+            transport.close()
+        assert [o.key for o in listed] == keys
+        assert [o.size for o in listed] == [2] * 1005
+        # and the whole series streams, in key order, each object cut at its size
+        uid = "1.2.3.4"
+        with opener(server.url, prefix, uid, 1005).open_stream(cache) as stream:
+            reader = stream.reader(max_total_size=None, max_entries=2000)
+            data = []
+            for chunk in stream.chunks():
+                for ev in reader.feed(chunk):
+                    if type(ev).__name__ == "EntryData":
+                        data.append(bytes(ev.data))  # type: ignore[union-attr]
+            tail = list(reader.close())
+        assert reader.finished
+        assert b"".join(data) == b"".join(i.to_bytes(2, "big") for i in range(1005))
+        assert tail[-1].name == MD5_ENTRY  # type: ignore[union-attr]
+
+
+def test_memory_stays_flat_for_a_200_mb_object(tmp_path: Path, cache: dict[Any, Any]) -> None:
+    size = 200 * 1024 * 1024
+    blob = tmp_path / "big.bin"
+    digest = hashlib.md5()
+    with blob.open("wb") as f:
+        block = bytes(range(256)) * 4096  # 1 MiB
+        for i in range(size // len(block)):
+            piece = i.to_bytes(4, "big") + block[4:]
+            f.write(piece)
+            digest.update(piece)
+    prefix = str(uuid.uuid4())
+    with moto_server() as server:
+        with blob.open("rb") as f:
+            server.put(f"{prefix}/big.bin", f)
+        blob.unlink()
+        uid = "1.2.3.5"
+        tracemalloc.start()
+        try:
+            with opener(server.url, prefix, uid, 1).open_stream(cache) as stream:
+                staged = stage(stream, uid, SeriesInfo(uid, image_count=1, file_size=size),
+                               tmp_path)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    [entry] = staged.entries
+    assert entry.size == size and entry.md5 == digest.hexdigest()
+    assert staged.md5_list == {"big.bin": digest.hexdigest()}
+    assert peak < 16 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.0f} MB object"
+
+
+def test_the_opener_is_picklable_and_carries_no_secret() -> None:
+    import pickle
+
+    op = opener("http://127.0.0.1:1", str(uuid.uuid4()), "1.2", 3)
+    assert pickle.loads(pickle.dumps(op)) == op
+    assert op.secrets() == () and op.what == "series 1.2"
+
+
+# ----------------------------------------------------------------------------- the stub
+
+
+@dataclass
+class S3Stub:
+    """A small S3 (path-style, anonymous) that serves ``objects`` and lies on request.
+
+    ``faults``: key -> "wrong-byte" | "missing" | "slowdown" | "reset" | "stall" |
+    "denied" | "longer"; ``listing``: None (honest) or "truncated" (IsTruncated without a
+    token) | "doctype" | "outside" (a key outside the prefix) | "slash" (a key with a
+    folder); ``page``: keys per listing page.
+    """
+
+    objects: dict[str, bytes] = field(default_factory=dict)
+    faults: dict[str, str] = field(default_factory=dict)
+    listing: str | None = None
+    page: int = 1000
+    #: set when a stalled body's reader went away (the client closed its socket)
+    released: threading.Event = field(default_factory=threading.Event)
+    stalled: threading.Event = field(default_factory=threading.Event)
+    _stop: asyncio.Event | None = None
+    _runner: AppThread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._runner is not None
+        return self._runner.url
+
+    def __enter__(self) -> S3Stub:
+        app = web.Application()
+        app.router.add_get("/{bucket}", self._list)
+        app.router.add_get("/{bucket}/{key:.+}", self._get)
+        self._runner = AppThread(app, shutdown_timeout=0.2, name="s3-stub")
+        self._runner.start()
+        # A stalled body's handler is cancelled when the client closes its connection:
+        # how the stub knows that abort() closed the socket.
+        web_runner = self._runner._runner
+        assert web_runner is not None and web_runner.server is not None
+        web_runner.server.handler_cancellation = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        loop = self._runner._loop
+        if loop is not None and self._stop is not None:
+            loop.call_soon_threadsafe(self._stop.set)
+        self._runner.stop()
+
+    async def _list(self, request: web.Request) -> web.Response:
+        prefix = request.query.get("prefix", "")
+        keys = sorted(k for k in self.objects if k.startswith(prefix))
+        start = int(request.query.get("continuation-token", "0"))
+        part = keys[start:start + self.page]
+        more = start + self.page < len(keys)
+        rows = [(k, self.objects[k]) for k in part]
+        if self.listing == "outside":
+            rows.append(("elsewhere/x.dcm", b"x"))
+        if self.listing == "slash":
+            rows.append((prefix + "a/b.dcm", b"x"))
+        contents = "".join(
+            f"<Contents><Key>{k}</Key><Size>{len(v)}</Size>"
+            f"<ETag>&quot;{hashlib.md5(v).hexdigest()}&quot;</ETag></Contents>"
+            for k, v in rows)
+        truncated = "true" if more or self.listing == "truncated" else "false"
+        token = f"<NextContinuationToken>{start + self.page}</NextContinuationToken>" \
+            if more and self.listing != "truncated" else ""
+        head = '<?xml version="1.0" encoding="UTF-8"?>'
+        if self.listing == "doctype":
+            head += '<!DOCTYPE x [<!ENTITY a "aaaaaaaa">]>'
+        body = (f'{head}<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                f"<Name>{request.match_info['bucket']}</Name><Prefix>{prefix}</Prefix>"
+                f"<IsTruncated>{truncated}</IsTruncated>{token}{contents}</ListBucketResult>")
+        return web.Response(body=body.encode(), content_type="application/xml")
+
+    @staticmethod
+    def _error(status: int, code: str, **headers: str) -> web.Response:
+        body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>"
+        return web.Response(status=status, body=body.encode(), content_type="application/xml",
+                            headers=headers)
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        key = request.match_info["key"]
+        data = self.objects.get(key)
+        fault = self.faults.get(key)
+        if data is None or fault == "missing":
+            return self._error(404, "NoSuchKey")
+        if fault == "slowdown":
+            return self._error(503, "SlowDown", **{"Retry-After": "7"})
+        if fault == "denied":
+            return self._error(403, "AccessDenied")
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        if fault == "wrong-byte":
+            data = data[:100] + bytes([data[100] ^ 1]) + data[101:]
+        if fault == "longer":
+            response = web.StreamResponse(headers={"ETag": etag})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            await response.write(data + b"extra")
+            await response.write_eof()
+            return response
+        response = web.StreamResponse(headers={"ETag": etag,
+                                               "Content-Length": str(len(data))})
+        await response.prepare(request)
+        if fault == "reset":
+            await response.write(data[: len(data) // 2])
+            transport = request.transport
+            assert transport is not None
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00"
+                            b"\x00\x00\x00\x00")
+            transport.abort()
+            return response
+        if fault == "stall":
+            await response.write(data[: len(data) // 2])
+            self.stalled.set()
+            try:
+                await self._stop_event().wait()
+            except asyncio.CancelledError:  # the client closed the connection
+                self.released.set()
+                raise
+            return response
+        await response.write(data)
+        await response.write_eof()
+        return response
+
+    def _stop_event(self) -> asyncio.Event:
+        if self._stop is None:
+            self._stop = asyncio.Event()
+        return self._stop
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+@pytest.fixture(scope="module")
+def dicoms(archive: ArchiveSummary) -> tuple[str, dict[str, bytes]]:
+    """One synthetic series under its IDC keys: (series uid, key -> bytes)."""
+    series = archive.series[0]
+    prefix = series_uuid(series.series_uid)
+    return series.series_uid, {f"{prefix}/{instance_uuid(sop_uid(p))}.dcm": p.read_bytes()
+                               for p in series.files}
+
+
+@pytest.fixture
+def stub(dicoms: tuple[str, dict[str, bytes]]) -> Iterator[S3Stub]:
+    with S3Stub(objects=dict(dicoms[1])) as srv:
+        yield srv
+
+
+def stub_opener(stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], **kw: Any) -> IdcOpener:
+    uid, objects = dicoms
+    prefix = next(iter(objects)).partition("/")[0]
+    return opener(stub.url, prefix, uid, kw.pop("count", len(objects)), **kw)
+
+
+def stage_stub(stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+               cache: dict[Any, Any], **kw: Any) -> StagedSeries:
+    uid, objects = dicoms
+    with stub_opener(stub, dicoms, **kw).open_stream(cache) as stream:
+        return stage(stream, uid, info_of(uid, len(objects)), tmp_path)
+
+
+def test_the_stub_serves_an_honest_series_across_listing_pages(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    stub.page = 2  # three pages for five objects
+    uid, objects = dicoms
+    staged = stage_stub(stub, dicoms, tmp_path, cache)
+    checks.check_series(uid, info_of(uid, len(objects)), staged.entries, staged.md5_list,
+                        md5_required=True)
+
+
+def test_a_wrong_byte_fails_the_md5_check_against_the_etag(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    uid, objects = dicoms
+    bad = sorted(objects)[2]
+    stub.faults[bad] = "wrong-byte"
+    staged = stage_stub(stub, dicoms, tmp_path, cache)
+    with pytest.raises(IntegrityError, match=rf"MD5 mismatch for {bad.partition('/')[2]}"):
+        checks.check_series(uid, info_of(uid, len(objects)), staged.entries, staged.md5_list,
+                            md5_required=True)
+
+
+def test_a_listed_object_that_is_missing_is_a_retried_integrity_error(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    bad = sorted(dicoms[1])[-1]
+    stub.faults[bad] = "missing"
+    with pytest.raises(IntegrityError, match=r"was listed but is missing \(HTTP 404 "
+                                             r"NoSuchKey\)") as caught:
+        stage_stub(stub, dicoms, tmp_path, cache)
+    assert bad in str(caught.value)
+    assert classify(caught.value).retry
+
+
+def test_503_slowdown_is_the_slow_down_verdict(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    stub.faults[sorted(dicoms[1])[1]] = "slowdown"
+    with pytest.raises(ApiError, match=r"HTTP 503 SlowDown") as caught:
+        stage_stub(stub, dicoms, tmp_path, cache)
+    verdict = classify(caught.value)
+    assert verdict.retry and verdict.throttle and verdict.retry_after == 7.0
+
+
+def test_403_access_denied_is_final_and_says_why(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    stub.faults[sorted(dicoms[1])[0]] = "denied"
+    with pytest.raises(ApiError, match=r"HTTP 403 AccessDenied: the bucket refuses "
+                                       r"anonymous access") as caught:
+        stage_stub(stub, dicoms, tmp_path, cache)
+    assert not classify(caught.value).retry
+
+
+def test_a_reset_mid_object_is_a_network_error(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    stub.faults[sorted(dicoms[1])[3]] = "reset"
+    with pytest.raises(NetworkError) as caught:
+        stage_stub(stub, dicoms, tmp_path, cache)
+    assert classify(caught.value).retry
+
+
+def test_an_object_longer_than_listed_is_refused(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    bad = sorted(dicoms[1])[0]
+    stub.faults[bad] = "longer"
+    with pytest.raises(IntegrityError, match="longer than the"):
+        stage_stub(stub, dicoms, tmp_path, cache)
+
+
+@pytest.mark.parametrize(("listing", "message"), [
+    ("truncated", "more follow but gives no continuation token"),
+    ("doctype", "declares a DTD"),
+    ("outside", "unexpected key 'elsewhere/x.dcm'"),
+    ("slash", "unexpected key"),
+])
+def test_a_bad_listing_is_an_integrity_error_naming_it(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], listing: str, message: str,
+        cache: dict[Any, Any]) -> None:
+    stub.listing = listing
+    with pytest.raises(IntegrityError, match=message) as caught, \
+            stub_opener(stub, dicoms).open_stream(cache):
+        pass
+    assert str(caught.value).startswith(f"series {dicoms[0]}")
+
+
+def test_a_short_listing_is_retried(stub: S3Stub, dicoms: tuple[str, dict[str, bytes]],
+                                    cache: dict[Any, Any]) -> None:
+    del stub.objects[sorted(stub.objects)[0]]
+    n = len(stub.objects)
+    with pytest.raises(IntegrityError, match=rf"has {n} objects, the index says {n + 1}"), \
+            stub_opener(stub, dicoms).open_stream(cache):
+        pass
+
+
+def test_abort_from_another_thread_ends_a_blocked_stream_and_closes_its_socket(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], cache: dict[Any, Any]) -> None:
+    stub.faults[sorted(dicoms[1])[0]] = "stall"
+    outcome: list[BaseException | None] = []
+
+    with stub_opener(stub, dicoms, inflight=1).open_stream(cache) as stream:
+        def consume() -> None:
+            try:
+                for _ in stream.chunks():
+                    pass
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        # half the first object is out and the server holds the rest: the consumer
+        # waits for it, its fetcher is blocked in recv
+        assert stub.stalled.wait(30)
+        stream.abort()
+        thread.join(30)
+        assert not thread.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], NetworkError)
+    assert "cancelled" in str(outcome[0])
+    assert stub.released.wait(30), "the stalled object's connection stayed open"
+
+
+def test_list_page_refuses_what_is_not_a_plain_listing() -> None:
+    ok = (b'<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>p/a.dcm</Key>'
+          b'<Size>3</Size><ETag>"0123456789abcdef0123456789abcdef"</ETag></Contents>'
+          b'<Contents><Key>p/b.dcm</Key><Size>4</Size><ETag>"abc-2"</ETag></Contents>'
+          b'</ListBucketResult>')
+    objects, token = list_page(ok, "t", "p/")
+    assert token is None
+    assert objects == [S3Object("p/a.dcm", 3, "0123456789abcdef0123456789abcdef"),
+                       S3Object("p/b.dcm", 4, "abc-2")]
+    assert objects[0].md5 and objects[1].md5 is None
+    for bad, message in [
+        (ok.replace(b"p/a.dcm", b"p/../a.dcm"), "unexpected key"),
+        (ok.replace(b"p/a.dcm", b"p/md5hashes.csv"), "unexpected key"),
+        (ok.replace(b"p/a.dcm", b"p/a b.dcm"), "unexpected key"),
+        (ok.replace(b"p/a.dcm", b"p/.hidden"), "unexpected key"),
+        (ok.replace(b"<Size>3", b"<Size>-3"), "the size"),
+        (b"<Error><Code>x</Code></Error>", "not a listing"),
+        (b"not xml", "not XML"),
+    ]:
+        with pytest.raises(IntegrityError, match=message):
+            list_page(bad, "t", "p/")
