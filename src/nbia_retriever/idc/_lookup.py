@@ -16,13 +16,15 @@ Request::
      "prior": {COLUMN: KIND, ...},                        # prior_versions_index columns
      "keys": [TEXT, ...]}                                 # SeriesInstanceUIDs or uuids
 
-Answer: ``{"error": ONE_LINE, "file": NAME}``, or for ``schema`` ``{"columns": {NAME:
-[COLUMN, ...]}, "version": INT | null}``, else ``{"current": [[...], ...], "prior":
-[[...], ...], "context": [[...], ...]}``: rows in the requested column order followed by
-the collection's ``collection_name``. ``series`` looks keys up as SeriesInstanceUID in
-``idc_index``, then in ``prior_versions_index`` only those not found there; ``uuids`` as
-``crdc_series_uuid`` likewise, and ``context`` holds the current rows of the series whose
-prior versions were found (the metadata ``prior_versions_index`` does not carry).
+Answer, one JSON value a line, so that neither side holds the whole answer at once (50,000
+series are 21 MB of JSON): rows as ``["c" | "p" | "x", VALUE, ...]`` (the requested
+columns in order, then the collection's ``collection_name``), then ``{"done": true}``; or
+``{"columns": {NAME: [COLUMN, ...]}, "version": INT | null}`` for ``schema``; or
+``{"error": ONE_LINE, "file": NAME}``. An answer without its last line (a child killed
+midway) is no answer. ``series`` looks keys up as SeriesInstanceUID in ``idc_index``
+(rows ``c``), then in ``prior_versions_index`` only those not found there (``p``);
+``uuids`` as ``crdc_series_uuid`` likewise, and then the current rows of the series whose
+prior versions were found (``x``: the metadata ``prior_versions_index`` does not carry).
 
 Every value from the request reaches SQL as a parameter (paths, keys); column names are
 checked against a plain identifier pattern before they are quoted into the query.
@@ -33,10 +35,12 @@ from __future__ import annotations
 import json
 import re
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}", re.ASCII)
 _CASTS = {"str": "VARCHAR", "int": "BIGINT", "float": "DOUBLE"}
+#: Rows fetched from duckdb and written at a time.
+_BATCH = 2048
 #: The index files, by the names the request and the answers use.
 FILES = ("idc_index", "collections_index", "prior_versions_index", "version_metadata_index")
 
@@ -86,59 +90,70 @@ def _schema(con: Any, files: dict[str, str | None]) -> dict[str, Any]:
     return {"columns": columns, "version": version}
 
 
-def _lookup(con: Any, request: dict[str, Any]) -> dict[str, Any]:
+def _emit(cursor: Any, tag: str, out: TextIO) -> int:
+    """Write the rows of ``cursor`` as ``[tag, ...]`` lines, a batch at a time."""
+    count = 0
+    while True:
+        rows = cursor.fetchmany(_BATCH)
+        if not rows:
+            return count
+        for row in rows:
+            out.write(json.dumps([tag, *row], separators=(",", ":"), default=str))
+            out.write("\n")
+        count += len(rows)
+
+
+def _lookup(con: Any, request: dict[str, Any], out: TextIO) -> None:
     files: dict[str, str] = request["files"]
     current: dict[str, str] = request["current"]
     prior: dict[str, str] = request["prior"]
     key = "SeriesInstanceUID" if request["op"] == "series" else "crdc_series_uuid"
     keys = [str(k) for k in request["keys"]]
-    names = {"idx": files["idc_index"], "col": files["collections_index"],
-             "pri": files["prior_versions_index"]}
-    stage = "idc_index"
+    stage = "collections_index"
     try:
         con.execute("CREATE TEMP TABLE keys AS SELECT UNNEST(?::VARCHAR[]) AS k", [keys])
         con.execute("CREATE TEMP TABLE col AS SELECT CAST(collection_id AS VARCHAR) AS cid, "
                     "any_value(CAST(collection_name AS VARCHAR)) AS cname "
-                    "FROM read_parquet(?) GROUP BY 1", [names["col"]])
+                    "FROM read_parquet(?) GROUP BY 1", [files["collections_index"]])
+        stage = "idc_index"
         con.execute(f"CREATE TEMP TABLE cur AS SELECT {_columns(current, 'i')}, col.cname "
                     f'FROM read_parquet(?) i JOIN keys ON i."{key}" = keys.k '
                     "LEFT JOIN col ON col.cid = CAST(i.collection_id AS VARCHAR)",
-                    [names["idx"]])
-        found = con.execute("SELECT * FROM cur").fetchall()
+                    [files["idc_index"]])
+        _emit(con.execute("SELECT * FROM cur"), "c", out)
         stage = "prior_versions_index"
         con.execute(f"CREATE TEMP TABLE pri AS SELECT {_columns(prior, 'p')}, col.cname "
                     f'FROM read_parquet(?) p JOIN keys ON p."{key}" = keys.k '
                     "LEFT JOIN col ON col.cid = CAST(p.collection_id AS VARCHAR) "
                     f'WHERE keys.k NOT IN (SELECT "{key}" FROM cur WHERE "{key}" IS NOT NULL)',
-                    [names["pri"]])
-        older = con.execute("SELECT * FROM pri").fetchall()
-        context: list[Any] = []
-        if request["op"] == "uuids" and older:
+                    [files["prior_versions_index"]])
+        found = _emit(con.execute("SELECT * FROM pri"), "p", out)
+        if request["op"] == "uuids" and found:
             stage = "idc_index"
-            context = con.execute(
+            _emit(con.execute(
                 f"SELECT {_columns(current, 'i')}, col.cname FROM read_parquet(?) i "
                 "JOIN (SELECT DISTINCT SeriesInstanceUID AS u FROM pri) s "
                 "ON i.SeriesInstanceUID = s.u "
                 "LEFT JOIN col ON col.cid = CAST(i.collection_id AS VARCHAR)",
-                [names["idx"]]).fetchall()
+                [files["idc_index"]]), "x", out)
     except _Failure:
         raise
     except Exception as exc:
         raise _Failure(_first_line(exc), stage) from None
-    return {"current": [list(r) for r in found], "prior": [list(r) for r in older],
-            "context": [list(r) for r in context]}
 
 
 def main() -> int:
+    out = sys.stdout
     try:
         request = json.load(sys.stdin)
         import duckdb
 
         con = duckdb.connect(":memory:")
         if request["op"] == "schema":
-            answer = _schema(con, request["files"])
+            answer: dict[str, Any] = _schema(con, request["files"])
         else:
-            answer = _lookup(con, request)
+            _lookup(con, request, out)
+            answer = {"done": True}
     except _Failure as exc:
         answer = {"error": str(exc), "file": exc.file}
     except ImportError:
@@ -146,8 +161,8 @@ def main() -> int:
                   "file": ""}
     except (ValueError, KeyError, TypeError) as exc:
         answer = {"error": f"bad request: {_first_line(exc)}", "file": ""}
-    json.dump(answer, sys.stdout, separators=(",", ":"), default=str)  # NaN: the parent checks
-    sys.stdout.flush()
+    out.write(json.dumps(answer, separators=(",", ":"), default=str) + "\n")
+    out.flush()
     return 0
 
 

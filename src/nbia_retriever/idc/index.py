@@ -38,7 +38,9 @@ import math
 import re
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -321,83 +323,132 @@ class IdcIndex:
         return cls(folder, files, version=version, optional=optional, timeout=timeout)
 
     # -- the child ----------------------------------------------------------------------------
-    def _run(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request to :mod:`._lookup` in a child process; its answer, or
-        :class:`IndexUnavailable` naming the file it concerns."""
+    def _run(self, request: dict[str, Any],
+             on_row: Callable[[str, list[Any]], None] | None = None) -> dict[str, Any]:
+        """One request to :mod:`._lookup` in a child process: each row of its answer goes
+        to ``on_row`` as it arrives (so neither side holds the whole answer), and its last
+        line is returned. :class:`IndexUnavailable` names the file a failure concerns."""
         request = {**request, "files": {k: str(v) for k, v in self.files.items()},
-                   "current": self._current,
-                   "prior": _PRIOR}
+                   "current": self._current, "prior": _PRIOR}
         command = [sys.executable, "-P", "-m", "nbia_retriever.idc._lookup"]
+        expired = threading.Event()
+        final: object = None
+        with tempfile.TemporaryFile() as errors:
+            try:
+                child = subprocess.Popen(command, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=errors)
+            except OSError as exc:
+                raise IndexUnavailable(f"cannot start the IDC index reader: "
+                                       f"{exc.strerror or exc}") from None
+
+            def expire() -> None:
+                expired.set()
+                child.kill()
+
+            timer = threading.Timer(self.timeout, expire)
+            timer.daemon = True
+            timer.start()
+            try:
+                final = self._exchange(child, request, on_row)
+            finally:
+                timer.cancel()
+                if child.poll() is None:
+                    child.kill()
+                child.wait()
+            if expired.is_set():
+                raise IndexUnavailable(f"{self.folder}: reading the IDC index took more than "
+                                       f"{self.timeout:g} s")
+            if not isinstance(final, dict):
+                errors.seek(0)
+                tail = errors.read()[-4096:].decode("utf-8", "replace").strip().splitlines()
+                why = quote(tail[-1], 200) if tail else f"exit status {child.returncode}"
+                raise IndexUnavailable(f"{self.folder}: the IDC index reader failed: {why}")
+        if "error" in final:
+            where = self.files.get(str(final.get("file") or ""), self.folder)
+            raise IndexUnavailable(f"{where}: {quote(str(final['error']), 200)}")
+        return final
+
+    @staticmethod
+    def _exchange(child: subprocess.Popen[bytes], request: dict[str, Any],
+                  on_row: Callable[[str, list[Any]], None] | None) -> object:
+        """Send the request, pass each row on, return the answer's last line (None when
+        the answer is cut short or not the protocol's)."""
+        assert child.stdin is not None and child.stdout is not None
         try:
-            done = subprocess.run(command, input=json.dumps(request).encode(),
-                                  capture_output=True, timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise IndexUnavailable(f"{self.folder}: reading the IDC index took more than "
-                                   f"{self.timeout:g} s") from None
-        except OSError as exc:
-            raise IndexUnavailable(f"cannot start the IDC index reader: "
-                                   f"{exc.strerror or exc}") from None
-        try:
-            answer = json.loads(done.stdout)
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            tail = done.stderr.decode("utf-8", "replace").strip().splitlines()
-            why = quote(tail[-1], 200) if tail else f"exit status {done.returncode}"
-            raise IndexUnavailable(f"{self.folder}: the IDC index reader failed: {why}")
-        if "error" in answer:
-            name = str(answer.get("file") or "")
-            where = self.files.get(name, self.folder)
-            raise IndexUnavailable(f"{where}: {quote(str(answer['error']), 200)}")
-        return answer
+            with child.stdin:  # the child reads it all before it answers
+                child.stdin.write(json.dumps(request).encode())
+        except BrokenPipeError:
+            return None  # it died: its stderr says why
+        for line in child.stdout:
+            try:
+                value = json.loads(line)
+            except ValueError:
+                return None
+            if isinstance(value, dict):
+                return value
+            if not (isinstance(value, list) and value and isinstance(value[0], str)):
+                return None
+            if on_row is not None:
+                on_row(value[0], value[1:])
+        return None
 
     # -- lookups ------------------------------------------------------------------------------
     def by_series_uid(self, uids: Iterable[str]) -> dict[str, IdcSeries]:
         """The series of ``uids`` IDC holds: the current version (``idc_index``); for a
         UID only ``prior_versions_index`` has (a removed series), its last version."""
-        keys = list(dict.fromkeys(u for u in uids if is_valid_uid(u)))
+        keys = {u: u for u in uids if is_valid_uid(u)}  # the caller's own strings, shared
         if not keys:
             return {}
-        answer = self._run({"op": "series", "keys": keys})
-        wanted = set(keys)
         found: dict[str, IdcSeries] = {}
-        for series in self._rows(answer.get("current"), current=True):
-            if series.series_uid in wanted:
-                self._keep(found, series.series_uid, series)
         latest: dict[str, IdcSeries] = {}
-        for series in self._rows(answer.get("prior"), current=False):
-            uid = series.series_uid
-            if uid in wanted and uid not in found:
-                kept = latest.get(uid)
+        shared: dict[str, str] = {}
+
+        def take(tag: str, row: list[Any]) -> None:
+            series = self._series(row, tag != "p", shared, keys)
+            if series is None or series.series_uid not in keys:
+                return
+            if tag == "c":
+                self._keep(found, series.series_uid, series)
+            elif tag == "p" and series.series_uid not in found:
+                kept = latest.get(series.series_uid)
                 if kept is None or series.version > kept.version:
-                    latest[uid] = series
-        found.update(latest)
+                    latest[series.series_uid] = series
+
+        self._run({"op": "series", "keys": list(keys)}, take)
+        for uid, series in latest.items():
+            found.setdefault(uid, series)
         return found
 
     def by_crdc_uuid(self, uuids: Iterable[str]) -> dict[str, IdcSeries]:
         """The series versions of ``uuids`` (``crdc_series_uuid``): from ``idc_index``,
         else ``prior_versions_index`` (an older version: ``current`` is False)."""
-        keys = list(dict.fromkeys(u for u in uuids if is_crdc_uuid(u)))
+        keys = {u: u for u in uuids if is_crdc_uuid(u)}
         if not keys:
             return {}
-        answer = self._run({"op": "uuids", "keys": keys})
-        wanted = set(keys)
         found: dict[str, IdcSeries] = {}
-        for series in self._rows(answer.get("current"), current=True):
-            if series.crdc_series_uuid in wanted:
-                self._keep(found, series.crdc_series_uuid, series)
-        context = {s.series_uid: s for s in self._rows(answer.get("context"), current=True)}
         older: dict[str, IdcSeries] = {}
-        for series in self._rows(answer.get("prior"), current=False):
+        context: dict[str, IdcSeries] = {}
+        shared: dict[str, str] = {}
+
+        def take(tag: str, row: list[Any]) -> None:
+            series = self._series(row, tag != "p", shared, None)
+            if series is None:
+                return
             uuid = series.crdc_series_uuid
-            if uuid in wanted and uuid not in found:
+            if tag == "c" and uuid in keys:
+                self._keep(found, uuid, series)
+            elif tag == "p" and uuid in keys and uuid not in found:
                 kept = older.get(uuid)
                 # one version on several rows (it moved buckets): the last bucket serves it
                 if kept is None or series.version > kept.version:
                     older[uuid] = series
+            elif tag == "x":
+                context[series.series_uid] = series
+
+        self._run({"op": "uuids", "keys": list(keys)}, take)
         for uuid, series in older.items():
             now = context.get(series.series_uid)
-            found[uuid] = series if now is None else _with_metadata_of(series, now)
+            found.setdefault(uuid, series if now is None else _with_metadata_of(series, now))
         return found
 
     def _keep(self, found: dict[str, IdcSeries], key: str, series: IdcSeries) -> None:
@@ -412,65 +463,63 @@ class IdcIndex:
             self.reasons.append(f"{self.files.get(file, file)}: {quote(what, 80)}: {why}; "
                                 "not used")
 
-    def _rows(self, rows: object, *, current: bool) -> list[IdcSeries]:
-        """Rows of the child's answer as validated :class:`IdcSeries` (module docstring)."""
-        if not isinstance(rows, list):
-            return []
+    def _series(self, row: list[Any], current: bool, shared: dict[str, str],
+                keys: Mapping[str, str] | None) -> IdcSeries | None:
+        """One row of the child's answer as a validated :class:`IdcSeries`, or None
+        (counted in :attr:`rejected`; see the module docstring). Repeated text (a
+        collection, a study's fields) is one string object for all its series."""
         file = "idc_index" if current else "prior_versions_index"
-        columns = list(self._current if current else _PRIOR)
-        width = len(columns) + 1  # + the collection's name
-        out: list[IdcSeries] = []
-        for row in rows:
-            if not isinstance(row, list) or len(row) != width:
-                self._reject(file, "a row", "not the columns asked for")
-                continue
-            value = dict(zip(columns, row, strict=False))
-            uid = value["SeriesInstanceUID"]
-            uuid = value["crdc_series_uuid"]
-            bucket = value["aws_bucket"]
-            name = uid if isinstance(uid, str) else repr(uid)
-            if not isinstance(uid, str) or not is_valid_uid(uid):
-                self._reject(file, name, "SeriesInstanceUID is not a DICOM UID")
-                continue
-            if not isinstance(uuid, str) or not is_crdc_uuid(uuid):
-                self._reject(file, name, f"crdc_series_uuid {quote(str(uuid), 60)!r} is not "
-                                         "a lower-case UUID")
-                continue
-            if not isinstance(bucket, str) or not is_s3_bucket(bucket):
-                self._reject(file, name, f"aws_bucket {quote(str(bucket), 70)!r} is not a "
-                                         "bucket name")
-                continue
-            count: int | None = None
-            if current:
-                count = _int(value["instanceCount"])
-                if count is None or count <= 0:
-                    self._reject(file, name, "no instanceCount")
-                    continue
-                version = _int(value["series_revised_idc_version"])
-            else:
-                version = _int(value["max_idc_version"])
-            collection_id = _text(value["collection_id"])
-            out.append(IdcSeries(
-                series_uid=uid, crdc_series_uuid=uuid, bucket=bucket,
-                version=version if version is not None and version >= 0 else 0,
-                current=current, collection_id=collection_id,
-                collection=_text(row[-1]) or collection_id,
-                patient_id=_text(value["PatientID"]),
-                study_uid=_text(value["StudyInstanceUID"]),
-                study_date=_text(value.get("StudyDate")),
-                study_description=_text(value.get("StudyDescription")),
-                series_description=_text(value.get("SeriesDescription")),
-                series_number=_text(value.get("SeriesNumber")),
-                modality=_text(value["Modality"]), instance_count=count,
-                size_bytes=_size(value["series_size_MB"]),
-                license_short_name=_text(value.get("license_short_name")),
-                manufacturer=_text(value.get("Manufacturer")),
-                body_part=_text(value.get("BodyPartExamined")),
-                sop_class_uid=_text(value.get("SOPClassUID")),
-                sop_class_name=_text(value.get("sop_class_name")),
-                doi=_text(value.get("source_DOI")),
-            ))
-        return out
+        columns = self._current if current else _PRIOR
+        if len(row) != len(columns) + 1:  # + the collection's name
+            self._reject(file, "a row", "not the columns asked for")
+            return None
+        value = dict(zip(columns, row, strict=False))
+        uid = value["SeriesInstanceUID"]
+        uuid = value["crdc_series_uuid"]
+        bucket = value["aws_bucket"]
+        name = uid if isinstance(uid, str) else repr(uid)
+        if not isinstance(uid, str) or not is_valid_uid(uid):
+            self._reject(file, name, "SeriesInstanceUID is not a DICOM UID")
+            return None
+        if not isinstance(uuid, str) or not is_crdc_uuid(uuid):
+            self._reject(file, name, f"crdc_series_uuid {quote(str(uuid), 60)!r} is not "
+                                     "a lower-case UUID")
+            return None
+        if not isinstance(bucket, str) or not is_s3_bucket(bucket):
+            self._reject(file, name, f"aws_bucket {quote(str(bucket), 70)!r} is not a "
+                                     "bucket name")
+            return None
+        count: int | None = None
+        if current:
+            count = _int(value["instanceCount"])
+            if count is None or count <= 0:
+                self._reject(file, name, "no instanceCount")
+                return None
+            version = _int(value["series_revised_idc_version"])
+        else:
+            version = _int(value["max_idc_version"])
+
+        def text(column: str) -> str:
+            got = _text(value.get(column))
+            return shared.setdefault(got, got)
+
+        collection_id = text("collection_id")
+        collection = _text(row[-1])
+        return IdcSeries(
+            series_uid=keys.get(uid, uid) if keys is not None else uid,
+            crdc_series_uuid=uuid, bucket=shared.setdefault(bucket, bucket),
+            version=version if version is not None and version >= 0 else 0,
+            current=current, collection_id=collection_id,
+            collection=shared.setdefault(collection, collection) or collection_id,
+            patient_id=text("PatientID"), study_uid=text("StudyInstanceUID"),
+            study_date=text("StudyDate"), study_description=text("StudyDescription"),
+            series_description=text("SeriesDescription"), series_number=text("SeriesNumber"),
+            modality=text("Modality"), instance_count=count,
+            size_bytes=_size(value["series_size_MB"]),
+            license_short_name=text("license_short_name"), manufacturer=text("Manufacturer"),
+            body_part=text("BodyPartExamined"), sop_class_uid=text("SOPClassUID"),
+            sop_class_name=text("sop_class_name"), doi=text("source_DOI"),
+        )
 
 
 def _with_metadata_of(old: IdcSeries, now: IdcSeries) -> IdcSeries:
