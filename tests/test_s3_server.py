@@ -567,3 +567,18 @@ def test_objects_stream_from_disk_with_flat_memory(
         assert digest.hexdigest() == obj.md5
         # the server and this client share the process: both hold pieces, never the object
         assert peak < 8 * 1024 * 1024, peak
+
+
+def test_the_request_log_holds_an_answer_before_its_client_has_it(
+        s3_archive: S3Archive, s3_server: S3Server, http: httpx.Client):  # noqa: F811
+    """A test that reads ``requests`` right after a response must find it there."""
+    version = first_series(s3_archive)
+    for obj in version.objects:
+        for method, headers, size in (("GET", {}, obj.size), ("HEAD", {}, 0),
+                                      ("GET", {"Range": "bytes=0-9"}, 10)):
+            assert http.request(method, s3_server.object_url(obj),
+                                headers=headers).status_code in (200, 206)
+            record = s3_server.requests[-1]
+            assert (record.method, record.path, record.bytes_sent) == (
+                method, f"/{BUCKET}/{obj.key}", size)
+            assert record.series_uid == version.series_uid

@@ -55,6 +55,7 @@ import asyncio
 import base64
 import binascii
 import bisect
+import contextlib
 import hashlib
 import json
 import math
@@ -582,6 +583,8 @@ class S3Service:
         response = web.StreamResponse(status=206 if partial else 200, headers=headers)
         response.content_length = length
         if request.method == "HEAD":
+            state.bytes_sent = 0
+            self._log_request(request, response.status)  # before the client has it all
             await response.prepare(request)
             await response.write_eof()
             return response
@@ -614,7 +617,15 @@ class S3Service:
         position = start
         try:
             with path.open("rb", buffering=0) as handle:
-                handle.seek(start)
+                transport = request.transport
+                if flip is None and cut is None and rate is None and transport is not None:
+                    # Nothing to change on the way: the kernel copies file to socket
+                    # (what aiohttp's FileResponse does), a third of the CPU per byte.
+                    with contextlib.suppress(NotImplementedError):
+                        if stop - start > 1:
+                            await loop.sendfile(transport, handle, start, stop - start - 1)
+                        position = stop - 1
+                handle.seek(position)
                 while position < stop:
                     want = min(piece, stop - position)
                     if cut is not None:
@@ -632,10 +643,12 @@ class S3Service:
                         changed = bytearray(block)
                         changed[flip - position] ^= 0xFF
                         block = bytes(changed)
-                    await response.write(block)
                     position += len(block)
+                    state.bytes_sent = position - start
+                    if position >= stop:  # logged before the client can see the end
+                        self._log_request(request, response.status)
+                    await response.write(block)
                     sent += len(block)
-                    state.bytes_sent = sent
                     if rate is not None:
                         delay = began + sent / rate - loop.time()
                         if delay > 0:
