@@ -243,6 +243,12 @@ def test_rows_that_are_not_plainly_shaped_are_skipped_and_counted(tmp_path: Path
     assert all(r.startswith(str(folder)) for r in index.reasons)
 
 
+def test_huge_text_is_cut_in_the_child(tmp_path: Path) -> None:
+    folder = make_index(tmp_path / "big", current=[current_row(1, SeriesDescription="x" * 200_000)])
+    series = IdcIndex.open(folder).by_series_uid([uid(1)])[uid(1)]
+    assert series.series_description == "x" * 1024
+
+
 def test_a_uuid_row_must_hold_a_uid(tmp_path: Path) -> None:
     folder = make_index(tmp_path / "bad", current=[
         current_row(1, SeriesInstanceUID="../../x", crdc_series_uuid=uuid_of("a"))])

@@ -41,6 +41,8 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}", re.ASCII)
 _CASTS = {"str": "VARCHAR", "int": "BIGINT", "float": "DOUBLE"}
 #: Rows fetched from duckdb and written at a time.
 _BATCH = 2048
+#: Characters of a text value passed on (descriptions are short; UIDs 64, uuids 36).
+_MAX_TEXT = 1024
 #: The index files, by the names the request and the answers use.
 FILES = ("idc_index", "collections_index", "prior_versions_index", "version_metadata_index")
 
@@ -58,7 +60,10 @@ def _columns(spec: dict[str, str], alias: str) -> str:
     for name, kind in spec.items():
         if _IDENTIFIER.fullmatch(name) is None or kind not in _CASTS:
             raise _Failure(f"bad column request {name!r}")
-        parts.append(f'TRY_CAST({alias}."{name}" AS {_CASTS[kind]}) AS "{name}"')
+        value = f'TRY_CAST({alias}."{name}" AS {_CASTS[kind]})'
+        if kind == "str":  # a hostile file's megabyte "description" stays in the file
+            value = f"left({value}, {_MAX_TEXT})"
+        parts.append(f'{value} AS "{name}"')
     return ", ".join(parts)
 
 
