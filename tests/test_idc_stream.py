@@ -4,9 +4,11 @@ moto's S3 server runs in a child process on 127.0.0.1 (its own GIL and memory, s
 memory test measures the client alone), filled with DICOM files of the synthetic
 archive under IDC's layout (``<crdc_series_uuid>/<crdc_instance_uuid>.dcm``); a series
 is staged by the engine's own :func:`stage_series` through the stream's reader, and
-checked by the engine's own :func:`check_series`. Faults (a wrong byte, a missing
-object, 503 SlowDown, a reset, a truncated listing, a stall to abort) come from
-:class:`S3Stub`, a small aiohttp S3 of this file that serves what a test tells it to.
+checked by the engine's own :func:`check_series`. S3's faults (a wrong byte, a missing
+object, 503 SlowDown, a reset, a truncated listing, a multipart ETag) come from the
+reference server's S3 mode (``server/s3.py``); the ones it does not make (a stall to
+abort, 403, a body longer than listed, hostile listings) from :class:`S3Stub`, a small
+aiohttp S3 of this file that serves what a test tells it to.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ from nbia_retriever.idc.stream import IdcOpener, IdcStream
 from nbia_retriever.models import SeriesInfo
 from nbia_retriever.naming import MD5_ENTRY
 from nbia_retriever.retry import classify
+from nbia_retriever.server.idcdata import IdcSeriesVersion
 from nbia_retriever.server.runner import AppThread
+from nbia_retriever.server.s3 import S3Faults, S3Server
 from nbia_retriever.server.synth import ArchiveSummary, SynthSeries
+from s3_fixtures import S3Archive, s3_archive, s3_server  # noqa: F401
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
@@ -271,6 +276,147 @@ def test_the_opener_is_picklable_and_carries_no_secret() -> None:
     assert op.secrets() == () and op.what == "series 1.2"
 
 
+# ----------------------------------------------------------------------------- S3 faults
+# The reference server's S3 mode (``server/s3.py``) over the IDC view of an archive.
+
+
+@pytest.fixture
+def s3(s3_server: S3Server,  # noqa: F811
+       s3_archive: S3Archive) -> tuple[S3Server, str, IdcSeriesVersion]:  # noqa: F811
+    """The server, and one current series it holds (uid, its version)."""
+    uid = s3_archive.idc_uids[1]
+    return s3_server, uid, s3_archive.view.current[uid]
+
+
+def s3_opener(s3: tuple[S3Server, str, IdcSeriesVersion], **kw: Any) -> IdcOpener:
+    server, uid, version = s3
+    return IdcOpener(endpoint=server.url, bucket=version.bucket,
+                     crdc_series_uuid=version.crdc_series_uuid, series_uid=uid,
+                     instance_count=len(version.objects), timeout=30.0, connect_timeout=10.0,
+                     **kw)
+
+
+def s3_stage(s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path,
+             cache: dict[Any, Any], **kw: Any) -> StagedSeries:
+    _, uid, version = s3
+    with s3_opener(s3, **kw).open_stream(cache) as stream:
+        return stage(stream, uid, info_of(uid, len(version.objects)), tmp_path)
+
+
+def test_the_s3_mode_series_is_staged_byte_for_byte(
+        s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    _, uid, version = s3
+    staged = s3_stage(s3, tmp_path, cache, inflight=2)
+    assert [e.name for e in staged.entries] == [o.key.rpartition("/")[2]
+                                                for o in version.objects]
+    for entry, obj in zip(staged.entries, version.objects, strict=True):
+        assert (staged.folder / entry.part).read_bytes() == obj.path.read_bytes()
+    checks.check_series(uid, info_of(uid, len(version.objects)), staged.entries,
+                        staged.md5_list, md5_required=True)
+
+
+def test_a_wrong_byte_fails_the_md5_check_against_the_etag(
+        s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    server, uid, version = s3
+    server.set_faults(S3Faults(corrupt={uid: None}))
+    staged = s3_stage(s3, tmp_path, cache)
+    first = version.objects[0].key.rpartition("/")[2]
+    with pytest.raises(IntegrityError, match=rf"series {uid}: MD5 mismatch for {first}"):
+        checks.check_series(uid, info_of(uid, len(version.objects)), staged.entries,
+                            staged.md5_list, md5_required=True)
+
+
+def test_a_listed_object_that_is_missing_is_a_retried_integrity_error(
+        s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    server, uid, version = s3
+    server.set_faults(S3Faults(missing={uid: None}))
+    with pytest.raises(IntegrityError, match=r"was listed but is missing \(HTTP 404 "
+                                             r"NoSuchKey\)") as caught:
+        s3_stage(s3, tmp_path, cache)
+    assert version.objects[0].key in str(caught.value)
+    assert str(caught.value).startswith(f"series {uid}")
+    assert classify(caught.value).retry
+
+
+def test_503_slowdown_is_the_slow_down_verdict(
+        s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    server, _, _ = s3
+    server.set_faults(S3Faults(slowdown=1, retry_after=7.0))
+    with pytest.raises(ApiError, match=r"HTTP 503 SlowDown") as caught:
+        s3_stage(s3, tmp_path, cache)
+    verdict = classify(caught.value)
+    assert verdict.retry and verdict.throttle and verdict.retry_after == 7.0
+    s3_stage(s3, tmp_path, cache)  # the next attempt goes through
+
+
+def test_a_reset_mid_object_is_a_network_error(
+        s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    server, uid, _ = s3
+    server.set_faults(S3Faults(reset={uid: 1}))
+    with pytest.raises(NetworkError) as caught:
+        s3_stage(s3, tmp_path, cache)
+    assert classify(caught.value).retry
+    assert [r.fault for r in server.requests if r.fault] == ["reset"]
+    s3_stage(s3, tmp_path, cache)  # the connections left are sound
+
+
+def test_a_truncated_listing_is_a_retried_integrity_error(
+        s3: tuple[S3Server, str, IdcSeriesVersion], cache: dict[Any, Any]) -> None:
+    server, uid, version = s3
+    server.set_faults(S3Faults(truncate={uid: None}))
+    n = len(version.objects)
+    with pytest.raises(IntegrityError, match=rf"has {n - 1} objects, the index says {n}") \
+            as caught, s3_opener(s3).open_stream(cache):
+        pass
+    assert classify(caught.value).retry
+
+
+def test_a_multipart_etag_is_left_out_of_the_md5_list(
+        s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    server, _, version = s3
+    first = version.objects[0]
+    server.set_faults(S3Faults(multipart=frozenset([first.key])))
+    staged = s3_stage(s3, tmp_path, cache)
+    assert staged.md5_list is not None
+    assert first.key.rpartition("/")[2] not in staged.md5_list
+    assert len(staged.md5_list) == len(version.objects) - 1
+
+
+def test_a_worker_process_stages_an_idc_series_with_its_reader(
+        s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path) -> None:
+    """The opener crosses to a worker process, which lists, fetches and stages the
+    series there through the stream's own reader (procs' ``reader=`` call site)."""
+    import time
+
+    from nbia_retriever.engine.procs import WorkerPool
+
+    _, uid, version = s3
+    pool = WorkerPool(1)
+    pool.start()
+    try:
+        deadline = time.monotonic() + 60
+        while pool.ready() < 1:
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.01)
+        staged = pool.stage(s3_opener(s3), info_of(uid, len(version.objects)),
+                            tmp_path / "staging" / "s", tmp_path, progress=Progress(),
+                            on_progress=lambda n: None, checkpoint=lambda: None,
+                            on_open=lambda attempt: None, cancelled=RuntimeError)
+    finally:
+        pool.close()
+    assert staged is not None
+    assert staged.md5_list == {o.key.rpartition("/")[2]: o.etag.strip('"')
+                               for o in version.objects}
+    checks.check_series(uid, info_of(uid, len(version.objects)), staged.entries,
+                        staged.md5_list, md5_required=True)
+
+
 # ----------------------------------------------------------------------------- the stub
 
 
@@ -278,8 +424,9 @@ def test_the_opener_is_picklable_and_carries_no_secret() -> None:
 class S3Stub:
     """A small S3 (path-style, anonymous) that serves ``objects`` and lies on request.
 
-    ``faults``: key -> "wrong-byte" | "missing" | "slowdown" | "reset" | "stall" |
-    "denied" | "longer"; ``listing``: None (honest) or "truncated" (IsTruncated without a
+    The faults of the reference server's S3 mode are tested with it (above); these are
+    the ones it does not make. ``faults``: key -> "stall" | "denied" | "longer";
+    ``listing``: None (honest) or "truncated" (IsTruncated without a
     token) | "doctype" | "outside" (a key outside the prefix) | "slash" (a key with a
     folder); ``page``: keys per listing page.
     """
@@ -355,15 +502,11 @@ class S3Stub:
         key = request.match_info["key"]
         data = self.objects.get(key)
         fault = self.faults.get(key)
-        if data is None or fault == "missing":
+        if data is None:
             return self._error(404, "NoSuchKey")
-        if fault == "slowdown":
-            return self._error(503, "SlowDown", **{"Retry-After": "7"})
         if fault == "denied":
             return self._error(403, "AccessDenied")
         etag = f'"{hashlib.md5(data).hexdigest()}"'
-        if fault == "wrong-byte":
-            data = data[:100] + bytes([data[100] ^ 1]) + data[101:]
         if fault == "longer":
             response = web.StreamResponse(headers={"ETag": etag})
             response.enable_chunked_encoding()
@@ -374,15 +517,6 @@ class S3Stub:
         response = web.StreamResponse(headers={"ETag": etag,
                                                "Content-Length": str(len(data))})
         await response.prepare(request)
-        if fault == "reset":
-            await response.write(data[: len(data) // 2])
-            transport = request.transport
-            assert transport is not None
-            sock = transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00"
-                            b"\x00\x00\x00\x00")
-            transport.abort()
-            return response
         if fault == "stall":
             await response.write(data[: len(data) // 2])
             self.stalled.set()
@@ -443,40 +577,6 @@ def test_the_stub_serves_an_honest_series_across_listing_pages(
                         md5_required=True)
 
 
-def test_a_wrong_byte_fails_the_md5_check_against_the_etag(
-        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
-        cache: dict[Any, Any]) -> None:
-    uid, objects = dicoms
-    bad = sorted(objects)[2]
-    stub.faults[bad] = "wrong-byte"
-    staged = stage_stub(stub, dicoms, tmp_path, cache)
-    with pytest.raises(IntegrityError, match=rf"MD5 mismatch for {bad.partition('/')[2]}"):
-        checks.check_series(uid, info_of(uid, len(objects)), staged.entries, staged.md5_list,
-                            md5_required=True)
-
-
-def test_a_listed_object_that_is_missing_is_a_retried_integrity_error(
-        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
-        cache: dict[Any, Any]) -> None:
-    bad = sorted(dicoms[1])[-1]
-    stub.faults[bad] = "missing"
-    with pytest.raises(IntegrityError, match=r"was listed but is missing \(HTTP 404 "
-                                             r"NoSuchKey\)") as caught:
-        stage_stub(stub, dicoms, tmp_path, cache)
-    assert bad in str(caught.value)
-    assert classify(caught.value).retry
-
-
-def test_503_slowdown_is_the_slow_down_verdict(
-        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
-        cache: dict[Any, Any]) -> None:
-    stub.faults[sorted(dicoms[1])[1]] = "slowdown"
-    with pytest.raises(ApiError, match=r"HTTP 503 SlowDown") as caught:
-        stage_stub(stub, dicoms, tmp_path, cache)
-    verdict = classify(caught.value)
-    assert verdict.retry and verdict.throttle and verdict.retry_after == 7.0
-
-
 def test_403_access_denied_is_final_and_says_why(
         stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
         cache: dict[Any, Any]) -> None:
@@ -485,15 +585,6 @@ def test_403_access_denied_is_final_and_says_why(
                                        r"anonymous access") as caught:
         stage_stub(stub, dicoms, tmp_path, cache)
     assert not classify(caught.value).retry
-
-
-def test_a_reset_mid_object_is_a_network_error(
-        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
-        cache: dict[Any, Any]) -> None:
-    stub.faults[sorted(dicoms[1])[3]] = "reset"
-    with pytest.raises(NetworkError) as caught:
-        stage_stub(stub, dicoms, tmp_path, cache)
-    assert classify(caught.value).retry
 
 
 def test_an_object_longer_than_listed_is_refused(
@@ -519,15 +610,6 @@ def test_a_bad_listing_is_an_integrity_error_naming_it(
             stub_opener(stub, dicoms).open_stream(cache):
         pass
     assert str(caught.value).startswith(f"series {dicoms[0]}")
-
-
-def test_a_short_listing_is_retried(stub: S3Stub, dicoms: tuple[str, dict[str, bytes]],
-                                    cache: dict[Any, Any]) -> None:
-    del stub.objects[sorted(stub.objects)[0]]
-    n = len(stub.objects)
-    with pytest.raises(IntegrityError, match=rf"has {n} objects, the index says {n + 1}"), \
-            stub_opener(stub, dicoms).open_stream(cache):
-        pass
 
 
 def test_abort_from_another_thread_ends_a_blocked_stream_and_closes_its_socket(
