@@ -243,3 +243,17 @@ def test_parser_never_raises_anything_but_manifest_error(lines: list[str]) -> No
         return
     assert all(is_crdc_uuid(u) for u in m.crdc_uuids)
     assert all("\n" not in r for r in m.skipped)
+
+
+def test_plain_and_mixed_files_read_alike() -> None:
+    """The whole-text fast path (plain lines only) and the line reader agree."""
+    folders = [str(uuid.UUID(int=i * 7919)) for i in range(2000)]
+    plain = "# IDC\n\n" + "\n".join(f"cp s3://idc-open-data/{f}/* ." for f in folders) + "\n"
+    fast = parse_manifest(plain + f"cp s3://idc-open-data/{folders[0]}/* x\n")
+    slow = parse_manifest(plain + "  # an indented comment: the line reader\n")
+    assert fast.crdc_uuids == slow.crdc_uuids == tuple(folders)
+    assert (fast.duplicates_dropped, slow.duplicates_dropped) == (1, 0)
+    for bad in (f"cp s3://a..b/{A}/* .", f"cp s3://idc-open-data/{A}/* 'x"):
+        m = parse_manifest(f"cp s3://idc-open-data/{B}/* .\n{bad}\n")
+        assert m.crdc_uuids == ((B,) if ".." in bad else (B, A))
+        assert len(m.skipped) == (1 if ".." in bad else 0)
