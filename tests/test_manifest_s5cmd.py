@@ -162,6 +162,14 @@ def test_uid_above_the_marker_is_reported_and_ignored() -> None:
     assert m.retries == 4
 
 
+def test_uid_above_the_marker_on_the_first_line() -> None:
+    m = parse_manifest(f"{U1}\nListOfSeriesToDownload=\n{U2}\n", source="m.tcia")
+    assert (m.kind, m.series_uids) == ("tcia", (U2,))
+    assert m.skipped[0].startswith("line 1: a series UID above ListOfSeriesToDownload=")
+    err = error_of(f"{U1}\nnot a uid\n", source="l.txt")  # a list with a bad line: as before
+    assert (err.line, err.source) == (2, "l.txt")
+
+
 def test_without_a_marker_the_list_still_starts_at_the_first_uid() -> None:
     m = parse_manifest(f"noOfrRetry=2\n{U1}\n{U2}\n")
     assert (m.series_uids, m.skipped) == ((U1, U2), ())

@@ -522,7 +522,13 @@ def parse_manifest(text: str, *, source: str = "<manifest>", kind: str | None = 
         return _parse_tcia(lines, first, source)
     if is_valid_uid(_clean_uid_line(stripped)):
         collector = _Collector()
-        collector.add_lines(lines, first, source)
+        try:
+            collector.add_lines(lines, first, source)
+        except ManifestError:
+            if _find_marker(lines, first) is None:
+                raise
+            # UIDs above the marker, then a .tcia's list: read as Java reads it
+            return _parse_tcia(lines, first, source)
         return _finish(collector, {}, source, "list", None)
     spreadsheet = _parse_delimited(lines, first, source)
     if spreadsheet is not None:
