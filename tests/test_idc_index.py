@@ -302,6 +302,12 @@ def test_no_folder_and_no_version_file(tmp_path: Path) -> None:
     assert IdcIndex.open(folder).version is None
 
 
+def test_without_duckdb(standard: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "duckdb", None)  # as if not installed
+    with pytest.raises(IndexUnavailable, match=r"needs duckdb \(pip install "):
+        IdcIndex.open(standard)
+
+
 def test_optional_columns_may_be_absent(tmp_path: Path) -> None:
     folder = tmp_path / "i"
     make_index(folder)

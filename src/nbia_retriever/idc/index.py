@@ -225,6 +225,13 @@ def _package_folder() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked (sys.modules[module] is None)
+        return False
+
+
 def _package_release() -> int | None:
     try:
         text = metadata.version("idc-index-data")
@@ -294,7 +301,7 @@ class IdcIndex:
             folder = found
         if not folder.is_dir():
             raise IndexUnavailable(f"{folder}: not a folder")
-        if importlib.util.find_spec("duckdb") is None:
+        if not _installed("duckdb"):
             raise IndexUnavailable("reading the IDC index needs duckdb "
                                    "(pip install 'nbia-retriever[idc]')")
         files: dict[str, Path] = {}
