@@ -379,3 +379,21 @@ def resolve_for_run(manifest: Manifest, options: DownloadOptions,
     source = "idc" if options.source == "auto" else options.source
     return (dataclasses.replace(manifest, series_uids=tuple(resolved.uids)),
             dataclasses.replace(options, source=source, idc_pinned=resolved.pinned), notes)
+
+
+def idc_series_for(uids: Sequence[str], options: DownloadOptions) -> dict[str, IdcSeries]:
+    """The series of ``uids`` a run with ``options`` would fetch from IDC (``list``
+    shows them as such, with the index's metadata, and asks NBIA about the rest only):
+    all that the index holds under ``auto`` and ``idc``, none under ``nbia`` (or
+    without an index under ``auto``). Pinned versions (``.s5cmd``) come first."""
+    if options.source not in ("auto", "idc"):
+        return {}
+    index = open_index(options, required=options.source == "idc")
+    if index is None:
+        return {}
+    pinned = dict(options.idc_pinned or {})
+    found = {u: pinned[u] for u in uids if u in pinned}
+    rest = [u for u in uids if u not in found]
+    if rest:
+        found.update(index.by_series_uid(rest))
+    return found
