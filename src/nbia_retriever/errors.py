@@ -17,6 +17,7 @@ library to catch them. Anything else that escapes is a bug.
     │   ├── NotPublicError     ... and refuses the series for good (never retried)
     │   ├── ApiMismatch        ... this build lacks that endpoint (try the next way)
     │   ├── NetworkError       no answer: reset, refused, timed out, stalled
+    │   │   └── ServerUnreachableError  ... from the first call on: nothing was done (exit 4)
     │   └── TlsError           the certificate cannot be verified (stops the run)
     ├── AuthError              login failed or is not allowed (exit code 3)
     │   ├── StaleToken         a token went stale under us (refreshed, tried again)
@@ -25,6 +26,7 @@ library to catch them. Anything else that escapes is a bug.
     │   ├── UnsafeArchiveError the zip stream tried something hostile
     │   └── NoRoomError        this series does not fit in the free space left
     ├── DestinationError       the download folder cannot be used safely
+    │   ├── AmbiguousRootError the folder given holds several download roots (exit 2)
     │   ├── DiskFullError      no room left (stops the run)
     │   └── JournalError       the journal cannot be read or written (stops the run)
     ├── SeriesFailedError      some series of a run did not complete (raise_for_failures)
@@ -53,8 +55,11 @@ if TYPE_CHECKING:
 
 #: CLI exit codes (stable, for scripts and job schedulers): every series complete; some
 #: series failed (or the run stopped); bad usage or an unreadable manifest; login failed
-#: or not allowed; interrupted (Ctrl-C: re-run the same command to resume).
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: or not allowed; the server could not be reached at all (nothing was done: a job
+#: scheduler may simply try again later); interrupted (Ctrl-C: re-run the same command
+#: to resume).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_UNREACHABLE, EXIT_INTERRUPTED = \
+    0, 1, 2, 3, 4, 130
 
 
 class NbiaError(Exception):
@@ -124,6 +129,12 @@ class NetworkError(ApiError):
         super().__init__(message)
 
 
+class ServerUnreachableError(NetworkError):
+    """The server did not answer the run's first calls (refused, no such host, timed
+    out, always busy): nothing was downloaded, and a fresh destination was left as it
+    was (CLI exit code 4, :data:`EXIT_UNREACHABLE`)."""
+
+
 class TlsError(ApiError):
     """The server's TLS certificate cannot be verified.
 
@@ -163,6 +174,18 @@ class NoRoomError(IntegrityError):
 class DestinationError(NbiaError):
     """The download folder cannot be used safely: it cannot be created, or something
     inside it is a symbolic link someone planted, or another run holds it."""
+
+
+class AmbiguousRootError(DestinationError):
+    """The folder a command was given is no download root and holds several: which one
+    is meant cannot be guessed. ``roots`` lists them; ``str()`` names each, one a line
+    (CLI exit code 2)."""
+
+    def __init__(self, folder: Path, roots: list[Path]) -> None:
+        self.folder, self.roots = folder, roots
+        listed = "".join(f"\n  {root}" for root in roots)
+        super().__init__(f"{folder} holds {len(roots)} download roots; name one of them:"
+                         f"{listed}")
 
 
 class DiskFullError(DestinationError):
@@ -214,6 +237,8 @@ def exit_code(error: BaseException | None) -> int:
     (2, 1)
     >>> exit_code(KeyboardInterrupt()), exit_code(NetworkError("reset"))
     (130, 1)
+    >>> exit_code(ServerUnreachableError("cannot reach https://nbia.example.org"))
+    4
     """
     if error is None:
         return EXIT_OK
@@ -221,6 +246,8 @@ def exit_code(error: BaseException | None) -> int:
         return EXIT_INTERRUPTED
     if isinstance(error, AuthError):
         return EXIT_AUTH
+    if isinstance(error, ServerUnreachableError):
+        return EXIT_UNREACHABLE
     if isinstance(error, UsageError | ManifestError):
         return EXIT_USAGE
     # A destination that cannot be used is a usage problem; one that filled up or whose

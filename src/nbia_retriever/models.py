@@ -90,6 +90,10 @@ def _to_int(value: object) -> int | None:
     return round(number)
 
 
+#: The state string "Interrupted" had in journals written before issue 25.
+LEGACY_CANCELLED = "Cancelled"
+
+
 class SeriesState(StrEnum):
     """The statuses of the downloads table (the Java retriever's, plus Queued).
 
@@ -105,7 +109,16 @@ class SeriesState(StrEnum):
     ERROR = "Error"
     NO_DATA = "No Data"
     NOT_AUTHORIZED = "Not Authorized"
-    CANCELLED = "Cancelled"
+    #: Stopped by the user (Ctrl-C, quit) or by what stopped the run: it resumes on the
+    #: next run. "Cancelled" until issue 25 (it read as if the user had dropped the
+    #: series); journals of then still say so, and :meth:`_missing_` reads it.
+    INTERRUPTED = "Interrupted"
+    CANCELLED = "Interrupted"  # the old name, an alias
+
+    @classmethod
+    def _missing_(cls, value: object) -> SeriesState | None:
+        """``SeriesState("Cancelled")``: the state string of journals before issue 25."""
+        return cls.INTERRUPTED if value == LEGACY_CANCELLED else None
 
 
 #: States of a series that could not be downloaded (the "Retry failed series" set).

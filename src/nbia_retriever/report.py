@@ -18,6 +18,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -279,6 +280,13 @@ class Report:
     fatal: str = ""
     auth_failed: bool = False
     usage_error: bool = False
+    #: The server did not answer the first calls: nothing was done (exit code 4).
+    unreachable: bool = False
+    #: Bytes received for series stopped mid-stream (a Ctrl-C): discarded with their
+    #: staging folders, fetched again by the next run.
+    interrupted_bytes: int = 0
+    #: The run retried only the failed series of an earlier one (``--only-failed``).
+    only_failed: bool = False
     #: One line each for what the user should know but did not stop the run (journal
     #: rows in the root that named folders outside it).
     warnings: list[str] = field(default_factory=list)
@@ -319,10 +327,14 @@ class Report:
         raise SeriesFailedError(f"{len(self.results) - len(self.completed)} of "
                                 f"{len(self.results)} series not downloaded{what}", failed)
 
-    def summary(self) -> str:
-        """A few lines for humans at the end of a run."""
+    def summary(self, command: str | None = None) -> str:
+        """A few lines for humans at the end of a run; ``command`` is the command line
+        that resumes it (the front end knows it), shown when something is left to do."""
         total = len(self.results)
         done = self.count(SeriesState.COMPLETE)
+        if not total and self.only_failed and not self.fatal:
+            return ("nothing to retry: no series of this manifest failed in an earlier "
+                    f"run into {self.root}")
         mb = self.bytes_downloaded / 1e6
         rate = mb / self.elapsed if self.elapsed > 0 else 0.0
         already = []
@@ -335,16 +347,44 @@ class Report:
             + (f" ({', '.join(already)})" if already else "")
             + f"; {mb:,.1f} MB downloaded in {self.elapsed:,.1f} s ({rate:,.1f} MB/s)",
         ]
+        interrupted = self.count(SeriesState.INTERRUPTED)
         for state in (SeriesState.ERROR, SeriesState.NOT_AUTHORIZED, SeriesState.NO_DATA,
-                      SeriesState.CANCELLED, SeriesState.NOT_STARTED):
+                      SeriesState.NOT_STARTED):
             n = self.count(state)
             if n:
                 lines.append(f"{n} series {state}")
+        if interrupted:
+            partial = self.interrupted_bytes
+            lines.append(f"{interrupted} series interrupted"
+                         + (f"; {human_size(partial)} of partial series will be fetched again"
+                            if partial else "; none had started: nothing is fetched twice"))
         if self.fatal:
             lines.append(f"stopped: {self.fatal}")
         if self.root.is_dir():
             lines.append(f"files in {self.root}")
+        lines.extend(self.next_steps(command))
         return "\n".join(lines)
+
+    def next_steps(self, command: str | None = None) -> list[str]:
+        """What to do next, as one line (none when everything is complete or nothing
+        can be done from here): the command that resumes an interrupted run; for failed
+        series, ``--only-failed`` and ``--error-report``; for series the server refused,
+        a login."""
+        if self.ok or self.auth_failed or self.usage_error or self.unreachable:
+            return []
+        again = command or "the same command"
+        failed = self.failed
+        if self.cancelled or not failed:
+            left = len(self.results) - self.count(SeriesState.COMPLETE)
+            return [f"resume: {again}"] if left else []
+        refused = sum(1 for r in failed if r.state == SeriesState.NOT_AUTHORIZED)
+        retry = (f"{command} --only-failed" if command and "--only-failed" not in command
+                 else again if command else "the same command with --only-failed")
+        step = (f"next: retry the {len(failed)} failed series with: {retry} "
+                "(--error-report FILE lists them as CSV)")
+        if refused:
+            step += f"; {refused} need a login (--user NAME) or are not on this server"
+        return [step]
 
     def to_dataframe(self) -> Any:
         """One flat row per series (pandas, optional): the columns of :data:`FRAME_COLUMNS`."""
@@ -379,6 +419,23 @@ def frame_row(r: SeriesResult, root: Path) -> dict[str, object]:
         "folder": str(root / r.relpath) if r.relpath else "",
         "source": r.source,
     }
+
+
+def failure_reason(uid: str, error: str) -> str:
+    """A failed series' error without its UID (the line names it once) and without the
+    engine's "(after N attempts)" (:func:`failure_line` says how many)."""
+    text = error.strip()
+    for prefix in (f"series {uid}: ", f"{uid}: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    text = re.sub(r" \(after \d+ attempts?\)$", "", text)
+    return text or "no reason given"
+
+
+def failure_line(uid: str, error: str, attempts: int) -> str:
+    """One failed series, one line: ``UID: reason (N attempts)``."""
+    tail = f" ({attempts} attempt{'s' if attempts != 1 else ''})" if attempts else ""
+    return f"{uid}: {failure_reason(uid, error)}{tail}"
 
 
 def _num(value: int | None) -> str:

@@ -158,8 +158,15 @@ def collections(api_url: str | None = None, *, counts: bool = False,
             return items
 
         def failed(item: dict[str, Any], call: str, exc: NbiaError) -> None:
-            note = f"{call}: {' '.join(str(exc).split())}"
-            item["error"] = f"{item['error']}; {note}" if item.get("error") else note
+            # Each reason once: the client's message may name the call already, and
+            # both calls of a collection usually fail for the same reason.
+            reason = " ".join(str(exc).split())
+            if reason.startswith(f"{call}: "):
+                reason = reason[len(call) + 2:]
+            calls = item.setdefault("_reasons", {})
+            calls.setdefault(reason, []).append(call)
+            item["error"] = "; ".join(f"{', '.join(names)}: {why}"
+                                      for why, names in calls.items())
 
         def count(item: dict[str, Any]) -> dict[str, Any]:
             name = item["collection"]
@@ -192,7 +199,10 @@ def collections(api_url: str | None = None, *, counts: bool = False,
             return item
 
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
-            return list(pool.map(count, items))
+            counted = list(pool.map(count, items))
+        for item in counted:
+            item.pop("_reasons", None)
+        return counted
 
 
 def _total(values: Iterable[int | None]) -> int | None:

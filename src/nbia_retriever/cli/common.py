@@ -2,7 +2,8 @@
 
 Exit codes (stable, for scripts and job schedulers): 0 every series complete, 1 some
 series failed (or the run stopped), 2 bad usage or an unreadable manifest, 3 login
-failed or not allowed, 130 interrupted (Ctrl-C; re-run the same command to resume).
+failed or not allowed, 4 the server could not be reached (nothing was done; try again
+later), 130 interrupted (Ctrl-C; re-run the same command to resume).
 Which exception gets which code is decided once, by
 :func:`nbia_retriever.errors.exit_code`: commands call :func:`fail_for` (an exception)
 or :func:`run_exit_code` (a finished run), never pick a code for an exception themselves.
@@ -23,6 +24,7 @@ from ..errors import EXIT_AUTH as EXIT_AUTH  # re-export: the codes live in erro
 from ..errors import EXIT_FAILED as EXIT_FAILED
 from ..errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from ..errors import EXIT_OK as EXIT_OK
+from ..errors import EXIT_UNREACHABLE as EXIT_UNREACHABLE
 from ..errors import EXIT_USAGE as EXIT_USAGE
 from ..errors import ManifestError, NbiaError, UsageError, exit_code
 from ..manifest import read_manifest
@@ -97,6 +99,8 @@ def run_exit_code(report: Any) -> int:
         return EXIT_AUTH
     if report.usage_error:
         return EXIT_USAGE
+    if getattr(report, "unreachable", False):
+        return EXIT_UNREACHABLE
     if report.cancelled and not report.fatal:
         return EXIT_INTERRUPTED
     return EXIT_OK if report.ok else EXIT_FAILED

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -22,8 +23,8 @@ import click
 
 from ..engine import DownloadOptions, Engine, EventKind
 from ..errors import NbiaError, UsageError
-from ..models import FINAL_STATES, SeriesState
-from ..report import write_error_report
+from ..models import FAILED_STATES, SeriesState
+from ..report import failure_line, write_error_report
 from .common import (
     EXIT_USAGE,
     check_api_url,
@@ -60,6 +61,13 @@ def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as
     """Download every series of MANIFEST (a .tcia file, spreadsheet or list of UIDs).
 
     Re-running the same command resumes: finished series are skipped in milliseconds.
+
+    \b
+    Exit codes: 0 every series complete; 1 some series failed (the last lines say
+    which, and what to do next); 2 bad usage or an unreadable manifest; 3 login failed
+    or not allowed; 4 the server could not be reached (nothing was done, no folder
+    was created: try again later); 130 interrupted (the summary gives the command
+    that resumes).
     """
 
     parsed = load_manifest(manifest, as_json=as_json)
@@ -91,7 +99,7 @@ def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as
         report = run_plain(engine)
     elif quiet or not sys.stderr.isatty():
         if not quiet:
-            engine.subscribe(plain_printer())
+            engine.subscribe(plain_printer(engine))
         report = run_plain(engine)
     else:
         from .live import run_with_progress  # the live display (rich, 25 ms) only on a terminal
@@ -106,22 +114,38 @@ def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as
                              f"{getattr(exc, 'strerror', None) or exc}"), err=True)
         if n and not as_json:
             click.echo(f"error report: {n} failed series written to {error_report}", err=True)
+    command = resume_command()
     if as_json:
-        sys.stdout.write(json.dumps({"event": "summary", **summary_dict(report)},
+        sys.stdout.write(json.dumps({"event": "summary", **summary_dict(report, command)},
                                     ensure_ascii=False) + "\n")
-    elif (report.usage_error or report.auth_failed) and not report.bytes_downloaded:
-        # Nothing was done: the one line that says why is the whole answer.
+        if report.cancelled and not report.fatal:  # whoever pressed Ctrl-C reads this
+            click.echo(inert(report.summary(command)), err=True)
+    elif (report.usage_error or report.auth_failed or report.unreachable) \
+            and not report.bytes_downloaded:
+        # Nothing was done: the one line that says why is the whole answer (printed
+        # once: the event printers leave the run's fatal error to this line).
         fail(report.fatal, run_exit_code(report))
     else:
         if quiet:
             for warning in report.warnings:
                 click.echo(inert(warning), err=True)
             _quiet_reasons(report)
-        click.echo(inert(report.summary()), err=quiet)
+        click.echo(inert(report.summary(command)), err=quiet)
     sys.exit(run_exit_code(report))
 
 
-def summary_dict(report: Any) -> dict[str, Any]:
+def resume_command() -> str | None:
+    """The command line that resumes this run, as typed (quoted for a POSIX shell), or
+    None when this process is not ``nbia-retriever download`` (a test's CliRunner, an
+    embedding program): the summary then says "the same command". No secret is in it:
+    passwords never come from the command line."""
+    args = sys.argv[1:]
+    if "download" not in args:
+        return None
+    return shlex.join(["nbia-retriever", *args])
+
+
+def summary_dict(report: Any, command: str | None = None) -> dict[str, Any]:
 
     return {
         "root": str(report.root),
@@ -133,8 +157,11 @@ def summary_dict(report: Any) -> dict[str, Any]:
         "bytes": report.bytes_downloaded,
         "elapsed": round(report.elapsed, 3),
         "fatal": inert(report.fatal),
-        "failures": [{"uid": r.uid, "state": str(r.state), "error": inert(r.error)}
-                     for r in report.failed],
+        "failures": [{"uid": r.uid, "state": str(r.state), "error": inert(r.error),
+                      "attempts": r.attempts} for r in report.failed],
+        "interrupted": report.count(SeriesState.INTERRUPTED),
+        "interrupted_bytes": report.interrupted_bytes,
+        "next": [inert(line) for line in report.next_steps(command)],
     }
 
 
@@ -153,18 +180,31 @@ def _json_printer() -> Any:
     return emit
 
 
-def plain_printer() -> Any:
-    """Line-per-event output for logs and non-terminals (HPC batch jobs)."""
+def plain_printer(engine: Any = None) -> Any:
+    """Line-per-event output for logs and non-terminals (HPC batch jobs).
+
+    A failed series is one line that names it once, with the reason and the attempts
+    (``engine``'s results say how many). Interrupted series and the error that stopped
+    the run are not printed as they happen: the summary counts the first and states the
+    second, once."""
+
+    def attempts(uid: str) -> int:
+        result = engine.results.get(uid) if engine is not None else None
+        return result.attempts if result is not None else 0
 
     def printer(event: Any) -> None:
         kind = event.kind
-        if kind is EventKind.STATE and event.state in FINAL_STATES:
+        if kind is EventKind.STATE and event.state == SeriesState.COMPLETE:
             extra = f": {event.message}" if event.message else ""
             click.echo(inert(f"{event.state:<14} {event.uid}{extra}"), err=True)
+        elif kind is EventKind.STATE and event.state in FAILED_STATES:
+            line = failure_line(event.uid, event.message or "", attempts(event.uid))
+            click.echo(inert(f"{event.state:<14} {line}"), err=True)
         elif kind is EventKind.RETRY:
+            reason = failure_line(event.uid, event.message or "", 0).partition(": ")[2]
             click.echo(inert(f"{'Retrying':<14} {event.uid} (attempt {event.attempt}: "
-                             f"{event.message})"), err=True)
-        elif kind in (EventKind.THROTTLE, EventKind.ERROR) or (
+                             f"{reason})"), err=True)
+        elif kind is EventKind.THROTTLE or (
                 kind is EventKind.PLANNED and "so far" not in event.message) or (
                 kind is EventKind.MESSAGE and not event.uid):  # warnings of the run
             click.echo(inert(event.message), err=True)
@@ -176,7 +216,7 @@ def _quiet_reasons(report: Any) -> None:
     """With -q: one reason line per failed series (capped), so a log says why."""
     failed = report.failed
     for r in failed[:QUIET_REASONS]:
-        click.echo(inert(f"{r.state}: {r.uid}: {r.error}"), err=True)
+        click.echo(inert(f"{r.state}: {failure_line(r.uid, r.error, r.attempts)}"), err=True)
     if len(failed) > QUIET_REASONS:
         click.echo(f"... and {len(failed) - QUIET_REASONS} more failed series (--error-report "
                    "FILE lists them all)", err=True)
@@ -189,7 +229,8 @@ def run_plain(engine: Any) -> Any:
             engine.wait(0.5)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, exit_at_once)
-        click.echo("interrupted: stopping (re-run the same command to resume)", err=True)
+        click.echo("interrupted: stopping; finished series are kept (Ctrl-C again: stop "
+                   "at once)", err=True)
         engine.cancel()
         engine.wait()
     return engine.report

@@ -49,6 +49,8 @@ from ..errors import (
     IntegrityError,
     JournalError,
     NbiaError,
+    NetworkError,
+    ServerUnreachableError,
     UsageError,
     exit_code,
 )
@@ -62,7 +64,7 @@ from ..session import Session, session_for
 from ..untrusted import quote, redact
 from . import checks
 from .events import Event, EventKind, Stats
-from .journal import FileRecord, Journal, JournalEntry
+from .journal import FileRecord, Journal, JournalEntry, RunRecord, header_lines
 from .ledger import Ledger
 from .options import DownloadOptions
 from .plan import PlanBatch, Planner, PlanPhase, bulk
@@ -232,6 +234,10 @@ class Engine:
         self._owed_rows: list[tuple[str, SeriesInfo, str, tuple[FileRecord, ...]]] = []
         self._fatal_error: NbiaError | None = None
         self._stop_monitor = threading.Event()
+        #: A fresh root is created once the source has answered (the first metadata
+        #: batch): a server that cannot be reached leaves the destination as it was.
+        self._commit_owed = False
+        self._answered = False
 
 
     # -- public control ---------------------------------------------------------------
@@ -479,6 +485,8 @@ class Engine:
             self.report.auth_failed = True
         elif code == EXIT_USAGE:
             self.report.usage_error = True
+        elif isinstance(exc, ServerUnreachableError):
+            self.report.unreachable = True
         self._emit(Event(EventKind.ERROR, message=self.report.fatal))
         self.cancel()
 
@@ -527,6 +535,7 @@ class Engine:
         planner.commit()
         self._journal = planner.journal
         assert self._journal is not None
+        self._record_run(self._journal)
         self._staging = self.disk.new_run_staging()
         csv = MetadataCsv(self.disk.metadata_csv)
         self._publisher = Publisher(self.disk, self._staging, self.layout, self._journal, csv,
@@ -539,6 +548,22 @@ class Engine:
             owed, self._owed_rows = self._owed_rows, []
         for uid, info, relpath, files in owed:
             self._publisher.adopt_row(uid, info, relpath, time.time(), files)
+
+    def _record_run(self, journal: Journal) -> None:
+        """The root knows where it came from: this run's manifest (path, header lines),
+        server(s) and API, one row of the journal's ``runs`` table (``verify --server``,
+        ``list -d`` and the view read it back through :func:`.journal.root_origin`)."""
+        manifest = self.manifest
+        path = manifest.source or ""  # "<manifest>": parsed from a string, no file
+        path = os.path.abspath(path) if path and not path.startswith("<") else ""
+        servers = [self.session.api_url]
+        servers += [u for u in getattr(self._source, "servers", ()) or ()
+                    if isinstance(u, str) and u not in servers]
+        record = RunRecord(time.time(), manifest=path, headers=header_lines(manifest.headers),
+                           servers=tuple(servers), chosen=bool(self.session.chosen),
+                           api=self.session.version, source=self.source_name)
+        with contextlib.suppress(NbiaError):  # where it came from is help, not the run
+            journal.record_run(record)
 
     def _open_other_journals(self, own: Path) -> None:
         """Other runs' journals in this root (shards): read-only, also those that appear
@@ -575,12 +600,21 @@ class Engine:
             self._emit(Event(EventKind.PLANNED, count=0, message=self._planned_text(True)))
             return
         source = self.source
-        source.prepare()
         assert self._planner is not None
-        for batch in self._planner.batches(source, todo):
-            self._take_batch(batch)
-            if self._cancel.is_set():
-                break
+        try:
+            source.prepare()
+            for batch in self._planner.batches(source, todo):
+                self._answered = True
+                self._commit_now()
+                self._take_batch(batch)
+                if self._cancel.is_set():
+                    break
+        except NetworkError as exc:
+            if self._answered or isinstance(exc, ServerUnreachableError):
+                raise
+            # Not one answer from the start: a server down, a wrong host, no network.
+            raise ServerUnreachableError(str(exc)) from None
+        self._commit_now()
         self._source_notes()
         self._emit(Event(EventKind.PLANNED, count=self.ledger.planned,
                          message=self._planned_text(True)))
@@ -593,6 +627,12 @@ class Engine:
             if note not in self.report.warnings:
                 self.report.warnings.append(note)
                 self._emit(Event(EventKind.MESSAGE, message=note))
+
+    def _commit_now(self) -> None:
+        """Create a fresh root now that the source has answered (see ``_commit_owed``)."""
+        if self._commit_owed and not self._cancel.is_set():
+            self._commit_owed = False
+            self._commit()
 
     def _take_batch(self, batch: PlanBatch) -> None:
         seen = len(batch.ready) + len(batch.unavailable) + len(batch.adopted)
@@ -632,7 +672,11 @@ class Engine:
             self.start_workers()
             plan_here = self._claim_plan()
             if plan_here:
-                if not self._plan_step(lambda: self._plan_local(create=True)):
+                # A fresh root waits for the source's first answer (_commit_now); one
+                # that exists is opened for writing at once, as before.
+                fresh = not self.disk.exists()
+                self._commit_owed = fresh
+                if not self._plan_step(lambda: self._plan_local(create=not fresh)):
                     self._end_plan()
                     return
             else:
@@ -660,10 +704,10 @@ class Engine:
                 self._plan_step(self._planner.wait_rows)
             if self._cancel.is_set():
                 self.report.cancelled = True
-                for result in self.results.values():
+                for result in self.results.values() if not self.report.unreachable else ():
                     if result.state in (SeriesState.QUEUED, SeriesState.NOT_STARTED,
                                         SeriesState.PAUSED):
-                        self._set_state(result.uid, SeriesState.CANCELLED)
+                        self._set_state(result.uid, SeriesState.INTERRUPTED)
         finally:
             self._stop_monitor.set()
             self.limiter.wake()
@@ -829,12 +873,12 @@ class Engine:
                 result.source = where(uid)
         except Cancelled:
             discard(staging)
-            self._finish(uid, SeriesState.CANCELLED, "cancelled")
+            self._interrupted(uid, progress)
             return False
         except NbiaError as exc:
             discard(staging)
             if self._cancel.is_set():  # the stream was aborted by cancel(): not a failure
-                self._finish(uid, SeriesState.CANCELLED, "cancelled")
+                self._interrupted(uid, progress)
                 return False
             self._failed(uid, result, policy, exc)
             return False
@@ -965,13 +1009,21 @@ class Engine:
         self.ledger.move(uid, SeriesState.QUEUED, attempt=result.attempts, message=error)
         self.queue.retry_later(uid, delay)
 
+    def _interrupted(self, uid: str, progress: Progress) -> None:
+        """A series stopped mid-stream by cancel(): its bytes so far are discarded with
+        its staging folder, and fetched again by the next run (the summary says how
+        many: ``report.interrupted_bytes``)."""
+        with self._lock:
+            self.report.interrupted_bytes += progress.received
+        self._finish(uid, SeriesState.INTERRUPTED, "interrupted")
+
     def _finish(self, uid: str, state: SeriesState, error: str) -> None:
         """A series ends without being published."""
         result = self.results.get(uid)
         if result is not None:
-            result.error = "" if state == SeriesState.CANCELLED and not error else error
-            if state == SeriesState.CANCELLED:
-                result.error = "cancelled"
+            result.error = "" if state == SeriesState.INTERRUPTED and not error else error
+            if state == SeriesState.INTERRUPTED:
+                result.error = "interrupted"
         self._policies.pop(uid, None)
         self._set_progress(uid, 0)
         self._set_state(uid, state, error=error)
