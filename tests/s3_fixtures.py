@@ -2,10 +2,13 @@
 
 Use them from a test module with::
 
-    from s3_fixtures import moto_s3, s3_archive, s3_serve, s3_server  # noqa: F401
+    pytest_plugins = ["s3_fixtures"]
+    if TYPE_CHECKING:  # a runtime import before pytest's would skip assert rewriting
+        from s3_fixtures import S3Archive
 
-(or ``pytest_plugins = ["s3_fixtures"]`` in ``tests/conftest.py``, which shares the
-session-scoped ones, moto above all, between modules instead of once per module).
+(the plugin is registered once, so the session-scoped fixtures, moto above all, are
+shared by every module that names it; ``from s3_fixtures import s3_archive, ...`` would
+work too but start them once per importing module).
 
 * ``s3_archive`` (session): :class:`S3Archive`: a small synthetic archive (4 public
   series of 6 images, a restricted collection IDC leaves out), its

@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -38,7 +39,12 @@ from nbia_retriever.server.idcdata import (
     list_objects,
 )
 from nbia_retriever.server.s3 import S3Faults, S3Server
-from s3_fixtures import S3Archive, moto_s3, s3_archive, s3_serve, s3_server  # noqa: F401
+
+if TYPE_CHECKING:  # imported by pytest as a plugin (below), its asserts rewritten
+    from s3_fixtures import S3Archive
+
+# s3_archive, s3_server, s3_serve, moto_s3; shared with other modules, moto started once
+pytest_plugins = ["s3_fixtures"]
 
 duckdb = pytest.importorskip("duckdb")
 idc_index_data = pytest.importorskip("idc_index_data")
@@ -103,7 +109,7 @@ def endpoint(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("moto_s3"))
 
 
-def first_series(s3_archive: S3Archive):  # noqa: F811
+def first_series(s3_archive: S3Archive):
     """A current series that is not the revised one (a plain case)."""
     return next(v for uid, v in sorted(s3_archive.view.current.items())
                 if uid != s3_archive.revised)
@@ -114,7 +120,7 @@ _DUCK = {"STRING": "VARCHAR", "INTEGER": "BIGINT", "FLOAT": "DOUBLE"}
 
 
 @pytest.mark.parametrize("name", INDEX_FILES)
-def test_index_files_have_idc_index_data_columns_and_types(s3_archive: S3Archive, name: str):  # noqa: F811
+def test_index_files_have_idc_index_data_columns_and_types(s3_archive: S3Archive, name: str):
     package = Path(idc_index_data.__file__).parent
     schema = json.loads((package / f"{name}_schema.json").read_text())["columns"]
     ours = duckdb.sql(f"DESCRIBE SELECT * FROM '{s3_archive.index_dir / name}.parquet'"
@@ -144,7 +150,7 @@ def _nbia_metadata(server: ReferenceServer, uids: list[str]) -> dict[str, dict[s
 
 
 def test_index_values_agree_with_the_nbia_servers_metadata(
-        s3_archive: S3Archive, serve: Callable[..., ReferenceServer]):  # noqa: F811
+        s3_archive: S3Archive, serve: Callable[..., ReferenceServer]):
     rows = _rows(s3_archive.index_dir / "idc_index.parquet")
     collections = {r["collection_id"]: r for r in
                    _rows(s3_archive.index_dir / "collections_index.parquet")}
@@ -178,7 +184,7 @@ def test_index_values_agree_with_the_nbia_servers_metadata(
 
 
 def test_index_leaves_out_restricted_and_excluded_series_and_lists_the_prior_version(
-        s3_archive: S3Archive):  # noqa: F811
+        s3_archive: S3Archive):
     current = {r["SeriesInstanceUID"]: r for r in
                _rows(s3_archive.index_dir / "idc_index.parquet")}
     prior = _rows(s3_archive.index_dir / "prior_versions_index.parquet")
@@ -206,7 +212,7 @@ def test_view_helpers():
         uuid.uuid5(uuid.NAMESPACE_OID, "instance:1.2.3.4"))
 
 
-def test_view_rejects_unknown_series_and_buckets(s3_archive: S3Archive):  # noqa: F811
+def test_view_rejects_unknown_series_and_buckets(s3_archive: S3Archive):
     with pytest.raises(ArchiveError, match=r"no series 9\.9\.9"):
         IdcView.build(s3_archive.view.index, prior=["9.9.9"])
     uid = s3_archive.idc_uids[0]
@@ -215,7 +221,7 @@ def test_view_rejects_unknown_series_and_buckets(s3_archive: S3Archive):  # noqa
 
 
 def test_every_object_is_an_nbia_image_byte_for_byte(
-        s3_archive: S3Archive, s3_server: S3Server, http: httpx.Client,  # noqa: F811
+        s3_archive: S3Archive, s3_server: S3Server, http: httpx.Client,
         serve: Callable[..., ReferenceServer]):
     nbia = serve(s3_archive.root)
     for uid, version in s3_archive.view.current.items():
@@ -234,7 +240,7 @@ def test_every_object_is_an_nbia_image_byte_for_byte(
 
 
 # -- both servers alike --------------------------------------------------------------
-def test_listing_pages_and_continues(s3_archive: S3Archive, endpoint: str,  # noqa: F811
+def test_listing_pages_and_continues(s3_archive: S3Archive, endpoint: str,
                                      http: httpx.Client):
     version = first_series(s3_archive)
     prefix = version.crdc_series_uuid + "/"
@@ -252,7 +258,7 @@ def test_listing_pages_and_continues(s3_archive: S3Archive, endpoint: str,  # no
     assert bare == entries
 
 
-def test_moto_etags_are_plain_md5(s3_archive: S3Archive, moto_s3: str,  # noqa: F811
+def test_moto_etags_are_plain_md5(s3_archive: S3Archive, moto_s3: str,
                                   http: httpx.Client):
     entries, _ = list_all(http, moto_s3, "")
     assert len(entries) == len(s3_archive.view.objects)
@@ -262,7 +268,7 @@ def test_moto_etags_are_plain_md5(s3_archive: S3Archive, moto_s3: str,  # noqa: 
         assert etag == f'"{md5[key]}"'
 
 
-def test_delimiter_and_v1_listing(s3_archive: S3Archive, endpoint: str,  # noqa: F811
+def test_delimiter_and_v1_listing(s3_archive: S3Archive, endpoint: str,
                                   http: httpx.Client):
     page = list_page(http, endpoint, delimiter="/")
     prefixes = [_tag(p, "Prefix") for p in page.findall(NS + "CommonPrefixes")]
@@ -274,7 +280,7 @@ def test_delimiter_and_v1_listing(s3_archive: S3Archive, endpoint: str,  # noqa:
     assert len(contents(ET.fromstring(v1.content))) == len(first_series(s3_archive).objects)
 
 
-def test_the_prior_versions_objects_are_served(s3_archive: S3Archive, endpoint: str,  # noqa: F811
+def test_the_prior_versions_objects_are_served(s3_archive: S3Archive, endpoint: str,
                                                http: httpx.Client):
     old = s3_archive.view.prior[0]
     entries, _ = list_all(http, endpoint, old.crdc_series_uuid + "/")
@@ -285,8 +291,8 @@ def test_the_prior_versions_objects_are_served(s3_archive: S3Archive, endpoint: 
     assert hashlib.md5(body).hexdigest() == old.objects[0].md5
 
 
-def test_range_and_head_match_moto(s3_archive: S3Archive, s3_server: S3Server,  # noqa: F811
-                                   moto_s3: str, http: httpx.Client):  # noqa: F811
+def test_range_and_head_match_moto(s3_archive: S3Archive, s3_server: S3Server,
+                                   moto_s3: str, http: httpx.Client):
     obj = first_series(s3_archive).objects[0]
     data = obj.path.read_bytes()
     size = len(data)
@@ -319,7 +325,7 @@ def test_errors_are_s3_documents(endpoint: str, http: httpx.Client):
     assert bucket.status_code == 404 and error_code(bucket) == "NoSuchBucket"
 
 
-def test_a_bad_continuation_token_is_invalid_argument(s3_server: S3Server,  # noqa: F811
+def test_a_bad_continuation_token_is_invalid_argument(s3_server: S3Server,
                                                       http: httpx.Client):
     # (AWS says 400 InvalidArgument; moto 5.2 answers 500, so only ours is checked)
     token = http.get(f"{s3_server.url}/{BUCKET}",
@@ -329,7 +335,7 @@ def test_a_bad_continuation_token_is_invalid_argument(s3_server: S3Server,  # no
     assert keys.status_code == 400 and error_code(keys) == "InvalidArgument"
 
 
-def test_our_default_page_is_a_thousand_keys(s3_serve: Callable[..., S3Server],  # noqa: F811
+def test_our_default_page_is_a_thousand_keys(s3_serve: Callable[..., S3Server],
                                              archive_factory: Callable[..., object],
                                              http: httpx.Client):
     summary = archive_factory(seed=5, collections=1, patients=1, series=1, images=1001,
@@ -345,8 +351,8 @@ def test_our_default_page_is_a_thousand_keys(s3_serve: Callable[..., S3Server], 
     assert pages == 2 and [e[0] for e in entries] == [o.key for o in version.objects]
 
 
-def test_a_series_in_another_bucket(s3_archive: S3Archive,  # noqa: F811
-                                    s3_serve: Callable[..., S3Server], http: httpx.Client):  # noqa: F811
+def test_a_series_in_another_bucket(s3_archive: S3Archive,
+                                    s3_serve: Callable[..., S3Server], http: httpx.Client):
     uid = s3_archive.idc_uids[0]
     server = s3_serve(s3_archive.summary, buckets={uid: "idc-open-data-two"})
     version = server.view.current[uid]
@@ -359,7 +365,7 @@ def test_a_series_in_another_bucket(s3_archive: S3Archive,  # noqa: F811
 
 
 # -- faults --------------------------------------------------------------------------
-def test_corrupt_flips_one_byte_and_then_heals(s3_archive: S3Archive, s3_server: S3Server,  # noqa: F811
+def test_corrupt_flips_one_byte_and_then_heals(s3_archive: S3Archive, s3_server: S3Server,
                                                http: httpx.Client):
     version = first_series(s3_archive)
     obj = version.objects[0]
@@ -380,8 +386,8 @@ def test_corrupt_flips_one_byte_and_then_heals(s3_archive: S3Archive, s3_server:
     assert hashlib.md5(http.get(s3_server.object_url(other)).content).hexdigest() == other.md5
 
 
-def test_missing_object_is_listed_but_not_served(s3_archive: S3Archive,  # noqa: F811
-                                                 s3_server: S3Server, http: httpx.Client):  # noqa: F811
+def test_missing_object_is_listed_but_not_served(s3_archive: S3Archive,
+                                                 s3_server: S3Server, http: httpx.Client):
     version = first_series(s3_archive)
     obj = version.objects[0]
     s3_server.set_faults(S3Faults.parse(f"missing={version.crdc_series_uuid}"))
@@ -392,7 +398,7 @@ def test_missing_object_is_listed_but_not_served(s3_archive: S3Archive,  # noqa:
     assert http.head(s3_server.object_url(obj)).status_code == 404
 
 
-def test_slowdown_for_the_first_requests(s3_archive: S3Archive, s3_server: S3Server,  # noqa: F811
+def test_slowdown_for_the_first_requests(s3_archive: S3Archive, s3_server: S3Server,
                                          http: httpx.Client):
     obj = first_series(s3_archive).objects[0]
     s3_server.set_faults(S3Faults.parse("slowdown=2:3"))
@@ -405,7 +411,7 @@ def test_slowdown_for_the_first_requests(s3_archive: S3Archive, s3_server: S3Ser
     assert [r.fault for r in s3_server.requests] == ["slowdown", "slowdown", None]
 
 
-def test_reset_cuts_the_object_midway(s3_archive: S3Archive, s3_server: S3Server,  # noqa: F811
+def test_reset_cuts_the_object_midway(s3_archive: S3Archive, s3_server: S3Server,
                                       http: httpx.Client):
     obj = first_series(s3_archive).objects[0]
     s3_server.set_faults(S3Faults(reset={obj.key: 1}))
@@ -423,7 +429,7 @@ def test_reset_cuts_the_object_midway(s3_archive: S3Archive, s3_server: S3Server
 
 
 def test_truncated_listing_drops_the_last_key_without_saying_so(
-        s3_archive: S3Archive, s3_server: S3Server, http: httpx.Client):  # noqa: F811
+        s3_archive: S3Archive, s3_server: S3Server, http: httpx.Client):
     version = first_series(s3_archive)
     prefix = version.crdc_series_uuid + "/"
     keys = [o.key for o in version.objects]
@@ -442,7 +448,7 @@ def test_truncated_listing_drops_the_last_key_without_saying_so(
     assert len(entries) == len(other.objects)
 
 
-def test_multipart_etag(s3_archive: S3Archive, s3_server: S3Server,  # noqa: F811
+def test_multipart_etag(s3_archive: S3Archive, s3_server: S3Server,
                         http: httpx.Client):
     version = first_series(s3_archive)
     s3_server.set_faults(S3Faults(multipart=frozenset({version.series_uid})))
@@ -458,8 +464,8 @@ def test_multipart_etag(s3_archive: S3Archive, s3_server: S3Server,  # noqa: F81
         assert hashlib.md5(got.content).hexdigest() == obj.md5
 
 
-def test_latency_and_rate_slow_each_answer_down(s3_archive: S3Archive,  # noqa: F811
-                                                s3_server: S3Server, http: httpx.Client):  # noqa: F811
+def test_latency_and_rate_slow_each_answer_down(s3_archive: S3Archive,
+                                                s3_server: S3Server, http: httpx.Client):
     obj = first_series(s3_archive).objects[0]
     # lower bounds only: an answer cannot come before the server's waits
     s3_server.set_faults(S3Faults.parse("latency=150ms"))
@@ -489,13 +495,13 @@ def test_fault_specs():
             S3Faults.parse(bad)
 
 
-def test_unknown_fault_target_is_an_error(s3_server: S3Server):  # noqa: F811
+def test_unknown_fault_target_is_an_error(s3_server: S3Server):
     with pytest.raises(FaultSpecError, match="not a series"):
         s3_server.set_faults("corrupt=1.2.3.4")
 
 
 # -- nbia-retriever serve --s3-port --------------------------------------------------
-def test_serve_runs_the_s3_mode_and_writes_the_index(s3_archive: S3Archive,  # noqa: F811
+def test_serve_runs_the_s3_mode_and_writes_the_index(s3_archive: S3Archive,
                                                      tmp_path: Path):
     out = tmp_path / "index"
     code = ("import sys; from nbia_retriever.server import serve_command; "
@@ -531,7 +537,7 @@ def test_serve_runs_the_s3_mode_and_writes_the_index(s3_archive: S3Archive,  # n
     assert proc.returncode == 0
 
 
-def test_serve_rejects_bad_s3_faults(s3_archive: S3Archive):  # noqa: F811
+def test_serve_rejects_bad_s3_faults(s3_archive: S3Archive):
     result = CliRunner().invoke(serve_command, [str(s3_archive.root), "--s3-port", "0",
                                                 "--s3-faults", "corrupt"])
     assert result.exit_code == 2
@@ -544,7 +550,7 @@ def test_serve_rejects_bad_s3_faults(s3_archive: S3Archive):  # noqa: F811
 
 
 def test_objects_stream_from_disk_with_flat_memory(
-        s3_serve: Callable[..., S3Server],  # noqa: F811
+        s3_serve: Callable[..., S3Server],
         archive_factory: Callable[..., object], http: httpx.Client):
     import tracemalloc
 
@@ -570,7 +576,7 @@ def test_objects_stream_from_disk_with_flat_memory(
 
 
 def test_the_request_log_holds_an_answer_before_its_client_has_it(
-        s3_archive: S3Archive, s3_server: S3Server, http: httpx.Client):  # noqa: F811
+        s3_archive: S3Archive, s3_server: S3Server, http: httpx.Client):
     """A test that reads ``requests`` right after a response must find it there."""
     version = first_series(s3_archive)
     for obj in version.objects:
