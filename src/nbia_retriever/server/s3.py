@@ -57,6 +57,7 @@ import binascii
 import bisect
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -324,6 +325,8 @@ class S3Service:
             self.buckets.setdefault(obj.bucket, []).append(obj.key)
             self.objects[(obj.bucket, obj.key)] = obj
         self.last_modified = release_date(view.version)
+        self._last_modified_http = format_datetime(self.last_modified, usegmt=True)
+        self._last_modified_xml = self.last_modified.strftime("%Y-%m-%dT%H:%M:%S.000Z")
         self._faults = _FaultState(faults or S3Faults(), view)
         self._multipart_etags: dict[str, str] = {}
         self._log_lock = threading.Lock()
@@ -505,7 +508,7 @@ class S3Service:
         if len(series) == 1:
             _state(request).series_uid = series.pop()
         enc = (lambda s: quote(s, safe="/")) if url_encoded else (lambda s: s)
-        modified = self.last_modified.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        modified = self._last_modified_xml
         parts = [f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="{_NS}">',
                  _el("Name", bucket), _el("Prefix", enc(prefix))]
         if v2:
@@ -574,7 +577,7 @@ class S3Service:
         headers = _amz_headers()
         headers.update({
             "ETag": self.etag(obj),
-            "Last-Modified": format_datetime(self.last_modified, usegmt=True),
+            "Last-Modified": self._last_modified_http,
             "Accept-Ranges": "bytes",
             "Content-Type": "application/dicom",
         })
@@ -589,11 +592,11 @@ class S3Service:
             await response.write_eof()
             return response
         flip: int | None = None
-        corrupt_at = seeded_rng(faults.plan.seed, key, "corrupt").randrange(
-            size // 2, size) if size else 0
-        if size and start <= corrupt_at <= end and faults.take("corrupt", key):
-            flip = corrupt_at
-            state.fault = "corrupt"
+        if size and key in faults.objects["corrupt"]:
+            corrupt_at = seeded_rng(faults.plan.seed, key, "corrupt").randrange(size // 2, size)
+            if start <= corrupt_at <= end and faults.take("corrupt", key):
+                flip = corrupt_at
+                state.fault = "corrupt"
         cut: int | None = None
         if length and faults.take("reset", key):
             cut = start + max(1, length // 2) if length > 1 else start
@@ -666,8 +669,12 @@ def _el(name: str, text: str) -> str:
     return f"<{name}>{escape(text, _QUOTES)}</{name}>"
 
 
+_REQUEST_IDS = itertools.count(int.from_bytes(secrets.token_bytes(4), "big") << 32)
+
+
 def _amz_headers() -> dict[str, str]:
-    return {"x-amz-request-id": secrets.token_hex(8).upper(), "Server": "AmazonS3"}
+    """S3's identifying headers (the request id unique per answer, as S3's is)."""
+    return {"x-amz-request-id": f"{next(_REQUEST_IDS):016X}", "Server": "AmazonS3"}
 
 
 def _error(request: web.Request, status: int, code: str, message: str, *,
