@@ -241,7 +241,19 @@ def listed(srv, public, tmp_path) -> tuple[Path, list[SynthSeries]]:
     return path, public
 
 
-@pytest.mark.parametrize("terminal", [False, True], ids=["piped", "terminal"])
+def test_list_piped_is_tsv_with_whole_uids(listed):
+    """Piped, ``list`` is data: a header line and whole cells (issue 25 item 3)."""
+    path, public = listed
+    piped = cli("list", path, env={"COLUMNS": "80"})
+    assert piped.returncode == 0, piped.stderr
+    rows = [line.split("\t") for line in piped.stdout.splitlines()]
+    study, series = rows[0].index("Study UID"), rows[0].index("Series UID")
+    assert [r[series] for r in rows[1:-1]] == [s.series_uid for s in public]
+    assert all(r[study] == s.study_uid for r, s in zip(rows[1:], public, strict=False))
+    assert "1 series not described by the server" in piped.stderr
+
+
+@pytest.mark.parametrize("terminal", [True], ids=["terminal"])
 def test_list_fits_80_columns_and_wide_shows_whole_uids(listed, terminal):
     path, public = listed
     env = {"COLUMNS": "80"}

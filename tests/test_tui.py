@@ -379,25 +379,29 @@ async def test_sort_by_key_and_header_click(archive: ArchiveSummary, server: Ref
         await wait_for(pilot, lambda: app.phase == READY, "the metadata")
         manifest_order = table_order(app)
 
-        def sizes() -> list[int]:
-            return [app.rows[u].info.file_size or 0 for u in table_order(app)]  # type: ignore[union-attr]
+        def descriptions() -> list[str]:
+            return [app.rows[u].info.series_description.casefold()  # type: ignore[union-attr]
+                    for u in table_order(app)]
 
         table = app.query_one("#table", DataTable)
-        x = sum(c.get_render_width(table) for c in table.ordered_columns[:6]) + 2
-        await pilot.click("#table", offset=(x, 0))  # the "Size" header
-        assert app._sort == ("size", False)
-        assert sizes() == sorted(sizes())
+        # 130 columns: mark, Patient ID, Study Date, Modality, Series Description, ...
+        assert [str(c.key.value) for c in table.ordered_columns][:5] == [
+            "mark", "patient", "date", "modality", "description"]
+        x = sum(c.get_render_width(table) for c in table.ordered_columns[:4]) + 2
+        await pilot.click("#table", offset=(x, 0))  # the "Series Description" header
+        assert app._sort == ("description", False)
+        assert descriptions() == sorted(descriptions())
         await pilot.click("#table", offset=(x, 0))  # again: descending
-        assert sizes() == sorted(sizes(), reverse=True)
+        assert descriptions() == sorted(descriptions(), reverse=True)
         await pilot.press("o")  # keyboard: next column
-        assert app._sort == ("progress", False)
-        await pilot.press("o", "o", "o", "o", "o")  # status, then wraps round to Series UID
-        assert app._sort == ("series", False)
-        from nbia_retriever.tui.cells import uid_key
-
-        assert table_order(app) == sorted(manifest_order, key=uid_key)
+        assert app._sort == ("images", False)
+        await pilot.press("o", "o", "o")  # progress, status, then wraps round to Patient ID
+        assert app._sort == ("patient", False)
+        patients = [app.rows[u].info.patient_id for u in manifest_order]  # type: ignore[union-attr]
+        assert [app.rows[u].info.patient_id for u in table_order(app)] == sorted(patients)  # type: ignore[union-attr]
         await pilot.press("v")
-        assert table_order(app) == sorted(manifest_order, key=uid_key, reverse=True)
+        assert [app.rows[u].info.patient_id for u in table_order(app)] == sorted(  # type: ignore[union-attr]
+            patients, reverse=True)
 
 
 async def test_a_window_of_rows_pages_through_them_all(archive: ArchiveSummary,

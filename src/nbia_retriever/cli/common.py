@@ -224,3 +224,53 @@ def with_api_options(func: Any) -> Any:
 def human(size: int | None) -> str:
 
     return human_size(size)
+
+
+# ----------------------------------------------------------- series as people know them
+
+
+def series_fields(info: Any) -> list[str]:
+    """What people know a series by, from its metadata: Collection, Patient ID, Study
+    Date, Modality, Series Description (raw: printers make them :func:`inert`)."""
+    if info is None:
+        return ["", "", "", "", ""]
+    return [info.collection, info.patient_id, info.study_date, info.modality,
+            info.series_description]
+
+
+def series_label(uid: str, info: Any, *, wide: bool = False, limit: int = 40) -> str:
+    """One series on one line, as people know it: ``SYNTH-CT-A · P-0001 · 12-10-2019 · CT
+    · CHEST 5MM · 6 images (…099129866961)``, the description cut at ``limit``
+    characters, the UID's tail (``wide``: the whole UID). Without metadata, the UID."""
+    from ..report import short_uid
+
+    uid_text = uid if wide else short_uid(uid)
+    if info is None:
+        return f"series {uid_text}"
+    parts = series_fields(info)
+    description = parts[-1]
+    if len(description) > limit:
+        parts[-1] = description[: limit - 1] + "…"
+    shown = " · ".join(p for p in parts if p)
+    count = getattr(info, "image_count", None)
+    if count is not None:
+        shown += f" · {count:,} image{'s' if count != 1 else ''}"
+    return f"{shown} ({uid_text})" if shown else f"series {uid_text}"
+
+
+def fit_widths(naturals: list[int], room: int, minimum: int = 4) -> list[int]:
+    """Widths for columns of free text sharing ``room`` characters: a column that needs
+    less than an equal share keeps its natural width and leaves the rest to the others
+    (a short collection name is never cut to make room it does not use).
+
+    >>> fit_widths([10, 40, 60], 50)
+    [10, 20, 20]
+    """
+    widths = [minimum] * len(naturals)
+    left = max(room, minimum * len(naturals))
+    order = sorted(range(len(naturals)), key=naturals.__getitem__)
+    for done, i in enumerate(order):
+        share = left // (len(order) - done)
+        widths[i] = max(minimum, min(naturals[i], share))
+        left -= widths[i]
+    return widths

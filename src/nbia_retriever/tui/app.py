@@ -58,7 +58,7 @@ from ..manifest import Manifest
 from ..models import ALL_STATES, FAILED_STATES, SeriesState
 from ..report import SeriesResult, human_size, write_error_report
 from ..session import Session, session_for
-from .cells import COLUMNS, EMPTY, Cell, row_cells, speed_and_eta
+from .cells import COLUMNS, EMPTY, Cell, hidden_columns, row_cells, speed_and_eta
 from .screens import ConfirmQuitScreen, DestinationScreen, LoginScreen, SaveReportScreen
 from .table import PAGE, PagedTable
 
@@ -82,9 +82,6 @@ SPEED_WINDOW = 5.0
 RETRYABLE = FAILED_STATES | {SeriesState.CANCELLED}
 _STATE = operator.attrgetter("state")
 AUTO_WIDTH = frozenset(key for key, _, width in COLUMNS if width is None)
-#: Below this terminal width the table drops the columns in NARROW_HIDDEN.
-WIDE_TABLE = 112
-NARROW_HIDDEN = frozenset({"collection", "study", "images"})
 
 
 @dataclass(slots=True)
@@ -174,6 +171,7 @@ class RetrieverApp(App[None]):
         self._sort: tuple[str, bool] | None = None
         self.last_report_path: Path | None = None
         self._columns: list[str] = []
+        self._hidden: frozenset[str] = frozenset()
 
     # -- layout ---------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -206,7 +204,7 @@ class RetrieverApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self._build_table(self.size.width < WIDE_TABLE)
+        self._build_table(hidden_columns(self.size.width))
         self.query_one("#table", DataTable).focus()
         self._prepare_engine()
         self.set_interval(TICK, self._tick)
@@ -216,17 +214,19 @@ class RetrieverApp(App[None]):
             self.action_login()
 
     def on_resize(self, event: events.Resize) -> None:
-        narrow = event.size.width < WIDE_TABLE
-        if self._columns and narrow != (len(self._columns) < len(COLUMNS)):
-            self._build_table(narrow)
+        hidden = hidden_columns(event.size.width)
+        if self._columns and hidden != self._hidden:
+            self._build_table(hidden)
 
-    def _build_table(self, narrow: bool) -> None:
-        """(Re)create the columns: a narrow terminal (80 columns over SSH) drops those the
-        detail panel shows anyway, so that Progress and Status stay in view."""
+    def _build_table(self, hidden: frozenset[str]) -> None:
+        """(Re)create the columns: a narrower terminal (80 columns over SSH) drops those
+        the detail panel shows anyway (:func:`~.cells.hidden_columns`), so that Progress
+        and Status stay in view."""
         table = self.query_one("#table", DataTable)
         cursor = self._cursor_uid() if self._columns else None
         table.clear(columns=True)
-        columns = [c for c in COLUMNS if not (narrow and c[0] in NARROW_HIDDEN)]
+        self._hidden = hidden
+        columns = [c for c in COLUMNS if c[0] not in hidden]
         self._columns = [key for key, _, _ in columns]
         for key, label, width in columns:
             table.add_column(label, key=key, width=width)
@@ -372,6 +372,8 @@ class RetrieverApp(App[None]):
                 self._full_sync = True
 
     def _tick(self) -> None:
+        if not self.query("#table"):  # quitting: the widgets are gone, nothing to draw
+            return
         with self._lock:
             dirty, self._dirty = self._dirty, set()
             full, self._full_sync = self._full_sync, False
@@ -664,6 +666,8 @@ class RetrieverApp(App[None]):
                 f"#{format_series_number(info.series_number)}" if info.series_number else "",
                 info.modality, info.series_description) if p)
             line("Study UID", info.study_uid or "?")
+            study = " · ".join(p for p in (info.study_date, info.study_description) if p)
+            line("Study", study or "?")
             line("Series", extra or "?")
             line("Patient", f"{info.patient_id or '?'} · {info.collection or '?'}")
             count = "?" if info.image_count is None else f"{info.image_count:,}"

@@ -22,8 +22,10 @@ from ..report import human_size
 #: Characters of a UID kept in the table ("…" + the last ones); the detail panel has it all.
 UID_TAIL = 12
 BAR_WIDTH = 10
-#: Longest Collection / Patient ID shown in the table; the detail panel has the full text.
+#: Longest Series Description shown in the table; the detail panel has the full text.
 TEXT_MAX = 24
+#: Longest Collection / Patient ID shown in the table.
+NAME_MAX = 14
 STATUS_STYLES: dict[str, str] = {
     SeriesState.NOT_STARTED: "",
     SeriesState.QUEUED: "dim",
@@ -151,16 +153,31 @@ def number_cell(value: int | None, text: str | None = None) -> Cell:
     return Cell(shown, key=(0, value) if value is not None else (1, 0))
 
 
+def date_key(text: str) -> tuple[int, str]:
+    """Study dates sort by date: NBIA's ``MM-DD-YYYY`` and DICOM's ``YYYYMMDD`` or
+    ``YYYY-MM-DD`` as ``YYYYMMDD``; anything else after them, as text."""
+    digits = "".join(c for c in text if c.isdigit())
+    if len(digits) == 8:
+        if text[:4].isdigit():
+            return (0, digits)
+        return (0, digits[4:] + digits[:4])  # MM-DD-YYYY
+    return (1 if text else 2, text)
+
+
 def row_cells(uid: str, info: SeriesInfo | None, state: str, bytes_done: int,
               marked: bool) -> dict[str, Cell]:
-    """Every cell of one row, keyed by column key (see ``COLUMNS``)."""
+    """Every cell of one row, keyed by column key (see ``COLUMNS``): the series as people
+    know it (collection, patient, study date, modality, description, images), the
+    UID's tail, and how far it is."""
     expected = info.file_size if info else None
     return {
         "mark": Cell("●" if marked else " ", key=0 if marked else 1, style="bold yellow"),
-        "collection": text_cell(info.collection if info else ""),
-        "patient": text_cell(info.patient_id if info else ""),
-        "study": Cell(short_uid(info.study_uid) if info else "",
-                      key=uid_key(info.study_uid) if info and info.study_uid else ((9, 0, ""),)),
+        "collection": text_cell(info.collection if info else "", NAME_MAX),
+        "patient": text_cell(info.patient_id if info else "", NAME_MAX),
+        "date": Cell(info.study_date if info else "",
+                     key=date_key(info.study_date if info else "")),
+        "modality": text_cell(info.modality if info else "", 8),
+        "description": text_cell(info.series_description if info else ""),
         "series": Cell(short_uid(uid), key=uid_key(uid)),
         "images": number_cell(info.image_count if info else None),
         "size": number_cell(expected, human_size(expected)),
@@ -174,10 +191,27 @@ COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("mark", " ", 1),
     ("collection", "Collection", None),
     ("patient", "Patient ID", None),
-    ("study", "Study UID", UID_TAIL + 1),
+    ("date", "Study Date", 10),
+    ("modality", "Modality", None),
+    ("description", "Series Description", None),
     ("series", "Series UID", UID_TAIL + 1),
     ("images", "Images", 6),
     ("size", "Size", 9),
     ("progress", "Progress", BAR_WIDTH + 5),
     ("status", "Status", 14),
 )
+#: Terminal widths below which the table leaves out columns (the detail panel shows
+#: them for the series under the cursor), widest first: Progress and Status stay in view.
+HIDDEN_BELOW: tuple[tuple[int, frozenset[str]], ...] = (
+    (150, frozenset({"collection", "series", "size"})),
+    (114, frozenset({"collection", "images", "series", "date", "modality", "size"})),
+)
+
+
+def hidden_columns(width: int) -> frozenset[str]:
+    """The columns a table ``width`` characters wide leaves out."""
+    hidden: frozenset[str] = frozenset()
+    for below, columns in HIDDEN_BELOW:
+        if width < below:
+            hidden = columns
+    return hidden
