@@ -17,12 +17,14 @@ stages a series from one ordered stream of bytes and a reader that cuts it into 
   the server's list: one staging path, one set of checks, for both sources.
 
 Memory stays flat in object and series size: object ``j`` is requested only once the
-consumer finished object ``j - inflight``, and each object buffers at most
-:data:`SLOT_BYTES` ahead of the consumer (its fetcher waits, not reading its socket,
-while the slot is full), so a stream holds at most ``inflight`` x (1 MiB + one read).
-The cost is that one large object at the head of the queue holds the others to 1 MiB
-each until it is written: a series of big objects goes at about one connection's
-speed, and the engine's several series at once are what fill the link then.
+consumer finished object ``j - inflight``, and the objects after the one being consumed
+share a budget of :data:`BUFFER_BYTES` (8 MiB) ahead of the consumer, the current one
+up to :data:`SLOT_BYTES` more (a fetcher with no room waits, not reading its socket),
+so a stream holds at most that plus one read per object in flight, whatever the sizes
+and however many are in flight. Small objects (a CT slice) are then fetched ``inflight``
+at once; one object far larger than the budget at the head of the queue holds the
+others back until it is written, and a series of such objects goes at about one
+connection's speed: the engine's several series at once are what fill the link then.
 
 The fetchers are long-lived threads shared by every stream of one transport
 (:class:`Fetchers`, kept in the opener's ``cache``), so each keeps its keep-alive
@@ -48,12 +50,18 @@ from ..naming import MD5_ENTRY
 from ..untrusted import quote
 from .s3 import S3Object, get_object, list_objects
 
-__all__ = ["INFLIGHT", "SLOT_BYTES", "Fetchers", "IdcOpener", "IdcStream", "ObjectReader"]
+__all__ = ["BUFFER_BYTES", "INFLIGHT", "SLOT_BYTES", "Fetchers", "IdcOpener", "IdcStream",
+           "ObjectReader"]
 
 #: Objects of one series requested at once, by default.
 INFLIGHT = 8
-#: Bytes of one object buffered ahead of the consumer (4 reads of 256 KiB).
+#: Most objects a series the index gives no count for may list (the largest TCIA series
+#: hold a few thousand images).
+UNCOUNTED_LIMIT = 100_000
+#: Bytes the object being consumed may hold ahead of the consumer (4 reads of 256 KiB).
 SLOT_BYTES = 1024 * 1024
+#: Bytes the objects after it may hold together, however many are in flight.
+BUFFER_BYTES = 8 * 1024 * 1024
 #: Largest piece handed out in one ``EntryData`` (as the zip reader's).
 PIECE_SIZE = 256 << 10
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
@@ -105,7 +113,9 @@ class IdcOpener:
     bucket: str
     crdc_series_uuid: str
     series_uid: str
-    instance_count: int
+    #: None: the index does not say (prior_versions_index has no count): the listing
+    #: decides, up to :data:`UNCOUNTED_LIMIT` objects.
+    instance_count: int | None
     timeout: float = 60.0
     connect_timeout: float = 30.0
     verify: bool = True
@@ -141,9 +151,10 @@ def _opened(stream: IdcStream) -> Iterator[IdcStream]:
 class _Slot:
     """One object's bytes between its fetcher and the consumer."""
 
-    __slots__ = ("buffered", "chunks", "done", "obj", "ready")
+    __slots__ = ("buffered", "chunks", "done", "index", "obj", "ready")
 
-    def __init__(self, obj: S3Object, lock: threading.Lock) -> None:
+    def __init__(self, index: int, obj: S3Object, lock: threading.Lock) -> None:
+        self.index = index
         self.obj = obj
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -165,6 +176,11 @@ class IdcStream:
         self.objects: list[S3Object] = []
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
+        #: Fetchers of the objects after the current one wait here for room.
+        self._space = threading.Condition(self._lock)
+        self._budget = BUFFER_BYTES
+        self._buffered = 0
+        self._current = 0
         self._live: set[Response] = set()
         self._error: BaseException | None = None
         self._aborted = False
@@ -182,10 +198,13 @@ class IdcStream:
             raise IntegrityError(f"{what}: the index gives the bucket "
                                  f"{quote(opener.bucket, 80)!r}, not a bucket name")
         expected = opener.instance_count
+        limit = UNCOUNTED_LIMIT if expected is None else max(2 * expected, expected + 1000)
         objects = list_objects(self._fetchers.transport, opener.endpoint, opener.bucket,
-                               opener.crdc_series_uuid + "/", what=what,
-                               limit=max(2 * expected, expected + 1000))
-        if len(objects) != expected:
+                               opener.crdc_series_uuid + "/", what=what, limit=limit)
+        if expected is None and not objects:
+            raise IntegrityError(f"{what}: the listing of s3://{opener.bucket}/"
+                                 f"{opener.crdc_series_uuid}/ is empty")
+        if expected is not None and len(objects) != expected:
             raise IntegrityError(f"{what}: the listing of s3://{opener.bucket}/"
                                  f"{opener.crdc_series_uuid}/ has {len(objects)} objects, "
                                  f"the index says {expected}")
@@ -217,7 +236,7 @@ class IdcStream:
         self._started = True
         lock = self._lock
         with lock:
-            self._slots = [_Slot(obj, lock) for obj in self.objects]
+            self._slots = [_Slot(i, obj, lock) for i, obj in enumerate(self.objects)]
         slots = self._slots
         window = max(1, self.opener.inflight)
         for j in range(min(window, len(slots))):
@@ -236,8 +255,13 @@ class IdcStream:
                         break  # done
                     chunk = slot.chunks.popleft()
                     slot.buffered -= len(chunk)
-                    slot.ready.notify_all()
+                    self._buffered -= len(chunk)
+                    slot.ready.notify()  # its fetcher, if the slot was full
+                    self._space.notify()  # one fetcher of a later object
                 yield chunk
+            with lock:
+                self._current = i + 1
+                self._space.notify_all()  # the next object's fetcher is exempt now
             if i + window < len(slots):
                 self._submit(slots[i + window])
 
@@ -260,6 +284,7 @@ class IdcStream:
             self._live.clear()
             for slot in self._slots:
                 slot.ready.notify_all()
+            self._space.notify_all()
 
     # -- the fetchers' side --------------------------------------------------------------
     def _submit(self, slot: _Slot) -> None:
@@ -302,15 +327,28 @@ class IdcStream:
             slot.ready.notify_all()
 
     def _put(self, slot: _Slot, chunk: bytes) -> None:
+        """Queue ``chunk`` for the consumer once there is room: the object being
+        consumed may always hold up to :data:`SLOT_BYTES` (so the consumer always has
+        something coming), the later ones share what the stream's budget leaves (so a
+        run of small objects is fetched well ahead, a big one at the head holds the
+        others back by at most the budget)."""
+        n = len(chunk)
         with self._lock:
-            while slot.buffered and slot.buffered + len(chunk) > SLOT_BYTES \
-                    and not self._aborted and self._error is None:
-                slot.ready.wait()
+            while not self._aborted and self._error is None:
+                if slot.index == self._current:
+                    if not slot.buffered or slot.buffered + n <= SLOT_BYTES:
+                        break
+                    slot.ready.wait()
+                elif self._buffered + n <= self._budget:
+                    break
+                else:
+                    self._space.wait()
             if self._aborted or self._error is not None:
                 raise _Stopped
             slot.chunks.append(chunk)
-            slot.buffered += len(chunk)
-            self._received += len(chunk)
+            slot.buffered += n
+            self._buffered += n
+            self._received += n
             slot.ready.notify_all()
 
 
