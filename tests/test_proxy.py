@@ -22,14 +22,21 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from enginehelpers import write_manifest
 from hostile_server import AppThread, self_signed_context
 from nbia_retriever.server import ReferenceServer
+from nbia_retriever.server.s3 import S3Server
 from nbia_retriever.server.synth import ArchiveSummary
 from reliability_helpers import CLI
+
+if TYPE_CHECKING:  # the module is a plugin here: imported by pytest, not before
+    from s3_fixtures import S3Archive
+
+pytest_plugins = ["s3_fixtures"]  # IDC's S3 (the reference server's S3 mode)
 
 USER = "proxy-user"
 PASSWORD = "pr0xy-Pa55:w/rd-7731"  # ':' and '/' percent-encoded in the URL
@@ -403,6 +410,29 @@ def test_list_through_a_proxy_and_a_refused_socks_login(tmp_path: Path,
     assert len(lines) == 1 and f"127.0.0.1:{proxy.port}" in lines[0], refused.stderr
     assert "Traceback" not in refused.stderr and "zz" not in refused.stderr
     assert_no_password(refused.stdout, refused.stderr)
+
+
+def test_idc_objects_come_through_the_proxy_too(tmp_path: Path, s3_archive: S3Archive,
+                                                s3_server: S3Server,
+                                                serve: Callable[..., ReferenceServer],
+                                                proxies: list[LoopbackProxy]) -> None:
+    """``--source idc``: IDC's S3 client uses the same transport, so its listings and
+    objects go through the proxy too (in the worker processes as well)."""
+    nbia = serve(s3_archive.root)
+    port = int(s3_server.url.rsplit(":", 1)[1].rstrip("/"))
+    proxy = Socks5Proxy(("127.0.0.1", port))
+    proxies.append(proxy)
+    cart = write_manifest(tmp_path / "cart.tcia", list(s3_archive.idc_uids), nbia.download_url)
+    done = subprocess.run(
+        [*CLI, "download", str(cart), "-d", str(tmp_path / "dl"), "--source", "idc",
+         "--idc-index", str(s3_archive.index_dir), "--idc-endpoint", s3_server.url,
+         "--proxy", f"socks5://{USER}:{QUOTED}@127.0.0.1:{proxy.port}"],
+        capture_output=True, text=True, env=clean_env(), timeout=120, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert list((tmp_path / "dl").rglob("*.dcm"))
+    assert proxy.tunnels >= 1 and set(proxy.targets) == {f"127.0.0.1:{port}"}
+    assert_no_password(output, everything_written(tmp_path / "dl"))
 
 
 # -- the URL, the Python API, the children ---------------------------------------------------
