@@ -19,6 +19,10 @@ from hostile_server import Crafted, HostileServer, files_of, record, series_zip
 from nbia_retriever.server import ReferenceServer
 from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 
+# IDC's fixtures (s3_archive, s3_server, s3_serve, moto_s3): registered once, so the
+# session-scoped ones (moto above all) start once for the whole run.
+pytest_plugins = ["s3_fixtures"]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

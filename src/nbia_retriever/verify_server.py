@@ -179,12 +179,13 @@ def verify_against_server(root: Path, client: NbiaClient, *, workers: int = 4,
     def check_idc(uid: str) -> SeriesCheck:
         import os
 
-        from .idc.source import DEFAULT_ENDPOINT, _check_endpoint
+        from .idc import check_endpoint
+        from .idc.source import DEFAULT_ENDPOINT
         from .idc.verify import check_idc_series
 
         relpath = folders[uid]
         bucket, uuid = from_idc[uid]
-        endpoint = _check_endpoint(idc_endpoint or os.environ.get("NBIA_IDC_ENDPOINT")
+        endpoint = check_endpoint(idc_endpoint or os.environ.get("NBIA_IDC_ENDPOINT")
                                    or DEFAULT_ENDPOINT)
         verdict, detail = check_idc_series(image_files(root / relpath), bucket, uuid,
                                            endpoint=endpoint, timeout=timeout, verify=verify)

@@ -217,6 +217,10 @@ class DownloadOptions:
         self.trusted_hosts = tuple(self.trusted_hosts)
         if not isinstance(self.source, str) or not self.source:
             raise UsageError(f"source must be the name of a source, not {self.source!r}")
+        if self.idc_endpoint is not None:
+            from ..idc import check_endpoint  # (pure; the HTTP stack's loopback test)
+
+            self.idc_endpoint = check_endpoint(self.idc_endpoint)
 
     @property
     def streams_cap(self) -> int:

@@ -163,7 +163,7 @@ class Engine:
         self._source = source
         #: Lines about the manifest for the user (``.s5cmd`` lines IDC's index lacks).
         self.manifest_notes: list[str] = []
-        if manifest.kind == "s5cmd" and source is None:
+        if manifest.kind == "s5cmd" and source is None and self.options.idc_pinned is None:
             # not at --help: IDC's index only for a manifest that names IDC objects
             from ..idc.source import resolve_for_run
 
@@ -180,10 +180,15 @@ class Engine:
         self.source_name = "nbia" if self.options.source == "auto" else self.options.source
         if source is None:
             source_factory(self.options.source)  # an unknown name is refused here, at once
+            if self.options.source == "idc":
+                # IDC's index and endpoint are checked here too (a UsageError before
+                # anything runs, not a failure in the engine's thread).
+                self._source = self.session.source(self.options)
         if self.source_name != "nbia":  # SeriesResult's default: no loop for it
             for result in self.results.values():
                 result.source = self.source_name
-        self.report = Report(root=self.root, results=self.results)
+        self.report = Report(root=self.root, results=self.results,
+                             only_failed=self.options.only_failed)
         self.report.warnings.extend(self.manifest_notes)
         self._subscribers: list[Callable[[Event], None]] = []
         #: The one writer of the series' states and their counts (engine.ledger); its
@@ -556,7 +561,7 @@ class Engine:
         manifest = self.manifest
         path = manifest.source or ""  # "<manifest>": parsed from a string, no file
         path = os.path.abspath(path) if path and not path.startswith("<") else ""
-        servers = [self.session.api_url]
+        servers = [self.session.api_url.rstrip("/")]
         servers += [u for u in getattr(self._source, "servers", ()) or ()
                     if isinstance(u, str) and u not in servers]
         record = RunRecord(time.time(), manifest=path, headers=header_lines(manifest.headers),
@@ -699,6 +704,7 @@ class Engine:
                 self._end_plan()
             for w in workers:
                 w.join()
+            self._source_notes()  # what the source found while downloading (a fallback)
             if self._planner is not None and not self.report.fatal:
                 # Rows written in the background (a started run's, after prepare()).
                 self._plan_step(self._planner.wait_rows)

@@ -8,3 +8,28 @@ per-host politeness limit. This package finds a series in IDC's own index files
 the objects are staged, checked (ETag MD5s, header UIDs, instance count) and published
 into the same Java tree as an NBIA download of the series.
 """
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from ..errors import UsageError
+
+__all__ = ["check_endpoint"]
+
+
+def check_endpoint(url: str) -> str:
+    """``--idc-endpoint``: ``http(s)://host[:port][/path]``, https unless loopback (the
+    objects are checked by MD5, but a listing over plain http could be swapped on the
+    way, and with it the ETags). Returns it without a trailing ``/``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+            or parts.fragment or parts.username or parts.password:
+        raise UsageError(f"--idc-endpoint must be an http(s) URL without query or "
+                         f"credentials, not {url!r}")
+    from ..api.http import is_loopback  # the HTTP stack only when an endpoint is named
+
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise UsageError(f"--idc-endpoint {parts.hostname}: plain http is accepted only "
+                         "on loopback; use https")
+    return url.rstrip("/")

@@ -82,7 +82,7 @@ _CURRENT: dict[str, str] = {
 #: what an NBIA metadata.csv row holds.
 _CURRENT_OPTIONAL: dict[str, str] = {
     "Manufacturer": "str", "BodyPartExamined": "str", "SOPClassUID": "str",
-    "sop_class_name": "str", "source_DOI": "str",
+    "sop_class_name": "str", "source_DOI": "str", "analysis_result_id": "str",
 }
 _PRIOR: dict[str, str] = {
     "SeriesInstanceUID": "str", "crdc_series_uuid": "str", "aws_bucket": "str",
@@ -169,6 +169,9 @@ class IdcSeries:
     sop_class_uid: str = ""
     sop_class_name: str = ""
     doi: str = ""
+    #: IDC's ``analysis_result_id``: the series is a third party's analysis result
+    #: (NBIA's "3rd Party Analysis" YES).
+    analysis: str = ""
 
     @property
     def url(self) -> str:
@@ -191,6 +194,7 @@ class IdcSeries:
             image_count=self.instance_count, file_size=self.size_bytes,
             license_name=name, license_url=url,
             data_description_uri=f"https://doi.org/{self.doi}" if self.doi else "",
+            third_party="YES" if self.analysis else "NO",
         )
 
 
@@ -526,6 +530,7 @@ class IdcIndex:
             license_short_name=text("license_short_name"), manufacturer=text("Manufacturer"),
             body_part=text("BodyPartExamined"), sop_class_uid=text("SOPClassUID"),
             sop_class_name=text("sop_class_name"), doi=text("source_DOI"),
+            analysis=text("analysis_result_id"),
         )
 
 
@@ -543,7 +548,7 @@ def _with_metadata_of(old: IdcSeries, now: IdcSeries) -> IdcSeries:
         instance_count=None, size_bytes=old.size_bytes,
         license_short_name=now.license_short_name, manufacturer=now.manufacturer,
         body_part=now.body_part, sop_class_uid=now.sop_class_uid,
-        sop_class_name=now.sop_class_name, doi=now.doi,
+        sop_class_name=now.sop_class_name, doi=now.doi, analysis=now.analysis,
     )
 
 

@@ -32,6 +32,7 @@ from ..engine.source import ByteStream, MetadataBatch, Source, StreamOpener, Ver
 from ..errors import IntegrityError, NbiaError, UsageError
 from ..models import SeriesInfo, SeriesState
 from ..retry import classify
+from . import check_endpoint
 
 if TYPE_CHECKING:
     from ..engine.options import DownloadOptions
@@ -61,22 +62,6 @@ def where_text(series: IdcSeries) -> str:
     return f"idc s3://{series.bucket}/{series.crdc_series_uuid}/ v{series.version}{old}"
 
 
-def _check_endpoint(url: str) -> str:
-    """``--idc-endpoint``: http(s)://host[:port][/path], https unless loopback (the
-    bytes are checked by MD5, but a listing over plain http could be swapped)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
-            or parts.fragment or parts.username or parts.password:
-        raise UsageError(f"--idc-endpoint must be an http(s) URL without query or "
-                         f"credentials, not {url!r}")
-    from ..api.http import is_loopback  # the HTTP stack only for an IDC run
-
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        raise UsageError(f"--idc-endpoint {parts.hostname}: plain http is accepted only "
-                         "on loopback; use https")
-    return url.rstrip("/")
-
-
 class IdcSource:
     """Series from IDC's buckets (see the module docstring)."""
 
@@ -85,7 +70,7 @@ class IdcSource:
                  pinned: Mapping[str, IdcSeries] | None = None,
                  inflight: int = INFLIGHT) -> None:
         self.index = index
-        self.endpoint = _check_endpoint(endpoint)
+        self.endpoint = check_endpoint(endpoint)
         self.timeout = timeout
         self.verify = verify
         self.md5 = md5

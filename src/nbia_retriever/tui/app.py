@@ -137,9 +137,14 @@ class RetrieverApp(App[None]):
         session: Session | None = None,
     ) -> None:
         super().__init__()
+        self.options = options or DownloadOptions()
+        if manifest.kind == "s5cmd" and self.options.idc_pinned is None:
+            # IDC objects by version: the rows are their SeriesInstanceUIDs (engine.run)
+            from ..idc.source import resolve_for_run
+
+            manifest, self.options, _notes = resolve_for_run(manifest, self.options)
         self.manifest = manifest
         self.dest = Path(dest)
-        self.options = options or DownloadOptions()
         #: Who the window talks to (opened once; each engine gets it, with the login of
         #: the moment): see :mod:`nbia_retriever.session`.
         self.session = session or session_for(manifest, self.options)
