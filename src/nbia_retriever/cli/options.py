@@ -117,7 +117,8 @@ def download_flags(command: Command) -> Callable[[F], F]:
 
 PROXY_HELP = ("Send every request through this proxy: http://, https://, socks5:// or "
               "socks5h://[USER:PASSWORD@]HOST:PORT (env NBIA_PROXY; else the config file's "
-              "proxy; else HTTPS_PROXY/HTTP_PROXY). Its password is never shown.")
+              "proxy; else HTTPS_PROXY/HTTP_PROXY). Its password is never shown; with one, "
+              "prefer NBIA_PROXY: other users of the machine can read a command line.")
 
 
 def apply_proxy(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
