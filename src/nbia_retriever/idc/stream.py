@@ -304,7 +304,7 @@ class IdcStream:
                     self._live.add(response)
                 try:
                     got = 0
-                    for chunk in response.chunks(1 << 20):
+                    for chunk in response.chunks():
                         got += len(chunk)
                         if got > obj.size:
                             raise IntegrityError(f"{self.what}: object {quote(obj.key, 120)} "
