@@ -348,11 +348,11 @@ class Report:
             + f"; {mb:,.1f} MB downloaded in {self.elapsed:,.1f} s ({rate:,.1f} MB/s)",
         ]
         interrupted = self.count(SeriesState.INTERRUPTED)
-        for state in (SeriesState.ERROR, SeriesState.NOT_AUTHORIZED, SeriesState.NO_DATA,
-                      SeriesState.NOT_STARTED):
-            n = self.count(state)
-            if n:
-                lines.append(f"{n} series {state}")
+        counts = [f"{n} series {state}" for state in (
+            SeriesState.ERROR, SeriesState.NOT_AUTHORIZED, SeriesState.NO_DATA,
+            SeriesState.NOT_STARTED) if (n := self.count(state))]
+        if counts:  # one line: the next step below stays close to the first line
+            lines.append(", ".join(counts))
         if interrupted:
             partial = self.interrupted_bytes
             lines.append(f"{interrupted} series interrupted"

@@ -31,7 +31,6 @@ from urllib.parse import urlsplit
 from .api import DEFAULT_API_URL, NbiaClient
 from .errors import AuthError, ManifestError, NbiaError, NotPublicError, TlsError
 from .errors import MissingDependencyError as MissingDependencyError  # re-export
-from .layout import root_folder_name
 from .manifest import (
     _STANDARD_KEYS,
     DEFAULT_DOWNLOAD_URL,
@@ -333,18 +332,28 @@ def write_cart(records: Iterable[SeriesInfo | Mapping[str, Any] | str],
     return write_manifest(path, uids, download_server_url=download_url_for(api_url))
 
 
-def write_csv(records: Iterable[SeriesInfo], path: str | os.PathLike[str]) -> Path:
-    """The selection as CSV with getSeries' column names (:data:`CSV_COLUMNS`).
+#: The column of :func:`write_csv` that names the server the rows came from, under the
+#: ``.tcia`` header's own name: a column (not a comment line) so that csv.DictReader,
+#: pandas and spreadsheets read the file as before.
+CSV_SERVER_COLUMN = "downloadServerUrl"
 
-    It has a ``SeriesInstanceUID`` column, so ``download FILE --api-url URL`` reads it
-    as a manifest too. Written atomically.
+
+def write_csv(records: Iterable[SeriesInfo], path: str | os.PathLike[str],
+              api_url: str | None = None) -> Path:
+    """The selection as CSV with getSeries' column names (:data:`CSV_COLUMNS`) and a
+    last column, :data:`CSV_SERVER_COLUMN`, naming the server it came from (the
+    DownloadServlet URL a ``.tcia`` of that server carries: :func:`download_url_for`).
+
+    It has a ``SeriesInstanceUID`` column, so ``download FILE`` reads it as a manifest
+    too. Written atomically.
     """
+    server = download_url_for(api_url)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([name for name, _ in CSV_COLUMNS])
+    writer.writerow([*(name for name, _ in CSV_COLUMNS), CSV_SERVER_COLUMN])
     for info in records:
-        writer.writerow(["" if (v := getattr(info, attr)) is None else v
-                         for _, attr in CSV_COLUMNS])
+        writer.writerow([*("" if (v := getattr(info, attr)) is None else v
+                           for _, attr in CSV_COLUMNS), server])
     return _atomic_write(Path(path), buf.getvalue())
 
 
@@ -540,21 +549,12 @@ class MergeReport:
 
 
 def find_root(path: str | os.PathLike[str], manifest_root_name: str | None = None) -> Path:
-    """The download root (the folder holding ``.nbia/``) given it or its destination."""
+    """The download root (the folder holding ``.nbia/``) given it or its destination:
+    :func:`nbia_retriever.verify.find_download_root` (AmbiguousRootError lists the
+    roots of a destination that holds several)."""
+    from .verify import find_download_root  # the journal code only for merge-reports
 
-    base = Path(path)
-    if (base / STATE_DIR).is_dir():
-        return base
-    if manifest_root_name is not None:
-        candidate = base / root_folder_name(manifest_root_name)
-        if (candidate / STATE_DIR).is_dir():
-            return candidate
-    children = sorted(p for p in base.iterdir() if (p / STATE_DIR).is_dir()) \
-        if base.is_dir() else []
-    if len(children) == 1:
-        return children[0]
-    hint = f" ({len(children)} download roots below it: name one)" if children else ""
-    raise NbiaError(f"{base}: no download here (expected {STATE_DIR}/journal*.sqlite){hint}")
+    return find_download_root(path, manifest_root_name)
 
 
 def merge_reports(root: str | os.PathLike[str], *,

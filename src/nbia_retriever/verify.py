@@ -6,20 +6,64 @@ published, so this re-hashes them and lists what is missing, altered or unexpect
 Every series is counted once, whichever journals (shards, re-runs) name it. Files
 adopted from an existing tree were never hashed by us: their sizes are checked here,
 their content by ``verify --server`` (:mod:`nbia_retriever.verify_server`).
+
+Every command that takes a download root also takes the folder the user typed after
+``-d`` (:func:`find_download_root`): its single root is picked, and when it holds
+several they are listed, one a line, for the user to choose (nothing is guessed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine.journal import Journal, JournalEntry
 from .engine.staging import looks_like_dicom
+from .errors import AmbiguousRootError, DestinationError
+from .layout import root_folder_name
 from .models import SeriesState
 from .ondisk import STATE_DIR, journal_paths
+
+
+def download_roots(folder: Path) -> list[Path]:
+    """The download roots directly inside ``folder`` (folders holding ``.nbia/``), in
+    name order; links are not followed (a planted one is no root of the user's)."""
+    try:
+        children = sorted(Path(folder).iterdir())
+    except OSError:
+        return []
+    return [child for child in children
+            if not child.is_symlink() and child.is_dir()
+            and (child / STATE_DIR).is_dir() and not (child / STATE_DIR).is_symlink()]
+
+
+def find_download_root(folder: str | os.PathLike[str],
+                       manifest_root_name: str | None = None) -> Path:
+    """The download root meant by ``folder``: itself when it holds ``.nbia/``, else the
+    root its manifest would make there (``manifest_root_name``), else its one download
+    root (the ``-d`` folder of a download). Raises :class:`AmbiguousRootError` listing
+    them when it holds several, :class:`DestinationError` when it holds none.
+
+    Read-only (the view calls it for the folder typed in its form, as ``verify`` and
+    ``merge-reports`` do for theirs)."""
+    base = Path(folder)
+    if (base / STATE_DIR).is_dir():
+        return base
+    if manifest_root_name is not None:
+        candidate = base / root_folder_name(manifest_root_name)
+        if (candidate / STATE_DIR).is_dir():
+            return candidate
+    roots = download_roots(base)
+    if len(roots) == 1:
+        return roots[0]
+    if roots:
+        raise AmbiguousRootError(base, roots)
+    raise DestinationError(f"{base}: no download here (no {STATE_DIR}/ in it, nor in a "
+                           "folder inside it)")
 
 
 @dataclass
@@ -30,6 +74,8 @@ class VerifyResult:
     unhashed: int = 0
     #: One line per journal whose rows named folders outside the root (not checked).
     warnings: list[str] = field(default_factory=list)
+    #: The root checked (named in the next step).
+    root: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -39,7 +85,14 @@ class VerifyResult:
         status = "OK" if self.ok else f"{len(self.problems)} problem(s)"
         extra = (f"; {self.unhashed} adopted files checked by size only (verify --server "
                  "checks their content)") if self.unhashed else ""
-        return f"verified {self.series} series, {self.files} files: {status}{extra}"
+        line = f"verified {self.series} series, {self.files} files: {status}{extra}"
+        if self.ok:
+            return line
+        # A re-run would not help: the journal says these series are complete.
+        root = shlex.quote(str(self.root)) if self.root is not None else "ROOT"
+        return (f"{line}\nnext: nbia-retriever verify {root} --server --repair downloads "
+                "the damaged series again (a re-run of the download would not: its "
+                "journal says they are complete)")
 
 
 def _md5(path: Path) -> str:
@@ -86,7 +139,7 @@ def complete_entries(root: Path, warnings: list[str] | None = None
 def verify_root(root: Path, *, quick: bool = False,
                 on_series: Callable[[str], None] | None = None) -> VerifyResult:
     """Check every complete series of every journal under ``root/.nbia``."""
-    result = VerifyResult()
+    result = VerifyResult(root=root)
     for entry in complete_entries(root, result.warnings):
         result.series += 1
         if on_series:

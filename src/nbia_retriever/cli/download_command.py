@@ -229,8 +229,7 @@ def run_plain(engine: Any) -> Any:
             engine.wait(0.5)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, exit_at_once)
-        click.echo("interrupted: stopping; finished series are kept (Ctrl-C again: stop "
-                   "at once)", err=True)
+        click.echo("interrupted: stopping (re-run the same command to resume)", err=True)
         engine.cancel()
         engine.wait()
     return engine.report

@@ -228,22 +228,23 @@ def print_list_table(title: str, uids: list[str], infos: dict[str, SeriesInfo],
 def verify(root: str, quick: bool, against_server: bool, repair: bool,
            manifest_path: str | None, api: str, api_url: str | None, user: str | None,
            insecure: bool, timeout: float) -> None:
-    """Re-check a finished download (ROOT: the folder with metadata.csv): against its
-    journal (every file missing, altered or unexpected), or with --server against the
-    server itself."""
+    """Re-check a finished download (ROOT: the folder with metadata.csv, or the -d
+    folder of the download when it holds one): against its journal (every file missing,
+    altered or unexpected), or with --server against the server the files came from
+    (the one its journal recorded, unless --api-url or --manifest names another)."""
     from ..verify import verify_root  # the checker (and the staging code) only for verify
+    from .verify_server import root_or_exit, run_server_verify
 
     if repair and not against_server:
         fail("--repair needs --server (it re-downloads what the server check finds)",
              EXIT_USAGE)
+    folder = root_or_exit(root)  # ROOT, or the -d folder holding one root (issue 25)
     if against_server:
-        from .verify_server import run_server_verify  # only for verify --server
-
-        run_server_verify(Path(root), repair=repair, manifest_path=manifest_path, api=api,
+        run_server_verify(folder, repair=repair, manifest_path=manifest_path, api=api,
                           api_url=api_url, user=user, insecure=insecure, timeout=timeout)
         return
     try:
-        result = verify_root(Path(root), quick=quick)
+        result = verify_root(folder, quick=quick)
     except FileNotFoundError as exc:
         fail(str(exc), EXIT_USAGE)
     except NbiaError as exc:  # not errors.exit_code: for verify, a folder it cannot

@@ -203,7 +203,7 @@ def search_command(collection: str | None, patient: str | None, study: str | Non
         if output:
             write_cart(records, output, api_url)
         if csv_path:
-            write_csv(records, csv_path)
+            write_csv(records, csv_path, api_url)
     except NbiaError as exc:
         fail_for(exc)
     images = sum(r.image_count or 0 for r in records)
@@ -336,13 +336,18 @@ def merge_reports_command(root: str, manifest: str | None, check: bool,
     """After a sharded download (download --shard K/N into one destination), combine the
     shards' journals and metadata.csv and list every series still missing.
 
-    ROOT is the download root (the folder with metadata.csv), or its destination folder.
-    Run it once every shard has finished. Exit 1 if anything is missing.
+    ROOT is the download root (the folder with metadata.csv), or its destination folder
+    (the -d folder: its one download root, or the one --manifest makes there; several are
+    listed for you to name one). Run it once every shard has finished. Exit 1 if
+    anything is missing.
     """
     from ..search import merge_reports  # search: not at --help
+    from .verify_server import root_or_exit
 
+    name = load_manifest(manifest).root_name if manifest else None
+    folder = root_or_exit(root, name)  # several roots: listed, one a line (exit 2)
     try:
-        result = merge_reports(root, manifest=manifest, fix=not check)
+        result = merge_reports(folder, manifest=manifest, fix=not check)
     except NbiaError as exc:  # not errors.exit_code: whatever stops a merge, ROOT or the
         fail(str(exc), EXIT_USAGE)  # manifest given is what cannot be used (2)
 

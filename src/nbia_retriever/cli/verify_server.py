@@ -1,5 +1,17 @@
 """``verify ROOT --server [--repair]``: the command-line side of
-:mod:`nbia_retriever.verify_server`."""
+:mod:`nbia_retriever.verify_server`; and what every command that takes a download root
+shares: the folder the user typed (:func:`root_or_exit`) and the server the root came
+from (:func:`origin_or_exit`).
+
+The server of ``verify --server`` is, in order: ``--api-url``; the server of
+``--manifest``; the server the root's journal recorded (:func:`.journal.root_origin`);
+public TCIA. A recorded server is used as the download used it: one the user chose
+(``--api-url`` then) as chosen, one a manifest named as that manifest's claim, so the
+host policy asks before a password goes there exactly as the download did. A record
+this user did not write (no MAC of theirs: someone else's journal in a shared folder)
+is shown and asked about, and without anyone to ask it is refused (exit 2, naming the
+``--api-url`` that would use it).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +20,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import NbiaError
+import click
+
+from ..engine.journal import root_origin
+from ..errors import AmbiguousRootError, DestinationError, NbiaError
 from ..manifest import Manifest
+from ..verify import find_download_root
 from ..verify_server import ServerVerifyResult, detect_layout, set_aside, verify_against_server
 from .common import (
     EXIT_FAILED,
@@ -18,6 +34,7 @@ from .common import (
     check_api_url,
     fail,
     fail_for,
+    inert,
     load_manifest,
     open_cli_session,
     run_exit_code,
@@ -29,12 +46,61 @@ if TYPE_CHECKING:
     from ..session import Session
 
 
+def root_or_exit(folder: str | Path, manifest_root_name: str | None = None) -> Path:
+    """The download root the user meant by ``folder`` (itself, or the one root of a
+    ``-d`` folder: :func:`~nbia_retriever.verify.find_download_root`); several roots
+    there are listed one a line, with exit 2; none is one line, exit 2."""
+    try:
+        root = find_download_root(folder, manifest_root_name)
+    except AmbiguousRootError as exc:
+        click.echo(inert(f"nbia-retriever: error: {exc.folder} holds {len(exc.roots)} "
+                         "download roots; name one of them:"), err=True)
+        for one in exc.roots:
+            click.echo(inert(f"  {one}"), err=True)
+        sys.exit(EXIT_USAGE)
+    except DestinationError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if root != Path(folder):
+        say(f"download root: {root}", err=True)
+    return root
+
+
+def origin_or_exit(root: Path, api_url: str | None, manifest: Manifest | None,
+                   *, interactive: bool = True) -> tuple[str | None, Manifest | None]:
+    """``(api_url, manifest)`` for the session of a command on ``root``: the user's own
+    choice when given, else the server ``root``'s journal recorded (module docstring);
+    ``(None, None)``: nothing recorded, public TCIA as before."""
+    if api_url or manifest is not None:
+        return api_url, manifest
+    origin = root_origin(root)
+    if origin is None or origin.server is None:
+        return None, None
+    server = origin.server
+    if not origin.trusted:
+        where = f"{origin.journal} was not written by you"
+        if not (interactive and sys.stdin.isatty()):
+            fail(f"{where}; it names the server {server}: pass --api-url {server} to use "
+                 "it (or --api-url URL for another)", EXIT_USAGE)
+        if not click.confirm(inert(f"{where}. It names the server {server}. Ask that "
+                                   "server about these files?"), default=False, err=True):
+            fail(f"not asking {server}: pass --api-url URL to choose the server", EXIT_USAGE)
+    say(f"server: {server} (where the files of {root} came from)", err=True)
+    if origin.chosen and origin.trusted:  # the user named it with --api-url then
+        return server, None
+    # A manifest's claim stays a claim: the policy decides about a password as then.
+    headers = dict(line.split("=", 1) for line in origin.headers.splitlines() if "=" in line)
+    if not any(k.casefold() == "downloadserverurl" for k in headers):
+        headers = {"downloadServerUrl": server}
+    return None, Manifest(series_uids=(), headers=headers, source=origin.manifest or None)
+
+
 def run_server_verify(root: Path, *, repair: bool, manifest_path: str | None, api: str,
                       api_url: str | None, user: str | None, insecure: bool,
                       timeout: float) -> None:
 
     check_api_url(api_url)
     manifest = load_manifest(manifest_path) if manifest_path else None
+    api_url, manifest = origin_or_exit(root, api_url, manifest)
     session = open_cli_session(manifest, api=api, api_url=api_url, user=user,
                                insecure=insecure, timeout=timeout)
     warn_insecure(insecure)
