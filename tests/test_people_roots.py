@@ -97,6 +97,11 @@ def test_verify_server_repair_fetches_from_the_recorded_server(srv, downloaded, 
     victim = damage(downloaded)
     local = cli("verify", "out", cwd=tmp_path)
     assert local.returncode == 1
+    checked = cli("verify", "--server", "out", cwd=tmp_path)
+    assert checked.returncode == 1
+    assert checked.stdout.splitlines()[-1] == (
+        f"next: add --repair to download the 1 series again (nbia-retriever verify "
+        f"out/{ROOT_NAME} --server --repair)")
     repaired = cli("verify", "--server", "--repair", "out", cwd=tmp_path, timeout=120)
     assert repaired.returncode == 0, repaired.stderr
     assert "repairing 1 series" in repaired.stderr
@@ -120,6 +125,25 @@ def test_a_record_this_user_did_not_write_is_shown_and_refused_without_a_prompt(
     chosen = cli("verify", "--server", "--api-url", srv.api_url, "out", cwd=tmp_path,
                  env=stranger)
     assert chosen.returncode == 0, chosen.stderr
+
+
+def test_on_a_terminal_a_record_this_user_did_not_write_is_asked_about(
+        srv, downloaded, tmp_path):
+    """Someone can answer: the record is shown, with its server, and asked about; "n"
+    asks nothing, "y" checks the files against that server."""
+    from test_trust import _pty_run, env
+
+    stranger = env(NBIA_RETRIEVER_DATA=str(tmp_path / "another-user"))
+    question = "Ask that server about these files?"
+    code, seen = _pty_run(["verify", "--server", str(tmp_path / "out")], [(question, "n")],
+                          stranger)
+    assert code == 2, seen
+    assert "was not written by you. It names the server" in " ".join(seen.split())
+    assert f"not asking {srv.api_url}" in seen
+    code, seen = _pty_run(["verify", "--server", str(tmp_path / "out")], [(question, "y")],
+                          stranger)
+    assert code == 0, seen
+    assert "checked 2 series against the server: all match" in seen
 
 
 def test_a_recorded_server_a_manifest_named_gets_no_password_without_trust(

@@ -15,6 +15,7 @@ is shown and asked about, and without anyone to ask it is refused (exit 2, namin
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -120,6 +121,9 @@ def run_server_verify(root: Path, *, repair: bool, manifest_path: str | None, ap
         fail(f"{root}: no series folders here (Collection/Patient/Study/Series)", EXIT_USAGE)
     say(result.summary())
     if result.ok or not repair:
+        if not result.ok:
+            say(f"next: add --repair to download the {len(result.bad)} series again "
+                f"(nbia-retriever verify {shlex.quote(str(root))} --server --repair)")
         sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
     _repair(root, result, session)
 
