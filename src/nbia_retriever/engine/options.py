@@ -168,13 +168,11 @@ class DownloadOptions:
         "--idc-index", kind="text", metavar="DIR",
         help="Folder with IDC's idc_index.parquet, collections_index.parquet and "
              "prior_versions_index.parquet (env NBIA_IDC_INDEX; default: the installed "
-             "idc-index-data package).",
-        env="NBIA_IDC_INDEX"))
+             "idc-index-data package)."))  # the env is read where the index is opened
     idc_endpoint: str | None = field(default=None, metadata=flag(
         "--idc-endpoint", kind="text", metavar="URL",
         help="S3 endpoint of IDC's buckets, path-style and anonymous (env "
-             "NBIA_IDC_ENDPOINT; default: https://s3.amazonaws.com).",
-        env="NBIA_IDC_ENDPOINT"))
+             "NBIA_IDC_ENDPOINT; default: https://s3.amazonaws.com)."))  # (read at use, too)
     #: Series a ``.s5cmd`` manifest names by version (uid -> ``idc.index.IdcSeries``):
     #: fetched as that version. Filled by the engine from the manifest, not a flag.
     idc_pinned: Mapping[str, Any] | None = None
