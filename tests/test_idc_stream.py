@@ -448,8 +448,18 @@ class S3Stub:
     #: set when a stalled body's reader went away (the client closed its socket)
     released: threading.Event = field(default_factory=threading.Event)
     stalled: threading.Event = field(default_factory=threading.Event)
+    #: keys of the GETs received, in order
+    gets: list[str] = field(default_factory=list)
     _stop: asyncio.Event | None = None
     _runner: AppThread | None = None
+    _waits: dict[int, threading.Event] = field(default_factory=dict)
+
+    def requested(self, n: int) -> threading.Event:
+        """Set once ``n`` GETs of objects arrived."""
+        event = self._waits.setdefault(n, threading.Event())
+        if len(self.gets) >= n:
+            event.set()
+        return event
 
     @property
     def url(self) -> str:
@@ -510,6 +520,10 @@ class S3Stub:
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["key"]
+        self.gets.append(key)
+        for n, event in list(self._waits.items()):
+            if len(self.gets) >= n:
+                event.set()
         data = self.objects.get(key)
         fault = self.faults.get(key)
         if data is None:
@@ -647,6 +661,34 @@ def test_abort_from_another_thread_ends_a_blocked_stream_and_closes_its_socket(
     assert len(outcome) == 1 and isinstance(outcome[0], NetworkError)
     assert "cancelled" in str(outcome[0])
     assert stub.released.wait(30), "the stalled object's connection stayed open"
+
+
+def test_the_window_opens_when_the_consumer_starves(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], cache: dict[Any, Any]) -> None:
+    """The first object stalls: the consumer waits, once, and the window doubles from
+    START_INFLIGHT (2) to 4: objects 0 to 3 are requested, and no more while it waits."""
+    from nbia_retriever.idc.stream import START_INFLIGHT
+
+    keys = sorted(dicoms[1])
+    stub.faults[keys[0]] = "stall"
+    outcome: list[BaseException | None] = []
+    with stub_opener(stub, dicoms, inflight=8).open_stream(cache) as stream:
+        def consume() -> None:
+            try:
+                for _ in stream.chunks():
+                    pass
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        assert stub.stalled.wait(30)
+        assert stub.requested(2 * START_INFLIGHT).wait(30)
+        assert stream.window == 2 * START_INFLIGHT
+        stream.abort()
+        thread.join(30)
+    assert sorted(stub.gets) == keys[:2 * START_INFLIGHT]
 
 
 def test_list_page_refuses_what_is_not_a_plain_listing() -> None:
