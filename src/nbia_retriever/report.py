@@ -357,7 +357,7 @@ class Report:
             partial = self.interrupted_bytes
             lines.append(f"{interrupted} series interrupted"
                          + (f"; {human_size(partial)} of partial series will be fetched again"
-                            if partial else "; none had started: nothing is fetched twice"))
+                            if partial else "; no partial data to fetch again"))
         if self.fatal:
             lines.append(f"stopped: {self.fatal}")
         if self.root.is_dir():
