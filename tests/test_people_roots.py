@@ -127,6 +127,19 @@ def test_a_record_this_user_did_not_write_is_shown_and_refused_without_a_prompt(
     assert chosen.returncode == 0, chosen.stderr
 
 
+def test_a_record_planted_later_does_not_outrank_this_users_own(srv, downloaded, tmp_path):
+    """Anyone of the group can add rows to a shared journal: a newer record naming
+    another server is not this user's, so the user's own record still decides."""
+    with sqlite3.connect(downloaded / ".nbia" / "journal.sqlite") as db:
+        db.execute("INSERT INTO runs (started, servers, chosen, mac) VALUES (?, ?, 1, ?)",
+                   (4e9, '["http://127.0.0.1:9/nbia-api/services"]', "0" * 32))
+    origin = root_origin(downloaded)
+    assert origin is not None and origin.trusted and origin.server == srv.api_url
+    done = cli("verify", "--server", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "127.0.0.1:9/" not in done.stdout + done.stderr
+
+
 def test_on_a_terminal_a_record_this_user_did_not_write_is_asked_about(
         srv, downloaded, tmp_path):
     """Someone can answer: the record is shown, with its server, and asked about; "n"

@@ -739,7 +739,8 @@ def root_origin(root: Path) -> RunRecord | None:
 
     The record says ``trusted`` only if this user wrote it; otherwise its server is a
     claim of whoever could write the folder: show it and ask before using it, and never
-    send a password there on its word (the caller's host policy decides).
+    send a password there on its word (the caller's host policy decides). Records this
+    user wrote win over newer ones of anyone else.
     """
     records: list[RunRecord] = []
     for path in journal_paths(Path(root)):
@@ -750,7 +751,10 @@ def root_origin(root: Path) -> RunRecord | None:
             continue
     if not records:
         return None
-    records.sort(key=lambda r: r.started)
+    # This user's own records first: a row planted later by someone else must not
+    # outrank them (it would name the server of its choosing).
+    mine = [r for r in records if r.trusted]
+    records = sorted(mine or records, key=lambda r: r.started)
     newest = records[-1]
     if not newest.manifest:
         with_manifest = [r for r in records if r.manifest]
