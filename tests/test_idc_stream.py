@@ -33,7 +33,7 @@ from aiohttp import web
 from nbia_retriever.engine import checks
 from nbia_retriever.engine.staging import Progress, StagedSeries, stage_series
 from nbia_retriever.errors import ApiError, IntegrityError, NetworkError
-from nbia_retriever.idc.s3 import S3Object, list_objects, list_page
+from nbia_retriever.idc.s3 import S3Object, get_object, list_objects, list_page
 from nbia_retriever.idc.stream import IdcOpener, IdcStream
 from nbia_retriever.models import SeriesInfo
 from nbia_retriever.naming import MD5_ENTRY
@@ -398,6 +398,24 @@ def test_a_multipart_etag_is_left_out_of_the_md5_list(
     assert len(staged.md5_list) == len(version.objects) - 1
 
 
+def test_get_object_from_an_offset_is_a_range_request(
+        s3: tuple[S3Server, str, IdcSeriesVersion]) -> None:
+    from nbia_retriever.api.http import Transport
+
+    server, _, version = s3
+    obj = version.objects[0]
+    listed = S3Object(obj.key, obj.size, obj.etag.strip('"'))
+    data = obj.path.read_bytes()
+    transport = Transport(timeout=30.0)
+    try:
+        with get_object(transport, server.url, version.bucket, listed, what="t",
+                        start=1000) as response:
+            assert response.status == 206
+            assert b"".join(response.chunks()) == data[1000:]
+    finally:
+        transport.close()
+
+
 def test_a_worker_process_stages_an_idc_series_with_its_reader(
         s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path) -> None:
     """The opener crosses to a worker process, which lists, fetches and stages the
@@ -435,7 +453,8 @@ class S3Stub:
     """A small S3 (path-style, anonymous) that serves ``objects`` and lies on request.
 
     The faults of the reference server's S3 mode are tested with it (above); these are
-    the ones it does not make. ``faults``: key -> "stall" | "denied" | "longer";
+    the ones it does not make. ``faults``: key -> "stall" | "denied" | "longer" |
+    "redirect";
     ``listing``: None (honest) or "truncated" (IsTruncated without a
     token) | "doctype" | "outside" (a key outside the prefix) | "slash" (a key with a
     folder); ``page``: keys per listing page.
@@ -530,6 +549,8 @@ class S3Stub:
             return self._error(404, "NoSuchKey")
         if fault == "denied":
             return self._error(403, "AccessDenied")
+        if fault == "redirect":  # to another host: a bucket in another region would
+            raise web.HTTPTemporaryRedirect(f"http://localhost:1/{key}")
         etag = f'"{hashlib.md5(data).hexdigest()}"'
         if fault == "longer":
             response = web.StreamResponse(headers={"ETag": etag})
@@ -607,6 +628,16 @@ def test_403_access_denied_is_final_and_says_why(
     stub.faults[sorted(dicoms[1])[0]] = "denied"
     with pytest.raises(ApiError, match=r"HTTP 403 AccessDenied: the bucket refuses "
                                        r"anonymous access") as caught:
+        stage_stub(stub, dicoms, tmp_path, cache)
+    assert not classify(caught.value).retry
+
+
+def test_a_redirect_to_another_host_is_not_followed(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    stub.faults[sorted(dicoms[1])[0]] = "redirect"
+    with pytest.raises(ApiError, match=r"redirected to another host \(http://localhost:1\); "
+                                       r"not followed") as caught:
         stage_stub(stub, dicoms, tmp_path, cache)
     assert not classify(caught.value).retry
 
