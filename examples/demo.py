@@ -2,10 +2,15 @@
 
 1. Generate a small synthetic CT archive (several collections, awkward headers).
 2. Serve it with the reference NBIA server (`nbia-retriever serve`), faults switched on:
-   resets, short-but-valid zips, a corrupted byte, HTTP 500/429.
-3. Download its manifest with the real CLI (`nbia-retriever download`), which retries,
-   verifies every MD5 and publishes each series atomically.
-4. Run it again (a no-op resume), verify the result, and print the tree and summary.
+   resets, short-but-valid zips, a corrupted byte, HTTP 500/429; and, on a second port,
+   as Imaging Data Commons' S3 buckets (with IDC's index files), which hold the public
+   series but one, with S3 faults of their own (503 SlowDown, a corrupted object).
+3. Download its manifest with the real CLI (`nbia-retriever download`, `--source auto`):
+   the public series IDC holds come from the buckets, the rest (the limited-access
+   collection, the one IDC lacks) from the NBIA server, into one tree; every MD5 is
+   verified and each series published atomically.
+4. Run it again (a no-op resume), verify the result (against the server and the
+   buckets), and print the tree, where each series came from, and the summary.
 """
 
 from __future__ import annotations
@@ -56,6 +61,25 @@ def tree(root: Path, limit: int = 40) -> None:
             return
 
 
+def public_series(archive: Path) -> list[str]:
+    """The UIDs of the public manifest (the archive's ``manifest.tcia``)."""
+    lines = (archive / "manifest.tcia").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.strip().lower() == "listofseriestodownload=") + 1
+    return [line.strip() for line in lines[start:] if line.strip()]
+
+
+def journal_sources(root: Path) -> list[tuple[str, str]]:
+    import sqlite3
+
+    found: list[tuple[str, str]] = []
+    for path in sorted((root / ".nbia").glob("journal*.sqlite")):
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            found += [(str(u), str(s)) for u, s in
+                      db.execute("SELECT uid, source FROM series ORDER BY source, uid")]
+    return found
+
+
 def main() -> int:
     from nbia_retriever.server.synth import generate_archive
 
@@ -67,11 +91,17 @@ def main() -> int:
                                    series=2, images=12, rows=256, columns=256)
         print(f"    {len(summary.series)} series, {summary.total_files} files, "
               f"{summary.total_bytes / 1e6:.1f} MB in {archive}")
-    port = free_port()
-    banner(f"Serving it on http://127.0.0.1:{port} with faults: {FAULTS}")
+    port, s3_port = free_port(), free_port()
+    public = public_series(archive)
+    s3_faults = f"slowdown=3,corrupt={public[0]}:1"
+    index_dir = WORK / "idc-index"
+    banner(f"Serving it on http://127.0.0.1:{port} with faults: {FAULTS}\n"
+           f"   and as IDC's buckets on http://127.0.0.1:{s3_port} (all public series but "
+           f"one) with faults: {s3_faults}")
     server = subprocess.Popen(
         [str(BIN), "serve", str(archive), "--port", str(port), "--faults", FAULTS,
-         "--seed", "1"],
+         "--seed", "1", "--s3-port", str(s3_port), "--s3-faults", s3_faults,
+         "--idc-index-out", str(index_dir), "--idc-exclude", public[-1]],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -103,12 +133,24 @@ def main() -> int:
         # The password goes only to a server the user chose: --api-url names it (a host
         # that only a manifest names gets nothing).
         api = f"{base}/nbia-api/services"
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        while not (index_dir / "idc_index.parquet").exists():  # written before it serves
+            if server.poll() is not None:
+                print("the reference server stopped", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        idc = ["--idc-index", str(index_dir), "--idc-endpoint", endpoint]
+        banner(f"nbia-retriever list {manifest.name} --idc-index ... (where each comes from)")
+        subprocess.run([str(BIN), "list", str(manifest), "--api-url", api, "--user", "alice",
+                        *idc], env={**os.environ, "COLUMNS": "160",
+                                    "NBIA_PASSWORD": "wonderland-secret"})
         banner(f"NBIA_PASSWORD=... nbia-retriever download {manifest.name} -d {downloads.name}"
-               f" --user alice --api-url {api}")
+               f" --user alice --api-url {api} --idc-index ... --idc-endpoint {endpoint}")
         cmd = [str(BIN), "download", str(manifest), "-d", str(downloads),
                "--backoff", "0.2", "--error-report", str(WORK / "errors.csv"),
-               "--user", "alice", "--api-url", api]
-        env = {**os.environ, "NBIA_PASSWORD": "wonderland-secret"}
+               "--user", "alice", "--api-url", api, *idc]
+        env = {**os.environ, "NBIA_PASSWORD": "wonderland-secret",
+               "NBIA_IDC_ENDPOINT": endpoint}
         first = subprocess.run(cmd, env=env)
         banner("Same command again: a no-op resume")
         start = time.monotonic()
@@ -126,6 +168,9 @@ def main() -> int:
                                  "--user", "alice"], env=env)
         banner(f"The download: {root}")
         tree(root)
+        banner("Where each series came from (the journal's source column)")
+        for uid, source in journal_sources(root):
+            print(f"    {uid[-12:]}  {source}")
         banner("metadata.csv (first rows)")
         for line in (root / "metadata.csv").read_text(encoding="utf-8").splitlines()[:4]:
             print("    " + line[:160])

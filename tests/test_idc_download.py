@@ -20,6 +20,7 @@ import pytest
 
 from nbia_retriever import download
 from nbia_retriever.engine.journal import Journal
+from nbia_retriever.idc.source import IDC_ATTEMPTS
 from nbia_retriever.models import SeriesState
 from nbia_retriever.server import ReferenceServer
 from nbia_retriever.server.idcdata import crdc_series_uuid, prior_series_uuid
@@ -165,8 +166,9 @@ def test_a_bad_idc_copy_is_never_published_and_auto_takes_nbia_s_instead(
     s3_server.set_faults(f"{fault}={uid}")  # every time: IDC's copy stays bad
     manifest = write_tcia(tmp_path / "m.tcia", nbia, [uid])
     report = download(manifest, tmp_path, idc_index=str(s3_archive.index_dir),
-                      idc_endpoint=s3_server.url, backoff_base=0.0)
+                      idc_endpoint=s3_server.url, backoff_base=0.0, retries=4)
     assert report.ok, report.summary()
+    assert report.results[uid].attempts == IDC_ATTEMPTS + 1  # IDC's, then NBIA's
     assert image_requests(nbia) == [uid] * len(image_requests(nbia)) != []
     assert sources(tmp_path / "manifest-idc")[uid] == (SeriesState.COMPLETE, "nbia")
     assert any("IDC's copy failed" in w for w in report.warnings)

@@ -49,7 +49,7 @@ T = TypeVar("T")
 #: IDC's buckets on AWS, anonymous and path-style (``--idc-endpoint`` replaces it).
 DEFAULT_ENDPOINT = "https://s3.amazonaws.com"
 #: Attempts of a series from IDC before ``auto`` asks the NBIA server for it instead.
-IDC_ATTEMPTS = 2
+IDC_ATTEMPTS = 3
 #: Objects of one series fetched at once (S3 is not a 16-connection server).
 INFLIGHT = 8
 #: Series a metadata batch holds (the index answers all of them at once anyway).
@@ -259,11 +259,15 @@ class RoutedSource:
         return self._pick(info.series_uid).open(info)
 
     def remote(self, info: SeriesInfo, run: Callable[[StreamOpener], T | None]) -> T | None:
-        source = self._pick(info.series_uid)
+        uid = info.series_uid
+        source = self._pick(uid)
         remote = getattr(source, "remote", None)
-        if remote is None:
-            return None
-        result: T | None = remote(info, run)
+        result: T | None = remote(info, run) if remote is not None else None
+        if result is None:
+            # No worker took it: the engine opens it here next (open()), the same
+            # attempt, which must not count twice towards IDC_ATTEMPTS.
+            with self._lock:
+                self._tries[uid] -= 1
         return result
 
     def check_series(self, uid: str, info: SeriesInfo, entries: Sequence[checks.StagedEntry],
