@@ -416,6 +416,26 @@ def test_get_object_from_an_offset_is_a_range_request(
         transport.close()
 
 
+def test_closing_the_cache_ends_the_fetcher_threads(
+        s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path) -> None:
+    """A program that runs many downloads does not keep every run's fetchers."""
+    _, uid, version = s3
+    before = set(threading.enumerate())
+    kept: dict[Any, Any] = {}
+    with s3_opener(s3, inflight=4).open_stream(kept) as stream:
+        stage(stream, uid, info_of(uid, len(version.objects)), tmp_path)
+    [fetchers] = kept.values()
+    mine = [t for t in threading.enumerate() if t not in before and t.name == "idc-fetch"]
+    assert 1 <= len(mine) == fetchers.threads <= 4
+    fetchers.close()
+    for thread in mine:
+        thread.join(10)
+    assert not any(t.is_alive() for t in mine)
+    with pytest.raises(NetworkError, match="closed"), \
+            s3_opener(s3).open_stream(kept) as stream:
+        list(stream.chunks())
+
+
 def test_a_worker_process_stages_an_idc_series_with_its_reader(
         s3: tuple[S3Server, str, IdcSeriesVersion], tmp_path: Path) -> None:
     """The opener crosses to a worker process, which lists, fetches and stages the

@@ -82,35 +82,56 @@ class Fetchers:
     """Long-lived threads that run fetch jobs on one :class:`Transport` (module
     docstring). A job is handed to an idle thread, or a new one when none is idle, so a
     job never waits behind another stream's: the threads are as many as the most
-    objects ever in flight at once. :meth:`close` closes the transport's connections."""
+    objects ever in flight at once. :meth:`close` ends the threads and closes the
+    transport's connections (a long-lived program runs many downloads)."""
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._idle = 0
         self._lock = threading.Lock()
+        self._closed = False
         self.threads = 0
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None], fail: Callable[[NbiaError], None]) -> None:
+        """Run ``job`` on a fetcher thread; ``fail`` instead when none can be had (a
+        pids limit, or after :meth:`close`): the stream fails, it never waits forever."""
         with self._lock:
-            spare = self._idle > 0
+            closed = self._closed
+            spare = self._idle > 0 and not closed
             if spare:
                 self._idle -= 1
-            else:
+            elif not closed:
                 self.threads += 1
-        self._jobs.put(job)
+        if closed:
+            fail(NetworkError("the IDC fetchers are closed"))
+            return
         if not spare:
-            threading.Thread(target=self._serve, name="idc-fetch", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, name="idc-fetch", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had
+                with self._lock:
+                    self.threads -= 1
+                fail(NetworkError(f"no thread for another IDC request ({exc})"))
+                return
+        self._jobs.put(job)
 
     def _serve(self) -> None:
         while True:
             job = self._jobs.get()
+            if job is None:
+                return
             with contextlib.suppress(BaseException):
                 job()
             with self._lock:
                 self._idle += 1
 
     def close(self) -> None:
+        with self._lock:
+            self._closed, count = True, self.threads
+            self.threads = self._idle = 0
+        for _ in range(count):
+            self._jobs.put(None)
         self.transport.close()
 
 
@@ -311,7 +332,7 @@ class IdcStream:
 
     # -- the fetchers' side --------------------------------------------------------------
     def _submit(self, slot: _Slot) -> None:
-        self._fetchers.submit(lambda: self._fetch(slot))
+        self._fetchers.submit(lambda: self._fetch(slot), self._stop)
 
     def _fetch(self, slot: _Slot) -> None:
         obj, lock = slot.obj, self._lock
