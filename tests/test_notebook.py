@@ -134,7 +134,7 @@ def test_what_stops_the_run_raises_an_nbia_error(case: str, archive: ArchiveSumm
     dest = str(tmp_path / "out")
     extra = f"api_url={server.api_url!r}"
     expected = {"manifest": "ManifestError", "destination": "DestinationError",
-                "unreachable": "NetworkError", "login": "AuthError"}[case]
+                "unreachable": "ServerUnreachableError", "login": "AuthError"}[case]
     if case == "manifest":
         bad = tmp_path / "bad.tcia"
         bad.write_text("downloadServerUrl=x\nListOfSeriesToDownload=\nnot a uid\n")

@@ -14,6 +14,7 @@ from .errors import (
     NbiaError,
     NetworkError,
     NotPublicError,
+    ServerUnreachableError,
     UnsafeArchiveError,
     UsageError,
 )
@@ -53,8 +54,8 @@ def download(manifest: Manifest | str | os.PathLike[str] | Sequence[str],
     (:class:`ManifestError`), a destination that cannot be used
     (:class:`~nbia_retriever.errors.DestinationError`), a refused login
     (:class:`AuthError`), a server that cannot be reached
-    (:class:`~nbia_retriever.errors.NetworkError`). The exception's ``report`` attribute
-    holds what was done before it stopped.
+    (:class:`ServerUnreachableError`, a :class:`~nbia_retriever.errors.NetworkError`).
+    The exception's ``report`` attribute holds what was done before it stopped.
 
     >>> report = download("cart.tcia", "downloads", workers=4)   # doctest: +SKIP
     >>> report                                                   # doctest: +SKIP
@@ -100,6 +101,7 @@ __all__ = [
     "SeriesInfo",
     "SeriesResult",
     "SeriesState",
+    "ServerUnreachableError",
     "UnsafeArchiveError",
     "UsageError",
     "__version__",
