@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbia_retriever.engine import checks
 from nbia_retriever.engine.staging import Progress, StagedSeries, stage_series
@@ -763,3 +765,63 @@ def test_list_page_refuses_what_is_not_a_plain_listing() -> None:
     ]:
         with pytest.raises(IntegrityError, match=message):
             list_page(bad, "t", "p/")
+
+
+# ----------------------------------------------------------------------------- the reader
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 600_000), min_size=1, max_size=6),
+       cuts=st.lists(st.integers(1, 700_000), max_size=12))
+def test_the_reader_cuts_any_chunking_back_into_the_objects(sizes: list[int],
+                                                            cuts: list[int]) -> None:
+    from nbia_retriever._zipstream import EntryData, EntryEnd, EntryStart
+    from nbia_retriever.idc.stream import ObjectReader
+
+    bodies = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    objects = [S3Object(f"p/o{i}.dcm", len(b), hashlib.md5(b).hexdigest() if i % 2 else "x-2")
+               for i, b in enumerate(bodies)]
+    stream, chunks, pos = b"".join(bodies), [], 0
+    for cut in cuts:
+        chunks.append(stream[pos:pos + cut])
+        pos += cut
+    chunks.append(stream[pos:])
+    reader = ObjectReader(objects, what="series 1")
+    got: dict[str, bytearray] = {}
+    order: list[tuple[str, str]] = []
+    for event in [ev for c in chunks for ev in reader.feed(c)] + list(reader.close()):
+        if isinstance(event, EntryStart):
+            order.append(("start", event.name))
+            got[event.name] = bytearray()
+        elif isinstance(event, EntryData):
+            got[order[-1][1]] += event.data
+        elif isinstance(event, EntryEnd):
+            order.append(("end", event.name))
+            assert event.size == len(got[event.name])
+    names = [o.name for o in objects] + [MD5_ENTRY]
+    assert order == [(kind, n) for n in names for kind in ("start", "end")]
+    assert [bytes(got[o.name]) for o in objects] == bodies
+    assert reader.finished
+    listed = checks.parse_md5_list(bytes(got[MD5_ENTRY]), "1")
+    assert listed == {o.name: o.etag for i, o in enumerate(objects) if i % 2}
+
+
+def test_the_reader_refuses_a_short_or_long_stream_and_its_caps() -> None:
+    from nbia_retriever.errors import UnsafeArchiveError
+    from nbia_retriever.idc.stream import ObjectReader
+
+    objects = [S3Object("p/a.dcm", 3, "x"), S3Object("p/b.dcm", 2, "y")]
+    short = ObjectReader(objects, what="series 1")
+    list(short.feed(b"abcd"))
+    with pytest.raises(IntegrityError, match=r"ended inside object p/b.dcm after 1 of its 2"):
+        list(short.close())
+    assert not short.finished
+    long = ObjectReader(objects, what="series 1")
+    with pytest.raises(IntegrityError, match="1 bytes more than the objects' listed sizes"):
+        list(long.feed(b"abcdef"))
+    with pytest.raises(IntegrityError):  # and forever after
+        list(long.feed(b""))
+    with pytest.raises(UnsafeArchiveError, match="beyond the 4 allowed"):
+        list(ObjectReader(objects, what="series 1", max_total_size=4).feed(b"a"))
+    with pytest.raises(UnsafeArchiveError, match="more than the 1 allowed"):
+        list(ObjectReader(objects, what="series 1", max_entries=2).close())
