@@ -716,32 +716,33 @@ def test_abort_from_another_thread_ends_a_blocked_stream_and_closes_its_socket(
     assert stub.released.wait(30), "the stalled object's connection stayed open"
 
 
-def test_the_window_opens_when_the_consumer_starves(
-        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], cache: dict[Any, Any]) -> None:
-    """The first object stalls: the consumer waits, once, and the window doubles from
-    START_INFLIGHT (2) to 4: objects 0 to 3 are requested, and no more while it waits."""
-    from nbia_retriever.idc.stream import START_INFLIGHT
-
-    keys = sorted(dicoms[1])
-    stub.faults[keys[0]] = "stall"
+def test_the_window_opens_while_the_consumer_starves(cache: dict[Any, Any]) -> None:
+    """The first of 20 objects stalls: the consumer waits, and the window doubles from
+    START_INFLIGHT to the most allowed (8): objects 0 to 7 are requested, no more."""
+    prefix = str(uuid.uuid4())
+    objects = {f"{prefix}/{i:02d}.dcm": bytes([i]) * 5000 for i in range(20)}
+    keys = sorted(objects)
     outcome: list[BaseException | None] = []
-    with stub_opener(stub, dicoms, inflight=8).open_stream(cache) as stream:
-        def consume() -> None:
-            try:
-                for _ in stream.chunks():
-                    pass
-                outcome.append(None)
-            except BaseException as exc:
-                outcome.append(exc)
+    with S3Stub(objects=objects) as srv:
+        srv.faults[keys[0]] = "stall"
+        with opener(srv.url, prefix, "1.2", len(objects), inflight=8).open_stream(cache) \
+                as stream:
+            def consume() -> None:
+                try:
+                    for _ in stream.chunks():
+                        pass
+                    outcome.append(None)
+                except BaseException as exc:
+                    outcome.append(exc)
 
-        thread = threading.Thread(target=consume)
-        thread.start()
-        assert stub.stalled.wait(30)
-        assert stub.requested(2 * START_INFLIGHT).wait(30)
-        assert stream.window == 2 * START_INFLIGHT
-        stream.abort()
-        thread.join(30)
-    assert sorted(stub.gets) == keys[:2 * START_INFLIGHT]
+            thread = threading.Thread(target=consume)
+            thread.start()
+            assert srv.stalled.wait(30) and srv.requested(8).wait(30)
+            assert stream.window == 8
+            stream.abort()
+            thread.join(30)
+        assert sorted(srv.gets) == keys[:8]
+    assert isinstance(outcome[0], NetworkError)
 
 
 def test_list_page_refuses_what_is_not_a_plain_listing() -> None:

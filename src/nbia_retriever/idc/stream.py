@@ -27,11 +27,11 @@ others back until it is written, and a series of such objects goes at about one
 connection's speed: the engine's several series at once are what fill the link then.
 
 How many objects are in flight adapts: :data:`START_INFLIGHT` at first, doubled (up to
-``inflight``) each time the consumer finds nothing to read. On a fast link the consumer
-(hashing and writing) is the bottleneck and seldom waits, and a few fetchers leave the
-cores to it: on loopback 64 threads from the start cost 5.1 CPU s/GB against 3.5. Far
-from the bucket each object waits a round trip before its first byte, the consumer
-starves, and the window opens to ``inflight`` within a few objects.
+``inflight``) every :data:`GROW_AFTER` (5 ms) the consumer waits for bytes. On a fast
+link the consumer (hashing and writing) is the bottleneck and seldom waits that long,
+and a few fetchers leave the cores to it: on loopback 64 threads from the start cost
+5.1 CPU s/GB against 3.5. Far from the bucket each object waits a round trip (tens of
+ms) before its first byte, and the window opens to ``inflight`` within that first wait.
 
 The fetchers are long-lived threads shared by every stream of one transport
 (:class:`Fetchers`, kept in the opener's ``cache``), so each keeps its keep-alive
@@ -57,14 +57,15 @@ from ..naming import MD5_ENTRY
 from ..untrusted import quote
 from .s3 import S3Object, get_object, list_objects
 
-__all__ = ["BUFFER_BYTES", "INFLIGHT", "SLOT_BYTES", "START_INFLIGHT", "Fetchers", "IdcOpener",
-           "IdcStream", "ObjectReader"]
+__all__ = ["BUFFER_BYTES", "GROW_AFTER", "INFLIGHT", "SLOT_BYTES", "START_INFLIGHT", "Fetchers",
+           "IdcOpener", "IdcStream", "ObjectReader"]
 
 #: Objects of one series requested at once at most, by default.
 INFLIGHT = 8
-#: ... and at first: the window doubles each time the consumer finds nothing to read
-#: (module docstring).
+#: ... and at first: the window doubles each time the consumer has waited this long for
+#: bytes (module docstring).
 START_INFLIGHT = 2
+GROW_AFTER = 0.005
 #: Most objects a series the index gives no count for may list (the largest TCIA series
 #: hold a few thousand images).
 UNCOUNTED_LIMIT = 100_000
@@ -276,29 +277,31 @@ class IdcStream:
         most = max(1, self.opener.inflight)
         window = self.window = min(START_INFLIGHT, most)
         submitted = 0
-        grew = False  # once per wait: a wait that grew the window waits for bytes next
         for i, slot in enumerate(slots):
             while True:
                 while submitted < len(slots) and submitted < i + window:
                     self._submit(slots[submitted])
                     submitted += 1
                 with lock:
-                    if not slot.chunks and not slot.done and window < most \
-                            and submitted < len(slots) and not grew:
-                        # starved: the link, not the disk or the CPU, is the bottleneck
-                        window = self.window = min(most, 2 * window)
-                        grew = True
-                        continue
+                    starved = False
                     while not slot.chunks and not slot.done and self._error is None \
                             and not self._aborted:
-                        slot.ready.wait()
+                        if window < most and submitted < len(slots):
+                            if not slot.ready.wait(GROW_AFTER):
+                                starved = not slot.chunks and not slot.done
+                                break
+                        else:
+                            slot.ready.wait()
+                    if starved and self._error is None and not self._aborted:
+                        # waiting on the link, not the disk or the CPU: open the window
+                        window = self.window = min(most, 2 * window)
+                        continue
                     if self._error is not None:
                         raise self._error
                     if self._aborted:
                         raise NetworkError(f"{self.what}: stopped (cancelled)")
                     if not slot.chunks:
                         break  # done
-                    grew = False
                     chunk = slot.chunks.popleft()
                     slot.buffered -= len(chunk)
                     self._buffered -= len(chunk)
@@ -321,8 +324,10 @@ class IdcStream:
         with self._lock:
             if error is None:
                 self._aborted = True
-            elif self._error is None:
-                self._error = error  # the attempt fails: the other objects stop too
+            elif self._error is None and not self._aborted:
+                # the attempt fails: the other objects stop too (after an abort, what
+                # the fetchers then meet, a shut socket, is its echo, not a cause)
+                self._error = error
             for response in self._live:
                 response.abort()
             self._live.clear()
