@@ -177,9 +177,10 @@ def verify_against_server(root: Path, client: NbiaClient, *, workers: int = 4,
     supported = [True]
 
     def check_idc(uid: str) -> SeriesCheck:
+        # IDC's client only when the root holds IDC series
         import os
 
-        from .idc import check_endpoint
+        from .idc import check_endpoint  # (as above)
         from .idc.source import DEFAULT_ENDPOINT
         from .idc.verify import check_idc_series
 

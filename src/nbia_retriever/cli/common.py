@@ -242,7 +242,7 @@ def series_label(uid: str, info: Any, *, wide: bool = False, limit: int = 40) ->
     """One series on one line, as people know it: ``SYNTH-CT-A · P-0001 · 12-10-2019 · CT
     · CHEST 5MM · 6 images (…099129866961)``, the description cut at ``limit``
     characters, the UID's tail (``wide``: the whole UID). Without metadata, the UID."""
-    from ..report import short_uid
+    from ..report import short_uid  # report (its csv and dataclasses) only when printing
 
     uid_text = uid if wide else short_uid(uid)
     if info is None:

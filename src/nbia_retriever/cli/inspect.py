@@ -35,9 +35,10 @@ from .common import (
 def source_flags(func: Any) -> Any:
     """``--source``, ``--idc-index``, ``--idc-endpoint`` as ``download`` declares them:
     ``list`` shows the series of the run that command would make."""
+    # at decoration time, as the other commands' flags are built (no module-level cost)
     from dataclasses import fields
 
-    from ..engine.options import DownloadOptions, flag_of
+    from ..engine.options import DownloadOptions, flag_of  # (as above)
     from .options import click_option
 
     for option in reversed([o for o in fields(DownloadOptions) if o.name in SOURCE_FIELDS]):
@@ -66,7 +67,7 @@ def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: st
     series as people know it (collection, patient, study date, modality, description,
     images, size), and where it comes from when the run can say. Piped (not a
     terminal), the table is tab-separated values with a header line, every cell whole."""
-    from ..engine.options import DownloadOptions
+    from ..engine.options import DownloadOptions  # the engine's options only for list
 
     parsed = load_manifest(manifest, as_json=as_json)
     check_api_url(api_url, as_json=as_json)
@@ -161,6 +162,7 @@ def print_list_table(title: str, uids: list[str], infos: dict[str, SeriesInfo],
     free text (collection, patient, description, where from) with an ellipsis; dates,
     modality, counts, sizes and the UID's tail are never cut. ``wide``: whole cells,
     Study UID too, even past the terminal's edge (UIDs are for copying)."""
+    # rich (20 ms) only for list's table: verify prints lines
     from rich import box
     from rich.cells import cell_len
     from rich.console import Console

@@ -129,8 +129,9 @@ def apply_proxy(ctx: click.Context, param: click.Parameter, value: str | None) -
     its password."""
     if ctx.resilient_parsing:  # shell completion: nothing is run
         return
+    # (not cli.common's fail(): common imports this module; the same one line, exit 2)
     from ..errors import EXIT_USAGE, UsageError
-    from .common import fail
+    from ..untrusted import plain
 
     if not value:
         from ..config import load_user_config  # only without --proxy/NBIA_PROXY
@@ -145,7 +146,8 @@ def apply_proxy(ctx: click.Context, param: click.Parameter, value: str | None) -
 
             use_proxy(value)
     except UsageError as exc:
-        fail(f"--proxy: {exc}", EXIT_USAGE)
+        click.echo(f"nbia-retriever: error: --proxy: {plain(str(exc))}", err=True)
+        ctx.exit(EXIT_USAGE)
 
 
 def connection_flags(func: F) -> F:

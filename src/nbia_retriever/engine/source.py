@@ -222,27 +222,17 @@ def _nbia(session: Session, options: DownloadOptions) -> Source:
                       metadata_workers=max(4, min(16, options.streams_cap)))
 
 
-def _idc(session: Session, options: DownloadOptions) -> Source:
-    from ..idc.source import idc_factory  # duckdb and the S3 client only for IDC runs
-
-    return idc_factory(session, options)
-
-
-def _auto(session: Session, options: DownloadOptions) -> Source:
-    from ..idc.source import auto_factory  # (as above)
-
-    return auto_factory(session, options)
-
-
-#: Every source by name (``DownloadOptions.source``). One line per source.
-SOURCES: dict[str, SourceFactory] = {
+#: Every source by name (``DownloadOptions.source``). One line per source: a factory, or
+#: ``"module:function"`` naming one, imported when a run uses it (IDC's duckdb and S3
+#: client only for IDC runs; and the source's module may import this one).
+SOURCES: dict[str, SourceFactory | str] = {
     "nbia": _nbia,
-    "idc": _idc,
-    "auto": _auto,
+    "idc": "nbia_retriever.idc.source:idc_factory",
+    "auto": "nbia_retriever.idc.source:auto_factory",
 }
 
 
-def register_source(name: str, factory: SourceFactory) -> None:
+def register_source(name: str, factory: SourceFactory | str) -> None:
     """Add (or replace) the source called ``name``: how a package that ships a source
     makes it known without editing this file."""
     if not name or not isinstance(name, str):
@@ -255,6 +245,12 @@ def source_factory(name: str) -> SourceFactory:
     factory = SOURCES.get(name)
     if factory is None:
         raise UsageError(f"unknown source {name!r}; known: {', '.join(sorted(SOURCES))}")
+    if isinstance(factory, str):
+        import importlib  # a lazy entry (see SOURCES): its module on first use
+
+        module, _, function = factory.partition(":")
+        loaded: SourceFactory = getattr(importlib.import_module(module), function)
+        SOURCES[name] = factory = loaded
     return factory
 
 

@@ -151,7 +151,7 @@ def main() -> int:
     out = sys.stdout
     try:
         request = json.load(sys.stdin)
-        import duckdb
+        import duckdb  # here: a missing duckdb is an answer on stdout, not a crash
 
         con = duckdb.connect(":memory:")
         if request["op"] == "schema":

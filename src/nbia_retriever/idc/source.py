@@ -311,7 +311,7 @@ def _index_key(folder: Path | None) -> tuple[str, tuple[tuple[str, int, int], ..
 def open_index(options: DownloadOptions, *, required: bool) -> IdcIndex | None:
     """The IDC index the options name (``--idc-index``, then ``NBIA_IDC_INDEX``, then the
     installed idc-index-data); None, said once per process, when ``auto`` has none."""
-    from .index import IdcIndex, IndexUnavailable
+    from .index import IdcIndex, IndexUnavailable  # duckdb's reader only when opened
 
     folder = options.idc_index or os.environ.get("NBIA_IDC_INDEX") or None
     try:
@@ -328,7 +328,7 @@ def open_index(options: DownloadOptions, *, required: bool) -> IdcIndex | None:
         text = str(exc)
         if text not in _SAID:
             _SAID.add(text)
-            import sys
+            import sys  # (a rare path)
 
             print(f"note: no IDC index ({text}): every series comes from the NBIA server "
                   "(pip install 'nbia-retriever[idc]' or --idc-index DIR)", file=sys.stderr)
@@ -350,9 +350,9 @@ def idc_factory(session: Session, options: DownloadOptions) -> Source:
 
 def auto_factory(session: Session, options: DownloadOptions) -> Source:
     """``--source auto``: IDC where its index has the series, else NBIA."""
-    from ..engine.source import SOURCES
+    from ..engine.source import source_factory  # (engine.source names this module lazily)
 
-    nbia_factory = SOURCES["nbia"]
+    nbia_factory = source_factory("nbia")
     index = open_index(options, required=False)
     if index is None:
         return nbia_factory(session, options)
@@ -369,9 +369,10 @@ def resolve_for_run(manifest: Manifest, options: DownloadOptions,
     journal, the tree and ``verify`` know no other key) and fetches exactly the versions
     named. Such a manifest names no NBIA server: ``auto`` becomes ``idc``. Returns the
     manifest with its UIDs, the options, and one line per manifest line left out."""
+    # only for an .s5cmd manifest
     import dataclasses
 
-    from ..errors import ManifestError
+    from ..errors import ManifestError  # (as above)
     from .index import resolve_manifest
 
     index = open_index(options, required=True)

@@ -30,7 +30,7 @@ IDC_SOURCE = re.compile(r"idc s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/
 def idc_rows(root: Path) -> dict[str, tuple[str, str]]:
     """uid -> (bucket, crdc_series_uuid) of the root's finished IDC series, from its
     journals (a value not shaped like ours is not an IDC row: never a URL)."""
-    from ..engine.journal import Journal
+    from ..engine.journal import Journal  # verify --server imports this module anyway
 
     found: dict[str, tuple[str, str]] = {}
     for path in journal_paths(root):
@@ -57,7 +57,7 @@ def check_idc_series(files: list[Path], bucket: str, uuid: str, *, endpoint: str
                      timeout: float, verify: bool) -> tuple[str, str]:
     """(verdict, detail) of one IDC series folder's ``files`` against its listing;
     verdicts are :class:`~nbia_retriever.verify_server.Verdict` values."""
-    from ..api.http import Transport
+    from ..api.http import Transport  # the HTTP stack only when an IDC series is checked
     from .s3 import list_objects
 
     what = f"s3://{bucket}/{uuid}/"

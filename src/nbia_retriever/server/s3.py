@@ -78,10 +78,10 @@ from aiohttp import web
 
 from ..errors import FaultSpecError
 from .app import RequestRecord, _reset
+from .appthread import AppThread
 from .faults import parse_rate, seeded_rng
 from .idcdata import IDC_BUCKETS, IdcObject, IdcView, release_date
 from .index import ArchiveIndex
-from .runner import AppThread
 from .synth import ArchiveSummary
 
 __all__ = ["DEFAULT_MAX_KEYS", "S3Faults", "S3Server", "S3Service"]
