@@ -288,7 +288,9 @@ def test_cli_json_events_exit_codes_and_error_report(tmp_path, server, public_ui
                     "--only-failed")
     assert again.returncode == 0, again.stderr
     listing = run_cli("list", str(manifest))
-    assert listing.returncode == 0 and "Total" in listing.stdout
+    # Piped, list is TSV (issue 25): a header line on stdout, the totals on stderr.
+    assert listing.returncode == 0 and listing.stdout.startswith("Collection\t")
+    assert "series" in listing.stderr
     verify = run_cli("verify", str(tmp_path / "dl" / "manifest-1700000000000"))
     assert verify.returncode == 0 and "OK" in verify.stdout
 

@@ -183,8 +183,6 @@ def test_search_csv_records_its_server(srv, public, tmp_path):
     assert read_manifest(tmp_path / "found.tcia").download_server_url == srv.download_url
 
 
-@pytest.mark.xfail(strict=True, reason="manifest.py (INDEX): a spreadsheet's "
-                   "downloadServerUrl column as the manifest's server")
 def test_search_csv_server_is_read_back_as_the_manifests_server(srv, public, tmp_path):
     collection = public[0].collection
     assert cli("search", "--collection", collection, "--api-url", srv.api_url, "--csv",

@@ -829,16 +829,25 @@ def _parse_delimited(lines: list[str], header: int, source: str) -> Manifest | N
             for cells in reader:
                 yield header + 1 + reader.line_num, cells
 
+        # ``search --csv`` writes the server in a column (spreadsheets and pandas read
+        # it as any column): one value on every row makes it the manifest's server.
+        server_column = next((i for i, name in enumerate(row)
+                              if _column_key(name) == "downloadserverurl"), None)
+        servers: set[str] = set()
         try:
             for line, cells in rows():
                 if column < len(cells):
                     collector.add(cells[column], source, line)
+                if server_column is not None and server_column < len(cells) and \
+                        cells[server_column].strip():
+                    servers.add(cells[server_column].strip())
         except csv.Error as exc:
             raise ManifestError(f"unreadable spreadsheet row: {exc}", source=source) from None
         if not collector.seen:
             raise ManifestError(f"no series listed in column {row[column].strip()!r}",
                                 source=source, line=header + 1)
-        return Manifest(series_uids=collector.uids(), headers={}, source=source,
+        headers = {"downloadServerUrl": servers.pop()} if len(servers) == 1 else {}
+        return Manifest(series_uids=collector.uids(), headers=headers, source=source,
                         duplicates_dropped=collector.duplicates, kind="csv")
     for delimiter in candidates:
         try:
