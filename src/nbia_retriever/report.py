@@ -191,21 +191,36 @@ class MetadataCsv:
 
     def append(self, row: Sequence[str]) -> bool:
         """Append ``row`` unless its Series UID is present; fsync'd. False if present."""
+        return self.append_many([row])[0]
+
+    def append_many(self, rows: Sequence[Sequence[str]]) -> list[bool]:
+        """Append the ``rows`` whose Series UID is not present yet, in one write and one
+        fsync (a series' row costs an fsync, ~2 ms on a plain disk: 2,000 one-image
+        series publishing at once would queue behind each other's); per row, whether
+        it was appended."""
         with self._lock:
-            if row[0] in self._seen:
-                return False
+            added = [False] * len(rows)
+            if all(row[0] in self._seen for row in rows):
+                return added
             fd = open_regular(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 lock_file(fd)
                 try:
                     self._drop_torn_row(fd)
                     self._catch_up(fd)
-                    if row[0] in self._seen:
-                        return False
+                    new: set[str] = set()
+                    parts: list[bytes] = []
+                    for i, row in enumerate(rows):
+                        if row[0] not in self._seen and row[0] not in new:
+                            new.add(row[0])
+                            parts.append(_row_bytes(row))
+                            added[i] = True
+                    if not parts:
+                        return added
                     size = os.fstat(fd).st_size
-                    data = _row_bytes(row)
                     if size == 0:
-                        data = _row_bytes(METADATA_HEADER) + data
+                        parts.insert(0, _row_bytes(METADATA_HEADER))
+                    data = b"".join(parts)
                     try:
                         view = memoryview(data)
                         while view:
@@ -218,8 +233,8 @@ class MetadataCsv:
                         raise
                     self._offset = size + len(data)
                     self._tail = b""
-                    self._seen.add(row[0])
-                    return True
+                    self._seen |= new
+                    return added
                 finally:
                     unlock_file(fd)
             finally:

@@ -131,6 +131,10 @@ class Publisher:
         self.csv = csv
         self._note = note or (lambda uid, text: None)
         self._license_lock = threading.Lock()
+        #: metadata.csv rows waiting for a writer (see add_csv_row).
+        self._rows: list[tuple[str, list[str]]] = []
+        self._rows_lock = threading.Lock()
+        self._csv_writer = threading.Lock()
 
     # -- names ----------------------------------------------------------------------------
     def _name_files(self, staged: StagedSeries) -> tuple[FileRecord, ...]:
@@ -199,12 +203,24 @@ class Publisher:
 
     def add_csv_row(self, uid: str, info: SeriesInfo, relpath: PurePosixPath | str,
                     when: float, images: int, nbytes: int) -> None:
-        try:
-            self.csv.append(metadata_row(info, f"./{relpath}", when, images=images,
-                                         size=nbytes))
-        except (OSError, DestinationError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            self._note(uid, f"could not update metadata.csv: {reason}")
+        """Append the series' metadata.csv row, written and fsync'd before this returns.
+        Group commit: the rows of series published while another thread writes wait,
+        and the next writer writes them all with one fsync (one fsync per one-image
+        series made 2,000 such series queue ~2 ms each behind the file's lock)."""
+        row = metadata_row(info, f"./{relpath}", when, images=images, size=nbytes)
+        with self._rows_lock:
+            self._rows.append((uid, row))
+        with self._csv_writer:
+            with self._rows_lock:
+                batch, self._rows = self._rows, []
+            if not batch:
+                return  # another thread wrote this row with its own
+            try:
+                self.csv.append_many([r for _, r in batch])
+            except (OSError, DestinationError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                for who, _ in batch:
+                    self._note(who, f"could not update metadata.csv: {reason}")
 
     def _place(self, uid: str, info: SeriesInfo, staged: StagedSeries, planned: int,
                license_bytes: bytes | None) -> PurePosixPath:
