@@ -551,7 +551,8 @@ async def test_login_unlocks_restricted_series(archive: ArchiveSummary,
         # A wrong password says so on the status line; the table stays usable.
         await pilot.press("l", *"x", "enter")
         await wait_for(pilot, lambda: app.phase == READY, "the refused login")
-        assert "login refused" in app.message
+        assert "Login refused, nothing changed (as alice)" in app.message  # issue 25
+        assert app.credentials is not None and app.credentials.password == password
         assert password not in app.export_screenshot()
 
 

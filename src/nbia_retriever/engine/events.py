@@ -104,6 +104,9 @@ class Stats:
     bytes_received: int = 0  # off the wire, discarded attempts included: for speeds
     processes: int = 0  # worker processes ready to stream (engine.procs)
     worker_attempts: int = 0  # attempts those processes ran (the others ran on threads)
+    #: Series streams open right now (threads and worker processes): what is really
+    #: downloading, not the limiter's target (``concurrency``) nor the rows in Downloading.
+    open_streams: int = 0
 
     @property
     def bytes_done(self) -> int:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import operator
+import shlex
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -50,17 +52,25 @@ from textual.widgets import (
 )
 
 from ..api import Credentials
+from ..cli.common import run_exit_code
 from ..engine import DownloadOptions, Engine, Event
 from ..engine.plan import LayoutMismatchError
 from ..errors import AuthError, NbiaError
 from ..layout import Layout, format_series_number
 from ..manifest import Manifest
 from ..models import ALL_STATES, FAILED_STATES, SeriesState
-from ..report import SeriesResult, human_size, write_error_report
+from ..report import Report, SeriesResult, human_size, write_error_report
 from ..session import Session, session_for
 from .cells import COLUMNS, EMPTY, Cell, hidden_columns, row_cells, speed_and_eta
-from .screens import ConfirmQuitScreen, DestinationScreen, LoginScreen, SaveReportScreen
+from .screens import (
+    ConfirmQuitScreen,
+    DestinationScreen,
+    LoginAnswer,
+    LoginScreen,
+    SaveReportScreen,
+)
 from .table import PAGE, PagedTable
+from .trust import TRUST_ALWAYS, login_trust, remember_trusted_host
 
 
 class ViewPhase(StrEnum):
@@ -82,6 +92,13 @@ SPEED_WINDOW = 5.0
 RETRYABLE = FAILED_STATES | {SeriesState.CANCELLED}
 _STATE = operator.attrgetter("state")
 AUTO_WIDTH = frozenset(key for key, _, width in COLUMNS if width is None)
+#: The actions that can be unavailable, and what they are called in "cannot" messages.
+WHY_NOT: dict[str, str] = {
+    "start": "Start", "pause": "Pause", "resume": "Resume", "cancel": "Cancel",
+    "remove": "Series cannot be removed", "destination": "The destination cannot change",
+    "toggle_layout": "The layout cannot change", "login": "Cannot log in or out",
+    "retry_failed": "Retry failed works", "save_report": "The error report is saved",
+}
 
 
 @dataclass(slots=True)
@@ -177,6 +194,12 @@ class RetrieverApp(App[None]):
         self.last_report_path: Path | None = None
         self._columns: list[str] = []
         self._hidden: frozenset[str] = frozenset()
+        #: What ``open`` prints once the window has closed (see :meth:`_leave`).
+        self.ending: str | None = None
+        self._ran = False  # a download was started in this window
+        self._open_streams = 0
+        #: While a login is tried: the engine, login and phase to go back to if refused.
+        self._fallback: tuple[Engine, Credentials | None, ViewPhase] | None = None
 
     # -- layout ---------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -293,15 +316,42 @@ class RetrieverApp(App[None]):
         engine.subscribe(self._on_engine_event)
         return engine
 
-    def _replace_engine(self, engine: Engine) -> None:
+    def _replace_engine(self, engine: Engine, *, keep_old: bool = False) -> None:
+        """``keep_old``: a login being tried; the old engine is the fallback (see
+        :meth:`_logged_in`) and is disposed once the login is accepted."""
         old, self.engine = self.engine, engine
         self._engine_prepared = False
         self._engine_stale = False
         with self._lock:
             self._dirty.clear()
             self._full_sync = False
-        if old is not engine and old not in self._preparing:
+        if not keep_old:
+            self._drop_fallback()
+        if old is not engine and old not in self._preparing and not (
+                self._fallback and old is self._fallback[0]):
             _dispose(old)
+
+    def _drop_fallback(self) -> None:
+        fallback, self._fallback = self._fallback, None
+        if fallback is not None and fallback[0] is not self.engine \
+                and fallback[0] not in self._preparing:
+            _dispose(fallback[0])
+
+    def _login_refused(self, engine: Engine, error: str) -> None:
+        """Back to the engine, login and rows from before the refused login."""
+        assert self._fallback is not None
+        old, self.credentials, phase = self._fallback
+        self._fallback = None
+        self.engine, self.phase = old, phase
+        self._engine_prepared = True
+        self._start_pending = False
+        _dispose(engine)
+        self.last_error = error
+        reason = error.removeprefix("login refused: ")
+        self._set_message(f"Login refused, nothing changed ({self._login_text()}): {reason}",
+                          error=True)
+        self._sync_rows(self.rows)
+        self._refresh_controls()
 
     class Prepared(Message):
         """An engine finished reading journals and metadata (posted from its thread)."""
@@ -338,6 +388,11 @@ class RetrieverApp(App[None]):
         if engine is not self.engine:
             _dispose(engine)  # the settings changed while it was reading: forget it
             return
+        if self._fallback is not None:
+            if error and engine.report.auth_failed:
+                self._login_refused(engine, error)
+                return
+            self._drop_fallback()  # the login worked: the old engine is done with
         self.phase = READY
         self._sync_rows(self.rows)
         if error:
@@ -430,6 +485,7 @@ class RetrieverApp(App[None]):
 
     def _update_overall(self) -> None:
         stats = self.engine.stats()
+        self._open_streams = stats.open_streams
         done, total = stats.progress_bytes, stats.bytes_total
         bar = self.query_one("#overall", ProgressBar)
         bar.update(total=max(1.0, total), progress=min(done, total) if total else 0)
@@ -453,7 +509,11 @@ class RetrieverApp(App[None]):
         failed = sum(counts[s] for s in FAILED_STATES)
         text = f"{counts[SeriesState.COMPLETE]}/{len(self.rows)} done"
         if counts[SeriesState.DOWNLOADING]:
-            text += f" · {counts[SeriesState.DOWNLOADING]} active"
+            text += f" · {counts[SeriesState.DOWNLOADING]} downloading"
+        if self.phase == RUNNING:
+            # The streams really open (engine stats), not the limiter's target: after a
+            # throttle, series still downloading keep theirs until they end.
+            text += f" · {self._open_streams} stream{'s' if self._open_streams != 1 else ''} open"
         if failed:
             text += f" · {failed} failed"
         if len(self.order) > self.page_size:
@@ -546,6 +606,44 @@ class RetrieverApp(App[None]):
         if action in ("retry_failed", "save_report"):
             return (phase == FINISHED and bool(self.failed_rows())) or None
         return True
+
+    async def run_action(self, action: Any, default_namespace: Any = None,
+                         namespaces: Any = None) -> bool:
+        """A key whose action cannot act now says why (Textual would drop it silently:
+        ``e`` before Start looked broken); the Footer still greys it out."""
+        if isinstance(action, str) and default_namespace in (None, self):
+            name = action.partition("(")[0]
+            if name in WHY_NOT and not self.check_action(name, ()):
+                self.notify(self.why_not(name), severity="warning", markup=False)
+                return True
+        return await super().run_action(action, default_namespace, namespaces)
+
+    def why_not(self, action: str) -> str:
+        """Why ``action`` cannot act now, and what would let it (one sentence)."""
+        phase = self.phase
+        if phase == RUNNING and action in ("remove", "destination", "toggle_layout", "login"):
+            return (f"{WHY_NOT[action]} while downloading: p pauses, c cancels (finished "
+                    "series are kept).")
+        if action == "start":
+            if self._start_pending:
+                return "Already starting: the download begins once the metadata is read."
+            if phase == RUNNING:
+                return "Already downloading."
+            return "Every series is complete: nothing to start."
+        if action == "pause":
+            return "Already paused: r resumes." if phase == RUNNING else \
+                "Nothing to pause: no download is running (s starts)."
+        if action == "resume":
+            return "Not paused: p pauses." if phase == RUNNING else \
+                "Nothing to resume: no download is running (s starts)."
+        if action == "cancel":
+            return "Nothing to cancel: no download is running."
+        if action in ("retry_failed", "save_report"):
+            if phase == FINISHED:
+                return "No series failed: nothing to retry or report."
+            return (f"{WHY_NOT[action]} once a run has finished with failed series "
+                    "(s starts the download).")
+        return f"{WHY_NOT[action]} now."
 
     # -- table interactions ---------------------------------------------------------------------
     def _cursor_uid(self) -> str | None:
@@ -706,6 +804,7 @@ class RetrieverApp(App[None]):
         self._run(self.engine)
 
     def _run(self, engine: Engine) -> None:
+        self._ran = True
         self._engine_prepared = True
         self._samples.clear()
         self.phase = RUNNING
@@ -810,7 +909,8 @@ class RetrieverApp(App[None]):
             return
         username = self.credentials.username if self.credentials else (self.ask_login or "")
         self.push_screen(LoginScreen(username, logged_in=self.credentials is not None,
-                                     host=self._login_host()), self._logged_in)
+                                     host=self._login_host(), trust=login_trust(self.session)),
+                         self._logged_in)
 
     def _login_host(self) -> str:
         """The host the password would go to, named in the dialog (never a guess)."""
@@ -824,12 +924,40 @@ class RetrieverApp(App[None]):
     def _login_button(self) -> None:
         self.action_login()
 
-    def _logged_in(self, answer: tuple[str, Credentials | None] | None) -> None:
+    def _logged_in(self, answer: LoginAnswer | None) -> None:
+        """A login (or logout) is tried on a new engine *beside* the current one: until it
+        is accepted the table, its finished rows and the old login stay as they were, and
+        a refused login changes nothing but the status line."""
         if answer is None:
             return
-        self.credentials = answer[1]
+        if answer.trust:
+            self._trust_host(answer.trust == TRUST_ALWAYS)
+        if self._fallback is None:  # a second login while the first is read keeps the first
+            self._fallback = (self.engine, self.credentials, self.phase)
+        self.credentials = answer.credentials
         self.query_one("#user", Label).update(self._login_text())
-        self._reconfigure()
+        self._replace_engine(self._make_engine(), keep_old=True)
+        self._prepare_engine()
+        self._set_message(f"Logging in as {answer.credentials.username}…" if answer.credentials
+                          else "Logging out…")
+        self._refresh_controls()
+
+    def _trust_host(self, always: bool) -> None:
+        """The user trusts the login's host: for this window's session (a new policy
+        that includes it), and with ``always`` in their config file too."""
+        host = login_trust(self.session).host
+        if always:
+            try:
+                path = remember_trusted_host(host)
+            except NbiaError as exc:
+                self.notify(f"{exc} (trusted for this run only)", severity="error",
+                            markup=False, timeout=12)
+            else:
+                self.notify(f"{host} added to trusted_hosts in {path}", markup=False)
+        hosts = (*self.options.trusted_hosts, host)
+        self.options = replace(self.options, trusted_hosts=hosts)
+        self.session = replace(self.session, trusted_hosts=(*self.session.trusted_hosts, host),
+                               _policy=None, _lock=threading.Lock())
 
     # -- buttons --------------------------------------------------------------------------------
     @on(Button.Pressed, "#start")
@@ -866,7 +994,7 @@ class RetrieverApp(App[None]):
         cancels the run (published series are complete, the rest resume next time)."""
         engine = self.engine
         if self.phase != RUNNING or engine.finished:
-            self.exit()
+            self._leave()
             return
         if isinstance(self.screen, ConfirmQuitScreen):
             return
@@ -878,11 +1006,47 @@ class RetrieverApp(App[None]):
             self._set_message("Stopping the downloads…")
 
             await asyncio.to_thread(engine.wait, 10.0)
-            self.exit()
+            self._leave()
 
         active = sum(1 for r in list(engine.results.values())
                      if r.state == SeriesState.DOWNLOADING) or len(engine.results)
         self.push_screen(ConfirmQuitScreen(active), answered)
+
+    def _leave(self) -> None:
+        """Exit with the run's ending: ``open`` prints :attr:`ending` (the summary, the
+        folder, the command that resumes) and exits with the code ``download`` would
+        have (130 interrupted, 1 failed series, 0 all complete). A window in which no
+        download was started leaves quietly with 0."""
+        code = 0
+        if self._ran:
+            report = self.summary_report()
+            self.ending = report.summary(self.resume_command())
+            code = run_exit_code(report)
+        self.exit(return_code=code)
+
+    def summary_report(self) -> Report:
+        """The last run's report over every row of the window (a "Retry failed" run's
+        own report holds only the series it retried)."""
+        engine = self.engine
+        results: dict[str, SeriesResult] = {}
+        for uid, row in self.rows.items():
+            result = engine.results.get(uid)
+            results[uid] = result if result is not None and result.state != \
+                SeriesState.NOT_STARTED else row
+        return replace(engine.report, results=results, only_failed=False)
+
+    def resume_command(self) -> str:
+        """The command line that reopens this download where it stopped: the ``open``
+        command as typed, with the destination and layout chosen in the window."""
+        args = sys.argv[1:]
+        if "open" not in args:
+            args = ["open", self.manifest.source or "MANIFEST"]
+        dest = str(self.dest)
+        if dest not in args:
+            args += ["-d", dest]
+        if self.layout_name != Layout(self.options.layout).value:
+            args += ["--layout", self.layout_name]
+        return shlex.join(["nbia-retriever", *args])
 
     def on_unmount(self) -> None:
         for engine in self._preparing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,6 +17,7 @@ from ..cli.common import (
     check_api_url,
     fail,
     fail_for,
+    inert,
     load_manifest,
     warn_insecure,
     with_api_options,
@@ -87,6 +89,10 @@ def open_command(ctx: click.Context, /, manifest: str, dest: str, user: str | No
     app = RetrieverApp(parsed, dest, options, manifest_name=os.path.basename(manifest),
                        ask_login=ask_login, session=session)
     app.run()
+    if app.ending:  # a download ran: its summary, folder and resume command, as download's
+        click.echo(inert(app.ending))
+    if app.return_code:
+        sys.exit(app.return_code)
 
 
 def serve_web(manifest: str, *, host: str, port: int, public_url: str | None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from rich.text import Text
 from textual import on
@@ -20,6 +20,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DirectoryTree, Input, Label
 
 from ..api import Credentials
+from .trust import TRUST_ALWAYS, TRUST_RUN, LoginTrust
 
 
 class FolderTree(DirectoryTree):
@@ -98,36 +99,91 @@ class DestinationScreen(ModalScreen[Path | None]):
         self.dismiss(None)
 
 
-class LoginScreen(ModalScreen[tuple[str, Credentials | None] | None]):
+class LoginAnswer(NamedTuple):
+    """The login dialog's answer: ``action`` "login" (with ``credentials``) or "logout";
+    ``trust`` is "" (the host was trusted already), :data:`~.trust.TRUST_RUN` or
+    :data:`~.trust.TRUST_ALWAYS`."""
+
+    action: str
+    credentials: Credentials | None
+    trust: str = ""
+
+
+class LoginScreen(ModalScreen[LoginAnswer | None]):
     """Username and password for limited-access collections.
 
-    Answers ``("login", Credentials)``, ``("logout", None)`` or ``None`` (cancelled). The
-    password field is masked and is cleared before the dialog closes, so no widget keeps
-    it after the answer has been handed over.
+    Answers a :class:`LoginAnswer` or ``None`` (cancelled). The password field is masked
+    and is cleared before the dialog closes, so no widget keeps it after the answer has
+    been handed over.
+
+    Trust comes first: when only the manifest names the server (``trust.ask``), the
+    dialog names the host (ASCII form) and offers to trust it for this run or always;
+    the username and password fields appear only after that answer, so no password is
+    typed for a host that will not get it. A host no answer can make safe
+    (``trust.refused``: plain http) shows why and offers no fields at all.
     """
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, username: str = "", logged_in: bool = False, host: str = "") -> None:
+    def __init__(self, username: str = "", logged_in: bool = False, host: str = "",
+                 trust: LoginTrust | None = None) -> None:
         super().__init__()
         self.username = username
         self.logged_in = logged_in
-        self.host = host
+        self.trust = trust or LoginTrust(host)
+        self.host = self.trust.host or host
+        #: The trust answer given in this dialog ("" until then, or when not asked).
+        self.trusted = ""
 
     def compose(self) -> ComposeResult:
+        trust = self.trust
         with Vertical(id="dialog", classes="dialog"):
             yield Label("Log in for limited-access collections", classes="dialog-title")
-            if self.host:
-                # Plain text, never markup: the host may come from a shared manifest.
-                yield Label(Text(f"The password goes to {self.host} only."), id="login-host")
-            yield Input(self.username, placeholder="username", id="username")
-            yield Input(placeholder="password", password=True, id="password")
-            with Horizontal(classes="dialog-buttons"):
-                yield Button("Log in", variant="primary", id="login")
-                yield Button("Log out", id="logout", disabled=not self.logged_in)
-                yield Button("Cancel", id="cancel")
+            if trust.refused:
+                yield Label(Text(trust.refused), id="login-refused", classes="dialog-text")
+            elif trust.ask:
+                # Plain text, never markup: the host comes from a shared manifest.
+                yield Label(Text(
+                    f"Only the manifest names {self.host}: you did not choose this server. "
+                    f"Trust {self.host} with your password?"), id="login-trust",
+                    classes="dialog-text")
+                with Horizontal(classes="dialog-buttons", id="trust-buttons"):
+                    yield Button("Trust for this run", variant="primary", id="trust-run")
+                    yield Button("Trust always", id="trust-always",
+                                 tooltip="Adds it to trusted_hosts in your config file")
+                    yield Button("Cancel", id="trust-cancel")
+            if self.host and not trust.refused:
+                yield Label(Text(f"The password goes to {self.host} only."), id="login-host",
+                            classes="dialog-text")
+            with Vertical(id="login-fields"):
+                yield Input(self.username, placeholder="username", id="username")
+                yield Input(placeholder="password", password=True, id="password")
+                with Horizontal(classes="dialog-buttons"):
+                    yield Button("Log in", variant="primary", id="login",
+                                 disabled=bool(trust.refused))
+                    yield Button("Log out", id="logout", disabled=not self.logged_in)
+                    yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:
+        if self.trust.ask:
+            self.query_one("#login-fields").display = False
+            self.query_one("#login-host").display = False
+            self.query_one("#trust-run", Button).focus()
+        elif self.trust.refused:
+            for widget in (*self.query(Input), self.query_one("#login", Button)):
+                widget.display = False
+            self.query_one("#cancel", Button).focus()
+        else:
+            self.query_one("#password" if self.username else "#username", Input).focus()
+
+    @on(Button.Pressed, "#trust-run")
+    @on(Button.Pressed, "#trust-always")
+    def _trusted(self, event: Button.Pressed) -> None:
+        self.trusted = TRUST_ALWAYS if event.button.id == "trust-always" else TRUST_RUN
+        self.query_one("#trust-buttons").display = False
+        self.query_one("#login-trust").display = False
+        self.query_one("#login-host").display = True
+        self.query_one("#login-fields").display = True
         self.query_one("#password" if self.username else "#username", Input).focus()
 
     @on(Input.Submitted, "#username")
@@ -137,6 +193,8 @@ class LoginScreen(ModalScreen[tuple[str, Credentials | None] | None]):
     @on(Input.Submitted, "#password")
     @on(Button.Pressed, "#login")
     def _login(self) -> None:
+        if self.trust.refused or (self.trust.ask and not self.trusted):
+            return  # no password goes anywhere before trust is decided
         username = self.query_one("#username", Input).value.strip()
         password_input = self.query_one("#password", Input)
         if not username:
@@ -145,14 +203,15 @@ class LoginScreen(ModalScreen[tuple[str, Credentials | None] | None]):
             return
         credentials = Credentials(username, password_input.value)
         password_input.value = ""
-        self.dismiss(("login", credentials))
+        self.dismiss(LoginAnswer("login", credentials, self.trusted))
 
     @on(Button.Pressed, "#logout")
     def _logout(self) -> None:
         self.query_one("#password", Input).value = ""
-        self.dismiss(("logout", None))
+        self.dismiss(LoginAnswer("logout", None))
 
     @on(Button.Pressed, "#cancel")
+    @on(Button.Pressed, "#trust-cancel")
     def action_cancel(self) -> None:
         self.query_one("#password", Input).value = ""
         self.dismiss(None)
@@ -210,7 +269,7 @@ class ConfirmQuitScreen(ModalScreen[bool]):
             yield Label(f"{self.active} series are downloading. Quit now?",
                         classes="dialog-title")
             yield Label("Finished series are kept; the rest resume when you open this "
-                        "manifest again with the same destination.")
+                        "manifest again with the same destination.", classes="dialog-text")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Quit", variant="error", id="quit")
                 yield Button("Keep downloading", variant="primary", id="stay")

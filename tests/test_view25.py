@@ -1,0 +1,378 @@
+"""The view for people, round 2 (issue 25 item 5), driven with Textual's Pilot against the
+reference server over real HTTP on 127.0.0.1.
+
+* Trust is decided before the password is asked; a refused login keeps the finished rows.
+* Long messages wrap (the status line, the quit dialog).
+* Quitting mid-download prints the summary, the folder and the resume command, and exits
+  with the CLI's code (130 interrupted).
+* Every key says something when it cannot act.
+* The progress line counts the streams really open.
+* ``-d`` may name the download root itself (as ``verify`` takes it); rows say where they
+  came from.
+
+Waiting is always for a condition the user could see, bounded by a deadline; never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from textual.geometry import Region
+from textual.pilot import Pilot
+from textual.widget import Widget
+from textual.widgets import Input, Label
+
+from nbia_retriever.engine import DownloadOptions, Engine
+from nbia_retriever.errors import EXIT_INTERRUPTED
+from nbia_retriever.manifest import read_manifest
+from nbia_retriever.models import SeriesState
+from nbia_retriever.server import FaultPlan, ReferenceServer
+from nbia_retriever.server.synth import ArchiveSummary
+from nbia_retriever.tui import RetrieverApp
+from nbia_retriever.tui.app import FINISHED, READY, RUNNING
+from nbia_retriever.tui.screens import ConfirmQuitScreen, LoginScreen
+from nbia_retriever.tui.trust import remember_trusted_host
+
+pytestmark = pytest.mark.anyio
+
+SIZE = (130, 36)
+NARROW = (80, 24)
+DEADLINE = 30.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def archive(archive_factory: Callable[..., ArchiveSummary]) -> ArchiveSummary:
+    """4 public series (collection A) + 4 restricted ones (collection B, alice only)."""
+    return archive_factory(seed=11, collections=2, patients=2, studies=1, series=2, images=4,
+                           awkward=False)
+
+
+@pytest.fixture
+def server(archive: ArchiveSummary, serve: Callable[..., ReferenceServer]) -> ReferenceServer:
+    return serve(archive.root)
+
+
+@pytest.fixture(autouse=True)
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The user's config file: one of this test's, never the real one."""
+    path = tmp_path / "config" / "config.toml"
+    monkeypatch.setenv("NBIA_RETRIEVER_CONFIG", str(path))
+    return path
+
+
+def make_app(archive: ArchiveSummary, server: ReferenceServer, dest: Path, *,
+             manifest: str = "manifest.tcia", api_url: bool = True, workers: int = 2,
+             **kwargs: object) -> RetrieverApp:
+    options = DownloadOptions(api_url=server.api_url if api_url else None, workers=workers,
+                              retries=1, backoff_base=0.01, timeout=20)
+    return RetrieverApp(read_manifest(archive.root / manifest), dest, options,
+                        show_rates=False, **kwargs)  # type: ignore[arg-type]
+
+
+def manifest_naming(archive: ArchiveSummary, server: ReferenceServer, folder: Path) -> Path:
+    """manifest-all.tcia whose downloadServerUrl is the reference server: a server only
+    the manifest names (the user passes no --api-url)."""
+    text = (archive.root / "manifest-all.tcia").read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^downloadServerUrl=.*$", f"downloadServerUrl={server.api_url}", text)
+    path = folder / "shared.tcia"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.01)
+
+
+def shown(widget: Widget) -> str:
+    """The text a widget shows on screen, its lines joined by spaces (so a sentence
+    wrapped over several lines reads whole, and a cut one does not)."""
+    strips = widget.render_lines(Region(0, 0, widget.size.width, widget.size.height))
+    return " ".join(" ".join("".join(s.text for s in strip).split()) for strip in strips)
+
+
+def states(app: RetrieverApp) -> dict[str, str]:
+    return {uid: row.state for uid, row in app.rows.items()}
+
+
+# -- trust before the password; a refused login keeps the finished rows ------------------
+
+
+async def test_trust_is_asked_before_the_password(archive: ArchiveSummary,
+                                                  server: ReferenceServer, tmp_path: Path,
+                                                  config_file: Path) -> None:
+    manifest = manifest_naming(archive, server, tmp_path)
+    options = DownloadOptions(workers=2, retries=1, backoff_base=0.01, timeout=20)
+    app = RetrieverApp(read_manifest(manifest), tmp_path / "dl", options, show_rates=False)
+    public = {s.series_uid for s in archive.series if not s.restricted}
+    restricted = {s.series_uid for s in archive.series if s.restricted}
+    host = server.api_url.split("/")[2]
+    password = archive.users["alice"]
+    async with app.run_test(size=NARROW) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the public series")
+        assert {states(app)[u] for u in public} == {SeriesState.COMPLETE}
+
+        # A wrong password, after trusting the host for this run: refused, nothing lost.
+        await pilot.press("l")
+        dialog = app.screen
+        assert isinstance(dialog, LoginScreen)
+        question = shown(dialog.query_one("#login-trust", Label))
+        assert f"Only the manifest names {host}" in question and "password?" in question
+        assert not dialog.query_one("#login-fields").display  # no password before trust
+        assert "password" not in shown(dialog).replace("password?", "")
+        await pilot.click("#trust-run")
+        assert dialog.query_one("#login-fields").display
+        assert dialog.query_one("#password", Input).has_focus or dialog.query_one(
+            "#username", Input).has_focus
+        dialog.query_one("#username", Input).value = "alice"
+        dialog.query_one("#password", Input).value = "wrong"
+        await pilot.click("#login")
+        await wait_for(pilot, lambda: "Login refused" in app.message, "the refusal")
+        assert app.phase == FINISHED and app.credentials is None
+        assert {states(app)[u] for u in public} == {SeriesState.COMPLETE}  # kept
+        # The whole reason is on screen, wrapped at 80 columns, not cut at the edge.
+        status = shown(app.query_one("#status", Label))
+        assert "Login refused, nothing changed (not logged in)" in status
+        assert status.rstrip().endswith(app.message.split()[-1])
+
+        # The right password: the host stays trusted for this run (no question again).
+        await pilot.press("l")
+        dialog = app.screen
+        assert isinstance(dialog, LoginScreen)
+        assert not dialog.query("#login-trust")
+        assert f"goes to {host} only" in shown(dialog.query_one("#login-host", Label))
+        dialog.query_one("#username", Input).value = "alice"
+        dialog.query_one("#password", Input).value = password
+        await pilot.click("#login")
+        await wait_for(pilot, lambda: app.phase != RUNNING and "as alice" in str(
+            app.query_one("#user", Label).render()) and app.phase in (READY, FINISHED)
+            and not app._preparing, "the login")
+        assert {states(app)[u] for u in public} == {SeriesState.COMPLETE}
+        assert {states(app)[u] for u in restricted} == {SeriesState.NOT_STARTED}
+    assert not config_file.exists()  # "this run" writes nothing
+
+
+async def test_trust_always_goes_to_the_config_file(archive: ArchiveSummary,
+                                                    server: ReferenceServer, tmp_path: Path,
+                                                    config_file: Path) -> None:
+    config_file.parent.mkdir(parents=True)
+    config_file.write_text('# mine\nproxy = "http://127.0.0.1:9"\n\n[licenses]\n'
+                           'accepted = ["C"]\n', encoding="utf-8")
+    manifest = manifest_naming(archive, server, tmp_path)
+    options = DownloadOptions(workers=2, retries=1, backoff_base=0.01, timeout=20)
+    app = RetrieverApp(read_manifest(manifest), tmp_path / "dl", options, show_rates=False)
+    host = server.api_url.split("/")[2]
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("l")
+        await pilot.click("#trust-always")
+        dialog = app.screen
+        dialog.query_one("#username", Input).value = "alice"
+        dialog.query_one("#password", Input).value = archive.users["alice"]
+        await pilot.click("#login")
+        await wait_for(pilot, lambda: app.phase == READY and app._fallback is None,
+                       "the login")
+        assert app.credentials is not None and "refused" not in app.message
+    text = config_file.read_text(encoding="utf-8")
+    assert text.count("# mine") == 1  # the user's text stays
+    data = tomllib.loads(text)
+    assert data["trusted_hosts"] == [host] and data["licenses"] == {"accepted": ["C"]}
+
+    # A second window trusts it without asking.
+    again = RetrieverApp(read_manifest(manifest), tmp_path / "dl", options, show_rates=False)
+    async with again.run_test(size=SIZE) as pilot:
+        await pilot.press("l")
+        assert isinstance(again.screen, LoginScreen)
+        assert not again.screen.query("#login-trust")
+        assert again.screen.query_one("#login-fields").display
+
+
+def test_remember_trusted_host_edits_only_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    assert remember_trusted_host("a.example", path) == path
+    assert tomllib.loads(path.read_text())["trusted_hosts"] == ["a.example"]
+    path.write_text('trusted_hosts = [\n  "[::1]:8443", # lab\n  "b.example",\n]\n'
+                    'proxy = "socks5h://127.0.0.1:1080"\n', encoding="utf-8")
+    remember_trusted_host("xn--bcher-kva.example", path)
+    data = tomllib.loads(path.read_text())
+    assert data == {"trusted_hosts": ["[::1]:8443", "b.example", "xn--bcher-kva.example"],
+                    "proxy": "socks5h://127.0.0.1:1080"}
+    before = path.read_text()
+    remember_trusted_host("b.example", path)  # already there: untouched
+    assert path.read_text() == before
+
+
+# -- long messages wrap --------------------------------------------------------------------
+
+
+async def test_the_quit_dialog_text_is_whole(archive: ArchiveSummary,
+                                            serve: Callable[..., ReferenceServer],
+                                            tmp_path: Path) -> None:
+    stalled = FaultPlan(script={s.series_uid: ["stall:600"] * 10 for s in archive.series})
+    slow = serve(archive.root, faults=stalled)
+    app = make_app(archive, slow, tmp_path / "dl")
+    async with app.run_test(size=NARROW) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.engine.stats().open_streams == 2, "2 streams")
+        await pilot.press("q")
+        dialog = app.screen
+        assert isinstance(dialog, ConfirmQuitScreen)
+        text = " ".join(shown(label) for label in dialog.query(Label))
+        assert ("Finished series are kept; the rest resume when you open this manifest "
+                "again with the same destination.") in text
+        await pilot.press("n")
+        app.engine.cancel()
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the cancel")
+
+
+# -- quitting mid-download: the ending and the exit code -----------------------------------
+
+
+async def test_quitting_mid_download_gives_the_ending(archive: ArchiveSummary,
+                                                     serve: Callable[..., ReferenceServer],
+                                                     tmp_path: Path) -> None:
+    manifest = read_manifest(archive.root / "manifest.tcia")
+    first = manifest.series_uids[0]
+    # One series completes; the others' streams stall until the user quits.
+    stalled = FaultPlan(script={uid: ["stall:600"] * 10 for uid in manifest.series_uids[1:]})
+    slow = serve(archive.root, faults=stalled)
+    app = make_app(archive, slow, tmp_path / "dl", workers=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.rows[first].state == SeriesState.COMPLETE
+                       and app.engine.stats().open_streams == 2, "one series and 2 streams")
+        await pilot.press("q", "y")
+        deadline = time.monotonic() + DEADLINE
+        while app.is_running:
+            assert time.monotonic() < deadline, "q, y did not quit"
+            await asyncio.sleep(0.01)
+    assert app.return_code == EXIT_INTERRUPTED
+    ending = app.ending or ""
+    assert ending.startswith(f"1 of {len(manifest.series_uids)} series complete")
+    assert "series interrupted" in ending
+    assert f"files in {app.engine.root}" in ending
+    assert f"resume: nbia-retriever open {manifest.source}" in ending
+    assert f"-d {tmp_path / 'dl'}" in ending
+
+
+async def test_quitting_a_finished_window_exits_0_and_untouched_quietly(
+        archive: ArchiveSummary, server: ReferenceServer, tmp_path: Path) -> None:
+    app = make_app(archive, server, tmp_path / "dl")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("q")
+    assert app.return_code == 0 and app.ending is None  # nothing was started
+
+    app = make_app(archive, server, tmp_path / "dl")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the run")
+        await pilot.press("q")
+    assert app.return_code == 0
+    assert app.ending is not None and app.ending.startswith("4 of 4 series complete")
+    assert "resume" not in app.ending
+
+
+def test_open_prints_the_ending_and_exits_with_its_code(archive: ArchiveSummary,
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command's side: what the window left in ``ending``/``return_code`` is printed
+    and becomes the exit code (the window itself is driven in the tests above)."""
+    from nbia_retriever.cli import main
+
+    def run(self: RetrieverApp, *args: object, **kwargs: object) -> None:
+        self.ending = "0 of 4 series complete\nresume: nbia-retriever open m.tcia"
+        self._return_code = EXIT_INTERRUPTED
+
+    monkeypatch.setattr(RetrieverApp, "run", run)
+    result = CliRunner().invoke(main, ["open", str(archive.root / "manifest.tcia"), "-d",
+                                       str(tmp_path), "--api-url",
+                                       "http://127.0.0.1:9/nbia-api/services"])
+    assert result.exit_code == EXIT_INTERRUPTED
+    assert "resume: nbia-retriever open m.tcia" in result.output
+
+
+# -- every key says something --------------------------------------------------------------
+
+
+async def test_keys_that_cannot_act_say_why(archive: ArchiveSummary, server: ReferenceServer,
+                                           tmp_path: Path) -> None:
+    app = make_app(archive, server, tmp_path / "dl")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        for key, said in (("e", "The error report is saved once a run has finished"),
+                          ("f", "Retry failed works once a run has finished"),
+                          ("p", "Nothing to pause"), ("r", "Nothing to resume"),
+                          ("c", "Nothing to cancel")):
+            await pilot.press(key)
+            # A notification (toast), as every other message of the window
+            await wait_for(pilot, lambda said=said: any(
+                said in n.message for n in app._notifications), key)
+        assert app.phase == READY
+
+
+# -- the streams really open ---------------------------------------------------------------
+
+
+async def test_the_progress_line_counts_open_streams(archive: ArchiveSummary,
+                                                    serve: Callable[..., ReferenceServer],
+                                                    tmp_path: Path) -> None:
+    stalled = FaultPlan(script={s.series_uid: ["stall:600"] * 10 for s in archive.series})
+    slow = serve(archive.root, faults=stalled)
+    app = make_app(archive, slow, tmp_path / "dl", workers=3)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("s")
+        # Three streams answered and stalled: the server holds three open image requests.
+        await wait_for(pilot, lambda: "3 streams open" in str(
+            app.query_one("#counts", Label).render()), "3 streams open")
+        assert slow.service.downloads == 3  # what the server is answering now
+        app.engine.cancel()
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the cancel")
+        assert "streams open" not in str(app.query_one("#counts", Label).render())
+
+
+# -- the -d folder and where each row came from --------------------------------------------
+
+
+async def test_dest_may_name_the_download_root(archive: ArchiveSummary,
+                                              server: ReferenceServer, tmp_path: Path) -> None:
+    manifest = read_manifest(archive.root / "manifest.tcia")
+    first = Engine(manifest, tmp_path / "dl", DownloadOptions(api_url=server.api_url))
+    first.remove(manifest.series_uids[2:])
+    assert first.run().ok
+    root = first.root
+    app = make_app(archive, server, root)  # the root itself, as verify takes it
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        assert app.engine.root == root and app.dest == tmp_path / "dl"
+        assert [states(app)[u] for u in manifest.series_uids[:2]] == [SeriesState.COMPLETE] * 2
+        assert "2 already complete" in app.message
+        # Typed in the window too.
+        field = app.query_one("#dest", Input)
+        field.value = str(root)
+        field.focus()
+        await pilot.press("enter")
+        assert app.dest == tmp_path / "dl"
+        detail = str(app.query_one("#detail").render())
+        assert "from NBIA" in detail
