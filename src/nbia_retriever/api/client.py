@@ -42,6 +42,7 @@ from ..errors import (
 )
 from ..errors import ApiMismatch as ApiMismatch  # re-export
 from ..errors import StaleToken as StaleToken  # re-export
+from ..manifest import is_valid_uid
 from ..models import SeriesInfo, normalise_records
 from ..retry import RetryPolicy, classify
 from ..untrusted import quote
@@ -434,6 +435,58 @@ class NbiaClient:
             raise ApiError(f"MD5 of series {uid}: the server sent {error_excerpt(text, 60)!r}, "
                            "not an MD5")
         return text
+
+    # -- one image at a time (v4; docs/NBIA-SOURCE-FACTS.md section 8) -----------------
+    def sop_instance_uids(self, uid: str) -> list[str]:
+        """The SOPInstanceUIDs of a series, in the server's order (v4
+        ``getSOPInstanceUIDs``, JSON ``[{"SOPInstanceUID": ...}]``); empty when the
+        server lists none (it answers an unknown series with an empty body).
+
+        Raises :class:`ApiMismatch` when this build has no such endpoint (before
+        2025-07-08); each listed UID must be a UID
+        (:func:`~nbia_retriever.manifest.is_valid_uid`)."""
+        what = f"images of series {uid}"
+        answer = self.call("GET", "getSOPInstanceUIDs", what=what,
+                           params={"SeriesInstanceUID": uid}, version="v4", mismatch=True)
+        found: list[str] = []
+        for record in records(answer, what):
+            value = str(record.get("SOPInstanceUID", "")).strip()
+            if not is_valid_uid(value):
+                raise ApiError(f"{what}: the server listed {quote(value, 80)!r}, not a UID")
+            found.append(value)
+        return found
+
+    def image_md5(self, sop_uid: str) -> str | None:
+        """The MD5 (lowercase hex) the server recorded for one image at ingest (v4
+        ``getMD5HashForImage``, text/plain); None when it gives none (an image it does
+        not show answers no entity, a NULL md5 likewise)."""
+        what = f"MD5 of image {sop_uid}"
+        answer = self.call("GET", "getMD5HashForImage", what=what,
+                           params={"SOPInstanceUID": sop_uid}, version="v4", mismatch=True)
+        text = answer.text.strip().strip('"').lower()
+        if not text or text == "null":
+            return None
+        if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
+            raise ApiError(f"{what}: the server sent {error_excerpt(text, 60)!r}, not an MD5")
+        return text
+
+    @contextlib.contextmanager
+    def open_image(self, uid: str, sop_uid: str) -> Iterator[SeriesStream]:
+        """One image's bytes (v4 ``getSingleImage``: ``application/dicom``, the whole
+        file, a Content-Length); iterate ``stream.chunks()``. Statuses raise as for a
+        series (:func:`check_status`): the real server answers 500 for an image it
+        does not show, which is retried like any 500."""
+        what = f"image {sop_uid} of series {uid}"
+        with self.transport.open("GET", self._url("getSingleImage", "v4"),
+                                 params={"SeriesInstanceUID": uid, "SOPInstanceUID": sop_uid},
+                                 what=what) as stream:
+            if stream.status >= 400:
+                check_status(stream.status, stream.read_text(), stream.header, what,
+                             endpoint_missing_is_mismatch=True)
+            if stream.content_type.startswith(("text/html", "application/json")):
+                raise ApiError(f"{what}: the server sent {stream.content_type.split(';')[0]} "
+                               "instead of an image", status=stream.status)
+            yield stream
 
     # -- images -----------------------------------------------------------------------
     def _image_ways(self, md5: bool) -> list[_ImageWay]:

@@ -67,6 +67,7 @@ from .events import Event, EventKind, Stats
 from .journal import FileRecord, Journal, JournalEntry, RunRecord, header_lines
 from .ledger import Ledger
 from .options import DownloadOptions
+from .pieces import ConnectionBudget
 from .plan import PlanBatch, Planner, PlanPhase, bulk
 from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
 from .publish import Publisher
@@ -208,6 +209,9 @@ class Engine:
         self.limiter = ConcurrencyLimiter(self.options.streams_cap,
                                           adaptive=self.options.adaptive,
                                           explore=not pinned)
+        #: The limiter's connections shared out: a series in pieces borrows the idle
+        #: ones (engine.pieces).
+        self.budget = ConnectionBudget(lambda: self.limiter.limit)
         self.queue = WorkQueue()
         # Series planned for download (each result's ``variant`` says which variant of its
         # folder name; the folder itself is worked out again when it is published: a
@@ -542,6 +546,9 @@ class Engine:
         assert self._journal is not None
         self._record_run(self._journal)
         self._staging = self.disk.new_run_staging()
+        bind = getattr(self.source, "bind_run", None)  # a huge series' images go there
+        if bind is not None:
+            bind(self._staging.path, self.budget)
         csv = MetadataCsv(self.disk.metadata_csv)
         self._publisher = Publisher(self.disk, self._staging, self.layout, self._journal, csv,
                                     note=lambda uid, text: self._emit(
@@ -775,7 +782,7 @@ class Engine:
         while not self._stop_monitor.wait(SAMPLE_WINDOW):
             stats = self.stats()
             with self._lock:
-                saturated = self._busy >= self.limiter.limit
+                saturated = self._busy + self.budget.borrowed >= self.limiter.limit
             changed = self.limiter.sample(stats.bytes_received, saturated=saturated)
             if changed is not None:
                 self._emit(Event(EventKind.CONCURRENCY, count=changed,
@@ -926,6 +933,11 @@ class Engine:
     def _stage(self, uid: str, info: object, staging: Path, progress: Progress) -> StagedSeries:
 
         assert isinstance(info, SeriesInfo)
+        with self.budget.stream(self._cancel):  # connections a series in pieces borrowed
+            return self._stage_now(uid, info, staging, progress)
+
+    def _stage_now(self, uid: str, info: SeriesInfo, staging: Path,
+                   progress: Progress) -> StagedSeries:
         pool, source = self._pool, self.source
         if pool is not None and isinstance(source, RemoteSource):
             staged = source.remote(info, lambda request: self._stage_remote(

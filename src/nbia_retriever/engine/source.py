@@ -8,6 +8,10 @@ engine imports no HTTP library and knows no status code. A source that reads zip
 a folder, or from a mirror, fits without touching the rest (the tests have one).
 
 :class:`NbiaSource` is the NBIA server, through :class:`~nbia_retriever.api.NbiaClient`.
+A series above :data:`~.pieces.PIECES_ABOVE` on a server with v4's per-image endpoints
+is fetched as images, several at once (:mod:`.pieces`), once the engine has bound the
+source to the run (:meth:`NbiaSource.bind_run`: where to keep the images, the run's
+connection budget); without them, or on any other server, one zip stream as always.
 
 The registry (:data:`SOURCES`, :func:`register_source`) maps a source's name
 (``DownloadOptions.source``) to the function that builds it from the run's
@@ -20,9 +24,12 @@ here, or one :func:`register_source` call from the code that ships it.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from ..api import (
@@ -37,8 +44,11 @@ from ..api import (
 from ..errors import NbiaError, UsageError
 from ..models import SeriesInfo, SeriesState
 from ..retry import Verdict, classify
+from .pieces import MOST_PIECES, PIECES_ABOVE, ConnectionBudget, PiecesStream
+from .staging import series_folder_name
 
 if TYPE_CHECKING:
+    from ..idc.stream import Fetchers
     from ..session import Session
     from .options import DownloadOptions
 
@@ -159,12 +169,68 @@ class NbiaSource:
     """Series from an NBIA server (any build: see :mod:`nbia_retriever.api.client`)."""
 
     def __init__(self, client: NbiaClient, *, md5: bool = True, metadata_workers: int = 8,
-                 own_client: bool = True) -> None:
+                 own_client: bool = True, pieces_above: int | None = PIECES_ABOVE,
+                 most_pieces: int = MOST_PIECES) -> None:
         self.client = client
         self.md5 = md5
         self.metadata_workers = metadata_workers
         self._own = own_client
         self.name = client.api_url
+        #: Series above this many bytes go in pieces (None: never); see :mod:`.pieces`.
+        self.pieces_above = pieces_above
+        self.most_pieces = most_pieces
+        self._spool: Path | None = None
+        self._budget: ConnectionBudget | None = None
+        self._pieces_ok = True  # False once the server showed it has no per-image API
+        self._pieces_proven = False  # True once it listed a series' images
+        self._fetchers: Fetchers | None = None
+        self._fetchers_lock = threading.Lock()
+        #: Series streamed in pieces, and the images reused from an earlier attempt.
+        self.pieces_series = 0
+        self.pieces_reused = 0
+
+    def bind_run(self, spool: Path, budget: ConnectionBudget | None) -> None:
+        """Where this run keeps a series' images while it is in pieces (its own staging
+        folder) and the run's connection budget. Unbound, no series goes in pieces."""
+        self._spool = spool
+        self._budget = budget
+
+    def _in_pieces(self, info: SeriesInfo) -> bool:
+        """Worth fetching in pieces, here: big enough, MD5s wanted (each image is checked
+        against its own), and the anonymous v4 API (the per-image MD5 is v4 only)."""
+        return (self._spool is not None and self._pieces_ok and self.md5
+                and self.pieces_above is not None and info.file_size is not None
+                and info.file_size > self.pieces_above and not self.client.logged_in
+                and self.client.version() == "v4")
+
+    def _open_pieces(self, info: SeriesInfo) -> PiecesStream | None:
+        """The series as a :class:`PiecesStream`, or None: one zip stream instead (the
+        server lists no images, or has no such endpoint: then never again this run)."""
+        if self._pieces_proven:
+            sops = self.client.sop_instance_uids(info.series_uid)
+        else:  # one series asks first: a build without the endpoint answers one 404
+            with self._fetchers_lock:
+                if not self._pieces_ok:
+                    return None
+                try:
+                    sops = self.client.sop_instance_uids(info.series_uid)
+                except ApiMismatch:
+                    self._pieces_ok = False
+                    return None
+                self._pieces_proven = True
+        if not sops:
+            return None
+        from ..idc.stream import Fetchers  # the fetcher threads IDC uses, first use only
+
+        with self._fetchers_lock:
+            if self._fetchers is None:
+                self._fetchers = Fetchers(self.client.transport)
+            fetchers = self._fetchers
+        assert self._spool is not None
+        self.pieces_series += 1
+        return PiecesStream(self.client, fetchers, info.series_uid, sops,
+                            self._spool / (series_folder_name(info.series_uid) + ".pieces"),
+                            budget=self._budget, most=self.most_pieces)
 
     def check(self) -> None:
         if self.client.tokens is not None:
@@ -185,10 +251,20 @@ class NbiaSource:
 
     @contextlib.contextmanager
     def open(self, info: SeriesInfo) -> Iterator[ByteStream]:
+        pieces = self._open_pieces(info) if self._in_pieces(info) else None
+        if pieces is not None:
+            try:
+                yield pieces
+            finally:
+                pieces.close()
+                self.pieces_reused += pieces.reused
+            return
         with self.client.open_series(info.series_uid, md5=self.md5) as stream:
             yield stream
 
     def remote(self, info: SeriesInfo, run: Callable[[StreamOpener], T | None]) -> T | None:
+        if self._in_pieces(info):
+            return None  # its images are fetched by threads of this process
         retry_401 = True
         while True:
             request = self.client.series_request(info.series_uid, md5=self.md5,
@@ -209,6 +285,8 @@ class NbiaSource:
         return classify(error, logged_in=self.client.logged_in)
 
     def close(self) -> None:
+        if self._fetchers is not None and self._own:
+            self._fetchers.close()  # its threads, then the client's connections
         if self._own:
             self.client.close()
 
@@ -217,9 +295,24 @@ class NbiaSource:
 SourceFactory = Callable[["Session", "DownloadOptions"], Source]
 
 
+#: Overrides :data:`~.pieces.PIECES_ABOVE` for a run: a size in bytes, or ``off`` (every
+#: series one zip stream, as before; the benchmarks compare the two this way).
+PIECES_ENV = "NBIA_PIECES_ABOVE"
+
+
+def pieces_above_from_env(default: int | None = PIECES_ABOVE) -> int | None:
+    """:data:`PIECES_ENV`'s value; unset or not a size: ``default``."""
+    text = os.environ.get(PIECES_ENV, "").strip().lower()
+    if text in ("off", "no", "never"):
+        return None
+    return int(text) if text.isdigit() else default
+
+
 def _nbia(session: Session, options: DownloadOptions) -> Source:
     return NbiaSource(session.open_client(), md5=options.md5,
-                      metadata_workers=max(4, min(16, options.streams_cap)))
+                      metadata_workers=max(4, min(16, options.streams_cap)),
+                      pieces_above=pieces_above_from_env(),
+                      most_pieces=max(MOST_PIECES, options.streams_cap))
 
 
 #: Every source by name (``DownloadOptions.source``). One line per source: a factory, or

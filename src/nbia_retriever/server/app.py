@@ -123,7 +123,16 @@ ENDPOINTS: dict[str, _Endpoint] = {
         "_get_image_md5", "GET", "v1 v2 v4", "SeriesInstanceUID", image=True
     ),
     "getMD5Hierarchy": _ep("_md5_hierarchy", "POST", "v4", ""),
+    # One image at a time (docs/NBIA-SOURCE-FACTS.md section 8; V4_getSOPInstanceUIDs,
+    # V4_getSingleImage, V4_getMD5HashForImage): what a client fetches a huge series by.
+    "getSOPInstanceUIDs": _ep("_sop_uids", "GET", "v1 v2 v4", "SeriesInstanceUID format"),
+    "getSingleImage": _ep(
+        "_single_image", "GET", "v1 v2 v4", "SeriesInstanceUID SOPInstanceUID", image=True
+    ),
+    "getMD5HashForImage": _ep("_image_md5", "GET", "v4", "SOPInstanceUID"),
 }
+#: Endpoints that send image bytes: their requests at once are counted (peak_downloads).
+_DOWNLOADS = frozenset(name for name, ep in ENDPOINTS.items() if ep.image)
 _HIERARCHY_PARAMS = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Collection")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -139,6 +148,8 @@ class _RequestState:
     bytes_sent: int | None = None
     client_gone: bool = False
     logged: bool = False
+    #: counted in ``downloads`` until its last byte is handed over
+    download: bool = False
     started: float = 0.0
     t0: float = 0.0
 
@@ -188,6 +199,11 @@ class NbiaService:
         self._metadata_answers = 0
         self._zip_sent: asyncio.Event | None = None  # made in the server's loop
         self._in_flight: dict[int, str] = {}
+        #: Image requests (zips and single images) being answered now, and the most at
+        #: once since the start or :meth:`clear_requests`: a client's connection budget.
+        self.downloads = 0
+        self.peak_downloads = 0
+        self._sops: dict[str, tuple[SeriesRecord, ImageRecord]] | None = None
 
     # -- public knobs -----------------------------------------------------------------
     def set_faults(self, plan: FaultPlan | None) -> None:
@@ -216,6 +232,7 @@ class NbiaService:
     def clear_requests(self) -> None:
         with self._log_lock:
             self._log.clear()
+            self.peak_downloads = self.downloads
 
     @property
     def in_flight(self) -> list[str]:
@@ -239,8 +256,12 @@ class NbiaService:
         state.t0 = time.perf_counter()
         status = 500
         response: web.StreamResponse | None = None
+        state.download = request.path.rpartition("/")[2] in _DOWNLOADS
         with self._log_lock:
             self._in_flight[id(request)] = request.path
+            if state.download:
+                self.downloads += 1
+                self.peak_downloads = max(self.peak_downloads, self.downloads)
         try:
             latency = self.injector.plan.latency
             if latency and request.path.startswith("/nbia-api/"):
@@ -261,6 +282,7 @@ class NbiaService:
         """Append the request's record, once. Streams call this before their last byte
         (or the reset) so a client that saw the end can rely on finding the record."""
         state = _state(request)
+        self._downloaded(state)
         if state.logged:
             return
         state.logged = True
@@ -283,13 +305,24 @@ class NbiaService:
         with self._log_lock:
             self._log.append(record)
 
+    def _downloaded(self, state: _RequestState) -> None:
+        """The request no longer counts in ``downloads``: called before its last byte
+        (or its end) is handed over, so a client that saw the end and asks again is
+        never counted twice (a client's budget of connections is checked this way)."""
+        if state.download:
+            state.download = False
+            with self._log_lock:
+                self.downloads -= 1
+
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         version = request.match_info["version"]
         name = request.match_info["endpoint"]
         endpoint = ENDPOINTS.get(name)
         if version not in VERSIONS or endpoint is None or version not in endpoint.versions \
                 or (version == "v4" and not self.build.has_v4) \
-                or (name == "getMD5Hierarchy" and not self.build.md5_hierarchy):
+                or (name == "getMD5Hierarchy" and not self.build.md5_hierarchy) \
+                or (name == "getSOPInstanceUIDs" and version == "v4"
+                    and not self.build.v4_sop_list):
             return _text(404, f"Not Found: {request.path}")
         user: str | None = None
         if version == "v2":
@@ -594,6 +627,96 @@ class NbiaService:
         # getImageWithMD5Hash sends no LICENSE entry, on every version.
         return await self._image(request, version, user, query, md5=True, license_entry=False)
 
+    def _sop_index(self) -> dict[str, tuple[SeriesRecord, ImageRecord]]:
+        if self._sops is None:  # once, at the first per-image request
+            self._sops = {image.sop_instance_uid: (series, image)
+                          for series in self.index.series.values() for image in series.images}
+        return self._sops
+
+    async def _sop_uids(self, request: web.Request, version: str, user: str | None,
+                        query: dict[str, str]) -> web.StreamResponse:
+        """getSOPInstanceUIDs: JSON ``[{"SOPInstanceUID": ...}]`` (``format=csv``: a
+        ``SOPInstanceUID`` header line, then one unquoted UID a line), in database order;
+        no images (unknown series) gives 200 and an empty body. v4 has no visibility
+        filter (``InstanceDAOImpl.getImages_v4``), v1/v2 do."""
+        uid = query.get("SeriesInstanceUID", "").strip()
+        if not uid:
+            return web.Response(status=400, content_type="application/json",
+                                text="A parameter, SeriesInstanceUID is required for this "
+                                     "API call.")
+        _state(request).series_uid = uid
+        series = self.index.series.get(uid) if version == "v4" else \
+            self._lookup(uid, version, user)
+        if series is None:
+            return web.Response(status=200, body=b"")
+        sops = [image.sop_instance_uid for image in self.image_order(series)]
+        if query.get("format", "").lower() == "csv":
+            return web.Response(status=200, content_type="text/csv",
+                                text="SOPInstanceUID\n" + "".join(f"{s}\n" for s in sops))
+        return web.Response(status=200, content_type="application/json",
+                            text=json.dumps([{"SOPInstanceUID": s} for s in sops]))
+
+    async def _image_md5(self, request: web.Request, version: str, user: str | None,
+                         query: dict[str, str]) -> web.StreamResponse:
+        """v4 getMD5HashForImage: the image's MD5 as text/plain; an image the guest may
+        not see or that does not exist: no entity, which Jersey answers 204."""
+        found = self._sop_index().get(query.get("SOPInstanceUID", "").strip())
+        if found is None or not self._visible(found[0], version, user):
+            return web.Response(status=204)
+        _state(request).series_uid = found[0].series_uid
+        return web.Response(status=200, text=found[1].md5, content_type="text/plain")
+
+    async def _single_image(self, request: web.Request, version: str, user: str | None,
+                            query: dict[str, str]) -> web.StreamResponse:
+        """getSingleImage: the image's bytes, ``application/dicom`` with a Content-Length
+        (the real one answers a byte array) and ``Content-Disposition: attachment;
+        filename=<SOP>.dcm`` (unquoted); an unknown or hidden image gives 500 (the real
+        DAO returns null and the handler's NPE becomes "Server was not able to process
+        your request"). Faults are drawn per SOPInstanceUID (a script keyed by one
+        corrupts or resets that image): ``corrupt`` flips a byte at rest, so only the
+        image's MD5 shows it; ``short`` ends the body early (a reset)."""
+        uid = query.get("SeriesInstanceUID", "").strip()
+        sop = query.get("SOPInstanceUID", "").strip()
+        if not uid or not sop:
+            return web.Response(status=400, content_type="application/json",
+                                text="A parameter, SeriesInstanceUID and SOPInstanceUID, are "
+                                     "required for this API call.")
+        _state(request).series_uid = uid
+        found = self._sop_index().get(sop)
+        if found is None or found[0].series_uid != uid \
+                or self._lookup(uid, version, user) is None:
+            return _text(500, "Server was not able to process your request\nnull")
+        image = found[1]
+        injector = self.injector
+        fault, attempt = injector.image_fault(sop)
+        _state(request).fault = fault.kind if fault else None
+        if fault is not None and fault.kind in STATUS_KINDS:
+            return self._http_fault(fault)
+        data = bytearray(self.index.image_path(image).read_bytes())
+        rng = injector.rng(sop, attempt, "params")
+        if fault is not None and fault.kind == "corrupt" and data:
+            data[rng.randrange(len(data) // 2, len(data))] ^= 0xFF
+        offset: int | None = None
+        if fault is not None and fault.kind in ("reset", "stall", "short") and len(data) > 1:
+            offset = int(fault.param) if fault.kind == "reset" and fault.param is not None \
+                else rng.randrange(1, len(data))
+            offset = max(1, min(offset, len(data) - 1))
+            if fault.kind == "short":
+                fault = Fault("reset")
+        response = web.StreamResponse(status=200, headers={
+            "Content-Type": "application/dicom",
+            "Content-Disposition": f"attachment; filename={_safe_name(sop)}.dcm",
+        })
+        response.content_length = len(data)
+        await response.prepare(request)
+        stall = 0.0
+        if fault is not None and fault.kind == "stall":
+            stall = injector.plan.stall_seconds if fault.param is None else fault.param
+        _state(request).bytes_sent = 0
+        await self._pump(request, response, iter([bytes(data)]), fault, offset, stall,
+                         injector.plan.bandwidth, len(data))
+        return response
+
     async def _md5_hierarchy(self, request: web.Request, version: str, user: str | None,
                              query: dict[str, str]) -> web.StreamResponse:
         """POST v4/getMD5Hierarchy: the MD5 (lowercase hex) of the series' image MD5s,
@@ -710,7 +833,8 @@ class NbiaService:
 
     async def _pump(self, request: web.Request, response: web.StreamResponse,
                     chunks: Iterator[bytes], fault: Fault | None, offset: int | None,
-                    stall: float, bandwidth: float | None) -> None:
+                    stall: float, bandwidth: float | None, length: int | None = None) -> None:
+        """``length``: the body's Content-Length, whose last write ends the answer."""
         loop = asyncio.get_running_loop()
         piece = CHUNK if bandwidth is None else max(1024, min(CHUNK, int(bandwidth / 20)))
         start = loop.time()
@@ -723,6 +847,8 @@ class NbiaService:
                     size = min(view.nbytes, piece)
                     if offset is not None:
                         size = min(size, offset - sent)
+                    if length is not None and sent + size >= length:
+                        self._downloaded(state)
                     await response.write(view[:size])
                     view = view[size:]
                     sent += size

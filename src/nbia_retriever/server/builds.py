@@ -15,7 +15,8 @@ current    v4 with ``getImage?IncludeMD5=yes`` (from 2025-11-26), CamelCase
            URI`` (2025-08-29); ``IncludeMD5`` rejected
 2025-06    spaced names with ``Project`` for Collection and ``Collection URI``
            (releases 9.5, 9.5.1): several rows per series, and rows of series
-           the user may not see, with ``Authorized`` 0; ``IncludeMD5`` rejected
+           the user may not see, with ``Authorized`` 0; ``IncludeMD5`` rejected; no v4
+           ``getSOPInstanceUIDs`` (one image at a time is for later builds)
 no-v4      v1/v2 only (releases before May 2025; other institutions)
 ========== =================================================================
 """
@@ -77,6 +78,8 @@ class Build:
     repeated_rows: bool = False  # one row per (pixel spacing, slice thickness)
     unauthorised_rows: bool = False  # rows of hidden series, with Authorized 0
     md5_hierarchy: bool = True
+    #: v4 getSOPInstanceUIDs (since 2025-07-08: not in releases 9.5 and 9.5.1)
+    v4_sop_list: bool = True
 
     @property
     def v4_image_params(self) -> frozenset[str]:
@@ -89,7 +92,7 @@ BUILDS: dict[str, Build] = {
     "2025-10": Build("2025-10", include_md5=False),
     "2025-08": Build("2025-08", include_md5=False, columns=SPACED_COLUMNS),
     "2025-06": Build("2025-06", include_md5=False, columns=PROJECT_COLUMNS,
-                     repeated_rows=True, unauthorised_rows=True),
+                     repeated_rows=True, unauthorised_rows=True, v4_sop_list=False),
     "no-v4": Build("no-v4", has_v4=False, md5_hierarchy=False),
 }
 
