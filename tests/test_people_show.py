@@ -35,7 +35,7 @@ from nbia_retriever.server.synth import ArchiveSummary
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 UNKNOWN = "1.2.826.0.1.3680043.8.498.99999999999999999999999999999999999999"
 HEADER = ["Collection", "Patient ID", "Study Date", "Modality", "Series Description",
-          "Images", "Size", "Bytes", "Study UID", "Series UID"]
+          "Images", "Size", "License", "License URL", "Bytes", "Study UID", "Series UID"]
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,8 @@ def test_list_piped_is_tsv_with_whole_cells(tmp_path: Path, archive: ArchiveSumm
         info = infos[series.series_uid]
         assert row == [info.collection, info.patient_id, info.study_date, info.modality,
                        info.series_description, str(info.image_count),
-                       human_size(info.file_size), str(info.file_size), info.study_uid,
-                       series.series_uid]
+                       human_size(info.file_size), "CC BY 4.0", info.license_url,
+                       str(info.file_size), info.study_uid, series.series_uid]
         assert re.fullmatch(r"\d+(\.\d)? (B|KB|MB|GB)", row[6])
     assert rows[-1][HEADER.index("Size")] == "n/a" and rows[-1][-1] == UNKNOWN
     assert any(len(info.series_description) > 40 for info in infos.values())  # not cut

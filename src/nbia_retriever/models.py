@@ -58,7 +58,10 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "data_description_uri": ("Data Description URI", "Collection URI", "DataDescriptionURI",
                              "CollectionURI"),
     "date_released": ("Date Released", "DateReleased"),
-    "annotation_size": ("Annotation Size", "AnnotationSize"),
+    # v4's getSeriesMetadata has only the flag ("1": the series has annotation files):
+    # read as a size of 1 byte, "some", what the engine asks getDCMImage for (v1/v2 also
+    # send "Annotation Size", which comes first and wins).
+    "annotation_size": ("Annotation Size", "AnnotationSize", "AnnotationsFlag"),
 }
 _LOOKUP: dict[str, str] = {_key(a): canon for canon, names in ALIASES.items() for a in names}
 #: Fields whose values repeat across many series: one shared string each. (The series UID

@@ -30,6 +30,7 @@ from .errors import UnsafeArchiveError
 from .layout import fit_component, sanitize_component
 
 __all__ = [
+    "ANNOTATION_SUFFIXES",
     "LICENSE_ENTRY",
     "MD5_ENTRY",
     "ImageKey",
@@ -43,6 +44,10 @@ __all__ = [
 MD5_ENTRY = "md5hashes.csv"
 #: The collection's license, the first zip entry.
 LICENSE_ENTRY = "LICENSE"
+#: Names of the annotation files NBIA keeps beside a series' images (LIDC's reader XML,
+#: JSON and text notes): what the reference server serves with ``IncludeAnnotation``, and
+#: the non-DICOM entries a client accepts as annotations when no MD5 list vouches for them.
+ANNOTATION_SUFFIXES = (".xml", ".json", ".txt")
 #: Fallback for a non-image entry whose name sanitises to nothing.
 UNNAMED_ENTRY = "unnamed"
 

@@ -91,11 +91,13 @@ def java_timestamp(when: float) -> str:
 
 
 def metadata_row(info: SeriesInfo, location: str, timestamp: float, *, images: int,
-                 size: int) -> list[str]:
+                 size: int, annotations: int = 0) -> list[str]:
     """One metadata.csv row in the Java tool's value forms.
 
     ``images`` and ``size`` are what was written; ``File Size`` prefers the archive's
-    own figure (what Java prints), which equals it for a complete series.
+    own figure (what Java prints), which equals it for a complete series, plus the
+    ``annotations`` bytes written (Java adds the Annotation Size when it asked for
+    them); "Number of Images" counts images only, as Java's does.
     """
     # layout (8 ms with datetime and decimal) not at ``import nbia_retriever``: a worker
     # process imports the package long before it writes a row, if it ever does.
@@ -107,7 +109,7 @@ def metadata_row(info: SeriesInfo, location: str, timestamp: float, *, images: i
         java_clean(info.study_description), normalise_date(info.study_date),
         java_clean(info.series_description), java_clean(info.manufacturer), info.modality,
         info.sop_class_name, info.sop_class_uid, str(images),
-        java_size(info.file_size if info.file_size else size), location,
+        java_size(info.file_size + annotations if info.file_size else size), location,
         java_timestamp(timestamp),
     )]
 

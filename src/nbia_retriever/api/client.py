@@ -228,6 +228,8 @@ class NbiaClient:
         self.retry = RetryPolicy(total=metadata_retries, backoff_base=backoff_base)
         self._ways: list[_ImageWay] | None = None
         self._ways_md5: bool | None = None
+        #: getDCMImage's ways (series with annotation files), by ``md5``.
+        self._dcm_ways: dict[bool, list[_ImageWay]] = {}
         self._way_lock = threading.Lock()
         self._ways_ok: set[_ImageWay] = set()
         self._probe_lock = threading.Lock()
@@ -489,7 +491,9 @@ class NbiaClient:
             yield stream
 
     # -- images -----------------------------------------------------------------------
-    def _image_ways(self, md5: bool) -> list[_ImageWay]:
+    def _image_ways(self, md5: bool, annotations: bool = False) -> list[_ImageWay]:
+        if annotations:
+            return self._annotation_ways(md5)
         with self._way_lock:
             if self._ways is None or self._ways_md5 != md5:
                 version = self.version()
@@ -505,16 +509,34 @@ class NbiaClient:
                 self._ways_md5 = md5
             return list(self._ways)
 
+    def _annotation_ways(self, md5: bool) -> list[_ImageWay]:
+        """Only getDCMImage sends a series' annotation files (after md5hashes.csv): the
+        Java CLI's endpoint, v1 public and v2 with a token; v4 has it too. A build that
+        refuses one moves the run to the next, as for images."""
+        with self._way_lock:
+            ways = self._dcm_ways.get(md5)
+            if ways is None:
+                version = self.version()
+                older = "v2" if self.tokens is not None else "v1"
+                params = (("IncludeAnnotation", "true"),
+                          ("MD5Verification", "true" if md5 else "false"))
+                ways = self._dcm_ways[md5] = [_ImageWay(v, "getDCMImage", params)
+                                              for v in dict.fromkeys((version, older))]
+            return list(ways)
+
     def _drop_way(self, way: _ImageWay) -> bool:
         """Forget a way this server refused; True if another one is left."""
         with self._way_lock:
             ways = self._ways or []
+            if way.endpoint == "getDCMImage":
+                ways = next((w for w in self._dcm_ways.values() if w and w[0] == way), [])
             if ways and ways[0] == way and len(ways) > 1:
                 ways.pop(0)
             return bool(ways) and ways[0] != way
 
     @contextlib.contextmanager
-    def open_series(self, uid: str, *, md5: bool = True) -> Iterator[SeriesStream]:
+    def open_series(self, uid: str, *, md5: bool = True,
+                    annotations: bool = False) -> Iterator[SeriesStream]:
         """Open the zip stream of one series; iterate ``stream.chunks()``.
 
         Raises :class:`NotPublicError` (final), :class:`ApiError` with ``status`` and
@@ -528,13 +550,13 @@ class NbiaClient:
         what = f"series {uid}"
         tried_401 = False
         while True:
-            way = self._image_ways(md5)[0]
+            way = self._image_ways(md5, annotations)[0]
             # Until this way has worked once, one request at a time tries it: a build
             # that refuses it answers one 400, not one per worker.
             probing = way not in self._ways_ok
             if probing:
                 self._probe_lock.acquire()
-                if way in self._ways_ok or self._image_ways(md5)[0] != way:
+                if way in self._ways_ok or self._image_ways(md5, annotations)[0] != way:
                     self._probe_lock.release()
                     continue
             try:
@@ -568,8 +590,8 @@ class NbiaClient:
                 yield stream
                 return
 
-    def series_request(self, uid: str, *, md5: bool = True,
-                       retry_401: bool = True) -> SeriesRequest | None:
+    def series_request(self, uid: str, *, md5: bool = True, retry_401: bool = True,
+                       annotations: bool = False) -> SeriesRequest | None:
         """What another process needs to open ``uid``'s stream itself, as
         :meth:`open_series` would; None while the way is unproven (the first request
         of a way is made here, one at a time, so a build that refuses it answers once).
@@ -578,7 +600,7 @@ class NbiaClient:
         sends it, over a private socket: never argv, environment or a file).
         :meth:`series_answer_failed` says what its failure means.
         """
-        way = self._image_ways(md5)[0]
+        way = self._image_ways(md5, annotations)[0]
         if way not in self._ways_ok:
             return None
         headers = self._headers() if way.version != "v4" else {}

@@ -9,6 +9,7 @@ the line that says how to trust it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -21,6 +22,7 @@ from typing import Any
 
 import click
 
+from ..config import config_path
 from ..engine import DownloadOptions, Engine, EventKind
 from ..errors import NbiaError, UsageError
 from ..models import FAILED_STATES, SeriesState
@@ -84,12 +86,22 @@ def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as
                                insecure=insecure, timeout=values["timeout"], as_json=as_json)
     credentials = session.credentials
     trusted = session.policy.trusted_hosts if user else ()
+    # On a terminal, a licence that is not plain CC BY is asked about (once per
+    # collection, remembered); headless, such series need --agree-to-license.
+    ask = license_prompt() if (not as_json and not values.get("agree_to_license")
+                               and sys.stdin.isatty() and sys.stderr.isatty()) else None
     try:
-        options = DownloadOptions(**values, credentials=credentials, trusted_hosts=trusted)
+        options = DownloadOptions(**values, credentials=credentials, trusted_hosts=trusted,
+                                  confirm_license=ask)
         session.backoff_base = min(options.backoff_base, 1.0)
         engine = Engine(parsed, dest, options, session=session)
     except UsageError as exc:
         fail_for(exc, as_json=as_json)
+    if ask is not None:
+        # The question comes from planning: plan before the live display takes the
+        # terminal (a run that cannot plan says why at its end, as it would have).
+        with contextlib.suppress(NbiaError):
+            engine.prepare()
     warn_insecure(insecure)
     if parsed.duplicates_dropped and not as_json:
         click.echo(f"note: {parsed.duplicates_dropped} duplicate series dropped from {manifest}",
@@ -132,6 +144,21 @@ def download(manifest: str, dest: str, error_report: str | None, quiet: bool, as
             _quiet_reasons(report)
         click.echo(inert(report.summary(command)), err=quiet)
     sys.exit(run_exit_code(report))
+
+
+def license_prompt() -> Any:
+    """The terminal's question before the first download of a collection whose licence
+    is not a plain CC BY: its name and URL, then yes or no (no is the default)."""
+
+    def confirm(collection: str, name: str, url: str) -> bool:
+        what = f"{name} ({url})" if name and url else name or url
+        click.echo(inert(f"The {collection} collection is distributed under the {what}."),
+                   err=True)
+        return bool(click.confirm(
+            inert(f"Do you agree to its terms? (remembered for {collection} in "
+                  f"{config_path()})"), default=False, err=True))
+
+    return confirm
 
 
 def resume_command() -> str | None:

@@ -49,9 +49,11 @@ def source_flags(func: Any) -> Any:
 
 
 SOURCE_FIELDS = ("source", "idc_index", "idc_endpoint")
-#: The columns of ``list`` (table and TSV): what people know a series by, then its size.
+#: The columns of ``list`` (table and TSV): what people know a series by, then its size
+#: and its licence (what ``download --license``/``--exclude-license`` match, and what
+#: may ask for an agreement before the first download).
 LIST_COLUMNS = ("Collection", "Patient ID", "Study Date", "Modality", "Series Description",
-                "Images", "Size")
+                "Images", "Size", "License")
 
 
 @click.command("list")
@@ -65,7 +67,7 @@ def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: st
                  user: str | None, insecure: bool, timeout: float, **how: Any) -> None:
     """Show the downloads table of MANIFEST (with totals) without downloading: each
     series as people know it (collection, patient, study date, modality, description,
-    images, size), and where it comes from when the run can say. Piped (not a
+    images, size, licence), and where it comes from when the run can say. Piped (not a
     terminal), the table is tab-separated values with a header line, every cell whole."""
     from ..engine.options import DownloadOptions  # the engine's options only for list
 
@@ -130,10 +132,12 @@ def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: st
 
 def list_row(uid: str, info: SeriesInfo | None) -> list[str]:
     """The :data:`LIST_COLUMNS` of one series (raw text: the printers make it inert)."""
+    from ..engine.licenses import license_label  # (pure; the engine's licence rules)
+
     if info is None:
-        return [*series_fields(None), "", "n/a"]
+        return [*series_fields(None), "", "n/a", ""]
     return [*series_fields(info), "" if info.image_count is None else f"{info.image_count:,}",
-            human(info.file_size)]
+            human(info.file_size), license_label(info)]
 
 
 def print_list_tsv(uids: list[str], infos: dict[str, SeriesInfo],
@@ -141,13 +145,13 @@ def print_list_tsv(uids: list[str], infos: dict[str, SeriesInfo],
     """Tab-separated values with a header line: whole cells (whole UIDs, sizes with their
     units and in bytes), for ``cut``, ``sort``, a spreadsheet. No cell holds a tab or a
     line break (:func:`inert` makes them spaces), so every line is one series."""
-    header = [*LIST_COLUMNS, "Bytes", "Study UID", "Series UID"]
+    header = [*LIST_COLUMNS, "License URL", "Bytes", "Study UID", "Series UID"]
     if origin is not None:
         header.append("From")
     lines = ["\t".join(header)]
     for uid in uids:
         info = infos.get(uid)
-        row = [*list_row(uid, info),
+        row = [*list_row(uid, info), info.license_url if info else "",
                "" if info is None or info.file_size is None else str(info.file_size),
                info.study_uid if info else "", uid]
         if origin is not None:
@@ -169,24 +173,33 @@ def print_list_table(title: str, uids: list[str], infos: dict[str, SeriesInfo],
     from rich.table import Table
     from rich.text import Text
 
+    from ..engine.licenses import license_label  # (pure; the engine's licence rules)
+
     missing = len(uids) - len(infos)
     images = sum(i.image_count or 0 for i in infos.values())
     size = sum(i.file_size or 0 for i in infos.values())
+    # One licence for every series (the usual case): said once under the table, so
+    # that 80 columns keep room for what tells series apart; a column when they differ.
+    licences = {(license_label(i), i.license_url.strip()) for i in infos.values()}
+    one = next(iter(licences)) if len(licences) == 1 and not wide else None
     rows = []
     for uid in uids:
         info = infos.get(uid)
         row = list_row(uid, info)
+        if one is not None:
+            row.pop(LIST_COLUMNS.index("License"))
         if wide:
             row.append(info.study_uid if info else "")
         row.append(uid if wide else short_uid(uid))
         if origin is not None:
             row.append(origin[uid])
         rows.append([inert(c) for c in row])
-    header = [*LIST_COLUMNS, *(["Study UID"] if wide else []), "Series UID",
+    header = [*(c for c in LIST_COLUMNS if one is None or c != "License"),
+              *(["Study UID"] if wide else []), "Series UID",
               *(["From"] if origin is not None else [])]
     total = ["Total", "", "", "", "", f"{images:,}", human(size)]
     total += [""] * (len(header) - len(total))
-    free = {"Collection", "Patient ID", "Series Description", "From"}
+    free = {"Collection", "Patient ID", "Series Description", "From", "License"}
     naturals = [max(cell_len(text) for text in (name, *(r[i] for r in [*rows, total])))
                 for i, name in enumerate(header)]
     widths = list(naturals)
@@ -213,6 +226,10 @@ def print_list_table(title: str, uids: list[str], infos: dict[str, SeriesInfo],
         natural = Console(width=10_000).measure(table).maximum
         console = Console(width=max(console.width, natural))
     console.print(table)
+    if one is not None and one[0]:
+        name, url = one
+        console.print(cell(f"License: {name}" + (f" ({url})" if url and url != name else "")
+                           + " for every series"))
 
 
 @click.command()

@@ -8,7 +8,10 @@ all of these hold, and otherwise the attempt fails (and is retried):
   other entry (bar ``LICENSE``) is listed, and every MD5 matches;
 * at least as many images as the metadata promises, and not more;
 * every entry starts like DICOM, unless it is a non-image the server vouches for
-  (listed in ``md5hashes.csv``; without a list, an annotation file);
+  (listed in ``md5hashes.csv``; without a list, an annotation file); the annotation
+  files ``getDCMImage?IncludeAnnotation=true`` sends *after* ``md5hashes.csv`` are never
+  listed in it (the real server lists images only), so a non-DICOM entry there, not
+  named like an image, is accepted unlisted;
 * every image's own header names this series (SeriesInstanceUID), and no two images
   share a SOP Instance UID.
 
@@ -25,11 +28,8 @@ from dataclasses import dataclass
 
 from ..errors import IntegrityError
 from ..models import SeriesInfo
-from ..naming import MD5_ENTRY
+from ..naming import ANNOTATION_SUFFIXES, MD5_ENTRY
 from ..untrusted import quote
-
-#: Non-image entries accepted without an MD5 list (annotations the server may include).
-ANNOTATION_SUFFIXES = (".xml", ".json", ".txt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,8 @@ class StagedEntry:
     size: int
     md5: str
     tags: ImageTags | None = None  # None: not DICOM
+    #: Non-DICOM and after md5hashes.csv in the zip: where the server puts annotations.
+    annotation: bool = False
 
     @property
     def is_image(self) -> bool:
@@ -106,6 +108,8 @@ def check_series(uid: str, info: SeriesInfo, entries: Sequence[StagedEntry],
             base = basename(entry.name)
             digest = md5_list.get(base)
             if digest is None:
+                if entry.annotation and not base.lower().endswith(".dcm"):
+                    continue  # the server's annotation files are never in the list
                 unlisted.append(entry.name)
             elif entry.md5 != digest:
                 raise IntegrityError(f"series {uid}: MD5 mismatch for {quote(base, 120)}")

@@ -173,6 +173,37 @@ class DownloadOptions:
         "--idc-endpoint", kind="text", metavar="URL",
         help="S3 endpoint of IDC's buckets, path-style and anonymous (env "
              "NBIA_IDC_ENDPOINT; default: https://s3.amazonaws.com)."))  # (read at use, too)
+    #: Annotation files (``getDCMImage?IncludeAnnotation=true``), into each series folder
+    #: under their own names: ``yes``, ``no``, or ``manifest`` (its ``includeAnnotation``,
+    #: as the Java CLI does: it has no flag, the manifest decides; a list of UIDs has no
+    #: header, so no annotations). True/False from Python become yes/no.
+    annotations: str | bool = field(default="manifest", metadata=flag(
+        "--annotations", kind="choice", choices=("manifest", "yes", "no"), metavar="WHEN",
+        help="Download the series' annotation files too: yes, no, or manifest (default: "
+             "the manifest's includeAnnotation, as the Java retriever does)."))
+    #: Accept every collection's licence for this run without asking (the Java CLI's
+    #: ``--agree-to-license``): what a headless run needs for a licence that is not a plain
+    #: CC BY. Issue 24's ``--accept-data-policy`` is meant to be this same switch.
+    agree_to_license: bool = field(default=False, metadata=flag(
+        "--agree-to-license", kind="switch",
+        help="Accept the licence of every collection in the manifest (needed without a "
+             "terminal for a licence that is not plain CC BY, e.g. CC BY-NC or TCIA's "
+             "restricted licence)."))
+    #: Keep only series whose licence name or URL contains this text (any case)...
+    license_filter: str | None = field(default=None, metadata=flag(
+        "--license", kind="text", metavar="TEXT", param="license_filter",
+        help="Keep only series whose licence name or URL contains TEXT (any case), "
+             "e.g. 'CC BY 4.0' or 'by-nc'; the others are left out before anything is "
+             "downloaded."))
+    #: ... and drop those whose licence name or URL contains this one.
+    exclude_license: str | None = field(default=None, metadata=flag(
+        "--exclude-license", kind="text", metavar="TEXT",
+        help="Leave out series whose licence name or URL contains TEXT (any case)."))
+    #: Asked (collection, licence name, licence URL) before the first download of a
+    #: collection whose licence is not a plain CC BY; True accepts it and remembers it in
+    #: the config file. None (a headless run): such series are not downloaded unless
+    #: ``agree_to_license``. Not a flag: the CLI's terminal prompt, the view's dialog.
+    confirm_license: Callable[[str, str, str], bool] | None = None
     #: Series a ``.s5cmd`` manifest names by version (uid -> ``idc.index.IdcSeries``):
     #: fetched as that version. Filled by the engine from the manifest, not a flag.
     idc_pinned: Mapping[str, Any] | None = None
@@ -215,10 +246,22 @@ class DownloadOptions:
         self.trusted_hosts = tuple(self.trusted_hosts)
         if not isinstance(self.source, str) or not self.source:
             raise UsageError(f"source must be the name of a source, not {self.source!r}")
+        if isinstance(self.annotations, bool):
+            self.annotations = "yes" if self.annotations else "no"
+        if self.annotations not in ("manifest", "yes", "no"):
+            raise UsageError(f"annotations must be yes, no or manifest, not {self.annotations!r}")
+        for name in ("license_filter", "exclude_license"):
+            text = getattr(self, name)
+            if text is not None and (not isinstance(text, str) or not text.strip()):
+                raise UsageError(f"{name} must be some text of a licence name or URL")
         if self.idc_endpoint is not None:
             from ..idc import check_endpoint  # (pure; the HTTP stack's loopback test)
 
             self.idc_endpoint = check_endpoint(self.idc_endpoint)
+
+    def wants_annotations(self, manifest_says: bool) -> bool:
+        """Whether this run asks for annotation files, given the manifest's word."""
+        return self.annotations == "yes" or (self.annotations == "manifest" and manifest_says)
 
     @property
     def streams_cap(self) -> int:
@@ -272,6 +315,11 @@ class DownloadKwargs(TypedDict, total=False):
     idc_index: str | None
     idc_endpoint: str | None
     idc_pinned: Mapping[str, Any] | None
+    annotations: str | bool
+    agree_to_license: bool
+    license_filter: str | None
+    exclude_license: str | None
+    confirm_license: Callable[[str, str, str], bool] | None
     user: str | None
     password: str | None
     confirm_host: Callable[[str], bool] | None

@@ -66,6 +66,7 @@ from . import checks
 from .events import Event, EventKind, Stats
 from .journal import FileRecord, Journal, JournalEntry, RunRecord, header_lines
 from .ledger import Ledger
+from .licenses import gate_for
 from .options import DownloadOptions
 from .pieces import ConnectionBudget
 from .plan import PlanBatch, Planner, PlanPhase, bulk
@@ -146,6 +147,12 @@ class Engine:
     ) -> None:
         self.manifest = manifest
         self.options = options or DownloadOptions()
+        if self.options.annotations == "manifest":
+            # The manifest decides, as in the Java CLI: includeAnnotation=true asks for
+            # them; a manifest without the key (or a list of UIDs) does not.
+            says = manifest.header("includeAnnotation") is not None \
+                and manifest.include_annotation
+            self.options = replace(self.options, annotations="yes" if says else "no")
         self.layout = Layout(self.options.layout)
         self.dest = Path(dest)
         self.root = self.dest / root_folder_name(manifest.root_name)
@@ -247,6 +254,11 @@ class Engine:
         #: batch): a server that cannot be reached leaves the destination as it was.
         self._commit_owed = False
         self._answered = False
+        #: Licences: the filter and the agreement asked once per collection.
+        options = self.options
+        self._licenses = gate_for(options.agree_to_license, options.license_filter,
+                                  options.exclude_license, options.confirm_license)
+        self._refused_now = 0
 
 
     # -- public control ---------------------------------------------------------------
@@ -628,6 +640,7 @@ class Engine:
             raise ServerUnreachableError(str(exc)) from None
         self._commit_now()
         self._source_notes()
+        self._license_summary()
         self._emit(Event(EventKind.PLANNED, count=self.ledger.planned,
                          message=self._planned_text(True)))
 
@@ -648,7 +661,9 @@ class Engine:
 
     def _take_batch(self, batch: PlanBatch) -> None:
         seen = len(batch.ready) + len(batch.unavailable) + len(batch.adopted)
-        self.queue.put(self.ledger.plan(batch.ready, seen, started=self._started))
+        ready = self._license_hook(batch.ready)
+        seen -= len(batch.ready) - len(ready) - self._refused_now
+        self.queue.put(self.ledger.plan(ready, seen, started=self._started))
         for uid, failed_state, why, info in batch.unavailable:
             result = self.results.get(uid)
             if result is None:
@@ -671,6 +686,44 @@ class Engine:
                              message="found on disk: adopted without downloading")
         self._emit(Event(EventKind.PLANNED, count=self.ledger.planned,
                          message=self._planned_text(False)))
+
+    def _license_hook(self, ready: list[Any]) -> list[Any]:
+        """Licences (``engine.licenses``), before a batch is queued: series the
+        ``--license``/``--exclude-license`` filter leaves out leave the run; those of a
+        collection whose licence the user has not accepted end as Not Authorized, with
+        the reason (the user is asked first when a front end can ask)."""
+        gate = self._licenses
+        keep: list[Any] = []
+        dropped: list[str] = []
+        refused: list[tuple[str, SeriesInfo]] = []
+        for item in ready:
+            uid, info = item[0], item[1]
+            if not gate.wanted(info):
+                dropped.append(uid)
+            elif gate.allowed(info):
+                keep.append(item)
+            else:
+                refused.append((uid, info))
+        if dropped:
+            self.queue.drop(set(dropped))
+            self.ledger.drop(dropped)
+        for uid, info in refused:
+            result = self.results.get(uid)
+            if result is not None:
+                result.info, result.error = info, gate.refusal(info)
+                self.ledger.move(uid, SeriesState.NOT_AUTHORIZED, message=result.error)
+        self._refused_now = len(refused)
+        while gate.notes:
+            note = gate.notes.pop(0)
+            self.report.warnings.append(note)
+            self._emit(Event(EventKind.MESSAGE, message=note))
+        return keep
+
+    def _license_summary(self) -> None:
+        line = self._licenses.summary()
+        if line and line not in self.report.warnings:
+            self.report.warnings.append(line)
+            self._emit(Event(EventKind.MESSAGE, message=line))
 
     def _planned_text(self, final: bool) -> str:
         return self.ledger.planned_text(final, len(self._todo))

@@ -170,9 +170,12 @@ class NbiaSource:
 
     def __init__(self, client: NbiaClient, *, md5: bool = True, metadata_workers: int = 8,
                  own_client: bool = True, pieces_above: int | None = PIECES_ABOVE,
-                 most_pieces: int = MOST_PIECES) -> None:
+                 most_pieces: int = MOST_PIECES, annotations: bool = False) -> None:
         self.client = client
         self.md5 = md5
+        #: Ask for annotation files (getDCMImage, one zip) for series whose metadata says
+        #: they have some (an Annotation Size above 0, or v4's flag); the rest as before.
+        self.annotations = annotations
         self.metadata_workers = metadata_workers
         self._own = own_client
         self.name = client.api_url
@@ -251,7 +254,8 @@ class NbiaSource:
 
     @contextlib.contextmanager
     def open(self, info: SeriesInfo) -> Iterator[ByteStream]:
-        pieces = self._open_pieces(info) if self._in_pieces(info) else None
+        notes = self._notes(info)
+        pieces = self._open_pieces(info) if self._in_pieces(info) and not notes else None
         if pieces is not None:
             try:
                 yield pieces
@@ -259,16 +263,22 @@ class NbiaSource:
                 pieces.close()
                 self.pieces_reused += pieces.reused
             return
-        with self.client.open_series(info.series_uid, md5=self.md5) as stream:
+        with self.client.open_series(info.series_uid, md5=self.md5,
+                                     annotations=notes) as stream:
             yield stream
 
+    def _notes(self, info: SeriesInfo) -> bool:
+        """This series' zip is to carry its annotation files."""
+        return self.annotations and (info.annotation_size or 0) > 0
+
     def remote(self, info: SeriesInfo, run: Callable[[StreamOpener], T | None]) -> T | None:
-        if self._in_pieces(info):
+        if self._in_pieces(info) and not self._notes(info):
             return None  # its images are fetched by threads of this process
         retry_401 = True
         while True:
             request = self.client.series_request(info.series_uid, md5=self.md5,
-                                                 retry_401=retry_401)
+                                                 retry_401=retry_401,
+                                                 annotations=self._notes(info))
             if request is None:
                 return None
             try:
@@ -312,7 +322,8 @@ def _nbia(session: Session, options: DownloadOptions) -> Source:
     return NbiaSource(session.open_client(), md5=options.md5,
                       metadata_workers=max(4, min(16, options.streams_cap)),
                       pieces_above=pieces_above_from_env(),
-                      most_pieces=max(MOST_PIECES, options.streams_cap))
+                      most_pieces=max(MOST_PIECES, options.streams_cap),
+                      annotations=options.annotations == "yes")  # the engine resolved it
 
 
 #: Every source by name (``DownloadOptions.source``). One line per source: a factory, or

@@ -175,8 +175,9 @@ UNSIZED_IMAGE_CAP = 2 * 1024**3
 
 def inflation_cap(info: SeriesInfo) -> int:
     """Zip-bomb cap from the metadata: far above any honest series, far below "fill the
-    disk" (free space is checked on its own while inflating)."""
-    expected = info.file_size
+    disk" (free space is checked on its own while inflating). Annotations count when the
+    metadata gives their size."""
+    expected = needed_bytes(info)
     if expected:
         return max(expected * 4, expected + 256 * 1024 * 1024)
     return (info.image_count or 1) * UNSIZED_IMAGE_CAP
@@ -353,6 +354,7 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
     next_space = SPACE_CHECK_BYTES if space is not None else 1 << 62
     count = 0
     seen = 0
+    after_list = False  # md5hashes.csv has started: what follows may be annotations
 
     def look() -> None:
         """Free space, at most one inflate piece (256 KiB) after each check interval:
@@ -363,7 +365,7 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
         space.look(written)
 
     def handle(events: Iterable[object]) -> None:
-        nonlocal current, written, count, seen
+        nonlocal current, written, count, seen, after_list
         for ev in events:
             if type(ev) is EntryData:
                 data = ev.data
@@ -401,6 +403,7 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
                 base = basename(name)
                 if base in (MD5_ENTRY, LICENSE_ENTRY):
                     entry.small = small.setdefault(base, bytearray())
+                    after_list = after_list or base == MD5_ENTRY
                 else:
                     # A folder's name (or none): whatever it holds is never an image.
                     entry.folder = base.strip() in ("", ".", "..")
@@ -416,11 +419,12 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
                 entry.file.close()  # type: ignore[attr-defined]
                 assert entry.path is not None
                 header = bytes(entry.header)
+                tags = None if entry.folder else read_tags(entry.name, header, entry.path,
+                                                           ev.size)
                 staged.entries.append(StagedEntry(
                     name=entry.name, part=entry.part, size=ev.size,
-                    md5=entry.md5.hexdigest(),
-                    tags=None if entry.folder else read_tags(entry.name, header, entry.path,
-                                                             ev.size)))
+                    md5=entry.md5.hexdigest(), tags=tags,
+                    annotation=after_list and tags is None and not entry.folder))
 
     try:
         for chunk in chunks:

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import re
 import socket
 import struct
@@ -29,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..naming import ANNOTATION_SUFFIXES
 from .auth import ServerClock, TokenStore, visible_to
 from .builds import Build, get_build
 from .config import ServerConfig
@@ -122,6 +124,12 @@ ENDPOINTS: dict[str, _Endpoint] = {
     "getImageWithMD5Hash": _ep(
         "_get_image_md5", "GET", "v1 v2 v4", "SeriesInstanceUID", image=True
     ),
+    # The Java CLI's endpoint: images under the server's names, md5hashes.csv when
+    # MD5Verification=true, then with IncludeAnnotation=true the annotation files.
+    "getDCMImage": _ep(
+        "_get_dcm_image", "GET", "v1 v2 v4", "SeriesInstanceUID IncludeAnnotation MD5Verification",
+        image=True
+    ),
     "getMD5Hierarchy": _ep("_md5_hierarchy", "POST", "v4", ""),
     # One image at a time (docs/NBIA-SOURCE-FACTS.md section 8; V4_getSOPInstanceUIDs,
     # V4_getSingleImage, V4_getMD5HashForImage): what a client fetches a huge series by.
@@ -193,6 +201,7 @@ class NbiaService:
         self.clock = clock or ServerClock()
         self.tokens = TokenStore(config, self.clock)
         self.injector = FaultInjector(faults)
+        self._annotations: dict[str, tuple[tuple[str, str, int], ...]] = {}
         self._log_lock = threading.Lock()
         self._log: collections.deque[RequestRecord] = collections.deque(maxlen=_LOG_LIMIT)
         self.base_url = ""  # set by the runner once the port is known (manifest URLs)
@@ -528,10 +537,12 @@ class NbiaService:
             "SOP Class UID": s.sop_class_uid, "Number of Images": str(s.image_count),
             "File Size": str(s.file_size), "File Location": s.study_id,
             "Series Number": _java_float(s.series_number), "License Name": cfg.license_name,
-            "License URL": cfg.license_url, "Annotation Size": "0",
+            "License URL": cfg.license_url,
+            "Annotation Size": str(sum(size for _, _, size in self.annotations(s))),
             "Date Released": _java_date(cfg.date_released),
             "Series Date": _java_date(s.series_date), "Protocol Name": s.protocol_name,
-            "Body Part Examined": s.body_part, "Annotations Flag": "false",
+            "Body Part Examined": s.body_part,
+            "Annotations Flag": "true" if self.annotations(s) else "false",
             "Manufacturer Model Name": s.manufacturer_model, "Software Versions": "",
             "TimeStamp": "",
         }
@@ -556,7 +567,8 @@ class NbiaService:
             "Modality": s.modality, "ProtocolName": s.protocol_name,
             "SeriesDate": _us_date(s.series_date), "SeriesDescription": s.series_description,
             "BodyPartExamined": s.body_part, "SeriesNumber": _java_float(s.series_number),
-            "AnnotationsFlag": "0", "Manufacturer": s.manufacturer,
+            "AnnotationsFlag": "1" if self.annotations(s) else "0",
+            "Manufacturer": s.manufacturer,
             "ManufacturerModelName": s.manufacturer_model, "PixelSpacing(mm)-Row": "0.5",
             "SliceThickness(mm)": "1.0", "SoftwareVersions": "",
             "ImageCount": str(s.image_count), "MaxSubmissionTimestamp": "",
@@ -626,6 +638,36 @@ class NbiaService:
                              query: dict[str, str]) -> web.StreamResponse:
         # getImageWithMD5Hash sends no LICENSE entry, on every version.
         return await self._image(request, version, user, query, md5=True, license_entry=False)
+
+    async def _get_dcm_image(self, request: web.Request, version: str, user: str | None,
+                             query: dict[str, str]) -> web.StreamResponse:
+        # Only "true" (any case) counts, as in V1_getDCMImage; no LICENSE entry.
+        md5 = query.get("MD5Verification", "").lower() == "true"
+        notes = query.get("IncludeAnnotation", "").lower() == "true"
+        return await self._image(request, version, user, query, md5=md5, license_entry=False,
+                                 new_names=True, annotations=notes)
+
+    def annotations(self, series: SeriesRecord) -> tuple[tuple[str, str, int], ...]:
+        """The series' annotation files: (name, path, size) of every non-DICOM file with an
+        annotation suffix in the folders holding its images, by name. The archive index
+        reads only DICOM, so they are found here (once per series: cached)."""
+        cached = self._annotations.get(series.series_uid)
+        if cached is not None:
+            return cached
+        found: dict[str, tuple[str, str, int]] = {}
+        folders = {self.index.image_path(image).parent for image in series.images}
+        for folder in sorted(folders):
+            try:
+                listing = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            for item in listing:
+                if (item.name.lower().endswith(ANNOTATION_SUFFIXES)
+                        and not item.name.startswith(".") and item.is_file()):
+                    found.setdefault(item.name, (item.name, item.path, item.stat().st_size))
+        result = tuple(found.values())
+        self._annotations[series.series_uid] = result
+        return result
 
     def _sop_index(self) -> dict[str, tuple[SeriesRecord, ImageRecord]]:
         if self._sops is None:  # once, at the first per-image request
@@ -738,8 +780,9 @@ class NbiaService:
         return web.Response(status=200, text=digest, content_type="text/plain")
 
     async def _image(self, request: web.Request, version: str, user: str | None,
-                     query: dict[str, str], *, md5: bool,
-                     license_entry: bool) -> web.StreamResponse:
+                     query: dict[str, str], *, md5: bool, license_entry: bool,
+                     new_names: bool | None = None,
+                     annotations: bool = False) -> web.StreamResponse:
         uid = query.get("SeriesInstanceUID", "").strip()
         if not uid:
             return _text(400, "Missing required parameter: SeriesInstanceUID")
@@ -753,8 +796,14 @@ class NbiaService:
         if fault is not None and fault.kind in STATUS_KINDS:
             return self._http_fault(fault)
         rng = injector.rng(uid, attempt, "params")
-        entries = self.zip_entries(series, md5=md5, new_names=_yes(query.get("NewFileNames")),
-                                   fault=fault, rng=rng, license_entry=license_entry)
+        if new_names is None:
+            new_names = _yes(query.get("NewFileNames"))
+        entries = self.zip_entries(series, md5=md5, new_names=new_names, fault=fault, rng=rng,
+                                   license_entry=license_entry)
+        if annotations:  # after md5hashes.csv and never listed in it, as V1_getDCMImage
+            for name, path, _ in self.annotations(series):
+                with open(path, "rb") as handle:  # a few KB each: read whole
+                    entries.append(deflated_entry(name, handle.read()))
         offset: int | None = None
         if fault is not None and fault.kind in ("reset", "stall"):
             total = zip_size(entries)

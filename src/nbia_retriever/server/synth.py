@@ -136,6 +136,8 @@ class SynthSeries:
     nbytes: int  # sum of the .dcm file sizes
     restricted: bool
     files: tuple[Path, ...]
+    #: Annotation files beside the images (``annotations=`` of :func:`generate_archive`).
+    annotations: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -563,6 +565,7 @@ def generate_archive(
     awkward: bool = True,
     restricted: bool = True,
     image_bytes: int | None = None,
+    annotations: int = 0,
 ) -> ArchiveSummary:
     """Write a synthetic NBIA archive under ``out`` and describe it.
 
@@ -575,6 +578,10 @@ def generate_archive(
     With ``restricted`` and at least two collections the last collection is restricted
     (a one-collection archive stays public, else it would have nothing to serve without a
     login); users ``alice`` (may see it) and ``bob`` (may not) are written either way.
+    ``annotations``: the first that many series of every collection get two annotation
+    files (AIM-like XML) beside their images, which the reference server's
+    ``getDCMImage?IncludeAnnotation=true`` sends after the images, under their own names,
+    as the real one does; the archive index never reads them (not DICOM).
 
     Raises :class:`SynthError` for impossible parameters, or when ``out`` already holds an
     archive (mixing two runs would break the byte-for-byte determinism).
@@ -590,6 +597,8 @@ def generate_archive(
     )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SynthError(f"seed must be an integer, got {seed!r}")
+    if isinstance(annotations, bool) or not isinstance(annotations, int) or annotations < 0:
+        raise SynthError(f"annotations must be a count of series, got {annotations!r}")
     rows, columns = _resolve_size(rows, columns, image_bytes)
     root = Path(out)
     names = [_collection_name(i) for i in range(collections)]
@@ -610,7 +619,7 @@ def generate_archive(
     for c_index, collection in enumerate(names):
         plans = _plan_collection(patients, studies, series, images, awkward)
         study_cache: dict[tuple[int, int], tuple[str, str, str, str]] = {}
-        for plan in plans:
+        for s_index, plan in enumerate(plans):
             st = plan.study
             patient_id = f"SYNTH-{collection.removeprefix('SYNTH-CT-')}-{st.patient_index + 1:04d}"
             key = (st.patient_index, st.study_index)
@@ -663,6 +672,7 @@ def generate_archive(
                 path = folder / f"{index + 1}.dcm"
                 nbytes += encoder.write(path, values, pixels[offset : offset + frame])
                 files.append(path)
+            notes = _write_annotations(folder, series_uid) if s_index < annotations else ()
             result.append(
                 SynthSeries(
                     collection=collection,
@@ -673,6 +683,7 @@ def generate_archive(
                     nbytes=nbytes,
                     restricted=collection in restricted_names,
                     files=tuple(files),
+                    annotations=notes,
                 )
             )
 
@@ -690,6 +701,22 @@ def generate_archive(
         total_bytes=sum(s.nbytes for s in result),
         users=users,
     )
+
+
+def _write_annotations(folder: Path, series_uid: str) -> tuple[Path, ...]:
+    """Two small annotation files for one series, as a real archive keeps them beside the
+    images (LIDC's reader XML): one whose name looks like a generated image name, so
+    that a client must keep it apart from the images it names itself."""
+    paths: list[Path] = []
+    for name, reader in (("069.xml", 1), ("1-1.dcm.xml", 2)):
+        text = ('<?xml version="1.0" encoding="UTF-8"?>\n'
+                f'<LidcReadMessage><ResponseHeader><SeriesInstanceUid>{series_uid}'
+                f'</SeriesInstanceUid></ResponseHeader><readingSession><servicingRadiologistID>'
+                f'reader-{reader}</servicingRadiologistID></readingSession></LidcReadMessage>\n')
+        path = folder / name
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    return tuple(paths)
 
 
 def _write_toml(
