@@ -258,8 +258,11 @@ class ServerProcess:
     """``nbia-retriever serve`` as a process of its own, so its CPU is measured apart."""
 
     def __init__(self, exe: Path, archive: Path, log_dir: Path, faults: str | None = None,
-                 startup_timeout: float = 900.0, extra: Sequence[str] = ()) -> None:
+                 startup_timeout: float = 900.0, extra: Sequence[str] = (),
+                 command: Sequence[str] | None = None) -> None:
         self.exe = exe
+        #: The whole command line instead of ``exe serve ARCHIVE`` (the fast server).
+        self.command = list(command) if command is not None else None
         self.archive = archive
         self.faults = faults
         self.extra = list(extra)
@@ -270,7 +273,7 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [str(self.exe), "serve", str(self.archive), "--port", "0"]
+        cmd = self.command or [str(self.exe), "serve", str(self.archive), "--port", "0"]
         if self.faults:
             cmd += ["--faults", self.faults]
         cmd += self.extra
