@@ -5,13 +5,19 @@
   drive it step by step):
 
   - **Finding the link's concurrency** (``explore=True``, the default for a run without
-    ``--workers``): start small, and every sampling window compare the aggregate
-    throughput of the streams with the previous window. While adding streams makes it
-    rise, add more (doubling, like TCP's slow start); when it does not, two windows in a
-    row (the first after a raise may dip as streams end and new ones start), step back
-    to the last level that helped and hold, probing one level up now and then. A loopback
-    download on two cores settles at a few streams; a wide link with a per-connection
-    cap climbs to ``maximum``.
+    ``--workers``): start at :data:`INITIAL_STREAMS` (the count curl-and-unzip users
+    run), and every sampling window compare the aggregate throughput of the streams with
+    the level before. While adding streams makes it rise, add more (doubling, like TCP's
+    slow start); when it does not, two windows in a row (the first after a raise may dip
+    as streams end and new ones start), step back to the last level that helped. If even
+    the first raise did not pay, try fewer streams (halving) while fewer are about as
+    fast (within :data:`FEWER_SLACK`): each stream costs CPU and memory here and a
+    connection on the server. Then hold, probing one level up now and then. The first
+    climb judges every window (a raise's dip is what the second window is for), so a
+    run is at full speed within about a second on loopback and a few windows on a slow
+    link, instead of waiting a settling window per level; later changes wait one. A
+    loopback download on two cores settles at a few streams; a wide link with a
+    per-connection cap climbs to ``maximum``.
   - **Politeness** (AIMD, like TCP congestion control): a server that answers 429 or
     503, or keeps timing out, is asking clients to back off. Every such signal halves
     the limit (at most once per ``limit`` completed series, so a burst of 429s from
@@ -34,10 +40,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-#: Streams a run starts with when it explores.
-INITIAL_STREAMS = 4
+#: Streams a run starts with when it explores: what the floor (curl+unzip, 8 at a time)
+#: and tcia-utils (10) open from the first second. Starting at 4 cost a third of a short
+#: fast download: 8 was reached only 0.76 s into a 1.5 s transfer (issue 26).
+INITIAL_STREAMS = 8
 #: Relative throughput gain that counts as "it helped".
 GAIN = 0.10
+#: Fewer streams are kept when they move at least this share of what more moved.
+FEWER_SLACK = 0.95
 #: Windows between two probes one level up, once settled.
 PROBE_EVERY = 12
 
@@ -51,6 +61,7 @@ class ConcurrencyLimiter:
         self.explore = explore
         start = initial if initial is not None else (INITIAL_STREAMS if explore else maximum)
         self.target = max(1, min(self.maximum, start))  # what exploration stands at
+        self._start = self.target
         self.limit = self.target
         self.adaptive = adaptive
         self.active = 0
@@ -63,8 +74,10 @@ class ConcurrencyLimiter:
         self._last_time = 0.0
         self._rates: dict[int, float] = {}
         self._previous = self.target  # the level before the last raise
-        self._settle = 1  # windows to wait before judging a change
+        self._settle = 0  # windows to wait before judging a change
         self._raising = explore
+        self._climbing = explore  # the first climb: every window judged
+        self._fewer = False  # trying fewer streams than the level before
         self._doubt = False  # a raise's first judged window showed no gain
         self._windows = 0
 
@@ -105,7 +118,7 @@ class ConcurrencyLimiter:
             self.limit = max(1, self.limit // 2)
             self._since_decrease = 0
             self._successes = 0
-            self._raising = False
+            self._raising = self._climbing = self._fewer = False
             return self.limit
 
     def timed_out(self) -> int | None:
@@ -150,6 +163,11 @@ class ConcurrencyLimiter:
             rate = (total_bytes - last) / elapsed
             if not saturated or self.limit < self.target:
                 return None  # not enough work, or recovering from a throttle
+            if self.active > self.limit:
+                # Streams above a lowered count are still finishing: the window is not
+                # the new level's, nor is the next (it starts with them).
+                self._settle = max(self._settle, 1)
+                return None
             if self._settle > 0:
                 self._settle -= 1
                 return None
@@ -158,12 +176,25 @@ class ConcurrencyLimiter:
             self._rates[level] = rate if known is None else 0.5 * (known + rate)
             before = self._rates.get(self._previous)
             self._windows += 1
+            if self._fewer:
+                assert before is not None
+                if rate >= before * FEWER_SLACK:  # as fast with fewer: try fewer still
+                    self._doubt = False
+                    if level > 1:
+                        return self._set(level // 2, previous=level)
+                    self._fewer = False
+                    return None
+                # No second look: fewer streams have no start-up dip, and the window
+                # judged began once the streams above the count had finished.
+                self._fewer = False
+                return self._set(self._previous, previous=self._previous)
             if self._raising:
                 if before is None or level == self._previous or rate >= before * (1 + GAIN):
                     if level >= self.maximum:
-                        self._raising = False
+                        self._raising = self._climbing = False
                         return None
-                    return self._set(min(self.maximum, level * 2), previous=level)
+                    return self._set(min(self.maximum, level * 2), previous=level,
+                                     settle=0 if self._climbing else 1)
                 if not self._doubt:
                     # One window more before the verdict: a window in which streams end
                     # and new ones start (a request's latency, TCP's slow start) dips
@@ -173,16 +204,24 @@ class ConcurrencyLimiter:
                 # The raise did not pay for itself: back to the level that did. (Holding
                 # a level "about as good" would let every probe ratchet the count up.)
                 self._raising = False
-                return self._set(self._previous, previous=self._previous)
+                back = self._previous
+                if self._climbing and back == self._start and back > 1:
+                    # Not even the first raise paid: perhaps fewer streams do as well.
+                    # Judged against the start level's rate (measured before the raise);
+                    # a window to settle first, as streams above the new count finish.
+                    self._climbing, self._fewer = False, True
+                    return self._set(back // 2, previous=back, settle=1)
+                self._climbing = False
+                return self._set(back, previous=back)
             if self._windows % PROBE_EVERY == 0 and level < self.maximum:
                 self._raising = True
                 return self._set(level + max(1, level // 4), previous=level)
             return None
 
-    def _set(self, level: int, *, previous: int) -> int | None:
+    def _set(self, level: int, *, previous: int, settle: int = 1) -> int | None:
         level = max(1, min(self.maximum, level))
         self._previous = previous
-        self._settle = 1
+        self._settle = settle
         self._doubt = False
         if level == self.target:
             return None
