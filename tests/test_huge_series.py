@@ -192,3 +192,21 @@ def test_small_series_stay_one_zip(tmp_path, serve, archive, uids, expected):
     assert downloaded_series(engine.root) == {uid: expected[uid] for uid in uids}
     counts = endpoint_counts(server)
     assert "getSOPInstanceUIDs" not in counts and "getSingleImage" not in counts
+
+
+def test_the_default_run_goes_in_pieces_above_the_threshold(tmp_path, serve, archive, uids,
+                                                             expected, monkeypatch):
+    """The CLI's path: --source auto (IDC's index empty: every series from NBIA) and the
+    source from the registry, its threshold from NBIA_PIECES_ABOVE."""
+    from nbia_retriever import make_engine
+
+    server = serve(archive.root)
+    monkeypatch.setenv("NBIA_PIECES_ABOVE", "0")
+    manifest = write_manifest(tmp_path / "cart.tcia", uids[:2], server.download_url)
+    engine = make_engine(manifest, tmp_path / "dl", workers=2, backoff_base=0.01,
+                         timeout=10.0)
+    engine.run()
+    assert downloaded_series(engine.root) == {uid: expected[uid] for uid in uids[:2]}
+    counts = endpoint_counts(server)
+    assert counts.get("getSingleImage") == sum(s.images for s in archive.series[:2])
+    assert "getImage" not in counts and server.service.peak_downloads <= 2

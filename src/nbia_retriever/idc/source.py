@@ -181,6 +181,16 @@ class RoutedSource:
         self._lock = threading.Lock()
         #: Lines the run shows once (a fallback to NBIA).
         self.notes: list[str] = []
+        self._bound: tuple[Any, ...] | None = None
+
+    def bind_run(self, *bound: Any) -> None:
+        """Handed on to the NBIA source (``NbiaSource.bind_run``: a huge series in
+        pieces, engine.pieces), now or when it is built."""
+        with self._lock:
+            self._bound = bound
+            nbia = self._nbia
+        if nbia is not None and (bind := getattr(nbia, "bind_run", None)) is not None:
+            bind(*bound)
 
     @property
     def nbia(self) -> Source | None:
@@ -190,6 +200,9 @@ class RoutedSource:
             if self._nbia is None and self._make_nbia is not None:
                 self._nbia = self._make_nbia()
                 self.name = f"{self.idc.name} and {self._nbia.name}"
+                bind = getattr(self._nbia, "bind_run", None)
+                if bind is not None and self._bound is not None:
+                    bind(*self._bound)
             return self._nbia
 
     @property
