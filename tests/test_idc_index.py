@@ -422,3 +422,31 @@ def test_the_installed_index_finds_known_series() -> None:
     back = index.by_crdc_uuid(KNOWN.values())
     assert {crdc: s.series_uid for crdc, s in back.items()} == {v: k for k, v in KNOWN.items()}
     assert index.rejected == 0
+
+
+def test_one_child_answers_the_opening_and_the_lookups_and_a_gone_one_is_replaced(
+        standard: Path) -> None:
+    """Python and duckdb start once for a run's index work (the opening's column check,
+    then its lookups); a child that ended meanwhile (idle, or killed) is replaced and
+    the lookup answers the same."""
+    index = IdcIndex.open(standard)
+    child = index._reader._child
+    assert child is not None and child.poll() is None
+    assert set(index.by_series_uid([uid(1), uid(2)])) == {uid(1), uid(2)}
+    assert set(index.by_crdc_uuid([uuid_of("2-old")])) == {uuid_of("2-old")}
+    assert index._reader._child is child  # the same process answered all three
+    child.kill()
+    child.wait()
+    assert set(index.by_series_uid([uid(3)])) == {uid(3)}
+    assert index._reader._child is not child
+    index._reader.close()
+    assert set(index.by_series_uid([uid(1)])) == {uid(1)}  # after close(): a new one
+    index._reader.close()
+
+
+def test_the_child_ends_when_its_parent_closes_the_pipe(standard: Path) -> None:
+    index = IdcIndex.open(standard)
+    child = index._reader._child
+    assert child is not None and child.stdin is not None
+    child.stdin.close()  # what the parent's exit does
+    assert child.wait(timeout=60) == 0

@@ -1,6 +1,10 @@
 """The IDC index lookup, run as a short-lived child process (``python -P -m
 nbia_retriever.idc._lookup``): one JSON request on stdin, one JSON answer on stdout.
 
+One request a line; the child answers each in turn and ends when its stdin closes or
+:data:`IDLE` seconds pass without a request (the parent's next lookups, a run's within a
+second of its first, reuse it: Python and duckdb start once).
+
 Why a child: duckdb reads the 74 MB ``idc_index.parquet`` in a fraction of a second, but
 its engine and buffers take 150-200 MB that a long download would otherwise keep for
 hours (``free`` does not give it back to the system). The parent
@@ -43,6 +47,8 @@ _CASTS = {"str": "VARCHAR", "int": "BIGINT", "float": "DOUBLE"}
 _BATCH = 2048
 #: Characters of a text value passed on (descriptions are short; UIDs 64, uuids 36).
 _MAX_TEXT = 1024
+#: Seconds without a request after which the child ends (module docstring).
+IDLE = 3.0
 #: The index files, by the names the request and the answers use.
 FILES = ("idc_index", "collections_index", "prior_versions_index", "version_metadata_index")
 
@@ -148,17 +154,36 @@ def _lookup(con: Any, request: dict[str, Any], out: TextIO) -> None:
 
 
 def main() -> int:
+    import select
+
+    source = sys.stdin.buffer
+    while True:
+        # Strict request/answer: nothing of a next request waits in stdin's buffer here.
+        ready, _, _ = select.select([source], [], [], IDLE)
+        if not ready:
+            return 0  # idle: the parent starts another child when it asks again
+        line = source.readline()
+        if not line.strip():
+            return 0  # stdin closed
+        _answer(line)
+
+
+def _answer(line: bytes) -> None:
+    """Answer one request line on stdout (module docstring)."""
     out = sys.stdout
     try:
-        request = json.load(sys.stdin)
+        request = json.loads(line)
         import duckdb  # here: a missing duckdb is an answer on stdout, not a crash
 
-        con = duckdb.connect(":memory:")
-        if request["op"] == "schema":
-            answer: dict[str, Any] = _schema(con, request["files"])
-        else:
-            _lookup(con, request, out)
-            answer = {"done": True}
+        con = duckdb.connect(":memory:")  # afresh: no temp table of the last request
+        try:
+            if request["op"] == "schema":
+                answer: dict[str, Any] = _schema(con, request["files"])
+            else:
+                _lookup(con, request, out)
+                answer = {"done": True}
+        finally:
+            con.close()
     except _Failure as exc:
         answer = {"error": str(exc), "file": exc.file}
     except ImportError:
@@ -168,7 +193,6 @@ def main() -> int:
         answer = {"error": f"bad request: {_first_line(exc)}", "file": ""}
     out.write(json.dumps(answer, separators=(",", ":"), default=str) + "\n")
     out.flush()
-    return 0
 
 
 if __name__ == "__main__":

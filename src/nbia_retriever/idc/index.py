@@ -10,7 +10,10 @@ Reading: duckdb, in a short-lived child process (:mod:`._lookup`, JSON over a pi
 duckdb finds 2,000 series in the real 74 MB ``idc_index.parquet`` in about 0.2 s, where
 pyarrow took 0.6-3.9 s and 600 MB; but its engine and buffers (150-200 MB) would stay in
 the downloader's memory for the whole run. In a child they are gone when it exits; the
-downloader keeps only the rows it asked for.
+downloader keeps only the rows it asked for. One child answers the opening's column
+check and the lookups that follow it (a run's are within a second of each other), and
+ends once :data:`._lookup.IDLE` seconds pass without a request: starting Python and
+importing duckdb is ~0.15 s of CPU, which a run paid twice.
 
 Trust: a parquet file from a folder the user named is input like a manifest. A missing
 column is a one-line :class:`IndexUnavailable` naming the file and the column. A row whose
@@ -32,6 +35,7 @@ this module does not copy that. An ``.s5cmd`` manifest names versions by uuid
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -264,6 +268,105 @@ def _size(value: object) -> int | None:
     return round(value * 1_000_000)
 
 
+class _Reader:
+    """The :mod:`._lookup` child of one index, reused from request to request (module
+    docstring); a request at a time."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._child: subprocess.Popen[bytes] | None = None
+        self._errors: Any = None
+        self._why = ""
+        self._status: int | None = None
+
+    def alive(self) -> bool:
+        return self._child is not None and self._child.poll() is None
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        self.close()
+        if self._errors is not None:
+            self._errors.close()
+        self._errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the child
+        try:
+            self._child = subprocess.Popen(
+                [sys.executable, "-P", "-m", "nbia_retriever.idc._lookup"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._errors)
+        except OSError as exc:
+            raise IndexUnavailable(f"cannot start the IDC index reader: "
+                                   f"{exc.strerror or exc}") from None
+        return self._child
+
+    def ask(self, line: bytes, on_row: Callable[[str, list[Any]], None] | None,
+            timeout: float, folder: Path) -> tuple[object, bool]:
+        """Send one request line; returns the answer's last line (None when cut short)
+        and whether any line came at all."""
+        child = self._child if self.alive() else self._start()
+        assert child is not None and child.stdin is not None and child.stdout is not None
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            child.kill()
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        answered = False
+        final: object = None
+        try:
+            try:
+                child.stdin.write(line)
+                child.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                return None, False  # it had ended (idle) or died: its stderr says why
+            for raw in child.stdout:
+                answered = True
+                try:
+                    value = json.loads(raw)
+                except ValueError:
+                    break
+                if isinstance(value, dict):
+                    final = value
+                    break
+                if not (isinstance(value, list) and value and isinstance(value[0], str)):
+                    break
+                if on_row is not None:
+                    on_row(value[0], value[1:])
+        finally:
+            timer.cancel()
+            if expired.is_set():
+                self._why = f"reading the IDC index took more than {timeout:g} s"
+                self.close()
+            elif final is None:
+                self._why = ""
+                self.close()
+        return final, answered
+
+    def failure(self) -> str:
+        """Why the last request got no answer (after :meth:`ask` returned None)."""
+        if self._why:
+            return self._why
+        tail: list[str] = []
+        if self._errors is not None:
+            self._errors.seek(0)
+            tail = self._errors.read()[-4096:].decode("utf-8", "replace").strip().splitlines()
+        return "the IDC index reader failed: " + (quote(tail[-1], 200) if tail else
+                                                    f"exit status {self._status}")
+
+    def close(self) -> None:
+        """End the child (it would end by itself once idle)."""
+        child, self._child = self._child, None
+        if child is not None:
+            if child.stdin is not None:
+                with contextlib.suppress(OSError):
+                    child.stdin.close()
+            if child.poll() is None:
+                child.kill()
+            self._status = child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
+
+
 class IdcIndex:
     """The IDC index in one folder (see the module docstring). Build with :meth:`open`.
 
@@ -280,6 +383,7 @@ class IdcIndex:
         self.version = version
         self.timeout = timeout
         self._current = {**_CURRENT, **{c: _CURRENT_OPTIONAL[c] for c in optional}}
+        self._reader = _Reader()
         self.rejected = 0
         self.reasons: list[str] = []
 
@@ -331,77 +435,33 @@ class IdcIndex:
         version = _int(answer.get("version"))
         if version is None and installed:
             version = _package_release()
-        return cls(folder, files, version=version, optional=optional, timeout=timeout)
+        opened = cls(folder, files, version=version, optional=optional, timeout=timeout)
+        opened._reader = index._reader  # its child, still running, answers the lookups
+        return opened
 
     # -- the child ----------------------------------------------------------------------------
     def _run(self, request: dict[str, Any],
              on_row: Callable[[str, list[Any]], None] | None = None) -> dict[str, Any]:
         """One request to :mod:`._lookup` in a child process: each row of its answer goes
         to ``on_row`` as it arrives (so neither side holds the whole answer), and its last
-        line is returned. :class:`IndexUnavailable` names the file a failure concerns."""
+        line is returned. :class:`IndexUnavailable` names the file a failure concerns.
+        The child of the previous request answers if it still runs; one that ended
+        before reading this request (idle) is replaced once."""
         request = {**request, "files": {k: str(v) for k, v in self.files.items()},
                    "current": self._current, "prior": _PRIOR}
-        command = [sys.executable, "-P", "-m", "nbia_retriever.idc._lookup"]
-        expired = threading.Event()
-        final: object = None
-        with tempfile.TemporaryFile() as errors:
-            try:
-                child = subprocess.Popen(command, stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=errors)
-            except OSError as exc:
-                raise IndexUnavailable(f"cannot start the IDC index reader: "
-                                       f"{exc.strerror or exc}") from None
-
-            def expire() -> None:
-                expired.set()
-                child.kill()
-
-            timer = threading.Timer(self.timeout, expire)
-            timer.daemon = True
-            timer.start()
-            try:
-                final = self._exchange(child, request, on_row)
-            finally:
-                timer.cancel()
-                if child.poll() is None:
-                    child.kill()
-                child.wait()
-            if expired.is_set():
-                raise IndexUnavailable(f"{self.folder}: reading the IDC index took more than "
-                                       f"{self.timeout:g} s")
+        line = (json.dumps(request) + "\n").encode()
+        with self._reader.lock:
+            reused = self._reader.alive()
+            final, answered = self._reader.ask(line, on_row, self.timeout, self.folder)
+            if final is None and not answered and reused:
+                final, answered = self._reader.ask(line, on_row, self.timeout, self.folder)
             if not isinstance(final, dict):
-                errors.seek(0)
-                tail = errors.read()[-4096:].decode("utf-8", "replace").strip().splitlines()
-                why = quote(tail[-1], 200) if tail else f"exit status {child.returncode}"
-                raise IndexUnavailable(f"{self.folder}: the IDC index reader failed: {why}")
+                why = self._reader.failure()
+                raise IndexUnavailable(f"{self.folder}: {why}")
         if "error" in final:
             where = self.files.get(str(final.get("file") or ""), self.folder)
             raise IndexUnavailable(f"{where}: {quote(str(final['error']), 200)}")
         return final
-
-    @staticmethod
-    def _exchange(child: subprocess.Popen[bytes], request: dict[str, Any],
-                  on_row: Callable[[str, list[Any]], None] | None) -> object:
-        """Send the request, pass each row on, return the answer's last line (None when
-        the answer is cut short or not the protocol's)."""
-        assert child.stdin is not None and child.stdout is not None
-        try:
-            with child.stdin:  # the child reads it all before it answers
-                child.stdin.write(json.dumps(request).encode())
-        except BrokenPipeError:
-            return None  # it died: its stderr says why
-        for line in child.stdout:
-            try:
-                value = json.loads(line)
-            except ValueError:
-                return None
-            if isinstance(value, dict):
-                return value
-            if not (isinstance(value, list) and value and isinstance(value[0], str)):
-                return None
-            if on_row is not None:
-                on_row(value[0], value[1:])
-        return None
 
     # -- lookups ------------------------------------------------------------------------------
     def by_series_uid(self, uids: Iterable[str]) -> dict[str, IdcSeries]:
