@@ -56,12 +56,21 @@ from ..cli.common import run_exit_code
 from ..engine import DownloadOptions, Engine, Event
 from ..engine.plan import LayoutMismatchError
 from ..errors import AuthError, NbiaError
-from ..layout import Layout, format_series_number
+from ..layout import Layout, format_series_number, root_folder_name
 from ..manifest import Manifest
 from ..models import ALL_STATES, FAILED_STATES, SeriesState
 from ..report import Report, SeriesResult, human_size, write_error_report
 from ..session import Session, session_for
-from .cells import COLUMNS, EMPTY, Cell, hidden_columns, row_cells, speed_and_eta
+from .cells import (
+    COLUMNS,
+    EMPTY,
+    Cell,
+    hidden_columns,
+    origin_text,
+    row_cells,
+    speed_and_eta,
+)
+from .license import license_asker
 from .screens import (
     ConfirmQuitScreen,
     DestinationScreen,
@@ -161,7 +170,7 @@ class RetrieverApp(App[None]):
 
             manifest, self.options, _notes = resolve_for_run(manifest, self.options)
         self.manifest = manifest
-        self.dest = Path(dest)
+        self.dest, self._dest_note = destination_for(Path(dest), manifest)
         #: Who the window talks to (opened once; each engine gets it, with the login of
         #: the moment): see :mod:`nbia_retriever.session`.
         self.session = session or session_for(manifest, self.options)
@@ -309,7 +318,7 @@ class RetrieverApp(App[None]):
     # -- engines ----------------------------------------------------------------------------
     def _make_engine(self, *, only_failed: bool = False) -> Engine:
         options = replace(self.options, layout=self.layout_name, credentials=self.credentials,
-                          only_failed=only_failed)
+                          only_failed=only_failed, confirm_license=license_asker(self))
         engine = Engine(self.manifest, self.dest, options,
                         session=replace(self.session, credentials=self.credentials))
         engine.remove(self.removed)
@@ -400,7 +409,7 @@ class RetrieverApp(App[None]):
             self._set_message(f"Could not read the metadata: {error}", error=True)
         else:
             self.last_error = ""
-            self._set_message(self._ready_text())
+            self._set_message(self._dest_note + self._ready_text())
         self.query_one("#overall", ProgressBar).update(total=max(1, engine.total_bytes),
                                                        progress=0)
         self._refresh_controls()
@@ -458,6 +467,7 @@ class RetrieverApp(App[None]):
                 row.info = result.info
             row.state, row.error = result.state, result.error
             row.attempts, row.bytes_done = result.attempts, result.bytes_done
+            row.source = result.source
             self._redraw(row)
         if cursor_uid in uids:
             self._show_detail()
@@ -778,6 +788,10 @@ class RetrieverApp(App[None]):
         else:
             line("Study UID", "(metadata not read yet)")
         status = row.state + (f" · attempt {row.attempts}" if row.attempts else "")
+        if row.state == SeriesState.COMPLETE or self.options.source != "auto":
+            # Where it came from (the journal's source) or will come from (a fixed source);
+            # under auto the route is known only once it is downloaded.
+            status += origin_text(row.source)
         if info and info.file_size and row.state in (SeriesState.DOWNLOADING,
                                                      SeriesState.PAUSED):
             status += f" · {human_size(row.bytes_done)} of {human_size(info.file_size)}"
@@ -881,10 +895,13 @@ class RetrieverApp(App[None]):
         self.query_one("#table", DataTable).focus()
 
     def _set_destination(self, path: Path | None) -> None:
+        note = ""
+        if path is not None:
+            path, note = destination_for(path, self.manifest)
         self.query_one("#dest", Input).value = str(path or self.dest)
         if path is None or path == self.dest or self.running:
             return
-        self.dest = path
+        self.dest, self._dest_note = path, note
         self._reconfigure()
 
     def action_toggle_layout(self) -> None:
@@ -1055,6 +1072,28 @@ class RetrieverApp(App[None]):
             self.engine.cancel()
         elif self.engine not in self._preparing:
             _dispose(self.engine)
+
+
+def destination_for(folder: Path, manifest: Manifest) -> tuple[Path, str]:
+    """The destination for a folder the user typed, and a note saying how it was read.
+
+    As ``verify`` takes ``-d`` (:func:`~nbia_retriever.verify.find_download_root`): the
+    download root of this manifest itself stands for its parent, so that the window
+    opens that download instead of making a new root inside it. A folder that is the
+    root of another manifest is kept, with a warning (a root inside a root is legal but
+    rarely meant). Read-only: nothing is created."""
+    from ..verify import find_download_root  # the journal code only when a folder is typed
+
+    try:
+        root = find_download_root(folder)
+    except NbiaError:  # no download there (a new folder), or several: the folder as typed
+        return folder, ""
+    if root != folder:
+        return folder, ""  # the -d folder of a download: the engine finds its root there
+    if root.name == root_folder_name(manifest.root_name):
+        return folder.parent, f"{folder} is this manifest's download: continuing it. "
+    return folder, (f"{folder} is the download of another manifest; this one's series go "
+                    f"to {folder / root_folder_name(manifest.root_name)}. ")
 
 
 def _prepare(engine: Engine) -> tuple[Engine, str]:

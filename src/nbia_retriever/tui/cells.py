@@ -215,3 +215,14 @@ def hidden_columns(width: int) -> frozenset[str]:
         if width < below:
             hidden = columns
     return hidden
+
+
+def origin_text(source: str) -> str:
+    """`` · from NBIA`` or `` · from IDC s3://bucket/uuid/ v22``: where a series came from,
+    as the journal's ``source`` column records it (``idc/source.where_text``); "" when
+    unknown. Plain text (the view never renders it as markup)."""
+    if not source:
+        return ""
+    kind, _, rest = source.partition(" ")
+    name = {"nbia": "NBIA", "idc": "IDC"}.get(kind, kind)
+    return f" · from {name}" + (f" {rest}" if rest else "")
