@@ -16,7 +16,11 @@ Waiting is always for a condition the user could see, bounded by a deadline; nev
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import select
+import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -388,3 +392,103 @@ async def test_dest_may_name_the_download_root(archive: ArchiveSummary,
         assert app.dest == tmp_path / "dl"
         detail = str(app.query_one("#detail").render())
         assert "from NBIA" in detail
+
+
+# -- the whole command on a terminal ---------------------------------------------------------
+
+#: Escape sequences (CSI, OSC/DCS strings, charset and keypad switches) and CRs.
+ANSI = re.compile(r"\x1b\[[0-9;?<>=]*[ -/]*[@-~]|\x1b[\]P_^][^\x07\x1b]*(\x07|\x1b\\)"
+                  r"|\x1b[()][0-9A-Za-z]|\x1b[=>78]|\r")
+
+
+class Terminal:
+    """``nbia-retriever ARGS`` on a pty (stdin too): keys in, the screen's text out."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+        environ = {k: v for k, v in os.environ.items()
+                   if k not in ("COLUMNS", "LINES", "NO_COLOR", "TEXTUAL")
+                   and not k.lower().endswith("_proxy")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "nbia_retriever.cli", *args],
+                                     stdin=slave, stdout=slave, stderr=slave, cwd=cwd,
+                                     env={**environ, "TERM": "xterm-256color"},
+                                     close_fds=True, start_new_session=True)
+        os.close(slave)
+        self.raw = b""
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.raw.decode("utf-8", "replace"))
+
+    def read_until(self, seen: Callable[[str], bool], what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not seen(self.text):
+            left = deadline - time.monotonic()
+            assert left > 0, f"waited 60 s for {what}; the terminal shows: {self.text[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:  # EIO: the program closed the terminal
+                    data = b""
+                if not data:
+                    assert seen(self.text), f"ended before {what}: {self.text[-2000:]!r}"
+                    return
+                self.raw += data
+
+    def press(self, key: str) -> None:
+        os.write(self.master, key.encode())
+
+    def close(self) -> int:
+        """Everything up to the end of the program's output; its exit code."""
+        deadline = time.monotonic() + 60
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"still running after 60 s: {self.text[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], left)
+            try:
+                data = os.read(self.master, 65536) if ready else b"?"
+            except OSError:  # EIO: the program closed the terminal
+                break
+            if not data:
+                break
+            if ready:
+                self.raw += data
+        code = self.proc.wait(timeout=60)
+        os.close(self.master)
+        return code
+
+
+def test_open_on_a_terminal_quit_mid_download(archive: ArchiveSummary,
+                                              serve: Callable[..., ReferenceServer],
+                                              tmp_path: Path) -> None:
+    """The whole command, as a user runs it: start, q, y; after the window the summary,
+    the folder and the command that resumes, and exit code 130 (as download's Ctrl-C)."""
+    stalled = FaultPlan(script={s.series_uid: ["stall:600"] * 10 for s in archive.series})
+    slow = serve(archive.root, faults=stalled)
+    manifest = archive.root / "manifest.tcia"
+    term = Terminal(["open", str(manifest), "-d", "dl", "--api-url", slow.api_url,
+                     "--retries", "1"], tmp_path)
+    try:
+        term.read_until(lambda t: "s: start" in t, "the metadata")
+        term.press("s")
+        term.read_until(lambda t: "streams open" in t, "the download")
+        term.press("q")
+        term.read_until(lambda t: "Quit now?" in t, "the quit dialog")
+        term.press("y")
+        code = term.close()
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+    tail = term.text.rpartition("Quit now?")[2]
+    assert code == EXIT_INTERRUPTED, tail
+    assert "0 of 4 series complete" in tail and "series interrupted" in tail
+    ending = tail[tail.index("0 of 4 series complete"):]
+    assert "\nfiles in dl/manifest-" in ending, ending
+    assert f"resume: nbia-retriever open {manifest} -d dl --api-url {slow.api_url}" in tail
+    assert "Traceback" not in term.text
