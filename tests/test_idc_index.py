@@ -438,10 +438,12 @@ def test_one_child_answers_the_opening_and_the_lookups_and_a_gone_one_is_replace
     child.kill()
     child.wait()
     assert set(index.by_series_uid([uid(3)])) == {uid(3)}
-    assert index._reader._child is not child
-    index._reader.close()
-    assert set(index.by_series_uid([uid(1)])) == {uid(1)}  # after close(): a new one
-    index._reader.close()
+    second = index._reader._child
+    assert second is not None and second is not child
+    index.release()  # a run's index work is done: the child's memory goes now
+    assert second.poll() is not None and index._reader._child is None
+    assert set(index.by_series_uid([uid(1)])) == {uid(1)}  # after release(): a new one
+    index.release()
 
 
 def test_the_child_ends_when_its_parent_closes_the_pipe(standard: Path) -> None:

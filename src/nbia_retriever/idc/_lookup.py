@@ -48,7 +48,7 @@ _BATCH = 2048
 #: Characters of a text value passed on (descriptions are short; UIDs 64, uuids 36).
 _MAX_TEXT = 1024
 #: Seconds without a request after which the child ends (module docstring).
-IDLE = 3.0
+IDLE = 1.0
 #: The index files, by the names the request and the answers use.
 FILES = ("idc_index", "collections_index", "prior_versions_index", "version_metadata_index")
 

@@ -439,6 +439,12 @@ class IdcIndex:
         opened._reader = index._reader  # its child, still running, answers the lookups
         return opened
 
+    def release(self) -> None:
+        """End the reader child now: a run's index work is done (its RSS would count
+        beside the download's until it idled out)."""
+        with self._reader.lock:
+            self._reader.close()
+
     # -- the child ----------------------------------------------------------------------------
     def _run(self, request: dict[str, Any],
              on_row: Callable[[str, list[Any]], None] | None = None) -> dict[str, Any]:

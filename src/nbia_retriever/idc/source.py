@@ -96,6 +96,9 @@ class IdcSource:
         rest = [u for u in uids if u not in found]
         if rest:
             found.update(self.index.by_series_uid(rest))
+        # The planner asks once for all: the reader child's memory goes now (a series
+        # planned from another journal later starts another).
+        self.index.release()
         with self._lock:
             self._found.update(found)
         return found
@@ -391,6 +394,7 @@ def resolve_for_run(manifest: Manifest, options: DownloadOptions,
     index = open_index(options, required=True)
     assert index is not None
     resolved = resolve_manifest(manifest, index)
+    index.release()  # every series is pinned: the run asks the index nothing more
     where = manifest.source or "the manifest"
     notes = [f"{where}: {line}" for line in getattr(manifest, "skipped", ())]
     notes += [f"{where}: s3://.../{uuid}/ is not in IDC's index; left out"
@@ -419,4 +423,5 @@ def idc_series_for(uids: Sequence[str], options: DownloadOptions) -> dict[str, I
     rest = [u for u in uids if u not in found]
     if rest:
         found.update(index.by_series_uid(rest))
+        index.release()
     return found
