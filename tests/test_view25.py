@@ -368,6 +368,28 @@ async def test_the_progress_line_counts_open_streams(archive: ArchiveSummary,
         assert "streams open" not in str(app.query_one("#counts", Label).render())
 
 
+async def test_open_streams_are_not_the_limiters_target(archive: ArchiveSummary,
+                                                       serve: Callable[..., ReferenceServer],
+                                                       tmp_path: Path) -> None:
+    """The issue's "5 streams" while 10 series were downloading: a busy answer (429) lowers
+    the limiter's target, but the streams already open stay open until their series end;
+    the line counts those."""
+    uids = read_manifest(archive.root / "manifest.tcia").series_uids
+    plan = FaultPlan(retry_after=0.01, script={
+        **{uid: ["stall:600"] * 10 for uid in uids[:3]}, uids[3]: ["http429"] * 10})
+    slow = serve(archive.root, faults=plan)
+    app = make_app(archive, slow, tmp_path / "dl", workers=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.phase == READY, "the metadata")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: streaming(app) == 3
+                       and app.engine.stats().concurrency < 3, "a throttle")
+        await wait_for(pilot, lambda: "3 streams open" in str(
+            app.query_one("#counts", Label).render()), "3 streams open")
+        app.engine.cancel()
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the cancel")
+
+
 # -- the -d folder and where each row came from --------------------------------------------
 
 
