@@ -22,6 +22,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import config_path
 from ..errors import UsageError
 
 #: The answers of the dialog's trust question (``LoginAnswer.trust``).
@@ -68,8 +69,6 @@ def remember_trusted_host(host: str, path: Path | None = None) -> Path:
     """Add ``host`` to ``trusted_hosts`` in the user's config file (created if missing);
     the file's path. Raises :class:`UsageError` naming the file when it cannot be read,
     parsed or rewritten safely (the user can then add the line by hand)."""
-    from ..config import config_path
-
     path = path or config_path()
     try:
         text = path.read_text(encoding="utf-8")
