@@ -514,3 +514,41 @@ def test_open_on_a_terminal_quit_mid_download(archive: ArchiveSummary,
     assert "\nfiles in dl/manifest-" in ending, ending
     assert f"resume: nbia-retriever open {manifest} -d dl --api-url {slow.api_url}" in tail
     assert "Traceback" not in term.text
+
+
+def test_the_dialog_names_hosts_in_ascii_and_refuses_plain_http(tmp_path: Path) -> None:
+    """No network: what the login dialog would say for a lookalike host that only a
+    manifest names (its xn-- form, asked about) and for plain http (refused, no fields)."""
+    from nbia_retriever.session import open_session
+    from nbia_retriever.tui.trust import login_trust
+
+    path = tmp_path / "lookalike.tcia"
+    path.write_text("downloadServerUrl=https://services.cancerim\u0430gingarchive.net/nbia-api/"
+                    "services\nListOfSeriesToDownload=\n1.2.3\n", encoding="utf-8")
+    trust = login_trust(open_session(read_manifest(path)))
+    assert trust.ask and not trust.refused
+    assert trust.host == "services.xn--cancerimgingarchive-xop.net"
+    plain = login_trust(open_session(api_url="http://nbia.example.org/nbia-api/services"))
+    assert "nbia.example.org is plain http" in plain.refused and not plain.ask
+    chosen = login_trust(open_session(api_url="https://nbia.example.org/nbia-api/services"))
+    assert not chosen.ask and not chosen.refused  # --api-url is the user's choice
+
+
+async def test_a_refused_host_gets_no_password_field(archive: ArchiveSummary,
+                                                    server: ReferenceServer,
+                                                    tmp_path: Path) -> None:
+    from nbia_retriever.tui.trust import LoginTrust
+
+    app = make_app(archive, server, tmp_path / "dl")
+    async with app.run_test(size=NARROW) as pilot:
+        answers: list[object] = []
+        reason = "nbia.example.org is plain http: anyone on the way could read the password."
+        app.push_screen(LoginScreen(trust=LoginTrust("nbia.example.org", refused=reason)),
+                        answers.append)
+        await pilot.pause()
+        dialog = app.screen
+        assert reason in shown(dialog.query_one("#login-refused", Label))
+        assert not dialog.query_one("#password", Input).display
+        assert not dialog.query_one("#login").display
+        await pilot.press("enter")  # the focused Cancel: nothing is sent anywhere
+        assert answers == [None]
