@@ -117,8 +117,8 @@ def test_series_in_pieces_is_the_same_tree_within_the_budget(tmp_path, serve, ar
     assert "getImage" not in counts and source.pieces_series == len(uids)
     # never more image requests at once than the run's budget (3 connections)
     assert 1 <= server.service.peak_downloads <= 3
-    # no image left behind: the run's staging (and its .pieces folders) is gone
-    assert not any((engine.root / ".nbia" / "staging").rglob("*.dcm"))
+    # no image left behind: the series' .pieces folders went with them
+    assert not any((engine.root / ".nbia").rglob("*.dcm"))
 
 
 def test_one_huge_series_alone_takes_the_whole_budget(tmp_path, serve, archive, uids,
@@ -206,7 +206,35 @@ def test_the_default_run_goes_in_pieces_above_the_threshold(tmp_path, serve, arc
     engine = make_engine(manifest, tmp_path / "dl", workers=2, backoff_base=0.01,
                          timeout=10.0)
     engine.run()
+    assert all(r.state == SeriesState.COMPLETE for r in engine.report.results.values()), \
+        [(r.state, r.error) for r in engine.report.results.values()]
     assert downloaded_series(engine.root) == {uid: expected[uid] for uid in uids[:2]}
     counts = endpoint_counts(server)
     assert counts.get("getSingleImage") == sum(s.images for s in archive.series[:2])
     assert "getImage" not in counts and server.service.peak_downloads <= 2
+
+
+def test_a_later_run_keeps_the_images_an_earlier_one_fetched(tmp_path, serve, archive,
+                                                              expected):
+    """Resume across runs: the first run fails the series at its 5th image; a kept image
+    that was damaged since is fetched anew, the other kept ones are not fetched again."""
+    series = archive.series[3]
+    server = serve(archive.root)
+    listed = server.service.image_order(server.index.series[series.series_uid])
+    bad = listed[4].sop_instance_uid  # the 5th image fetched (one at a time)
+    server.service.set_faults(FaultPlan(script={bad: ["corrupt"]}))
+    engine, _ = run(tmp_path, server, [series.series_uid], workers=1, retries=0)
+    assert engine.report.results[series.series_uid].state != SeriesState.COMPLETE
+    kept = sorted((engine.root / ".nbia" / "pieces").rglob("*.dcm"))
+    assert len(kept) == 4
+    damaged = bytearray(kept[0].read_bytes())
+    damaged[-1] ^= 0xFF
+    kept[0].write_bytes(bytes(damaged))
+    server.service.set_faults(None)
+    server.service.clear_requests()
+    engine, source = run(tmp_path, server, [series.series_uid], workers=1)
+    assert engine.report.results[series.series_uid].state == SeriesState.COMPLETE
+    assert downloaded_series(engine.root) == {series.series_uid: expected[series.series_uid]}
+    fetched = [r for r in server.service.requests if r.path.endswith("/getSingleImage")]
+    assert len(fetched) == series.images - 3 and source.pieces_reused == 3
+    assert not any((engine.root / ".nbia").rglob("*.dcm"))

@@ -24,15 +24,18 @@ A series about to stream waits for borrowed connections to come back first. So a
 series alone takes the whole budget, and the next series takes its connection back
 within one image.
 
-**Each image verified.** The fetcher asks the image's MD5, writes the bytes into this
-run's staging folder (``<run>/<series>.pieces/``) hashing them, and keeps the file only
-under a name holding that MD5 once they match; a wrong byte fails the attempt at once
-and names the image. The engine hashes the bytes again as it stages them.
+**Each image verified.** The fetcher asks the image's MD5, writes the bytes into
+``<root>/.nbia/pieces/<series>.pieces/`` hashing them, and keeps the file only under a
+name holding that MD5 once they match; a wrong byte fails the attempt at once and names
+the image. The engine hashes the bytes again as it stages them.
 
-**Resume.** The images fetched whole stay in ``.pieces/`` when an attempt fails: the
-engine's next attempt of the series (same run) fetches only the others. They go with
-the series once it streamed whole, and with the run's staging folder in any case (a
-run's staging is its own; another run does not trust it).
+**Resume.** The images fetched whole stay there when an attempt fails or the run is
+stopped: the next attempt, in this run or a later one, fetches only the others. Only the
+run holding the series' lock (``ondisk.SeriesLock``, taken for every attempt) touches the
+folder, so two runs on one root never share it. A kept image is used again only if the
+server still gives the MD5 its name holds, and only once its bytes hash to it again
+(whatever happened to the file meanwhile, a bad one is fetched anew). The folder goes
+once the series streamed whole.
 
 Memory stays flat: fetchers write to disk as they read, the stream reads each image
 back in :data:`READ_BYTES` pieces. Disk: a series in pieces needs its size twice while
@@ -45,7 +48,9 @@ import contextlib
 import functools
 import hashlib
 import os
+import secrets
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -61,7 +66,8 @@ if TYPE_CHECKING:
     from ..api.http import Response
     from ..idc.stream import Fetchers
 
-__all__ = ["MOST_PIECES", "PIECES_ABOVE", "ConnectionBudget", "PieceReader", "PiecesStream"]
+__all__ = ["MOST_PIECES", "PIECES_ABOVE", "PIECES_DIR", "ConnectionBudget", "PieceReader",
+           "PiecesStream"]
 
 #: Series whose metadata ``File Size`` is above this are fetched in pieces (a few hundred
 #: MB: below it the run's other series fill the link, and a zip is one request).
@@ -70,6 +76,8 @@ PIECES_ABOVE = 300 * 1000 * 1000
 MOST_PIECES = 16
 #: Bytes read back from an image file at a time (and the largest EntryData).
 READ_BYTES = 256 << 10
+#: The folder of ``.nbia/`` that keeps the images of series in pieces (module docstring).
+PIECES_DIR = "pieces"
 #: How often a waiting thread looks again at a budget that may have grown (the limiter
 #: raises its limit without telling the budget).
 LOOK_AGAIN = 0.25
@@ -161,6 +169,7 @@ class PiecesStream:
         self._aborted = False
         self._received = 0
         self._started = False
+        self._tag = secrets.token_hex(4)
 
     # -- the ByteStream --------------------------------------------------------------------
     @property
@@ -195,7 +204,8 @@ class PiecesStream:
                         break
                     self._cond.wait(LOOK_AGAIN)
             assert piece.path is not None
-            with open(piece.path, "rb") as handle:
+            fd = os.open(piece.path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as handle:
                 while data := handle.read(READ_BYTES):
                     yield data
         # streamed whole: the images are in the engine's staging now
@@ -269,15 +279,42 @@ class PiecesStream:
         # MD5 the bytes matched (32 hex digits, checked by the client).
         key = hashlib.sha1(piece.sop.encode(), usedforsecurity=False).hexdigest()[:24]
         final = self.spool / f"{key}-{md5}.dcm"
-        try:
-            size = os.lstat(final).st_size  # an earlier attempt fetched it whole
+        size = self._kept(final, md5)
+        if size is not None:  # an earlier attempt fetched it whole
             with self._cond:
                 self.reused += 1
-        except FileNotFoundError:
-            size = self._download(piece, self.spool / f"{key}.part", final, md5)
+        else:
+            # a part file of this stream's own: a fetcher of an attempt that failed may
+            # still be writing the same image's (its result is as good: same MD5)
+            size = self._download(piece, self.spool / f"{key}.{self._tag}.part", final, md5)
         with self._cond:
             piece.path, piece.size, piece.md5, piece.done = final, size, md5, True
             self._cond.notify_all()
+
+    def _kept(self, final: Path, md5: str) -> int | None:
+        """The size of ``final`` if it is a regular file whose bytes hash to ``md5``;
+        anything else there is removed (fetched anew)."""
+        try:
+            fd = os.open(final, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError:  # a link someone planted: not ours
+            with contextlib.suppress(OSError):
+                os.unlink(final)
+            return None
+        digest = hashlib.md5(usedforsecurity=False)
+        size = 0
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return None
+            while data := handle.read(1 << 20):
+                digest.update(data)
+                size += len(data)
+        if digest.hexdigest() == md5:
+            return size
+        with contextlib.suppress(OSError):
+            os.unlink(final)
+        return None
 
     def _download(self, piece: _Piece, part: Path, final: Path, md5: str) -> int:
         what = f"image {quote(piece.sop, 80)} of series {self.uid}"

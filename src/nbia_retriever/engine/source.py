@@ -193,8 +193,9 @@ class NbiaSource:
         self.pieces_reused = 0
 
     def bind_run(self, spool: Path, budget: ConnectionBudget | None) -> None:
-        """Where this run keeps a series' images while it is in pieces (its own staging
-        folder) and the run's connection budget. Unbound, no series goes in pieces."""
+        """Where a series' images are kept while it is in pieces (the root's
+        ``.nbia/pieces/``, see :mod:`.pieces`) and the run's connection budget. Unbound,
+        no series goes in pieces."""
         self._spool = spool
         self._budget = budget
 
