@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import socket
 import subprocess
 import sys
@@ -826,3 +827,65 @@ def test_the_reader_refuses_a_short_or_long_stream_and_its_caps() -> None:
         list(ObjectReader(objects, what="series 1", max_total_size=4).feed(b"a"))
     with pytest.raises(UnsafeArchiveError, match="more than the 1 allowed"):
         list(ObjectReader(objects, what="series 1", max_entries=2).close())
+
+
+def test_the_streams_of_a_process_share_one_buffer_budget(cache: dict[Any, Any]) -> None:
+    """12 series of 16 x 1 MiB at once through one transport: each stream's share of
+    PROCESS_BYTES shrinks as streams join (never below one read), every byte arrives,
+    and the process holds about PROCESS_BYTES plus a slot per stream, not 12 x 8 MiB."""
+    from nbia_retriever.idc.stream import PIECE_SIZE, PROCESS_BYTES, SLOT_BYTES
+
+    series = {}
+    objects: dict[str, bytes] = {}
+    for s in range(12):
+        prefix = str(uuid.uuid4())
+        series[prefix] = {f"{prefix}/{i:02d}.dcm": bytes([s, i]) * (512 << 10)
+                          for i in range(16)}
+        objects.update(series[prefix])
+    with S3Stub(objects=objects) as srv:
+        streams = [opener(srv.url, p, f"1.2.{n}", 16, inflight=16).open_stream(cache)
+                   for n, p in enumerate(series)]
+        opened = [s.__enter__() for s in streams]
+        fetchers = opened[0]._fetchers
+        assert fetchers.budget() == 8 << 20  # none reading yet: the stream's own cap
+        barrier = threading.Barrier(len(opened))
+        got: dict[int, dict[str, str]] = {}
+        tracemalloc.start()
+        try:
+            def consume(n: int, stream: IdcStream) -> None:
+                chunks = stream.chunks()
+                first = next(chunks)
+                barrier.wait()  # all 12 are reading: the share is PROCESS_BYTES / 12
+                assert fetchers.budget() == PROCESS_BYTES // 12
+                digests, objs = {}, iter(stream.objects)
+                obj, left, md5 = next(objs), 0, hashlib.md5()
+                left = obj.size
+                for chunk in itertools.chain([first], chunks):  # hashed as it comes
+                    view = memoryview(chunk)
+                    while view:
+                        take = min(left, len(view))
+                        md5.update(view[:take])
+                        view, left = view[take:], left - take
+                        if left == 0:
+                            digests[obj.key] = md5.hexdigest()
+                            obj = next(objs, obj)
+                            left, md5 = obj.size, hashlib.md5()
+                got[n] = digests
+
+            threads = [threading.Thread(target=consume, args=(n, s))
+                       for n, s in enumerate(opened)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            for s in streams:
+                s.__exit__(None, None, None)
+    assert fetchers.streams == 0 and fetchers.budget() == 8 << 20
+    for n, prefix in enumerate(series):
+        assert got[n] == {k: hashlib.md5(v).hexdigest() for k, v in series[prefix].items()}
+    # the shared budget, and per stream its current object's slot and one read per fetcher
+    bound = PROCESS_BYTES + 12 * (SLOT_BYTES + 16 * PIECE_SIZE)
+    assert peak < bound, f"peak {peak / 1e6:.1f} MB"

@@ -20,6 +20,8 @@ Memory stays flat in object and series size: object ``j`` is requested only once
 consumer finished object ``j - inflight``, and the objects after the one being consumed
 share a budget of :data:`BUFFER_BYTES` (8 MiB) ahead of the consumer, the current one
 up to :data:`SLOT_BYTES` more (a fetcher with no room waits, not reading its socket),
+and the streams of one process share :data:`PROCESS_BYTES` (32 MiB) of such budgets (an
+IDC run streams up to 64 series at once: 8 MiB each made a worker process 120 MB),
 so a stream holds at most that plus one read per object in flight, whatever the sizes
 and however many are in flight. Small objects (a CT slice) are then fetched ``inflight``
 at once; one object far larger than the budget at the head of the queue holds the
@@ -57,7 +59,7 @@ from ..naming import MD5_ENTRY
 from ..untrusted import quote
 from .s3 import S3Object, get_object, list_objects
 
-__all__ = ["BUFFER_BYTES", "GROW_AFTER", "INFLIGHT", "SLOT_BYTES", "START_INFLIGHT", "Fetchers",
+__all__ = ["BUFFER_BYTES", "GROW_AFTER", "INFLIGHT", "PROCESS_BYTES", "SLOT_BYTES", "START_INFLIGHT", "Fetchers",
            "IdcOpener", "IdcStream", "ObjectReader"]
 
 #: Objects of one series requested at once at most, by default.
@@ -73,6 +75,8 @@ UNCOUNTED_LIMIT = 100_000
 SLOT_BYTES = 1024 * 1024
 #: Bytes the objects after it may hold together, however many are in flight.
 BUFFER_BYTES = 8 * 1024 * 1024
+#: ... and the streams of one process together (each at least one read).
+PROCESS_BYTES = 32 * 1024 * 1024
 #: Largest piece handed out in one ``EntryData`` (as the zip reader's).
 PIECE_SIZE = 256 << 10
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
@@ -93,6 +97,8 @@ class Fetchers:
         self._lock = threading.Lock()
         self._closed = False
         self.threads = 0
+        #: Streams of this process reading now (they share PROCESS_BYTES).
+        self.streams = 0
 
     def submit(self, job: Callable[[], None], fail: Callable[[NbiaError], None]) -> None:
         """Run ``job`` on a fetcher thread; ``fail`` instead when none can be had (a
@@ -116,6 +122,14 @@ class Fetchers:
                 fail(NetworkError(f"no thread for another IDC request ({exc})"))
                 return
         self._jobs.put(job)
+
+    def budget(self) -> int:
+        """What one stream's objects after its current one may hold now."""
+        return max(PIECE_SIZE, min(BUFFER_BYTES, PROCESS_BYTES // max(1, self.streams)))
+
+    def joined(self, delta: int) -> None:
+        with self._lock:
+            self.streams += delta
 
     def _serve(self) -> None:
         while True:
@@ -210,7 +224,7 @@ class IdcStream:
         self._slots: list[_Slot] = []
         #: Fetchers of the objects after the current one wait here for room.
         self._space = threading.Condition(self._lock)
-        self._budget = BUFFER_BYTES
+        self._joined = False
         self._buffered = 0
         self._current = 0
         #: Objects requested ahead of the consumer now (grows up to ``inflight``).
@@ -270,6 +284,8 @@ class IdcStream:
         if self._started:
             raise RuntimeError("IdcStream.chunks() twice")
         self._started = True
+        self._joined = True
+        self._fetchers.joined(1)
         lock = self._lock
         with lock:
             self._slots = [_Slot(i, obj, lock) for i, obj in enumerate(self.objects)]
@@ -319,6 +335,10 @@ class IdcStream:
 
     def close(self) -> None:
         self._stop(None)
+        with self._lock:
+            joined, self._joined = self._joined, False
+        if joined:
+            self._fetchers.joined(-1)
 
     def _stop(self, error: BaseException | None) -> None:
         with self._lock:
@@ -388,7 +408,7 @@ class IdcStream:
                     if not slot.buffered or slot.buffered + n <= SLOT_BYTES:
                         break
                     slot.ready.wait()
-                elif self._buffered + n <= self._budget:
+                elif self._buffered + n <= self._fetchers.budget():
                     break
                 else:
                     self._space.wait()
