@@ -63,3 +63,24 @@ def test_publisher_rows_from_many_threads_each_once(tmp_path: Path) -> None:
     assert rows[0] == list(METADATA_HEADER)
     assert sorted(r[0] for r in rows[1:]) == sorted(f"1.2.{n}" for n in range(16))
     assert all(present) and not notes
+
+
+def test_an_idc_run_starts_with_more_streams_nbia_runs_as_before() -> None:
+    from nbia_retriever.engine.options import (
+        DEFAULT_MAX_CONNECTIONS,
+        IDC_MAX_STREAMS,
+        IDC_START_STREAMS,
+        DownloadOptions,
+    )
+    from nbia_retriever.engine.scheduler import INITIAL_STREAMS, ConcurrencyLimiter
+
+    idc = DownloadOptions(source="idc")
+    assert (idc.streams_cap, idc.streams_start) == (IDC_MAX_STREAMS, IDC_START_STREAMS)
+    limiter = ConcurrencyLimiter(idc.streams_cap, explore=True, initial=idc.streams_start)
+    assert limiter.limit == IDC_START_STREAMS > INITIAL_STREAMS
+    for options in (DownloadOptions(), DownloadOptions(source="nbia"),
+                    DownloadOptions(source="idc", workers=3),
+                    DownloadOptions(source="idc", max_connections=DEFAULT_MAX_CONNECTIONS - 1)):
+        assert options.streams_start is None  # the controller's own start, as before
+    assert ConcurrencyLimiter(16, explore=True, initial=None).limit == INITIAL_STREAMS
+

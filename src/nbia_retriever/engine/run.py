@@ -215,7 +215,8 @@ class Engine:
         pinned = self.options.workers is not None
         self.limiter = ConcurrencyLimiter(self.options.streams_cap,
                                           adaptive=self.options.adaptive,
-                                          explore=not pinned)
+                                          explore=not pinned,
+                                          initial=self.options.streams_start)
         #: The limiter's connections shared out: a series in pieces borrows the idle
         #: ones (engine.pieces).
         self.budget = ConnectionBudget(lambda: self.limiter.limit)
