@@ -154,6 +154,8 @@ async def test_trust_is_asked_before_the_password(archive: ArchiveSummary,
         dialog.query_one("#password", Input).value = "wrong"
         await pilot.click("#login")
         await wait_for(pilot, lambda: "Login refused" in app.message, "the refusal")
+        # The dialog's Log in button is its own (the window's #login did reopen it).
+        assert not isinstance(app.screen, LoginScreen)
         assert app.phase == FINISHED and app.credentials is None
         assert {states(app)[u] for u in public} == {SeriesState.COMPLETE}  # kept
         # The whole reason is on screen, wrapped at 80 columns, not cut at the edge.
@@ -200,6 +202,7 @@ async def test_trust_always_goes_to_the_config_file(archive: ArchiveSummary,
         await pilot.click("#login")
         await wait_for(pilot, lambda: app.phase == READY and app._fallback is None,
                        "the login")
+        assert not isinstance(app.screen, LoginScreen)
         assert app.credentials is not None and "refused" not in app.message
     text = config_file.read_text(encoding="utf-8")
     assert text.count("# mine") == 1  # the user's text stays

@@ -39,7 +39,16 @@ def existing_ancestor(path: Path) -> Path:
     return Path.home()
 
 
-class DestinationScreen(ModalScreen[Path | None]):
+class _Dialog:
+    """A dialog's button presses stay in the dialog: the window has buttons of the same
+    ids (``#login``, ``#cancel``), and a press bubbling up to it would act twice (the
+    dialog's Log in reopened the login dialog; its Cancel cancelled a pending Start)."""
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+
+
+class DestinationScreen(_Dialog, ModalScreen[Path | None]):
     """Pick the destination folder in a tree, or type it (a folder that does not exist
     yet is fine: the download creates it)."""
 
@@ -109,7 +118,7 @@ class LoginAnswer(NamedTuple):
     trust: str = ""
 
 
-class LoginScreen(ModalScreen[LoginAnswer | None]):
+class LoginScreen(_Dialog, ModalScreen[LoginAnswer | None]):
     """Username and password for limited-access collections.
 
     Answers a :class:`LoginAnswer` or ``None`` (cancelled). The password field is masked
@@ -217,7 +226,7 @@ class LoginScreen(ModalScreen[LoginAnswer | None]):
         self.dismiss(None)
 
 
-class SaveReportScreen(ModalScreen[Path | None]):
+class SaveReportScreen(_Dialog, ModalScreen[Path | None]):
     """Where to write the error report (CSV of the failed rows)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
@@ -252,7 +261,7 @@ class SaveReportScreen(ModalScreen[Path | None]):
         self.dismiss(None)
 
 
-class ConfirmQuitScreen(ModalScreen[bool]):
+class ConfirmQuitScreen(_Dialog, ModalScreen[bool]):
     """Quitting would stop running downloads: ask first. ``True``: quit."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
