@@ -42,6 +42,10 @@ SOURCE_CHOICES = ("auto", "nbia", "idc")
 #: Concurrent series streams to IDC's buckets when ``--max-connections`` is left at its
 #: default: object storage is not a 16-connection server.
 IDC_MAX_STREAMS = 64
+#: ... and where such a run starts: an IDC series is often one request (a mammogram) or
+#: a few, so 4 streams at first left a 2,000-series run waiting on round trips while
+#: the controller doubled its way up (S3 serves many at once).
+IDC_START_STREAMS = 16
 
 #: What a flag takes: a bounded number, one of ``choices``, nothing (a switch), any text,
 #: or ``K/N`` (a shard).
@@ -271,6 +275,14 @@ class DownloadOptions:
         if self.source == "idc" and self.max_connections == DEFAULT_MAX_CONNECTIONS:
             return IDC_MAX_STREAMS
         return self.max_connections
+
+    @property
+    def streams_start(self) -> int | None:
+        """Streams a run that explores starts with; None: the controller's own start."""
+        if self.workers is None and self.streams_cap == IDC_MAX_STREAMS and \
+                self.source == "idc" and self.max_connections == DEFAULT_MAX_CONNECTIONS:
+            return IDC_START_STREAMS
+        return None
 
     def __repr__(self) -> str:  # never show credentials, even by accident
         shown = {f.name: getattr(self, f.name) for f in fields(self)

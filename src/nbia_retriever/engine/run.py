@@ -57,7 +57,7 @@ from ..errors import (
 from ..layout import Layout, root_folder_name, sanitize_component, series_relpath_variant
 from ..manifest import Manifest, read_manifest
 from ..models import FAILED_STATES, FINAL_STATES, SeriesInfo, SeriesState
-from ..ondisk import DownloadRoot, RunStaging, SeriesLock
+from ..ondisk import DownloadRoot, RunStaging, SeriesLock, ensure_dir
 from ..report import MetadataCsv, Report, SeriesResult
 from ..retry import RetryPolicy
 from ..session import Session, session_for
@@ -68,7 +68,7 @@ from .journal import FileRecord, Journal, JournalEntry, RunRecord, header_lines
 from .ledger import Ledger
 from .licenses import gate_for
 from .options import DownloadOptions
-from .pieces import ConnectionBudget
+from .pieces import PIECES_DIR, ConnectionBudget
 from .plan import PlanBatch, Planner, PlanPhase, bulk
 from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
 from .publish import Publisher
@@ -215,7 +215,8 @@ class Engine:
         pinned = self.options.workers is not None
         self.limiter = ConcurrencyLimiter(self.options.streams_cap,
                                           adaptive=self.options.adaptive,
-                                          explore=not pinned)
+                                          explore=not pinned,
+                                          initial=self.options.streams_start)
         #: The limiter's connections shared out: a series in pieces borrows the idle
         #: ones (engine.pieces).
         self.budget = ConnectionBudget(lambda: self.limiter.limit)
@@ -560,7 +561,7 @@ class Engine:
         self._staging = self.disk.new_run_staging()
         bind = getattr(self.source, "bind_run", None)  # a huge series' images go there
         if bind is not None:
-            bind(self._staging.path, self.budget)
+            bind(ensure_dir(self.disk.state_dir, [PIECES_DIR]), self.budget)
         csv = MetadataCsv(self.disk.metadata_csv)
         self._publisher = Publisher(self.disk, self._staging, self.layout, self._journal, csv,
                                     note=lambda uid, text: self._emit(
