@@ -81,6 +81,13 @@ def test_plain_cc_by_asks_nothing_the_others_do() -> None:
                            "data-usage-policies-and-restrictions/")
     assert needs_agreement("Creative Commons Attribution 4.0 International License",
                            "https://creativecommons.org/licenses/by-sa/4.0/")
+    # IDC series carry the licence too: license_short_name, named as NBIA names it.
+    from nbia_retriever.idc.index import license_of
+
+    assert not needs_agreement(*license_of("CC BY 4.0"))
+    assert not needs_agreement(*license_of("CC BY 3.0"))
+    assert needs_agreement(*license_of("CC BY-NC 4.0"))
+    assert needs_agreement(*license_of("TCIA Restricted"))
 
 
 def test_headless_without_the_flag_says_so_in_one_line_and_leaves_them_out(
