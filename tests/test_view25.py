@@ -248,6 +248,11 @@ async def test_the_quit_dialog_text_is_whole(archive: ArchiveSummary,
         await wait_for(pilot, lambda: app.phase == READY, "the metadata")
         await pilot.press("s")
         await wait_for(pilot, lambda: streaming(app) == 2, "2 streams")
+        # In 80 columns the counts stay whole beside the bar (the bar gives way).
+        counts = app.query_one("#counts", Label)
+        await wait_for(pilot, lambda: shown(counts) == "0/4 done · 2 streams open",
+                       "the counts")
+        assert app.screen.region.contains_region(counts.region)
         await pilot.press("q")
         dialog = app.screen
         assert isinstance(dialog, ConfirmQuitScreen)

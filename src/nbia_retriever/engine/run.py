@@ -430,6 +430,7 @@ class Engine:
             in_flight = sum(p.written for p in active)
             received = self._received_done + sum(p.received for p in active)
             done = self._verified + in_flight
+            streams = len(self._streams)
             self._high_water = max(self._high_water, min(done, self.total_bytes or done))
             high = self._high_water
         # Kept by the ledger at each transition: a 200,000-series run asks several times
@@ -445,7 +446,7 @@ class Engine:
             elapsed=(time.monotonic() - self._t0) if self._t0 else 0.0,
             progress_bytes=high, bytes_received=received,
             processes=pool.ready() if (pool := self._pool) is not None else 0,
-            worker_attempts=self._worker_attempts,
+            worker_attempts=self._worker_attempts, open_streams=streams,
         )
 
     # -- planning -----------------------------------------------------------------------

@@ -518,12 +518,14 @@ class RetrieverApp(App[None]):
         counts.update(Counter(map(_STATE, self.rows.values())))
         failed = sum(counts[s] for s in FAILED_STATES)
         text = f"{counts[SeriesState.COMPLETE]}/{len(self.rows)} done"
-        if counts[SeriesState.DOWNLOADING]:
-            text += f" · {counts[SeriesState.DOWNLOADING]} downloading"
         if self.phase == RUNNING:
-            # The streams really open (engine stats), not the limiter's target: after a
-            # throttle, series still downloading keep theirs until they end.
+            # The streams really open (engine stats), not the limiter's target nor the
+            # rows in Downloading (one waiting for its answer has no stream yet): after a
+            # throttle, series already downloading keep theirs until they end. Short, so
+            # that it still fits beside the bar in 80 columns.
             text += f" · {self._open_streams} stream{'s' if self._open_streams != 1 else ''} open"
+        elif counts[SeriesState.DOWNLOADING]:
+            text += f" · {counts[SeriesState.DOWNLOADING]} active"
         if failed:
             text += f" · {failed} failed"
         if len(self.order) > self.page_size:
