@@ -560,3 +560,22 @@ async def test_a_refused_host_gets_no_password_field(archive: ArchiveSummary,
         assert not dialog.query_one("#login").display
         await pilot.press("enter")  # the focused Cancel: nothing is sent anywhere
         assert answers == [None]
+
+
+def test_destination_for_reads_folders_as_verify_does(archive: ArchiveSummary,
+                                                      tmp_path: Path) -> None:
+    from nbia_retriever.layout import root_folder_name
+    from nbia_retriever.tui.app import destination_for
+
+    manifest = read_manifest(archive.root / "manifest.tcia")
+    mine = tmp_path / "dl" / root_folder_name(manifest.root_name)
+    other = tmp_path / "dl" / "manifest-other"
+    for root in (mine, other):
+        (root / ".nbia").mkdir(parents=True)
+    assert destination_for(mine, manifest) == (
+        tmp_path / "dl", f"{mine} is this manifest's download: continuing it. ")
+    assert destination_for(tmp_path / "dl", manifest) == (tmp_path / "dl", "")  # -d folder
+    kept, note = destination_for(other, manifest)
+    assert kept == other and "the download of another manifest" in note
+    assert destination_for(tmp_path / "new", manifest) == (tmp_path / "new", "")
+    assert not (tmp_path / "new").exists()  # read-only
