@@ -831,9 +831,15 @@ def test_the_reader_refuses_a_short_or_long_stream_and_its_caps() -> None:
 
 def test_the_streams_of_a_process_share_one_buffer_budget(cache: dict[Any, Any]) -> None:
     """12 series of 16 x 1 MiB at once through one transport: each stream's share of
-    PROCESS_BYTES shrinks as streams join (never below one read), every byte arrives,
-    and the process holds about PROCESS_BYTES plus a slot per stream, not 12 x 8 MiB."""
-    from nbia_retriever.idc.stream import PIECE_SIZE, PROCESS_BYTES, SLOT_BYTES
+    PROCESS_BYTES and of PROCESS_FETCHES shrinks as streams join (never below one read,
+    two objects), every byte arrives, and the process holds about PROCESS_BYTES plus a
+    slot per stream, not 12 x 8 MiB."""
+    from nbia_retriever.idc.stream import (
+        PIECE_SIZE,
+        PROCESS_BYTES,
+        PROCESS_FETCHES,
+        SLOT_BYTES,
+    )
 
     series = {}
     objects: dict[str, bytes] = {}
@@ -857,6 +863,7 @@ def test_the_streams_of_a_process_share_one_buffer_budget(cache: dict[Any, Any])
                 first = next(chunks)
                 barrier.wait()  # all 12 are reading: the share is PROCESS_BYTES / 12
                 assert fetchers.budget() == PROCESS_BYTES // 12
+                assert fetchers.window() == PROCESS_FETCHES // 12  # objects in flight
                 digests, objs = {}, iter(stream.objects)
                 obj, left, md5 = next(objs), 0, hashlib.md5()
                 left = obj.size
