@@ -111,6 +111,9 @@ def test_headless_without_the_flag_says_so_in_one_line_and_leaves_them_out(
     assert len(failed) == len(nc_uids)
     assert all(f"licence not accepted: {nc} is under {NC_NAME} ({NC_URL})" in line
                for line in failed)
+    steps = [line for line in done.stdout.splitlines() if line.startswith("next: ")]
+    assert len(steps) == 1 and steps[0].endswith(
+        f"; {len(nc_uids)} need their licence accepted (--agree-to-license)"), steps
     again = cli("download", "--agree-to-license", "-d", "out", "m.tcia", cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr
     assert downloaded(root, nc) == 2 * len(nc_uids)

@@ -90,6 +90,11 @@ def java_timestamp(when: float) -> str:
     return f"{stamp}.{fraction[:3] if fraction.endswith('000') else fraction}"
 
 
+#: How a series left out for its licence says so (``engine.licenses``): the next step
+#: for those is the agreement, not a login.
+LICENCE_REFUSED = "licence not accepted: "
+
+
 def metadata_row(info: SeriesInfo, location: str, timestamp: float, *, images: int,
                  size: int, annotations: int = 0) -> list[str]:
     """One metadata.csv row in the Java tool's value forms.
@@ -395,12 +400,17 @@ class Report:
             left = len(self.results) - self.count(SeriesState.COMPLETE)
             return [f"resume: {again}"] if left else []
         refused = sum(1 for r in failed if r.state == SeriesState.NOT_AUTHORIZED)
+        licence = sum(1 for r in failed if r.state == SeriesState.NOT_AUTHORIZED
+                      and r.error.startswith(LICENCE_REFUSED))
         retry = (f"{command} --only-failed" if command and "--only-failed" not in command
                  else again if command else "the same command with --only-failed")
         step = (f"next: retry the {len(failed)} failed series with: {retry} "
                 "(--error-report FILE lists them as CSV)")
-        if refused:
-            step += f"; {refused} need a login (--user NAME) or are not on this server"
+        if licence:
+            step += f"; {licence} need their licence accepted (--agree-to-license)"
+        if refused - licence:
+            step += (f"; {refused - licence} need a login (--user NAME) or are not on this "
+                     "server")
         return [step]
 
     def to_dataframe(self) -> Any:

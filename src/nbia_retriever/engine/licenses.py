@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from ..config import accept_licenses, load_user_config
 from ..errors import UsageError
 from ..models import SeriesInfo
+from ..report import LICENCE_REFUSED
 
 #: ``https://creativecommons.org/licenses/by/4.0/`` and the like: attribution only.
 _PLAIN_URL = re.compile(r"^https?://(www\.)?creativecommons\.org/licenses/by/\d+(\.\d+)?/?$")
@@ -117,7 +118,7 @@ class LicenseGate:
         """Why a series is left out, in one line."""
         name, url = info.license_name.strip(), info.license_url.strip()
         what = f"{name} ({url})" if name and url else name or url
-        return (f"licence not accepted: {info.collection} is under {what}; re-run with "
+        return (f"{LICENCE_REFUSED}{info.collection} is under {what}; re-run with "
                 "--agree-to-license to accept it")
 
     def summary(self) -> str | None:
