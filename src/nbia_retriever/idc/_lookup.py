@@ -154,7 +154,7 @@ def _lookup(con: Any, request: dict[str, Any], out: TextIO) -> None:
 
 
 def main() -> int:
-    import select
+    import select  # only when run as the reader child (the idle timeout on stdin)
 
     source = sys.stdin.buffer
     while True:
