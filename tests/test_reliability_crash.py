@@ -243,7 +243,7 @@ def before(owner, name):
 if point == "journal":      # the series folder is published, the journal not yet told
     before(journal.Journal, "mark_complete")
 elif point == "csv":        # the journal says complete, metadata.csv has no row yet
-    before(report.MetadataCsv, "append")
+    before(report.MetadataCsv, "append_many")  # (append is append_many([row]))
 elif point == "license":    # a collection's LICENSE is about to be written
     before(publish.Publisher, "write_license")
 elif point == "license-tmp":  # the LICENSE's temporary file is written, not yet renamed
