@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from reliability_helpers import run_cli
 
 
-@pytest.mark.xfail(strict=True, reason="--idc-endpoint's error echoes the URL's password")
 def test_a_rejected_idc_endpoint_does_not_echo_its_password(tmp_path: Path) -> None:
     manifest = tmp_path / "m.tcia"
     manifest.write_text("downloadServerUrl=http://127.0.0.1:9/x\nListOfSeriesToDownload=\n"

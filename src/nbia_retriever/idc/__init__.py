@@ -23,8 +23,12 @@ def check_endpoint(url: str) -> str:
     objects are checked by MD5, but a listing over plain http could be swapped on the
     way, and with it the ETags). Returns it without a trailing ``/``."""
     parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        # Never echoed: the user name and password are the secret (IDC is anonymous).
+        raise UsageError(f"--idc-endpoint {parts.scheme}://{parts.hostname or '?'}: remove "
+                         "the user name and password (IDC's buckets are anonymous)")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
-            or parts.fragment or parts.username or parts.password:
+            or parts.fragment:
         raise UsageError(f"--idc-endpoint must be an http(s) URL without query or "
                          f"credentials, not {url!r}")
     from ..api.http import is_loopback  # the HTTP stack only when an endpoint is named
