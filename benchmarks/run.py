@@ -75,7 +75,8 @@ FAST_SERVER = HERE / "fastserver.py"
 WAN_FAULTS = "bandwidth=80mbit,latency=0.1"
 INFLATE = {"isal": "ISA-L (isal)", "zlib": "zlib"}.get(INFLATE_LIBRARY, INFLATE_LIBRARY)
 MB = 1e6
-SCENARIOS = ("lan", "stored", "fast", "wan", "small", "huge", "transports", "scale")
+SCENARIOS = ("lan", "stored", "fast", "wan", "small", "huge", "pieces", "idc", "transports",
+             "scale")
 
 
 # --------------------------------------------------------------------------- settings
@@ -761,7 +762,8 @@ def render(settings: Settings, results: dict[str, list[Aggregate]], sizes: dict[
            scale: dict[str, object] | None, profile: dict[str, object] | None,
            load: dict[str, list[float]],
            transports_table: list[str] | None = None,
-           inflate_table: list[str] | None = None) -> str:
+           inflate_table: list[str] | None = None,
+           extra_sections: list[str] | None = None) -> str:
     vm = psutil.virtual_memory()
     cpu_model = ""
     try:
@@ -830,6 +832,8 @@ def render(settings: Settings, results: dict[str, list[Aggregate]], sizes: dict[
                 "", *inflate_table, ""]
     if scale:
         out += scale_section(scale)
+    if extra_sections:  # benchmarks/idc.py and huge_pieces.py write their own sections
+        out += [*extra_sections, ""]
     targets = evaluate(results, scale)
     out += ["## Targets", "", "| target | met | measured |", "|---|---|---|"]
     for t in targets:
@@ -1038,8 +1042,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         announce("scale")
         scale = run_scale(runner)
 
+    extra: list[str] = []
+
+    def script_section(name: str, script: str, *args: str) -> None:
+        """A scenario with a script of its own (issue 23's IDC against s5cmd, issue 26's
+        huge series in pieces): its Markdown goes into the report as written."""
+        announce(name)
+        section = work / f"{name}.md"
+        done = subprocess.run([sys.executable, str(HERE / script), "--out", str(section),
+                               *args], check=False)
+        if done.returncode == 0 and section.exists():
+            text = section.read_text(encoding="utf-8").splitlines()
+            if not text or not text[0].startswith("#"):
+                text = [f"## {name}", "", *text]
+            extra.extend(text)
+        else:
+            extra.extend([f"## {name}", "", f"`{script}` failed (exit {done.returncode})."])
+
     steps: dict[str, Callable[[], None]] = {
         "lan": lan, "stored": stored, "fast": fast, "wan": wan, "small": small, "huge": huge,
+        "pieces": lambda: script_section("pieces", "huge_pieces.py"),
+        "idc": lambda: script_section("idc", "idc.py", "--work", str(work)),
         "transports": transports_step, "scale": scale_step}
     for name in SCENARIOS:
         if name in scenarios:
@@ -1051,7 +1074,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     report = render(settings, results, sizes, scale, runner.profile, load,
                     transport_table(runner.transports) if runner.transports else None,
-                    runner.inflate)
+                    runner.inflate, extra)
     out_path.write_text(report + "\n", encoding="utf-8")
     dump_json(work / "results.json", {
         "scenarios": {k: [r.as_dict() for a in v for r in a.runs] for k, v in results.items()},
