@@ -74,6 +74,10 @@ def test_finished_with_failures(snap_compare: Callable[..., bool], archive: Arch
     async def run_before(pilot: Pilot[None]) -> None:
         await pilot.press("s")
         await until(lambda: app.phase == "finished")(pilot)  # type: ignore[misc]
+        # and until the bar shows what is kept (the finished view's last redraw)
+        await until(lambda: app.query_one("#overall").progress  # type: ignore[attr-defined,misc]
+                    == app.engine.stats().bytes_verified)(pilot)
+        await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
     assert app.rows[bad].state == "Error"

@@ -497,6 +497,10 @@ class RetrieverApp(App[None]):
         stats = self.engine.stats()
         self._open_streams = stats.open_streams
         done, total = stats.progress_bytes, stats.bytes_total
+        if self.phase == "finished":
+            # What is kept: the high-water mark also held a failed attempt's partial
+            # bytes, as far as the last sample saw them.
+            done = stats.bytes_verified
         bar = self.query_one("#overall", ProgressBar)
         bar.update(total=max(1.0, total), progress=min(done, total) if total else 0)
         now = time.monotonic()
