@@ -506,3 +506,19 @@ def test_no_proxy_still_bypasses(tmp_path: Path, archive: ArchiveSummary,
                     args=[], env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert proxy.tunnels == 0
+
+
+def test_the_resume_line_never_carries_a_proxy_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from nbia_retriever.cli.download_command import resume_command
+
+    monkeypatch.setattr(sys, "argv", ["nbia-retriever", "download", "m.tcia", "-d", "out",
+                                      "--proxy", "socks5h://ann:s3cr3t@127.0.0.1:1080"])
+    line = resume_command()
+    assert line is not None and "s3cr3t" not in line and "ann" not in line
+    assert line.startswith("nbia-retriever download m.tcia -d out")
+    assert "NBIA_PROXY" in line
+    monkeypatch.setattr(sys, "argv", ["nbia-retriever", "download", "m.tcia",
+                                      "--proxy=http://127.0.0.1:3128"])
+    assert resume_command() == "nbia-retriever download m.tcia --proxy=http://127.0.0.1:3128"

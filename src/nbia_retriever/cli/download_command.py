@@ -169,7 +169,24 @@ def resume_command() -> str | None:
     args = sys.argv[1:]
     if "download" not in args:
         return None
-    return shlex.join(["nbia-retriever", *args])
+    kept: list[str] = []
+    secret_proxy = False
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        value = arg.partition("=")[2] if arg.startswith("--proxy=") else (
+            args[i + 1] if arg == "--proxy" and i + 1 < len(args) else None)
+        if value is not None and "@" in value.partition("://")[2].partition("/")[0]:
+            # A proxy URL with a user name or password: not printed (a log would keep
+            # it); the resumed run finds it in NBIA_PROXY, which the user sets.
+            secret_proxy = True
+            skip = arg == "--proxy"
+            continue
+        kept.append(arg)
+    line = shlex.join(["nbia-retriever", *kept])
+    return f"{line}  # with NBIA_PROXY set to the proxy URL" if secret_proxy else line
 
 
 def summary_dict(report: Any, command: str | None = None) -> dict[str, Any]:
