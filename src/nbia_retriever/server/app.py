@@ -36,6 +36,7 @@ from .builds import Build, get_build
 from .config import ServerConfig
 from .faults import STATUS_KINDS, Fault, FaultInjector, FaultPlan, seeded_rng
 from .index import ArchiveIndex, ImageRecord, SeriesRecord
+from .requestlog import RequestState, bytes_sent, request_state, state_key
 from .zipwriter import CHUNK, ZipEntry, deflated_entry, stored_entry, stream_zip, zip_size
 
 VERSIONS = ("v1", "v2", "v4")
@@ -147,36 +148,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
-class _RequestState:
+class _RequestState(RequestState):
     """What a handler learns about a request that the log should keep."""
 
-    series_uid: str | None = None
-    fault: str | None = None
     user: str | None = None
-    bytes_sent: int | None = None
     client_gone: bool = False
-    logged: bool = False
     #: counted in ``downloads`` until its last byte is handed over
     download: bool = False
-    started: float = 0.0
-    t0: float = 0.0
 
 
-_STATE_KEY: Any
-try:
-    from aiohttp.web import RequestKey
-
-    _STATE_KEY = RequestKey("nbia_state", _RequestState)
-except ImportError:  # aiohttp < 3.12: plain string keys
-    _STATE_KEY = "nbia_state"
+_STATE_KEY: Any = state_key("nbia_state", _RequestState)
 
 
 def _state(request: web.Request) -> _RequestState:
-    state = request.get(_STATE_KEY)
-    if state is None:
-        state = _RequestState()
-        request[_STATE_KEY] = state
-    return state
+    return request_state(request, _STATE_KEY, _RequestState)
 
 
 class NbiaService:
@@ -295,16 +280,12 @@ class NbiaService:
         if state.logged:
             return
         state.logged = True
-        sent = state.bytes_sent
-        if sent is None:
-            body = getattr(response, "body", None)
-            sent = len(body) if isinstance(body, bytes | bytearray) else 0
         record = RequestRecord(
             method=request.method,
             path=request.path,
             query=_scrub(request.query),
             status=status,
-            bytes_sent=int(sent),
+            bytes_sent=bytes_sent(state, response),
             series_uid=state.series_uid,
             fault=state.fault,
             user=state.user,

@@ -82,6 +82,7 @@ from .appthread import AppThread
 from .faults import parse_rate, seeded_rng
 from .idcdata import IDC_BUCKETS, IdcObject, IdcView, release_date
 from .index import ArchiveIndex
+from .requestlog import RequestState, bytes_sent, request_state, state_key
 from .synth import ArchiveSummary
 
 __all__ = ["DEFAULT_MAX_KEYS", "S3Faults", "S3Server", "S3Service"]
@@ -288,30 +289,15 @@ def _resolve(view: IdcView, target: str, kind: str, *, whole_series: bool,
 
 # -- the service ---------------------------------------------------------------------
 @dataclass
-class _State:
-    series_uid: str | None = None
-    fault: str | None = None
-    bytes_sent: int | None = None
-    logged: bool = False
-    started: float = 0.0
-    t0: float = 0.0
+class _State(RequestState):
+    """What an S3 handler learns about a request that the log should keep."""
 
 
-_STATE_KEY: Any
-try:
-    from aiohttp.web import RequestKey
-
-    _STATE_KEY = RequestKey("s3_state", _State)
-except ImportError:  # aiohttp < 3.12: plain string keys
-    _STATE_KEY = "s3_state"
+_STATE_KEY: Any = state_key("s3_state", _State)
 
 
 def _state(request: web.Request) -> _State:
-    state = request.get(_STATE_KEY)
-    if state is None:
-        state = _State()
-        request[_STATE_KEY] = state
-    return state
+    return request_state(request, _STATE_KEY, _State)
 
 
 class S3Service:
@@ -394,14 +380,10 @@ class S3Service:
         if state.logged:
             return
         state.logged = True
-        sent = state.bytes_sent
-        if sent is None:
-            body = getattr(response, "body", None)
-            sent = len(body) if isinstance(body, bytes | bytearray) else 0
         record = RequestRecord(
             method=request.method, path=request.path, query=dict(request.query),
-            status=status, bytes_sent=int(sent), series_uid=state.series_uid,
-            fault=state.fault, started=state.started,
+            status=status, bytes_sent=bytes_sent(state, response),
+            series_uid=state.series_uid, fault=state.fault, started=state.started,
             duration=time.perf_counter() - state.t0)
         with self._log_lock:
             self._log.append(record)

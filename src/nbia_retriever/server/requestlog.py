@@ -1,0 +1,54 @@
+"""Per-request state shared by the reference servers' middleware and request log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+_RequestKey: Any
+try:
+    from aiohttp.web import RequestKey as _RequestKey
+except ImportError:  # aiohttp < 3.12: plain string keys
+    _RequestKey = None
+
+
+@dataclass
+class RequestState:
+    """What a handler learns about a request that the log should keep."""
+
+    series_uid: str | None = None
+    fault: str | None = None
+    bytes_sent: int | None = None
+    logged: bool = False
+    started: float = 0.0
+    t0: float = 0.0
+
+
+S = TypeVar("S", bound=RequestState)
+
+
+def state_key(name: str, cls: type[RequestState]) -> Any:
+    """The request key under which a service keeps its ``cls`` state."""
+    if _RequestKey is None:  # aiohttp < 3.12: plain string keys
+        return name
+    return _RequestKey(name, cls)
+
+
+def request_state(request: web.Request, key: Any, cls: type[S]) -> S:
+    """The request's state under ``key``, made (as ``cls()``) on first use."""
+    state: S | None = request.get(key)
+    if state is None:
+        state = cls()
+        request[key] = state
+    return state
+
+
+def bytes_sent(state: RequestState, response: web.StreamResponse | None) -> int:
+    """The bytes a stream counted, else the length of the response's body."""
+    sent = state.bytes_sent
+    if sent is None:
+        body = getattr(response, "body", None)
+        sent = len(body) if isinstance(body, bytes | bytearray) else 0
+    return int(sent)
