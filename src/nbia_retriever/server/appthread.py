@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import ssl
 import threading
+from types import TracebackType
+from typing import Self
 
 from aiohttp import web
 
@@ -114,3 +116,46 @@ class AppThread:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+class ServedApp:
+    """start(), stop(), ``with`` and ``port`` for a server that serves the app
+    :meth:`_make_app` builds from an :class:`AppThread` (the reference server, its S3
+    mode)."""
+
+    host: str
+    _requested_port: int
+    _serving: AppThread | None
+    #: the serving thread's name
+    _thread_name = "nbia-server"
+
+    def _make_app(self) -> web.Application:
+        raise NotImplementedError
+
+    def _started(self) -> None:
+        """Called once the socket listens."""
+
+    @property
+    def port(self) -> int | None:
+        return self._serving.port if self._serving is not None else None
+
+    def start(self) -> Self:
+        if self._serving is None:
+            self._serving = AppThread(self._make_app(), host=self.host,
+                                      port=self._requested_port,
+                                      name=self._thread_name).start()
+            self._started()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; in-flight streams are cut after a short grace period."""
+        if self._serving is not None:
+            self._serving.stop()
+            self._serving = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -11,21 +11,23 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from .app import API_PREFIX, DOWNLOAD_PATH, MANIFEST_PATH, NbiaService, RequestRecord
 from .appthread import AppThread as AppThread  # re-exported: tests import it from here
+from .appthread import ServedApp
 from .auth import ServerClock
 from .config import ServerConfig, load_config
 from .faults import FaultPlan
 from .index import ArchiveIndex
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from .s3 import S3Server
 
 
-class ReferenceServer:
+class ReferenceServer(ServedApp):
     """An NBIA server over ``archive`` on ``host:port`` (port 0: any free port).
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`::
@@ -76,10 +78,6 @@ class ReferenceServer:
 
     # -- addresses --------------------------------------------------------------------
     @property
-    def port(self) -> int | None:
-        return self._serving.port if self._serving is not None else None
-
-    @property
     def url(self) -> str:
         if self._serving is None:
             raise RuntimeError("the server is not running; call start() or use `with`")
@@ -124,26 +122,13 @@ class ReferenceServer:
         self.service.clock.advance(seconds)
 
     # -- life cycle -------------------------------------------------------------------
-    def start(self) -> ReferenceServer:
-        if self._serving is None:
-            self._serving = AppThread(self.service.app(), host=self.host,
-                                      port=self._requested_port,
-                                      name="nbia-reference-server").start()
-            self.service.base_url = self.url
-        return self
+    _thread_name = "nbia-reference-server"
 
-    def stop(self) -> None:
-        """Stop serving; in-flight streams are cut after a short grace period."""
-        if self._serving is not None:
-            self._serving.stop()
-            self._serving = None
+    def _make_app(self) -> web.Application:
+        return self.service.app()
 
-    def __enter__(self) -> ReferenceServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+    def _started(self) -> None:
+        self.service.base_url = self.url
 
 
 def run_server(

@@ -69,7 +69,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 from xml.sax.saxutils import escape
@@ -78,7 +77,7 @@ from aiohttp import web
 
 from ..errors import FaultSpecError
 from .app import RequestRecord, _reset
-from .appthread import AppThread
+from .appthread import AppThread, ServedApp
 from .faults import parse_rate, seeded_rng
 from .idcdata import IDC_BUCKETS, IdcObject, IdcView, release_date
 from .index import ArchiveIndex
@@ -721,7 +720,7 @@ def _read_token(token: str) -> tuple[str, set[str]]:
 
 
 # -- running -------------------------------------------------------------------------
-class S3Server:
+class S3Server(ServedApp):
     """An anonymous, path-style S3 endpoint over an archive's IDC view, on
     ``host:port`` (0: a free port). Use as a context manager, or start()/stop()::
 
@@ -753,10 +752,6 @@ class S3Server:
         return f"S3Server({self.view!r}, {where})"
 
     @property
-    def port(self) -> int | None:
-        return self._serving.port if self._serving is not None else None
-
-    @property
     def url(self) -> str:
         """The endpoint URL (``--idc-endpoint``, s5cmd's ``--endpoint-url``)."""
         if self._serving is None:
@@ -781,22 +776,8 @@ class S3Server:
     def clear_requests(self) -> None:
         self.service.clear_requests()
 
-    def start(self) -> S3Server:
-        if self._serving is None:
-            self._serving = AppThread(self.service.app(), host=self.host,
-                                      port=self._requested_port,
-                                      name="nbia-s3-server").start()
-        return self
+    _thread_name = "nbia-s3-server"
 
-    def stop(self) -> None:
-        if self._serving is not None:
-            self._serving.stop()
-            self._serving = None
-
-    def __enter__(self) -> S3Server:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+    def _make_app(self) -> web.Application:
+        return self.service.app()
 
