@@ -52,7 +52,7 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -349,7 +349,34 @@ class PiecesStream:
         return size
 
 
-class PieceReader:
+class CutReader:
+    """What :class:`PieceReader` and IDC's
+    :class:`~nbia_retriever.idc.stream.ObjectReader` share: an error raised while
+    cutting is kept (and re-raised by every later call), and the ``md5hashes.csv`` tail."""
+
+    _error: NbiaError | None
+
+    def _cut(self, view: memoryview) -> Iterator[ZipEvent]:
+        raise NotImplementedError
+
+    def _events(self, view: memoryview) -> Iterator[ZipEvent]:
+        try:
+            yield from self._cut(view)
+        except NbiaError as exc:
+            self._error = exc
+            raise
+
+
+def md5_listing(tail: list[ZipEvent],
+                hashes: Iterable[tuple[str, str | None]]) -> Iterator[ZipEvent]:
+    """``tail``, then ``md5hashes.csv`` with each named MD5 (those known)."""
+    rows = "".join(f"{name},{md5}\r\n" for name, md5 in hashes if md5)
+    listing = ("Filename,MD5Hash\r\n" + rows).encode()
+    return iter([*tail, EntryStart(MD5_ENTRY, False), EntryData(listing),
+                 EntryEnd(MD5_ENTRY, 0, len(listing), len(listing))])
+
+
+class PieceReader(CutReader):
     """The images' concatenated bytes cut back into entries by their sizes (each known
     before its first byte is read back), with
     :class:`~nbia_retriever._zipstream.ZipStreamReader`'s interface and caps; at
@@ -386,13 +413,6 @@ class PieceReader:
         view = memoryview(data).cast("B")
         self.bytes_in += len(view)
         return self._events(view)
-
-    def _events(self, view: memoryview) -> Iterator[ZipEvent]:
-        try:
-            yield from self._cut(view)
-        except NbiaError as exc:
-            self._error = exc
-            raise
 
     def _cut(self, view: memoryview) -> Iterator[ZipEvent]:
         pieces, pos, end = self._pieces, 0, len(view)
@@ -434,8 +454,5 @@ class PieceReader:
                 f"{self._what}: the stream ended at image {self._index + 1} of "
                 f"{len(self._pieces)}")
             raise self._error
-        rows = "".join(f"{p.name},{p.md5}\r\n" for p in self._pieces if p.md5)
-        listing = ("Filename,MD5Hash\r\n" + rows).encode()
         self._done = True
-        return iter([*tail, EntryStart(MD5_ENTRY, False), EntryData(listing),
-                     EntryEnd(MD5_ENTRY, 0, len(listing), len(listing))])
+        return md5_listing(tail, ((p.name, p.md5) for p in self._pieces))

@@ -54,8 +54,8 @@ from typing import Any
 
 from .._zipstream import EntryData, EntryEnd, EntryStart, ZipEvent
 from ..api.http import Origin, Response, Transport
+from ..engine.pieces import CutReader, md5_listing
 from ..errors import IntegrityError, NbiaError, NetworkError, UnsafeArchiveError
-from ..naming import MD5_ENTRY
 from ..untrusted import quote
 from .s3 import S3Object, get_object, list_objects
 
@@ -434,7 +434,7 @@ class IdcStream:
             slot.ready.notify_all()
 
 
-class ObjectReader:
+class ObjectReader(CutReader):
     """The objects' concatenated bytes cut back into entries by their listed sizes,
     with :class:`~nbia_retriever._zipstream.ZipStreamReader`'s interface (``feed``,
     ``close``, ``finished``) and caps (``max_total_size``, ``max_entries``). At
@@ -493,13 +493,6 @@ class ObjectReader:
         self.bytes_in += len(view)
         return self._events(view)
 
-    def _events(self, view: memoryview) -> Iterator[ZipEvent]:
-        try:
-            yield from self._cut(view)
-        except NbiaError as exc:
-            self._error = exc
-            raise
-
     def _cut(self, view: memoryview) -> Iterator[ZipEvent]:
         objects, pos, end = self._objects, 0, len(view)
         while self._index < len(objects):
@@ -539,8 +532,5 @@ class ObjectReader:
             self._fail(IntegrityError(
                 f"{self._what}: the stream ended inside object {quote(obj.key, 120)} after "
                 f"{obj.size - self._left} of its {obj.size} bytes"))
-        rows = "".join(f"{o.name},{o.md5}\r\n" for o in self._objects if o.md5)
-        listing = ("Filename,MD5Hash\r\n" + rows).encode()
         self._done = True
-        return iter([*tail, EntryStart(MD5_ENTRY, False), EntryData(listing),
-                     EntryEnd(MD5_ENTRY, 0, len(listing), len(listing))])
+        return md5_listing(tail, ((o.name, o.md5) for o in self._objects))
