@@ -36,7 +36,7 @@ from .builds import Build, get_build
 from .config import ServerConfig
 from .faults import STATUS_KINDS, Fault, FaultInjector, FaultPlan, seeded_rng
 from .index import ArchiveIndex, ImageRecord, SeriesRecord
-from .requestlog import RequestState, bytes_sent, request_state, state_key
+from .requestlog import RequestLog, RequestState, bytes_sent, request_state, state_key
 from .zipwriter import CHUNK, ZipEntry, deflated_entry, stored_entry, stream_zip, zip_size
 
 VERSIONS = ("v1", "v2", "v4")
@@ -164,7 +164,7 @@ def _state(request: web.Request) -> _RequestState:
     return request_state(request, _STATE_KEY, _RequestState)
 
 
-class NbiaService:
+class NbiaService(RequestLog):
     """State and handlers of one reference server (one archive, one config)."""
 
     def __init__(
@@ -217,11 +217,6 @@ class NbiaService:
         if hold is not None and self._metadata_answers > hold:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._zip_event().wait(), _HOLD_LIMIT)
-
-    @property
-    def requests(self) -> list[RequestRecord]:
-        with self._log_lock:
-            return list(self._log)
 
     def clear_requests(self) -> None:
         with self._log_lock:

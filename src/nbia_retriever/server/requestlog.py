@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from .app import RequestRecord
 
 _RequestKey: Any
 try:
@@ -52,3 +57,19 @@ def bytes_sent(state: RequestState, response: web.StreamResponse | None) -> int:
         body = getattr(response, "body", None)
         sent = len(body) if isinstance(body, bytes | bytearray) else 0
     return int(sent)
+
+
+class RequestLog:
+    """The log of the requests a service answered, read from any thread."""
+
+    _log_lock: threading.Lock
+    _log: deque[RequestRecord]
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        with self._log_lock:
+            return list(self._log)
+
+    def clear_requests(self) -> None:
+        with self._log_lock:
+            self._log.clear()

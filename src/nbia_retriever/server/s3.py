@@ -81,7 +81,7 @@ from .appthread import AppThread, ServedApp
 from .faults import parse_rate, seeded_rng
 from .idcdata import IDC_BUCKETS, IdcObject, IdcView, release_date
 from .index import ArchiveIndex
-from .requestlog import RequestState, bytes_sent, request_state, state_key
+from .requestlog import RequestLog, RequestState, bytes_sent, request_state, state_key
 from .synth import ArchiveSummary
 
 __all__ = ["DEFAULT_MAX_KEYS", "S3Faults", "S3Server", "S3Service"]
@@ -299,7 +299,7 @@ def _state(request: web.Request) -> _State:
     return request_state(request, _STATE_KEY, _State)
 
 
-class S3Service:
+class S3Service(RequestLog):
     """State and handlers of one S3 endpoint over an :class:`IdcView`."""
 
     def __init__(self, view: IdcView, faults: S3Faults | None = None) -> None:
@@ -326,15 +326,6 @@ class S3Service:
         """Swap the plan; its counters start afresh. Raises FaultSpecError for a
         target that is not in the view."""
         self._faults = _FaultState(plan or S3Faults(), self.view)
-
-    @property
-    def requests(self) -> list[RequestRecord]:
-        with self._log_lock:
-            return list(self._log)
-
-    def clear_requests(self) -> None:
-        with self._log_lock:
-            self._log.clear()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
