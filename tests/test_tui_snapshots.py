@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from textual.pilot import Pilot
@@ -77,7 +78,17 @@ def test_finished_with_failures(snap_compare: Callable[..., bool], archive: Arch
         # and until the bar shows what is kept (the finished view's last redraw)
         await until(lambda: app.query_one("#overall").progress  # type: ignore[attr-defined,misc]
                     == app.engine.stats().bytes_verified)(pilot)
+        await until(bar_settled)(pilot)  # type: ignore[misc]
         await pilot.pause()
+
+    def bar_settled() -> bool:
+        """The bar drawn at the width it has now (Textual rounds to half cells of the
+        width the bar had when its percentage was set)."""
+        outer: Any = app.query_one("#overall")
+        inner: Any = outer.query_one("#bar")
+        width = inner.size.width * 2
+        return bool(width) and outer.percentage is not None and \
+            inner.percentage == int(outer.percentage * width) / width
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
     assert app.rows[bad].state == "Error"

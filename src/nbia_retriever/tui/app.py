@@ -493,6 +493,15 @@ class RetrieverApp(App[None]):
             self._redraw(self.rows[uid])
         self._show_detail()
 
+    def _requantize_bar(self) -> None:
+        """Textual's bar rounds its percentage to the half cells of the width it had when
+        the percentage was set; the counts beside it change width (the bar takes what
+        they leave), so the same fraction is set again once the layout has settled."""
+        with contextlib.suppress(Exception):  # the window may be closing
+            outer = self.query_one("#overall", ProgressBar)
+            inner: Any = outer.query_one("#bar")
+            inner.percentage = outer.percentage
+
     def _update_overall(self) -> None:
         stats = self.engine.stats()
         self._open_streams = stats.open_streams
@@ -503,6 +512,7 @@ class RetrieverApp(App[None]):
             done = stats.bytes_verified
         bar = self.query_one("#overall", ProgressBar)
         bar.update(total=max(1.0, total), progress=min(done, total) if total else 0)
+        self.call_after_refresh(self._requantize_bar)
         now = time.monotonic()
         self._samples.append((now, done))
         while len(self._samples) > 2 and now - self._samples[0][0] > SPEED_WINDOW:
