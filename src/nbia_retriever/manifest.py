@@ -47,6 +47,7 @@ from pathlib import Path, PurePath
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ManifestError, NbiaError
+from .models import FileItem
 from .ondisk import atomic_write_text
 from .untrusted import ascii_host
 
@@ -184,6 +185,10 @@ class Manifest:
     #: in order, without duplicates; ``()`` for every other kind. Its ``series_uids``
     #: hold only the bare UID lines s5cmd manifests may also carry (usually none).
     crdc_uuids: tuple[str, ...] = ()
+    #: Files of a DRS or PathDB sheet (``drs_uri``/``imageUrl`` columns), in order,
+    #: without duplicates (by :attr:`~nbia_retriever.models.FileItem.key`); ``()`` for
+    #: every other kind. A mixed sheet's SeriesInstanceUID rows stay in ``series_uids``.
+    files: tuple[FileItem, ...] = ()
     #: Lines not read, one short reason each, naming the line (``"line 6: ..."``): what
     #: a front end shows as warnings. At most :data:`MAX_SKIPPED` entries (the last one
     #: then counts the rest).

@@ -619,3 +619,73 @@ def normalise_records(records: Iterable[Mapping[str, object]], *,
         run.append(list(record.values()))
     flush()
     return out
+
+
+# -- files that are not NBIA series (issue 24: CRDC/Gen3 DRS objects, PathDB slides) --------
+
+#: Where a bare DRS id (``dg.4DFC/<uuid>``, no ``drs://HOST/``) lives: the Go retriever
+#: and tcia_utils both prepend this host.
+DEFAULT_DRS_HOST = "nci-crdc.datacommons.io"
+
+
+def is_file_uid(uid: str) -> bool:
+    """True for the key of a :class:`FileItem` that is a plain file (a ``drs://`` URI or
+    an ``https://`` URL): a DICOM UID holds only digits and dots, so a ``:`` can never
+    make one of those look like a file, nor a file like a series.
+
+    >>> is_file_uid("1.3.6.1.4.1.9328.50.1.2"), is_file_uid("drs://h/dg.4DFC/x")
+    (False, True)
+    """
+    return ":" in uid
+
+
+@dataclass(frozen=True, slots=True)
+class FileItem:
+    """One row of a DRS or PathDB manifest: a file to fetch by URL, not a series to ask an
+    NBIA server for.
+
+    ``kind`` is ``"drs"`` (``uri`` is ``drs://HOST/<object id>``, normalised: a bare id
+    gets :data:`DEFAULT_DRS_HOST`) or ``"url"`` (``uri`` is the PathDB ``imageUrl``, an
+    ``http(s)://`` URL). ``key`` is what the engine and the journal call the item: the
+    row's SeriesInstanceUID when the file is a DICOM series zip (``<UID>.zip``, as General
+    Commons names TCIA's series; the item is then published as that series), else
+    ``uri`` itself (see :func:`is_file_uid`). Strings are ``""`` when the sheet has no
+    such column; ``size`` and ``md5`` are None when it does not give them (PathDB never
+    does). Every string is the sheet's, untrusted: layout and naming sanitise them.
+    """
+
+    kind: str
+    uri: str
+    key: str
+    #: The file's name as the sheet gives it (``name``/``filename``), else the URI's last
+    #: path segment.
+    name: str
+    collection: str = ""
+    patient_id: str = ""
+    study_uid: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    modality: str = ""
+    size: int | None = None
+    md5: str | None = None
+    #: 1-based line (or spreadsheet row) the item came from, for messages.
+    line: int = 0
+
+    @property
+    def host(self) -> str:
+        """The DRS host (``drs://HOST/...``) or the URL's host, lower-case."""
+        rest = self.uri.partition("://")[2]
+        return rest.partition("/")[0].rpartition("@")[2].lower()
+
+    @property
+    def object_id(self) -> str:
+        """A DRS object's id (``dg.4DFC/<uuid>``: the URI's path without its leading
+        ``/``); ``""`` for a URL."""
+        if self.kind != "drs":
+            return ""
+        return self.uri.partition("://")[2].partition("/")[2]
+
+    @property
+    def is_series(self) -> bool:
+        """A DICOM series zip, published as a series (its key is its UID)."""
+        return not is_file_uid(self.key)
