@@ -177,6 +177,28 @@ class DownloadOptions:
         "--idc-endpoint", kind="text", metavar="URL",
         help="S3 endpoint of IDC's buckets, path-style and anonymous (env "
              "NBIA_IDC_ENDPOINT; default: https://s3.amazonaws.com)."))  # (read at use, too)
+    #: A Gen3 credentials file (``api_key``, ``key_id``) for a manifest's CRDC DRS rows;
+    #: None: env NBIA_GEN3_AUTH, then GEN3_API_KEY (read where the key is loaded,
+    #: ``files.gen3.find_credentials``). A path, never the key: it may go on a SLURM
+    #: script's command line.
+    auth: str | None = field(default=None, metadata=flag(
+        "--auth", kind="text", metavar="FILE",
+        help="Gen3 credentials JSON (api_key, key_id) for a manifest's CRDC DRS rows (env "
+             "NBIA_GEN3_AUTH, then GEN3_API_KEY); download it from your profile page at "
+             "https://nci-crdc.datacommons.io/."))
+    #: Replaces ``https://HOST`` of every ``drs://HOST/...`` row (a mirror, a test server):
+    #: the user chose it, so it may receive the key.
+    gen3_endpoint: str | None = field(default=None, metadata=flag(
+        "--gen3-endpoint", kind="text", metavar="URL",
+        help="Gen3 server for the manifest's drs:// rows, in place of https://HOST "
+             "(default: the host each drs:// URI names)."))
+    #: The Go retriever's flag for its data-use agreement; here the same switch as
+    #: ``agree_to_license`` (controlled DRS data is gated like a licence that must be
+    #: accepted: once, interactively, or by either flag).
+    accept_data_policy: bool = field(default=False, metadata=flag(
+        "--accept-data-policy", kind="switch",
+        help="Accept the data use policy of controlled-access (CRDC/Gen3) data and every "
+             "collection's licence for this run (the same as --agree-to-license)."))
     #: Annotation files (``getDCMImage?IncludeAnnotation=true``), into each series folder
     #: under their own names: ``yes``, ``no``, or ``manifest`` (its ``includeAnnotation``,
     #: as the Java CLI does: it has no flag, the manifest decides; a list of UIDs has no
@@ -258,6 +280,17 @@ class DownloadOptions:
             text = getattr(self, name)
             if text is not None and (not isinstance(text, str) or not text.strip()):
                 raise UsageError(f"{name} must be some text of a licence name or URL")
+        if self.accept_data_policy:
+            self.agree_to_license = True  # one switch (see accept_data_policy)
+        for name in ("auth", "gen3_endpoint"):
+            text = getattr(self, name)
+            if text is not None and (not isinstance(text, str) or not text.strip()):
+                raise UsageError(f"{name} must be a {'file' if name == 'auth' else 'URL'}, "
+                                 f"not {text!r}")
+        if self.gen3_endpoint is not None:
+            from ..idc import check_endpoint  # https, or http on loopback; no userinfo
+
+            self.gen3_endpoint = check_endpoint(self.gen3_endpoint, "--gen3-endpoint")
         if self.idc_endpoint is not None:
             from ..idc import check_endpoint  # (pure; the HTTP stack's loopback test)
 

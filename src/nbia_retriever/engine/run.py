@@ -179,7 +179,10 @@ class Engine:
                                                                           self.options)
             self.manifest = manifest
         with bulk():
-            uids = select_shard(manifest.series_uids, self.options.shard)
+            keys = manifest.series_uids
+            if manifest.files:  # a DRS/PathDB sheet's files (engine.route), after its series
+                keys = keys + tuple(f.key for f in manifest.files)
+            uids = select_shard(keys, self.options.shard)
             self.results: dict[str, SeriesResult] = dict(zip(uids, map(SeriesResult, uids),
                                                              strict=True))
         #: The registry name of this run's source: on its events, results, journal rows.
@@ -191,7 +194,7 @@ class Engine:
             if self.options.source == "idc":
                 # IDC's index and endpoint are checked here too (a UsageError before
                 # anything runs, not a failure in the engine's thread).
-                self._source = self.session.source(self.options)
+                self._source = self.source
         if self.source_name != "nbia":  # SeriesResult's default: no loop for it
             for result in self.results.values():
                 result.source = self.source_name
@@ -281,7 +284,12 @@ class Engine:
         """Where this run's series come from: ``options.source`` through the registry
         (:data:`~.source.SOURCES`), unless the caller gave one."""
         if self._source is None:
-            self._source = self.session.source(self.options)  # a given client is in it
+            if self.manifest.files:
+                from .route import files_source  # a DRS/PathDB sheet's files
+
+                self._source = files_source(self.manifest, self.session, self.options)
+            else:
+                self._source = self.session.source(self.options)  # a given client is in it
         return self._source
 
     @property
