@@ -360,6 +360,9 @@ class DownloadKwargs(TypedDict, total=False):
     idc_index: str | None
     idc_endpoint: str | None
     idc_pinned: Mapping[str, Any] | None
+    auth: str | None
+    gen3_endpoint: str | None
+    accept_data_policy: bool
     annotations: str | bool
     agree_to_license: bool
     license_filter: str | None
