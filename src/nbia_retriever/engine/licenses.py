@@ -118,8 +118,9 @@ class LicenseGate:
         """Why a series is left out, in one line."""
         name, url = info.license_name.strip(), info.license_url.strip()
         what = f"{name} ({url})" if name and url else name or url
+        flag = "--accept-data-policy" if _is_data_policy(name) else "--agree-to-license"
         return (f"{LICENCE_REFUSED}{info.collection} is under {what}; re-run with "
-                "--agree-to-license to accept it")
+                f"{flag} to accept it")
 
     def summary(self) -> str | None:
         """The one line a headless run prints for the collections it left out."""
@@ -127,9 +128,17 @@ class LicenseGate:
             return None
         parts = [f"{c} ({n or u}{', ' + u if n and u else ''})"
                  for c, (n, u) in sorted(self.refused.items())]
+        policy = any(_is_data_policy(n) for n, _ in self.refused.values())
+        flag = "--agree-to-license (--accept-data-policy)" if policy else "--agree-to-license"
         return ("not downloaded, licence not accepted: " + "; ".join(parts)
-                + ". Re-run with --agree-to-license to accept, or --exclude-license TEXT "
+                + f". Re-run with {flag} to accept, or --exclude-license TEXT "
                   "to leave them out")
+
+
+def _is_data_policy(name: str) -> bool:
+    """The licence controlled-access (DRS) rows carry (``engine.route``): its flag is
+    ``--accept-data-policy``, as in TCIA's Go retriever (the same switch)."""
+    return "data use policy" in name.casefold()
 
 
 def gate_for(agree: bool, keep: str | None, exclude: str | None,
