@@ -93,9 +93,19 @@ def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: st
     uids = list(parsed.series_uids)
     infos: dict[str, SeriesInfo] = {}
     try:
-        source = session.source(options)
+        if parsed.files:  # a DRS/PathDB sheet: its rows describe the files (no key needed)
+            from ..engine.route import files_source
+
+            uids += [f.key for f in parsed.files]
+            source = files_source(parsed, session, options)
+        else:
+            source = session.source(options)
         try:
-            source.check()
+            # What must be refused before anything is asked of a server; a files source
+            # needs no key to list what its sheet says.
+            inner = getattr(source, "series", source) if parsed.files else source
+            if inner is not None:
+                inner.check()
             for batch in source.metadata_batches(uids):
                 infos.update(batch.infos)
             where = getattr(source, "where", None)
