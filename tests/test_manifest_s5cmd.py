@@ -190,14 +190,15 @@ def test_a_wordy_line_among_the_uids_is_still_an_error() -> None:
     assert "no series listed" in str(error_of("ListOfSeriesToDownload=\nSeries ID\n"))
 
 
-def test_sheets_of_other_systems_are_named() -> None:
-    drs = error_of("name,drs_uri,File ID\nx,drs://h/dg.4DFC/1,dg.4DFC/1\n", source="d.csv")
-    assert "CRDC/Gen3 DRS manifest (column 'drs_uri')" in str(drs)
-    assert drs.line == 1
-    assert "DRS manifest (column 'guid')" in str(error_of("guid\tsize\nabc\t1\n"))
-    pathdb = error_of("collectionName;imageUrl\nP;http://x/1.tiff\n")
-    assert "PathDB image sheet (column 'imageUrl')" in str(pathdb)
-    assert "issue 24" in str(pathdb)
+def test_sheets_of_other_systems_are_read_as_files() -> None:
+    """DRS and PathDB sheets are read (issue 24; tests/test_manifest_files.py has the
+    rest): no longer refused as sheets of other systems."""
+    drs = parse_manifest("name,drs_uri,File ID\nx,drs://h/dg.4DFC/1,dg.4DFC/1\n", source="d.csv")
+    assert (drs.kind, [f.uri for f in drs.files]) == ("drs", ["drs://h/dg.4DFC/1"])
+    err = error_of("guid\tsize\nabc\t1\n")
+    assert "no file listed in column 'guid'" in str(err) and "not a DRS URI" in str(err)
+    pathdb = parse_manifest("collectionName;imageUrl\nP;http://x/1.tiff\n")
+    assert (pathdb.kind, pathdb.files[0].collection) == ("pathdb", "P")
 
 
 # ----------------------------------------------------------------------------- properties

@@ -1,8 +1,8 @@
 """Every real manifest in ``../shared/real-manifests`` (files from public repositories, byte
 for byte) reads as its ``INDEX.tsv`` says: the same number of series a correct reader finds
-(the Java retriever's rule for ``.tcia``), IDC series folders for ``.s5cmd``, and a clear
-one-line error that names the format for sheets of other systems (DRS, PathDB) and for
-files that are no manifest at all.
+(the Java retriever's rule for ``.tcia``), IDC series folders for ``.s5cmd``, the files of
+CRDC/Gen3 DRS and PathDB sheets, and a clear one-line error for files that are no manifest
+at all.
 """
 
 from __future__ import annotations
@@ -51,23 +51,53 @@ def test_real_manifest(row: dict[str, str]) -> None:
         assert len(manifest.crdc_uuids) == expected
         assert manifest.series_uids == ()
         assert manifest.root_name == path.stem  # as databasketId names a .tcia's root
-    else:
+    elif fmt == "drs-csv" or fmt.startswith("pathdb-"):
         if fmt == "pathdb-xlsx" and importlib.util.find_spec("openpyxl") is None:
             pytest.skip("openpyxl is not installed")
+        manifest = read_manifest(path)
+        drs = fmt == "drs-csv"
+        assert manifest.kind == ("drs" if drs else "pathdb")
+        assert len(manifest.files) == expected
+        assert (manifest.series_uids, manifest.skipped, manifest.duplicates_dropped) == \
+            ((), (), 0)
+        assert {f.kind for f in manifest.files} == {"drs" if drs else "url"}
+        # every row's file, in order, each its own key (none is a DICOM series zip)
+        assert [f.line for f in manifest.files] == list(range(2, expected + 2))
+        assert all(f.key == f.uri and f.name for f in manifest.files)
+        assert {f.host for f in manifest.files} == \
+            {"nci-crdc.datacommons.io" if drs else "pathdb.cancerimagingarchive.net"}
+    else:
         with pytest.raises(ManifestError) as info:
             read_manifest(path)
         message = str(info.value)
         assert message.startswith(str(path))
         assert "\n" not in message
-        if fmt == "drs-csv":
-            assert "DRS manifest (column 'drs_uri')" in message
-            assert "not supported yet (issue 24)" in message
-        elif fmt.startswith("pathdb-"):
-            assert "PathDB image sheet (column 'imageUrl')" in message
-            assert "not supported yet (issue 24)" in message
-        else:
-            assert fmt == "not-a-manifest"
-            assert "'temp'" in message and "expected a .tcia manifest" in message
+        assert fmt == "not-a-manifest"
+        assert "'temp'" in message and "expected a .tcia manifest" in message
+
+
+def test_real_drs_and_pathdb_rows_read_as_the_go_retriever_reads_them() -> None:
+    """The columns each real sheet gives, by the Go retriever's aliases: CTDC's
+    ``participant_id``/``study_short_name``/``Md5sum`` (its ``File ID`` repeats the
+    ``drs_uri``), ICDC's ``File Size``/``md5sum``/``Patient ID``, PathDB's
+    ``collectionName``/``subjectId`` and the file name from the URL."""
+    prefix = "kirbyju__TCIA_data_retriever__test_manifests__"
+    ctdc = read_manifest(FOLDER / f"{prefix}CTDC-Restricted-CMB-Manifest.csv").files[0]
+    assert (ctdc.uri, ctdc.object_id, ctdc.name, ctdc.patient_id, ctdc.study_description,
+            ctdc.md5, ctdc.size) == (
+        "drs://nci-crdc.datacommons.io/dg.4DFC/870175D4-EE9A-4A64-BF7A-6CDDB18C22BD",
+        "dg.4DFC/870175D4-EE9A-4A64-BF7A-6CDDB18C22BD", "MSB-00140-06-genomic-report-CTDCv1",
+        "MSB-00140", "CMB", "dd970cc07d55b06754594e8177826b93", None)
+    icdc = read_manifest(FOLDER / f"{prefix}ICDC-Open-Manifest-Test.csv").files[-1]
+    assert (icdc.name, icdc.size, icdc.md5, icdc.patient_id, icdc.line) == (
+        "CCB010233.pdf", 39508, "7d0e472d448638b652e084c58feae270", "CCB010233", 10)
+    for suffix in ("csv", "xlsx"):
+        if suffix == "xlsx" and importlib.util.find_spec("openpyxl") is None:
+            continue
+        slide = read_manifest(FOLDER / f"{prefix}pathdb-test.{suffix}").files[25]
+        assert (slide.kind, slide.name, slide.collection, slide.patient_id, slide.size,
+                slide.md5, slide.line) == ("url", "MIP-PROSTATE-01-0026.tiff", "Prostate_MRI",
+                                           "MIP-PROSTATE-01-0026", None, None, 27)
 
 
 def test_column_header_after_the_marker_is_skipped_with_a_warning() -> None:

@@ -1,6 +1,6 @@
 """Reading and writing the lists of series to download.
 
-Four inputs are accepted, told apart by content, not by file name:
+Five inputs are accepted, told apart by content, not by file name:
 
 * ``.tcia`` manifests as the TCIA portal writes them (reference section 1): Java-properties
   style ``key=value`` header lines, a ``ListOfSeriesToDownload=`` marker, one UID a line;
@@ -10,13 +10,19 @@ Four inputs are accepted, told apart by content, not by file name:
   SeriesInstanceUID (``nbia_retriever.idc.index.resolve_manifest``);
 * spreadsheets (CSV/TSV/semicolon, or ``.xlsx`` when openpyxl is installed) with a
   ``SeriesInstanceUID`` / ``Series Instance UID`` / ``Series UID`` column;
+* sheets of files fetched by URL (issue 24, reference section 10 C-E): a CRDC/Gen3 DRS
+  manifest (a ``drs_uri`` column, or ``File ID``, ``guid``...) or a PathDB image list
+  (``imageUrl``), read into :attr:`Manifest.files` with the Go retriever's column
+  aliases; a sheet with series UIDs too is read row by row (a row with a URI is a file,
+  one with only a UID a series);
 * plain lists, one UID a line.
 
 Some lines are skipped instead of failing the whole file, as the Java retriever or s5cmd
 would skip them, and each is reported in :attr:`Manifest.skipped` (``"line 6: ..."``) so a
 front end can say so: a column header right after the ``.tcia`` marker, a UID above the
 marker, an ``.s5cmd`` line that names no IDC series folder (a ``gs://`` URI, another
-command). Sheets of other systems (CRDC DRS, PathDB) are named as such in the error.
+command), a DRS or image URL cell that cannot be used (an ``http://`` URL where a DRS
+URI belongs, a ``drs://user@host/...``, a control character).
 
 Every line that should hold a UID is checked, because a manifest that is silently read
 wrong (an HTML error page saved as ``.tcia``, a spreadsheet column of row numbers) turns
@@ -37,19 +43,20 @@ Pure functions apart from :func:`read_manifest` / :func:`write_manifest`.
 from __future__ import annotations
 
 import csv
+import datetime
 import importlib
 import os
 import re
 import shlex
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .errors import ManifestError, NbiaError
-from .models import FileItem
+from .models import DEFAULT_DRS_HOST, FileItem
 from .ondisk import atomic_write_text
-from .untrusted import ascii_host
+from .untrusted import ascii_host, host_entry, plain
 
 __all__ = [
     "DEFAULT_DOWNLOAD_URL",
@@ -106,10 +113,43 @@ _S5CMD_PLAIN_LINES = re.compile("^" + _S5CMD_PLAIN.pattern + r"[ \t]*$", re.ASCI
 #: The s5cmd commands whose source is a download (``mv`` and ``rm`` would change the bucket).
 _S5CMD_VERBS = frozenset({"cp", "sync"})
 _URI_SCHEMES = ("s3://", "gs://")
-#: Column names of sheets other systems write, for an error that names what the file is
-#: (compared as :func:`_column_key` does).
-_DRS_COLUMNS = ("drs_uri", "File ID", "guid")
-_PATHDB_COLUMNS = ("imageUrl",)
+#: What a sheet lacks when none of its columns is known (the Go retriever's words).
+_NO_COLUMN = "without a 'drs_uri', 'imageUrl', 'SeriesInstanceUID' or 'Series UID' column"
+#: The columns of a DRS or PathDB sheet, by the Go retriever's ``normalize()`` of their
+#: header (lower case, letters and digits only: ``File ID``, ``file_id`` and ``fileid`` are
+#: one name), each with the field it fills. Where a sheet has several columns for one
+#: field, the one listed first here wins, row by row, when it is not empty (the CTDC sheet
+#: gives both ``drs_uri`` and ``File ID``; the Go code took whichever came last).
+_FILE_ALIASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("drs", ("drsuri", "fileid", "guid", "fileguid", "drsguid", "access")),
+    ("url", ("imageurl", "wsiimageurl")),
+    ("name", ("name", "filename")),
+    ("collection", ("collection", "collectionname")),
+    ("patient_id", ("patient", "patientid", "subject", "subjectid", "participantid")),
+    ("study_uid", ("studyuid", "studyinstanceuid", "studyid")),
+    ("study_description", ("studydescription", "studydesc", "studyshortname")),
+    ("study_date", ("studydate",)),
+    ("modality", ("modality",)),
+    ("size", ("filesize", "filesizebytes", "size")),
+    ("md5", ("md5sum", "md5")),
+)
+_FILE_COLUMNS = {alias: (field_name, rank) for field_name, aliases in _FILE_ALIASES
+                 for rank, alias in enumerate(aliases)}
+#: ``access`` is a DRS id in the Go retriever's tests, and the access *level*
+#: (``open``/``controlled``) in other sheets: it is read only where nothing else could be.
+_WEAK_ALIASES = frozenset({"access"})
+#: A DRS object id: unreserved URL characters and %-escapes, in ``/``-separated segments
+#: (``dg.4DFC/<uuid>``). Nothing that could change the request it is put into (``?``,
+#: ``#``, ``@``, spaces); ``.``/``..`` segments are refused apart (see :func:`_drs_id_ok`).
+_DRS_ID = re.compile(r"(?:[A-Za-z0-9._~-]|%[0-9A-Fa-f]{2})+(?:/(?:[A-Za-z0-9._~-]|%[0-9A-Fa-f]"
+                     r"{2})+)*", re.ASCII)
+_ANY_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                       r"[0-9a-fA-F]{12}", re.ASCII)
+_MD5 = re.compile(r"[0-9a-fA-F]{32}", re.ASCII)
+_WHOLE = re.compile(r"[0-9]{1,19}(?:\.0*)?", re.ASCII)
+_BLANK = re.compile(r"\s", re.UNICODE)
+#: Longer URIs are not a row of any real sheet (and not worth a request).
+_MAX_URI = 2048
 
 
 def _column_key(name: str) -> str:
@@ -130,20 +170,6 @@ def is_s3_bucket(text: str) -> bool:
 def is_crdc_uuid(text: str) -> bool:
     """Whether ``text`` is an IDC ``crdc_series_uuid``: a lower-case 8-4-4-4-12 hex UUID."""
     return _CRDC_UUID.fullmatch(text) is not None
-
-
-def _foreign_sheet(cells: Iterable[object]) -> str | None:
-    """What a sheet without a series column is, when its columns say so: a CRDC/Gen3 DRS
-    manifest or a PathDB image list. ``None`` for anything else."""
-    names = {_column_key(str(cell)): str(cell).strip() for cell in cells if cell is not None}
-    for columns, what, system in ((_DRS_COLUMNS, "a CRDC/Gen3 DRS manifest", "DRS"),
-                                  (_PATHDB_COLUMNS, "a PathDB image sheet", "PathDB")):
-        for column in columns:
-            name = names.get(_column_key(column))
-            if name is not None:
-                return (f"{what} (column {_shorten(name)!r}), not a list of TCIA series: "
-                        f"{system} downloads are not supported yet (issue 24)")
-    return None
 
 
 class _Skipped:
@@ -178,8 +204,9 @@ class Manifest:
     headers: dict[str, str] = field(default_factory=dict, hash=False)
     source: str | None = None
     duplicates_dropped: int = 0
-    #: ``"tcia"``, ``"csv"``, ``"xlsx"``, ``"list"`` or ``"s5cmd"``: what the input
-    #: turned out to be.
+    #: ``"tcia"``, ``"csv"``, ``"xlsx"``, ``"list"``, ``"s5cmd"``, or ``"drs"`` /
+    #: ``"pathdb"`` for a sheet (CSV, TSV or XLSX) with a DRS / image URL column (mixed
+    #: with series rows or not): what the input turned out to be.
     kind: str = "tcia"
     #: IDC series versions (``crdc_series_uuid``, lower-case) of an ``.s5cmd`` manifest,
     #: in order, without duplicates; ``()`` for every other kind. Its ``series_uids``
@@ -193,6 +220,16 @@ class Manifest:
     #: a front end shows as warnings. At most :data:`MAX_SKIPPED` entries (the last one
     #: then counts the rest).
     skipped: tuple[str, ...] = ()
+
+    def file_by_key(self) -> dict[str, FileItem]:
+        """:attr:`files` by :attr:`~nbia_retriever.models.FileItem.key`, for the engine,
+        which knows an item by its key only. Built once and kept (a 100,000-row sheet is
+        asked once per item): do not change the dict."""
+        table: dict[str, FileItem] | None = self.__dict__.get("_file_by_key")
+        if table is None:
+            table = {item.key: item for item in self.files}
+            object.__setattr__(self, "_file_by_key", table)
+        return table
 
     def header(self, key: str) -> str | None:
         """A header value, exact key first, then case-insensitively; ``None`` if absent."""
@@ -376,7 +413,8 @@ def _uid_error(text: str, source: str, line: int, *, first: bool = False) -> Man
     message = f"{why}: {shown!r}"
     if first:
         message += (" (expected a .tcia manifest, an .s5cmd manifest, a CSV/TSV with a "
-                    "SeriesInstanceUID column, or one series UID per line)")
+                    "SeriesInstanceUID, drs_uri or imageUrl column, or one series UID per "
+                    "line)")
     return ManifestError(message, source=source, line=line)
 
 
@@ -820,6 +858,9 @@ def _parse_delimited(lines: list[str], header: int, source: str) -> Manifest | N
         except csv.Error:  # e.g. a bare carriage return: not a spreadsheet header
             continue
         column = _uid_column(row)
+        sheet = _FileSheet.from_header(row, column, source, header + 1)
+        if sheet is not None:
+            return _read_file_rows(sheet, lines, header, delimiter)
         if column is None:
             continue
         collector = _Collector()
@@ -854,21 +895,311 @@ def _parse_delimited(lines: list[str], header: int, source: str) -> Manifest | N
         headers = {"downloadServerUrl": servers.pop()} if len(servers) == 1 else {}
         return Manifest(series_uids=collector.uids(), headers=headers, source=source,
                         duplicates_dropped=collector.duplicates, kind="csv")
-    for delimiter in candidates:
-        try:
-            cells = next(csv.reader([header_text], delimiter=delimiter), [])
-        except csv.Error:
-            continue
-        foreign = _foreign_sheet(cells)
-        if foreign is not None:
-            raise ManifestError(foreign, source=source, line=header + 1)
     if any(d in header_text for d in "\t,;|"):
-        raise ManifestError(
-            "spreadsheet without a SeriesInstanceUID, 'Series Instance UID' or 'Series UID' "
-            f"column: {_shorten(header_text.strip())!r}",
-            source=source, line=header + 1,
-        )
+        raise ManifestError(f"spreadsheet {_NO_COLUMN}: {_shorten(header_text.strip())!r}",
+                            source=source, line=header + 1)
     return None
+
+
+# ----------------------------------------------------------------------------- DRS, PathDB
+
+
+def _normalize(name: str) -> str:
+    """A column header as the Go retriever compares it: lower case, letters and digits
+    only (``File ID``, ``file_id`` and ``"fileid"`` are one name)."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def _cell(value: object) -> str:
+    """A cell as text: CSV gives strings, openpyxl numbers and dates too (a size, a study
+    date); a whole float (``49150.0``) reads as the integer it is."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, datetime.datetime):
+        return value.date().isoformat() if value.time() == datetime.time() \
+            else value.isoformat(sep=" ")
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    return str(value)
+
+
+def _drs_id_ok(object_id: str) -> bool:
+    """Whether ``object_id`` may go into ``/user/data/download/<id>``: the characters of
+    :data:`_DRS_ID`, and no ``.``/``..`` segment even %-encoded (``drs://HOST/../../user/
+    credentials/...`` would point the bearer token at another endpoint of that host)."""
+    if _DRS_ID.fullmatch(object_id) is None:
+        return False
+    return not any(part in (".", "..") for part in unquote(object_id).split("/"))
+
+
+def _bad_text(text: str) -> str | None:
+    """Why a URI cell cannot be used as it is (a control character, a space), or None."""
+    if len(text) > _MAX_URI:
+        return f"is longer than {_MAX_URI:,} characters"
+    if not text.isprintable():
+        return "holds a control character"
+    if _BLANK.search(text) is not None:
+        return "holds a space"
+    if "\\" in text:
+        return "holds a backslash"
+    return None
+
+
+def _drs_uri(text: str) -> tuple[str | None, str]:
+    """``(drs://HOST/ID, "")`` for a DRS URI or a bare id, else ``(None, why)``.
+
+    A bare id (``dg.4DFC/<uuid>``, or a lone UUID) lives on :data:`DEFAULT_DRS_HOST`, as
+    the Go retriever and tcia_utils have it. The host is the one the Gen3 API key may be
+    sent to, so it is checked as a host name (no ``user@``, no compact
+    ``drs://PREFIX:ID``) and kept in the one form hosts are compared in (lower case,
+    IDNA ASCII).
+    """
+    bad = _bad_text(text)
+    if bad is not None:
+        return None, bad
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        if text[:4].lower() == "drs:":
+            return None, "is not a DRS URI (drs://HOST/ID)"
+        if not _drs_id_ok(text) or ("/" not in text and _ANY_UUID.fullmatch(text) is None):
+            return None, "is not a DRS URI or id (drs://HOST/ID, or dg.4DFC/<uuid>)"
+        return f"drs://{DEFAULT_DRS_HOST}/{text}", ""
+    if scheme.lower() in ("http", "https"):
+        return None, "is an http(s) URL, not a DRS URI (drs://HOST/ID)"
+    if scheme.lower() != "drs":
+        return None, "is not a DRS URI (drs://HOST/ID)"
+    authority, _, object_id = rest.partition("/")
+    if not authority:
+        return None, "names no host"
+    if "@" in authority:
+        return None, "names a user before its host (drs://USER@HOST/...): refused"
+    if not authority.startswith("[") and ":" in authority \
+            and not authority.rpartition(":")[2].isdigit():
+        return None, ("is a compact DRS id (drs://PREFIX:ID): write it as drs://HOST/ID "
+                      "or PREFIX/ID")
+    if not object_id:
+        return None, "names no object (drs://HOST/ID)"
+    try:
+        host = host_entry(authority)
+    except ValueError as exc:
+        return None, f"has a host that {exc}"
+    if not _drs_id_ok(object_id):
+        return None, "has an object id with characters no DRS id holds"
+    return f"drs://{host}/{object_id}", ""
+
+
+def _image_url(text: str) -> tuple[str | None, str]:
+    """``(URL, "")`` for an ``http(s)://HOST/...`` image URL (scheme and host in the one
+    form hosts are compared in), else ``(None, why)``. A user name or password in it is
+    refused: it would end up in logs and in the CSV of what was fetched."""
+    bad = _bad_text(text)
+    if bad is not None:
+        return None, bad
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return None, "is not a valid URL"
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        return None, "is not an http(s) URL"
+    if "@" in parts.netloc:
+        return None, "holds a user name or password: refused"
+    if not parts.hostname:
+        return None, "names no host"
+    try:
+        host = host_entry(parts.netloc.removesuffix(":") if port is None else parts.netloc)
+    except ValueError as exc:
+        return None, f"has a host that {exc}"
+    return urlunsplit((scheme, host, parts.path or "/", parts.query, "")), ""
+
+
+def _zip_uid(name: str) -> str | None:
+    """The SeriesInstanceUID of a file named ``<UID>.zip`` (how General Commons names
+    TCIA's series), else None."""
+    if len(name) > 4 and name[-4:].lower() == ".zip" and is_valid_uid(name[:-4]):
+        return name[:-4]
+    return None
+
+
+def _size_value(text: str) -> int | None:
+    text = text.strip()
+    return int(text.partition(".")[0]) if _WHOLE.fullmatch(text) is not None else None
+
+
+class _FileSheet:
+    """The rows of a DRS or PathDB sheet (and of a mixed one), read into
+    :class:`~nbia_retriever.models.FileItem` objects as they come: one pass, no row kept.
+
+    A row with a URI is a file; a row of a mixed sheet with a SeriesInstanceUID and no
+    URI is a series. A URI that cannot be used skips its row, with the reason in
+    :attr:`Manifest.skipped`: one bad row must not cost the others, and the reason
+    names the line so the sheet can be mended. A size or MD5 that is not one keeps the
+    row (the transfer then has no such check, or DRS's own), with a warning.
+    """
+
+    def __init__(self, names: list[str], columns: dict[str, list[int]],
+                 series_column: int | None, source: str, header_line: int) -> None:
+        self.names = names
+        self.columns = columns
+        self.drs = columns.get("drs", [])
+        self.url = columns.get("url", [])
+        self.series_column = series_column
+        self.source = source
+        self.header_line = header_line
+        self.files: dict[str, FileItem] = {}
+        self.series = _Collector()
+        self.skipped = _Skipped()
+        self.duplicates = 0
+        self.kind = "drs" if self.drs else "pathdb"
+
+    @classmethod
+    def from_header(cls, cells: Sequence[object], series_column: int | None, source: str,
+                    header_line: int) -> _FileSheet | None:
+        """The reader for a header with a DRS or image URL column, else None."""
+        names = [plain(_cell(cell)).strip() for cell in cells]
+        ranked: dict[str, list[tuple[int, int]]] = {}
+        weak: list[int] = []
+        for index, name in enumerate(names):
+            key = _normalize(name)
+            found = _FILE_COLUMNS.get(key)
+            if found is not None:
+                ranked.setdefault(found[0], []).append((found[1], index))
+                if key in _WEAK_ALIASES:
+                    weak.append(index)
+        columns = {name: [index for _, index in sorted(pairs)]
+                   for name, pairs in ranked.items()}
+        if weak and (series_column is not None or columns.get("url")
+                     or len(columns.get("drs", ())) > len(weak)):
+            columns["drs"] = [index for index in columns["drs"] if index not in weak]
+        if not columns.get("drs") and not columns.get("url"):
+            return None
+        return cls(names, columns, series_column, source, header_line)
+
+    def _first(self, cells: Sequence[object], field_name: str) -> tuple[str, int]:
+        """The first non-empty cell of a field's columns (stripped), and its column."""
+        for index in self.columns.get(field_name, ()):
+            if index < len(cells):
+                text = _cell(cells[index]).strip()
+                if text:
+                    return text, index
+        return "", -1
+
+    def _text(self, cells: Sequence[object], field_name: str) -> str:
+        return plain(self._first(cells, field_name)[0]).strip()
+
+    def _what(self, index: int) -> str:
+        return repr(_shorten(self.names[index])) if self.names[index] else \
+            f"column {index + 1}"
+
+    def add(self, line: int, cells: Sequence[object]) -> None:
+        """Read one row (``line`` is its 1-based line or sheet row)."""
+        text, index = self._first(cells, "drs")
+        kind = "drs"
+        if not text:
+            text, index = self._first(cells, "url")
+            kind = "url"
+        if not text:
+            self._no_uri(line, cells)
+            return
+        uri, why = _drs_uri(text) if kind == "drs" else _image_url(text)
+        if uri is None:
+            self.skipped.add(line, f"{self._what(index)} {_shorten(text)!r} {why}; "
+                                   "row skipped")
+            return
+        last = unquote(uri.partition("://")[2].partition("?")[0].rstrip("/")
+                       .rpartition("/")[2])
+        last = plain(last).strip() or uri.partition("://")[2].partition("/")[0]
+        name = self._text(cells, "name") or last
+        key = _zip_uid(name) or _zip_uid(last) or uri
+        if key in self.files or key in self.series.seen:
+            self.duplicates += 1
+            return
+        self.files[key] = FileItem(
+            kind=kind, uri=uri, key=key, name=name,
+            collection=self._text(cells, "collection"),
+            patient_id=self._text(cells, "patient_id"),
+            study_uid=self._text(cells, "study_uid"),
+            study_date=self._text(cells, "study_date"),
+            study_description=self._text(cells, "study_description"),
+            modality=self._text(cells, "modality"),
+            size=self._size(line, cells), md5=self._md5(line, cells), line=line,
+        )
+
+    def _no_uri(self, line: int, cells: Sequence[object]) -> None:
+        """A row without a URI: a series of a mixed sheet, a blank row, or skipped."""
+        if self.series_column is not None and self.series_column < len(cells):
+            value = cells[self.series_column]
+            if value is not None and not isinstance(value, str):
+                # Excel turned the UID into a number: digits are already lost.
+                raise ManifestError(f"a number ({value!r}), not a UID: store the column "
+                                    "as text", source=self.source, line=line)
+            uid = (value or "").strip().strip(",;\"'").strip()
+            if uid:
+                if uid in self.files:
+                    self.duplicates += 1
+                else:
+                    self.series.add(uid, self.source, line)
+                return
+        if any(_cell(cell).strip() for cell in cells):
+            wanted = [self.names[i] or f"column {i + 1}" for i in self.drs + self.url]
+            if self.series_column is not None:
+                wanted.append(self.names[self.series_column])
+            self.skipped.add(line, f"no {' or '.join(map(repr, wanted[:3]))} value; "
+                                   "row skipped")
+
+    def _size(self, line: int, cells: Sequence[object]) -> int | None:
+        text, index = self._first(cells, "size")
+        if not text:
+            return None
+        size = _size_value(text)
+        if size is None:
+            self.skipped.add(line, f"{self._what(index)} {_shorten(plain(text))!r} is not "
+                                   "a size in bytes; the row is kept, its size unchecked")
+        return size
+
+    def _md5(self, line: int, cells: Sequence[object]) -> str | None:
+        text, index = self._first(cells, "md5")
+        if not text:
+            return None
+        if _MD5.fullmatch(text) is None:
+            self.skipped.add(line, f"{self._what(index)} {_shorten(plain(text))!r} is not "
+                                   "an MD5 (32 hex digits); the row is kept, its MD5 "
+                                   "unchecked")
+            return None
+        return text.lower()
+
+    def manifest(self) -> Manifest:
+        if not self.files and not self.series.seen:
+            what = " or ".join(repr(_shorten(self.names[i])) for i in (self.drs + self.url)[:2])
+            first = f"; {self.skipped.reasons[0]}" if self.skipped.reasons else ""
+            raise ManifestError(f"no file listed in column {what}{first}",
+                                source=self.source, line=self.header_line)
+        return Manifest(series_uids=self.series.uids(), headers={}, source=self.source,
+                        duplicates_dropped=self.duplicates + self.series.duplicates,
+                        kind=self.kind, files=tuple(self.files.values()),
+                        skipped=self.skipped.result())
+
+
+def _read_file_rows(sheet: _FileSheet, lines: list[str], header: int,
+                    delimiter: str) -> Manifest:
+    """The data rows of a delimited DRS/PathDB sheet, each numbered by the line it
+    starts on (a quoted cell may span lines)."""
+    reader = csv.reader(iter(lines[header + 1:]), delimiter=delimiter)
+    first = header + 2
+    try:
+        for cells in reader:
+            if cells:
+                sheet.add(first, cells)
+            first = header + 2 + reader.line_num
+    except csv.Error as exc:
+        raise ManifestError(f"unreadable spreadsheet row: {exc}", source=sheet.source,
+                            line=first) from None
+    return sheet.manifest()
 
 
 def _read_xlsx(path: Path, source: str) -> Manifest:
@@ -888,15 +1219,16 @@ def _read_xlsx(path: Path, source: str) -> Manifest:
         sheet = book.active if book.active is not None else book.worksheets[0]
         collector = _Collector()
         column: int | None = None
+        files: _FileSheet | None = None
         for number, cells in enumerate(sheet.iter_rows(values_only=True), start=1):
+            if files is not None:
+                files.add(number, cells)
+                continue
             if column is None:
                 column = _uid_column(cells)
-                if column is None:
-                    foreign = _foreign_sheet(cells)
-                    if foreign is not None:
-                        raise ManifestError(foreign, source=source, line=number)
-                    if number >= 50:
-                        break
+                files = _FileSheet.from_header(cells, column, source, number)
+                if column is None and files is None and number >= 50:
+                    break
                 continue
             if column < len(cells) and cells[column] is not None:
                 value = cells[column]
@@ -909,9 +1241,10 @@ def _read_xlsx(path: Path, source: str) -> Manifest:
                 collector.add(value, source, number)
     finally:
         book.close()
+    if files is not None:
+        return files.manifest()
     if column is None:
-        raise ManifestError("no SeriesInstanceUID, 'Series Instance UID' or 'Series UID' "
-                            "column in the first sheet", source=source)
+        raise ManifestError(f"first sheet {_NO_COLUMN}", source=source)
     if not collector.seen:
         raise ManifestError("no series listed in the first sheet", source=source)
     return Manifest(series_uids=collector.uids(), headers={}, source=source,
