@@ -48,6 +48,7 @@ import functools
 import http.client
 import io
 import ipaddress
+import json as json_module
 import logging
 import os
 import socket
@@ -603,8 +604,11 @@ class Transport:
     def open(self, method: str, url: str, *, what: str,
              params: Mapping[str, str] | None = None, data: Mapping[str, str] | None = None,
              headers: Mapping[str, str] | None = None,
-             redirects: bool = True) -> Iterator[Response]:
+             redirects: bool = True, json: object = None) -> Iterator[Response]:
         """Send a request and yield the answer once its status line and headers are in.
+
+        ``data`` is sent as a form, ``json`` (any JSON value but None) as a JSON body
+        (Gen3's token request takes only JSON).
 
         Same-origin redirects are followed when ``redirects`` (a POST body is re-sent
         only for 307/308, as the standard says); a redirect to another origin raises.
@@ -613,6 +617,9 @@ class Transport:
         """
         current = url + ("?" + urlencode(params) if params else "")
         body = urlencode(data).encode() if data is not None else None
+        content_type = "application/x-www-form-urlencoded"
+        if json is not None:
+            body, content_type = json_module.dumps(json).encode(), "application/json"
         for _ in range(MAX_REDIRECTS + 1):
             origin = Origin.of(current)
             floor = ProgressFloor(self.timeout, what)
@@ -624,7 +631,7 @@ class Transport:
             request_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity",
                                **(headers or {})}
             if body is not None:
-                request_headers["Content-Type"] = "application/x-www-form-urlencoded"
+                request_headers["Content-Type"] = content_type
             try:
                 raw = self._send(origin, method, target, body, request_headers, floor)
             except BaseException as exc:
@@ -663,10 +670,11 @@ class Transport:
 
     def call(self, method: str, url: str, *, what: str, params: Mapping[str, str] | None = None,
              data: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None,
-             redirects: bool = True, limit: int = MAX_ANSWER_BYTES) -> Answer:
+             redirects: bool = True, limit: int = MAX_ANSWER_BYTES,
+             json: object = None) -> Answer:
         """One request, the whole answer read within the floor and ``limit``."""
         with self.open(method, url, what=what, params=params, data=data, headers=headers,
-                       redirects=redirects) as response:
+                       redirects=redirects, json=json) as response:
             body = bytearray()
             for chunk in response.chunks():
                 body += chunk
