@@ -20,8 +20,9 @@ from nbia_retriever.server import ReferenceServer
 from nbia_retriever.server.synth import ArchiveSummary, generate_archive
 
 # IDC's fixtures (s3_archive, s3_server, s3_serve, moto_s3): registered once, so the
-# session-scoped ones (moto above all) start once for the whole run.
-pytest_plugins = ["s3_fixtures"]
+# session-scoped ones (moto above all) start once for the whole run; Gen3's and PathDB's
+# (gen3_archive, gen3_server, gen3_serve, gen3_creds) likewise.
+pytest_plugins = ["s3_fixtures", "gen3_fixtures"]
 
 
 @pytest.fixture(scope="session", autouse=True)
