@@ -11,6 +11,7 @@ from ..ondisk import atomic_write_text
 from .app import format_manifest
 from .builds import BUILDS
 from .faults import FaultPlan
+from .gen3 import Gen3Faults
 from .runner import ReferenceServer, run_server
 from .s3 import S3Faults
 
@@ -58,14 +59,32 @@ from .s3 import S3Faults
                    "under its own crdc_series_uuid). Repeatable.")
 @click.option("--idc-exclude", multiple=True, metavar="UID",
               help="Leave this series out of IDC (it then comes from NBIA). Repeatable.")
+@click.option("--gen3-port", type=click.IntRange(min=0), default=None, metavar="PORT",
+              help="Also serve the archive as the CRDC's Gen3 does (Fence tokens, signed "
+                   "URLs, GA4GH DRS) on this port (0 picks a free one), with its signed-URL "
+                   "host and a PathDB on two more free ports: series zips "
+                   "(<SeriesInstanceUID>.zip), reports and pathology slides. Its URL is "
+                   "the --gen3-endpoint.")
+@click.option("--gen3-faults", "gen3_faults_spec", default=None, metavar="SPEC",
+              help="Gen3/PathDB faults, e.g. 'token_ttl=60,token_uses=3,url_uses=1,"
+                   "drop_after=1000000:2,wrong_byte=dg.4DFC/UUID,ignore_range,"
+                   "forbidden=ID,missing=ID,no_drs,rate=80mbit,first_byte_delay=50ms,"
+                   "latency=100ms,etag=off' (see nbia_retriever.server.gen3).")
+@click.option("--gen3-out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR",
+              help="Write credentials.json (for --auth), drs-manifest.csv and "
+                   "pathdb-manifest.csv for the Gen3 and PathDB servers to DIR.")
 def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, seed: int,
                   token_lifetime: float | None, build: str, stored: bool,
                   s3_port: int | None, s3_faults_spec: str | None,
                   idc_index_out: Path | None, idc_version: int,
-                  idc_revised: tuple[str, ...], idc_exclude: tuple[str, ...]) -> None:
+                  idc_revised: tuple[str, ...], idc_exclude: tuple[str, ...],
+                  gen3_port: int | None, gen3_faults_spec: str | None,
+                  gen3_out: Path | None) -> None:
     """Serve ARCHIVE (a folder of DICOM files, one sub-folder per collection) as an NBIA
     server: the v1, v2 and v4 REST API, OAuth tokens and streamed series zips; with
-    --s3-port, also as IDC's S3 buckets."""
+    --s3-port, also as IDC's S3 buckets; with --gen3-port, also as CRDC's Gen3 and
+    PathDB."""
     try:
         plan = FaultPlan.parse(faults_spec, seed=seed) if faults_spec else None
     except NbiaError as exc:
@@ -74,6 +93,12 @@ def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, 
         s3_plan = S3Faults.parse(s3_faults_spec)
     except NbiaError as exc:
         raise click.BadParameter(str(exc), param_hint="--s3-faults") from None
+    try:
+        gen3_plan = Gen3Faults.parse(gen3_faults_spec)
+    except NbiaError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gen3-faults") from None
+    if gen3_out is not None and gen3_port is None:
+        raise click.BadParameter("needs --gen3-port", param_hint="--gen3-out")
 
     def ready(server: ReferenceServer) -> None:
         index = server.index
@@ -102,6 +127,15 @@ def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, 
                        f"{len(view.current)} series, {len(view.prior)} prior versions, "
                        f"{len(view.objects)} objects; anonymous, path-style)")
             click.echo(f"S3 faults: {s3_plan.describe()}")
+        if server.gen3 is not None:
+            gen3 = server.gen3
+            click.echo(f"Gen3:     {gen3.url}  (Fence + GA4GH DRS: {len(gen3.objects)} "
+                       f"objects; signed URLs on {gen3.files_url})")
+            click.echo(f"PathDB:   {gen3.pathdb_url}  ({len(gen3.slides)} slides)")
+            click.echo(f"Gen3 faults: {gen3_plan.describe()}")
+            if server.gen3_out is not None:
+                click.echo(f"Gen3 files: {server.gen3_out}  (credentials.json for --auth, "
+                           "drs-manifest.csv, pathdb-manifest.csv)")
         if server.idc_index is not None:
             click.echo(f"IDC index: {server.idc_index}  (use with --idc-index)")
         click.echo("Press Ctrl+C to stop.")
@@ -111,7 +145,8 @@ def serve_command(archive: Path, host: str, port: int, faults_spec: str | None, 
                    build=build, stored=stored, s3_port=s3_port,
                    s3_faults_spec=s3_faults_spec, idc_index_out=idc_index_out,
                    idc_version=idc_version, idc_revised=idc_revised,
-                   idc_exclude=idc_exclude, on_ready=ready)
+                   idc_exclude=idc_exclude, gen3_port=gen3_port,
+                   gen3_faults_spec=gen3_faults_spec, gen3_out=gen3_out, on_ready=ready)
     except NbiaError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -24,6 +24,7 @@ from .index import ArchiveIndex
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .gen3 import Gen3Server
     from .s3 import S3Server
 
 
@@ -71,6 +72,10 @@ class ReferenceServer(ServedApp):
         self.s3: S3Server | None = None
         #: Where :func:`run_server` wrote the IDC index files, if it did.
         self.idc_index: Path | None = None
+        #: The Gen3 and PathDB servers beside it, when :func:`run_server` was asked for
+        #: them, and the folder it wrote their credentials and manifests to.
+        self.gen3: Gen3Server | None = None
+        self.gen3_out: Path | None = None
 
     def __repr__(self) -> str:
         where = self.url if self.port else "not started"
@@ -147,6 +152,9 @@ def run_server(
     idc_version: int = 22,
     idc_revised: Iterable[str] = (),
     idc_exclude: Iterable[str] = (),
+    gen3_port: int | None = None,
+    gen3_faults_spec: str | None = None,
+    gen3_out: str | Path | None = None,
     on_ready: Callable[[ReferenceServer], None] | None = None,
 ) -> None:
     """Serve until Ctrl+C or SIGTERM (blocking). ``on_ready`` runs once it listens.
@@ -156,6 +164,12 @@ def run_server(
     port, as ``server.s3``; ``idc_index_out`` writes the parquet files describing the
     same view (``idc_version``, ``idc_revised`` series with an older version,
     ``idc_exclude`` series IDC does not hold) there, as ``server.idc_index``.
+
+    ``gen3_port`` (0: a free one) also serves the archive as CRDC and PathDB do
+    (:mod:`.gen3`: a Gen3 API there, its signed-URL host and a PathDB on two more free
+    ports, faults ``gen3_faults_spec``) as ``server.gen3``; its objects are made once in
+    the archive's cache folder. ``gen3_out`` gets ``credentials.json``,
+    ``drs-manifest.csv`` and ``pathdb-manifest.csv`` for it once it listens.
     """
     plan = FaultPlan.parse(faults_spec, seed=seed) if faults_spec else FaultPlan(seed=seed)
     server = ReferenceServer(archive, faults=plan, host=host, port=port,
@@ -172,6 +186,15 @@ def run_server(
         if s3_port is not None:
             server.s3 = S3Server(view, faults=S3Faults.parse(s3_faults_spec), host=host,
                                  port=s3_port)
+    if gen3_port is not None:
+        from .gen3 import Gen3Faults, Gen3Server, gen3_view
+
+        gen3_plan = Gen3Faults.parse(gen3_faults_spec)  # a bad spec before any work
+        folder = server.index.cache_dir / "gen3"
+        objects, slides = gen3_view(server.index, folder, zips=min(3, len(server.index.series)),
+                                    seed=seed)
+        server.gen3 = Gen3Server(folder, objects, slides, gen3_plan, host=host,
+                                 port=gen3_port)
     stopped = threading.Event()
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -180,6 +203,10 @@ def run_server(
     try:
         if server.s3 is not None:
             server.s3.start()
+        if server.gen3 is not None:
+            server.gen3.start()
+            if gen3_out is not None:
+                server.gen3_out = write_gen3_files(server.gen3, gen3_out)
         if on_ready is not None:
             on_ready(server)
         while not stopped.wait(0.5):
@@ -187,8 +214,24 @@ def run_server(
     except KeyboardInterrupt:
         pass
     finally:
+        if server.gen3 is not None:
+            server.gen3.stop()
         if server.s3 is not None:
             server.s3.stop()
         server.stop()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def write_gen3_files(gen3: Gen3Server, folder: str | Path) -> Path:
+    """``credentials.json`` (mode 0600), ``drs-manifest.csv`` (TCIA's columns, every
+    object) and ``pathdb-manifest.csv`` (every slide) for a running Gen3 server, in
+    ``folder``: what a demo points the client at."""
+    from .gen3 import write_drs_manifest, write_pathdb_manifest
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    gen3.write_credentials(out / "credentials.json")
+    write_drs_manifest(out / "drs-manifest.csv", gen3.objects, base_url=gen3.url)
+    write_pathdb_manifest(out / "pathdb-manifest.csv", gen3.slides, base_url=gen3.pathdb_url)
+    return out
