@@ -42,6 +42,13 @@ ERROR_REPORT_HEADER = (
     "Collection", "Patient ID", "Study Instance UID", "Series Instance UID", "Size",
     "Number Of Images", "Status", "Attempts", "Error",
 )
+#: ``files.csv`` (beside metadata.csv): one row per file item, a DRS object or PathDB
+#: slide that is not a series (issue 24). Keyed by ``Source``, the drs:// URI or URL.
+FILES_HEADER = (
+    "Collection", "Subject ID", "File Name", "File Location", "Size", "MD5", "Source",
+    "Downloaded At",
+)
+FILES_CSV = "files.csv"
 #: metadata.csv lines end like the Java tool's.
 CSV_NEWLINE = "\r\n"
 
@@ -119,6 +126,17 @@ def metadata_row(info: SeriesInfo, location: str, timestamp: float, *, images: i
     )]
 
 
+def files_row(info: SeriesInfo, uri: str, location: str, name: str, size: int, md5: str,
+              timestamp: float) -> list[str]:
+    """One files.csv row (:data:`FILES_HEADER`): every cell through ``csv_cell``, as in
+    metadata.csv (a URL or a file name can start with ``=`` too); the size in bytes, not
+    Java's rounded form: the file is one object, its exact size is what people check."""
+    return [csv_cell(value) for value in (
+        info.collection, info.patient_id, name, location, str(size), md5, uri,
+        java_timestamp(timestamp),
+    )]
+
+
 def _row_bytes(row: Sequence[str]) -> bytes:
     buf = io.StringIO()
     csv.writer(buf, lineterminator=CSV_NEWLINE).writerow(row)
@@ -132,6 +150,9 @@ _READ_BLOCK = 4 << 20
 class MetadataCsv:
     """Appends one row per completed series to ``<root>/metadata.csv``, at most once.
 
+    :class:`FilesCsv` is the same file discipline for ``files.csv``: only its header and
+    the column that names a row (:attr:`KEY`) differ.
+
     Several processes may append to one file (cluster shards, a TUI beside a CLI): each
     append locks the file (``flock``), reads the rows others appended since this object
     last looked (never the whole file twice), and writes the header, if the file is
@@ -140,6 +161,10 @@ class MetadataCsv:
     The file is opened without following a symbolic link, and only if it is a regular
     file (a FIFO planted there would block the reader forever).
     """
+
+    #: The header written to an empty file, and the column that names a row.
+    HEADER: tuple[str, ...] = METADATA_HEADER
+    KEY = 0
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -191,9 +216,10 @@ class MetadataCsv:
                         text, first = text.lstrip("\ufeff"), False
                     yield from io.StringIO(text, newline="")  # lines as csv reads a file
 
+        key = self.KEY
         for row in csv.reader(lines()):
-            if row:
-                self._seen.add(row[0])
+            if len(row) > key:
+                self._seen.add(row[key])
         self._offset = size
 
     def append(self, row: Sequence[str]) -> bool:
@@ -207,7 +233,8 @@ class MetadataCsv:
         it was appended."""
         with self._lock:
             added = [False] * len(rows)
-            if all(row[0] in self._seen for row in rows):
+            key = self.KEY
+            if all(row[key] in self._seen for row in rows):
                 return added
             fd = open_regular(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             try:
@@ -218,15 +245,15 @@ class MetadataCsv:
                     new: set[str] = set()
                     parts: list[bytes] = []
                     for i, row in enumerate(rows):
-                        if row[0] not in self._seen and row[0] not in new:
-                            new.add(row[0])
+                        if row[key] not in self._seen and row[key] not in new:
+                            new.add(row[key])
                             parts.append(_row_bytes(row))
                             added[i] = True
                     if not parts:
                         return added
                     size = os.fstat(fd).st_size
                     if size == 0:
-                        parts.insert(0, _row_bytes(METADATA_HEADER))
+                        parts.insert(0, _row_bytes(self.HEADER))
                     data = b"".join(parts)
                     try:
                         view = memoryview(data)
@@ -262,6 +289,17 @@ class MetadataCsv:
         os.ftruncate(fd, keep)
         if self._offset > keep:
             self._offset, self._tail = keep, b""
+
+
+class FilesCsv(MetadataCsv):
+    """``<root>/files.csv``: a row per file item, named by its ``Source`` (the drs://
+    URI or URL: ``uri in files_csv`` asks with ``csv_cell(uri)``, as the row holds it)."""
+
+    HEADER = FILES_HEADER
+    KEY = FILES_HEADER.index("Source")
+
+    def __contains__(self, uid: str) -> bool:
+        return super().__contains__(csv_cell(uid))
 
 
 @dataclass(slots=True)

@@ -48,10 +48,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import DestinationError, JournalError
-from ..models import INFO_FIELDS, LEGACY_CANCELLED, SeriesInfo, SeriesState
+from ..models import INFO_FIELDS, LEGACY_CANCELLED, SeriesInfo, SeriesState, is_file_uid
 from ..ondisk import check_database, journal_paths
 from ..untrusted import plain, redact
-from .rows import REFUSED, FolderCheck, refused_message, row_key, sign, signed
+from .rows import (
+    REFUSED,
+    FolderCheck,
+    refused_message,
+    row_key,
+    row_kind_ok,
+    row_relpath_ok,
+    sign,
+    signed,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
@@ -436,7 +445,9 @@ class Journal:
 
     def _inside(self, uid: str, relpath: object) -> bool:
         """The row's folder is inside the root (absent is fine: just not there)."""
-        if self._folders.folder(relpath) is REFUSED:
+        file = isinstance(uid, str) and is_file_uid(uid)  # a file item names its file
+        if not row_relpath_ok(uid, relpath) or \
+                self._folders.folder(relpath, file=file) is REFUSED:
             self.refused.add(uid)
             return False
         return True
@@ -475,9 +486,14 @@ class Journal:
         index = self._run(work)
         # Where each folder is, all at once (in path order: each study folder opened
         # once); rows naming one outside the root are dropped and counted.
+        # A row naming a file for a series, or a folder for a file item: refused too.
+        mismatched = [uid for uid, record in index.items()
+                      if not row_kind_ok(uid, record.relpath)]
+        for uid in mismatched:
+            del index[uid]
+        refused: list[str] = []
         stamps = self._folders.stamps([record.relpath for record in index.values()])
         doubted: list[str] = []
-        refused: list[str] = []
         for uid, record in index.items():
             stamp = stamps[record.relpath]
             if stamp is REFUSED:
@@ -490,6 +506,7 @@ class Journal:
         for uid in refused:
             del index[uid]
         self.refused.update(refused)
+        self.refused.update(mismatched)
         if doubted:
             self._add_images(index, doubted)
         return index

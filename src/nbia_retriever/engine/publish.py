@@ -16,6 +16,17 @@ exists already is replaced only if it is this series' own (left by an interrupte
 never if it holds another series: that series' folder is then the next variant of the
 name (its whole UID).
 
+A file item (a DRS object or PathDB slide that is not a series: issue 24) is published
+by :meth:`Publisher.publish_file`: one verified file from the run's spool, hard-linked
+(never copied) into ``<Collection>/<Patient>/<name>`` and unlinked from the spool, so
+the name appears whole or not at all and an existing entry is never replaced by
+accident (``link`` fails on an existing name where ``rename`` would overwrite it). A
+name that is taken gets the next variant (``name_2.ext``); a symbolic link or folder
+in the way is never written through; an existing file is replaced only when it is
+this item's own earlier copy (its journal row names it), or kept when it holds exactly
+the fetched bytes (a crash between the link and the journal). Then the journal row, then
+a row in ``files.csv`` beside ``metadata.csv`` (:class:`~nbia_retriever.report.FilesCsv`).
+
 ``LICENSE`` is the Java tool's text, built from the licence name and URL in the
 metadata, whichever endpoint the images came from (``getImageWithMD5Hash`` sends no
 ``LICENSE`` entry): trees made from any server build are byte-identical. Only when the
@@ -26,18 +37,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from .._dicomtags import series_uid_of, sop_class_name
 from ..errors import DestinationError
 from ..layout import Layout, fit_component, sanitize_component, series_relpath_variant
-from ..models import SeriesInfo
+from ..models import SeriesInfo, is_file_uid
 from ..naming import ImageKey, assign_names, safe_entry_name
 from ..ondisk import (
     LICENSE_FILE,
@@ -47,7 +61,7 @@ from ..ondisk import (
     open_dir,
     open_nofollow,
 )
-from ..report import MetadataCsv, metadata_row
+from ..report import FILES_CSV, FilesCsv, MetadataCsv, files_row, metadata_row
 from .checks import StagedEntry
 from .journal import FileRecord, Journal
 from .rows import folder_stamp
@@ -82,6 +96,31 @@ def complete_info(info: SeriesInfo, staged: StagedSeries) -> SeriesInfo:
     if not info.sop_class_name and sop:
         changes["sop_class_name"] = sop_class_name(sop)
     return info.replace(**changes) if changes else info
+
+
+class Fetched(Protocol):
+    """A file a source fetched for a file item (``files.transfer.FetchedFile``): complete
+    and verified, in the run's spool (on the root's file system: published by a link)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def md5(self) -> str: ...
+
+
+#: Names tried for one file item (``name``, ``name_2.ext``, ...) before giving up.
+MAX_FILE_NAMES = 1000
+#: ``link`` errors of a file system without hard links (some FUSE and SMB mounts): the
+#: file is then published by an exclusive create and a rename over it.
+_NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
+                       errno.ENOSYS})
 
 
 @dataclass(frozen=True)
@@ -135,6 +174,11 @@ class Publisher:
         self._rows: list[tuple[str, list[str]]] = []
         self._rows_lock = threading.Lock()
         self._csv_writer = threading.Lock()
+        #: files.csv, opened when a file item is first published or its row is owed.
+        self._files_csv: FilesCsv | None = None
+        self._files_rows: list[tuple[str, list[str]]] = []
+        self._files_writer = threading.Lock()
+        self._place_lock = threading.Lock()
 
     # -- names ----------------------------------------------------------------------------
     def _name_files(self, staged: StagedSeries) -> tuple[FileRecord, ...]:
@@ -224,6 +268,114 @@ class Publisher:
                 for who, _ in batch:
                     self._note(who, f"could not update metadata.csv: {reason}")
 
+    # -- a file item ------------------------------------------------------------------------
+    @property
+    def files_csv(self) -> FilesCsv:
+        """``<root>/files.csv`` (read when first asked for: a series-only run never is)."""
+        with self._rows_lock:
+            if self._files_csv is None:
+                self._files_csv = FilesCsv(self.root.path / FILES_CSV)
+            return self._files_csv
+
+    def has_row(self, uid: str) -> bool:
+        """Its report row is written: metadata.csv's for a series, files.csv's for a file
+        item."""
+        return uid in (self.files_csv if is_file_uid(uid) else self.csv)
+
+    def file_folder(self, info: SeriesInfo) -> tuple[str, str]:
+        """``(Collection, Patient)`` folder names of a file item: the first two components
+        the series layout makes for that collection and patient (same sanitiser, same
+        fallback for empty values), so slides sit beside the patient's series."""
+        bare = info.replace(study_description="", series_description="", series_number="")
+        parts = series_relpath_variant(bare, self.layout, 0).parts
+        return parts[0], parts[1]
+
+    def publish_file(self, uid: str, info: SeriesInfo, fetched: Fetched, *,
+                     attempts: int) -> Published:
+        """Publish one fetched file as ``<Collection>/<Patient>/<name>`` (module
+        docstring), then its journal row (the file's stamp: its ctime) and files.csv row.
+        ``uid`` is the item's key, its URI."""
+        collection, patient = self.file_folder(info)
+        name = safe_entry_name(fetched.name or info.series_description)
+        if info.license_name.strip() and info.license_name.strip() != "null":
+            text = license_text(info, None)
+            if text:
+                self.write_license(collection, text)
+        leaf, stamp = self._place_file(uid, [collection, patient], name, fetched)
+        relpath = PurePosixPath(collection, patient, leaf)
+        files = (FileRecord(leaf, fetched.size, fetched.md5),)
+        self.journal.mark_complete(uid, relpath=str(relpath), files=files,
+                                   nbytes=fetched.size, attempts=attempts, info=info,
+                                   folder_mtime=stamp)
+        # Published and journaled: a lost files.csv row is re-added by the next run.
+        self.add_file_row(uid, info, relpath, time.time(), files[0])
+        return Published(relpath, files, fetched.size, info)
+
+    def add_file_row(self, uid: str, info: SeriesInfo, relpath: PurePosixPath | str,
+                     when: float, record: FileRecord) -> None:
+        """Append the file item's files.csv row (group commit, as :meth:`add_csv_row`)."""
+        row = files_row(info, uid, f"./{relpath}", record.name, record.size, record.md5,
+                        when)
+        files_csv = self.files_csv
+        with self._rows_lock:
+            self._files_rows.append((uid, row))
+        with self._files_writer:
+            with self._rows_lock:
+                batch, self._files_rows = self._files_rows, []
+            if not batch:
+                return
+            try:
+                files_csv.append_many([r for _, r in batch])
+            except (OSError, DestinationError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                for who, _ in batch:
+                    self._note(who, f"could not update {FILES_CSV}: {reason}")
+
+    def _own_relpath(self, uid: str) -> str:
+        """Where this run's journal says the item's earlier copy is ("" if nowhere)."""
+        with contextlib.suppress(DestinationError):
+            entry = self.journal.get(uid)
+            if entry is not None:
+                return entry.relpath
+        return ""
+
+    def _place_file(self, uid: str, parents: list[str], name: str,
+                    fetched: Fetched) -> tuple[str, int]:
+        """Link the spool file in as ``name`` or its first free variant; returns the name
+        used and the file's stamp (after the spool's name is gone: unlinking changes
+        the ctime too)."""
+        parent_fd = open_dir(self.root.path, parents)
+        try:
+            own = self._own_relpath(uid)
+            used: set[str] = set()
+            candidate = name
+            for _ in range(MAX_FILE_NAMES):
+                relpath = "/".join((*parents, candidate))
+                with self._place_lock:  # two items of one patient with one name
+                    kind = entry_kind(parent_fd, candidate)
+                    if kind == "file" and _same_file(parent_fd, candidate, fetched):
+                        os.unlink(fetched.path)  # already there, whole: a crash after the link
+                        return candidate, _file_stamp(parent_fd, candidate)
+                    if kind == "file" and relpath == own:
+                        self._move_aside(parent_fd, candidate, uid)
+                        kind = None
+                    if kind is None:
+                        try:
+                            _link(fetched.path, candidate, parent_fd)
+                        except FileExistsError:
+                            pass  # taken this very moment (another run): the next name
+                        else:
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(fetched.path)
+                            return candidate, _file_stamp(parent_fd, candidate)
+                # A foreign file, a link or a folder: never written through, the next name.
+                used.add(candidate.lower())
+                candidate = _unique(name, used)
+            raise DestinationError(f"{self.root.path.joinpath(*parents) / name}: every "
+                                   f"name for {uid} is taken on disk")
+        finally:
+            os.close(parent_fd)
+
     def _place(self, uid: str, info: SeriesInfo, staged: StagedSeries, planned: int,
                license_bytes: bytes | None) -> PurePosixPath:
         """Move the staging folder to the first variant of its name that is free or its
@@ -265,13 +417,18 @@ class Publisher:
         """Ours, from an interrupted run (published, not yet journaled) or damaged:
         replace it via this run's staging, never by deleting in place."""
         trash = self.staging.path / f"{_safe(uid)}.old"
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(trash)
         os.rename(leaf, trash, src_dir_fd=parent_fd)
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(trash)
 
     def adopt_row(self, uid: str, info: SeriesInfo, relpath: str, when: float,
                   files: tuple[FileRecord, ...]) -> None:
-        """metadata.csv row of a series adopted from an existing tree, if it has none."""
+        """metadata.csv row of a series adopted from an existing tree, if it has none
+        (a file item's: its files.csv row)."""
+        if is_file_uid(uid):
+            if files and uid not in self.files_csv:
+                self.add_file_row(uid, info, relpath, when, files[0])
+            return
         if uid in self.csv:
             return
         images = sum(1 for f in files if f.name.lower().endswith(".dcm"))
@@ -281,6 +438,57 @@ class Publisher:
 def _safe(uid: str) -> str:
 
     return sanitize_component(uid, fallback="series")
+
+
+def _remove(path: Path) -> None:
+    """A folder (a series' old copy) or a file (a file item's), whichever it is."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _link(src: Path, leaf: str, parent_fd: int) -> None:
+    """``src`` as ``leaf`` in the folder ``parent_fd``, never replacing an entry there
+    (FileExistsError); on a file system without hard links, by an exclusive create of
+    the name and a rename over that placeholder."""
+    try:
+        os.link(src, leaf, dst_dir_fd=parent_fd)
+        return
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+    fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o644, dir_fd=parent_fd)
+    os.close(fd)
+    os.rename(src, leaf, dst_dir_fd=parent_fd)
+
+
+def _file_stamp(parent_fd: int, leaf: str) -> int:
+    """The published file's stamp for the journal (:func:`~.rows.folder_stamp`)."""
+    with contextlib.suppress(OSError):
+        return folder_stamp(os.stat(leaf, dir_fd=parent_fd, follow_symlinks=False))
+    return 0
+
+
+def _same_file(parent_fd: int, leaf: str, fetched: Fetched) -> bool:
+    """``leaf`` is a regular file holding exactly the fetched bytes (size, then MD5;
+    read without following a link)."""
+    if not fetched.md5:
+        return False
+    try:
+        fd = os.open(leaf, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=parent_fd)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size != fetched.size:
+            return False
+        digest = hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False))
+    return digest.hexdigest() == fetched.md5.lower()
 
 
 def _mtime(path: Path) -> int:
@@ -309,5 +517,5 @@ def _unique(name: str, used: set[str]) -> str:
     return candidate
 
 
-__all__ = ["JAVA_LICENSE", "Published", "Publisher", "StagedEntry", "complete_info",
+__all__ = ["JAVA_LICENSE", "Fetched", "Published", "Publisher", "StagedEntry", "complete_info",
            "folder_owner", "license_text", "sop_class_name"]

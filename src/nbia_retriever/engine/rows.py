@@ -8,6 +8,12 @@ in ``.nbia/`` or add rows to a group-writable one. So a row is input, like a man
   with a dot, so never ``.``, ``..`` or ``.nbia``; no ``\\``, NUL, control character or
   ``:``; not absolute), and :class:`FolderCheck` the physical one (every component a real
   folder, no symbolic link anywhere, checked with ``lstat`` and never followed);
+* a file item's row (a DRS object or PathDB slide that is not a series, its key a URI:
+  :func:`~nbia_retriever.models.is_file_uid`) names one file, ``Collection/Patient/name``:
+  exactly three components by the same rules (:func:`is_safe_file_relpath`), the last a
+  *regular file* reached without following a link at any level. Which rule applies is
+  the row's key's, never the path's (:func:`row_relpath_ok`): a series row naming a
+  file, or a file row naming a folder, is refused like a row naming a folder outside;
 * a Complete row is believed by one ``stat`` only when it carries a MAC under a key only
   this user holds (:func:`row_key`, ``0600`` in the user's data folder) over what it
   says (:func:`sign`); any other row is re-checked by counting the folder's files.
@@ -31,6 +37,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
+from ..models import is_file_uid
+
 #: How deep series folders sit below the root (Collection/Patient/Study/Series).
 SERIES_DEPTH = 4
 #: ``NBIA_RETRIEVER_DATA`` names the folder of the row key (tests; several accounts).
@@ -43,18 +51,53 @@ _KEY_BYTES = 32
 # (the byte limit is checked apart, for the rare non-ASCII name).
 _PART = r"[^./\\:\x00-\x1f\x7f][^/\\:\x00-\x1f\x7f]{0,254}"
 _RELPATH = re.compile(rf"{_PART}(?:/{_PART}){{{SERIES_DEPTH - 1}}}")
+#: How deep a file item's file sits below the root (Collection/Patient/name).
+FILE_DEPTH = 3
+_FILE_RELPATH = re.compile(rf"{_PART}(?:/{_PART}){{{FILE_DEPTH - 1}}}")
+
+
+def _short_parts(text: str) -> bool:
+    """Every component within 255 bytes (the rare non-ASCII name; a lone surrogate is
+    never a name the layouts make)."""
+    if text.isascii():
+        return True
+    try:
+        return all(len(part.encode("utf-8")) <= 255 for part in text.split("/"))
+    except UnicodeEncodeError:
+        return False
 
 
 def is_safe_relpath(text: object) -> bool:
     """:func:`safe_relpath` as a bool, without building a path (200,000 rows a re-run)."""
     if not isinstance(text, str) or _RELPATH.fullmatch(text) is None:
         return False
-    if text.isascii():
+    return _short_parts(text)
+
+
+def is_safe_file_relpath(text: object) -> bool:
+    """A file item's ``Collection/Patient/name`` by the rules of :func:`safe_relpath`
+    (three components instead of four)."""
+    return isinstance(text, str) and _FILE_RELPATH.fullmatch(text) is not None \
+        and _short_parts(text)
+
+
+def row_kind_ok(uid: object, relpath: str) -> bool:
+    """Whether a row's relpath has its key's depth (a file item's three components, a
+    series' four; "" is fine), by counting: the cheap half of :func:`row_relpath_ok`
+    for the bulk read, whose :meth:`FolderCheck.stamps` checks the rest."""
+    if not relpath:
         return True
-    try:
-        return all(len(part.encode("utf-8")) <= 255 for part in text.split("/"))
-    except UnicodeEncodeError:  # a lone surrogate: never a name the layouts make
-        return False
+    return (isinstance(uid, str) and is_file_uid(uid)) == (relpath.count("/") == FILE_DEPTH - 1)
+
+
+def row_relpath_ok(uid: object, relpath: object) -> bool:
+    """Lexically, what a row of key ``uid`` may name: a file item's file (its key a URI)
+    or a series' folder, by the key's kind; "" (nothing published) is fine."""
+    if relpath == "":
+        return True
+    if isinstance(uid, str) and is_file_uid(uid):
+        return is_safe_file_relpath(relpath)
+    return is_safe_relpath(relpath)
 
 
 def safe_relpath(text: object) -> PurePosixPath | None:
@@ -98,9 +141,13 @@ class FolderCheck:
             self._parents[prefix] = ok
         return ok
 
-    def folder(self, relpath: object) -> os.stat_result | bool | None:
+    def folder(self, relpath: object, *, file: bool = False) -> os.stat_result | bool | None:
         """The ``lstat`` of a row's series folder; None when it is absent; :data:`REFUSED`
-        when the row names anything but a folder inside the root ("": no folder)."""
+        when the row names anything but a folder inside the root ("": no folder). With
+        ``file`` (a file item's row) the same for its ``Collection/Patient/name``, which
+        must be a regular file."""
+        if file:
+            return self._file(relpath)
         if not is_safe_relpath(relpath):
             return None if relpath == "" else REFUSED
         assert isinstance(relpath, str)
@@ -124,6 +171,21 @@ class FolderCheck:
             return None
         return st if stat.S_ISDIR(st.st_mode) else REFUSED
 
+    def _file(self, relpath: object) -> os.stat_result | bool | None:
+        """:meth:`folder` for a file item's row: both parents real folders (or absent),
+        the leaf a regular file, nothing followed."""
+        if not is_safe_file_relpath(relpath):
+            return None if relpath == "" else REFUSED
+        assert isinstance(relpath, str)
+        patient = relpath[:relpath.rfind("/")]
+        if not (self._parent_ok(patient[:patient.find("/")]) and self._parent_ok(patient)):
+            return REFUSED
+        try:
+            st = os.lstat(self.root + relpath)
+        except OSError:
+            return None
+        return st if stat.S_ISREG(st.st_mode) else REFUSED
+
     def stamps(self, relpaths: Iterable[str]) -> dict[str, int | bool | None]:
         """relpath -> the :func:`folder_stamp` of its folder, None when absent,
         :data:`REFUSED` as :meth:`folder` says, for many rows at once.
@@ -133,10 +195,15 @@ class FolderCheck:
         nothing can be swapped in between), and each series folder looked at relative
         to its study's: a fraction of the path walks of one ``lstat`` per row, which is
         what a no-op re-run of 200,000 series spends its time on.
+
+        A three-component relpath is a file item's (:func:`is_safe_file_relpath`: the
+        caller, knowing the row's key, has refused any other kind with
+        :func:`row_relpath_ok`): its leaf must be a regular file, its stamp the file's.
         """
         if not _FD_OK:  # pragma: no cover - Windows: one row at a time
             return {r: (folder_stamp(st) if isinstance(st, os.stat_result) else st)
-                    for r in relpaths for st in (self.folder(r),)}
+                    for r in relpaths
+                    for st in (self.folder(r, file=is_safe_file_relpath(r)),)}
         found: dict[str, int | bool | None] = {}
         # (name, descriptor or None for absent or REFUSED) of the open collection,
         # patient and study folders.
@@ -144,12 +211,14 @@ class FolderCheck:
         root = os.open(self.root, _DIR_FLAGS)
         try:
             for relpath in sorted(set(relpaths)):
-                if not is_safe_relpath(relpath):
+                is_file = is_safe_file_relpath(relpath)
+                if not is_file and not is_safe_relpath(relpath):
                     found[relpath] = None if relpath == "" else REFUSED
                     continue
                 *parents, name = relpath.split("/")
                 depth = 0
-                while depth < len(open_) and open_[depth][0] == parents[depth]:
+                while depth < min(len(open_), len(parents)) \
+                        and open_[depth][0] == parents[depth]:
                     depth += 1
                 for _, fd in open_[depth:]:
                     if type(fd) is int:  # (not None, not REFUSED: a bool)
@@ -167,7 +236,8 @@ class FolderCheck:
                 except OSError:
                     found[relpath] = None
                     continue
-                found[relpath] = folder_stamp(st) if stat.S_ISDIR(st.st_mode) else REFUSED
+                kind_ok = stat.S_ISREG(st.st_mode) if is_file else stat.S_ISDIR(st.st_mode)
+                found[relpath] = folder_stamp(st) if kind_ok else REFUSED
         finally:
             for _, fd in open_:
                 if type(fd) is int:
@@ -202,10 +272,16 @@ def _open_below(above: int | bool | None, name: str) -> int | bool | None:
 
 def file_count(folder: str | Path) -> int | None:
     """Regular files in ``folder`` (links are not counted, nor followed); None when it
-    cannot be listed."""
+    cannot be listed. A file item's row names its one file: 1 when ``folder`` is a
+    regular file itself (never a link: ``lstat``)."""
     try:
         with os.scandir(folder) as entries:
             return sum(1 for e in entries if e.is_file(follow_symlinks=False))
+    except NotADirectoryError:
+        try:
+            return 1 if stat.S_ISREG(os.lstat(folder).st_mode) else None
+        except OSError:
+            return None
     except OSError:
         return None
 

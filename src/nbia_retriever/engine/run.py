@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 import threading
 import time
@@ -56,7 +57,7 @@ from ..errors import (
 )
 from ..layout import Layout, root_folder_name, sanitize_component, series_relpath_variant
 from ..manifest import Manifest, read_manifest
-from ..models import FAILED_STATES, FINAL_STATES, SeriesInfo, SeriesState
+from ..models import FAILED_STATES, FINAL_STATES, SeriesInfo, SeriesState, is_file_uid
 from ..ondisk import DownloadRoot, RunStaging, SeriesLock, ensure_dir
 from ..report import MetadataCsv, Report, SeriesResult
 from ..retry import RetryPolicy
@@ -71,7 +72,7 @@ from .options import DownloadOptions
 from .pieces import PIECES_DIR, ConnectionBudget
 from .plan import PlanBatch, Planner, PlanPhase, bulk
 from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
-from .publish import Publisher
+from .publish import Fetched, Published, Publisher
 from .rows import file_count
 from .scheduler import ConcurrencyLimiter, WorkQueue
 from .source import ByteStream, RemoteSource, Source, Verdict, source_factory
@@ -570,7 +571,11 @@ class Engine:
         self._staging = self.disk.new_run_staging()
         bind = getattr(self.source, "bind_run", None)  # a huge series' images go there
         if bind is not None:
-            bind(ensure_dir(self.disk.state_dir, [PIECES_DIR]), self.budget)
+            pieces = ensure_dir(self.disk.state_dir, [PIECES_DIR])
+            if _takes_files(bind):  # a file item's spool: .nbia/files/ (engine.publish)
+                bind(pieces, self.budget, files=ensure_dir(self.disk.state_dir, [FILES_DIR]))
+            else:
+                bind(pieces, self.budget)
         csv = MetadataCsv(self.disk.metadata_csv)
         self._publisher = Publisher(self.disk, self._staging, self.layout, self._journal, csv,
                                     note=lambda uid, text: self._emit(
@@ -613,7 +618,7 @@ class Engine:
         """Add metadata.csv rows lost by a crash between journal commit and csv append."""
         publisher = self._publisher
         assert publisher is not None and self._journal is not None
-        missing = [uid for uid in complete if uid not in publisher.csv]
+        missing = [uid for uid in complete if not publisher.has_row(uid)]
         for uid in missing:
             entry = self._journal.get(uid)
             if entry is None:
@@ -937,13 +942,17 @@ class Engine:
             self._progress[uid] = progress
             self._busy += 1
         try:
-            staged = self._stage(uid, info, staging, progress)
-            # The source's own rules when it has them (see Source), else the NBIA ones.
-            check = getattr(self.source, "check_series", checks.check_series)
-            check(uid, info, staged.entries, staged.md5_list, md5_required=self.options.md5)
-            assert self._publisher is not None
-            published = self._publisher.publish(uid, info, staged, variant=variant,
-                                                attempts=attempt)
+            if is_file_uid(uid):  # a file item (issue 24): one file, no zip, no checks
+                published = self._fetch_file(uid, info, progress, attempt)
+            else:
+                staged = self._stage(uid, info, staging, progress)
+                # The source's own rules when it has them (see Source), else NBIA's.
+                check = getattr(self.source, "check_series", checks.check_series)
+                check(uid, info, staged.entries, staged.md5_list,
+                      md5_required=self.options.md5)
+                assert self._publisher is not None
+                published = self._publisher.publish(uid, info, staged, variant=variant,
+                                                    attempts=attempt)
             where = getattr(self.source, "where", None)
             if where is not None:
                 result.source = where(uid)
@@ -992,6 +1001,34 @@ class Engine:
             self._emit(Event(EventKind.CONCURRENCY, count=grown,
                              message=f"concurrency up to {grown}"))
         return True
+
+    def _fetch_file(self, uid: str, info: SeriesInfo, progress: Progress,
+                    attempt: int) -> Published:
+        """One attempt at a file item: the source's stream fetches the whole file into
+        the run's spool (resumable, verified as it is written: ``files.transfer``), then
+        it is published by one link (:meth:`.publish.Publisher.publish_file`). Always in
+        this process: a source's ``remote()`` is not asked (nothing to inflate)."""
+
+        def on_progress(nbytes: int) -> None:
+            progress.received = progress.written = nbytes
+            self._on_progress(uid, nbytes)
+
+        with self.budget.stream(self._cancel), self.source.open(info) as stream:
+            with self._lock:
+                self._streams[uid] = stream
+            try:
+                if self._cancel.is_set():
+                    raise Cancelled()
+                fetch = getattr(stream, "fetch", None)
+                if fetch is None:
+                    raise NbiaError(f"{self.source.name} has no file for {uid}")
+                fetched: Fetched = fetch(checkpoint=lambda: self._checkpoint(uid),
+                                         on_progress=on_progress)
+            finally:
+                with self._lock:
+                    self._streams.pop(uid, None)
+        assert self._publisher is not None
+        return self._publisher.publish_file(uid, info, fetched, attempts=attempt)
 
     def _stage(self, uid: str, info: object, staging: Path, progress: Progress) -> StagedSeries:
 
@@ -1153,6 +1190,21 @@ class Engine:
         for callback in list(self._subscribers):
             with contextlib.suppress(Exception):
                 callback(event)
+
+
+#: Where a file item's transfer keeps its part file (``<root>/.nbia/files/``), handed to
+#: a source whose ``bind_run`` takes ``files=``: on the root's file system, so the
+#: verified file is published by a link, never copied.
+FILES_DIR = "files"
+
+
+def _takes_files(bind: Callable[..., object]) -> bool:
+    """``bind_run`` accepts the ``files=`` spool (a ``files`` parameter, or ``**kw``)."""
+    try:
+        parameters = inspect.signature(bind).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "files" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _holds_its_images(folder: Path, entry: JournalEntry) -> bool:
