@@ -16,6 +16,9 @@ side by side, plus ours pinned at 1, 2, 4, 8 and 16 workers on loopback:
   the client and not the reference server sets the pace: ours against the floor at 8.
 * ``wan``     the same series, 80 Mbit/s per connection, 100 ms per request.
 * ``small``   many small series (the CBIS-DDSM shape): 500 series x 2 images x 128 KiB.
+* ``firstbyte`` issue 26: the same 500 series from a server that thinks 1 s before each
+  zip's first byte (``--faults first_byte=1``: a server building zips): ours at defaults
+  against the floor at 16.
 * ``huge``    one 1 GB series (2,000 x 512 KiB): memory must stay flat.
 * ``transports`` the HTTP stacks compared (``transports.py``): what chose the design.
 * ``scale``   issue 14: a 50,000-series download on the emulator (first series, total,
@@ -70,13 +73,15 @@ FLOOR = HERE / "floor.sh"
 PEER_DRIVER = HERE / "peer_driver.py"
 MAX_STREAMS = DownloadOptions().max_connections
 #: The floor's concurrency per scenario: the issue's reference points.
-FLOOR_STREAMS = {"lan": 8, "stored": 8, "wan": 16, "small": 8, "huge": 8, "fast": 8}
+FLOOR_STREAMS = {"lan": 8, "stored": 8, "wan": 16, "small": 8, "huge": 8, "fast": 8,
+                 "firstbyte": 16}
 FAST_SERVER = HERE / "fastserver.py"
 WAN_FAULTS = "bandwidth=80mbit,latency=0.1"
+FIRST_BYTE_FAULTS = "first_byte=1"
 INFLATE = {"isal": "ISA-L (isal)", "zlib": "zlib"}.get(INFLATE_LIBRARY, INFLATE_LIBRARY)
 MB = 1e6
-SCENARIOS = ("lan", "stored", "fast", "wan", "small", "huge", "pieces", "idc", "transports",
-             "scale")
+SCENARIOS = ("lan", "stored", "fast", "wan", "small", "firstbyte", "huge", "pieces", "idc",
+             "transports", "scale")
 
 
 # --------------------------------------------------------------------------- settings
@@ -518,6 +523,9 @@ def evaluate(results: dict[str, list[Aggregate]], scale: dict[str, object] | Non
             vs_floor(scen, f"{what}: ours at defaults >= 0.9x the floor at 8")
     vs_floor("wan", "80 Mbit/s per connection, 100 ms per request: ours at defaults >= 0.9x "
                     "the floor at 16")
+    if "firstbyte" in results:
+        vs_floor("firstbyte", "500 series x 2 images, 1 s before each zip's first byte: ours "
+                              "at defaults >= 0.9x the floor at 16")
 
     details, ok_all, any_run = [], True, False
     for scen, aggs in results.items():
@@ -717,6 +725,7 @@ SCENARIO_TITLES = {
     "stored": "LAN: loopback, no caps, STORED entries",
     "wan": "WAN: 80 Mbit/s per connection, 100 ms per request",
     "small": "Many small series",
+    "firstbyte": "Many small series, 1 s before each zip's first byte (a server building zips)",
     "huge": "One huge series",
 }
 #: The fast scenario's parts (issue 26): the archive and the entries' method.
@@ -1011,11 +1020,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"`--faults \"{WAN_FAULTS}\"`: each zip stream capped at 80 Mbit/s "
                         "(10 MB/s per connection), 100 ms added before every API answer.")
 
-    def small() -> None:
+    def small_spec() -> ArchiveSpec:
         per = 10 if settings.small_series % 10 == 0 else 1
-        spec = ArchiveSpec("small", patients=settings.small_series // per, series=per,
+        return ArchiveSpec("small", patients=settings.small_series // per, series=per,
                            images=2, image_bytes=settings.small_image_kib * 1024)
-        archive = ensure_archive(spec, work)
+
+    def small() -> None:
+        archive = ensure_archive(small_spec(), work)
         announce("small")
         results["small"] = runner.transfer(
             "small", archive, archive.uids,
@@ -1023,6 +1034,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         sizes["small"] = (f"{len(archive.uids)} series x 2 images x {settings.small_image_kib} "
                           f"KiB = {fmt_mb(archive.total_bytes)} MB (CBIS-DDSM has ~6,800 "
                           "series of 1-2 images; `--small-series 2000` for the full shape).")
+
+    def firstbyte() -> None:
+        archive = ensure_archive(small_spec(), work)
+        announce("firstbyte")
+        clients = [Client("ours", None, settings.repeat, {"default"}),
+                   Client("ours", 16, settings.repeat, {"sweep"}),
+                   Client("floor", FLOOR_STREAMS["firstbyte"], settings.repeat, {"floor"})]
+        results["firstbyte"] = runner.transfer("firstbyte", archive, archive.uids, clients,
+                                               FIRST_BYTE_FAULTS)
+        sizes["firstbyte"] = (f"The {len(archive.uids)} small series above "
+                              f"({fmt_mb(archive.total_bytes)} MB); server `--faults "
+                              f"\"{FIRST_BYTE_FAULTS}\"`: 1 s before each zip's first byte "
+                              "(a server building zips), metadata answered at once. The "
+                              "streams in flight, not the bytes, set the pace.")
 
     def huge() -> None:
         images = max(1, settings.huge_mb * 1_000_000 // (settings.huge_image_kib * 1024))
@@ -1060,7 +1085,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             extra.extend([f"## {name}", "", f"`{script}` failed (exit {done.returncode})."])
 
     steps: dict[str, Callable[[], None]] = {
-        "lan": lan, "stored": stored, "fast": fast, "wan": wan, "small": small, "huge": huge,
+        "lan": lan, "stored": stored, "fast": fast, "wan": wan, "small": small,
+        "firstbyte": firstbyte, "huge": huge,
         "pieces": lambda: script_section("pieces", "huge_pieces.py"),
         "idc": lambda: script_section("idc", "idc.py", "--work", str(work)),
         "transports": transports_step, "scale": scale_step}

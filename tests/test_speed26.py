@@ -2,6 +2,9 @@
 
 * The run starts at the streams the floor opens (8) and says so first thing in --json
   (the limiter's own steps are driven window by window in test_scheduler.py).
+* A server that thinks before each zip's first byte (``--faults first_byte=S``) keeps the
+  streams waiting on it, not on the link: the limiter, told how many streams waited a
+  whole window, climbs to the cap and holds there instead of judging the bursty bytes.
 * A download re-signs the journal rows of its series once their folders' stamps are old
   enough to be believed alone (engine.plan.Planner.settle): the first no-op re-run then
   counts no folder and rewrites no row. The one series the server stalls (3 s, a server
@@ -15,14 +18,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from enginehelpers import write_manifest
 from nbia_retriever import download
 from nbia_retriever.engine.journal import RACY_SECONDS, Journal
-from nbia_retriever.engine.scheduler import INITIAL_STREAMS
+from nbia_retriever.engine.scheduler import INITIAL_STREAMS, ConcurrencyLimiter
 from nbia_retriever.server import FaultPlan
 
 FAST = {"backoff_base": 0.01, "timeout": 20.0}
@@ -90,3 +95,61 @@ def test_json_says_where_the_streams_start(tmp_path, archive, serve):
     events = [json.loads(line) for line in done.stdout.splitlines()]
     streams = [e for e in events if e["event"] == "concurrency"]
     assert streams[0]["count"] == INITIAL_STREAMS == 8
+
+
+# -- a server that builds each zip before its first byte --------------------------------
+def think_time_link(limiter: ConcurrencyLimiter, windows: int, *,
+                    tell_waiting: bool) -> list[int]:
+    """0.25 s windows on a server with 1 s before each zip's first byte: each stream's
+    zip arrives in one burst every fourth window, the three before it wait. Returns the
+    limit after each window."""
+    total, seen = 0, []
+    limiter.sample(0, 0.0, waiting=0)
+    for k in range(1, windows + 1):
+        n = limiter.limit
+        burst = k % 4 == 1
+        total += n * 256 * 1024 if burst else 0
+        waiting = n if (tell_waiting and not burst) else 0
+        limiter.active = n  # every slot holds a stream
+        limiter.sample(total, k * 0.25, waiting=waiting)
+        seen.append(limiter.limit)
+    return seen
+
+
+def test_streams_waiting_on_the_server_raise_the_count_to_the_cap_and_hold() -> None:
+    limiter = ConcurrencyLimiter(16, explore=True)
+    seen = think_time_link(limiter, 40, tell_waiting=True)
+    assert seen[0] == 16 and seen == [16] * 40
+
+
+def test_without_the_waiting_count_the_bursts_would_step_back() -> None:
+    """What the count is for: judged by its bursty bytes alone, the same server makes
+    the limiter step back below the cap."""
+    limiter = ConcurrencyLimiter(16, explore=True)
+    seen = think_time_link(limiter, 40, tell_waiting=False)
+    assert min(seen[1:]) < 16
+
+
+def test_waiting_streams_climb_past_the_start_to_a_higher_cap() -> None:
+    limiter = ConcurrencyLimiter(64, explore=True)
+    seen = think_time_link(limiter, 12, tell_waiting=True)
+    assert seen[-1] == 64 and seen == sorted(seen)
+
+
+def test_the_first_byte_knob_delays_zips_not_metadata(serve, archive) -> None:
+    """``first_byte`` holds each zip download (at least that long) and answers metadata
+    at once: with a minute's think-time a metadata answer within the client's 20 s
+    timeout shows it is not held."""
+    plan = FaultPlan.parse("first_byte=0.4")
+    assert plan.first_byte == 0.4 and plan.active and "first_byte=0.4s" in plan.describe()
+    server = serve(archive.root)
+    uid = archive.series[0].series_uid
+    with httpx.Client(timeout=20.0) as http:
+        server.set_faults(plan)
+        started = time.perf_counter()
+        got = http.get(f"{server.api_url}/v1/getImage", params={"SeriesInstanceUID": uid})
+        assert got.status_code == 200 and got.content[:2] == b"PK"
+        assert time.perf_counter() - started >= 0.4
+        server.set_faults(FaultPlan(first_byte=60.0))
+        meta = http.get(f"{server.api_url}/v1/getSeries", params={"SeriesInstanceUID": uid})
+        assert meta.status_code == 200

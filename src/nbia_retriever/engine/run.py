@@ -846,12 +846,22 @@ class Engine:
                 self._client.close()
 
     def _monitor(self) -> None:
-        """Samples throughput for the limiter until the workers are gone."""
+        """Samples throughput for the limiter until the workers are gone.
+
+        It also counts the streams that waited a whole window for their first byte (no
+        byte received nor written at this sample and the one before: a worker process
+        reports every RX_STEP bytes or image): a server thinking before each zip, which
+        the limiter answers with more streams rather than by the bursty rate."""
+        waited: set[int] = set()
         while not self._stop_monitor.wait(SAMPLE_WINDOW):
             stats = self.stats()
             with self._lock:
                 saturated = self._busy + self.budget.borrowed >= self.limiter.limit
-            changed = self.limiter.sample(stats.bytes_received, saturated=saturated)
+                idle = {id(p) for p in self._progress.values()
+                        if not p.received and not p.written}
+            waiting, waited = len(idle & waited), idle
+            changed = self.limiter.sample(stats.bytes_received, saturated=saturated,
+                                          waiting=waiting)
             if changed is not None:
                 self._emit(Event(EventKind.CONCURRENCY, count=changed,
                                  message=f"{changed} concurrent streams"))

@@ -17,7 +17,12 @@
     run is at full speed within about a second on loopback and a few windows on a slow
     link, instead of waiting a settling window per level; later changes wait one. A
     loopback download on two cores settles at a few streams; a wide link with a
-    per-connection cap climbs to ``maximum``.
+    per-connection cap climbs to ``maximum``. A window in which half the streams or
+    more waited the whole window for their first byte (a server that builds each zip
+    before sending it) is not judged by its bytes, which come in bursts as answers
+    start: the streams wait on the server, not on the link, so more requests in flight
+    is what pays, and the count rises (up to ``maximum``, the politeness cap) and never
+    steps back on such a window.
   - **Politeness** (AIMD, like TCP congestion control): a server that answers 429 or
     503, or keeps timing out, is asking clients to back off. Every such signal halves
     the limit (at most once per ``limit`` completed series, so a burst of 429s from
@@ -147,12 +152,13 @@ class ConcurrencyLimiter:
 
     # -- exploration ----------------------------------------------------------------------
     def sample(self, total_bytes: int, now: float | None = None, *,
-               saturated: bool = True) -> int | None:
+               saturated: bool = True, waiting: int = 0) -> int | None:
         """Feed the bytes moved so far by all streams; called once per sampling window.
 
         ``saturated`` says every slot had work during the window: a window limited by
-        the lack of work says nothing about the link, so it is not judged. Returns the
-        new limit if it changed.
+        the lack of work says nothing about the link, so it is not judged. ``waiting``
+        is how many streams waited the whole window for their first byte (see the
+        module docstring). Returns the new limit if it changed.
         """
         now = time.monotonic() if now is None else now
         with self._cond:
@@ -172,6 +178,16 @@ class ConcurrencyLimiter:
                 self._settle -= 1
                 return None
             level = self.target
+            if waiting and 2 * waiting >= max(1, self.active):
+                # Idle-waiting, not bandwidth-bound: the rate is not recorded (it would
+                # make the next judgement compare bursts).
+                self._fewer = self._doubt = False
+                if level >= self.maximum:
+                    self._raising = self._climbing = False
+                    return None
+                self._raising = True
+                return self._set(min(self.maximum, level * 2), previous=level,
+                                 settle=0 if self._climbing else 1)
             known = self._rates.get(level)
             self._rates[level] = rate if known is None else 0.5 * (known + rate)
             before = self._rates.get(self._previous)

@@ -255,6 +255,9 @@ class NbiaService(RequestLog):
             latency = self.injector.plan.latency
             if latency and request.path.startswith("/nbia-api/"):
                 await asyncio.sleep(latency)
+            if state.download and self.injector.plan.first_byte:
+                # A server building the zip before its first byte (``first_byte``).
+                await asyncio.sleep(self.injector.plan.first_byte)
             response = await handler(request)
             status = response.status
             return response

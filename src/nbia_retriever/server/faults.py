@@ -30,6 +30,9 @@ http462    462 "Insufficient privilege." (idem)                          -
 =========  ============================================================  ===================
 
 Conditions that are not faults: ``latency`` (seconds added before every API answer),
+``first_byte`` (seconds before each zip download is answered: a server that builds a
+series' zip before it sends a byte, as the real one does under load; metadata answers are
+not delayed),
 ``bandwidth`` (bytes per second per zip stream; HTTP/1.1 sends one response at a time on a
 connection, so this is a per-connection cap) and ``hold_metadata=N`` (metadata answers
 after the first N, 0 for all, wait until a series zip has been sent whole, at most a minute: a
@@ -39,7 +42,8 @@ for all its metadata before downloading anything is held the whole minute).
 The CLI spec (``--faults``) is a comma-separated list of ``key=value``::
 
     reset=0.2,short=0.1,corrupt=0.1,http500=0.1,http503=0.05,http429=0.1:2,
-    stall=0.05:3,latency=0.1,bandwidth=10mbit,max_per_series=2,metadata=yes,seed=7
+    stall=0.05:3,latency=0.1,first_byte=1,bandwidth=10mbit,max_per_series=2,metadata=yes,
+    seed=7
 
 Probabilities are in [0, 1] and add up to at most 1; ``http429=P:S`` and ``http503=P:S``
 set the Retry-After seconds, ``stall=P:S`` the stall length. Bandwidth units: ``bit``,
@@ -111,6 +115,7 @@ class FaultPlan:
     stall_seconds: float = 3.0
     retry_after: float = 1.0
     latency: float = 0.0
+    first_byte: float = 0.0
     bandwidth: float | None = None
     hold_metadata: int | None = None
     max_faults_per_series: int | None = None
@@ -127,7 +132,7 @@ class FaultPlan:
             total += p
         if total > 1.0 + 1e-9:
             raise FaultSpecError(f"fault probabilities add up to {total:g}, more than 1")
-        for name in ("stall_seconds", "retry_after", "latency"):
+        for name in ("stall_seconds", "retry_after", "latency", "first_byte"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise FaultSpecError(f"{name}={value!r} must be a non-negative number")
@@ -155,7 +160,7 @@ class FaultPlan:
     @property
     def active(self) -> bool:
         return bool(self.probability or self.script or self.metadata_script or self.latency
-                    or self.bandwidth or self.hold_metadata is not None)
+                    or self.first_byte or self.bandwidth or self.hold_metadata is not None)
 
     def describe(self) -> str:
         """A one-line summary for the CLI banner (scripts are summarised, not listed)."""
@@ -166,6 +171,8 @@ class FaultPlan:
             parts.append(f"retry_after={self.retry_after:g}")
         if self.latency:
             parts.append(f"latency={self.latency:g}s")
+        if self.first_byte:
+            parts.append(f"first_byte={self.first_byte:g}s")
         if self.bandwidth:
             parts.append(f"bandwidth={self.bandwidth:.0f}B/s")
         if self.max_faults_per_series is not None:
@@ -205,7 +212,7 @@ class FaultPlan:
                     if target is None:
                         raise FaultSpecError(f"--faults {item!r}: {key} takes no parameter")
                     values[target] = _number(param, f"--faults {item!r}")
-            elif key in ("stall_seconds", "retry_after", "latency"):
+            elif key in ("stall_seconds", "retry_after", "latency", "first_byte"):
                 values[key] = _number(value.removesuffix("s"), f"--faults {item!r}")
             elif key == "bandwidth":
                 values[key] = parse_rate(value)
@@ -218,8 +225,8 @@ class FaultPlan:
             elif key == "metadata":
                 values["metadata"] = _flag(value or "yes", item)
             else:
-                known = [*FAULT_KINDS, "stall_seconds", "retry_after", "latency", "bandwidth",
-                         "max_per_series", "hold_metadata", "metadata", "seed"]
+                known = [*FAULT_KINDS, "stall_seconds", "retry_after", "latency", "first_byte",
+                         "bandwidth", "max_per_series", "hold_metadata", "metadata", "seed"]
                 raise FaultSpecError(
                     f"--faults: unknown key {key!r}; known: {', '.join(known)}"
                 )
