@@ -1084,12 +1084,15 @@ class _FileSheet:
         """The first non-empty cell of a field's columns (stripped), and its column."""
         for index in self.columns.get(field_name, ()):
             if index < len(cells):
-                text = _cell(cells[index]).strip()
+                value = cells[index]
+                text = (value if type(value) is str else _cell(value)).strip()
                 if text:
                     return text, index
         return "", -1
 
     def _text(self, cells: Sequence[object], field_name: str) -> str:
+        if field_name not in self.columns:  # most sheets have a few of the fields
+            return ""
         return plain(self._first(cells, field_name)[0]).strip()
 
     def _what(self, index: int) -> str:
@@ -1108,11 +1111,12 @@ class _FileSheet:
             return
         uri, why = _drs_uri(text) if kind == "drs" else _image_url(text)
         if uri is None:
-            self.skipped.add(line, f"{self._what(index)} {_shorten(text)!r} {why}; "
+            self.skipped.add(line, f"{self._what(index)} {_shorten(_redact(text))!r} {why}; "
                                    "row skipped")
             return
+        # The last path segment, decoded (``c%2Fd`` -> ``d``); the host for a bare URL.
         last = unquote(uri.partition("://")[2].partition("?")[0].rstrip("/")
-                       .rpartition("/")[2])
+                       .rpartition("/")[2]).rpartition("/")[2]
         last = plain(last).strip() or uri.partition("://")[2].partition("/")[0]
         name = self._text(cells, "name") or last
         key = _zip_uid(name) or _zip_uid(last) or uri
