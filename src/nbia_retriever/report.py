@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import MissingDependencyError
 from .errors import SeriesFailedError as SeriesFailedError  # re-export
-from .models import FAILED_STATES, SeriesInfo, SeriesState
+from .models import FAILED_STATES, SeriesInfo, SeriesState, is_file_uid
 from .ondisk import atomic_write_text, lock_file, open_regular, unlock_file
 from .untrusted import csv_cell, plain, redact
 
@@ -135,6 +135,16 @@ def files_row(info: SeriesInfo, uri: str, location: str, name: str, size: int, m
         info.collection, info.patient_id, name, location, str(size), md5, uri,
         java_timestamp(timestamp),
     )]
+
+
+def item_label(uid: str, info: SeriesInfo | None) -> str:
+    """How people know a file item (issue 24): ``collection · patient · file name``
+    (the file name is its ``series_description``); a series, or an item without
+    metadata, by its key. Printable (:func:`~nbia_retriever.untrusted.plain`)."""
+    if info is None or not is_file_uid(uid):
+        return plain(uid)
+    parts = [p for p in (info.collection, info.patient_id, info.series_description) if p]
+    return plain(" \u00b7 ".join(parts)) if parts else plain(uid)
 
 
 def _row_bytes(row: Sequence[str]) -> bytes:

@@ -21,6 +21,7 @@ import csv
 import io
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,9 +39,24 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
-from .models import ALIASES, INFO_FIELDS, SeriesInfo, SeriesState, normalise_series_metadata
+from .models import (
+    ALIASES,
+    INFO_FIELDS,
+    SeriesInfo,
+    SeriesState,
+    is_file_uid,
+    normalise_series_metadata,
+)
 from .ondisk import STATE_DIR, atomic_write_text, check_regular
-from .report import CSV_NEWLINE, METADATA_HEADER, metadata_row
+from .report import (
+    CSV_NEWLINE,
+    FILES_CSV,
+    METADATA_HEADER,
+    FilesCsv,
+    files_row,
+    item_label,
+    metadata_row,
+)
 from .session import open_session, resolve_server
 
 __all__ = [
@@ -520,6 +536,8 @@ class MergeReport:
     csv_bad_lines: int = 0
     csv_added: int = 0
     csv_rewritten: bool = False
+    #: files.csv rows of complete file items (issue 24) written again from the journals.
+    files_added: int = 0
     #: One line per journal whose rows named folders outside the root: those series are
     #: not taken as complete (and their folders never named).
     warnings: list[str] = field(default_factory=list)
@@ -540,6 +558,8 @@ class MergeReport:
         state = "rewritten" if self.csv_rewritten else ("needs fixing" if fixes else "clean")
         lines.append(f"metadata.csv: {self.csv_rows} rows, {state}"
                      + (f" ({', '.join(fixes)})" if fixes else ""))
+        if self.files_added:
+            lines.append(f"{FILES_CSV}: {self.files_added} rows added from the journals")
         if self.conflicts:
             lines.append(f"{len(self.conflicts)} conflict(s)")
         if self.missing:
@@ -619,7 +639,7 @@ def merge_reports(root: str | os.PathLike[str], *,
                 result.conflicts.append(
                     f"series {uid} and {other} both claim the folder {e.relpath}: one "
                     "overwrote the other")
-            elif (base / e.relpath).is_dir():
+            elif _published(base, e):
                 done.setdefault(uid, e)
     for uid in expected:
         if uid in done:
@@ -632,6 +652,11 @@ def merge_reports(root: str | os.PathLike[str], *,
             error = entry.last_error
             if state == SeriesState.COMPLETE:
                 state, error = "Folder missing", f"{entry.relpath} is not on disk"
+                if is_file_uid(uid):
+                    state = "File missing"
+            if is_file_uid(uid) and entry.info is not None:  # named as people know it
+                error = f"{item_label(uid, entry.info)}: {error}" if error \
+                    else item_label(uid, entry.info)
         else:
             state = SeriesState.NOT_STARTED
             error = ("in no journal: did this shard's job run?" if count
@@ -640,7 +665,37 @@ def merge_reports(root: str | os.PathLike[str], *,
         result.missing.append(MissingSeries(uid, state, error, shard))
 
     _merge_csv(base / "metadata.csv", done, result, fix=fix)
+    _merge_files_csv(base, done, result, fix=fix)
     return result
+
+
+def _published(base: Path, entry: Any) -> bool:
+    """A complete row's series folder is there; a file item's (issue 24) file is, as a
+    regular file (a link is no file of ours)."""
+    path: Path = base / entry.relpath
+    if not is_file_uid(entry.uid):
+        return path.is_dir()
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _merge_files_csv(base: Path, done: Mapping[str, Any], result: MergeReport, *,
+                     fix: bool) -> None:
+    """files.csv rows of complete file items that it lacks, from the journals (appended
+    like the engine's: the file is never rewritten)."""
+    items = {uid: e for uid, e in done.items()
+             if is_file_uid(uid) and e.info is not None and e.files}
+    if not items:
+        return
+    table = FilesCsv(base / FILES_CSV)
+    owed = [files_row(e.info, uid, "./" + e.relpath, e.files[0].name, e.files[0].size,
+                      e.files[0].md5, e.completed)
+            for uid, e in items.items() if uid not in table]
+    result.files_added = len(owed)
+    if owed and fix:
+        table.append_many(owed)
 
 
 def _merge_csv(path: Path, done: Mapping[str, Any], result: MergeReport, *, fix: bool) -> None:
@@ -679,7 +734,7 @@ def _merge_csv(path: Path, done: Mapping[str, Any], result: MergeReport, *, fix:
             seen.add(row[0])
             rows.append(row)
     for uid, entry in done.items():
-        if uid in seen or entry.info is None:
+        if uid in seen or entry.info is None or is_file_uid(uid):  # files.csv's
             continue
         images = sum(1 for f in entry.files if f.name.lower().endswith(".dcm"))
         rows.append(metadata_row(entry.info, "./" + entry.relpath, entry.completed,

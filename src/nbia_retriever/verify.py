@@ -3,7 +3,9 @@
 Silent corruption after the fact (a bad disk, a sync tool, a careless script) is as bad
 as a broken download. The journals know the name, size and MD5 of every file they
 published, so this re-hashes them and lists what is missing, altered or unexpected.
-Every series is counted once, whichever journals (shards, re-runs) name it. Files
+Every series is counted once, whichever journals (shards, re-runs) name it; a file item
+(a DRS object or PathDB slide published as ``Collection/Patient/name``, issue 24) is
+checked like a series of one file. Files
 adopted from an existing tree were never hashed by us: their sizes are checked here,
 their content by ``verify --server`` (:mod:`nbia_retriever.verify_server`).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ from .engine.journal import Journal, JournalEntry
 from .engine.staging import looks_like_dicom
 from .errors import AmbiguousRootError, DestinationError
 from .layout import root_folder_name
-from .models import SeriesState
+from .models import SeriesState, is_file_uid
 from .ondisk import STATE_DIR, journal_paths
 
 
@@ -144,6 +147,9 @@ def verify_root(root: Path, *, quick: bool = False,
         result.series += 1
         if on_series:
             on_series(entry.uid)
+        if is_file_uid(entry.uid):  # a file item: its one file, Collection/Patient/name
+            _check_file(root, entry, result, quick=quick)
+            continue
         folder = root / entry.relpath
         if not folder.is_dir() or folder.is_symlink():
             result.problems.append(f"missing series {entry.uid}: {entry.relpath}")
@@ -167,3 +173,38 @@ def verify_root(root: Path, *, quick: bool = False,
         for name in sorted(present - set(expected)):
             result.problems.append(f"unexpected file {entry.relpath}/{name}")
     return result
+
+
+def _check_file(root: Path, entry: JournalEntry, result: VerifyResult, *,
+                quick: bool) -> None:
+    """A file item (issue 24): its file is there, a regular file (never read through a
+    link: the journal refused a row whose leaf is one), with the size and MD5 its row
+    recorded when it was published."""
+    result.files += 1
+    path = root / entry.relpath
+    record = entry.files[0] if entry.files else None
+    try:
+        st = path.lstat()
+    except OSError:
+        result.problems.append(f"missing file {entry.relpath}")
+        return
+    if not stat.S_ISREG(st.st_mode):
+        result.problems.append(f"not a regular file {entry.relpath}")
+    elif record is None or st.st_size != record.size:
+        result.problems.append(f"altered file (size) {entry.relpath}")
+    elif not record.md5:
+        result.unhashed += 1
+    elif not quick and _md5_nofollow(path) != record.md5:
+        result.problems.append(f"altered file (MD5) {entry.relpath}")
+
+
+def _md5_nofollow(path: Path) -> str:
+    """:func:`_md5` of a file opened without following a link ("" when it cannot be:
+    a link swapped in since it was looked at reads as altered, never as its target)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as handle:
+        return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)
+                                   ).hexdigest()
