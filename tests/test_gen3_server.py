@@ -7,23 +7,33 @@ server's. Clients here are http.client and urllib: nothing of ours on the client
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import http.client
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import pytest
+from click.testing import CliRunner
 
+from nbia_retriever.errors import ArchiveError, FaultSpecError
+from nbia_retriever.server import serve_command
 from nbia_retriever.server.gen3 import (
+    PAGE_SIZE,
     Gen3Faults,
     Gen3Server,
     gen3_view,
     jwt_claims,
     object_id_for,
+    write_drs_manifest,
+    write_pathdb_manifest,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +70,8 @@ def call(url: str, method: str = "GET", *, headers: dict[str, str] | None = None
             if isinstance(exc, http.client.IncompleteRead):
                 data += exc.partial
             return Answer(response.status, got, bytes(data), type(exc).__name__)
+        if method != "HEAD" and len(data) < int(got.get("content-length", 0)):
+            return Answer(response.status, got, bytes(data), "short")  # closed early
         return Answer(response.status, got, bytes(data))
     finally:
         conn.close()
@@ -260,3 +272,359 @@ def test_pathdb_slide(gen3_server: Gen3Server, gen3_archive: Gen3Archive,
     assert call(url, headers={"Range": f"bytes={slide.size}-"}).status == 416
     assert call(url, headers={"Authorization": "Bearer x"}).status == 400
     assert call(gen3_server.pathdb_url + "/system/files/wsi/nope.svs").status == 404
+
+
+def test_pathdb_list_of_images(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    """tcia_utils' getImages: pages until an empty one; imageUrl in field_wsiimage."""
+    cid = gen3_archive.slides[0].collection_id
+    urls: list[str] = []
+    page = 0
+    while True:
+        answer = call(f"{gen3_server.pathdb_url}/listofimages/{cid}?_format=json&page={page}")
+        assert answer.status == 200
+        items = answer.json()
+        if not items:
+            break
+        assert len(items) <= PAGE_SIZE
+        urls += [item["field_wsiimage"][0]["url"] for item in items]
+        page += 1
+    expected = [gen3_server.slide_url(s) for s in gen3_archive.slides if s.collection_id == cid]
+    assert urls == expected and page == -(-len(expected) // PAGE_SIZE)
+    for url in urls:
+        assert call(url, "HEAD").status == 200
+
+
+# -- GA4GH DRS -----------------------------------------------------------------------
+def test_drs_object_and_access(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    obj = gen3_archive.zips[0]
+    auth = bearer(gen3_server)
+    base = f"{gen3_server.url}/ga4gh/drs/v1/objects/"
+    answer = call(base + obj.object_id, headers=auth)
+    assert answer.status == 200
+    body = answer.json()
+    host = urlsplit(gen3_server.url).netloc
+    assert body["id"] == obj.object_id and body["self_uri"] == f"drs://{host}/{obj.object_id}"
+    assert (body["name"], body["size"]) == (obj.name, obj.size)
+    assert body["checksums"] == [{"type": "md5", "checksum": obj.md5}]
+    assert body["created_time"]
+    method = body["access_methods"][0]
+    assert method["type"] == "https"
+    access = call(f"{base}{obj.object_id}/access/{method['access_id']}", headers=auth)
+    assert access.status == 200
+    got = call(access.json()["url"])
+    assert got.status == 200 and md5(got.body) == obj.md5
+    assert gen3_server.url_requests == 1
+    escaped = call(base + obj.object_id.replace("/", "%2F"), headers=auth)
+    assert escaped.status == 200 and escaped.json()["id"] == obj.object_id
+
+
+def test_drs_errors(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    obj = gen3_archive.files[0]
+    base = f"{gen3_server.url}/ga4gh/drs/v1/objects/"
+    unauth = call(base + obj.object_id)
+    assert unauth.status == 401 and unauth.json()["status_code"] == 401
+    assert "msg" in unauth.json()
+    auth = bearer(gen3_server)
+    assert call(base + "dg.4DFC/nope", headers=auth).json() == {
+        "msg": "No such object: dg.4DFC/nope", "status_code": 404}
+    assert call(f"{base}{obj.object_id}/access/gs", headers=auth).status == 404
+    gen3_server.set_faults(Gen3Faults(forbidden=frozenset([obj.object_id])))
+    assert call(base + obj.object_id, headers=auth).json()["status_code"] == 403
+    assert call(f"{base}{obj.object_id}/access/s3", headers=auth).status == 403
+    gen3_server.set_faults("no_drs")
+    assert call(base + gen3_archive.zips[0].object_id, headers=auth).status == 404
+    # Fence's own endpoint still answers without DRS
+    assert call(f"{gen3_server.url}/user/data/download/{obj.object_id}",
+                headers=auth).status == 200
+
+
+# -- faults: tokens and URLs ---------------------------------------------------------
+def test_token_ttl_zero_issues_expired_tokens(gen3_server: Gen3Server,
+                                              gen3_archive: Gen3Archive) -> None:
+    obj = gen3_archive.files[0]
+    gen3_server.set_faults(Gen3Faults(token_ttl=0))
+    stale = bearer(gen3_server)
+    answer = call(f"{gen3_server.url}/user/data/download/{obj.object_id}", headers=stale)
+    assert answer.status == 401 and "expired" in answer.body.decode()
+    assert gen3_server.requests[-1].fault == "token_expired"
+    gen3_server.set_faults(None)
+    assert call(f"{gen3_server.url}/user/data/download/{obj.object_id}",
+                headers=bearer(gen3_server)).status == 200
+
+
+def test_expires_in_and_the_whole_credentials_body(gen3_server: Gen3Server,
+                                                   gen3_creds: Path) -> None:
+    """gen3sdk POSTs the whole credentials JSON to the cdis alias; ?expires_in shortens."""
+    answer = call(gen3_server.url + "/user/credentials/cdis/access_token?expires_in=60",
+                  "POST", headers={"Content-Type": "application/json"},
+                  body=gen3_creds.read_bytes())
+    assert answer.status == 200
+    claims = jwt_claims(answer.json()["access_token"])
+    assert claims is not None and 50 <= claims["exp"] - claims["iat"] <= 60
+
+
+def test_token_uses(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    gen3_server.set_faults(Gen3Faults(token_uses=2))
+    url = f"{gen3_server.url}/user/data/download/{gen3_archive.files[0].object_id}"
+    auth = bearer(gen3_server)
+    assert [call(url, headers=auth).status for _ in range(3)] == [200, 200, 401]
+    assert gen3_server.requests[-1].fault == "token_uses"
+    assert call(url, headers=bearer(gen3_server)).status == 200  # a refreshed token works
+    assert gen3_server.token_requests == 2
+
+
+def test_revoked_keys_end_their_tokens(gen3_server: Gen3Server,
+                                       gen3_archive: Gen3Archive) -> None:
+    url = f"{gen3_server.url}/user/data/download/{gen3_archive.files[0].object_id}"
+    auth = bearer(gen3_server)
+    gen3_server.revoke_keys()
+    assert call(url, headers=auth).status == 401
+    assert token(gen3_server).status == 401
+
+
+def test_url_uses(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    obj = gen3_archive.files[0]
+    gen3_server.set_faults(Gen3Faults(url_uses=1))
+    url = signed(gen3_server, obj.object_id)
+    assert call(url, "HEAD").status == 200  # HEADs are free
+    assert call(url, headers={"Range": "bytes=0-99"}).status == 206
+    used = call(url, headers={"Range": "bytes=100-"})
+    assert used.status == 403 and b"Request has expired" in used.body
+    assert b"<Code>AccessDenied</Code>" in used.body
+    fresh = call(signed(gen3_server, obj.object_id), headers={"Range": "bytes=100-"})
+    assert fresh.status == 206 and fresh.body == obj.path.read_bytes()[100:]
+
+
+def test_url_ttl_zero(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    gen3_server.set_faults("url_ttl=0")
+    answer = call(signed(gen3_server, gen3_archive.files[0].object_id))
+    assert answer.status == 403 and b"Request has expired" in answer.body
+    assert gen3_server.requests[-1].fault == "url_expired"
+
+
+# -- faults: bodies ------------------------------------------------------------------
+@pytest.mark.parametrize("times", [1, 2])
+def test_drop_after_then_resume(gen3_server: Gen3Server, gen3_archive: Gen3Archive,
+                                times: int) -> None:
+    obj = gen3_archive.zips[2]
+    data = obj.path.read_bytes()
+    gen3_server.set_faults(Gen3Faults(drop_after=5000, drop_times=times))
+    url = signed(gen3_server, obj.object_id)
+    first = call(url)
+    assert first.error is not None and first.body == data[:5000]
+    second = call(url, headers={"Range": "bytes=5000-"})
+    if times == 2:
+        assert second.error is not None and second.body == data[5000:10000]
+        second = call(url, headers={"Range": "bytes=10000-"})
+        assert second.status == 206 and second.body == data[10000:]
+    else:
+        assert second.status == 206 and second.error is None
+        assert data[:5000] + second.body == data
+    drops = [r for r in gen3_server.requests if r.fault == "drop"]
+    assert len(drops) == times and drops[0].bytes_sent == 5000
+
+
+def test_reset_after(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    """A TCP reset instead of a close: the client keeps at most the N bytes sent."""
+    obj = gen3_archive.zips[0]
+    data = obj.path.read_bytes()
+    gen3_server.set_faults("reset_after=5000")
+    first = call(signed(gen3_server, obj.object_id))
+    assert first.error is not None and len(first.body) <= 5000
+    assert first.body == data[:len(first.body)]
+    reset = [r for r in gen3_server.requests if r.fault == "reset"]
+    assert len(reset) == 1 and reset[0].bytes_sent == 5000
+    again = call(signed(gen3_server, obj.object_id))
+    assert again.status == 200 and again.body == data
+
+
+def test_drop_on_pathdb(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    slide = gen3_archive.slides[1]
+    gen3_server.set_faults("drop_after=70000")
+    first = call(gen3_server.slide_url(slide))
+    assert first.error is not None and len(first.body) == 70000
+    rest = call(gen3_server.slide_url(slide), headers={"Range": "bytes=70000-"})
+    assert rest.status == 206 and md5(first.body + rest.body) == slide.md5
+
+
+def test_wrong_byte_every_time(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    obj = gen3_archive.files[1]
+    gen3_server.set_faults(f"wrong_byte={obj.object_id}")
+    url = signed(gen3_server, obj.object_id)
+    for _ in range(2):
+        got = call(url)
+        assert got.status == 200 and len(got.body) == obj.size and md5(got.body) != obj.md5
+        assert got.headers["etag"] == f'"{obj.md5}"'  # only an MD5 check catches it
+    data = obj.path.read_bytes()
+    at = obj.size // 2
+    assert got.body[:at] == data[:at] and got.body[at + 1:] == data[at + 1:]
+    head = call(url, headers={"Range": f"bytes=0-{at - 1}"})  # not covering it: clean
+    assert head.body == data[:at]
+
+
+def test_wrong_byte_times(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    slide = gen3_archive.slides[2]
+    gen3_server.set_faults(f"wrong_byte={slide.object_id}:1")
+    url = gen3_server.slide_url(slide)
+    assert md5(call(url).body) != slide.md5
+    assert md5(call(url).body) == slide.md5
+
+
+def test_ignore_range(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    obj = gen3_archive.zips[0]
+    gen3_server.set_faults(Gen3Faults(ignore_range=True))
+    got = call(signed(gen3_server, obj.object_id), headers={"Range": "bytes=100-"})
+    assert got.status == 200 and got.body == obj.path.read_bytes()
+    assert "content-range" not in got.headers
+    slide = call(gen3_server.slide_url(gen3_archive.slides[0]),
+                 headers={"Range": "bytes=100-"})
+    assert slide.status == 200 and len(slide.body) == gen3_archive.slides[0].size
+
+
+def test_etag_off_on_pathdb(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
+    gen3_server.set_faults("etag=off")
+    assert "etag" not in call(gen3_server.slide_url(gen3_archive.slides[0])).headers
+    obj = gen3_archive.files[0]  # the signed-URL host keeps S3's ETag
+    assert call(signed(gen3_server, obj.object_id)).headers["etag"] == f'"{obj.md5}"'
+
+
+def test_paced_and_delayed_bodies_are_whole(gen3_server: Gen3Server,
+                                            gen3_archive: Gen3Archive) -> None:
+    """rate, first_byte_delay and latency change when bytes come, never which (no
+    timing asserted here: the benches measure it)."""
+    gen3_server.set_faults("rate=50MB,first_byte_delay=1ms,latency=1ms")
+    slide = gen3_archive.slides[0]
+    got = call(gen3_server.slide_url(slide), headers={"Range": "bytes=1-"})
+    assert got.status == 206 and got.body == slide.path.read_bytes()[1:]
+    obj = gen3_archive.zips[1]
+    assert md5(call(signed(gen3_server, obj.object_id)).body) == obj.md5
+
+
+# -- the fault spec ------------------------------------------------------------------
+def test_fault_spec_round_trip() -> None:
+    plan = Gen3Faults.parse("token_ttl=5, token_uses=3, url_uses=1, url_ttl=60, "
+                            "drop_after=1000:2, wrong_byte=dg.4DFC/a:1, wrong_byte=x, "
+                            "ignore_range, forbidden=dg.4DFC/b, missing=dg.4DFC/c, no_drs, "
+                            "rate=80mbit, first_byte_delay=50ms, latency=0.1, etag=off")
+    assert plan == Gen3Faults(
+        token_ttl=5, token_uses=3, url_uses=1, url_ttl=60, drop_after=1000, drop_times=2,
+        wrong_byte=frozenset(["dg.4DFC/a", "x"]), wrong_byte_times=1, ignore_range=True,
+        forbidden=frozenset(["dg.4DFC/b"]), missing=frozenset(["dg.4DFC/c"]), no_drs=True,
+        rate=10_000_000, first_byte_delay=0.05, latency=0.1, etag=False)
+    text = plan.describe()
+    for word in ("token_ttl=5s", "token_uses=3", "drop_after=1000", "wrong_byte=2",
+                 "ignore_range", "no_drs", "rate=10000000B/s", "etag=off"):
+        assert word in text
+    assert Gen3Faults.parse(None) == Gen3Faults() and Gen3Faults().describe() == "none"
+    reset = Gen3Faults.parse("reset_after=10:3")
+    assert (reset.drop_after, reset.drop_times, reset.drop_reset) == (10, 3, True)
+    assert "reset_after=10" in reset.describe()
+
+
+@pytest.mark.parametrize("spec", ["bogus=1", "token_uses=0", "token_uses=x", "drop_after",
+                                  "rate=fast", "latency=-1", "etag=maybe"])
+def test_fault_spec_errors(spec: str) -> None:
+    with pytest.raises(FaultSpecError) as caught:
+        Gen3Faults.parse(spec)
+    assert "\n" not in str(caught.value)
+
+
+def test_objects_must_lie_under_the_root(gen3_archive: Gen3Archive, tmp_path: Path) -> None:
+    with pytest.raises(ArchiveError, match="not under"):
+        Gen3Server(tmp_path, gen3_archive.objects, ())
+
+
+# -- manifests -----------------------------------------------------------------------
+def rows_of(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize(("style", "columns"), [
+    ("tcia", ["drs_uri", "name", "collection", "patient_id", "modality", "file_size_bytes",
+              "source_manifest_url"]),
+    ("ctdc", ["name", "drs_uri", "study_short_name", "participant_id", "File ID", "Md5sum"]),
+    ("icdc", ["name", "drs_uri", "Study Code", "Case ID", "File Type", "File Format",
+              "File Size", "md5sum", "File UUID", "File Location", "Patient ID"]),
+])
+def test_drs_manifest(gen3_server: Gen3Server, gen3_archive: Gen3Archive, tmp_path: Path,
+                      style: str, columns: list[str]) -> None:
+    path = write_drs_manifest(tmp_path / f"{style}.csv", gen3_archive.objects,
+                              base_url=gen3_server.url, style=style)
+    rows = rows_of(path)
+    assert list(rows[0]) == columns and len(rows) == len(gen3_archive.objects)
+    auth = bearer(gen3_server)
+    host = urlsplit(gen3_server.url).netloc
+    for row, obj in zip(rows, gen3_archive.objects, strict=True):
+        assert row["drs_uri"] == f"drs://{host}/{obj.object_id}" and row["name"] == obj.name
+        object_id = row["drs_uri"].split("/", 3)[3]
+        assert md5(call(signed(gen3_server, object_id, auth)).body) == obj.md5
+    if style == "ctdc":
+        assert rows[0]["File ID"] == gen3_archive.objects[0].object_id
+        assert rows[0]["Md5sum"] == gen3_archive.objects[0].md5
+    default = rows_of(write_drs_manifest(tmp_path / "d.csv", gen3_archive.objects[:1]))
+    assert default[0]["drs_uri"].startswith("drs://nci-crdc.datacommons.io/dg.4DFC/")
+
+
+def test_pathdb_manifest(gen3_server: Gen3Server, gen3_archive: Gen3Archive,
+                         tmp_path: Path) -> None:
+    rows = rows_of(write_pathdb_manifest(tmp_path / "p.csv", gen3_archive.slides,
+                                         base_url=gen3_server.pathdb_url))
+    assert list(rows[0]) == ["collectionName", "collectionId", "subjectId", "imageId",
+                             "slideId", "imageHeight", "imagedWidth", "physicalPixelSizeX",
+                             "physicalPixelSizeY", "imageUrl", "created", "changed"]
+    for row, slide in zip(rows, gen3_archive.slides, strict=True):
+        assert (row["collectionName"], row["subjectId"]) == (slide.collection,
+                                                             slide.patient_id)
+        assert md5(call(row["imageUrl"]).body) == slide.md5
+
+
+# -- nbia-retriever serve --gen3-port ------------------------------------------------
+def test_serve_gen3(gen3_archive: Gen3Archive, tmp_path: Path) -> None:
+    code = ("import sys; from nbia_retriever.server import serve_command; "
+            "serve_command(sys.argv[1:])")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(gen3_archive.summary.root), "--port", "0",
+         "--gen3-port", "0", "--gen3-out", str(out), "--gen3-faults", "url_uses=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("Press Ctrl+C"):
+                break
+        banner = "\n".join(lines)
+        api = next(line.split()[1] for line in lines if line.startswith("Gen3:"))
+        pathdb = next(line.split()[1] for line in lines if line.startswith("PathDB:"))
+        assert "url_uses=1" in banner and "credentials.json" in banner
+        key = json.loads((out / "credentials.json").read_text())["api_key"]
+        assert stat.S_IMODE(os.stat(out / "credentials.json").st_mode) == 0o600
+        answer = call(api + "/user/credentials/api/access_token", "POST",
+                      body=json.dumps({"api_key": key}).encode())
+        auth = {"Authorization": "Bearer " + answer.json()["access_token"]}
+        row = rows_of(out / "drs-manifest.csv")[0]
+        assert row["drs_uri"].startswith(f"drs://{urlsplit(api).netloc}/")
+        object_id = row["drs_uri"].split("/", 3)[3]
+        url = call(f"{api}/user/data/download/{object_id}", headers=auth).json()["url"]
+        got = call(url)
+        assert got.status == 200 and len(got.body) == int(row["file_size_bytes"])
+        assert call(url).status == 403  # url_uses=1
+        slide = rows_of(out / "pathdb-manifest.csv")[0]["imageUrl"]
+        assert slide.startswith(pathdb) and call(slide).status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    assert proc.returncode == 0
+
+
+def test_serve_gen3_bad_spec(gen3_archive: Gen3Archive) -> None:
+    result = CliRunner().invoke(serve_command, [str(gen3_archive.summary.root),
+                                                "--gen3-port", "0", "--gen3-faults",
+                                                "token_uses=0"])
+    assert result.exit_code == 2 and "--gen3-faults" in result.output
+    assert "Traceback" not in result.output
+    alone = CliRunner().invoke(serve_command, [str(gen3_archive.summary.root),
+                                               "--gen3-out", "x"])
+    assert alone.exit_code == 2 and "--gen3-port" in alone.output

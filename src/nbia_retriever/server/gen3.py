@@ -46,8 +46,11 @@ flags without a value:
 ``token_uses=N``      an access token answers N API calls, then 401 (forces a refresh)
 ``url_uses=N``        a signed URL serves N GETs, then 403 "Request has expired"
 ``url_ttl=S``         seconds a signed URL is valid (3600)
-``drop_after=N[:T]``  reset the connection after N body bytes, on the first T (1) GETs
-                      of each object (signed files and slides)
+``drop_after=N[:T]``  close the connection after N body bytes (short of its
+                      Content-Length: the client holds exactly N), on the first T (1)
+                      GETs of each object (signed files and slides)
+``reset_after=N[:T]`` the same with a TCP reset (SO_LINGER 0) instead of a close: how
+                      much of the N bytes the client keeps is then up to its kernel
 ``wrong_byte=ID[:T]`` the body of object ID (a DRS id, or a slide's ``wsi/...`` path) has
                       the byte at size//2 inverted, every time or the first T GETs
                       covering it; repeatable
@@ -185,6 +188,7 @@ class Gen3Faults:
     url_ttl: int = 3600
     drop_after: int | None = None
     drop_times: int = 1
+    drop_reset: bool = False
     wrong_byte: frozenset[str] = frozenset()
     wrong_byte_times: int | None = None
     ignore_range: bool = False
@@ -228,7 +232,8 @@ class Gen3Faults:
         if self.url_ttl != 3600:
             parts.append(f"url_ttl={self.url_ttl}s")
         if self.drop_after is not None:
-            parts.append(f"drop_after={self.drop_after} (first {self.drop_times} GET(s))")
+            parts.append(f"{'reset' if self.drop_reset else 'drop'}_after={self.drop_after}"
+                         f" (first {self.drop_times} GET(s))")
         for name in ("wrong_byte", "forbidden", "missing"):
             if getattr(self, name):
                 parts.append(f"{name}={len(getattr(self, name))} object(s)")
@@ -270,9 +275,10 @@ class Gen3Faults:
                 values[key] = _whole(value, where, minimum=0)
             elif key in ("token_uses", "url_uses"):
                 values[key] = _whole(value, where)
-            elif key == "drop_after":
+            elif key in ("drop_after", "reset_after"):
                 count, _, times = value.partition(":")
-                values[key] = _whole(count, where, minimum=0)
+                values["drop_after"] = _whole(count, where, minimum=0)
+                values["drop_reset"] = key == "reset_after"
                 if times.strip():
                     values["drop_times"] = _whole(times, where)
             elif key == "wrong_byte":
@@ -292,8 +298,8 @@ class Gen3Faults:
                 values[key] = _seconds(value, where)
             else:
                 known = ["token_ttl", "token_uses", "url_uses", "url_ttl", "drop_after",
-                         "wrong_byte", "ignore_range", "forbidden", "missing", "no_drs",
-                         "rate", "first_byte_delay", "latency", "etag"]
+                         "reset_after", "wrong_byte", "ignore_range", "forbidden", "missing",
+                         "no_drs", "rate", "first_byte_delay", "latency", "etag"]
                 raise FaultSpecError(f"--gen3-faults: unknown key {key!r}; known: "
                                      f"{', '.join(known)}")
         values.update({k: frozenset(v) for k, v in sets.items()})
@@ -727,7 +733,7 @@ class Gen3Service(RequestLog):
         cut: int | None = None
         if plan.drop_after is not None and gets <= plan.drop_times and length:
             cut = start + min(plan.drop_after, length - 1) if length > 1 else start
-            state.fault = "drop"
+            state.fault = "reset" if plan.drop_reset else "drop"
         flip: int | None = None
         at = size // 2
         if size and target in plan.wrong_byte and start <= at <= end:
@@ -737,14 +743,16 @@ class Gen3Service(RequestLog):
                 state.fault = "wrong_byte"
         await response.prepare(request)
         state.bytes_sent = 0
-        await self._send(request, response, path, start, end + 1, flip, cut, plan.rate)
+        await self._send(request, response, path, start, end + 1, flip, cut, plan.rate,
+                         plan.drop_reset)
         return response
 
     async def _send(self, request: web.Request, response: web.StreamResponse, path: Path,
                     start: int, stop: int, flip: int | None, cut: int | None,
-                    rate: float | None) -> None:
+                    rate: float | None, reset: bool = False) -> None:
         """Bytes [start, stop) of ``path`` a piece at a time (memory flat), paced to
-        ``rate``; byte ``flip`` inverted; a TCP reset once ``cut`` is reached."""
+        ``rate``; byte ``flip`` inverted; once ``cut`` is reached, a close (or with
+        ``reset`` a TCP reset) short of the promised length."""
         loop = asyncio.get_running_loop()
         piece = _PIECE if rate is None else max(1024, min(_PIECE, int(rate / 20)))
         began = loop.time()
@@ -764,9 +772,9 @@ class Gen3Service(RequestLog):
                     want = min(piece, stop - position)
                     if cut is not None:
                         want = min(want, max(0, cut - position))
-                    if want == 0:  # cut reached: the client gets a reset, not an end
+                    if want == 0:  # cut reached: the client gets a short body, not an end
                         self._log_request(request, response.status)
-                        await _reset(request)
+                        await (_reset(request) if reset else _close(request))
                         return
                     block = handle.read(want)
                     if not block:  # the file shrank under us: end short, like a reset
@@ -790,6 +798,20 @@ class Gen3Service(RequestLog):
             await response.write_eof()
         except ConnectionError:
             pass
+
+
+async def _close(request: web.Request) -> None:
+    """Close the connection once what was written has left (a FIN: the client reads
+    every byte sent, then an end short of Content-Length)."""
+    transport = request.transport
+    if transport is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2.0
+    while (transport.get_write_buffer_size() and not transport.is_closing()
+           and loop.time() < deadline):
+        await asyncio.sleep(0.005)
+    transport.close()
 
 
 def _object_id(request: web.Request, name: str) -> str:
