@@ -11,10 +11,13 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbia_retriever.errors import ManifestError
 from nbia_retriever.manifest import MAX_SKIPPED, Manifest, parse_manifest, read_manifest
 from nbia_retriever.models import DEFAULT_DRS_HOST, FileItem
+from nbia_retriever.untrusted import host_entry
 
 U1 = "1.3.6.1.4.1.14519.5.2.1.1.11264150075058686628760053282497113997"
 U2 = "1.3.6.1.4.1.9328.50.1.2"
@@ -218,6 +221,46 @@ def test_names_come_from_the_sheet_else_the_uri_and_stay_plain_strings() -> None
     assert [(f.name, f.collection) for f in m.files] == [
         ("../../etc/passwd", "C"), ("=cmd|' /C calc'!A0", "[2JC"), ("d", ""), ("e", "")]
     assert m.skipped == ()
+
+
+_pieces = st.sampled_from(["drs://", "http://", "https://", "dg.4DFC/", "h.example", "/",
+                            "..", ".", "@", ":", "%2e", "%2F", "?", "#", " ", "\x1b", "[::1]",
+                            "8443", "a", "\u0430", "\\", "=", "\u202e", "zip", "1.2.3"])
+_cells = st.lists(_pieces | st.text(max_size=6), max_size=10).map("".join)
+
+
+def _quoted(cell: str) -> str:
+    return '"' + cell.replace('"', '""') + '"'
+
+
+@settings(max_examples=400, deadline=None)
+@given(cells=st.lists(_cells, min_size=1, max_size=6), column=st.sampled_from(["drs_uri",
+                                                                              "imageUrl"]))
+def test_any_uri_cell_is_a_clean_file_or_a_skipped_line(cells: list[str], column: str) -> None:
+    """Whatever a URI cell holds, the row is a file whose URI is in the one normal form
+    (no user name, no ``.``/``..`` object path, no space or control character, a host as
+    hosts are compared) or a skipped line; never anything else."""
+    text = f"{column},name\n" + "".join(f"{_quoted(c)},n\n" for c in cells)
+    try:
+        m = parse(text)
+    except ManifestError as exc:
+        assert "\n" not in str(exc) and "no file listed" in str(exc)
+        return
+    assert all(reason.isprintable() for reason in m.skipped)
+    for item in m.files:
+        scheme, _, rest = item.uri.partition("://")
+        assert scheme == ("drs" if column == "drs_uri" else scheme) and item.uri.isprintable()
+        assert scheme in (("drs",) if column == "drs_uri" else ("http", "https"))
+        authority = rest.partition("/")[0]
+        assert "@" not in authority and " " not in item.uri and "\\" not in item.uri
+        assert host_entry(authority) == authority
+        if item.kind == "drs":
+            assert item.object_id and not {".", ".."} & set(item.object_id.split("/"))
+            assert "?" not in item.object_id and "#" not in item.object_id
+        assert item.name == "n"  # the name column's
+        assert item.key == item.uri or f"/{item.key}.zip" in item.uri.lower()
+    assert len(m.files) + len(m.skipped) + m.duplicates_dropped == len(cells) or \
+        len(m.skipped) == MAX_SKIPPED
 
 
 # ----------------------------------------------------------------------------- keys
