@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from nbia_retriever.api import Transport
-from nbia_retriever.errors import ApiError, IntegrityError, NetworkError
+from nbia_retriever.errors import ApiError, DestinationError, IntegrityError, NetworkError
 from nbia_retriever.files.transfer import FetchedFile, fetch_to_spool, part_paths
 from nbia_retriever.server.gen3 import Gen3Faults
 
@@ -220,6 +220,20 @@ def test_missing_file_is_404(gen3_server: Gen3Server, tmp_path: Path,
     with pytest.raises(ApiError, match="not found on") as err:
         _fetch(lambda: url, tmp_path, url, transport, size=None, md5=None)
     assert err.value.status == 404
+    assert list(tmp_path.iterdir()) == []  # no empty part or sidecar left behind
+
+
+def test_a_planted_spool_link_is_never_written_through(gen3_server: Gen3Server,
+                                                       gen3_archive: Gen3Archive,
+                                                       tmp_path: Path,
+                                                       transport: Transport) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "spool").symlink_to(elsewhere)
+    url = gen3_server.slide_url(gen3_archive.slides[0])
+    with pytest.raises(DestinationError):
+        _fetch(lambda: url, tmp_path / "spool", url, transport, size=None, md5=None)
+    assert list(elsewhere.iterdir()) == []
 
 
 _RSS_SCRIPT = textwrap.dedent("""

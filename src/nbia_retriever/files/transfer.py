@@ -54,7 +54,7 @@ from ..api.client import parse_retry_after
 from ..api.http import Origin, Response, Transport
 from ..engine.rows import row_key
 from ..engine.staging import SPACE_CHECK_BYTES, SpaceGuard, disk_full
-from ..errors import ApiError, IntegrityError, NbiaError
+from ..errors import ApiError, DestinationError, IntegrityError, NbiaError, NetworkError
 from ..models import SeriesInfo
 from ..untrusted import quote
 
@@ -267,6 +267,9 @@ def fetch_to_spool(url_for: Callable[[], str], spool: Path, key: str, *,
     state = state or Transfer()
     expected_md5 = expected_md5.lower() if expected_md5 else None
     spool.mkdir(parents=True, exist_ok=True)
+    if spool.is_symlink() or not spool.is_dir():  # a planted link: never written through
+        raise DestinationError(f"{spool} is not a folder of this download root (a link?); "
+                               "remove it and re-run")
     part = _Part(spool, key, expected_size, expected_md5)
     with contextlib.suppress(FileNotFoundError):
         part.done.unlink()  # a finished file no run published: its check is gone with it
@@ -277,8 +280,8 @@ def fetch_to_spool(url_for: Callable[[], str], spool: Path, key: str, *,
         guard = SpaceGuard.start(spool, key, SeriesInfo(key, file_size=remaining or None))
         _download(part, url_for, transport, checkpoint, on_progress, guard, what, state)
     except BaseException as exc:
-        if isinstance(exc, IntegrityError):
-            part.discard()
+        if isinstance(exc, IntegrityError) or part.offset == 0:
+            part.discard()  # nothing worth keeping (a 404, a refused URL, a bad body)
         else:
             part.save()
             part.close()
@@ -336,9 +339,9 @@ def _download(part: _Part, url_for: Callable[[], str], transport: Transport,
                 if status == 200:
                     if part.offset:
                         part.restart()  # the whole body: from zero, cleanly
-                    part.length = _int(answer.header("Content-Length"))
+                    part.length = end = _int(answer.header("Content-Length"))
                 elif status == 206 and part.offset:
-                    _check_range(answer, part, what, host)
+                    end = _check_range(answer, part, what, host)
                 else:
                     raise _status_error(answer, what, host)
                 etag = answer.header("ETag")
@@ -367,6 +370,11 @@ def _download(part: _Part, url_for: Callable[[], str], transport: Transport,
                         since_look = 0
                     on_progress(part.offset)
                     checkpoint()
+                if end is not None and part.offset < end:
+                    # http.client ends a read at a FIN without a word, Content-Length
+                    # or not: the bytes so far are good, the rest is for the next try.
+                    raise NetworkError(f"{what}: the connection closed mid-body "
+                                       f"({part.offset:,} of {end:,} bytes)")
                 return
             finally:
                 state._watch(None)
@@ -396,7 +404,8 @@ def _whole_at(answer: Response, part: _Part) -> bool:
         part.expected_size is None or part.expected_size == total)
 
 
-def _check_range(answer: Response, part: _Part, what: str, host: str) -> None:
+def _check_range(answer: Response, part: _Part, what: str, host: str) -> int:
+    """The end (exclusive) of the range a 206 sends, checked against what was asked."""
     found = _CONTENT_RANGE.fullmatch((answer.header("Content-Range") or "").strip())
     if found is None or int(found.group(1)) != part.offset:
         raise ApiError(f"{what}: {host} answered a range that was not asked for "
@@ -407,6 +416,7 @@ def _check_range(answer: Response, part: _Part, what: str, host: str) -> None:
             raise IntegrityError(f"{what}: {host} says the file has {total:,} bytes, "
                                  f"not {part.expected_size:,}")
         part.length = total
+    return int(found.group(2)) + 1
 
 
 def _status_error(answer: Response, what: str, host: str) -> NbiaError:
