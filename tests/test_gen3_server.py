@@ -191,6 +191,21 @@ def test_download_gives_a_signed_url_on_the_files_host(gen3_server: Gen3Server,
     assert gen3_server.url_requests == 2
 
 
+def test_download_expires_in_and_redirect(gen3_server: Gen3Server,
+                                          gen3_archive: Gen3Archive) -> None:
+    obj = gen3_archive.files[0]
+    base = f"{gen3_server.url}/user/data/download/{obj.object_id}"
+    auth = bearer(gen3_server)
+    url = call(base + "?protocol=s3&expires_in=0", headers=auth).json()["url"]
+    assert call(url).status == 403  # expired at once
+    moved = call(base + "?redirect=true", headers=auth)
+    assert moved.status == 302
+    location = moved.headers["location"]
+    assert location.startswith(gen3_server.files_url + "/signed/")
+    assert call(location, headers=auth).status == 400  # followed with the token: refused
+    assert md5(call(location).body) == obj.md5
+
+
 def test_download_refusals(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
     obj = gen3_archive.files[0]
     base = f"{gen3_server.url}/user/data/download/"
@@ -275,23 +290,31 @@ def test_pathdb_slide(gen3_server: Gen3Server, gen3_archive: Gen3Archive,
 
 
 def test_pathdb_list_of_images(gen3_server: Gen3Server, gen3_archive: Gen3Archive) -> None:
-    """tcia_utils' getImages: pages until an empty one; imageUrl in field_wsiimage."""
+    """tcia_utils' getCollections and getImages: Drupal's fields, pages from 0 until an
+    empty one; the rows are those of the PathDB manifest."""
+    collections = call(f"{gen3_server.pathdb_url}/collections?_format=json").json()
+    names = {c["tid"][0]["value"]: c["name"][0]["value"] for c in collections}
     cid = gen3_archive.slides[0].collection_id
-    urls: list[str] = []
+    assert names[cid] == gen3_archive.slides[0].collection
+    items: list[dict[str, Any]] = []
     page = 0
     while True:
         answer = call(f"{gen3_server.pathdb_url}/listofimages/{cid}?_format=json&page={page}")
         assert answer.status == 200
-        items = answer.json()
-        if not items:
+        if not answer.json():
             break
-        assert len(items) <= PAGE_SIZE
-        urls += [item["field_wsiimage"][0]["url"] for item in items]
+        assert len(answer.json()) <= PAGE_SIZE
+        items += answer.json()
         page += 1
-    expected = [gen3_server.slide_url(s) for s in gen3_archive.slides if s.collection_id == cid]
-    assert urls == expected and page == -(-len(expected) // PAGE_SIZE)
-    for url in urls:
-        assert call(url, "HEAD").status == 200
+    expected = [s for s in gen3_archive.slides if s.collection_id == cid]
+    assert page == -(-len(expected) // PAGE_SIZE) and len(items) == len(expected)
+    for item, slide in zip(items, expected, strict=True):
+        assert item["field_wsiimage"][0]["url"] == gen3_server.slide_url(slide)
+        assert item["field_collection"][0]["target_id"] == cid
+        assert (item["studyid"][0]["value"], item["clinicaltrialsubjectid"][0]["value"],
+                item["imageid"][0]["value"], item["nid"][0]["value"]) == (
+            slide.collection, slide.patient_id, slide.image_id, slide.slide_id)
+        assert call(gen3_server.slide_url(slide), "HEAD").status == 200
 
 
 # -- GA4GH DRS -----------------------------------------------------------------------
@@ -576,6 +599,8 @@ def test_pathdb_manifest(gen3_server: Gen3Server, gen3_archive: Gen3Archive,
     for row, slide in zip(rows, gen3_archive.slides, strict=True):
         assert (row["collectionName"], row["subjectId"]) == (slide.collection,
                                                              slide.patient_id)
+        assert (row["imageId"], row["slideId"]) == (slide.image_id, str(slide.slide_id))
+        assert row["collectionId"] == str(slide.collection_id)
         assert md5(call(row["imageUrl"]).body) == slide.md5
 
 

@@ -17,7 +17,8 @@ Three origins, each on its own port, so a test can prove which one saw a secret:
     or revoked key, 400 for a body that is not such JSON.
   - ``GET /user/data/download/<id>`` (``dg.4DFC/<uuid>`` or ``dg.4DFC%2F<uuid>``) with
     ``Authorization: Bearer <token>``: 200 ``{"url": <signed URL>}``; 401 for a missing,
-    bad, expired or used-up token, 403 ``forbidden``, 404 unknown or ``missing``.
+    bad, expired or used-up token, 403 ``forbidden``, 404 unknown or ``missing``;
+    ``?expires_in=S`` shortens the URL's life, ``?redirect=true`` answers 302 to it.
   - ``GET /ga4gh/drs/v1/objects/<id>`` -> the DRS object (``id, self_uri, name, size,
     created_time, checksums[md5], access_methods[{type: https, access_id: s3}]``) and
     ``GET /ga4gh/drs/v1/objects/<id>/access/s3`` -> ``{"url"}``; Bearer required; errors
@@ -36,7 +37,8 @@ Three origins, each on its own port, so a test can prove which one saw a secret:
   400, as on the files host), 200/206/416, Content-Length, ETag ``"<md5>"`` unless
   ``etag`` is off (whether real PathDB sends one is unknown: section 10 D);
   ``GET /listofimages/<collectionId>?_format=json&page=N`` -> tcia_utils' pages
-  (:data:`PAGE_SIZE` a page, ``[]`` past the last).
+  (Drupal's JSON, :data:`PAGE_SIZE` a page from 0, ``[]`` past the last) and ``GET
+  /collections?_format=json``.
 
 Faults (:class:`Gen3Faults`, ``--gen3-faults``): comma-separated ``key=value`` items,
 flags without a value:
@@ -138,6 +140,7 @@ PAGE_SIZE = 2
 #: Fence's API keys live 30 days
 KEY_TTL = 30 * 24 * 3600
 _PIECE = 256 * 1024
+_DRUPAL_TIME = "2025-07-08T00:00:00+00:00"
 _LOG_LIMIT = 200_000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -442,6 +445,7 @@ class Gen3Service(RequestLog):
         app.router.add_route("*", "/system/files/{path:.+}", self._slide)
         app.router.add_route("*", "/index.php/system/files/{path:.+}", self._slide)
         app.router.add_get("/listofimages/{cid}", self._list_images, allow_head=False)
+        app.router.add_get("/collections", self._collections, allow_head=False)
         return app
 
     # -- plumbing ---------------------------------------------------------------------
@@ -568,10 +572,11 @@ class Gen3Service(RequestLog):
             return error(403, f"You don't have access permission on this file: {object_id}")
         return obj
 
-    def sign(self, object_id: str) -> str:
+    def sign(self, object_id: str, expires_in: int | None = None) -> str:
         """A fresh signed URL for ``object_id`` on the files host (its own nonce, so
-        ``url_uses`` counts each URL apart)."""
-        exp = int(time.time()) + self._faults.plan.url_ttl
+        ``url_uses`` counts each URL apart), valid ``url_ttl`` seconds or fewer."""
+        ttl = self._faults.plan.url_ttl
+        exp = int(time.time()) + (ttl if expires_in is None else min(ttl, expires_in))
         nonce = next(self._nonce)
         sig = self._signature(object_id, exp, nonce)
         return f"{self.files_url}{SIGNED_PREFIX}{quote(object_id)}?exp={exp}&n={nonce}&sig={sig}"
@@ -590,7 +595,13 @@ class Gen3Service(RequestLog):
         found = self._lookup(request, _object_id(request, "id"), _fence_error)
         if isinstance(found, web.Response):
             return found
-        return _json(200, {"url": self.sign(found.object_id)})
+        wanted = request.query.get("expires_in", "")
+        url = self.sign(found.object_id, int(wanted) if wanted.isdigit() else None)
+        if request.query.get("redirect", "").lower() in ("true", "1", "yes"):
+            # Fence's ?redirect: a 302 to the storage host (a client that follows it
+            # with its Authorization header is refused there)
+            return web.Response(status=302, headers={"Location": url})
+        return _json(200, {"url": url})
 
     # -- GA4GH DRS --------------------------------------------------------------------
     async def _drs(self, request: web.Request) -> web.StreamResponse:
@@ -678,19 +689,36 @@ class Gen3Service(RequestLog):
                                 etag, kind)
 
     async def _list_images(self, request: web.Request) -> web.StreamResponse:
-        """tcia_utils' ``getImages`` pages: ``[]`` after the last one."""
+        """``listofimages/<collectionId>?page=N``: Drupal's JSON (every field a list of
+        ``{"value"}``), the fields tcia_utils' ``getImages`` reads; ``[]`` past the last
+        page, which is how it knows to stop."""
         try:
             cid, page = int(request.match_info["cid"]), int(request.query.get("page", "0"))
         except ValueError:
             return _json(400, {"message": "collectionId and page must be numbers"})
         slides = [s for s in self.slides.values() if s.collection_id == cid]
-        base = self.pathdb_url
-        items = [{"studyid": s.collection, "field_collection": s.collection,
-                  "clinicaltrialsubjectid": s.patient_id, "imageid": s.image_id,
-                  "slideid": s.slide_id, "field_wsiimage": [{"url": pathdb_url(base, s)}],
-                  "created": "2025-07-08 00-00-00", "changed": "2025-07-08 00-00-00"}
-                 for s in slides[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]] if page >= 0 else []
-        return web.json_response(items)
+        shown = slides[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] if page >= 0 else []
+        return web.json_response([{
+            "nid": [{"value": s.slide_id}],
+            "studyid": [{"value": s.collection}],
+            "field_collection": [{"target_id": s.collection_id}],
+            "clinicaltrialsubjectid": [{"value": s.patient_id}],
+            "imageid": [{"value": s.image_id}],
+            "imagedvolumeheight": [{"value": 6165}],
+            "imagedvolumewidth": [{"value": 7324}],
+            "referencepixelphysicalvaluex": [{"value": 0}],
+            "referencepixelphysicalvaluey": [{"value": 0}],
+            "field_wsiimage": [{"url": pathdb_url(self.pathdb_url, s)}],
+            "created": [{"value": _DRUPAL_TIME}],
+            "changed": [{"value": _DRUPAL_TIME}],
+        } for s in shown])
+
+    async def _collections(self, request: web.Request) -> web.StreamResponse:
+        """``collections?_format=json``: tcia_utils' ``getCollections`` (name, tid)."""
+        seen = {s.collection_id: s.collection for s in self.slides.values()}
+        return web.json_response([
+            {"tid": [{"value": cid}], "name": [{"value": name}],
+             "changed": [{"value": _DRUPAL_TIME}]} for cid, name in sorted(seen.items())])
 
     # -- sending a file ---------------------------------------------------------------
     async def _file(self, request: web.Request, target: str, path: Path, size: int,

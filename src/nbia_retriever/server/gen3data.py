@@ -104,8 +104,10 @@ class PathdbSlide:
     collection: str
     collection_id: int
     patient_id: str
-    image_id: int
-    slide_id: str
+    #: PathDB's ``imageid`` (the file name's stem, as in the real sheets)
+    image_id: str
+    #: PathDB's node id (``nid``), the sheets' ``slideId``
+    slide_id: int
     #: below ``/system/files/``: ``wsi/ross/<collection>/<name>``
     url_path: str
 
@@ -239,7 +241,8 @@ def gen3_view(
         wsi.append(PathdbSlide(
             name=name, size=slide_size, md5=md5, path=path, collection=record.collection,
             collection_id=collections.index(record.collection) + 1,
-            patient_id=record.patient_id, image_id=1000 + k, slide_id=f"{k + 2060}",
+            patient_id=record.patient_id, image_id=name.rpartition(".")[0],
+            slide_id=2060 + k,
             url_path=f"wsi/ross/{folder}/{name}"))
     return tuple(objects), tuple(wsi)
 
@@ -317,7 +320,7 @@ def write_pathdb_manifest(path: str | Path, slides: Iterable[PathdbSlide], *,
     header = ["collectionName", "collectionId", "subjectId", "imageId", "slideId",
               "imageHeight", "imagedWidth", "physicalPixelSizeX", "physicalPixelSizeY",
               "imageUrl", "created", "changed"]
-    rows = [[s.collection, str(s.collection_id), s.patient_id, str(s.image_id), s.slide_id,
+    rows = [[s.collection, str(s.collection_id), s.patient_id, s.image_id, str(s.slide_id),
              "6165", "7324", "0", "0", pathdb_url(base_url, s), "2025-07-08 00-00-00",
              "2025-07-08 00-00-00"] for s in slides]
     return _write_csv(Path(path), header, rows)
