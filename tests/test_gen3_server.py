@@ -653,3 +653,38 @@ def test_serve_gen3_bad_spec(gen3_archive: Gen3Archive) -> None:
     alone = CliRunner().invoke(serve_command, [str(gen3_archive.summary.root),
                                                "--gen3-out", "x"])
     assert alone.exit_code == 2 and "--gen3-port" in alone.output
+
+
+# -- memory ----------------------------------------------------------------------------
+def test_big_slides_are_written_and_served_in_pieces(gen3_archive: Gen3Archive,
+                                                     tmp_path: Path) -> None:
+    """A 48 MB slide is written a chunk at a time and served a piece at a time (the
+    wrong_byte fault keeps the server off sendfile, on its own read loop): Python's
+    allocations stay far below the file's size on both sides."""
+    import tracemalloc
+
+    size = 48 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        _, slides = gen3_view(gen3_archive.summary.root, tmp_path, zips=0, files=0,
+                              slides=1, slide_size=size)
+        written_peak = tracemalloc.get_traced_memory()[1]
+        slide = slides[0]
+        with Gen3Server(tmp_path, (), slides, f"wrong_byte={slide.object_id}") as server:
+            tracemalloc.reset_peak()
+            parts = urlsplit(server.slide_url(slide))
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            conn.request("GET", parts.path)
+            response = conn.getresponse()
+            digest = hashlib.md5(usedforsecurity=False)
+            received = 0
+            while block := response.read(65536):
+                digest.update(block)
+                received += len(block)
+            conn.close()
+            served_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert received == size and digest.hexdigest() != slide.md5  # the flipped byte
+    assert written_peak < 8 * 1024 * 1024, written_peak
+    assert served_peak < 8 * 1024 * 1024, served_peak
