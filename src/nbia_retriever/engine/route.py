@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import NbiaError
-from ..models import SeriesInfo, SeriesState
+from ..models import FileItem, SeriesInfo, SeriesState
 from ..retry import Verdict
 from . import checks
 from .source import ByteStream, MetadataBatch, Source, StreamOpener
@@ -51,13 +51,13 @@ DATA_POLICY_URL = "https://dcf.gen3.org/data-access-with-dcf"
 class WithFiles:
     """Files to ``files``, series to the source ``series()`` builds (on first use)."""
 
-    def __init__(self, files: Source, keys: frozenset[str],
-                 series: Callable[[], Source] | None, *, has_series: bool,
-                 controlled: frozenset[str] = frozenset()) -> None:
+    def __init__(self, files: Source, items: Mapping[str, FileItem],
+                 series: Callable[[], Source] | None, *, has_series: bool) -> None:
         self.files = files
-        self.keys = keys
+        self.items = items
+        self.keys = frozenset(items)
         #: Keys of controlled-access rows (DRS): their infos carry the data use policy.
-        self.controlled = controlled
+        self.controlled = frozenset(k for k, i in items.items() if i.kind == "drs")
         self._make_series = series
         self._series: Source | None = None
         self._has_series = has_series and series is not None
@@ -167,10 +167,17 @@ class WithFiles:
         return remote(info, run) if remote is not None else None
 
     def where(self, uid: str) -> str:
+        if uid in self.keys:
+            where = getattr(self.files, "where", None)
+            if where is not None:
+                return str(where(uid))
+            item = self.items.get(uid)
+            if item is None:
+                return "files"
+            # ``list``'s From column and the journal's source: the service and its host.
+            return f"{'gen3' if item.kind == 'drs' else 'url'} {item.host}"
         where = getattr(self._of(uid), "where", None)
-        if where is not None:
-            return str(where(uid))
-        return "files" if uid in self.keys else "nbia"
+        return str(where(uid)) if where is not None else "nbia"
 
     def check_series(self, uid: str, info: SeriesInfo, entries: Sequence[checks.StagedEntry],
                      md5_list: Mapping[str, str] | None, *, md5_required: bool) -> None:
@@ -201,6 +208,5 @@ def files_source(manifest: Manifest, session: Session, options: DownloadOptions)
     files = FileSource(manifest.files, creds=creds, endpoint=options.gen3_endpoint,
                        policy=policy, timeout=options.timeout, verify=options.verify_tls,
                        md5=options.md5)
-    return WithFiles(files, frozenset(f.key for f in manifest.files),
-                     lambda: session.source(options), has_series=bool(manifest.series_uids),
-                     controlled=frozenset(f.key for f in manifest.files if f.kind == "drs"))
+    return WithFiles(files, manifest.file_by_key(), lambda: session.source(options),
+                     has_series=bool(manifest.series_uids))
