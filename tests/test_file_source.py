@@ -169,6 +169,11 @@ def test_md5_from_drs_when_the_sheet_has_none(gen3_server: Gen3Server,
     assert any(r.path.startswith("/ga4gh/drs/v1/objects/") for r in gen3_server.requests)
     gen3_server.set_faults(None)
     assert _fetch(source, item).md5 == obj.md5
+    gen3_server.set_faults(Gen3Faults(no_drs=True))  # a commons without DRS: the ETag
+    assert _fetch(source, item).md5 == obj.md5
+    gen3_server.set_faults(Gen3Faults(no_drs=True, wrong_byte=frozenset({obj.object_id})))
+    with pytest.raises(IntegrityError, match="its ETag"):
+        _fetch(source, item)
 
 
 def test_missing_and_forbidden_objects_are_final(gen3_server: Gen3Server,
