@@ -273,6 +273,38 @@ def test_a_rerun_fetches_nothing_and_writes_no_row_twice(
     assert tree(first.root) == before  # files.csv not grown
 
 
+def test_a_file_of_another_size_is_not_believed_and_is_replaced_by_a_fresh_copy(
+        tmp_path: Path, items: list[Item]) -> None:
+    """Only a signed row with the file's unchanged stamp is believed by one stat; any
+    other must match its size (a count of one file proves nothing). The damaged file is
+    this item's own copy (its row names it): replaced, under the same name."""
+    item = items[0]
+    source = FilesSource([item])
+    report = run(source, tmp_path / "dl")
+    published = report.root / report.results[item.uri].relpath
+    with published.open("ab") as handle:
+        handle.write(b"!")
+    again = run(source, tmp_path / "dl")
+    assert again.ok, again.summary()
+    assert len(source.fetches) == 2
+    assert again.results[item.uri].relpath == report.results[item.uri].relpath
+    assert published.read_bytes() == item.source_file.read_bytes()
+    assert sorted(p.name for p in published.parent.iterdir()) == [item.name]
+    assert len(files_csv(report.root)) == 1
+
+
+def test_verify_server_says_file_items_are_not_checked_against_a_server(
+        tmp_path: Path, items: list[Item]) -> None:
+    from nbia_retriever.verify_server import find_series_folders
+
+    report = run(FilesSource(items), tmp_path / "dl")
+    warnings: list[str] = []
+    assert find_series_folders(report.root, warnings) == {}
+    assert warnings == ["2 file item(s) not checked against the server (a file item: its "
+                        "size and MD5 were checked when it was fetched, and `verify` checks "
+                        "them again)"]
+
+
 def test_a_lost_files_csv_row_is_written_again_from_the_journal(
         tmp_path: Path, items: list[Item]) -> None:
     source = FilesSource(items)

@@ -31,7 +31,7 @@ from .api import ApiMismatch, NbiaClient
 from .engine.journal import Journal
 from .engine.rows import SERIES_DEPTH, safe_relpath
 from .errors import ApiError, DestinationError
-from .models import SeriesInfo, SeriesState
+from .models import SeriesInfo, SeriesState, is_file_uid
 from .ondisk import STATE_DIR, DownloadRoot, ensure_dir, journal_paths, open_dir
 
 
@@ -113,14 +113,21 @@ def find_series_folders(root: Path, warnings: list[str] | None = None) -> dict[s
     the tree itself (Java-made folders have no journal). Journal rows naming a folder
     outside the root are left out: one line per journal that had some to ``warnings``."""
     found: dict[str, str] = {}
+    files: set[str] = set()
     for path in journal_paths(root):
         with Journal(path, readonly=True) as journal:
             for uid, relpath in journal.completed().items():
-                if relpath and (root / relpath).is_dir():
+                if relpath and is_file_uid(uid):
+                    files.add(uid)  # a DRS object or PathDB slide: no series to ask about
+                elif relpath and (root / relpath).is_dir():
                     found.setdefault(uid, relpath)
             message = journal.refused_message()
             if message and warnings is not None:
                 warnings.append(message)
+    if files and warnings is not None:
+        warnings.append(f"{len(files)} file item(s) not checked against the server (a file "
+                        "item: its size and MD5 were checked when it was fetched, and "
+                        "`verify` checks them again)")
     known = set(found.values())
     for dirpath, dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)

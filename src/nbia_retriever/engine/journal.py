@@ -39,6 +39,7 @@ import functools
 import hashlib
 import hmac
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -509,7 +510,35 @@ class Journal:
         self.refused.update(mismatched)
         if doubted:
             self._add_images(index, doubted)
+        # A file item's file not proven unchanged by its signed stamp must have its
+        # recorded size (a count of one file would prove nothing).
+        sized = [uid for uid, record in index.items()
+                 if record.stamp is not None and is_file_uid(uid)
+                 and not record.unchanged(record.stamp)]
+        if sized:
+            self._check_sizes(index, sized)
         return index
+
+    def _check_sizes(self, index: dict[str, CompleteRecord], uids: list[str]) -> None:
+        """File items whose file's size is not the row's ``bytes``: taken as absent
+        (``stamp`` None), so they are fetched again. The parents were just checked
+        without following links (:meth:`.rows.FolderCheck.stamps`); the leaf is
+        ``lstat``'d."""
+        root = self._folders.root
+        rows: list[tuple[str, int]] = []
+        for start in range(0, len(uids), 500):  # by key: a few among many series
+            block = uids[start:start + 500]
+            rows += self._run(lambda db, block=block: db.execute(  # type: ignore[misc]
+                "SELECT uid, CAST(bytes AS INTEGER) FROM series WHERE uid IN "
+                f"({','.join('?' * len(block))})", block).fetchall())
+        for uid, nbytes in rows:
+            record = index[uid]
+            try:
+                size = os.lstat(root + record.relpath).st_size
+            except OSError:
+                size = -1
+            if size != nbytes:
+                record.stamp = None
 
     def _add_images(self, index: dict[str, CompleteRecord], uids: list[str]) -> None:
         """The image counts of rows not believed without a count, from their metadata
