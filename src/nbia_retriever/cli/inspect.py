@@ -33,7 +33,8 @@ from .common import (
 
 
 def source_flags(func: Any) -> Any:
-    """``--source``, ``--idc-index``, ``--idc-endpoint`` as ``download`` declares them:
+    """``--source``, ``--idc-index``, ``--idc-endpoint``, ``--gen3-endpoint`` as
+    ``download`` declares them:
     ``list`` shows the series of the run that command would make."""
     # at decoration time, as the other commands' flags are built (no module-level cost)
     from dataclasses import fields
@@ -48,7 +49,7 @@ def source_flags(func: Any) -> Any:
     return func
 
 
-SOURCE_FIELDS = ("source", "idc_index", "idc_endpoint")
+SOURCE_FIELDS = ("source", "idc_index", "idc_endpoint", "gen3_endpoint")
 #: The columns of ``list`` (table and TSV): what people know a series by, then its size
 #: and its licence (what ``download --license``/``--exclude-license`` match, and what
 #: may ask for an agreement before the first download).

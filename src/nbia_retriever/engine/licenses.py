@@ -23,6 +23,13 @@ from ..errors import UsageError
 from ..models import SeriesInfo
 from ..report import LICENCE_REFUSED
 
+#: Controlled-access (DRS) data is gated like a licence that must be accepted
+#: (:mod:`.licenses`): asked once per collection on a terminal, remembered, or accepted
+#: for a run by ``--accept-data-policy`` (= ``--agree-to-license``); a headless run
+#: without it leaves the rows out as Not Authorized, saying so.
+DATA_POLICY_NAME = "NCI CRDC controlled-access data use policy"
+DATA_POLICY_URL = "https://dcf.gen3.org/data-access-with-dcf"
+
 #: ``https://creativecommons.org/licenses/by/4.0/`` and the like: attribution only.
 _PLAIN_URL = re.compile(r"^https?://(www\.)?creativecommons\.org/licenses/by/\d+(\.\d+)?/?$")
 #: "Creative Commons Attribution 4.0 International License", "CC BY 4.0", "CC-BY 3.0".
@@ -138,7 +145,7 @@ class LicenseGate:
 def _is_data_policy(name: str) -> bool:
     """The licence controlled-access (DRS) rows carry (``engine.route``): its flag is
     ``--accept-data-policy``, as in TCIA's Go retriever (the same switch)."""
-    return "data use policy" in name.casefold()
+    return name == DATA_POLICY_NAME
 
 
 def gate_for(agree: bool, keep: str | None, exclude: str | None,
@@ -170,5 +177,5 @@ def split(infos: Iterable[SeriesInfo], gate: LicenseGate
     return kept, dropped, refused
 
 
-__all__ = ["LicenseGate", "gate_for", "license_label", "license_matches",
-           "needs_agreement", "split"]
+__all__ = ["DATA_POLICY_NAME", "DATA_POLICY_URL", "LicenseGate", "gate_for", "license_label",
+           "license_matches", "needs_agreement", "split"]

@@ -64,6 +64,7 @@ from ..ondisk import (
 from ..report import FILES_CSV, FilesCsv, MetadataCsv, files_row, metadata_row
 from .checks import StagedEntry
 from .journal import FileRecord, Journal
+from .licenses import DATA_POLICY_NAME
 from .rows import folder_stamp
 from .staging import StagedSeries
 
@@ -76,6 +77,10 @@ MAX_VARIANT = 2
 def license_text(info: SeriesInfo, from_zip: bytes | None) -> bytes | None:
     """What the collection's LICENSE says (see the module docstring)."""
     name = info.license_name.strip()
+    if name == DATA_POLICY_NAME:
+        # Not the collection's licence (no archive told us that): the gate the rows of a
+        # controlled DRS sheet pass (engine.route); no LICENSE is made up from it.
+        return from_zip or None
     if name and name != "null":
         return JAVA_LICENSE.format(info.collection, name, info.license_url.strip()).encode()
     return from_zip or None
@@ -83,10 +88,19 @@ def license_text(info: SeriesInfo, from_zip: bytes | None) -> bytes | None:
 
 def complete_info(info: SeriesInfo, staged: StagedSeries) -> SeriesInfo:
     """Fill from the images' own headers what the metadata lacks: StudyID (the folder
-    name needs it; v4 builds before October 2025 do not send it) and the SOP class."""
-    first = next((e.tags for e in staged.entries if e.tags is not None), None)
-    if first is None:
+    name needs it; v4 builds before October 2025 do not send it) and the SOP class.
+
+    A series no archive described (no Study UID: a DRS sheet's ``<UID>.zip`` row, whose
+    sheet gives collection, patient and a file name) takes its study and series from its
+    first image's header (:func:`header_info`), so that it lands in the folder an NBIA
+    download of it gets."""
+    first_entry = next((e for e in staged.entries if e.tags is not None), None)
+    if first_entry is None:
         return info
+    first = first_entry.tags
+    assert first is not None
+    if not info.study_uid:
+        info = header_info(info, staged.folder / first_entry.part)
     changes: dict[str, str] = {}
     if not info.study_id and first.study_id:
         changes["study_id"] = first.study_id
@@ -95,6 +109,45 @@ def complete_info(info: SeriesInfo, staged: StagedSeries) -> SeriesInfo:
     sop = changes.get("sop_class_uid", info.sop_class_uid)
     if not info.sop_class_name and sop:
         changes["sop_class_name"] = sop_class_name(sop)
+    return info.replace(**changes) if changes else info
+
+
+#: Header keywords -> SeriesInfo fields, for :func:`header_info`.
+_HEADER_FIELDS = (("StudyInstanceUID", "study_uid"), ("StudyDate", "study_date"),
+                  ("StudyDescription", "study_description"), ("StudyID", "study_id"),
+                  ("SeriesNumber", "series_number"),
+                  ("SeriesDescription", "series_description"), ("Modality", "modality"),
+                  ("Manufacturer", "manufacturer"), ("BodyPartExamined", "body_part"),
+                  ("PatientID", "patient_id"))
+
+
+def header_info(info: SeriesInfo, path: Path) -> SeriesInfo:
+    """``info`` with its study and series fields taken from the DICOM header at ``path``
+    (one image, read up to its pixels): what NBIA's metadata says of a series comes from
+    those very tags. Collection and patient stay the sheet's when it gives them; an
+    unreadable header changes nothing (the checks already passed on its UIDs)."""
+    import pydicom  # only for a series that no archive described
+    from pydicom.errors import InvalidDicomError
+
+    from ..layout import normalise_date
+
+    try:
+        with open(path, "rb") as handle:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True,
+                                 specific_tags=[k for k, _ in _HEADER_FIELDS])
+    except (OSError, InvalidDicomError, ValueError, TypeError, AttributeError):
+        return info
+    changes: dict[str, str] = {}
+    for keyword, name in _HEADER_FIELDS:
+        if name == "patient_id" and info.patient_id:
+            continue
+        value = ds.get(keyword)
+        text = "" if value is None else str(value).strip()
+        if name == "study_date":
+            text = normalise_date(text)
+        if text or name in ("series_description", "study_description"):
+            # (the sheet's "description" of a zip is its file name: never a folder's)
+            changes[name] = text
     return info.replace(**changes) if changes else info
 
 

@@ -26,6 +26,7 @@ from ..errors import NbiaError
 from ..models import FileItem, SeriesInfo, SeriesState
 from ..retry import Verdict
 from . import checks
+from .licenses import DATA_POLICY_NAME, DATA_POLICY_URL
 from .source import ByteStream, MetadataBatch, Source, StreamOpener
 
 if TYPE_CHECKING:
@@ -40,12 +41,6 @@ T = TypeVar("T")
 #: The attribute set on an exception raised by a file's stream.
 FILES_MARK = "nbia_source"
 
-#: Controlled-access (DRS) data is gated like a licence that must be accepted
-#: (:mod:`.licenses`): asked once per collection on a terminal, remembered, or accepted
-#: for a run by ``--accept-data-policy`` (= ``--agree-to-license``); a headless run
-#: without it leaves the rows out as Not Authorized, saying so.
-DATA_POLICY_NAME = "NCI CRDC controlled-access data use policy"
-DATA_POLICY_URL = "https://dcf.gen3.org/data-access-with-dcf"
 
 
 class WithFiles:
