@@ -51,8 +51,8 @@ def mixed_sheet(path: Path, archive: Gen3Archive, gen3: Gen3Server,
         rows.append(["", f"drs://{host}/{obj.object_id}", "", obj.name, obj.collection,
                      obj.patient_id, str(obj.size)])
     for slide in archive.slides:
-        rows.append(["", "", gen3.pathdb_url + "/system/files/" + slide.url_path, slide.name, slide.collection,
-                     slide.patient_id, ""])
+        url = f"{gen3.pathdb_url}/system/files/{slide.url_path}"
+        rows.append(["", "", url, slide.name, slide.collection, slide.patient_id, ""])
     with path.open("w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows(rows)
     return path
