@@ -634,3 +634,14 @@ def test_only_failed_retries_a_file_item_that_failed(tmp_path: Path,
     assert list(again.results) == [items[0].uri]
     assert source.fetches[fetched:] == [items[0].uri]
     assert {r["Source"] for r in files_csv(again.root)} == {i.uri for i in items}
+
+
+def test_the_engine_says_where_a_planned_file_item_goes(tmp_path: Path,
+                                                         items: list[Item]) -> None:
+    engine = make_engine([i.uri for i in items], tmp_path / "dl",  # type: ignore[arg-type]
+                         source=FilesSource(items), processes=0)
+    engine.prepare()
+    try:
+        assert engine.folder_of(items[1].uri) == "CPTAC-LUAD/C3L-00001/C3L-00001-21.svs"
+    finally:
+        engine.close()

@@ -151,6 +151,22 @@ def header_info(info: SeriesInfo, path: Path) -> SeriesInfo:
     return info.replace(**changes) if changes else info
 
 
+def file_folder(info: SeriesInfo, layout: Layout) -> tuple[str, str]:
+    """``(Collection, Patient)`` folder names of a file item: the first two components
+    the series layout makes for that collection and patient (same sanitiser, same
+    fallback for empty values), so slides sit beside the patient's series."""
+    bare = info.replace(study_description="", series_description="", series_number="")
+    parts = series_relpath_variant(bare, layout, 0).parts
+    return parts[0], parts[1]
+
+
+def file_relpath(info: SeriesInfo, layout: Layout) -> str:
+    """Where a file item is meant to go, ``Collection/Patient/<safe name>`` (its file
+    name is its ``series_description``); the name actually used may be a variant
+    (``name_2.ext``) when that one is taken on disk."""
+    return "/".join((*file_folder(info, layout), safe_entry_name(info.series_description)))
+
+
 class Fetched(Protocol):
     """A file a source fetched for a file item (``files.transfer.FetchedFile``): complete
     and verified, in the run's spool (on the root's file system: published by a link)."""
@@ -336,12 +352,8 @@ class Publisher:
         return uid in (self.files_csv if is_file_uid(uid) else self.csv)
 
     def file_folder(self, info: SeriesInfo) -> tuple[str, str]:
-        """``(Collection, Patient)`` folder names of a file item: the first two components
-        the series layout makes for that collection and patient (same sanitiser, same
-        fallback for empty values), so slides sit beside the patient's series."""
-        bare = info.replace(study_description="", series_description="", series_number="")
-        parts = series_relpath_variant(bare, self.layout, 0).parts
-        return parts[0], parts[1]
+        """``(Collection, Patient)`` folder names of a file item (:func:`file_folder`)."""
+        return file_folder(info, self.layout)
 
     def publish_file(self, uid: str, info: SeriesInfo, fetched: Fetched, *,
                      attempts: int) -> Published:
@@ -571,4 +583,4 @@ def _unique(name: str, used: set[str]) -> str:
 
 
 __all__ = ["JAVA_LICENSE", "Fetched", "Published", "Publisher", "StagedEntry", "complete_info",
-           "folder_owner", "license_text", "sop_class_name"]
+           "file_folder", "file_relpath", "folder_owner", "license_text", "sop_class_name"]

@@ -72,7 +72,7 @@ from .options import DownloadOptions
 from .pieces import PIECES_DIR, ConnectionBudget
 from .plan import PlanBatch, Planner, PlanPhase, bulk
 from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
-from .publish import Fetched, Published, Publisher
+from .publish import Fetched, Published, Publisher, file_relpath
 from .rows import file_count
 from .scheduler import ConcurrencyLimiter, WorkQueue
 from .source import ByteStream, RemoteSource, Source, Verdict, source_factory
@@ -371,6 +371,8 @@ class Engine:
         variant = result.variant
         if variant is None or result.info is None:
             return ""
+        if is_file_uid(uid):  # a file item: Collection/Patient/<name>
+            return file_relpath(result.info, self.layout)
         return str(series_relpath_variant(result.info, self.layout, variant))
 
     def close(self) -> None:
