@@ -645,3 +645,16 @@ def test_the_engine_says_where_a_planned_file_item_goes(tmp_path: Path,
         assert engine.folder_of(items[1].uri) == "CPTAC-LUAD/C3L-00001/C3L-00001-21.svs"
     finally:
         engine.close()
+
+
+def test_a_failed_file_item_is_named_by_collection_patient_and_file_name() -> None:
+    from nbia_retriever.report import failure_line, item_label
+
+    info = SeriesInfo(series_uid="drs://h/dg.4DFC/1", collection="C", patient_id="P\x1b[2J",
+                      series_description="s.svs")
+    assert item_label(info.series_uid, info) == "C \u00b7 P[2J \u00b7 s.svs"  # no escape
+    line = failure_line(info.series_uid, "not found on h", 1, info)
+    assert line.startswith("C \u00b7 P") and line.endswith("(drs://h/dg.4DFC/1): not found on h "
+                                                          "(1 attempt)")
+    assert "\x1b" not in line
+    assert failure_line("1.2.3", "boom", 2, info) == "1.2.3: boom (2 attempts)"

@@ -507,10 +507,14 @@ def failure_reason(uid: str, error: str) -> str:
     return text or "no reason given"
 
 
-def failure_line(uid: str, error: str, attempts: int) -> str:
-    """One failed series, one line: ``UID: reason (N attempts)``."""
+def failure_line(uid: str, error: str, attempts: int, info: SeriesInfo | None = None) -> str:
+    """One failed series, one line: ``UID: reason (N attempts)``; a file item, given its
+    ``info``, as ``collection · patient · file name (URI): reason``."""
     tail = f" ({attempts} attempt{'s' if attempts != 1 else ''})" if attempts else ""
-    return f"{uid}: {failure_reason(uid, error)}{tail}"
+    who = uid
+    if info is not None and is_file_uid(uid):
+        who = f"{item_label(uid, info)} ({uid})"
+    return f"{who}: {failure_reason(uid, error)}{tail}"
 
 
 def _num(value: int | None) -> str:
