@@ -896,3 +896,131 @@ def test_the_streams_of_a_process_share_one_buffer_budget(cache: dict[Any, Any])
     # the shared budget, and per stream its current object's slot and one read per fetcher
     bound = PROCESS_BYTES + 12 * (SLOT_BYTES + 16 * PIECE_SIZE)
     assert peak < bound, f"peak {peak / 1e6:.1f} MB"
+
+
+# ----------------------------------------------------------------------------- fetchers stage
+# (issue 23's speed work: the threads that read the sockets hash and write the objects
+# themselves; only a record per object crosses threads)
+
+
+def test_the_fetchers_write_the_objects_and_only_ticks_cross_threads(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    from nbia_retriever.engine.staging import HEADER_BYTES, EntryFile, part_name
+
+    objects = dicoms[1]
+    folder = tmp_path / "f"
+    folder.mkdir()
+    looked: list[int] = []
+    with stub_opener(stub, dicoms, inflight=3).open_stream(cache) as stream:
+        reader = stream.reader(max_total_size=None, max_entries=100)
+        reader.stage_into(folder, looked.append)  # type: ignore[attr-defined]
+        chunks = list(stream.chunks())
+        events = [ev for chunk in chunks for ev in reader.feed(chunk)]
+        tail = list(reader.close())
+    assert chunks and set(chunks) == {b""}  # no byte crossed threads
+    keys = sorted(objects)
+    assert [type(ev) for ev in events] == [EntryFile] * len(keys)
+    for n, (ev, key) in enumerate(zip(events, keys, strict=True), 1):
+        data = objects[key]
+        assert isinstance(ev, EntryFile)
+        assert (ev.name, ev.part, ev.size) == (key.rpartition("/")[2], part_name(n), len(data))
+        assert ev.md5 == hashlib.md5(data).hexdigest() and ev.header == data[:HEADER_BYTES]
+        assert (folder / ev.part).read_bytes() == data
+    assert reader.finished and tail[-1].name == MD5_ENTRY  # type: ignore[union-attr]
+    assert stream.bytes_received == sum(len(b) for b in objects.values())
+    assert looked == []  # under SPACE_CHECK_BYTES: no look yet
+
+
+def test_a_full_disk_seen_by_a_fetcher_fails_the_series_and_no_writer_is_left(
+        tmp_path: Path, cache: dict[Any, Any]) -> None:
+    """The free-space look runs in the fetchers (every SPACE_CHECK_BYTES they write):
+    its DiskFullError reaches the consumer, and close() returns only once no fetcher
+    writes into the folder the engine removes next."""
+    from nbia_retriever.engine.staging import SPACE_CHECK_BYTES
+    from nbia_retriever.errors import DiskFullError
+
+    prefix = str(uuid.uuid4())
+    objects = {f"{prefix}/{i:02d}.dcm": bytes([i]) * (700 << 10) for i in range(6)}
+    looks: list[int] = []
+
+    def full(written: int) -> None:  # a disk that filled after the first interval
+        looks.append(written)
+        raise DiskFullError("disk space: test disk is down to 0 MB free")
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    with S3Stub(objects=objects) as srv, pytest.raises(DiskFullError, match="down to 0"), \
+            opener(srv.url, prefix, "1.2", len(objects), inflight=4).open_stream(
+                cache) as stream:
+        reader = stream.reader(max_total_size=None, max_entries=100)
+        reader.stage_into(folder, full)  # type: ignore[attr-defined]
+        for chunk in stream.chunks():
+            list(reader.feed(chunk))
+    assert looks and looks[0] >= SPACE_CHECK_BYTES
+    assert stream._writers == 0
+
+
+def test_abort_while_a_fetcher_writes_leaves_no_writer_after_close(
+        stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], tmp_path: Path,
+        cache: dict[Any, Any]) -> None:
+    """A stalled object half written: abort ends the consumer, close() waits for the
+    fetcher to let go of its file, and the folder can then be removed and reused."""
+    key = sorted(dicoms[1])[0]
+    stub.faults[key] = "stall"
+    outcome: list[BaseException | None] = []
+    folder = tmp_path / "f"
+    folder.mkdir()
+    with stub_opener(stub, dicoms, inflight=1).open_stream(cache) as stream:
+        reader = stream.reader(max_total_size=None, max_entries=100)
+        reader.stage_into(folder, lambda n: None)  # type: ignore[attr-defined]
+
+        def consume() -> None:
+            try:
+                for _ in stream.chunks():
+                    pass
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        assert stub.stalled.wait(30)
+        stream.abort()
+        thread.join(30)
+    assert stream._writers == 0
+    assert isinstance(outcome[0], NetworkError) and "cancelled" in str(outcome[0])
+    import shutil
+
+    shutil.rmtree(folder)  # nothing writes there any more
+    assert not folder.exists()
+
+
+def test_stage_series_refuses_an_entry_file_out_of_its_order(tmp_path: Path) -> None:
+    """A source's EntryFile must be the next numbered part: a second series' records, or
+    a bug that skips one, never become another entry's file."""
+    from nbia_retriever.engine.staging import EntryFile, part_name
+    from nbia_retriever.errors import UnsafeArchiveError
+
+    class Reader:
+        finished = True
+
+        def __init__(self, **caps: Any) -> None:
+            self.folder: Path | None = None
+
+        def stage_into(self, folder: Path, look: Callable[[int], None]) -> None:
+            self.folder = folder
+
+        def feed(self, data: bytes) -> Iterator[Any]:
+            assert self.folder is not None
+            (self.folder / part_name(2)).write_bytes(b"x")
+            return iter([EntryFile("a.dcm", part_name(2), 1, hashlib.md5(b"x").hexdigest(),
+                                   b"x")])
+
+        def close(self) -> Iterator[Any]:
+            return iter(())
+
+    with pytest.raises(UnsafeArchiveError, match="out of order"):
+        stage_series("1.2", info_of("1.2", 1), [b""], tmp_path / "s", root=tmp_path,
+                     checkpoint=lambda: None, progress=Progress(),
+                     on_progress=lambda n: None, reader=Reader)

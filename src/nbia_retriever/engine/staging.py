@@ -299,10 +299,43 @@ class _Entry:
         self.small: bytearray | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class EntryFile:
+    """An entry its source already wrote whole into the series' folder, as
+    :func:`part_name` names it, hashed while written: the event a reader with a
+    ``stage_into`` method emits (:class:`EntryReader`) instead of ``EntryStart``,
+    ``EntryData``, ``EntryEnd``. ``header``: its first bytes (at most
+    :data:`HEADER_BYTES`), for the tags."""
+
+    name: str
+    part: str
+    size: int
+    md5: str
+    header: bytes
+
+
+def part_name(number: int) -> str:
+    """The staged file of the ``number``-th (from 1) file entry of a series: the zip
+    path's and a source's own writers' (:class:`EntryFile`) are one sequence."""
+    return f"{number:08d}.part"
+
+
 class EntryReader(Protocol):
     """What cuts a series' byte stream into entries:
     :class:`~nbia_retriever._zipstream.ZipStreamReader` for an NBIA zip, or a source's
-    own (IDC's objects, :meth:`nbia_retriever.idc.stream.IdcStream.reader`)."""
+    own (IDC's objects, :meth:`nbia_retriever.idc.stream.IdcStream.reader`).
+
+    Optional: ``stage_into(folder, look)``, called once before the first chunk. A reader
+    that has it writes the entries into ``folder`` from its source's own threads (each
+    hashing what it writes: IDC's fetchers, one per object, so no byte crosses threads
+    and the hashing and writing run beside each other), and emits :class:`EntryFile`
+    events in entry order for the chunks its stream yields (then mere ticks, empty, one
+    per step: :func:`stage_series` checks cancel and pause between them). ``look(n)``,
+    thread-safe, is the free-space check, to call after every
+    :data:`SPACE_CHECK_BYTES` those threads write (``n``: their total so far); it raises
+    :class:`DiskFullError` or :class:`NoRoomError`, which the reader's stream then
+    raises to :func:`stage_series`.
+"""
 
     @property
     def finished(self) -> bool: ...
@@ -345,6 +378,10 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
     max_entries = entry_cap(info)
     make: ReaderFactory = reader if reader is not None else ZipStreamReader
     entry_reader = make(max_total_size=inflation_cap(info), max_entries=max_entries + 1)
+    stage_into: Callable[[Path, Callable[[int], None]], None] | None = getattr(
+        entry_reader, "stage_into", None)
+    if stage_into is not None:
+        stage_into(folder, space.look if space is not None else _no_look)
     staged = StagedSeries(uid, folder)
     small: dict[str, bytearray] = {}
     names: set[str] = set()
@@ -408,9 +445,27 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
                     # A folder's name (or none): whatever it holds is never an image.
                     entry.folder = base.strip() in ("", ".", "..")
                     count += 1
-                    entry.part = f"{count:08d}.part"
+                    entry.part = part_name(count)
                     entry.path = folder / entry.part
                     entry.file = open(entry.path, "xb")  # noqa: SIM115 - closed at EntryEnd
+            elif type(ev) is EntryFile:
+                # written whole by the source's own threads (EntryReader.stage_into)
+                if current is not None or ev.name in names:
+                    raise UnsafeArchiveError(
+                        f"series {uid}: duplicate entry {quote(ev.name, 80)!r}")
+                names.add(ev.name)
+                seen += 1
+                count += 1
+                if seen > max_entries or ev.part != part_name(count):
+                    raise UnsafeArchiveError(
+                        f"series {uid}: more than {max_entries} entries, or one out of "
+                        "order")
+                written += ev.size
+                progress.received += ev.size
+                tags = read_tags(ev.name, ev.header, folder / ev.part, ev.size)
+                staged.entries.append(StagedEntry(
+                    name=ev.name, part=ev.part, size=ev.size, md5=ev.md5, tags=tags,
+                    annotation=after_list and tags is None))
             elif type(ev) is EntryEnd:
                 entry = current
                 current = None
@@ -460,6 +515,10 @@ def stage_series(uid: str, info: SeriesInfo, chunks: Iterable[bytes], folder: Pa
     if small.get(LICENSE_ENTRY):
         staged.license = bytes(small[LICENSE_ENTRY])
     return staged
+
+
+def _no_look(written: int) -> None:
+    """Free space cannot be known here (no statvfs): nothing to check."""
 
 
 def discard(folder: Path) -> None:
