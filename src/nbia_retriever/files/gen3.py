@@ -243,15 +243,25 @@ class Gen3Auth:
 
     def get(self, path: str, *, what: str) -> Answer:
         """``GET origin + path`` with the bearer token, never following a redirect; a
-        401 gets one fresh token and one more try, a second is :class:`AuthError`."""
-        for _ in range(2):
+        401 gets one fresh token and one more try, a second is :class:`AuthError` (a
+        401 on a token another thread has already replaced is no strike: at most four
+        tries)."""
+        strikes = 0
+        for _ in range(4):
             header = self.authorization()
             answer = self._transport.call("GET", self.origin + path, what=what,
                                           headers={"Authorization": header},
                                           redirects=False, limit=_SMALL)
             if answer.status != 401:
                 return answer
+            with self._lock:
+                # Another thread refreshed while this request was out: its 401 says the
+                # old token ended (many threads share one), not that the key is dead.
+                stale = header != f"Bearer {self._token}"
             self.invalidate(header)
+            strikes += 0 if stale else 1
+            if strikes >= 2:
+                break
         raise self._rejected(401)
 
 
