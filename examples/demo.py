@@ -11,6 +11,12 @@
    verified and each series published atomically.
 4. Run it again (a no-op resume), verify the result (against the server and the
    buckets), and print the tree, where each series came from, and the summary.
+5. Serve it, on three more ports, as CRDC's Gen3 (API keys, short-lived tokens, signed
+   URLs that expire, GA4GH DRS) and as TCIA's PathDB, with faults (every transfer cut
+   once mid-file, every signed URL good for one request, tokens for three calls), and
+   download one mixed sheet: a plain series row, DRS objects (series zips and reports,
+   behind the key and the data use policy) and PathDB slides, into one tree: the zips
+   as series in the Java tree, the other files in Collection/Patient/ with files.csv.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ HERE = Path(__file__).resolve().parent.parent
 WORK = HERE / "demo-work"
 BIN = Path(sys.executable).parent / "nbia-retriever"
 FAULTS = "reset=0.15,short=0.15,corrupt=0.1,http500=0.1,http429=0.1,max_per_series=2"
+GEN3_FAULTS = "drop_after=65536:1,url_uses=1,token_uses=20"
 
 
 def free_port() -> int:
@@ -91,7 +98,7 @@ def main() -> int:
                                    series=2, images=12, rows=256, columns=256)
         print(f"    {len(summary.series)} series, {summary.total_files} files, "
               f"{summary.total_bytes / 1e6:.1f} MB in {archive}")
-    port, s3_port = free_port(), free_port()
+    port, s3_port, gen3_port = free_port(), free_port(), free_port()
     public = public_series(archive)
     s3_faults = f"slowdown=3,corrupt={public[0]}:1"
     index_dir = WORK / "idc-index"
@@ -101,7 +108,9 @@ def main() -> int:
     server = subprocess.Popen(
         [str(BIN), "serve", str(archive), "--port", str(port), "--faults", FAULTS,
          "--seed", "1", "--s3-port", str(s3_port), "--s3-faults", s3_faults,
-         "--idc-index-out", str(index_dir), "--idc-exclude", public[-1]],
+         "--idc-index-out", str(index_dir), "--idc-exclude", public[-1],
+         "--gen3-port", str(gen3_port), "--gen3-faults", GEN3_FAULTS,
+         "--gen3-out", str(WORK / "gen3")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -174,10 +183,55 @@ def main() -> int:
         banner("metadata.csv (first rows)")
         for line in (root / "metadata.csv").read_text(encoding="utf-8").splitlines()[:4]:
             print("    " + line[:160])
-        return first.returncode or second.returncode or local.returncode or remote.returncode
+        files = mixed_download(api, public, gen3_port, downloads, env)
+        return (first.returncode or second.returncode or local.returncode
+                or remote.returncode or files)
     finally:
         server.terminate()
         server.wait(10)
+
+
+def mixed_download(api: str, public: list[str], gen3_port: int, downloads: Path,
+                   env: dict[str, str]) -> int:
+    """Step 5: one sheet naming a series, DRS objects and PathDB slides."""
+    import csv
+
+    out = WORK / "gen3"
+    while not (out / "pathdb-manifest.csv").exists():  # written before it serves
+        time.sleep(0.2)
+    gen3 = f"http://127.0.0.1:{gen3_port}"
+    sheet = WORK / "mixed.csv"
+    header = ["Series UID", "drs_uri", "imageUrl", "name", "collection", "patient_id",
+              "file_size_bytes"]
+    rows = [header, [public[-1], "", "", "", "", "", ""]]  # one plain series row
+    with (out / "drs-manifest.csv").open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            rows.append(["", row["drs_uri"], "", row["name"], row["collection"],
+                         row["patient_id"], row["file_size_bytes"]])
+    with (out / "pathdb-manifest.csv").open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            rows.append(["", "", row["imageUrl"], "", row["collectionName"],
+                         row["subjectId"], ""])
+    with sheet.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    banner(f"A mixed sheet ({sheet.name}): 1 series row, DRS objects behind a Gen3 key, "
+           f"PathDB slides\n   Gen3 on {gen3} with faults: {GEN3_FAULTS}")
+    subprocess.run([str(BIN), "list", str(sheet), "--gen3-endpoint", gen3, "--api-url", api],
+                   env={**env, "COLUMNS": "160"})
+    banner(f"nbia-retriever download {sheet.name} -d {downloads.name} --auth "
+           "gen3/credentials.json --gen3-endpoint ... --accept-data-policy")
+    done = subprocess.run([str(BIN), "download", str(sheet), "-d", str(downloads),
+                           "--auth", str(out / "credentials.json"), "--gen3-endpoint", gen3,
+                           "--accept-data-policy", "--api-url", api, "--user", "alice",
+                           "--backoff", "0.2"], env=env)
+    root = downloads / "mixed"
+    if (root / "files.csv").is_file():
+        banner(f"The download: {root}")
+        tree(root)
+        banner("files.csv")
+        for line in (root / "files.csv").read_text(encoding="utf-8").splitlines()[:6]:
+            print("    " + line[:160])
+    return done.returncode
 
 
 if __name__ == "__main__":
