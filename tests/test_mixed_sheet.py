@@ -101,6 +101,11 @@ def test_one_run_one_tree_and_drs_series_equal_nbia_series(
 
     # The plain series row came from NBIA, into the same root.
     assert any(plain[0][-5:] in rel for rel in got)
+    # The log names a file as people know it (then its key); a series by its UID.
+    report = next(o for o in archive.files)
+    assert f"Complete       {report.collection} \u00b7 {report.patient_id} \u00b7 " \
+        f"{report.name} (drs://" in done.stderr, done.stderr
+    assert f"Complete       {plain[0]}" in done.stderr
 
 
 def test_controlled_rows_wait_for_the_data_use_policy(

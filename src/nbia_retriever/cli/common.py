@@ -247,6 +247,10 @@ def series_label(uid: str, info: Any, *, wide: bool = False, limit: int = 40) ->
     uid_text = uid if wide else short_uid(uid)
     if info is None:
         return f"series {uid_text}"
+    if ":" in uid:  # a file of a DRS/PathDB sheet (models.is_file_uid): no study, no images
+        from ..report import item_label
+
+        return item_label(uid, info)
     parts = series_fields(info)
     description = parts[-1]
     if len(description) > limit:

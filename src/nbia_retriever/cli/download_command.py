@@ -25,8 +25,8 @@ import click
 from ..config import config_path
 from ..engine import DownloadOptions, Engine, EventKind
 from ..errors import NbiaError, UsageError
-from ..models import FAILED_STATES, SeriesState
-from ..report import failure_line, write_error_report
+from ..models import FAILED_STATES, SeriesState, is_file_uid
+from ..report import failure_line, item_label, write_error_report
 from .common import (
     EXIT_USAGE,
     check_api_url,
@@ -236,17 +236,28 @@ def plain_printer(engine: Any = None) -> Any:
         result = engine.results.get(uid) if engine is not None else None
         return result.attempts if result is not None else 0
 
+    def who(uid: str) -> str:
+        """A series by its UID (what logs are searched for); a file (issue 24) as people
+        know it, then its key: ``SYNTH-CT-A · P-1 · slide.svs (https://...)``."""
+        if not is_file_uid(uid) or engine is None:
+            return uid
+        result = engine.results.get(uid)
+        info = result.info if result is not None else None
+        return f"{item_label(uid, info)} ({uid})" if info is not None else uid
+
     def printer(event: Any) -> None:
         kind = event.kind
         if kind is EventKind.STATE and event.state == SeriesState.COMPLETE:
             extra = f": {event.message}" if event.message else ""
-            click.echo(inert(f"{event.state:<14} {event.uid}{extra}"), err=True)
+            click.echo(inert(f"{event.state:<14} {who(event.uid)}{extra}"), err=True)
         elif kind is EventKind.STATE and event.state in FAILED_STATES:
-            line = failure_line(event.uid, event.message or "", attempts(event.uid))
+            result = engine.results.get(event.uid) if engine is not None else None
+            line = failure_line(event.uid, event.message or "", attempts(event.uid),
+                                result.info if result is not None else None)
             click.echo(inert(f"{event.state:<14} {line}"), err=True)
         elif kind is EventKind.RETRY:
             reason = failure_line(event.uid, event.message or "", 0).partition(": ")[2]
-            click.echo(inert(f"{'Retrying':<14} {event.uid} (attempt {event.attempt}: "
+            click.echo(inert(f"{'Retrying':<14} {who(event.uid)} (attempt {event.attempt}: "
                              f"{reason})"), err=True)
         elif kind is EventKind.THROTTLE or (
                 kind is EventKind.PLANNED and "so far" not in event.message) or (
