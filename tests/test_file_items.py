@@ -109,6 +109,11 @@ class CopyStream:
         data = part.read_bytes()
         done = spool / f"{key}.file"
         os.replace(part, done)
+        done.chmod(0o600)  # as files.transfer keeps a file while it grows: private
+        planted = self.source.planted.get(self.item.uri)
+        if planted is not None:  # someone swaps the spool file for a link
+            done.unlink()
+            done.symlink_to(planted)
         return Fetched(done, self.item.name, len(data), hashlib.md5(data).hexdigest())
 
     def abort(self) -> None:
@@ -129,6 +134,7 @@ class FilesSource:
         self.read_bytes = 0
         self.fail_once: set[str] = set()
         self.broken: set[str] = set()
+        self.planted: dict[str, Path] = {}
         self.after_chunk: dict[str, Callable[[], None]] = {}
 
     def bind_run(self, spool: Path, budget: object, *, files: Path | None = None) -> None:
@@ -257,6 +263,12 @@ def test_a_file_item_lands_as_collection_patient_name_with_its_rows(
     assert not (root / "metadata.csv").exists()
     assert not list(root.glob("*/LICENSE"))
     assert list((root / ".nbia" / "files").iterdir()) == []
+    # The tree's mode (the umask's), not the spool's private 0600.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for item in items:
+        mode = (root / report.results[item.uri].relpath).stat().st_mode & 0o777
+        assert mode == 0o666 & ~mask, oct(mode)
     assert set(tree(root)) == {"files.csv", "TCGA-BRCA/TCGA-A1-0001/clinical.tsv",
                                "CPTAC-LUAD/C3L-00001/C3L-00001-21.svs"}
 
@@ -658,3 +670,17 @@ def test_a_failed_file_item_is_named_by_collection_patient_and_file_name() -> No
                                                           "(1 attempt)")
     assert "\x1b" not in line
     assert failure_line("1.2.3", "boom", 2, info) == "1.2.3: boom (2 attempts)"
+
+
+def test_a_link_swapped_into_the_spool_is_never_published(tmp_path: Path,
+                                                         items: list[Item]) -> None:
+    item = items[0]
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"not for the tree")
+    source = FilesSource([item])
+    source.planted[item.uri] = outside
+    report = run(source, tmp_path / "dl")
+    result = report.results[item.uri]
+    assert result.state == SeriesState.ERROR and "not the regular file" in result.error
+    assert tree(report.root) == {}
+    assert outside.read_bytes() == b"not for the tree"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import shutil
@@ -184,6 +185,7 @@ class Fetched(Protocol):
     def md5(self) -> str: ...
 
 
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO planted in the spool must not block
 #: Names tried for one file item (``name``, ``name_2.ext``, ...) before giving up.
 MAX_FILE_NAMES = 1000
 #: ``link`` errors of a file system without hard links (some FUSE and SMB mounts): the
@@ -518,8 +520,11 @@ def _link(src: Path, leaf: str, parent_fd: int) -> None:
     """``src`` as ``leaf`` in the folder ``parent_fd``, never replacing an entry there
     (FileExistsError); on a file system without hard links, by an exclusive create of
     the name and a rename over that placeholder."""
+    _tree_mode(src)
     try:
-        os.link(src, leaf, dst_dir_fd=parent_fd)
+        # follow_symlinks=False: a link planted in the spool is never followed into
+        # the tree (it would be published as a link, which no row ever believes).
+        os.link(src, leaf, dst_dir_fd=parent_fd, follow_symlinks=False)
         return
     except FileExistsError:
         raise
@@ -530,6 +535,37 @@ def _link(src: Path, leaf: str, parent_fd: int) -> None:
                  0o644, dir_fd=parent_fd)
     os.close(fd)
     os.rename(src, leaf, dst_dir_fd=parent_fd)
+
+
+@functools.cache
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it for every
+    thread at once): Linux says it in ``/proc/self/status``; elsewhere 022."""
+    with contextlib.suppress(OSError, ValueError), \
+            open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+        for line in handle:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+def _tree_mode(path: Path) -> None:
+    """Check that the spool file is a regular file (never a link someone put in its
+    place: DestinationError) and give it (private while it grows: 0600) the mode a file
+    written into the tree gets, 0666 minus the umask as the series' images, through a
+    descriptor opened without following a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _NONBLOCK)
+    except OSError as exc:
+        raise DestinationError(f"{path}: cannot publish it ({exc.strerror or exc}): not "
+                               "the regular file the transfer wrote") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DestinationError(f"{path}: not the regular file the transfer wrote")
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
 
 
 def _file_stamp(parent_fd: int, leaf: str) -> int:
