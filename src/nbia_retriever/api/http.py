@@ -291,8 +291,12 @@ class Response:
     def bytes_received(self) -> int:
         return self._floor.total
 
-    def chunks(self, size: int = READ_SIZE) -> Iterator[bytes]:
-        read = self._response.read
+    def chunks(self, size: int = READ_SIZE, *, partial: bool = False) -> Iterator[bytes]:
+        """The body, ``size`` bytes at a time; ``partial``: whatever has arrived, up to
+        ``size`` (``read1``), so that a slow link's bytes are written, counted and
+        resumable as they come (a whole-file transfer: a Ctrl-C keeps them) rather
+        than after each full ``size``."""
+        read = self._response.read1 if partial else self._response.read
         try:
             while True:
                 data = read(size)

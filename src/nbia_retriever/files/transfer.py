@@ -353,7 +353,7 @@ def _download(part: _Part, url_for: Callable[[], str], transport: Transport,
                     continue
                 part.etag = etag or part.etag
                 limit = part.expected_size if part.expected_size is not None else part.length
-                for chunk in answer.chunks(READ_BYTES):
+                for chunk in answer.chunks(READ_BYTES, partial=True):
                     part.write(chunk)
                     state.bytes_received += len(chunk)
                     renewed = False
