@@ -129,6 +129,8 @@ class FolderCheck:
     def __init__(self, root: Path) -> None:
         self.root = str(root) + os.sep
         self._parents: dict[str, bool] = {}
+        #: The relpaths the last :meth:`stamps` took as a file item's (usually none).
+        self.files_seen: set[str] = set()
 
     def _parent_ok(self, prefix: str) -> bool:
         """A real folder or absent (then the series simply is not there): not a link."""
@@ -196,23 +198,31 @@ class FolderCheck:
         to its study's: a fraction of the path walks of one ``lstat`` per row, which is
         what a no-op re-run of 200,000 series spends its time on.
 
-        A three-component relpath is a file item's (:func:`is_safe_file_relpath`: the
-        caller, knowing the row's key, has refused any other kind with
-        :func:`row_relpath_ok`): its leaf must be a regular file, its stamp the file's.
+        A three-component relpath is a file item's (:func:`is_safe_file_relpath`): its
+        leaf must be a regular file, its stamp the file's. Which relpaths were taken so
+        is left in :attr:`files_seen`, for the caller, who knows each row's key, to
+        refuse the rows whose kind differs (:func:`row_kind_ok`).
         """
         if not _FD_OK:  # pragma: no cover - Windows: one row at a time
+            relpaths = list(relpaths)
+            self.files_seen = {r for r in relpaths if is_safe_file_relpath(r)}
             return {r: (folder_stamp(st) if isinstance(st, os.stat_result) else st)
                     for r in relpaths
-                    for st in (self.folder(r, file=is_safe_file_relpath(r)),)}
+                    for st in (self.folder(r, file=r in self.files_seen),)}
         found: dict[str, int | bool | None] = {}
+        self.files_seen = set()
         # (name, descriptor or None for absent or REFUSED) of the open collection,
         # patient and study folders.
         open_: list[tuple[str, int | bool | None]] = []
         root = os.open(self.root, _DIR_FLAGS)
         try:
             for relpath in sorted(set(relpaths)):
-                is_file = is_safe_file_relpath(relpath)
-                if not is_file and not is_safe_relpath(relpath):
+                # (by counting first: 200,000 series rows pay no second regex)
+                is_file = isinstance(relpath, str) and relpath.count("/") == FILE_DEPTH - 1 \
+                    and is_safe_file_relpath(relpath)
+                if is_file:
+                    self.files_seen.add(relpath)
+                elif not is_safe_relpath(relpath):
                     found[relpath] = None if relpath == "" else REFUSED
                     continue
                 *parents, name = relpath.split("/")
