@@ -513,6 +513,7 @@ def test_a_cancel_mid_fetch_leaves_no_half_file_in_the_tree_and_the_next_run_res
     report = engine.run()
     assert report.cancelled
     assert report.results[item.uri].state == SeriesState.INTERRUPTED
+    assert report.interrupted_bytes == 0  # kept in the spool, not fetched again
     assert tree(report.root) == {}  # no half file (and no row) in the tree
     parts = list((report.root / ".nbia" / "files").glob("*.part"))
     assert len(parts) == 1 and parts[0].stat().st_size == 2 * CHUNK

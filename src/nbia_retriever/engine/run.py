@@ -59,13 +59,21 @@ from ..layout import Layout, root_folder_name, sanitize_component, series_relpat
 from ..manifest import Manifest, read_manifest
 from ..models import FAILED_STATES, FINAL_STATES, SeriesInfo, SeriesState, is_file_uid
 from ..ondisk import DownloadRoot, RunStaging, SeriesLock, ensure_dir
-from ..report import MetadataCsv, Report, SeriesResult
+from ..report import FILES_CSV, MetadataCsv, Report, SeriesResult
 from ..retry import RetryPolicy
 from ..session import Session, session_for
 from ..untrusted import quote, redact
 from . import checks
 from .events import Event, EventKind, Stats
-from .journal import FileRecord, Journal, JournalEntry, RunRecord, header_lines
+from .journal import (
+    ROWS_MARK,
+    FileRecord,
+    Journal,
+    JournalEntry,
+    RunRecord,
+    header_lines,
+    rows_mark,
+)
 from .ledger import Ledger
 from .licenses import gate_for
 from .options import DownloadOptions
@@ -73,7 +81,7 @@ from .pieces import PIECES_DIR, ConnectionBudget
 from .plan import PlanBatch, Planner, PlanPhase, bulk
 from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
 from .publish import Fetched, Published, Publisher, file_relpath
-from .rows import file_count
+from .rows import file_count, row_key
 from .scheduler import ConcurrencyLimiter, WorkQueue
 from .source import ByteStream, RemoteSource, Source, Verdict, source_factory
 from .staging import (
@@ -578,7 +586,7 @@ class Engine:
                 bind(pieces, self.budget, files=ensure_dir(self.disk.state_dir, [FILES_DIR]))
             else:
                 bind(pieces, self.budget)
-        csv = MetadataCsv(self.disk.metadata_csv)
+        csv = MetadataCsv(self.disk.metadata_csv, lazy=True)  # read if needed (_reconcile_csv)
         self._publisher = Publisher(self.disk, self._staging, self.layout, self._journal, csv,
                                     note=lambda uid, text: self._emit(
                                         Event(EventKind.MESSAGE, uid=uid, source=self.source_name,
@@ -616,10 +624,21 @@ class Engine:
             with contextlib.suppress(DestinationError):
                 self._others.append(Journal(path, readonly=True))
 
+    def _rows_mark(self, uids: Iterable[str]) -> str | None:
+        """:func:`.journal.rows_mark` of this root's report files and ``uids``."""
+        return rows_mark(row_key(), (self.disk.metadata_csv, self.disk.path / FILES_CSV),
+                         uids)
+
     def _reconcile_csv(self, complete: dict[str, str]) -> None:
-        """Add metadata.csv rows lost by a crash between journal commit and csv append."""
+        """Add metadata.csv rows lost by a crash between journal commit and csv append;
+        not one file read when the last run's mark says every one of these series had
+        its row and the files have not changed since (:func:`.journal.rows_mark`)."""
         publisher = self._publisher
         assert publisher is not None and self._journal is not None
+        if complete and not self._owed_rows:
+            mark = self._rows_mark(complete)
+            if mark is not None and mark == self._journal.get_info(ROWS_MARK):
+                return
         missing = [uid for uid in complete if not publisher.has_row(uid)]
         for uid in missing:
             entry = self._journal.get(uid)
@@ -825,7 +844,24 @@ class Engine:
             if result.variant is not None and result.state == SeriesState.NOT_STARTED:
                 self.ledger.move(uid, SeriesState.QUEUED)
 
+    def _mark_rows(self) -> None:
+        """At the end of a run that read or wrote the report files: if every complete
+        series has its row, the mark that lets the next run skip reading them."""
+        publisher, journal = self._publisher, self._journal
+        if publisher is None or journal is None or not publisher.csv.loaded:
+            return  # not read: a mark that held at the start still holds
+        complete = [uid for uid, r in self.results.items()
+                    if r.state == SeriesState.COMPLETE and r.relpath]
+        if not complete or not all(publisher.has_row(uid) for uid in complete):
+            return
+        mark = self._rows_mark(complete)
+        if mark is not None:
+            with contextlib.suppress(NbiaError):  # a speed-up for the next run only
+                journal.set_info(ROWS_MARK, mark)
+
     def _release(self) -> None:
+        with contextlib.suppress(Exception):  # never in the way of closing
+            self._mark_rows()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -1143,8 +1179,9 @@ class Engine:
         """A series stopped mid-stream by cancel(): its bytes so far are discarded with
         its staging folder, and fetched again by the next run (the summary says how
         many: ``report.interrupted_bytes``)."""
-        with self._lock:
-            self.report.interrupted_bytes += progress.received
+        if not is_file_uid(uid):  # a file item's part stays in the spool: resumed
+            with self._lock:
+                self.report.interrupted_bytes += progress.received
         self._finish(uid, SeriesState.INTERRUPTED, "interrupted")
 
     def _finish(self, uid: str, state: SeriesState, error: str) -> None:
