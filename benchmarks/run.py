@@ -20,6 +20,9 @@ side by side, plus ours pinned at 1, 2, 4, 8 and 16 workers on loopback:
   zip's first byte (``--faults first_byte=1``: a server building zips): ours at defaults
   against the floor at 16.
 * ``huge``    one 1 GB series (2,000 x 512 KiB): memory must stay flat.
+* ``drs``     issue 24 (``drs.py``): a 1 GB DRS object at 80 Mbit/s against curl on the
+  same signed URL, cut at 75% (ours resumes with Range; curl restarts), and 1,000 64 KiB
+  objects at 100 ms a request against curl 16 at a time (signed URL, then the file).
 * ``transports`` the HTTP stacks compared (``transports.py``): what chose the design.
 * ``scale``   issue 14: a 50,000-series download on the emulator (first series, total,
   peak RSS, no-op re-run), and planning 200,000 and 1,000,000 series without network.
@@ -81,6 +84,7 @@ FIRST_BYTE_FAULTS = "first_byte=1"
 INFLATE = {"isal": "ISA-L (isal)", "zlib": "zlib"}.get(INFLATE_LIBRARY, INFLATE_LIBRARY)
 MB = 1e6
 SCENARIOS = ("lan", "stored", "fast", "wan", "small", "firstbyte", "huge", "pieces", "idc",
+             "drs",
              "transports", "scale")
 
 
@@ -1089,6 +1093,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "firstbyte": firstbyte, "huge": huge,
         "pieces": lambda: script_section("pieces", "huge_pieces.py"),
         "idc": lambda: script_section("idc", "idc.py", "--work", str(work)),
+        # issue 24: a 1 GB DRS object at 80 Mbit/s (and cut at 75%), 1,000 small ones
+        "drs": lambda: script_section("drs", "drs.py", "--work", str(work),
+                                      *(["--big-mb", "100", "--small-count", "100",
+                                         "--rounds", "1"] if args.quick else [])),
         "transports": transports_step, "scale": scale_step}
     for name in SCENARIOS:
         if name in scenarios:
