@@ -176,20 +176,27 @@ class MetadataCsv:
     HEADER: tuple[str, ...] = METADATA_HEADER
     KEY = 0
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, lazy: bool = False) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._seen: set[str] = set()
         self._offset = 0
         self._tail = b""
-        self.refresh()
+        #: Whether the file was read (``lazy``: at the first question or append; a
+        #: no-op re-run of 50,000 series need not read 50,000 rows).
+        self.loaded = False
+        if not lazy:
+            self.refresh()
 
     def __contains__(self, uid: str) -> bool:
+        if not self.loaded:
+            self.refresh()
         return uid in self._seen
 
     def refresh(self) -> None:
         """Catch up with rows other processes appended."""
         with self._lock:
+            self.loaded = True
             try:
                 fd = open_regular(self.path, os.O_RDONLY)
             except FileNotFoundError:
@@ -200,6 +207,7 @@ class MetadataCsv:
                 os.close(fd)
 
     def _catch_up(self, fd: int) -> None:
+        self.loaded = True
         size = os.fstat(fd).st_size
         if size < self._offset:  # rewritten meanwhile (merge-reports): read it afresh
             self._seen.clear()
