@@ -44,6 +44,7 @@ import hmac
 import json
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ class _Part:
         key = row_key(create=False)
         offset = 0
         try:
-            raw = json.loads(self.sidecar.read_bytes()[:1 << 16]) if key else None
+            raw = json.loads(_read_small(self.sidecar)) if key else None
         except (OSError, ValueError, RecursionError):
             raw = None
         if isinstance(raw, dict) and key is not None:
@@ -240,7 +241,14 @@ class _Part:
         tmp = self.sidecar.with_suffix(".tmp")
         with contextlib.suppress(OSError):
             os.fdatasync(self.fd) if hasattr(os, "fdatasync") else os.fsync(self.fd)
-            tmp.write_text(json.dumps(fields), encoding="utf-8")
+            # A fresh file, never an entry found there: a link planted at the temp
+            # name (a shared root) would have us write through it, outside the root.
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(fields))
             os.replace(tmp, self.sidecar)
             self.saved = self.offset
 
@@ -249,6 +257,17 @@ class _Part:
         for path in (self.path, self.sidecar):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def _read_small(path: Path, limit: int = 1 << 16) -> bytes:
+    """The first ``limit`` bytes of a regular file, opened without following a link and
+    without blocking: a planted FIFO or a link to ``/dev/zero`` at the sidecar's name
+    must neither hang the run nor fill its memory (OSError: not believed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        return handle.read(limit)
 
 
 def fetch_to_spool(url_for: Callable[[], str], spool: Path, key: str, *,
