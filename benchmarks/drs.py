@@ -371,8 +371,9 @@ def render(results: list[dict[str, Any]], sizes: dict[str, int], counts: dict[st
     notes = []
     if "big" in by:
         ours, floor = by["big"]["ours (defaults)"], by["big"]["curl (floor)"]
-        notes.append(f"* 1 GB at {BIG_RATE}: ours {floor['wall'] / ours['wall']:.2f}x curl "
-                     f"(target >= 0.9x), peak RSS {ours['rss'] / MB:.0f} MB (target <= 100 MB). "
+        notes.append(f"* {sizes['big'] / MB:,.0f} MB at {BIG_RATE}: ours "
+                     f"{floor['wall'] / ours['wall']:.2f}x curl (target >= 0.9x), peak RSS "
+                     f"{ours['rss'] / MB:.0f} MB (target <= 100 MB). "
                      "The floor's time includes its token and signed-URL requests.")
     if "big" in by and "big-drop" in by:
         ours, cut = by["big"]["ours (defaults)"], by["big-drop"]["ours (defaults)"]
