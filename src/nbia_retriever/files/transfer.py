@@ -363,6 +363,13 @@ def _download(part: _Part, url_for: Callable[[], str], transport: Transport,
                     end = _check_range(answer, part, what, host)
                 else:
                     raise _status_error(answer, what, host)
+                coding = (answer.header("Content-Encoding") or "identity").strip().lower()
+                if coding != "identity" and part.expected_md5 is None:
+                    # We asked for identity: an encoded body with no MD5 to prove it is
+                    # the object as stored would be saved as, say, a gzip "slide.svs".
+                    raise ApiError(f"{what}: {host} sent the file {quote(coding, 20)}-"
+                                   "encoded (asked for it as stored); not saved",
+                                   status=None)
                 etag = answer.header("ETag")
                 if part.etag and etag and etag != part.etag:
                     part.restart()  # another object under the same URL: from zero
