@@ -5,6 +5,10 @@
 * A server that thinks before each zip's first byte (``--faults first_byte=S``) keeps the
   streams waiting on it, not on the link: the limiter, told how many streams waited a
   whole window, climbs to the cap and holds there instead of judging the bursty bytes.
+* The report rows (metadata.csv) are checked against the complete series without
+  reading the file when the last run's mark (journal.rows_mark: a MAC over the file's
+  inode, size, times and the set of complete series) says nothing changed; any change to
+  the file, or a mark not ours, and the file is read and a lost row re-added.
 * A download re-signs the journal rows of its series once their folders' stamps are old
   enough to be believed alone (engine.plan.Planner.settle): the first no-op re-run then
   counts no folder and rewrites no row. The one series the server stalls (3 s, a server
@@ -26,8 +30,10 @@ import pytest
 
 from enginehelpers import write_manifest
 from nbia_retriever import download
-from nbia_retriever.engine.journal import RACY_SECONDS, Journal
+from nbia_retriever.engine import DownloadOptions, Engine
+from nbia_retriever.engine.journal import RACY_SECONDS, ROWS_MARK, Journal
 from nbia_retriever.engine.scheduler import INITIAL_STREAMS, ConcurrencyLimiter
+from nbia_retriever.manifest import read_manifest
 from nbia_retriever.server import FaultPlan
 
 FAST = {"backoff_base": 0.01, "timeout": 20.0}
@@ -153,3 +159,62 @@ def test_the_first_byte_knob_delays_zips_not_metadata(serve, archive) -> None:
         server.set_faults(FaultPlan(first_byte=60.0))
         meta = http.get(f"{server.api_url}/v1/getSeries", params={"SeriesInstanceUID": uid})
         assert meta.status_code == 200
+
+
+# -- the report rows' mark ----------------------------------------------------------------
+def rerun(manifest: Path, dest: Path, server) -> tuple[Engine, object]:
+    engine = Engine(read_manifest(manifest), dest, DownloadOptions(api_url=server.api_url, **FAST))
+    report = engine.run()
+    assert report.ok, report.summary()
+    return engine, report
+
+
+def stored_mark(root: Path) -> str | None:
+    with Journal(root / ".nbia" / "journal.sqlite", readonly=True) as journal:
+        return journal.get_info(ROWS_MARK)
+
+
+def test_a_no_op_rerun_does_not_read_metadata_csv_that_the_mark_vouches_for(
+        tmp_path, archive, serve):
+    uids = [s.series_uid for s in archive.series]
+    server = serve(archive.root)
+    manifest = write_manifest(tmp_path / "cart.tcia", uids, server.download_url)
+    first = download(manifest, tmp_path / "dl", **FAST)
+    assert first.ok
+    mark = stored_mark(first.root)
+    assert mark
+    engine, report = rerun(manifest, tmp_path / "dl", server)
+    assert report.skipped == len(uids)
+    assert engine._publisher is not None and not engine._publisher.csv.loaded
+    assert stored_mark(first.root) == mark  # nothing read, nothing to re-mark
+
+
+def test_a_lost_row_is_re_added_whatever_the_mark(tmp_path, archive, serve):
+    """A crash between the journal and metadata.csv (here: the row cut out) changes
+    the file, so the mark no longer holds: the file is read and the row comes back."""
+    uids = [s.series_uid for s in archive.series]
+    server = serve(archive.root)
+    manifest = write_manifest(tmp_path / "cart.tcia", uids, server.download_url)
+    first = download(manifest, tmp_path / "dl", **FAST)
+    csv_path = first.root / "metadata.csv"
+    lines = csv_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lost = next(line for line in lines if uids[0] in line)
+    csv_path.write_text("".join(line for line in lines if line != lost), encoding="utf-8")
+    engine, report = rerun(manifest, tmp_path / "dl", server)
+    assert report.skipped == len(uids) and engine._publisher is not None
+    assert engine._publisher.csv.loaded
+    assert uids[0] in csv_path.read_text(encoding="utf-8")
+    # ... and the re-run leaves a mark for the repaired file.
+    engine, _ = rerun(manifest, tmp_path / "dl", server)
+    assert engine._publisher is not None and not engine._publisher.csv.loaded
+
+
+def test_a_mark_this_user_did_not_make_is_not_believed(tmp_path, archive, serve):
+    uids = [s.series_uid for s in archive.series]
+    server = serve(archive.root)
+    manifest = write_manifest(tmp_path / "cart.tcia", uids, server.download_url)
+    first = download(manifest, tmp_path / "dl", **FAST)
+    with Journal(first.root / ".nbia" / "journal.sqlite") as journal:
+        journal.set_info(ROWS_MARK, "0" * 32)  # planted
+    engine, _ = rerun(manifest, tmp_path / "dl", server)
+    assert engine._publisher is not None and engine._publisher.csv.loaded
