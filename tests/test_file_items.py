@@ -685,3 +685,29 @@ def test_a_link_swapped_into_the_spool_is_never_published(tmp_path: Path,
     assert result.state == SeriesState.ERROR and "not the regular file" in result.error
     assert tree(report.root) == {}
     assert outside.read_bytes() == b"not for the tree"
+
+
+def test_a_fifo_at_the_leaf_and_a_linked_files_csv_neither_hang_nor_fail_the_item(
+        tmp_path: Path, items: list[Item]) -> None:
+    """A FIFO where the file goes is never opened (it would block for ever): the next
+    name. files.csv a link outside: not written through; the files are published and
+    each says files.csv could not be updated."""
+    item = items[1]
+    root = tmp_path / "dl" / "manifest"
+    folder = root / item.collection / item.patient
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / item.name)
+    victim = tmp_path / "victim.csv"
+    victim.write_text("precious\n")
+    (root / "files.csv").symlink_to(victim)
+    engine = make_engine([item.uri], tmp_path / "dl", source=FilesSource([item]),  # type: ignore[arg-type]
+                         processes=0)
+    messages: list[str] = []
+    engine.subscribe(lambda e: messages.append(e.message) if e.kind == "message" else None)
+    report = engine.run()
+    assert report.ok, report.summary()
+    assert (folder / "C3L-00001-21_2.svs").read_bytes() == item.source_file.read_bytes()
+    assert victim.read_text() == "precious\n"
+    assert any("could not update files.csv" in m for m in messages), messages
+    again = run(FilesSource([item]), tmp_path / "dl")  # the re-run neither
+    assert again.ok and victim.read_text() == "precious\n"

@@ -345,13 +345,19 @@ class Publisher:
         """``<root>/files.csv`` (read when first asked for: a series-only run never is)."""
         with self._rows_lock:
             if self._files_csv is None:
-                self._files_csv = FilesCsv(self.root.path / FILES_CSV)
+                self._files_csv = FilesCsv(self.root.path / FILES_CSV, lazy=True)
             return self._files_csv
 
     def has_row(self, uid: str) -> bool:
         """Its report row is written: metadata.csv's for a series, files.csv's for a file
-        item."""
-        return uid in (self.files_csv if is_file_uid(uid) else self.csv)
+        item (a files.csv that cannot be read, a link someone planted: "yes", nothing is
+        to be written there; each publish says so)."""
+        if not is_file_uid(uid):
+            return uid in self.csv
+        try:
+            return uid in self.files_csv
+        except (OSError, DestinationError):
+            return True
 
     def file_folder(self, info: SeriesInfo) -> tuple[str, str]:
         """``(Collection, Patient)`` folder names of a file item (:func:`file_folder`)."""
@@ -419,7 +425,7 @@ class Publisher:
             for _ in range(MAX_FILE_NAMES):
                 relpath = "/".join((*parents, candidate))
                 with self._place_lock:  # two items of one patient with one name
-                    kind = entry_kind(parent_fd, candidate)
+                    kind = _leaf_kind(parent_fd, candidate)
                     if kind == "file" and _same_file(parent_fd, candidate, fetched):
                         os.unlink(fetched.path)  # already there, whole: a crash after the link
                         return candidate, _file_stamp(parent_fd, candidate)
@@ -435,7 +441,8 @@ class Publisher:
                             with contextlib.suppress(FileNotFoundError):
                                 os.unlink(fetched.path)
                             return candidate, _file_stamp(parent_fd, candidate)
-                # A foreign file, a link or a folder: never written through, the next name.
+                # A foreign file, a link, a folder, a FIFO...: never written through (nor
+                # opened), the next name.
                 used.add(candidate.lower())
                 candidate = _unique(name, used)
             raise DestinationError(f"{self.root.path.joinpath(*parents) / name}: every "
@@ -493,7 +500,7 @@ class Publisher:
         """metadata.csv row of a series adopted from an existing tree, if it has none
         (a file item's: its files.csv row)."""
         if is_file_uid(uid):
-            if files and uid not in self.files_csv:
+            if files and not self.has_row(uid):
                 self.add_file_row(uid, info, relpath, when, files[0])
             return
         if uid in self.csv:
@@ -568,6 +575,17 @@ def _tree_mode(path: Path) -> None:
         os.close(fd)
 
 
+def _leaf_kind(parent_fd: int, leaf: str) -> str | None:
+    """``"file"`` (a regular file), ``"other"`` (a folder, link, FIFO, socket or device:
+    never opened, never written through) or None (free), looked at without following
+    a link."""
+    try:
+        mode = os.stat(leaf, dir_fd=parent_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return None
+    return "file" if stat.S_ISREG(mode) else "other"
+
+
 def _file_stamp(parent_fd: int, leaf: str) -> int:
     """The published file's stamp for the journal (:func:`~.rows.folder_stamp`)."""
     with contextlib.suppress(OSError):
@@ -581,7 +599,8 @@ def _same_file(parent_fd: int, leaf: str, fetched: Fetched) -> bool:
     if not fetched.md5:
         return False
     try:
-        fd = os.open(leaf, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=parent_fd)
+        fd = os.open(leaf, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _NONBLOCK,
+                     dir_fd=parent_fd)
     except OSError:
         return False
     with os.fdopen(fd, "rb") as handle:
