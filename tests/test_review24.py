@@ -1,0 +1,497 @@
+"""Issue 24 reviewed by a hostile user: DRS/PathDB attacks over real HTTP on loopback.
+
+Every fault comes from a server: :class:`Hostile`, a small threaded ``http.server`` of
+this module whose routes write exactly the bytes an attacker (or a broken storage host)
+would, or the Gen3/PathDB emulator (``tests/gen3_fixtures.py``). What is checked is what
+the user is promised (issue 24, Deliver 1-5): secrets only where the user chose, nothing
+written outside the root or through a planted link, no hang on a planted FIFO, nothing
+published that is not the file, one clear line per refusal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import http.server
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from nbia_retriever.api import Transport
+from nbia_retriever.errors import ApiError, NbiaError, NetworkError
+from nbia_retriever.files.gen3 import Gen3Credentials
+from nbia_retriever.files.source import FileSource
+from nbia_retriever.files.transfer import FetchedFile, fetch_to_spool, part_paths
+from nbia_retriever.models import FileItem
+from reliability_helpers import run_cli
+
+if TYPE_CHECKING:
+    from gen3_fixtures import Gen3Archive
+    from nbia_retriever.server.gen3 import Gen3Server
+
+Route = Callable[["_Handler"], None]
+BODY = bytes(range(256)) * 4096 * 4  # 4 MiB: several reads
+BODY_MD5 = hashlib.md5(BODY).hexdigest()
+API_KEY = "review24-api-key-" + "k" * 40
+TOKEN = "review24-token-" + "t" * 40
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    def _any(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        path = self.path.partition("?")[0]
+        self.server.owner.log.append((self.command, self.path, dict(self.headers), body))
+        route = self.server.owner.routes.get(path)
+        if route is None:
+            self.send(404, b"no")
+            return
+        route(self)
+
+    do_GET = do_POST = _any
+
+    def send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
+             *, length: bool = True) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def json(self, value: object) -> None:
+        self.send(200, json.dumps(value).encode(), {"Content-Type": "application/json"})
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    owner: Hostile
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that hung up mid-body is what several tests do
+
+
+class Hostile:
+    """A loopback server whose ``routes`` (path -> writer) say what it answers; ``log``
+    holds every request (method, path, headers, body)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.log: list[tuple[str, str, dict[str, str], bytes]] = []
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.owner = self
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> Hostile:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def paths(self) -> list[str]:
+        return [p for _, p, _, _ in self.log]
+
+
+@pytest.fixture
+def hostile() -> Iterator[Hostile]:
+    with Hostile() as server:
+        yield server
+
+
+@pytest.fixture
+def transport() -> Iterator[Transport]:
+    t = Transport(timeout=30)
+    yield t
+    t.close()
+
+
+def _fetch(url: str, spool: Path, transport: Transport, *, size: int | None = None,
+           md5: str | None = None, checkpoint: Callable[[], None] = lambda: None
+           ) -> FetchedFile:
+    return fetch_to_spool(lambda: url, spool, url, expected_size=size, expected_md5=md5,
+                          transport=transport, checkpoint=checkpoint,
+                          on_progress=lambda _: None, name="slide.svs")
+
+
+def _in_thread(call: Callable[[], object]) -> object:
+    """``call()`` in a thread; a call that never returns (blocked on a FIFO) fails the
+    test instead of hanging the suite (the bound is only a backstop: the success path
+    returns at once)."""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(call())
+        except BaseException as exc:  # handed to the test
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "blocked (a planted FIFO opened for reading?)"
+    return out[0]
+
+
+def _whole(h: _Handler) -> None:
+    """A file server that honours Range (bytes=N-)."""
+    wanted = h.headers.get("Range")
+    if wanted:
+        start = int(wanted.removeprefix("bytes=").rstrip("-"))
+        h.send(206, BODY[start:], {"Content-Range": f"bytes {start}-{len(BODY) - 1}/"
+                                                    f"{len(BODY)}"})
+    else:
+        h.send(200, BODY)
+
+
+# -- the spool: a planted part, sidecar or temp file --------------------------------------
+
+def _leave_a_part(url: str, spool: Path, transport: Transport) -> None:
+    """An attempt that stops after its first MiB-read (a pause): the part and its
+    sidecar stay."""
+
+    calls = [0]
+
+    def stop() -> None:
+        calls[0] += 1
+        if calls[0] >= 2:
+            raise NetworkError("paused (test)")
+
+    with pytest.raises(NetworkError):
+        _fetch(url, spool, transport, size=len(BODY), checkpoint=stop)
+
+
+def test_a_planted_sidecar_temp_link_is_not_written_through(
+        hostile: Hostile, transport: Transport, tmp_path: Path) -> None:
+    """The sidecar is written to ``<hash>.tmp`` and renamed: a link planted at that name
+    (a shared download root) must not make us write outside the root."""
+    hostile.routes["/f"] = _whole
+    url = hostile.url + "/f"
+    spool = tmp_path / "root" / ".nbia" / "files"
+    spool.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    _, sidecar, _ = part_paths(spool, url)
+    sidecar.with_suffix(".tmp").symlink_to(victim)
+    _leave_a_part(url, spool, transport)
+    assert victim.read_text() == "precious\n"
+    got = _fetch(url, spool, transport, size=len(BODY), md5=BODY_MD5)
+    assert got.md5 == BODY_MD5
+
+
+def test_a_planted_fifo_sidecar_does_not_hang_the_run(
+        hostile: Hostile, transport: Transport, tmp_path: Path) -> None:
+    """A FIFO (or a link to /dev/zero) where the sidecar goes is not read: the transfer
+    starts from zero and completes."""
+    hostile.routes["/f"] = _whole
+    url = hostile.url + "/f"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    _leave_a_part(url, spool, transport)  # also makes this user's row key exist
+    _, sidecar, _ = part_paths(spool, url)
+    sidecar.unlink()
+    os.mkfifo(sidecar)
+    got = _in_thread(lambda: _fetch(url, spool, transport, size=len(BODY), md5=BODY_MD5))
+    assert isinstance(got, FetchedFile), got
+    assert got.path.read_bytes() == BODY
+
+
+def test_a_sidecar_linked_to_dev_zero_is_not_read_whole(
+        hostile: Hostile, transport: Transport, tmp_path: Path) -> None:
+    hostile.routes["/f"] = _whole
+    url = hostile.url + "/f"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    _leave_a_part(url, spool, transport)
+    _, sidecar, _ = part_paths(spool, url)
+    sidecar.unlink()
+    sidecar.symlink_to("/dev/zero")
+    got = _in_thread(lambda: _fetch(url, spool, transport, size=len(BODY), md5=BODY_MD5))
+    assert isinstance(got, FetchedFile), got
+
+
+# -- the storage host's answers -----------------------------------------------------------
+
+def test_a_206_with_the_wrong_start_is_refused_and_the_part_kept(
+        hostile: Hostile, transport: Transport, tmp_path: Path) -> None:
+    hostile.routes["/f"] = _whole
+    url = hostile.url + "/f"
+    _leave_a_part(url, tmp_path, transport)
+    part, _, _ = part_paths(tmp_path, url)
+    kept = part.stat().st_size
+    assert kept > 0
+
+    def shifted(h: _Handler) -> None:
+        h.send(206, BODY[:1000], {"Content-Range": f"bytes 0-999/{len(BODY)}"})
+
+    hostile.routes["/f"] = shifted
+    with pytest.raises(ApiError, match="range that was not asked for"):
+        _fetch(url, tmp_path, transport, size=len(BODY))
+    assert part.read_bytes() == BODY[:kept]
+
+
+def test_a_206_to_a_request_for_the_whole_file_is_refused(
+        hostile: Hostile, transport: Transport, tmp_path: Path) -> None:
+    def partial(h: _Handler) -> None:
+        h.send(206, BODY[10:], {"Content-Range": f"bytes 10-{len(BODY) - 1}/{len(BODY)}"})
+
+    hostile.routes["/f"] = partial
+    with pytest.raises(ApiError, match="206 to a request for the whole file"):
+        _fetch(hostile.url + "/f", tmp_path, transport)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gzip_encoded_answer_is_not_published_as_the_file(
+        hostile: Hostile, transport: Transport, tmp_path: Path) -> None:
+    """We ask for ``identity``; a PathDB server that gzips anyway (no checksum to catch
+    it) must not leave a gzip stream named ``slide.svs``."""
+    packed = gzip.compress(BODY)
+
+    def gzipped(h: _Handler) -> None:
+        h.send(200, packed, {"Content-Encoding": "gzip"})
+
+    hostile.routes["/f"] = gzipped
+    with pytest.raises(ApiError, match="gzip"):
+        _fetch(hostile.url + "/f", tmp_path, transport)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gzip_encoded_object_whose_md5_is_of_its_stored_bytes_is_kept_as_stored(
+        hostile: Hostile, transport: Transport, tmp_path: Path) -> None:
+    """An S3 object stored with Content-Encoding gzip, its DRS MD5 that of the stored
+    bytes: those bytes are the object (as curl saves them)."""
+    packed = gzip.compress(BODY)
+
+    def gzipped(h: _Handler) -> None:
+        h.send(200, packed, {"Content-Encoding": "gzip"})
+
+    hostile.routes["/f"] = gzipped
+    got = _fetch(hostile.url + "/f", tmp_path, transport,
+                 md5=hashlib.md5(packed).hexdigest())
+    assert got.path.read_bytes() == packed
+
+
+def test_an_endless_body_stops_at_the_size_expected(
+        hostile: Hostile, transport: Transport, tmp_path: Path) -> None:
+    """No Content-Length, the connection never ends: the manifest's size bounds it."""
+
+    def endless(h: _Handler) -> None:
+        h.send_response(200)
+        h.send_header("Connection", "close")
+        h.end_headers()
+        with contextlib.suppress(OSError):
+            while True:
+                h.wfile.write(b"\0" * 65536)
+
+    hostile.routes["/f"] = endless
+    with pytest.raises(NbiaError, match="more than the 1,000,000 bytes"):
+        _fetch(hostile.url + "/f", tmp_path, transport, size=1_000_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- the Gen3 API: where the key and token go, what its answers may say -------------------
+
+def _creds(tmp_path: Path) -> Gen3Credentials:
+    path = tmp_path / "credentials.json"
+    path.write_text(json.dumps({"api_key": API_KEY, "key_id": "k1"}))
+    path.chmod(0o600)
+    return Gen3Credentials.load(path)
+
+
+def _token(h: _Handler) -> None:
+    h.json({"access_token": TOKEN})
+
+
+def _source(hostile: Hostile, tmp_path: Path, transport: Transport, *,
+            md5: str | None = BODY_MD5, size: int | None = len(BODY),
+            endpoint: str | None = None) -> tuple[FileSource, FileItem]:
+    item = FileItem(kind="drs", uri="drs://evil.example/dg.4DFC/0000-1111",
+                    key="drs://evil.example/dg.4DFC/0000-1111", name="report.pdf",
+                    collection="C", patient_id="P", size=size, md5=md5, line=2)
+    source = FileSource([item], creds=_creds(tmp_path), endpoint=endpoint or hostile.url,
+                        policy=None, timeout=30, transport=transport)
+    source.bind_run(tmp_path / "spool")
+    return source, item
+
+
+def _fetch_item(source: FileSource, item: FileItem) -> FetchedFile:
+    info = source.info(item)
+    with source.open(info) as stream:
+        return stream.fetch(checkpoint=lambda: None,  # type: ignore[no-any-return]
+                            on_progress=lambda _: None)
+
+
+def test_an_attackers_drs_host_gets_nothing(tmp_path: Path, transport: Transport,
+                                            hostile: Hostile) -> None:
+    """A sheet naming another host, no --gen3-endpoint, not trusted: refused before any
+    request; the key is sent nowhere."""
+    host = hostile.url.split("://", 1)[1]
+    item = FileItem(kind="drs", uri=f"drs://{host}/dg.4DFC/x", key=f"drs://{host}/dg.4DFC/x",
+                    name="x.pdf", line=3)
+    source = FileSource([item], creds=_creds(tmp_path), endpoint=None, policy=None,
+                        timeout=30, transport=transport)
+    with pytest.raises(NbiaError, match="not sending the Gen3 API key") as caught:
+        source.prepare()
+    assert API_KEY not in str(caught.value)
+    assert hostile.log == []
+
+
+def test_a_signed_url_back_on_the_api_host_gets_no_bearer(
+        hostile: Hostile, transport: Transport, tmp_path: Path) -> None:
+    hostile.routes["/user/credentials/api/access_token"] = _token
+    hostile.routes["/user/data/download/dg.4DFC/0000-1111"] = \
+        lambda h: h.json({"url": hostile.url + "/steal?X-Amz-Signature=s3cr3t"})
+    hostile.routes["/steal"] = _whole
+    source, item = _source(hostile, tmp_path, transport)
+    got = _fetch_item(source, item)
+    assert got.md5 == BODY_MD5
+    sent = [(p, h) for _, p, h, _ in hostile.log if p.startswith("/steal")]
+    assert sent and all("Authorization" not in h for _, h in sent)
+    # The key went in the token request's body only, the token only to the API paths.
+    for _, path, headers, body in hostile.log:
+        assert (API_KEY.encode() in body) == path.startswith("/user/credentials")
+        assert all(API_KEY not in v for v in headers.values())
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x",
+                                 "javascript:alert(1)", "http:///nohost", "/relative"])
+def test_a_signed_url_that_is_not_http_is_refused(
+        hostile: Hostile, transport: Transport, tmp_path: Path, url: str) -> None:
+    hostile.routes["/user/credentials/api/access_token"] = _token
+    hostile.routes["/user/data/download/dg.4DFC/0000-1111"] = lambda h: h.json({"url": url})
+    source, item = _source(hostile, tmp_path, transport)
+    with pytest.raises(ApiError, match="no usable 'url'") as caught:
+        _fetch_item(source, item)
+    assert "\n" not in str(caught.value) and "passwd" not in str(caught.value)
+
+
+@pytest.mark.parametrize("route", ["/user/credentials/api/access_token",
+                                   "/user/data/download/dg.4DFC/0000-1111",
+                                   "/ga4gh/drs/v1/objects/dg.4DFC/0000-1111"])
+@pytest.mark.parametrize("bomb", ["deep", "huge"])
+def test_json_bombs_from_the_gen3_api_are_one_line_errors(
+        hostile: Hostile, transport: Transport, tmp_path: Path, route: str,
+        bomb: str) -> None:
+    hostile.routes["/user/credentials/api/access_token"] = _token
+    hostile.routes["/user/data/download/dg.4DFC/0000-1111"] = \
+        lambda h: h.json({"url": hostile.url + "/f"})
+    hostile.routes["/ga4gh/drs/v1/objects/dg.4DFC/0000-1111"] = lambda h: h.send(404, b"")
+    hostile.routes["/f"] = _whole
+    if bomb == "deep":
+        body = b'{"url": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    else:
+        body = b'{"url": "' + b"a" * (100 << 20) + b'"}'
+    hostile.routes[route] = lambda h: h.send(200, body, {"Content-Type": "application/json"})
+    source, item = _source(hostile, tmp_path, transport, md5=None)
+    with pytest.raises(NbiaError) as caught:
+        _fetch_item(source, item)
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 400, message
+
+
+@pytest.mark.parametrize("size", [-5, 10**30, "12", True])
+def test_a_drs_record_with_a_bogus_size_or_md5(hostile: Hostile, transport: Transport,
+                                               tmp_path: Path, size: object) -> None:
+    """Sizes that are not a sane count of bytes and an MD5 that is not 32 hex digits
+    are ignored, or refuse the item in one line: never a crash or a wrong file."""
+    hostile.routes["/user/credentials/api/access_token"] = _token
+    hostile.routes["/user/data/download/dg.4DFC/0000-1111"] = \
+        lambda h: h.json({"url": hostile.url + "/f"})
+    hostile.routes["/ga4gh/drs/v1/objects/dg.4DFC/0000-1111"] = lambda h: h.json(
+        {"size": size, "checksums": [{"type": "md5", "checksum": "\x1b[31mzz"}],
+         "name": "../../etc/x"})
+    hostile.routes["/f"] = _whole
+    source, item = _source(hostile, tmp_path, transport, md5=None, size=None)
+    try:
+        got = _fetch_item(source, item)
+    except NbiaError as exc:
+        assert size == 10**30 and "\n" not in str(exc) and "\x1b" not in str(exc)
+    else:
+        assert got.path.read_bytes() == BODY and got.md5 == BODY_MD5
+
+
+# -- end to end: planted things in the download root; secrets in the output --------------
+
+def _pathdb_sheet(path: Path, archive: Gen3Archive, gen3: Gen3Server) -> Path:
+    lines = ["imageUrl,name,collection,patient_id"]
+    for slide in archive.slides:
+        lines.append(f"{gen3.pathdb_url}/system/files/{slide.url_path},{slide.name},"
+                     f"{slide.collection},{slide.patient_id}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_planted_fifos_and_links_in_the_root_neither_hang_nor_are_written_through(
+        tmp_path: Path, gen3_archive: Gen3Archive, gen3_server: Gen3Server) -> None:
+    """A FIFO where a slide goes, a link to a file outside the root where another goes,
+    files.csv a link outside: the run completes, each slide under a free name, nothing
+    outside the root touched."""
+    sheet = _pathdb_sheet(tmp_path / "slides.csv", gen3_archive, gen3_server)
+    root = tmp_path / "out" / "slides"
+    first, second = gen3_archive.slides[0], gen3_archive.slides[1]
+    for slide in (first, second):
+        (root / slide.collection / slide.patient_id).mkdir(parents=True, exist_ok=True)
+    os.mkfifo(root / first.collection / first.patient_id / first.name)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (root / second.collection / second.patient_id / second.name).symlink_to(victim)
+    (root / "files.csv").symlink_to(victim)
+    done = run_cli(["download", str(sheet), "-d", str(tmp_path / "out")], timeout=90)
+    assert victim.read_text() == "precious\n"
+    for slide in gen3_archive.slides:
+        folder = root / slide.collection / slide.patient_id
+        stem, _, ext = slide.name.rpartition(".")
+        names = [slide.name, f"{stem}_2.{ext}"]
+        assert any((folder / n).is_file() and not (folder / n).is_symlink()
+                   and (folder / n).read_bytes() == slide.path.read_bytes()
+                   for n in names), (slide.name, done.stdout + done.stderr)
+
+
+def test_no_key_token_or_signature_in_any_output_or_file(
+        tmp_path: Path, gen3_archive: Gen3Archive, gen3_serve: Callable[..., Gen3Server]
+        ) -> None:
+    """A run whose storage host refuses and drops (errors quoted, retried, failed) with
+    --json: the key, the tokens and the signed URLs' signatures appear in no output,
+    journal, files.csv or error report."""
+    from test_mixed_sheet import mixed_sheet
+
+    gen3 = gen3_serve(faults="drop_after=5000,url_uses=1")
+    creds = gen3.write_credentials(tmp_path / "credentials.json")
+    key = json.loads(creds.read_text())["api_key"]
+    sheet = mixed_sheet(tmp_path / "drs.csv", gen3_archive, gen3, [])
+    done = run_cli(["download", str(sheet), "-d", str(tmp_path / "out"), "--auth",
+                    str(creds), "--gen3-endpoint", gen3.url, "--accept-data-policy",
+                    "--json", "--retries", "1"])
+    texts = [done.stdout, done.stderr]
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.suffix in (
+                ".csv", ".json", ".txt", ".log", ".sqlite", ".db", ""):
+            texts.append(path.read_bytes().decode("latin-1"))
+    signatures = [r.query["sig"] for r in gen3.requests if r.query.get("sig")]
+    assert signatures, "no signed URL was used"
+    for text in texts:
+        assert key not in text
+        assert key[10:40] not in text
+        for sig in signatures:
+            assert sig not in text
