@@ -13,8 +13,19 @@ Scenarios:
 * ``loopback``: 24 series x 40 images x 256 KiB, no caps;
 * ``slow``: the same series, 50 ms before every answer and 10 MB/s per connection;
 * ``mammo``: 2,000 one-image series (mammography-like: one request per series);
+* ``slowbig``: 2 series x 8 images x 8 MiB (tomosynthesis- or slide-like objects) as
+  ``slow``: a series of objects far larger than a read is fetched several objects at
+  once, not one after the other;
 * ``auto``: a 1,000-series ``.tcia`` manifest, 900 of them in IDC: the NBIA server must
   get no image request for those (counted in its request log).
+
+Beside each client's CPU the table gives the server's over the same runs: on two cores
+the server (Python) and the client share the CPU, so a client's CPU per GB is what its
+speed is made of. ``fixed`` is ours on the scenario's first series alone (for
+``mammo`` one 128 KiB image: about the cost of any run, start-up, the index lookup and
+the worker process, paid once, that s5cmd, one Go binary, hardly has).
+``--also-src DIR``: one more client, ours from another checkout's ``src``
+(``PYTHONPATH``), interleaved with the others: a before/after on one machine.
 
 Run: ``.venv/bin/python benchmarks/idc.py --out BENCH-IDC.md`` (``benchmarks/run.py
 --scenario idc`` runs it as part of ``make bench``).
@@ -55,6 +66,8 @@ SCENARIOS = {
              "latency=50ms,rate=10MB"),
     "mammo": (ArchiveSpec("idc-mammo", patients=200, series=10, images=1,
                           image_bytes=128 << 10), None),
+    "slowbig": (ArchiveSpec("idc-big", patients=1, series=2, images=8, image_bytes=8 << 20),
+                "latency=50ms,rate=10MB"),
 }
 
 
@@ -119,13 +132,16 @@ def best(runs: list[tuple[Measured, bool]]) -> dict[str, float]:
     ok = [m for m, complete in runs if complete and m.returncode == 0]
     if not ok:
         return {"wall": float("nan"), "cpu": float("nan"), "rss": max(
-            (m.peak_rss for m, _ in runs), default=0), "complete": 0.0}
+            (m.peak_rss for m, _ in runs), default=0), "complete": 0.0,
+            "server_cpu": float("nan")}
     fastest = min(ok, key=lambda m: m.wall)
     return {"wall": fastest.wall, "cpu": min(m.cpu for m in ok),
-            "rss": max(m.peak_rss for m, _ in runs), "complete": float(len(ok) == len(runs))}
+            "rss": max(m.peak_rss for m, _ in runs), "complete": float(len(ok) == len(runs)),
+            "server_cpu": min(m.server_cpu for m in ok)}
 
 
-def run_scenario(name: str, work: Path, rounds: int) -> dict[str, object]:
+def run_scenario(name: str, work: Path, rounds: int,
+                 also_src: Path | None = None) -> dict[str, object]:
     spec, faults = SCENARIOS[name]
     archive = ensure_archive(spec, work)
     uids = archive.uids
@@ -151,13 +167,26 @@ def run_scenario(name: str, work: Path, rounds: int) -> dict[str, object]:
                                     "--quiet", "--processes", "0", "--idc-index",
                                     str(server.index_dir), "--idc-endpoint", server.s3_url],
         }
+        envs: dict[str, dict[str, str] | None] = dict.fromkeys(clients)
+        if also_src is not None:
+            other = f"ours ({also_src.parent.name}, defaults)"
+            clients[other] = clients["ours (defaults)"]
+            envs[other] = {**os.environ, "PYTHONPATH": str(also_src.resolve())}
+        one = swork / f"one-{name}.s5cmd"
+        one.write_text(f"cp s3://{BUCKET}/{crdc_series_uuid(uids[0])}/* .\n", encoding="utf-8")
+        fixed = [str(OURS), "download", str(one), "-d", str(out), "--quiet", "--idc-index",
+                 str(server.index_dir), "--idc-endpoint", server.s3_url]
+        walls: list[float] = []
         runs: dict[str, list[tuple[Measured, bool]]] = {c: [] for c in clients}
         for r in range(rounds):
+            remove_tree(out)
+            walls.append(run_measured(fixed, cwd=swork,
+                                      log_dir=swork / "logs" / "fixed" / str(r)).wall)
             for client, cmd in clients.items():  # interleaved: a drift hits every client
                 remove_tree(out)
                 measured = run_measured(cmd, cwd=swork, log_dir=swork / "logs" / client
                                         / str(r), server_pid=server.proc.pid
-                                        if server.proc else None)
+                                        if server.proc else None, env=envs[client])
                 checked = check_output(out, expected)
                 runs[client].append((measured, checked.complete))
                 print(f"  {name} {client} #{r + 1}: {measured.wall:.2f} s, "
@@ -166,7 +195,8 @@ def run_scenario(name: str, work: Path, rounds: int) -> dict[str, object]:
         remove_tree(out)
     results = {client: best(r) for client, r in runs.items()}
     return {"scenario": name, "series": len(uids), "bytes": archive.total_bytes,
-            "files": archive.total_files, "faults": faults or "", "results": results}
+            "files": archive.total_files, "faults": faults or "", "results": results,
+            "fixed": min(walls, default=float("nan"))}
 
 
 def run_auto(work: Path) -> dict[str, object]:
@@ -221,8 +251,9 @@ def render(results: list[dict[str, object]], auto: dict[str, object] | None) -> 
              "best of 3, interleaved, every image's MD5 checked after each run. s5cmd at its "
              "defaults is the floor; ours at its defaults checks each object's MD5 against "
              "its ETag, parses the headers and writes the Java tree.", "",
-             "| scenario | client | MB/s | ratio to s5cmd | CPU s/GB | peak RSS | complete |",
-             "|---|---|---|---|---|---|---|"]
+             "| scenario | client | MB/s | ratio to s5cmd | CPU s/GB | server CPU s/GB | "
+             "peak RSS | complete |",
+             "|---|---|---|---|---|---|---|---|"]
     for res in results:
         total = float(res["bytes"])  # type: ignore[arg-type]
         table = res["results"]
@@ -234,8 +265,15 @@ def render(results: list[dict[str, object]], auto: dict[str, object] | None) -> 
             rate = total / 1e6 / r["wall"] if r["wall"] == r["wall"] else float("nan")
             ratio = floor["wall"] / r["wall"] if r["wall"] == r["wall"] else float("nan")
             lines.append(f"| {label} | {client} | {rate:.1f} | {ratio:.2f}x | "
-                         f"{r['cpu'] / (total / 1e9):.2f} | {r['rss'] / 1e6:.0f} MB | "
-                         f"{'yes' if r['complete'] else 'NO'} |")
+                         f"{r['cpu'] / (total / 1e9):.2f} | "
+                         f"{r.get('server_cpu', float('nan')) / (total / 1e9):.2f} | "
+                         f"{r['rss'] / 1e6:.0f} MB | {'yes' if r['complete'] else 'NO'} |")
+    fixed = [f"{res['scenario']} {float(res['fixed']):.2f} s"  # type: ignore[arg-type]
+             for res in results if "fixed" in res]
+    if fixed:
+        lines += ["", "Ours on the scenario's first series alone (mammo's is one 128 KiB "
+                  "image: about the fixed cost of any run, start-up, the index lookup, the "
+                  "worker process): " + ", ".join(fixed) + "."]
     if auto is not None:
         lines += ["", f"`auto` with {auto['series']} series of which IDC holds {auto['idc']}: "
                   f"{auto['wall']:.2f} s, peak RSS {float(auto['rss']) / 1e6:.0f} MB "  # type: ignore[arg-type]
@@ -253,9 +291,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scenario", action="append", choices=[*SCENARIOS, "auto"])
     ap.add_argument("--out", type=Path, default=None, help="Write the markdown here.")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--also-src", type=Path, default=None, metavar="DIR",
+                    help="Also run ours from this checkout's src folder (PYTHONPATH), "
+                         "interleaved: a before/after on one machine.")
     args = ap.parse_args(argv)
     names = args.scenario or [*SCENARIOS, "auto"]
-    results = [run_scenario(n, args.work, args.rounds) for n in names if n in SCENARIOS]
+    results = [run_scenario(n, args.work, args.rounds, args.also_src)
+               for n in names if n in SCENARIOS]
     auto = run_auto(args.work) if "auto" in names else None
     text = "\n".join(render(results, auto)) + "\n"
     print(text)
