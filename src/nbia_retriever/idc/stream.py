@@ -16,7 +16,22 @@ stages a series from one ordered stream of bytes and a reader that cuts it into 
   the bytes it wrote with the ETags, exactly as it compares an NBIA zip's entries with
   the server's list: one staging path, one set of checks, for both sources.
 
-Memory stays flat in object and series size: object ``j`` is requested only once the
+How the engine stages a series (:func:`~nbia_retriever.engine.staging.stage_series`
+calls the reader's ``stage_into``): the fetchers write the objects themselves. Each
+thread that reads an object's socket hashes it, writes it into the series' staging folder
+and keeps its first bytes (the header), so no byte crosses threads and the hashing and
+writing of several objects run beside each other, outside the GIL; the consumer only
+takes a small :class:`~nbia_retriever.engine.staging.EntryFile` record per object, in
+key order. Measured (``benchmarks/idc.py``, interleaved with the byte path): the same on
+small objects (the CPU per GB is the transfer's, not the handing over), and 0.54x ->
+0.82x s5cmd on objects far larger than a read far from the bucket (``slowbig``: 8 MiB
+objects at 10 MB/s per connection), which the byte path's budget (below) fetched about
+one at a time. Memory then holds no object's bytes at all: one read and one header per
+object in flight; what the fetchers may write past the consumer's last tick is bounded
+(:data:`DISK_AHEAD`), so a paused run stops soon.
+
+Without ``stage_into`` (a consumer of the bytes themselves) memory stays flat in object
+and series size this way: object ``j`` is requested only once the
 consumer finished object ``j - inflight``, and the objects after the one being consumed
 share a budget of :data:`BUFFER_BYTES` (8 MiB) ahead of the consumer, the current one
 up to :data:`SLOT_BYTES` more (a fetcher with no room waits, not reading its socket),
@@ -25,8 +40,7 @@ IDC run streams up to 64 series at once: 8 MiB each made a worker process 120 MB
 so a stream holds at most that plus one read per object in flight, whatever the sizes
 and however many are in flight. Small objects (a CT slice) are then fetched ``inflight``
 at once; one object far larger than the budget at the head of the queue holds the
-others back until it is written, and a series of such objects goes at about one
-connection's speed: the engine's several series at once are what fill the link then.
+others back until it is consumed.
 
 How many objects are in flight adapts: :data:`START_INFLIGHT` at first, doubled (up to
 ``inflight``) every :data:`GROW_AFTER` (5 ms) the consumer waits for bytes. On a fast
@@ -306,11 +320,9 @@ class IdcStream:
         :func:`~nbia_retriever.engine.staging.part_name` numbers them in key order),
         hashing it as it writes, and keeps its first bytes; :meth:`chunks` then yields
         empty ticks, and the finished objects wait in key order for
-        :meth:`take_ready` (the reader's). On loopback the one consumer thread that
-        took every byte from the fetchers, hashed and wrote it was the bottleneck
-        (perf: a third of the CPU on locks and wake-ups, 0.44x s5cmd); now the
-        threads that read the sockets hash and write beside each other, outside the
-        GIL, and nothing but a small record crosses threads per object."""
+        :meth:`take_ready` (the reader's). No object then waits for the consumer's
+        budget: a series of big objects is fetched ``inflight`` at once (module
+        docstring: the measurement)."""
         if self._started:
             raise RuntimeError("IdcStream.stage_into() after chunks()")
         self._folder, self._look = folder, look
