@@ -495,3 +495,71 @@ def test_no_key_token_or_signature_in_any_output_or_file(
         assert key[10:40] not in text
         for sig in signatures:
             assert sig not in text
+
+
+def test_hostile_names_land_in_collection_patient_each_under_its_own_name(
+        tmp_path: Path, gen3_archive: Gen3Archive, gen3_server: Gen3Server) -> None:
+    """Names and folders from the sheet: ``../``, absolute, ``CON``, escapes and bidi,
+    300 bytes, a name twice for one patient (``_2``, no overwrite), a collection or
+    patient of ``.nbia``/``..``: every file lands once, byte-equal, at depth 3 of the root
+    and outside ``.nbia``; no escape reaches the terminal."""
+    import csv
+
+    slide = gen3_archive.slides[0]
+    url = f"{gen3_server.pathdb_url}/system/files/{slide.url_path}"
+    rows = [("../../escape.svs", "C", "P"), ("/abs.svs", "C", "P"), ("CON", "C", "P"),
+            ("a\x1b[31mb\u202ec.svs", "C", "P"), ("n" * 300 + ".svs", "C", "P"),
+            ("dup.svs", "C", "P"),
+            ("slide.svs", ".nbia", ".."), ("slide.svs", "..", ".nbia"),
+            ("x.svs", "C/../../..", "P\0")]
+    sheet = tmp_path / "names.csv"
+    with sheet.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["imageUrl", "name", "collection", "patient_id"])
+        for n, (name, collection, patient) in enumerate(rows):
+            writer.writerow([f"{url}?n={n}", name, collection, patient.replace("\0", "")])
+        # The same name for one patient, other bytes: a second file, never an overwrite.
+        other = gen3_archive.slides[1]
+        writer.writerow([f"{gen3_server.pathdb_url}/system/files/{other.url_path}",
+                         "dup.svs", "C", "P"])
+    done = run_cli(["download", str(sheet), "-d", str(tmp_path / "out")], timeout=90)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text
+    assert "\x1b" not in text and "\u202e" not in text
+    root = tmp_path / "out" / "names"
+    data = slide.path.read_bytes()
+    found = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if path.is_file() and rel.parts[0] != ".nbia" and rel.name not in (
+                "metadata.csv", "files.csv"):
+            assert len(rel.parts) == 3, rel
+            if rel.name != "dup_2.svs":  # the other slide's
+                assert path.read_bytes() == data, rel
+            assert all(c.isprintable() and c != "\u202e" for c in rel.as_posix()), rel
+            assert len(rel.name.encode()) <= 255
+            found.append(rel)
+    assert len(found) == len(rows) + 1, sorted(map(str, found))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["names"]
+    assert not any(p.is_file() and p.stat().st_size == len(data)
+                   for p in (root / ".nbia").rglob("*"))
+    dups = sorted(p.name for p in found if p.name.startswith("dup"))
+    assert dups == ["dup.svs", "dup_2.svs"]
+
+
+def test_a_planted_spool_link_and_a_fifo_files_csv(
+        tmp_path: Path, gen3_archive: Gen3Archive, gen3_server: Gen3Server) -> None:
+    """``.nbia/files`` a link to a folder outside the root: nothing is written there, the
+    run says why in a line; ``files.csv`` a FIFO: no hang."""
+    sheet = _pathdb_sheet(tmp_path / "slides.csv", gen3_archive, gen3_server)
+    root = tmp_path / "out" / "slides"
+    (root / ".nbia").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / ".nbia" / "files").symlink_to(outside)
+    os.mkfifo(root / "files.csv")
+    done = run_cli(["download", str(sheet), "-d", str(tmp_path / "out")], timeout=90)
+    text = done.stdout + done.stderr
+    assert list(outside.iterdir()) == [], text
+    assert "Traceback" not in text
+    assert done.returncode != 0 and "not a folder of this download root" in text, text
