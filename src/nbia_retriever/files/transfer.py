@@ -39,6 +39,7 @@ against what remains before the first byte and every few MiB as
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -151,7 +152,7 @@ class _Part:
         self.length: int | None = None  # the whole object's size as the server says
         self.offset = 0
         self.md5 = hashlib.md5()
-        self.fd = os.open(self.path, _FLAGS, 0o600)
+        self.fd = _open_part(self.path)
         self.saved = -1
         self.written = -1  # where the file's position is (-1: unknown)
 
@@ -257,6 +258,29 @@ class _Part:
         for path in (self.path, self.sidecar):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+def _open_part(path: Path) -> int:
+    """The part file, opened for writing: ours, a regular file. Anything else at its
+    name in the run's own spool (a link planted to a file outside the root, a FIFO) is
+    removed, never written through, and a fresh part made; a folder there is a
+    :class:`DestinationError` naming it."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, _FLAGS | os.O_NONBLOCK, 0o600)
+        except IsADirectoryError:
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EOPNOTSUPP):
+                raise
+        else:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    raise DestinationError(f"{path}: not a file this download made (a folder?); remove it "
+                           "and re-run")
 
 
 def _read_small(path: Path, limit: int = 1 << 16) -> bytes:
