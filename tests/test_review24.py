@@ -231,6 +231,34 @@ def test_a_sidecar_linked_to_dev_zero_is_not_read_whole(
     assert isinstance(got, FetchedFile), got
 
 
+@pytest.mark.parametrize("planted", ["link", "fifo", "dir"])
+def test_a_planted_part_is_replaced_or_named(hostile: Hostile, transport: Transport,
+                                             tmp_path: Path, planted: str) -> None:
+    """Something not ours where the part goes (a link to a file outside the root, a
+    FIFO): never written through, replaced by a fresh part and the file fetched; a
+    folder there: one line naming it."""
+    hostile.routes["/f"] = _whole
+    url = hostile.url + "/f"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    part, _, _ = part_paths(spool, url)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    if planted == "link":
+        part.symlink_to(victim)
+    elif planted == "fifo":
+        os.mkfifo(part)
+    else:
+        part.mkdir()
+    got = _in_thread(lambda: _fetch(url, spool, transport, size=len(BODY), md5=BODY_MD5))
+    assert victim.read_text() == "precious\n"
+    if planted == "dir":
+        assert isinstance(got, NbiaError) and str(part) in str(got), got
+    else:
+        assert isinstance(got, FetchedFile), got
+        assert got.path.read_bytes() == BODY
+
+
 # -- the storage host's answers -----------------------------------------------------------
 
 def test_a_206_with_the_wrong_start_is_refused_and_the_part_kept(
@@ -543,6 +571,8 @@ def test_hostile_names_land_in_collection_patient_each_under_its_own_name(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["names"]
     assert not any(p.is_file() and p.stat().st_size == len(data)
                    for p in (root / ".nbia").rglob("*"))
+    listed = (root / "files.csv").read_text(encoding="utf-8")
+    assert "\x1b" not in listed and "\u202e" not in listed and "\0" not in listed
     dups = sorted(p.name for p in found if p.name.startswith("dup"))
     assert dups == ["dup.svs", "dup_2.svs"]
 
