@@ -15,6 +15,7 @@ storage host is that file's failure) and the series source its own.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -89,14 +90,19 @@ class WithFiles:
                 del pending[:]
         return found
 
-    def bind_run(self, *bound: Any) -> None:
+    def bind_run(self, *bound: Any, files: Path | None = None) -> None:
+        """The run's spool folders: ``files`` (``.nbia/files/``) to the files source;
+        the pieces folder and budget to both (a huge series of the sheet's series)."""
         with self._lock:
             self._bound = bound
             series = self._series
-        for source in (self.files, series):
-            bind = getattr(source, "bind_run", None)
-            if bind is not None:
-                bind(*bound)
+        bind = getattr(self.files, "bind_run", None)
+        if bind is not None:
+            bind(*bound, **({"files": files} if files is not None and _takes_files(bind)
+                            else {}))
+        bind = getattr(series, "bind_run", None)
+        if bind is not None:
+            bind(*bound)
 
     def _of(self, uid: str) -> Source:
         if uid in self.keys:
@@ -188,6 +194,15 @@ class WithFiles:
         self.files.close()
         if self._series is not None:
             self._series.close()
+
+
+def _takes_files(bind: Callable[..., object]) -> bool:
+    """``bind_run`` accepts the ``files=`` spool (as the engine asks: ``run._takes_files``)."""
+    try:
+        parameters = inspect.signature(bind).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "files" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def files_source(manifest: Manifest, session: Session, options: DownloadOptions) -> Source:

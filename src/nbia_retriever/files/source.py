@@ -221,9 +221,13 @@ class FileSource:
 
     @staticmethod
     def info(item: FileItem) -> SeriesInfo:
-        """The item as the engine's series metadata (from its row: no request)."""
+        """The item as the engine's series metadata (from its row: no request). A
+        series zip gets no Study UID even when the sheet gives one: that is how
+        publishing knows to take its study and series from the headers
+        (``engine.publish.header_info``), as NBIA's metadata does."""
         return SeriesInfo(item.key, collection=item.collection, patient_id=item.patient_id,
-                          study_uid=item.study_uid, study_date=item.study_date,
+                          study_uid="" if item.is_series else item.study_uid,
+                          study_date=item.study_date,
                           study_description=item.study_description,
                           series_description=item.name, modality=item.modality,
                           image_count=None if item.is_series else 1, file_size=item.size)
