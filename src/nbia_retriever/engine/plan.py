@@ -300,7 +300,8 @@ class Planner:
                 planned.ready = list(zip(uids, found, map(_VARIANT, folders), strict=True))
             else:
                 for uid, info, (relpath, variant) in zip(uids, found, folders, strict=True):
-                    there = existing(info, relpath, variant)
+                    # (a file of a DRS/PathDB sheet has no series folder to adopt)
+                    there = None if ":" in uid else existing(info, relpath, variant)
                     if there is not None:
                         planned.adopted.append((uid, info, there[0], there[1]))
                     else:
