@@ -420,21 +420,24 @@ class Report:
             already.append(f"{self.skipped} already done")
         if self.adopted:
             already.append(f"{self.adopted} found on disk")
+        # A DRS/PathDB sheet's files are not series: say what the run held.
+        files = sum(1 for uid in self.results if is_file_uid(uid))
+        noun = "series" if not files else "files" if files == total else "items"
         lines = [
-            f"{done} of {total} series complete"
+            f"{done} of {total} {noun} complete"
             + (f" ({', '.join(already)})" if already else "")
             + f"; {mb:,.1f} MB downloaded in {self.elapsed:,.1f} s ({rate:,.1f} MB/s)",
         ]
         interrupted = self.count(SeriesState.INTERRUPTED)
-        counts = [f"{n} series {state}" for state in (
+        counts = [f"{n} {noun} {state}" for state in (
             SeriesState.ERROR, SeriesState.NOT_AUTHORIZED, SeriesState.NO_DATA,
             SeriesState.NOT_STARTED) if (n := self.count(state))]
         if counts:  # one line: the next step below stays close to the first line
             lines.append(", ".join(counts))
         if interrupted:
             partial = self.interrupted_bytes
-            lines.append(f"{interrupted} series interrupted"
-                         + (f"; {human_size(partial)} of partial series will be fetched again"
+            lines.append(f"{interrupted} {noun} interrupted"
+                         + (f"; {human_size(partial)} of partial {noun} will be fetched again"
                             if partial else "; no partial data to fetch again"))
         if self.fatal:
             lines.append(f"stopped: {self.fatal}")
@@ -463,7 +466,10 @@ class Report:
         step = (f"next: retry the {len(failed)} failed series with: {retry} "
                 "(--error-report FILE lists them as CSV)")
         if licence:
-            step += f"; {licence} need their licence accepted (--agree-to-license)"
+            policy = any(r.error.startswith(LICENCE_REFUSED) and "data use policy" in r.error
+                         for r in failed)
+            step += (f"; {licence} need their licence accepted (--agree-to-license"
+                     + (", or --accept-data-policy" if policy else "") + ")")
         if refused - licence:
             step += (f"; {refused - licence} need a login (--user NAME) or are not on this "
                      "server")
