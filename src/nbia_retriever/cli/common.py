@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -117,6 +118,10 @@ def exit_at_once(signum: int, frame: object) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
+#: Skipped manifest lines named one by one on stderr; the rest are counted.
+SKIPPED_SHOWN = 5
+
+
 def load_manifest(path: str, *, as_json: bool = False) -> Any:
     """The parsed manifest, or exit 2 with one line naming the file (and line)."""
 
@@ -124,7 +129,7 @@ def load_manifest(path: str, *, as_json: bool = False) -> Any:
     if Path(path).is_dir():
         fail(f"{path}: is a folder, not a manifest", EXIT_USAGE, as_json=as_json)
     try:
-        return read_manifest(path)
+        parsed = read_manifest(path)
     except ManifestError as exc:
         fail_for(exc, as_json=as_json)
     except OSError as exc:
@@ -132,6 +137,17 @@ def load_manifest(path: str, *, as_json: bool = False) -> Any:
     except (ValueError, csv.Error) as exc:
         # The parser's contract is ManifestError only; a slip must still not be a traceback.
         fail(f"{path}: cannot read this manifest ({exc})", EXIT_USAGE, as_json=as_json)
+    # Lines the parser skipped (a DRS cell that is not a DRS URI, a gs:// line): said
+    # on stderr, or a user believes a sheet fully downloaded that was not fully read.
+    skipped = getattr(parsed, "skipped", ())
+    for reason in skipped[:SKIPPED_SHOWN]:
+        say(f"warning: {path}: {reason}", err=True)
+    rest = list(skipped[SKIPPED_SHOWN:])
+    if rest:
+        counted = re.fullmatch(r"([\d,]+) more lines skipped", rest[-1])
+        more = len(rest) - 1 + int(counted.group(1).replace(",", "")) if counted else len(rest)
+        say(f"warning: {path}: {more:,} more line(s) skipped", err=True)
+    return parsed
 
 
 def check_api_url(url: str | None, *, as_json: bool = False) -> None:
