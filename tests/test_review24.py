@@ -402,6 +402,78 @@ def test_a_signed_url_back_on_the_api_host_gets_no_bearer(
         assert all(API_KEY not in v for v in headers.values())
 
 
+def test_the_token_request_follows_no_redirect(hostile: Hostile, transport: Transport,
+                                               tmp_path: Path) -> None:
+    """A 307 from the token endpoint (which would re-send the key in its body) is not
+    followed, even to the same host."""
+    hostile.routes["/user/credentials/api/access_token"] = lambda h: h.send(
+        307, b"", {"Location": hostile.url + "/catch"})
+    hostile.routes["/catch"] = _token
+    source, item = _source(hostile, tmp_path, transport)
+    with pytest.raises(NbiaError, match="redirect"):
+        _fetch_item(source, item)
+    assert "/catch" not in hostile.paths()
+
+
+@pytest.mark.parametrize("status", [422, 500])
+def test_an_api_error_page_echoing_the_key_and_token_shows_neither(
+        hostile: Hostile, transport: Transport, tmp_path: Path, status: int) -> None:
+    hostile.routes["/user/credentials/api/access_token"] = _token
+    echo = f"bad request for \x1b]0;{API_KEY}\x07 with Bearer {TOKEN}".encode()
+    hostile.routes["/user/data/download/dg.4DFC/0000-1111"] = \
+        lambda h: h.send(status, echo, {"Content-Type": "text/plain"})
+    source, item = _source(hostile, tmp_path, transport)
+    with pytest.raises(NbiaError) as caught:
+        _fetch_item(source, item)
+    message = str(caught.value)
+    assert API_KEY[10:30] not in message and TOKEN[10:30] not in message, message
+    assert "\x1b" not in message and "\x07" not in message
+
+
+def test_a_signed_url_with_userinfo_shows_it_nowhere(
+        hostile: Hostile, transport: Transport, tmp_path: Path) -> None:
+    hostile.routes["/user/credentials/api/access_token"] = _token
+    port = hostile.url.rsplit(":", 1)[1]
+    hostile.routes["/user/data/download/dg.4DFC/0000-1111"] = lambda h: h.json(
+        {"url": f"http://someone:hunter2hunter2@127.0.0.1:{port}/f?sig=abc"})
+    hostile.routes["/f"] = lambda h: h.send(503, b"busy hunter2hunter2")
+    source, item = _source(hostile, tmp_path, transport)
+    with pytest.raises(NbiaError) as caught:
+        _fetch_item(source, item)
+    assert "hunter2" not in str(caught.value) and "sig=" not in str(caught.value)
+    sent = [h for _, p, h, _ in hostile.log if p.startswith("/f")]
+    assert sent and all("Authorization" not in h for h in sent)
+
+
+def test_a_trickling_storage_host_is_cut_and_its_bytes_kept(
+        hostile: Hostile, tmp_path: Path) -> None:
+    """Slowloris: a byte every 50 ms (20 B/s, a hundredth of the floor) is cut within a
+    window or two of the timeout, and what arrived stays for the next attempt."""
+    import time
+
+    def trickle(h: _Handler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(BODY)))
+        h.end_headers()
+        h.wfile.write(BODY[:5000])
+        with contextlib.suppress(OSError):
+            for i in range(5000, len(BODY)):
+                h.wfile.write(BODY[i:i + 1])
+                h.wfile.flush()
+                time.sleep(0.05)  # the fault itself: the server's pace
+
+    hostile.routes["/f"] = trickle
+    url = hostile.url + "/f"
+    slow = Transport(timeout=1)
+    try:
+        with pytest.raises(NetworkError, match=r"slowly|timed out"):
+            _fetch(url, tmp_path, slow, size=len(BODY))
+    finally:
+        slow.close()
+    part, sidecar, _ = part_paths(tmp_path, url)
+    assert part.stat().st_size >= 5000 and sidecar.exists()
+
+
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x",
                                  "javascript:alert(1)", "http:///nohost", "/relative"])
 def test_a_signed_url_that_is_not_http_is_refused(
@@ -593,3 +665,25 @@ def test_a_planted_spool_link_and_a_fifo_files_csv(
     assert list(outside.iterdir()) == [], text
     assert "Traceback" not in text
     assert done.returncode != 0 and "not a folder of this download root" in text, text
+
+
+def test_rows_the_sheet_could_not_use_are_said_not_dropped_silently(tmp_path: Path) -> None:
+    """A DRS cell that is not a DRS URI, an ftp:// image URL: ``list`` and ``download``
+    name each skipped line on stderr (a researcher must not believe a sheet fully
+    fetched that was not fully read); the escape in one never reaches the terminal."""
+    sheet = tmp_path / "sheet.csv"
+    rows = ["drs_uri,name", "drs://nci-crdc.datacommons.io/dg.4DFC/ok,a.pdf",
+            "ftp://evil.example/x,b.pdf", "drs://user@evil.example/dg.4DFC/y,c.pdf",
+            "drs://evil.example/dg.4DFC/\x1b[2J,d.pdf"]
+    rows += [f"http://h{i}.example/x?,e{i}.pdf" for i in range(8)]
+    sheet.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    listed = run_cli(["list", str(sheet)])
+    assert listed.returncode == 0, listed.stderr
+    for line in (3, 4, 5):
+        assert f"line {line}:" in listed.stderr, listed.stderr
+    assert "more line(s) skipped" in listed.stderr
+    assert "\x1b" not in listed.stderr + listed.stdout
+    assert "user@" not in listed.stderr
+    done = run_cli(["download", str(sheet), "-d", str(tmp_path / "out"), "--timeout", "2"],
+                   env={"NBIA_GEN3_AUTH": "", "GEN3_API_KEY": ""})
+    assert "line 3:" in done.stderr, done.stderr
