@@ -557,6 +557,9 @@ def test_planted_fifos_and_links_in_the_root_neither_hang_nor_are_written_throug
     victim.write_text("precious\n")
     (root / second.collection / second.patient_id / second.name).symlink_to(victim)
     (root / "files.csv").symlink_to(victim)
+    third = gen3_archive.slides[2]  # a folder (a series' folder, say) of the slide's name
+    (root / third.collection / third.patient_id / third.name / "1-01.dcm").parent.mkdir(
+        parents=True)
     done = run_cli(["download", str(sheet), "-d", str(tmp_path / "out")], timeout=90)
     assert victim.read_text() == "precious\n"
     for slide in gen3_archive.slides:
