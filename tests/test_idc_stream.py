@@ -1024,3 +1024,38 @@ def test_stage_series_refuses_an_entry_file_out_of_its_order(tmp_path: Path) -> 
         stage_series("1.2", info_of("1.2", 1), [b""], tmp_path / "s", root=tmp_path,
                      checkpoint=lambda: None, progress=Progress(),
                      on_progress=lambda n: None, reader=Reader)
+
+
+def test_a_consumer_that_stops_ticking_stops_the_fetchers_after_disk_ahead(
+        tmp_path: Path, cache: dict[Any, Any]) -> None:
+    """A paused run (stage_series holds in checkpoint between ticks): the fetchers write
+    at most DISK_AHEAD past the consumer's last tick, then wait; the next ticks renew
+    their credit and every object arrives whole."""
+    from nbia_retriever.engine.staging import EntryFile
+    from nbia_retriever.idc.stream import DISK_AHEAD
+
+    prefix = str(uuid.uuid4())
+    size = DISK_AHEAD // 2 + 12345
+    objects = {f"{prefix}/{i:02d}.dcm": bytes([i]) * size for i in range(5)}
+    folder = tmp_path / "f"
+    folder.mkdir()
+    with S3Stub(objects=objects) as srv, \
+            opener(srv.url, prefix, "1.2", len(objects), inflight=5).open_stream(
+                cache) as stream:
+        reader = stream.reader(max_total_size=None, max_entries=100)
+        reader.stage_into(folder, lambda n: None)  # type: ignore[attr-defined]
+        ticks = stream.chunks()
+        events = list(reader.feed(next(ticks)))
+        with stream._lock:  # paused: no tick; the fetchers hold once the credit is spent
+            at_tick = stream.bytes_received - stream._unacked
+            while stream.held == 0:
+                assert stream._tick.wait(30)
+            assert stream.bytes_received - at_tick <= DISK_AHEAD
+        for tick in ticks:  # resumed
+            events += reader.feed(tick)
+        tail = list(reader.close())
+    assert [ev.name for ev in events if isinstance(ev, EntryFile)] == [
+        k.rpartition("/")[2] for k in sorted(objects)]
+    assert all(ev.md5 == hashlib.md5(objects[f"{prefix}/{ev.name}"]).hexdigest()
+               for ev in events if isinstance(ev, EntryFile))
+    assert reader.finished and tail[-1].name == MD5_ENTRY  # type: ignore[union-attr]

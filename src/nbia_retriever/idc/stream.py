@@ -272,6 +272,8 @@ class IdcStream:
         self._folder: Path | None = None
         self._look: Callable[[int], None] | None = None
         self._unacked = 0
+        #: Fetchers waiting for the consumer's next tick now (DISK_AHEAD written).
+        self.held = 0
         self._next_look = SPACE_CHECK_BYTES
         self._writers = 0
         self._tick = threading.Condition(self._lock)
@@ -538,8 +540,10 @@ class IdcStream:
         with self._lock:
             while not self._aborted and self._error is None and self._unacked and \
                     self._unacked + n > DISK_AHEAD:
+                self.held += 1
                 self._tick.notify_all()  # the consumer ticks on a full credit too
                 self._space.wait()
+                self.held -= 1
             if self._aborted or self._error is not None:
                 raise _Stopped
             self._unacked += n
