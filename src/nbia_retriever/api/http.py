@@ -51,6 +51,7 @@ import ipaddress
 import json as json_module
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -496,12 +497,21 @@ def _named_proxy(exc: BaseException, conn: http.client.HTTPConnection) -> BaseEx
 # ----------------------------------------------------------------------------- transport
 
 
+#: Query parameters that hold a credential: a pre-signed URL's signature and session
+#: token (S3 ``X-Amz-Signature``/``X-Amz-Security-Token``/``X-Amz-Credential``, GCS
+#: ``X-Goog-Signature``, Azure ``sig``, CloudFront ``Signature``/``Key-Pair-Id``).
+_SECRET_PARAM = re.compile(r"([?&](?:[^=&#]*(?:signature|token|credential|key)[^=&#]*|sig)=)"
+                           r"[^&#]*", re.I)
+
+
 def _loggable(url: str) -> str:
-    """A URL for the log: no ``user:password@`` part."""
+    """A URL for the log: no ``user:password@`` part, and no value of a parameter that
+    is a credential (a signed URL lets anyone holding it fetch the object, for up to
+    an hour); its host, path and other parameters stay for debugging."""
     parts = urlsplit(url)
     if parts.username or parts.password:
-        return url.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1)
-    return url
+        url = url.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1)
+    return _SECRET_PARAM.sub(r"\1***", url) if "?" in url else url
 
 
 
