@@ -474,6 +474,33 @@ def test_a_trickling_storage_host_is_cut_and_its_bytes_kept(
     assert part.stat().st_size >= 5000 and sidecar.exists()
 
 
+def test_no_signature_of_a_signed_url_in_the_debug_log(
+        hostile: Hostile, transport: Transport, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A signed URL is a bearer credential for its object (an hour, at Fence's
+    default): its signature and session token appear in no log record, at DEBUG too;
+    the rest of the URL (host, path, other parameters) stays for debugging."""
+    import logging
+
+    hostile.routes["/user/credentials/api/access_token"] = _token
+    query = ("X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Security-Token=FwoGZXIvYXdzEJr"
+             "SESSIONTOKEN0123456789&X-Amz-Signature=5ca1ab1e0ddba11d00dfeed5eedf00d"
+             "&sig=abcdefabcdef0123456789&Expires=1700000000")
+    hostile.routes["/user/data/download/dg.4DFC/0000-1111"] = \
+        lambda h: h.json({"url": f"{hostile.url}/f?{query}"})
+    hostile.routes["/f"] = _whole
+    source, item = _source(hostile, tmp_path, transport)
+    with caplog.at_level(logging.DEBUG):
+        got = _fetch_item(source, item)
+    assert got.md5 == BODY_MD5
+    logged = "\n".join(f"{r.name} {r.getMessage()} {r.args!r}" for r in caplog.records)
+    assert "/f?" in logged, "nothing logged of the file's request: the scan proves nothing"
+    for secret in ("SESSIONTOKEN0123456789", "5ca1ab1e0ddba11d00dfeed5eedf00d",
+                   "abcdefabcdef0123456789", TOKEN, API_KEY):
+        assert secret not in logged, secret
+    assert "Expires=1700000000" in logged
+
+
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x",
                                  "javascript:alert(1)", "http:///nohost", "/relative"])
 def test_a_signed_url_that_is_not_http_is_refused(
