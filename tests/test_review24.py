@@ -641,7 +641,7 @@ def test_hostile_names_land_in_collection_patient_each_under_its_own_name(
             ("a\x1b[31mb\u202ec.svs", "C", "P"), ("n" * 300 + ".svs", "C", "P"),
             ("dup.svs", "C", "P"),
             ("slide.svs", ".nbia", ".."), ("slide.svs", "..", ".nbia"),
-            ("x.svs", "C/../../..", "P\0")]
+            ("x.svs", "C/../../..", "P\0"), ("=HYPERLINK(\"http://e\")x.svs", "+C", "@P")]
     sheet = tmp_path / "names.csv"
     with sheet.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -675,6 +675,8 @@ def test_hostile_names_land_in_collection_patient_each_under_its_own_name(
                    for p in (root / ".nbia").rglob("*"))
     listed = (root / "files.csv").read_text(encoding="utf-8")
     assert "\x1b" not in listed and "\u202e" not in listed and "\0" not in listed
+    cells = [c for row in csv.reader(listed.splitlines()) for c in row]
+    assert not any(c[:1] in ("=", "+", "@", "-") for c in cells), listed  # no formulas
     dups = sorted(p.name for p in found if p.name.startswith("dup"))
     assert dups == ["dup.svs", "dup_2.svs"]
 
