@@ -719,3 +719,26 @@ def test_rows_the_sheet_could_not_use_are_said_not_dropped_silently(tmp_path: Pa
     done = run_cli(["download", str(sheet), "-d", str(tmp_path / "out"), "--timeout", "2"],
                    env={"NBIA_GEN3_AUTH": "", "GEN3_API_KEY": ""})
     assert "line 3:" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_failing_file_with_a_hostile_name_prints_no_escape(
+        tmp_path: Path, hostile: Hostile, as_json: bool) -> None:
+    """The failure and retry lines name a file as people know it (collection, patient,
+    name): from the sheet, so no escape, bidi override or NUL of it reaches the
+    terminal or the JSON events; nor does the storage host's error page."""
+    hostile.routes["/slide.svs"] = lambda h: h.send(
+        503, b"\x1b]0;pwned\x07\x1b[2J busy", {"Retry-After": "0"})
+    sheet = tmp_path / "bad.csv"
+    sheet.write_text("imageUrl,name,collection,patient_id\n"
+                     f"{hostile.url}/slide.svs,\"a\x1b[2Jb\u202ec\x07.svs\","
+                     "\"C\u2067ol\x1b[31m\",\"P\x9b1m\"\n", encoding="utf-8")
+    args = ["download", str(sheet), "-d", str(tmp_path / "out"), "--retries", "1"]
+    done = run_cli([*args, "--json"] if as_json else args)
+    text = done.stdout + done.stderr
+    assert done.returncode != 0, text
+    assert "503" in text or "busy" in text.lower() or "HTTP" in text, text
+    for bad in ("\x1b", "\x07", "\u202e", "\u2067", "\x9b", "\0"):
+        assert bad not in text, (bad, text)
+    if as_json:
+        assert "\\u001b" not in done.stdout and "\\u202e" not in done.stdout.lower()
