@@ -267,7 +267,7 @@ def _open_part(path: Path) -> int:
     :class:`DestinationError` naming it."""
     for _ in range(2):
         try:
-            fd = os.open(path, _FLAGS | os.O_NONBLOCK, 0o600)
+            fd = os.open(path, _FLAGS | getattr(os, "O_NONBLOCK", 0), 0o600)
         except IsADirectoryError:
             break
         except OSError as exc:
@@ -287,7 +287,7 @@ def _read_small(path: Path, limit: int = 1 << 16) -> bytes:
     """The first ``limit`` bytes of a regular file, opened without following a link and
     without blocking: a planted FIFO or a link to ``/dev/zero`` at the sidecar's name
     must neither hang the run nor fill its memory (OSError: not believed)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path}: not a regular file")
