@@ -742,3 +742,30 @@ def test_a_failing_file_with_a_hostile_name_prints_no_escape(
         assert bad not in text, (bad, text)
     if as_json:
         assert "\\u001b" not in done.stdout and "\\u202e" not in done.stdout.lower()
+
+
+def test_verify_meets_a_fifo_and_a_link_where_files_were(
+        tmp_path: Path, gen3_archive: Gen3Archive, gen3_server: Gen3Server) -> None:
+    """After a download, a slide swapped for a FIFO and another for a link to a file
+    outside the root (the same bytes, even): verify neither hangs nor follows the link,
+    and says their rows are not taken as done (the journal's rule for a row whose leaf
+    is not a regular file: a warning, as for a planted row; the next run fetches them)."""
+    sheet = _pathdb_sheet(tmp_path / "slides.csv", gen3_archive, gen3_server)
+    done = run_cli(["download", str(sheet), "-d", str(tmp_path / "out")])
+    assert done.returncode == 0, done.stdout + done.stderr
+    root = tmp_path / "out" / "slides"
+    first, second = gen3_archive.slides[0], gen3_archive.slides[1]
+    path = root / first.collection / first.patient_id / first.name
+    path.unlink()
+    os.mkfifo(path)
+    outside = tmp_path / "copy.svs"
+    outside.write_bytes(second.path.read_bytes())
+    linked = root / second.collection / second.patient_id / second.name
+    linked.unlink()
+    linked.symlink_to(outside)
+    before = outside.read_bytes()
+    checked = run_cli(["verify", str(root)], timeout=90)
+    text = checked.stdout + checked.stderr
+    assert "Traceback" not in text
+    assert "verified 1 series" in text and "2 rows" in text and "not taken as done" in text
+    assert outside.read_bytes() == before and linked.is_symlink()
