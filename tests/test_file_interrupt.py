@@ -10,12 +10,15 @@ and reads the server's request log.
 from __future__ import annotations
 
 import csv
+import hashlib
 import signal
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import pytest
 
 from nbia_retriever.server.gen3 import Gen3Faults, Gen3Server
 from reliability_helpers import CLI, run_cli
@@ -79,3 +82,50 @@ def test_ctrl_c_mid_slide_then_the_next_run_fetches_only_the_rest(
     assert ranged[0].status == 206
     assert ranged[0].bytes_sent == slide.size - kept
     assert not [r for r in gets if r.range is None and r.bytes_sent >= slide.size], gets
+
+
+def test_a_drs_series_zip_transfer_stops_at_the_engines_pause_point(
+        tmp_path: Path, gen3_archive: Gen3Archive, gen3_server: Gen3Server,
+        gen3_creds: Path) -> None:
+    """A series zip is fetched before its first chunk reaches staging: the engine hands
+    its pause/cancel point and its progress to the stream (``watch``), so a pause stops
+    the transfer part-way (its part kept) and progress is seen while it runs; the next
+    attempt asks only for the rest. (Before, the transfer ran to its end unwatched.)"""
+    from nbia_retriever.files.gen3 import Gen3Credentials
+    from nbia_retriever.files.source import FileSource, SpooledZip
+    from nbia_retriever.models import FileItem
+
+    obj = gen3_archive.zips[0]
+    host = gen3_server.url.split("://", 1)[1]
+    item = FileItem("drs", f"drs://{host}/{obj.object_id}", obj.name.removesuffix(".zip"),
+                    obj.name, collection=obj.collection, patient_id=obj.patient_id,
+                    size=obj.size, md5=obj.md5)
+    source = FileSource([item], creds=Gen3Credentials.load(gen3_creds),
+                        endpoint=gen3_server.url, policy=None, timeout=30)
+    source.bind_run(tmp_path / "root" / ".nbia" / "pieces", None)
+    gen3_server.set_faults(Gen3Faults.parse("drop_after=100000"))  # a first part on disk
+
+    class Paused(Exception):
+        pass
+
+    seen: list[int] = []
+
+    def pause_once_some_bytes_are_in() -> None:
+        if seen and seen[-1] > 0:
+            raise Paused
+
+    try:
+        with source.open(FileSource.info(item)) as stream:
+            assert isinstance(stream, SpooledZip)
+            stream.watch(pause_once_some_bytes_are_in, seen.append)
+            with pytest.raises(Paused):
+                for _ in stream.chunks():
+                    pass
+        assert seen and 0 < seen[-1] < obj.size
+        with source.open(FileSource.info(item)) as stream:
+            data = b"".join(stream.chunks())
+        assert hashlib.md5(data).hexdigest() == obj.md5
+    finally:
+        source.close()
+    ranged = [r for r in gen3_server.requests if r.origin == "files" and r.range]
+    assert ranged and int(ranged[-1].range[6:-1]) > 0, gen3_server.requests

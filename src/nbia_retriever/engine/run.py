@@ -1098,6 +1098,13 @@ class Engine:
             try:
                 if self._cancel.is_set():
                     raise Cancelled()
+                watch = getattr(stream, "watch", None)
+                if watch is not None:  # a stream that fetches before its first chunk
+                    def fetched(n: int) -> None:
+                        progress.received = n
+                        self._on_progress(uid, n)
+
+                    watch(lambda: self._checkpoint(uid), fetched)
                 return stage_series(
                     uid, info, stream.chunks(), staging, root=self.root,
                     checkpoint=lambda: self._checkpoint(uid), progress=progress,

@@ -94,6 +94,15 @@ class SpooledZip:
     def __init__(self, source: FileSource, item: FileItem) -> None:
         self._file = FileStream(source, item)
         self._path: Path | None = None
+        self._checkpoint: Callable[[], None] = lambda: None
+        self._on_progress: Callable[[int], None] = lambda _: None
+
+    def watch(self, checkpoint: Callable[[], None], on_progress: Callable[[int], None]) -> None:
+        """The engine's pause/cancel point and progress, for the transfer that runs
+        before the first chunk (without them a paused run kept fetching the zip, and
+        its bar sat at 0 until the whole zip was in)."""
+        self._checkpoint = checkpoint
+        self._on_progress = on_progress
 
     @property
     def bytes_received(self) -> int:
@@ -103,7 +112,7 @@ class SpooledZip:
         self._file.abort()
 
     def chunks(self) -> Iterator[bytes]:
-        fetched = self._file.fetch(checkpoint=lambda: None, on_progress=lambda _: None)
+        fetched = self._file.fetch(checkpoint=self._checkpoint, on_progress=self._on_progress)
         self._path = fetched.path
         with open(fetched.path, "rb") as handle:
             while chunk := handle.read(READ_BYTES):
