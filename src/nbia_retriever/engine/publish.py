@@ -130,7 +130,7 @@ def header_info(info: SeriesInfo, path: Path) -> SeriesInfo:
     import pydicom  # only for a series that no archive described
     from pydicom.errors import InvalidDicomError
 
-    from ..layout import normalise_date
+    from ..layout import normalise_date  # (as pydicom: only for such a series)
 
     try:
         with open(path, "rb") as handle:

@@ -255,7 +255,7 @@ class Gen3Faults:
     @classmethod
     def parse(cls, spec: str | None) -> Gen3Faults:
         """The ``--gen3-faults`` syntax of the module docstring."""
-        from .s3 import _seconds, _whole
+        from .s3 import _seconds, _whole  # the S3 mode's spec parsing (aiohttp: lazy)
 
         text = (spec or "").strip()
         if text.lower() in ("", "none", "off", "no"):
@@ -366,7 +366,7 @@ def _fence_error(status: int, message: str) -> web.Response:
 
 
 def _s3_error(request: web.Request, status: int, code: str, message: str) -> web.Response:
-    from xml.sax.saxutils import escape
+    from xml.sax.saxutils import escape  # only for the rare XML error page
 
     body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
             f"<Message>{escape(message)}</Message>"

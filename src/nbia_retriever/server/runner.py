@@ -187,7 +187,7 @@ def run_server(
             server.s3 = S3Server(view, faults=S3Faults.parse(s3_faults_spec), host=host,
                                  port=s3_port)
     if gen3_port is not None:
-        from .gen3 import Gen3Faults, Gen3Server, gen3_view
+        from .gen3 import Gen3Faults, Gen3Server, gen3_view  # only with --gen3-port
 
         gen3_plan = Gen3Faults.parse(gen3_faults_spec)  # a bad spec before any work
         folder = server.index.cache_dir / "gen3"
@@ -227,7 +227,7 @@ def write_gen3_files(gen3: Gen3Server, folder: str | Path) -> Path:
     """``credentials.json`` (mode 0600), ``drs-manifest.csv`` (TCIA's columns, every
     object) and ``pathdb-manifest.csv`` (every slide) for a running Gen3 server, in
     ``folder``: what a demo points the client at."""
-    from .gen3 import write_drs_manifest, write_pathdb_manifest
+    from .gen3 import write_drs_manifest, write_pathdb_manifest  # only with --gen3-out
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
