@@ -218,3 +218,39 @@ def test_a_mark_this_user_did_not_make_is_not_believed(tmp_path, archive, serve)
         journal.set_info(ROWS_MARK, "0" * 32)  # planted
     engine, _ = rerun(manifest, tmp_path / "dl", server)
     assert engine._publisher is not None and engine._publisher.csv.loaded
+
+
+# -- finished folders are reserved only when a batch is planned ---------------------------
+def test_a_new_series_never_takes_a_finished_series_folder(tmp_path: Path) -> None:
+    """The folders of finished series are reserved when the first batch is planned (a
+    no-op re-run plans none and skips the work): a new series whose Java folder is a
+    finished one's still gets a name of its own."""
+    from nbia_retriever.engine.journal import FileRecord
+    from nbia_retriever.engine.rows import folder_stamp
+    from nbia_retriever.layout import series_relpath
+    from nbia_retriever.manifest import Manifest
+    from test_scale import BatchedSource, _info
+
+    done, new = "1.2.826.0.1.2.77777", "1.2.826.0.1.9.77777"
+    infos = {done: _info(done, "1"), new: _info(new, "1")}
+    java = str(series_relpath(infos[done]))
+    assert java == str(series_relpath(infos[new]))  # the clash is real
+    root = tmp_path / "b"
+    folder = root / java
+    folder.mkdir(parents=True)
+    (folder / "1-1.dcm").write_bytes(b"x" * 10)
+    (root / ".nbia").mkdir()
+    with Journal(root / ".nbia" / "journal.sqlite") as journal:
+        journal.mark_complete(done, relpath=java, files=[FileRecord("1-1.dcm", 10, "")],
+                              nbytes=10, attempts=1, info=infos[done],
+                              folder_mtime=folder_stamp(folder.stat()))
+    manifest = Manifest(series_uids=(done, new), headers={"databasketId": "b.tcia"},
+                        source=None, duplicates_dropped=0)
+    engine = Engine(manifest, tmp_path, DownloadOptions(),
+                    source=BatchedSource({new: infos[new]}, [1], False))  # type: ignore[arg-type]
+    engine.prepare()
+    try:
+        assert engine.folder_of(done) == java
+        assert engine.folder_of(new) != java and engine.folder_of(new).endswith(new)
+    finally:
+        engine.close()

@@ -137,6 +137,7 @@ class Planner:
         #: One line per journal whose rows named folders outside the root.
         self.warnings: list[str] = []
         self._listing: dict[str, frozenset[str] | None] = {}
+        self._to_reserve: list[str] = []  # finished folders, for self.folders
         self._deferred: list[PlanBatch] = []
         self._lock = threading.Lock()
 
@@ -174,7 +175,10 @@ class Planner:
             else:
                 index.update(found)
         index.update(mine)
-        self.folders.reserve(r.relpath for r in index.values() if r.relpath)
+        # Reserved when the first batch is planned (:meth:`batches`): a no-op re-run
+        # plans none, and a digest of each of 50,000 finished folders was a twentieth of
+        # its time.
+        self._to_reserve = [r.relpath for r in index.values() if r.relpath]
         states = self._states() if self.only_failed else {}
         opened = Opened()
         seen: list[tuple[str, str, int, int]] = []
@@ -295,6 +299,9 @@ class Planner:
                         planned.unavailable.append((uid, state, why, None))
                 uids, infos = [u for u, _ in known], [i for _, i in known]
             found: list[SeriesInfo] = infos  # type: ignore[assignment]
+            if self._to_reserve:
+                self.folders.reserve(self._to_reserve)
+                self._to_reserve = []
             folders = self.folders.take_many(found)
             if existing is None:  # the common case, without a Python loop per series
                 planned.ready = list(zip(uids, found, map(_VARIANT, folders), strict=True))
