@@ -330,6 +330,6 @@ class FileSource:
         with self._lock:
             records, self._records = self._records, None
         if records is not None:
-            records.shutdown(wait=True)
+            records.shutdown(wait=True, cancel_futures=True)  # queued: dropped
         if self._own:
             self.transport.close()
