@@ -401,7 +401,7 @@ class IdcStream:
     def _staged_ticks(self) -> Iterator[bytes]:
         """:meth:`chunks` when the fetchers stage the objects (:meth:`stage_into`): an
         empty tick each time the next objects in key order are whole, or the fetchers
-        wrote :data:`DISK_AHEAD` since the last tick (their credit is renewed at each).
+        wait for credit (:data:`DISK_AHEAD` written since the last tick; renewed at each).
         The window grows as for bytes: while the consumer waits on the link."""
         slots, lock = self._slots, self._lock
         most = max(1, self.opener.inflight)
@@ -414,8 +414,10 @@ class IdcStream:
                 submitted += 1
             with lock:
                 starved = False
+                # (a fetcher held for credit is the signal, not the count: the next
+                # read may not fit in what is left of DISK_AHEAD)
                 while not slots[emitted].done and self._error is None and \
-                        not self._aborted and self._unacked < DISK_AHEAD:
+                        not self._aborted and not self.held:
                     if window < min(most, self._fetchers.window()) and \
                             submitted < len(slots):
                         if not self._tick.wait(GROW_AFTER):
