@@ -31,13 +31,18 @@ def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     session's, never in the real user's data folder; subprocesses inherit it."""
     from nbia_retriever.engine.rows import ENV_DATA
 
-    saved = os.environ.get(ENV_DATA)
+    from nbia_retriever.idc.uidfilter import ENV_CACHE
+
+    saved = {name: os.environ.get(name) for name in (ENV_DATA, ENV_CACHE)}
     os.environ[ENV_DATA] = str(tmp_path_factory.mktemp("user-data"))
+    # (and IDC's UID filters, idc.uidfilter, in a cache folder of the session's)
+    os.environ[ENV_CACHE] = str(tmp_path_factory.mktemp("user-cache"))
     yield
-    if saved is None:
-        os.environ.pop(ENV_DATA, None)
-    else:
-        os.environ[ENV_DATA] = saved
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def write_empty_idc_index(folder: os.PathLike[str] | str) -> None:

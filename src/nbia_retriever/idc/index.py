@@ -48,12 +48,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import NbiaError
 from ..manifest import Manifest, is_crdc_uuid, is_s3_bucket, is_valid_uid
 from ..models import SeriesInfo
 from ..untrusted import plain, quote
+
+if TYPE_CHECKING:
+    from .uidfilter import UidFilter
 
 __all__ = [
     "INDEX_FILES",
@@ -384,6 +387,9 @@ class IdcIndex:
         self.timeout = timeout
         self._current = {**_CURRENT, **{c: _CURRENT_OPTIONAL[c] for c in optional}}
         self._reader = _Reader()
+        #: The digests of every SeriesInstanceUID it holds (:mod:`.uidfilter`): a UID
+        #: not in it is not looked up. None: every UID is.
+        self._filter: UidFilter | None = None
         self.rejected = 0
         self.reasons: list[str] = []
 
@@ -420,6 +426,20 @@ class IdcIndex:
             elif name != "version_metadata_index.parquet":
                 raise IndexUnavailable(f"{path}: missing (an IDC index folder holds "
                                        f"{', '.join(INDEX_FILES[:3])})")
+        from .uidfilter import UidFilter, filter_path  # (small; only when an index opens)
+
+        cache = filter_path(files)
+        known = UidFilter.load(cache) if cache is not None else None
+        if known is not None and known.header.get("checked") is True:
+            # This very index (same files, sizes, times) was checked and its UIDs filed:
+            # no child until one of the run's series is in it (see .uidfilter).
+            header = known.header
+            optional = [c for c in header.get("optional", []) if c in _CURRENT_OPTIONAL]
+            version = header.get("version")
+            opened = cls(folder, files, version=version if isinstance(version, int) else None,
+                         optional=optional, timeout=timeout)
+            opened._filter = known
+            return opened
         index = cls(folder, files, version=None, timeout=timeout)
         answer = index._run({"op": "schema"})
         columns: dict[str, list[str]] = answer.get("columns", {})
@@ -437,6 +457,14 @@ class IdcIndex:
             version = _package_release()
         opened = cls(folder, files, version=version, optional=optional, timeout=timeout)
         opened._reader = index._reader  # its child, still running, answers the lookups
+        if cache is not None:
+            with tempfile.TemporaryDirectory() as scratch:
+                words = Path(scratch) / "uids.bin"
+                opened._run({"op": "uids", "out": str(words)})
+                opened._filter = UidFilter.from_words(
+                    words, {"checked": True, "version": version, "optional": optional})
+            if opened._filter is not None:
+                opened._filter.save(cache)
         return opened
 
     def release(self) -> None:
@@ -474,8 +502,11 @@ class IdcIndex:
         """The series of ``uids`` IDC holds: the current version (``idc_index``); for a
         UID only ``prior_versions_index`` has (a removed series), its last version."""
         keys = {u: u for u in uids if is_valid_uid(u)}  # the caller's own strings, shared
+        if self._filter is not None:
+            may = self._filter.may_hold
+            keys = {u: u for u in keys if may(u)}
         if not keys:
-            return {}
+            return {}  # (with the filter: no child was started)
         found: dict[str, IdcSeries] = {}
         latest: dict[str, IdcSeries] = {}
         shared: dict[str, str] = {}
