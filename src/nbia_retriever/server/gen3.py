@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import itertools
@@ -95,7 +94,7 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 
 from ..errors import ArchiveError, FaultSpecError
-from .app import RequestRecord, _reset
+from .app import RequestRecord
 from .appthread import AppThread
 from .faults import parse_rate
 from .gen3data import (
@@ -112,6 +111,7 @@ from .gen3data import (
 )
 from .requestlog import RequestLog, RequestState, bytes_sent, request_state, state_key
 from .s3 import _parse_range
+from .sendfile import send_range
 
 __all__ = [
     "DRS_PREFIX",
@@ -139,7 +139,6 @@ SIGNED_PREFIX = "/signed/"
 PAGE_SIZE = 2
 #: Fence's API keys live 30 days
 KEY_TTL = 30 * 24 * 3600
-_PIECE = 256 * 1024
 _DRUPAL_TIME = "2025-07-08T00:00:00+00:00"
 _LOG_LIMIT = 200_000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -771,75 +770,10 @@ class Gen3Service(RequestLog):
                 state.fault = "wrong_byte"
         await response.prepare(request)
         state.bytes_sent = 0
-        await self._send(request, response, path, start, end + 1, flip, cut, plan.rate,
-                         plan.drop_reset)
+        await send_range(request, response, path, start, end + 1, state=state,
+                         log=lambda: self._log_request(request, response.status),
+                         flip=flip, cut=cut, rate=plan.rate, reset_at_cut=plan.drop_reset)
         return response
-
-    async def _send(self, request: web.Request, response: web.StreamResponse, path: Path,
-                    start: int, stop: int, flip: int | None, cut: int | None,
-                    rate: float | None, reset: bool = False) -> None:
-        """Bytes [start, stop) of ``path`` a piece at a time (memory flat), paced to
-        ``rate``; byte ``flip`` inverted; once ``cut`` is reached, a close (or with
-        ``reset`` a TCP reset) short of the promised length."""
-        loop = asyncio.get_running_loop()
-        piece = _PIECE if rate is None else max(1024, min(_PIECE, int(rate / 20)))
-        began = loop.time()
-        state = _state(request)
-        position = start
-        try:
-            with path.open("rb", buffering=0) as handle:
-                transport = request.transport
-                if flip is None and cut is None and rate is None and transport is not None:
-                    # nothing to change on the way: the kernel copies file to socket
-                    with contextlib.suppress(NotImplementedError):
-                        if stop - start > 1:
-                            await loop.sendfile(transport, handle, start, stop - start - 1)
-                        position = max(start, stop - 1)
-                handle.seek(position)
-                while position < stop:
-                    want = min(piece, stop - position)
-                    if cut is not None:
-                        want = min(want, max(0, cut - position))
-                    if want == 0:  # cut reached: the client gets a short body, not an end
-                        self._log_request(request, response.status)
-                        await (_reset(request) if reset else _close(request))
-                        return
-                    block = handle.read(want)
-                    if not block:  # the file shrank under us: end short, like a reset
-                        self._log_request(request, response.status)
-                        await _reset(request)
-                        return
-                    if flip is not None and position <= flip < position + len(block):
-                        changed = bytearray(block)
-                        changed[flip - position] ^= 0xFF
-                        block = bytes(changed)
-                    position += len(block)
-                    state.bytes_sent = position - start
-                    if position >= stop:  # logged before the client can see the end
-                        self._log_request(request, response.status)
-                    await response.write(block)
-                    if rate is not None:
-                        delay = began + (position - start) / rate - loop.time()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-            self._log_request(request, response.status)
-            await response.write_eof()
-        except ConnectionError:
-            pass
-
-
-async def _close(request: web.Request) -> None:
-    """Close the connection once what was written has left (a FIN: the client reads
-    every byte sent, then an end short of Content-Length)."""
-    transport = request.transport
-    if transport is None:
-        return
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 2.0
-    while (transport.get_write_buffer_size() and not transport.is_closing()
-           and loop.time() < deadline):
-        await asyncio.sleep(0.005)
-    transport.close()
 
 
 def _object_id(request: web.Request, name: str) -> str:

@@ -55,7 +55,6 @@ import asyncio
 import base64
 import binascii
 import bisect
-import contextlib
 import hashlib
 import itertools
 import json
@@ -76,19 +75,20 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 
 from ..errors import FaultSpecError
-from .app import RequestRecord, _reset
+from .app import RequestRecord
 from .appthread import AppThread, ServedApp
 from .faults import parse_rate, seeded_rng
 from .idcdata import IDC_BUCKETS, IdcObject, IdcView, release_date
 from .index import ArchiveIndex
 from .requestlog import RequestLog, RequestState, bytes_sent, request_state, state_key
+from .sendfile import PIECE as _PIECE
+from .sendfile import send_range
 from .synth import ArchiveSummary
 
 __all__ = ["DEFAULT_MAX_KEYS", "S3Faults", "S3Server", "S3Service"]
 
 DEFAULT_MAX_KEYS = 1000
 _NS = "http://s3.amazonaws.com/doc/2006-03-01/"
-_PIECE = 256 * 1024
 _LOG_LIMIT = 200_000
 _OBJECT_FAULTS = ("corrupt", "missing", "reset")
 _SERIES_FAULTS = ("truncate",)
@@ -575,63 +575,10 @@ class S3Service(RequestLog):
             state.fault = "reset"
         await response.prepare(request)
         state.bytes_sent = 0
-        await self._send(request, response, obj.path, start, end + 1, flip, cut,
-                         faults.plan.rate)
+        await send_range(request, response, obj.path, start, end + 1, state=state,
+                         log=lambda: self._log_request(request, response.status),
+                         flip=flip, cut=cut, rate=faults.plan.rate)
         return response
-
-    async def _send(self, request: web.Request, response: web.StreamResponse, path: Path,
-                    start: int, stop: int, flip: int | None, cut: int | None,
-                    rate: float | None) -> None:
-        """Bytes [start, stop) of ``path``, a piece at a time (memory flat), paced to
-        ``rate``; byte ``flip`` inverted; a reset once ``cut`` is reached."""
-        loop = asyncio.get_running_loop()
-        piece = _PIECE if rate is None else max(1024, min(_PIECE, int(rate / 20)))
-        began = loop.time()
-        state = _state(request)
-        sent = 0
-        position = start
-        try:
-            with path.open("rb", buffering=0) as handle:
-                transport = request.transport
-                if flip is None and cut is None and rate is None and transport is not None:
-                    # Nothing to change on the way: the kernel copies file to socket
-                    # (what aiohttp's FileResponse does), a third of the CPU per byte.
-                    with contextlib.suppress(NotImplementedError):
-                        if stop - start > 1:
-                            await loop.sendfile(transport, handle, start, stop - start - 1)
-                        position = stop - 1
-                handle.seek(position)
-                while position < stop:
-                    want = min(piece, stop - position)
-                    if cut is not None:
-                        want = min(want, max(0, cut - position))
-                    if want == 0:  # cut reached: the client gets a reset, not an end
-                        self._log_request(request, response.status)
-                        await _reset(request)
-                        return
-                    block = handle.read(want)
-                    if not block:  # the file shrank under us: end short, like a reset
-                        self._log_request(request, response.status)
-                        await _reset(request)
-                        return
-                    if flip is not None and position <= flip < position + len(block):
-                        changed = bytearray(block)
-                        changed[flip - position] ^= 0xFF
-                        block = bytes(changed)
-                    position += len(block)
-                    state.bytes_sent = position - start
-                    if position >= stop:  # logged before the client can see the end
-                        self._log_request(request, response.status)
-                    await response.write(block)
-                    sent += len(block)
-                    if rate is not None:
-                        delay = began + sent / rate - loop.time()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-            self._log_request(request, response.status)
-            await response.write_eof()
-        except ConnectionError:
-            pass
 
 
 _QUOTES = {'"': "&quot;"}
