@@ -15,7 +15,6 @@ storage host is that file's failure) and the series source its own.
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,7 +27,7 @@ from ..models import FileItem, SeriesInfo, SeriesState
 from ..retry import Verdict
 from . import checks
 from .licenses import DATA_POLICY_NAME, DATA_POLICY_URL
-from .source import ByteStream, MetadataBatch, Source, StreamOpener
+from .source import ByteStream, MetadataBatch, Source, StreamOpener, takes_files
 
 if TYPE_CHECKING:
     from ..manifest import Manifest
@@ -98,7 +97,7 @@ class WithFiles:
             series = self._series
         bind = getattr(self.files, "bind_run", None)
         if bind is not None:
-            bind(*bound, **({"files": files} if files is not None and _takes_files(bind)
+            bind(*bound, **({"files": files} if files is not None and takes_files(bind)
                             else {}))
         bind = getattr(series, "bind_run", None)
         if bind is not None:
@@ -194,15 +193,6 @@ class WithFiles:
         self.files.close()
         if self._series is not None:
             self._series.close()
-
-
-def _takes_files(bind: Callable[..., object]) -> bool:
-    """``bind_run`` accepts the ``files=`` spool (as the engine asks: ``run._takes_files``)."""
-    try:
-        parameters = inspect.signature(bind).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "files" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def files_source(manifest: Manifest, session: Session, options: DownloadOptions) -> Source:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import os
 import threading
 import time
@@ -83,7 +82,7 @@ from .procs import RemoteAttempt, WorkerPool, available_cores, default_processes
 from .publish import Fetched, Published, Publisher, file_relpath
 from .rows import file_count, row_key
 from .scheduler import ConcurrencyLimiter, WorkQueue
-from .source import ByteStream, RemoteSource, Source, Verdict, source_factory
+from .source import ByteStream, RemoteSource, Source, Verdict, source_factory, takes_files
 from .staging import (
     NoRoomError,
     Progress,
@@ -582,7 +581,7 @@ class Engine:
         bind = getattr(self.source, "bind_run", None)  # a huge series' images go there
         if bind is not None:
             pieces = ensure_dir(self.disk.state_dir, [PIECES_DIR])
-            if _takes_files(bind):  # a file item's spool: .nbia/files/ (engine.publish)
+            if takes_files(bind):  # a file item's spool: .nbia/files/ (engine.publish)
                 bind(pieces, self.budget, files=ensure_dir(self.disk.state_dir, [FILES_DIR]))
             else:
                 bind(pieces, self.budget)
@@ -1252,15 +1251,6 @@ class Engine:
 #: a source whose ``bind_run`` takes ``files=``: on the root's file system, so the
 #: verified file is published by a link, never copied.
 FILES_DIR = "files"
-
-
-def _takes_files(bind: Callable[..., object]) -> bool:
-    """``bind_run`` accepts the ``files=`` spool (a ``files`` parameter, or ``**kw``)."""
-    try:
-        parameters = inspect.signature(bind).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "files" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _holds_its_images(folder: Path, entry: JournalEntry) -> bool:

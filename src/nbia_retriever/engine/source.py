@@ -24,6 +24,7 @@ here, or one :func:`register_source` call from the code that ships it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SOURCES", "ByteStream", "MetadataBatch", "NbiaOpener", "NbiaSource",
            "RemoteSource", "Source", "SourceFactory", "StreamOpener", "Verdict", "make_source",
-           "register_source", "source_factory"]
+           "register_source", "source_factory", "takes_files"]
 
 T = TypeVar("T")
 
@@ -317,6 +318,17 @@ def pieces_above_from_env(default: int | None = PIECES_ABOVE) -> int | None:
     if text in ("off", "no", "never"):
         return None
     return int(text) if text.isdigit() else default
+
+
+def takes_files(bind: Callable[..., object]) -> bool:
+    """``bind_run`` accepts the ``files=`` spool (a ``files`` parameter, or ``**kw``):
+    the engine, and :class:`~.route.WithFiles` for the source it wraps, pass it only
+    then, so a source that predates file items keeps its two-argument ``bind_run``."""
+    try:
+        parameters = inspect.signature(bind).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "files" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _nbia(session: Session, options: DownloadOptions) -> Source:
