@@ -221,6 +221,14 @@ class Manifest:
     #: then counts the rest).
     skipped: tuple[str, ...] = ()
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every item of the run, as the engine and the view know them: the series, then
+        the files' keys (a mixed sheet's rows: :attr:`series_uids`, then :attr:`files`)."""
+        if not self.files:
+            return self.series_uids
+        return self.series_uids + tuple(item.key for item in self.files)
+
     def file_by_key(self) -> dict[str, FileItem]:
         """:attr:`files` by :attr:`~nbia_retriever.models.FileItem.key`, for the engine,
         which knows an item by its key only. Built once and kept (a 100,000-row sheet is

@@ -619,7 +619,7 @@ def merge_reports(root: str | os.PathLike[str], *,
     if not result.journals and parsed is None:
         raise NbiaError(f"{base}: no journals in {STATE_DIR}/ and no --manifest given")
 
-    expected = list(parsed.series_uids) if parsed else list(entries)
+    expected = list(parsed.keys) if parsed else list(entries)
     result.expected = len(expected)
     count = next(iter(shard_counts)) if len(shard_counts) == 1 else None
 

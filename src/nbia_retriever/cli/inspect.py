@@ -91,13 +91,12 @@ def list_command(manifest: str, as_json: bool, wide: bool, api: str, api_url: st
     session = open_cli_session(parsed, api=api, api_url=api_url, user=user, insecure=insecure,
                                timeout=timeout, as_json=as_json)
     warn_insecure(insecure)
-    uids = list(parsed.series_uids)
+    uids = list(parsed.keys)
     infos: dict[str, SeriesInfo] = {}
     try:
         if parsed.files:  # a DRS/PathDB sheet: its rows describe the files (no key needed)
             from ..engine.route import files_source
 
-            uids += [f.key for f in parsed.files]
             source = files_source(parsed, session, options)
         else:
             source = session.source(options)

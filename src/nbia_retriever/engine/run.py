@@ -187,10 +187,8 @@ class Engine:
                                                                           self.options)
             self.manifest = manifest
         with bulk():
-            keys = manifest.series_uids
-            if manifest.files:  # a DRS/PathDB sheet's files (engine.route), after its series
-                keys = keys + tuple(f.key for f in manifest.files)
-            uids = select_shard(keys, self.options.shard)
+            # (a DRS/PathDB sheet's files after its series: engine.route)
+            uids = select_shard(manifest.keys, self.options.shard)
             self.results: dict[str, SeriesResult] = dict(zip(uids, map(SeriesResult, uids),
                                                              strict=True))
         #: The registry name of this run's source: on its events, results, journal rows.

@@ -180,7 +180,7 @@ class RetrieverApp(App[None]):
         self.ask_login = ask_login
         name = manifest_name or (Path(manifest.source).name if manifest.source else "")
         self.sub_title = name
-        self.rows: dict[str, Row] = {uid: Row(uid) for uid in manifest.series_uids}
+        self.rows: dict[str, Row] = {uid: Row(uid) for uid in manifest.keys}
         #: Every row's UID in display order (sorted, without removed rows); the table
         #: holds the window ``order[_start:_start + page_size]`` (see .table).
         self.order: list[str] = list(self.rows)
@@ -707,7 +707,7 @@ class RetrieverApp(App[None]):
             row = self.rows[uid]
             return (row.cells or self._cells(row))[key].key
 
-        base = [uid for uid in self.manifest.series_uids if uid in self.rows]
+        base = [uid for uid in self.manifest.keys if uid in self.rows]
         self.order = sorted(base, key=cell_key, reverse=reverse)
         self._fill(0)
         if cursor is not None:
