@@ -30,7 +30,6 @@ def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     """The key that signs journal rows (``engine.rows``) lives in a folder of the test
     session's, never in the real user's data folder; subprocesses inherit it."""
     from nbia_retriever.engine.rows import ENV_DATA
-
     from nbia_retriever.idc.uidfilter import ENV_CACHE
 
     saved = {name: os.environ.get(name) for name in (ENV_DATA, ENV_CACHE)}
