@@ -145,6 +145,21 @@ def _unjournaled_folders(root: Path, known: set[PurePosixPath],
     return found
 
 
+def tree(root: Path, *, skip: Iterable[str] = ("metadata.csv",)) -> dict[str, bytes]:
+    """Every file below ``root`` by relative path, but the run's state (``.nbia``) and
+    the files named in ``skip`` (CSVs that hold the time of each download)."""
+    skipped = set(skip)
+    found: dict[str, bytes] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".nbia"]
+        for name in filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if rel not in skipped:
+                found[rel] = path.read_bytes()
+    return found
+
+
 def staging_leftovers(root: Path) -> list[str]:
     staging = root / ".nbia" / "staging"
     return sorted(p.name for p in staging.iterdir()) if staging.is_dir() else []

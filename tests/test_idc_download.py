@@ -11,7 +11,6 @@ IDC series against their bucket.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +24,7 @@ from nbia_retriever.models import SeriesState
 from nbia_retriever.server import ReferenceServer
 from nbia_retriever.server.idcdata import crdc_series_uuid, prior_series_uuid
 from nbia_retriever.server.s3 import S3Server
-from reliability_helpers import metadata_rows, run_cli
+from reliability_helpers import metadata_rows, run_cli, tree
 
 if TYPE_CHECKING:
     from s3_fixtures import S3Archive
@@ -37,20 +36,6 @@ def write_tcia(path: Path, server: ReferenceServer, uids: Iterable[str]) -> Path
              "ListOfSeriesToDownload=", *uids]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Every file below ``root`` but the run's own state and metadata.csv (which holds
-    the time of each download), by relative path."""
-    found: dict[str, bytes] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != ".nbia"]
-        for name in filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if rel != "metadata.csv":
-                found[rel] = path.read_bytes()
-    return found
 
 
 def rows_without_time(root: Path) -> list[list[str]]:
