@@ -171,6 +171,34 @@ def run_cli(args: Sequence[str], *, env: dict[str, str] | None = None, timeout: 
                           env={**os.environ, **(env or {})}, check=False, **kw)  # type: ignore[call-overload]
 
 
+_SERVE = "import sys; from nbia_retriever.server import serve_command; serve_command(sys.argv[1:])"
+
+
+@contextlib.contextmanager
+def serving(args: Sequence[str]) -> Iterator[list[str]]:
+    """``serve ARGS`` in a child process: the lines of its banner (up to "Press Ctrl+C",
+    the server is up then); on leaving, a SIGTERM, which must end it cleanly (exit 0)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("Press Ctrl+C"):
+                break
+        yield lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    assert proc.returncode == 0
+
+
+def banner_url(lines: Sequence[str], label: str) -> str:
+    """The URL the banner gives after ``label`` (``"API:"``, ``"S3:"`` ...)."""
+    return next(line.split()[1] for line in lines if line.startswith(label))
+
+
 def exit_signal(code: int) -> str:
     """A readable exit code for assertion messages (``-9`` -> ``SIGKILL``)."""
     return signal.Signals(-code).name if code < 0 else str(code)

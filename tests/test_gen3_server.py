@@ -12,10 +12,7 @@ import hashlib
 import http.client
 import json
 import os
-import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
@@ -35,6 +32,7 @@ from nbia_retriever.server.gen3 import (
     write_drs_manifest,
     write_pathdb_manifest,
 )
+from reliability_helpers import banner_url, serving
 
 if TYPE_CHECKING:
     from gen3_fixtures import Gen3Archive
@@ -606,23 +604,12 @@ def test_pathdb_manifest(gen3_server: Gen3Server, gen3_archive: Gen3Archive,
 
 # -- nbia-retriever serve --gen3-port ------------------------------------------------
 def test_serve_gen3(gen3_archive: Gen3Archive, tmp_path: Path) -> None:
-    code = ("import sys; from nbia_retriever.server import serve_command; "
-            "serve_command(sys.argv[1:])")
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(gen3_archive.summary.root), "--port", "0",
-         "--gen3-port", "0", "--gen3-out", str(out), "--gen3-faults", "url_uses=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith("Press Ctrl+C"):
-                break
+    with serving([str(gen3_archive.summary.root), "--port", "0", "--gen3-port", "0",
+                  "--gen3-out", str(out), "--gen3-faults", "url_uses=1"]) as lines:
         banner = "\n".join(lines)
-        api = next(line.split()[1] for line in lines if line.startswith("Gen3:"))
-        pathdb = next(line.split()[1] for line in lines if line.startswith("PathDB:"))
+        api = banner_url(lines, "Gen3:")
+        pathdb = banner_url(lines, "PathDB:")
         assert "url_uses=1" in banner and "credentials.json" in banner
         key = json.loads((out / "credentials.json").read_text())["api_key"]
         assert stat.S_IMODE(os.stat(out / "credentials.json").st_mode) == 0o600
@@ -638,10 +625,6 @@ def test_serve_gen3(gen3_archive: Gen3Archive, tmp_path: Path) -> None:
         assert call(url).status == 403  # url_uses=1
         slide = rows_of(out / "pathdb-manifest.csv")[0]["imageUrl"]
         assert slide.startswith(pathdb) and call(slide).status == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
-    assert proc.returncode == 0
 
 
 def test_serve_gen3_bad_spec(gen3_archive: Gen3Archive) -> None:

@@ -13,9 +13,6 @@ import hashlib
 import io
 import json
 import re
-import signal
-import subprocess
-import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -39,6 +36,7 @@ from nbia_retriever.server.idcdata import (
     list_objects,
 )
 from nbia_retriever.server.s3 import S3Faults, S3Server
+from reliability_helpers import banner_url, serving
 
 if TYPE_CHECKING:  # imported by pytest as a plugin (below), its asserts rewritten
     from s3_fixtures import S3Archive
@@ -504,23 +502,12 @@ def test_unknown_fault_target_is_an_error(s3_server: S3Server):
 def test_serve_runs_the_s3_mode_and_writes_the_index(s3_archive: S3Archive,
                                                      tmp_path: Path):
     out = tmp_path / "index"
-    code = ("import sys; from nbia_retriever.server import serve_command; "
-            "serve_command(sys.argv[1:])")
     version = first_series(s3_archive)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(s3_archive.root), "--port", "0", "--s3-port", "0",
-         "--idc-index-out", str(out), "--idc-revised", s3_archive.revised,
-         "--idc-exclude", s3_archive.nbia_only, "--s3-faults",
-         f"missing={version.series_uid}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith("Press Ctrl+C"):
-                break
-        s3_url = next(line.split()[1] for line in lines if line.startswith("S3:"))
+    with serving([str(s3_archive.root), "--port", "0", "--s3-port", "0",
+                  "--idc-index-out", str(out), "--idc-revised", s3_archive.revised,
+                  "--idc-exclude", s3_archive.nbia_only, "--s3-faults",
+                  f"missing={version.series_uid}"]) as lines:
+        s3_url = banner_url(lines, "S3:")
         assert any("missing=1 target(s)" in line for line in lines)
         with httpx.Client(timeout=10) as http:
             entries, _ = list_all(http, s3_url, version.crdc_series_uuid + "/")
@@ -531,10 +518,6 @@ def test_serve_runs_the_s3_mode_and_writes_the_index(s3_archive: S3Archive,
             assert (out / f"{name}.parquet").read_bytes() == \
                 (s3_archive.index_dir / f"{name}.parquet").read_bytes() or \
                 _rows(out / f"{name}.parquet") == _rows(s3_archive.index_dir / f"{name}.parquet")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
-    assert proc.returncode == 0
 
 
 def test_serve_rejects_bad_s3_faults(s3_archive: S3Archive):

@@ -2,37 +2,23 @@
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
-import sys
 
 import httpx
 from click.testing import CliRunner
 
 from nbia_retriever.server import serve_command
 from nbia_retriever.server.synth import ArchiveSummary
+from reliability_helpers import banner_url, serving
 
 
 def test_serve_prints_urls_and_serves_with_faults(synthetic_archive: ArchiveSummary):
-    code = ("import sys; from nbia_retriever.server import serve_command; "
-            "serve_command(sys.argv[1:])")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(synthetic_archive.root), "--port", "0",
-         "--faults", "http503=1", "--seed", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        lines = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith("Press Ctrl+C"):
-                break
+    with serving([str(synthetic_archive.root), "--port", "0", "--faults", "http503=1",
+                  "--seed", "4"]) as lines:
         banner = "\n".join(lines)
         assert f"{len(synthetic_archive.series)} series" in banner
-        api = next(line.split()[1] for line in lines if line.startswith("API:"))
-        manifest_url = next(line.split()[1] for line in lines if line.startswith("Manifest:"))
+        api = banner_url(lines, "API:")
+        manifest_url = banner_url(lines, "Manifest:")
         assert "http503=1" in banner
         with httpx.Client(timeout=10) as http:
             assert http.get(api + "/v1/getCollectionValues").status_code == 200
@@ -40,10 +26,6 @@ def test_serve_prints_urls_and_serves_with_faults(synthetic_archive: ArchiveSumm
             assert http.get(api + "/v1/getImage",
                             params={"SeriesInstanceUID": uid}).status_code == 503
             assert "ListOfSeriesToDownload=" in http.get(manifest_url).text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
-    assert proc.returncode == 0
 
 
 def test_serve_rejects_a_bad_fault_spec(synthetic_archive: ArchiveSummary):
