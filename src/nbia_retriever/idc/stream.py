@@ -483,44 +483,20 @@ class IdcStream:
     def _fetch_to_disk(self, slot: _Slot) -> None:
         """One object into its staged file, hashed and its header kept as it is written
         (:meth:`stage_into`); its record then waits for the consumer in key order."""
-        obj, lock, folder = slot.obj, self._lock, self._folder
+        obj, folder = slot.obj, self._folder
         assert folder is not None
         try:
-            with lock:
-                if self._aborted or self._error is not None:
-                    return
-            with get_object(self._fetchers.transport, self.opener.endpoint,
-                            self.opener.bucket, obj, what=self.what) as response:
-                with lock:
-                    if self._aborted or self._error is not None:
-                        return
-                    self._live.add(response)
-                    self._writers += 1
-                try:
-                    part = part_name(slot.index + 1)
-                    md5 = hashlib.md5(usedforsecurity=False)
-                    header = bytearray()
-                    got = 0
-                    with open(folder / part, "xb") as out:
-                        for chunk in response.chunks():
-                            got += len(chunk)
-                            if got > obj.size:
-                                raise IntegrityError(
-                                    f"{self.what}: object {quote(obj.key, 120)} is longer "
-                                    f"than the {obj.size} bytes listed")
-                            self._credit(len(chunk))
-                            out.write(chunk)
-                            md5.update(chunk)
-                            if len(header) < HEADER_BYTES:
-                                header += chunk[:HEADER_BYTES - len(header)]
-                finally:
-                    with lock:
-                        self._live.discard(response)
-                        self._writers -= 1
-                        self._tick.notify_all()
-            if got != obj.size:
-                raise IntegrityError(f"{self.what}: object {quote(obj.key, 120)} ended after "
-                                     f"{got} of the {obj.size} bytes listed")
+            with self._receiving(obj, writer=True) as chunks:
+                part = part_name(slot.index + 1)
+                md5 = hashlib.md5(usedforsecurity=False)
+                header = bytearray()
+                with open(folder / part, "xb") as out:
+                    for chunk in chunks:
+                        self._credit(len(chunk))
+                        out.write(chunk)
+                        md5.update(chunk)
+                        if len(header) < HEADER_BYTES:
+                            header += chunk[:HEADER_BYTES - len(header)]
         except _Stopped:
             return
         except (NbiaError, OSError) as exc:  # staging maps a full disk (OSError) itself
@@ -529,10 +505,52 @@ class IdcStream:
         except BaseException as exc:  # a bug: still end the consumer's wait, and say so
             self._stop(NbiaError(f"{self.what}: {type(exc).__name__}: {exc}"))
             return
-        with lock:
-            slot.entry = EntryFile(obj.name, part, got, md5.hexdigest(), bytes(header))
+        with self._lock:
+            slot.entry = EntryFile(obj.name, part, obj.size, md5.hexdigest(), bytes(header))
             slot.done = True
             self._tick.notify_all()
+
+    @contextlib.contextmanager
+    def _receiving(self, obj: S3Object, *, writer: bool = False) -> Iterator[Iterator[bytes]]:
+        """The object's bytes as they arrive, checked against the size listed (an
+        :class:`IntegrityError` as soon as it is longer, on leaving if it was shorter),
+        its response in ``_live`` meanwhile so that :meth:`abort` ends it. Raises
+        :class:`_Stopped` once the stream is stopped. A ``writer`` (the fetchers that
+        stage) counts in ``_writers``, which the consumer's tick waits for."""
+        lock = self._lock
+        with lock:
+            if self._aborted or self._error is not None:
+                raise _Stopped
+        got = 0
+        with get_object(self._fetchers.transport, self.opener.endpoint,
+                        self.opener.bucket, obj, what=self.what) as response:
+            with lock:
+                if self._aborted or self._error is not None:
+                    raise _Stopped
+                self._live.add(response)
+                if writer:
+                    self._writers += 1
+
+            def checked() -> Iterator[bytes]:
+                nonlocal got
+                for chunk in response.chunks():
+                    got += len(chunk)
+                    if got > obj.size:
+                        raise IntegrityError(f"{self.what}: object {quote(obj.key, 120)} "
+                                             f"is longer than the {obj.size} bytes listed")
+                    yield chunk
+
+            try:
+                yield checked()
+            finally:
+                with lock:
+                    self._live.discard(response)
+                    if writer:
+                        self._writers -= 1
+                        self._tick.notify_all()
+        if got != obj.size:
+            raise IntegrityError(f"{self.what}: object {quote(obj.key, 120)} ended after "
+                                 f"{got} of the {obj.size} bytes listed")
 
     def _credit(self, n: int) -> None:
         """Room to write ``n`` more bytes: at most :data:`DISK_AHEAD` since the
@@ -557,38 +575,17 @@ class IdcStream:
             self._look(look)
 
     def _fetch(self, slot: _Slot) -> None:
-        obj, lock = slot.obj, self._lock
         try:
-            with lock:
-                if self._aborted or self._error is not None:
-                    return
-            with get_object(self._fetchers.transport, self.opener.endpoint,
-                            self.opener.bucket, obj, what=self.what) as response:
-                with lock:
-                    if self._aborted or self._error is not None:
-                        return
-                    self._live.add(response)
-                try:
-                    got = 0
-                    for chunk in response.chunks():
-                        got += len(chunk)
-                        if got > obj.size:
-                            raise IntegrityError(f"{self.what}: object {quote(obj.key, 120)} "
-                                                 f"is longer than the {obj.size} bytes listed")
-                        self._put(slot, chunk)
-                finally:
-                    with lock:
-                        self._live.discard(response)
-            if got != obj.size:
-                raise IntegrityError(f"{self.what}: object {quote(obj.key, 120)} ended after "
-                                     f"{got} of the {obj.size} bytes listed")
+            with self._receiving(slot.obj) as chunks:
+                for chunk in chunks:
+                    self._put(slot, chunk)
         except _Stopped:
             return
         except NbiaError as exc:
             self._stop(exc)
         except BaseException as exc:  # a bug: still end the consumer's wait, and say so
             self._stop(NbiaError(f"{self.what}: {type(exc).__name__}: {exc}"))
-        with lock:
+        with self._lock:
             slot.done = True
             slot.ready.notify_all()
 
