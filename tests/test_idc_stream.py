@@ -163,6 +163,30 @@ def stage(stream: IdcStream, uid: str, info: SeriesInfo, tmp_path: Path) -> Stag
                         on_progress=lambda n: None, reader=stream.reader)
 
 
+@contextlib.contextmanager
+def consumed_until_aborted(stream: IdcStream) -> Iterator[list[BaseException | None]]:
+    """``stream`` consumed in another thread until, on leaving, this thread aborts it;
+    the consumer has ended then. Yields what it saw: its exception (or None, its end)."""
+    outcome: list[BaseException | None] = []
+
+    def consume() -> None:
+        try:
+            for _ in stream.chunks():
+                pass
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    try:
+        yield outcome
+    finally:
+        stream.abort()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
 @pytest.fixture
 def cache() -> Iterator[dict[Any, Any]]:
     kept: dict[Any, Any] = {}
@@ -693,25 +717,11 @@ def test_a_bad_listing_is_an_integrity_error_naming_it(
 def test_abort_from_another_thread_ends_a_blocked_stream_and_closes_its_socket(
         stub: S3Stub, dicoms: tuple[str, dict[str, bytes]], cache: dict[Any, Any]) -> None:
     stub.faults[sorted(dicoms[1])[0]] = "stall"
-    outcome: list[BaseException | None] = []
-
-    with stub_opener(stub, dicoms, inflight=1).open_stream(cache) as stream:
-        def consume() -> None:
-            try:
-                for _ in stream.chunks():
-                    pass
-                outcome.append(None)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=consume)
-        thread.start()
+    with stub_opener(stub, dicoms, inflight=1).open_stream(cache) as stream, \
+            consumed_until_aborted(stream) as outcome:
         # half the first object is out and the server holds the rest: the consumer
         # waits for it, its fetcher is blocked in recv
         assert stub.stalled.wait(30)
-        stream.abort()
-        thread.join(30)
-        assert not thread.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], NetworkError)
     assert "cancelled" in str(outcome[0])
     assert stub.released.wait(30), "the stalled object's connection stayed open"
@@ -723,25 +733,12 @@ def test_the_window_opens_while_the_consumer_starves(cache: dict[Any, Any]) -> N
     prefix = str(uuid.uuid4())
     objects = {f"{prefix}/{i:02d}.dcm": bytes([i]) * 5000 for i in range(20)}
     keys = sorted(objects)
-    outcome: list[BaseException | None] = []
     with S3Stub(objects=objects) as srv:
         srv.faults[keys[0]] = "stall"
         with opener(srv.url, prefix, "1.2", len(objects), inflight=8).open_stream(cache) \
-                as stream:
-            def consume() -> None:
-                try:
-                    for _ in stream.chunks():
-                        pass
-                    outcome.append(None)
-                except BaseException as exc:
-                    outcome.append(exc)
-
-            thread = threading.Thread(target=consume)
-            thread.start()
+                as stream, consumed_until_aborted(stream) as outcome:
             assert srv.stalled.wait(30) and srv.requested(8).wait(30)
             assert stream.window == 8
-            stream.abort()
-            thread.join(30)
         assert sorted(srv.gets) == keys[:8]
     assert isinstance(outcome[0], NetworkError)
 
@@ -968,26 +965,13 @@ def test_abort_while_a_fetcher_writes_leaves_no_writer_after_close(
     fetcher to let go of its file, and the folder can then be removed and reused."""
     key = sorted(dicoms[1])[0]
     stub.faults[key] = "stall"
-    outcome: list[BaseException | None] = []
     folder = tmp_path / "f"
     folder.mkdir()
     with stub_opener(stub, dicoms, inflight=1).open_stream(cache) as stream:
         reader = stream.reader(max_total_size=None, max_entries=100)
         reader.stage_into(folder, lambda n: None)  # type: ignore[attr-defined]
-
-        def consume() -> None:
-            try:
-                for _ in stream.chunks():
-                    pass
-                outcome.append(None)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=consume)
-        thread.start()
-        assert stub.stalled.wait(30)
-        stream.abort()
-        thread.join(30)
+        with consumed_until_aborted(stream) as outcome:
+            assert stub.stalled.wait(30)
     assert stream._writers == 0
     assert isinstance(outcome[0], NetworkError) and "cancelled" in str(outcome[0])
     import shutil
