@@ -36,7 +36,7 @@ from .builds import Build, get_build
 from .config import ServerConfig
 from .faults import STATUS_KINDS, Fault, FaultInjector, FaultPlan, seeded_rng
 from .index import ArchiveIndex, ImageRecord, SeriesRecord
-from .requestlog import RequestLog, RequestState, bytes_sent, request_state, state_key
+from .requestlog import RequestLog, RequestState, answered, bytes_sent, request_state, state_key
 from .zipwriter import CHUNK, ZipEntry, deflated_entry, stored_entry, stream_zip, zip_size
 
 VERSIONS = ("v1", "v2", "v4")
@@ -243,31 +243,28 @@ class NbiaService(RequestLog):
         state = _state(request)
         state.started = self.clock.now()
         state.t0 = time.perf_counter()
-        status = 500
-        response: web.StreamResponse | None = None
         state.download = request.path.rpartition("/")[2] in _DOWNLOADS
         with self._log_lock:
             self._in_flight[id(request)] = request.path
             if state.download:
                 self.downloads += 1
                 self.peak_downloads = max(self.peak_downloads, self.downloads)
-        try:
+
+        async def answer() -> web.StreamResponse:
             latency = self.injector.plan.latency
             if latency and request.path.startswith("/nbia-api/"):
                 await asyncio.sleep(latency)
             if state.download and self.injector.plan.first_byte:
                 # A server building the zip before its first byte (``first_byte``).
                 await asyncio.sleep(self.injector.plan.first_byte)
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
+            return await handler(request)
+
+        def log(request: web.Request, status: int, response: web.StreamResponse | None) -> None:
             with self._log_lock:
                 self._in_flight.pop(id(request), None)
             self._log_request(request, status, response)
+
+        return await answered(request, answer, log)
 
     def _log_request(self, request: web.Request, status: int,
                      response: web.StreamResponse | None = None) -> None:

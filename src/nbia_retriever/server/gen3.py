@@ -109,7 +109,7 @@ from .gen3data import (
     write_drs_manifest,
     write_pathdb_manifest,
 )
-from .requestlog import RequestLog, RequestState, bytes_sent, request_state, state_key
+from .requestlog import RequestLog, RequestState, answered, bytes_sent, request_state, state_key
 from .s3 import _parse_range
 from .sendfile import send_range
 
@@ -454,19 +454,14 @@ class Gen3Service(RequestLog):
             state = _state(request)
             state.started = time.time()
             state.t0 = time.perf_counter()
-            status = 500
-            response: web.StreamResponse | None = None
-            try:
+
+            async def answer() -> web.StreamResponse:
                 if self._faults.plan.latency:
                     await asyncio.sleep(self._faults.plan.latency)
-                response = await handler(request)
-                status = response.status
-                return response
-            except web.HTTPException as exc:
-                status = exc.status
-                raise
-            finally:
-                self._log_request(request, status, response, origin)
+                return await handler(request)
+
+            return await answered(request, answer, lambda request, status, response:
+                                  self._log_request(request, status, response, origin))
 
         return middleware
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -57,6 +58,25 @@ def bytes_sent(state: RequestState, response: web.StreamResponse | None) -> int:
         body = getattr(response, "body", None)
         sent = len(body) if isinstance(body, bytes | bytearray) else 0
     return int(sent)
+
+
+async def answered(request: web.Request, answer: Callable[[], Awaitable[web.StreamResponse]],
+                   log: Callable[[web.Request, int, web.StreamResponse | None], None],
+                   ) -> web.StreamResponse:
+    """``answer()``'s response, the request logged once it is done whatever happened:
+    with its status, an HTTP error's, or 500 for anything else (a handler's bug, a
+    cancel). The servers' middlewares share it so their logs agree on what a status is."""
+    status = 500
+    response: web.StreamResponse | None = None
+    try:
+        response = await answer()
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        log(request, status, response)
 
 
 class RequestLog:

@@ -80,7 +80,7 @@ from .appthread import AppThread, ServedApp
 from .faults import parse_rate, seeded_rng
 from .idcdata import IDC_BUCKETS, IdcObject, IdcView, release_date
 from .index import ArchiveIndex
-from .requestlog import RequestLog, RequestState, bytes_sent, request_state, state_key
+from .requestlog import RequestLog, RequestState, answered, bytes_sent, request_state, state_key
 from .sendfile import PIECE as _PIECE
 from .sendfile import send_range
 from .synth import ArchiveSummary
@@ -341,10 +341,9 @@ class S3Service(RequestLog):
         state = _state(request)
         state.started = time.time()
         state.t0 = time.perf_counter()
-        status = 500
-        response: web.StreamResponse | None = None
         faults = self._faults
-        try:
+
+        async def answer() -> web.StreamResponse:
             if faults.plan.latency:
                 await asyncio.sleep(faults.plan.latency)
             if faults.plan.slowdown and faults.slowdown():
@@ -352,17 +351,11 @@ class S3Service(RequestLog):
                 headers = {}
                 if faults.plan.retry_after is not None:
                     headers["Retry-After"] = f"{faults.plan.retry_after:g}"
-                response = _error(request, 503, "SlowDown", "Please reduce your request rate.",
-                                  headers=headers)
-            else:
-                response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            self._log_request(request, status, response)
+                return _error(request, 503, "SlowDown", "Please reduce your request rate.",
+                              headers=headers)
+            return await handler(request)
+
+        return await answered(request, answer, self._log_request)
 
     def _log_request(self, request: web.Request, status: int,
                      response: web.StreamResponse | None = None) -> None:
