@@ -20,8 +20,6 @@ import io
 import json
 import os
 import re
-import socket
-import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,6 +35,7 @@ from .config import ServerConfig
 from .faults import STATUS_KINDS, Fault, FaultInjector, FaultPlan, seeded_rng
 from .index import ArchiveIndex, ImageRecord, SeriesRecord
 from .requestlog import RequestLog, RequestState, answered, bytes_sent, request_state, state_key
+from .sendfile import reset
 from .zipwriter import CHUNK, ZipEntry, deflated_entry, stored_entry, stream_zip, zip_size
 
 VERSIONS = ("v1", "v2", "v4")
@@ -882,7 +881,7 @@ class NbiaService(RequestLog):
                         offset = None
                         if fault is not None and fault.kind == "reset":
                             self._log_request(request, response.status)
-                            await _reset(request)
+                            await reset(request)
                             return
                         await _stall(request, stall)
                     if bandwidth is not None:
@@ -895,23 +894,6 @@ class NbiaService(RequestLog):
                 self._zip_event().set()
         except ConnectionError:
             state.client_gone = True
-
-
-async def _reset(request: web.Request) -> None:
-    """A real TCP RST after the bytes written so far have left: SO_LINGER 0, then close."""
-    transport = request.transport
-    if transport is None:
-        return
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 2.0
-    while (transport.get_write_buffer_size() and not transport.is_closing()
-           and loop.time() < deadline):
-        await asyncio.sleep(0.005)
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 async def _stall(request: web.Request, seconds: float) -> None:

@@ -1,18 +1,20 @@
 """A byte range of a file onto a response: the sender the S3 emulator and the Gen3
 signed-URL host share. One copy, so that the faults both inject (a pace, a flipped byte,
-a body cut short) behave alike and the zero-copy path is kept in one place.
+a body cut short) behave alike and the zero-copy path is kept in one place; and the two
+ways every server here ends a body short (:func:`close`, :func:`reset`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from .app import _reset
 from .requestlog import RequestState
 
 PIECE = 256 * 1024
@@ -53,12 +55,12 @@ async def send_range(request: web.Request, response: web.StreamResponse, path: P
                     want = min(want, max(0, cut - position))
                 if want == 0:  # cut reached: the client gets a short body, not an end
                     log()
-                    await (_reset(request) if reset_at_cut else close(request))
+                    await (reset(request) if reset_at_cut else close(request))
                     return
                 block = handle.read(want)
                 if not block:  # the file shrank under us: end short, like a reset
                     log()
-                    await _reset(request)
+                    await reset(request)
                     return
                 if flip is not None and position <= flip < position + len(block):
                     changed = bytearray(block)
@@ -83,11 +85,28 @@ async def close(request: web.Request) -> None:
     """Close the connection once what was written has left (a FIN: the client reads
     every byte sent, then an end short of Content-Length)."""
     transport = request.transport
+    if transport is not None:
+        await _drained(transport)
+        transport.close()
+
+
+async def reset(request: web.Request) -> None:
+    """A real TCP RST after the bytes written so far have left: SO_LINGER 0, then close."""
+    transport = request.transport
     if transport is None:
         return
+    await _drained(transport)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _drained(transport: asyncio.Transport) -> None:
+    """Until what was written has left (or 2 s: a client that stopped reading)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 2.0
     while (transport.get_write_buffer_size() and not transport.is_closing()
            and loop.time() < deadline):
         await asyncio.sleep(0.005)
-    transport.close()
