@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from textual.pilot import Pilot
 from textual.widgets import Button, DataTable, Input, Label, Static
 
 from nbia_retriever.engine import DownloadOptions, Engine
@@ -42,11 +41,11 @@ from nbia_retriever.tui.screens import (
     LoginScreen,
     SaveReportScreen,
 )
+from tui_helpers import DEADLINE, wait_for
 
 pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (asyncio)
 
 SIZE = (130, 36)
-DEADLINE = 30.0
 #: Bytes/s per zip stream: a ~38 KB series takes about a second, long enough to pause it.
 SLOW = 40_000
 
@@ -75,14 +74,6 @@ def make_app(archive: ArchiveSummary, server: ReferenceServer, dest: Path, *,
                               backoff_base=0.01, timeout=20)
     return RetrieverApp(read_manifest(archive.root / manifest), dest, options,
                         show_rates=show_rates, **kwargs)  # type: ignore[arg-type]
-
-
-async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.01)
 
 
 def states(app: RetrieverApp) -> dict[str, str]:

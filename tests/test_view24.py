@@ -7,13 +7,10 @@ them into the tree. Waiting is for a condition the user could see, with a deadli
 from __future__ import annotations
 
 import csv
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from textual.pilot import Pilot
 
 from nbia_retriever.engine import DownloadOptions
 from nbia_retriever.manifest import read_manifest
@@ -21,6 +18,7 @@ from nbia_retriever.models import SeriesState
 from nbia_retriever.server.gen3 import Gen3Server
 from nbia_retriever.tui import RetrieverApp
 from nbia_retriever.tui.app import FINISHED, READY
+from tui_helpers import wait_for
 
 if TYPE_CHECKING:
     from gen3_fixtures import Gen3Archive
@@ -39,14 +37,6 @@ def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "config" / "config.toml"
     monkeypatch.setenv("NBIA_RETRIEVER_CONFIG", str(path))
     return path
-
-
-async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.01)
 
 
 def sheet(path: Path, archive: Gen3Archive, gen3: Gen3Server) -> Path:
@@ -72,7 +62,8 @@ async def test_the_view_shows_every_row_of_a_drs_and_pathdb_sheet_and_fetches_th
     keys = set(manifest.keys)
     assert len(keys) == len(gen3_archive.objects) + len(gen3_archive.slides)
     async with app.run_test(size=(160, 40)) as pilot:
-        await wait_for(pilot, lambda: app.phase == READY, "the rows described")
+        await wait_for(pilot, lambda: app.phase == READY, "the rows described",
+                       within=DEADLINE)
         assert set(app.rows) == keys
         # A file's row says its file name where a series says its description.
         report = gen3_archive.files[0]
@@ -80,7 +71,7 @@ async def test_the_view_shows_every_row_of_a_drs_and_pathdb_sheet_and_fetches_th
         cells = row.cells or app._cells(row)
         assert any(report.name in str(c.text) for c in cells.values()), cells
         await pilot.press("s")
-        await wait_for(pilot, lambda: app.phase == FINISHED, "the run's end")
+        await wait_for(pilot, lambda: app.phase == FINISHED, "the run's end", within=DEADLINE)
         assert {r.state for r in app.engine.results.values()} == {SeriesState.COMPLETE}
     root = tmp_path / "dl" / "files"
     for item in [*gen3_archive.files, *gen3_archive.slides]:

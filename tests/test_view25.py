@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from textual.geometry import Region
-from textual.pilot import Pilot
 from textual.widget import Widget
 from textual.widgets import Input, Label
 
@@ -42,12 +41,12 @@ from nbia_retriever.server.synth import ArchiveSummary
 from nbia_retriever.tui import RetrieverApp
 from nbia_retriever.tui.app import FINISHED, READY, RUNNING
 from nbia_retriever.tui.screens import ConfirmQuitScreen, LoginScreen
+from tui_helpers import DEADLINE, wait_for
 
 pytestmark = pytest.mark.anyio
 
 SIZE = (130, 36)
 NARROW = (80, 24)
-DEADLINE = 30.0
 
 
 @pytest.fixture
@@ -92,14 +91,6 @@ def manifest_naming(archive: ArchiveSummary, server: ReferenceServer, folder: Pa
     path = folder / "shared.tcia"
     path.write_text(text, encoding="utf-8")
     return path
-
-
-async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.01)
 
 
 def shown(widget: Widget) -> str:
