@@ -47,7 +47,7 @@ def run(tmp_path: Path, server, uids, *, workers: int = 4, retries: int = 3,
     manifest = read_manifest(write_manifest(tmp_path / "cart.tcia", list(uids),
                                             server.download_url))
     source = NbiaSource(NbiaClient(server.api_url, backoff_base=0.01, timeout=10.0),
-                        pieces_above=pieces_above)
+                        pieces_above=pieces_above, pieces_fast=None)  # (no link probe)
     options = DownloadOptions(workers=workers, retries=retries, backoff_base=0.01,
                               timeout=10.0, processes=0)
     engine = Engine(manifest, tmp_path / "dl", options, source=source)
@@ -238,3 +238,44 @@ def test_a_later_run_keeps_the_images_an_earlier_one_fetched(tmp_path, serve, ar
     fetched = [r for r in server.service.requests if r.path.endswith("/getSingleImage")]
     assert len(fetched) == series.images - 3 and source.pieces_reused == 3
     assert not any((engine.root / ".nbia").rglob("*.dcm"))
+
+
+def _probed(tmp_path: Path, server, uids, pieces_fast: float) -> tuple[Engine, NbiaSource]:
+    manifest = read_manifest(write_manifest(tmp_path / "cart.tcia", list(uids),
+                                            server.download_url))
+    source = NbiaSource(NbiaClient(server.api_url, backoff_base=0.01, timeout=10.0),
+                        pieces_above=0, pieces_fast=pieces_fast)
+    options = DownloadOptions(workers=2, retries=1, backoff_base=0.01, timeout=10.0,
+                              processes=0)
+    engine = Engine(manifest, tmp_path / "dl", options, source=source)
+    engine.run()
+    return engine, source
+
+
+def test_a_link_one_stream_fills_keeps_huge_series_whole(tmp_path, serve, archive, uids,
+                                                          expected):
+    """The first huge series probes the link with one image: where it comes faster than
+    PIECES_FAST (here: any rate at all), one zip stream per series for the whole run
+    (on loopback pieces ran at 0.6x one stream, for twice the CPU)."""
+    server = serve(archive.root)
+    engine, source = _probed(tmp_path, server, uids, pieces_fast=1.0)
+    assert all(r.state == SeriesState.COMPLETE for r in engine.report.results.values())
+    assert downloaded_series(engine.root) == expected
+    assert source.probed_rate is not None and source.probed_rate >= 1.0
+    assert source.pieces_series == 0
+    counts = endpoint_counts(server)
+    assert counts.get("getSingleImage") == 1  # the probe, and nothing more
+    assert counts.get("getImage") == len(uids)
+
+
+def test_a_slow_link_takes_huge_series_in_pieces(tmp_path, serve, archive, uids, expected):
+    """A link where one image comes slower than PIECES_FAST (here: 0.05 s of latency on
+    every answer, and a bar no link reaches) fetches huge series in pieces."""
+    server = serve(archive.root)
+    server.service.set_faults(FaultPlan(latency=0.05))
+    engine, source = _probed(tmp_path, server, uids, pieces_fast=1e12)
+    assert all(r.state == SeriesState.COMPLETE for r in engine.report.results.values())
+    assert downloaded_series(engine.root) == expected
+    assert source.probed_rate is not None and source.probed_rate < 1e12
+    assert source.pieces_series == len(uids)
+    assert "getImage" not in endpoint_counts(server)

@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import os
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from ..api import (
 from ..errors import NbiaError, UsageError
 from ..models import SeriesInfo, SeriesState
 from ..retry import Verdict, classify
-from .pieces import MOST_PIECES, PIECES_ABOVE, ConnectionBudget, PiecesStream
+from .pieces import MOST_PIECES, PIECES_ABOVE, PIECES_FAST, ConnectionBudget, PiecesStream
 from .staging import series_folder_name
 
 if TYPE_CHECKING:
@@ -171,7 +172,8 @@ class NbiaSource:
 
     def __init__(self, client: NbiaClient, *, md5: bool = True, metadata_workers: int = 8,
                  own_client: bool = True, pieces_above: int | None = PIECES_ABOVE,
-                 most_pieces: int = MOST_PIECES, annotations: bool = False) -> None:
+                 most_pieces: int = MOST_PIECES, annotations: bool = False,
+                 pieces_fast: float | None = PIECES_FAST) -> None:
         self.client = client
         self.md5 = md5
         #: Ask for annotation files (getDCMImage, one zip) for series whose metadata says
@@ -183,6 +185,11 @@ class NbiaSource:
         #: Series above this many bytes go in pieces (None: never); see :mod:`.pieces`.
         self.pieces_above = pieces_above
         self.most_pieces = most_pieces
+        #: The first series for pieces probes the link with one image (see
+        #: :data:`~.pieces.PIECES_FAST`); None: no probe, every such series in pieces.
+        self.pieces_fast = pieces_fast
+        #: What the probe measured (bytes per second), once it ran.
+        self.probed_rate: float | None = None
         self._spool: Path | None = None
         self._budget: ConnectionBudget | None = None
         self._pieces_ok = True  # False once the server showed it has no per-image API
@@ -222,6 +229,11 @@ class NbiaSource:
                 except ApiMismatch:
                     self._pieces_ok = False
                     return None
+                if sops and self.pieces_fast is not None:
+                    self.probed_rate = self._probe(info.series_uid, sops[0])
+                    if self.probed_rate >= self.pieces_fast:
+                        self._pieces_ok = False  # one stream keeps up: this whole run
+                        return None
                 self._pieces_proven = True
         if not sops:
             return None
@@ -236,6 +248,19 @@ class NbiaSource:
         return PiecesStream(self.client, fetchers, info.series_uid, sops,
                             self._spool / (series_folder_name(info.series_uid) + ".pieces"),
                             budget=self._budget, most=self.most_pieces)
+
+    def _probe(self, uid: str, sop: str) -> float:
+        """One image fetched alone, in bytes per second (its request's round trip
+        included: what a piece costs). A failure is "slow" (pieces then retry it)."""
+        start = time.monotonic()
+        size = 0
+        try:
+            with self.client.open_image(uid, sop) as response:
+                for chunk in response.chunks():
+                    size += len(chunk)
+        except NbiaError:
+            return 0.0
+        return size / max(time.monotonic() - start, 1e-6)
 
     def check(self) -> None:
         if self.client.tokens is not None:
@@ -332,9 +357,12 @@ def takes_files(bind: Callable[..., object]) -> bool:
 
 
 def _nbia(session: Session, options: DownloadOptions) -> Source:
+    # A threshold the user set (NBIA_PIECES_ABOVE=N) is obeyed as set: no probe.
+    explicit = os.environ.get(PIECES_ENV, "").strip().isdigit()
     return NbiaSource(session.open_client(), md5=options.md5,
                       metadata_workers=max(4, min(16, options.streams_cap)),
                       pieces_above=pieces_above_from_env(),
+                      pieces_fast=None if explicit else PIECES_FAST,
                       most_pieces=max(MOST_PIECES, options.streams_cap),
                       annotations=options.annotations == "yes")  # the engine resolved it
 
